@@ -1,0 +1,382 @@
+//! Identifiers: users, events, and the deterministic keys of charges.
+
+use std::borrow::Borrow;
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use super::period::PeriodKey;
+
+/// Why an identifier was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum IdError {
+    /// The identifier is empty.
+    #[error("{kind} is empty")]
+    Empty {
+        /// Which identifier.
+        kind: &'static str,
+    },
+    /// The identifier is longer than allowed.
+    #[error("{kind} is {len} bytes long, more than {max}")]
+    TooLong {
+        /// Which identifier.
+        kind: &'static str,
+        /// Its length in bytes.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The identifier has a character outside printable ASCII (space and control characters
+    /// included).
+    #[error("{kind} has a character that is not printable ASCII at byte {position}")]
+    BadCharacter {
+        /// Which identifier.
+        kind: &'static str,
+        /// Where.
+        position: usize,
+    },
+    /// The text is not one of the known values.
+    #[error("unknown {kind}")]
+    Unknown {
+        /// Which kind of value.
+        kind: &'static str,
+    },
+}
+
+/// Checks an identifier: 1 to `max` bytes of printable ASCII without spaces.
+pub(crate) fn check_identifier(kind: &'static str, value: &str, max: usize) -> Result<(), IdError> {
+    if value.is_empty() {
+        return Err(IdError::Empty { kind });
+    }
+    if value.len() > max {
+        return Err(IdError::TooLong {
+            kind,
+            len: value.len(),
+            max,
+        });
+    }
+    if let Some(position) = value.bytes().position(|b| !b.is_ascii_graphic()) {
+        return Err(IdError::BadCharacter { kind, position });
+    }
+    Ok(())
+}
+
+macro_rules! identifier {
+    ($(#[$doc:meta])* $name:ident, $kind:literal, $max:expr) => {
+        $(#[$doc])*
+        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(try_from = "String", into = "String")]
+        pub struct $name(String);
+
+        impl $name {
+            /// The longest accepted value, in bytes.
+            pub const MAX_LEN: usize = $max;
+
+            /// Checks and wraps `value`.
+            ///
+            /// # Errors
+            /// [`IdError`] when it is empty, longer than [`Self::MAX_LEN`] bytes, or has a
+            /// character outside printable ASCII (spaces included).
+            pub fn new(value: impl Into<String>) -> Result<Self, IdError> {
+                let value = value.into();
+                check_identifier($kind, &value, $max)?;
+                Ok(Self(value))
+            }
+
+            /// The identifier as text.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}({:?})", stringify!($name), self.0)
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = IdError;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                Self::new(s)
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = IdError;
+            fn try_from(s: String) -> Result<Self, Self::Error> {
+                Self::new(s)
+            }
+        }
+
+        impl TryFrom<&str> for $name {
+            type Error = IdError;
+            fn try_from(s: &str) -> Result<Self, Self::Error> {
+                Self::new(s)
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(id: $name) -> String {
+                id.0
+            }
+        }
+
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl Borrow<str> for $name {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
+    };
+}
+
+identifier!(
+    /// The host's identifier of a user: opaque text, 1 to 128 bytes of printable ASCII (a UUID, an
+    /// email address, the seed's `test-user-id`).
+    ///
+    /// # Example
+    /// ```
+    /// use token_billing::UserId;
+    ///
+    /// let user = UserId::new("test-user-id")?;
+    /// assert_eq!(user.as_str(), "test-user-id");
+    /// assert!(UserId::new("").is_err());
+    /// assert!(UserId::new("has space").is_err());
+    /// assert!(UserId::new("x".repeat(129)).is_err());
+    /// # Ok::<(), token_billing::IdError>(())
+    /// ```
+    UserId,
+    "user id",
+    128
+);
+
+identifier!(
+    /// The host's identifier of one usage event, used to make retries safe: an event re-sent with
+    /// the same id is answered with its original outcome and changes nothing. Unique per user.
+    ///
+    /// # Example
+    /// ```
+    /// let event = token_billing::EventId::new("req_01HX2Y")?;
+    /// assert_eq!(event.to_string(), "req_01HX2Y");
+    /// # Ok::<(), token_billing::IdError>(())
+    /// ```
+    EventId,
+    "event id",
+    128
+);
+
+identifier!(
+    /// A customer at the payment gateway (`cus_...` at Stripe).
+    ///
+    /// # Example
+    /// ```
+    /// let customer = token_billing::CustomerId::new("cus_Q8s7")?;
+    /// assert_eq!(customer.as_str(), "cus_Q8s7");
+    /// # Ok::<(), token_billing::IdError>(())
+    /// ```
+    CustomerId,
+    "customer id",
+    255
+);
+
+identifier!(
+    /// What kind of operation used the tokens (`chat`, `api_call`, `embedding`): the seed's
+    /// `operation_type`, 1 to 64 bytes of printable ASCII.
+    ///
+    /// # Example
+    /// ```
+    /// let op = token_billing::OperationType::new("chat")?;
+    /// assert_eq!(op.as_str(), "chat");
+    /// # Ok::<(), token_billing::IdError>(())
+    /// ```
+    OperationType,
+    "operation type",
+    64
+);
+
+identifier!(
+    /// The host's client (an API key, an app) that made the operation: the seed's `client_id`,
+    /// 1 to 128 bytes of printable ASCII.
+    ///
+    /// # Example
+    /// ```
+    /// let client = token_billing::ClientId::new("client-uuid")?;
+    /// assert_eq!(client.to_string(), "client-uuid");
+    /// # Ok::<(), token_billing::IdError>(())
+    /// ```
+    ClientId,
+    "client id",
+    128
+);
+
+identifier!(
+    /// The name of a plan in the service's catalogue (`default`, `pro-2026`).
+    ///
+    /// # Example
+    /// ```
+    /// let plan = token_billing::PlanId::new("pro-2026")?;
+    /// assert_eq!(plan.as_str(), "pro-2026");
+    /// # Ok::<(), token_billing::IdError>(())
+    /// ```
+    PlanId,
+    "plan id",
+    64
+);
+
+/// What a charge is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ChargeKind {
+    /// The period's fixed fee, covering the allowance.
+    FixedFee,
+    /// One started block of tokens beyond the allowance.
+    Block,
+}
+
+impl ChargeKind {
+    /// The kind as stored: `fixed_fee` or `block`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ChargeKind::FixedFee => "fixed_fee",
+            ChargeKind::Block => "block",
+        }
+    }
+}
+
+impl fmt::Display for ChargeKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for ChargeKind {
+    type Err = IdError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "fixed_fee" => Ok(ChargeKind::FixedFee),
+            "block" => Ok(ChargeKind::Block),
+            _ => Err(IdError::Unknown { kind: "charge kind" }),
+        }
+    }
+}
+
+/// The deterministic key of a charge, derived from (user, period, kind, block) alone:
+/// `tb:{user}:{period}:{kind}:{block}`, at most 170 bytes.
+///
+/// The key names the charge everywhere: it is unique in the store, and the gateway's idempotency
+/// key of the charge's first collection round is the key itself. A dunning retry is a new round
+/// and needs a key of its own, because a card processor answers a re-used key with the stored
+/// decline: [`ChargeKey::idempotency_key`] appends `:r{round}` for rounds after the first.
+///
+/// Keys are injective: the user id comes first, and everything after it has a fixed shape, so
+/// reading from the right recovers every part even when the user id contains `:`.
+///
+/// # Example
+/// ```
+/// use token_billing::{ChargeKey, ChargeKind, PeriodKey, UserId};
+///
+/// let key = ChargeKey::new(&UserId::new("test-user-id")?, "2026-11".parse()?, ChargeKind::Block, 1);
+/// assert_eq!(key.as_str(), "tb:test-user-id:2026-11:block:1");
+/// assert_eq!(key.idempotency_key(0), "tb:test-user-id:2026-11:block:1");
+/// assert_eq!(key.idempotency_key(2), "tb:test-user-id:2026-11:block:1:r2");
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ChargeKey(String);
+
+impl ChargeKey {
+    /// The longest a key can be, in bytes.
+    pub const MAX_LEN: usize = 3 + UserId::MAX_LEN + 1 + 7 + 1 + 9 + 1 + 20;
+
+    /// The key of the charge for `block` (0 for the fixed fee) of `kind` in `period`.
+    pub fn new(user: &UserId, period: PeriodKey, kind: ChargeKind, block: u64) -> ChargeKey {
+        ChargeKey(format!("tb:{user}:{period}:{kind}:{block}"))
+    }
+
+    /// The key as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The idempotency key for collection round `round`: the key itself for the first round (0),
+    /// `{key}:r{round}` after. At most 193 bytes, below Stripe's 255.
+    pub fn idempotency_key(&self, round: u32) -> String {
+        if round == 0 {
+            self.0.clone()
+        } else {
+            format!("{}:r{round}", self.0)
+        }
+    }
+}
+
+impl fmt::Display for ChargeKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for ChargeKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ChargeKey({:?})", self.0)
+    }
+}
+
+impl AsRef<str> for ChargeKey {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Borrow<str> for ChargeKey {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn longest_key_fits_stripe() {
+        let user = UserId::new("u".repeat(UserId::MAX_LEN)).expect("valid");
+        let key = ChargeKey::new(
+            &user,
+            PeriodKey::new(9999, 12).expect("valid"),
+            ChargeKind::FixedFee,
+            u64::MAX,
+        );
+        assert!(key.as_str().len() <= ChargeKey::MAX_LEN);
+        assert!(key.idempotency_key(u32::MAX).len() <= 255);
+    }
+
+    #[test]
+    fn keys_with_colons_in_user_ids_stay_distinct() {
+        let period = PeriodKey::new(2026, 11).expect("valid");
+        let a = ChargeKey::new(
+            &UserId::new("a:2026-11:block:1").expect("valid"),
+            period,
+            ChargeKind::Block,
+            1,
+        );
+        let b = ChargeKey::new(&UserId::new("a").expect("valid"), period, ChargeKind::Block, 1);
+        assert_ne!(a, b);
+        assert_ne!(b.idempotency_key(1), a.idempotency_key(0));
+    }
+}

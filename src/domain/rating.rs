@@ -1,0 +1,256 @@
+//! Rating: which tier a period total is in, and which blocks a growth of the total starts.
+
+use std::fmt::{self, Write as _};
+
+use serde::{Deserialize, Serialize};
+
+use super::plan::Plan;
+
+/// The largest period total the library accepts: `i64::MAX`, so that every total fits a SQL
+/// `BIGINT`.
+pub const MAX_TOKENS: u64 = i64::MAX as u64;
+
+/// Why a total could not be rated.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RatingError {
+    /// A total above [`MAX_TOKENS`].
+    #[error("{tokens} tokens is above the maximum of {MAX_TOKENS}")]
+    TokensOutOfRange {
+        /// The total.
+        tokens: u64,
+    },
+    /// Totals only grow.
+    #[error("a period total cannot go from {before} down to {after}")]
+    TotalDecreased {
+        /// The total before.
+        before: u64,
+        /// The total after.
+        after: u64,
+    },
+}
+
+/// A billing tier: index 0 holds the totals the fixed fee covers (`0..=included`), index `k >= 1`
+/// the totals in the `k`-th block (`lower < total <= upper`).
+///
+/// Its label, from [`Display`](fmt::Display) or [`Tier::label`], is the stable string stored with
+/// charges: `0-8M`, `8M-16M`, and exact compact forms for sizes that are not whole millions
+/// (`1.5M-3M`, `750K-1.5M`, `999.999K-1.999999M`, `0-500`).
+///
+/// # Example
+/// ```
+/// use token_billing::{Plan, calculate_billing_tier};
+///
+/// let plan = Plan::default();
+/// let tier = calculate_billing_tier(&plan, 10_000_000)?;
+/// assert_eq!((tier.index(), tier.lower(), tier.upper()), (1, 8_000_000, 16_000_000));
+/// assert_eq!(tier.label(), "8M-16M");
+/// assert!(tier.contains(16_000_000) && !tier.contains(8_000_000));
+/// # Ok::<(), token_billing::RatingError>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Tier {
+    index: u64,
+    lower: u64,
+    upper: u64,
+}
+
+impl Tier {
+    pub(crate) const fn new(index: u64, lower: u64, upper: u64) -> Tier {
+        Tier { index, lower, upper }
+    }
+
+    /// 0 for the allowance, `k` for the `k`-th block.
+    pub const fn index(&self) -> u64 {
+        self.index
+    }
+
+    /// The tier's lower bound: exclusive for blocks, and 0 for the allowance.
+    pub const fn lower(&self) -> u64 {
+        self.lower
+    }
+
+    /// The tier's inclusive upper bound.
+    pub const fn upper(&self) -> u64 {
+        self.upper
+    }
+
+    /// Whether a period total falls in this tier.
+    pub const fn contains(&self, total: u64) -> bool {
+        if self.index == 0 {
+            total <= self.upper
+        } else {
+            self.lower < total && total <= self.upper
+        }
+    }
+
+    /// The stable label, as stored with charges (`8M-16M`).
+    pub fn label(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl fmt::Display for Tier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write_compact(f, self.lower)?;
+        f.write_char('-')?;
+        write_compact(f, self.upper)
+    }
+}
+
+/// Writes a token count exactly in compact units: `M` from a million, `K` from a thousand, plain
+/// below, with as many decimals as needed and no trailing zeros (`1.5M`, `750K`, `1.000001M`).
+fn write_compact(out: &mut impl fmt::Write, tokens: u64) -> fmt::Result {
+    let (unit, suffix) = match tokens {
+        1_000_000.. => (1_000_000, "M"),
+        1_000.. => (1_000, "K"),
+        _ => return write!(out, "{tokens}"),
+    };
+    let whole = tokens / unit;
+    let fraction = tokens % unit;
+    if fraction == 0 {
+        return write!(out, "{whole}{suffix}");
+    }
+    let width = if unit == 1_000_000 { 6 } else { 3 };
+    let mut digits = format!("{fraction:0width$}");
+    while digits.ends_with('0') {
+        digits.pop();
+    }
+    write!(out, "{whole}.{digits}{suffix}")
+}
+
+/// The stable label of the tier a period total is in: the Rust twin of the seed's SQL function
+/// `calculate_billing_tier(tokens_used)`.
+///
+/// # Errors
+/// [`RatingError::TokensOutOfRange`] above [`MAX_TOKENS`].
+///
+/// # Example
+/// ```
+/// let plan = token_billing::Plan::default();
+/// assert_eq!(token_billing::calculate_billing_tier(&plan, 1_000_000)?.label(), "0-8M");
+/// assert_eq!(token_billing::calculate_billing_tier(&plan, 8_000_000)?.label(), "0-8M");
+/// assert_eq!(token_billing::calculate_billing_tier(&plan, 8_000_001)?.label(), "8M-16M");
+/// # Ok::<(), token_billing::RatingError>(())
+/// ```
+pub fn calculate_billing_tier(plan: &Plan, tokens: u64) -> Result<Tier, RatingError> {
+    plan.tier_of(tokens)
+}
+
+/// A run of consecutive block indices, `first..end` (empty when `first == end`).
+///
+/// # Example
+/// ```
+/// let plan = token_billing::Plan::default();
+/// let blocks = plan.blocks_crossed(8_000_000, 8_000_001)?;
+/// assert_eq!((blocks.first(), blocks.len()), (1, 1));
+/// assert!(plan.blocks_crossed(8_000_001, 16_000_000)?.is_empty());
+/// # Ok::<(), token_billing::RatingError>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Blocks {
+    first: u64,
+    end: u64,
+}
+
+impl Blocks {
+    pub(crate) const fn new(first: u64, end: u64) -> Blocks {
+        Blocks { first, end }
+    }
+
+    /// The first block index in the run.
+    pub const fn first(&self) -> u64 {
+        self.first
+    }
+
+    /// One past the last block index.
+    pub const fn end(&self) -> u64 {
+        self.end
+    }
+
+    /// How many blocks.
+    pub const fn len(&self) -> u64 {
+        self.end.saturating_sub(self.first)
+    }
+
+    /// Whether the run is empty.
+    pub const fn is_empty(&self) -> bool {
+        self.end <= self.first
+    }
+}
+
+impl IntoIterator for Blocks {
+    type Item = u64;
+    type IntoIter = std::ops::Range<u64>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.first..self.end
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(included: u64, block: u64) -> Plan {
+        Plan::builder()
+            .included_tokens(included)
+            .block_size(block)
+            .build()
+            .expect("valid")
+    }
+
+    #[test]
+    fn seed_labels() {
+        let p = Plan::default();
+        let labels: Vec<String> = [0, 1_000_000, 8_000_000, 8_000_001, 16_000_000, 16_000_001, 24_000_001]
+            .into_iter()
+            .map(|t| p.tier_of(t).expect("in range").label())
+            .collect();
+        assert_eq!(
+            labels,
+            ["0-8M", "0-8M", "0-8M", "8M-16M", "8M-16M", "16M-24M", "24M-32M"]
+        );
+        assert_eq!(
+            plan(4_000_000, 8_000_000).tier_of(5_000_000).expect("in range").label(),
+            "4M-12M"
+        );
+    }
+
+    #[test]
+    fn exact_labels_for_sizes_that_are_not_whole_millions() {
+        assert_eq!(
+            plan(1_500_000, 1_500_000).tier_of(2_000_000).expect("ok").label(),
+            "1.5M-3M"
+        );
+        assert_eq!(
+            plan(750_000, 750_000).tier_of(1_000_000).expect("ok").label(),
+            "750K-1.5M"
+        );
+        assert_eq!(plan(500, 250).tier_of(600).expect("ok").label(), "500-750");
+        assert_eq!(
+            plan(999_999, 1_000_000).tier_of(1_000_000).expect("ok").label(),
+            "999.999K-1.999999M"
+        );
+        assert_eq!(plan(0, 1_250).tier_of(0).expect("ok").label(), "0-0");
+        assert_eq!(plan(0, 1_250).tier_of(1).expect("ok").label(), "0-1.25K");
+        assert_eq!(
+            plan(1_000_000_000, 1_000_000).tier_of(0).expect("ok").label(),
+            "0-1000M"
+        );
+    }
+
+    #[test]
+    fn blocks_owed_boundaries() {
+        let p = Plan::default();
+        assert_eq!(p.blocks_owed(0), 0);
+        assert_eq!(p.blocks_owed(8_000_000), 0);
+        assert_eq!(p.blocks_owed(8_000_001), 1);
+        assert_eq!(p.blocks_owed(16_000_000), 1);
+        assert_eq!(p.blocks_owed(16_000_001), 2);
+        assert!(matches!(
+            p.blocks_crossed(2, 1),
+            Err(RatingError::TotalDecreased { .. })
+        ));
+        assert!(p.blocks_crossed(0, MAX_TOKENS + 1).is_err());
+    }
+}

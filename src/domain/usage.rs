@@ -1,0 +1,136 @@
+//! Usage events: what the host reports, checked, and what is stored of it.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::ids::{ClientId, EventId, OperationType, UserId};
+use super::period::PeriodKey;
+
+/// Free-form key-value pairs attached to a usage event (the seed's `metadata`), kept within
+/// Stripe's metadata limits so they can travel with a charge: see [`check_metadata`].
+pub type Metadata = BTreeMap<String, String>;
+
+/// Stripe's metadata limits, which the library enforces on every event.
+pub mod metadata_limits {
+    /// At most this many keys.
+    pub const MAX_KEYS: usize = 50;
+    /// Keys of at most this many characters.
+    pub const MAX_KEY_CHARS: usize = 40;
+    /// Values of at most this many characters.
+    pub const MAX_VALUE_CHARS: usize = 500;
+}
+
+/// Why metadata was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum MetadataError {
+    /// More than 50 keys.
+    #[error("metadata has {count} keys, more than {}", metadata_limits::MAX_KEYS)]
+    TooManyKeys {
+        /// How many there are.
+        count: usize,
+    },
+    /// An empty key, a key of more than 40 characters, or one with `[` or `]`.
+    #[error(
+        "metadata key {key:?} is empty, longer than {} characters or has '[' or ']'",
+        metadata_limits::MAX_KEY_CHARS
+    )]
+    BadKey {
+        /// The key, cut to 64 characters.
+        key: String,
+    },
+    /// A value of more than 500 characters.
+    #[error(
+        "metadata value of {key:?} has {chars} characters, more than {}",
+        metadata_limits::MAX_VALUE_CHARS
+    )]
+    ValueTooLong {
+        /// Its key.
+        key: String,
+        /// Its length in characters.
+        chars: usize,
+    },
+}
+
+/// Checks metadata against Stripe's limits: at most 50 keys, keys of 1 to 40 characters without
+/// square brackets, values of at most 500 characters.
+///
+/// # Errors
+/// The first [`MetadataError`] found.
+///
+/// # Example
+/// ```
+/// use token_billing::{Metadata, check_metadata};
+///
+/// let mut metadata = Metadata::new();
+/// metadata.insert("conversationId".into(), "conv-123".into());
+/// assert!(check_metadata(&metadata).is_ok());
+/// metadata.insert("k".repeat(41), "v".into());
+/// assert!(check_metadata(&metadata).is_err());
+/// ```
+pub fn check_metadata(metadata: &Metadata) -> Result<(), MetadataError> {
+    use metadata_limits::*;
+    if metadata.len() > MAX_KEYS {
+        return Err(MetadataError::TooManyKeys { count: metadata.len() });
+    }
+    for (key, value) in metadata {
+        let key_chars = key.chars().count();
+        if key_chars == 0 || key_chars > MAX_KEY_CHARS || key.contains(['[', ']']) {
+            return Err(MetadataError::BadKey {
+                key: key.chars().take(64).collect(),
+            });
+        }
+        let chars = value.chars().count();
+        if chars > MAX_VALUE_CHARS {
+            return Err(MetadataError::ValueTooLong {
+                key: key.clone(),
+                chars,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// An accepted usage event as stored: the seed's `token_consumption` row.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageRecord {
+    /// The consumption's id (the seed's `consumptionId`).
+    pub consumption_id: Uuid,
+    /// The event id that makes retries safe (the host's, or the consumption id when it gave none).
+    pub event_id: EventId,
+    /// Whose usage.
+    pub user_id: UserId,
+    /// The period it counts in: the period of `occurred_at` in the plan's zone.
+    pub period: PeriodKey,
+    /// How many tokens, at least 1.
+    pub tokens: u64,
+    /// The seed's `operation_type`.
+    pub operation_type: OperationType,
+    /// The seed's `client_id`.
+    pub client_id: Option<ClientId>,
+    /// The seed's `metadata`.
+    pub metadata: Metadata,
+    /// When the usage happened: as reported, or when it was recorded.
+    pub occurred_at: DateTime<Utc>,
+    /// Whether the host reported `occurred_at` (and so a retry must report the same).
+    pub occurred_at_reported: bool,
+    /// When it was recorded (the seed's `created_at`).
+    pub recorded_at: DateTime<Utc>,
+}
+
+impl UsageRecord {
+    /// Whether `other`, a re-send under the same event id, reports the same usage: same user,
+    /// tokens, operation type, client id and metadata, and the same `occurred_at` when either one
+    /// reported it.
+    pub fn same_usage(&self, other: &UsageRecord) -> bool {
+        self.user_id == other.user_id
+            && self.tokens == other.tokens
+            && self.operation_type == other.operation_type
+            && self.client_id == other.client_id
+            && self.metadata == other.metadata
+            && (!(self.occurred_at_reported || other.occurred_at_reported) || self.occurred_at == other.occurred_at)
+    }
+}

@@ -1,0 +1,135 @@
+//! The errors [`BillingService`](crate::BillingService) answers with.
+
+use chrono::{DateTime, Utc};
+
+use crate::domain::{EventId, IdError, MetadataError, PeriodKey, PlanError, PlanId, RatingError, UserId};
+use crate::gateway::GatewayError;
+use crate::store::StoreError;
+
+/// Why a usage report was refused. Nothing of a refused report is recorded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum UsageError {
+    /// An identifier (user, event, operation type, client) is empty, too long or has a bad
+    /// character.
+    #[error(transparent)]
+    InvalidId(#[from] IdError),
+    /// Zero tokens: nothing to bill, and most likely a bug in the caller.
+    #[error("tokens used must be at least 1")]
+    ZeroTokens,
+    /// More tokens in one event than the service accepts.
+    #[error("{tokens} tokens in one event is more than the maximum of {max}")]
+    TooManyTokens {
+        /// The event's tokens.
+        tokens: u64,
+        /// The configured maximum.
+        max: u64,
+    },
+    /// Metadata beyond Stripe's limits.
+    #[error(transparent)]
+    Metadata(#[from] MetadataError),
+    /// The event says it happened more than the allowed skew in the future.
+    #[error("occurred_at {occurred_at} is in the future (now {now})")]
+    InFuture {
+        /// The event's instant.
+        occurred_at: DateTime<Utc>,
+        /// The service's now.
+        now: DateTime<Utc>,
+    },
+    /// The event's period ended longer ago than the plan's grace window.
+    #[error("usage for period {period} was accepted until {accepted_until}")]
+    TooLate {
+        /// The event's period.
+        period: PeriodKey,
+        /// The end of the grace window.
+        accepted_until: DateTime<Utc>,
+    },
+}
+
+/// Everything [`BillingService`](crate::BillingService) can answer with besides success.
+///
+/// Input errors ([`BillingError::InvalidUsage`], [`BillingError::EventConflict`],
+/// [`BillingError::TotalOverflow`]) are the caller's and change nothing; store and gateway errors
+/// carry their source.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BillingError {
+    /// The usage report is invalid; nothing was recorded.
+    #[error("invalid usage: {0}")]
+    InvalidUsage(#[from] UsageError),
+    /// An identifier passed to the service is invalid.
+    #[error(transparent)]
+    InvalidId(#[from] IdError),
+    /// The event id was already used for different usage; nothing was recorded.
+    #[error("event id {event_id} was already used for different usage")]
+    EventConflict {
+        /// The re-used event id.
+        event_id: EventId,
+    },
+    /// The event would take the period total above [`MAX_TOKENS`](crate::MAX_TOKENS); nothing was
+    /// recorded.
+    #[error("adding {tokens} tokens to a period total of {total} would overflow")]
+    TotalOverflow {
+        /// The period total.
+        total: u64,
+        /// The event's tokens.
+        tokens: u64,
+    },
+    /// No plan with this id in the service's catalogue.
+    #[error("unknown plan {plan_id}")]
+    UnknownPlan {
+        /// The plan id.
+        plan_id: PlanId,
+    },
+    /// A plan is invalid.
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    /// A plan change would re-rate a period that already has usage; change plans between periods.
+    #[error("user {user_id} already has usage in {period} under another plan")]
+    PlanChangeMidPeriod {
+        /// The user.
+        user_id: UserId,
+        /// The period with usage.
+        period: PeriodKey,
+    },
+    /// The user has no gateway customer to charge.
+    #[error("user {user_id} has no payment customer")]
+    NoCustomer {
+        /// The user.
+        user_id: UserId,
+    },
+    /// No such charge.
+    #[error("charge {key} not found")]
+    ChargeNotFound {
+        /// The charge key asked for.
+        key: String,
+    },
+    /// The rating rule refused a total.
+    #[error(transparent)]
+    Rating(#[from] RatingError),
+    /// The store failed.
+    #[error("store error")]
+    Store(#[source] StoreError),
+    /// The payment gateway failed.
+    #[error("payment gateway error")]
+    Gateway(#[from] GatewayError),
+}
+
+impl From<StoreError> for BillingError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::EventConflict { event_id } => BillingError::EventConflict { event_id },
+            StoreError::TotalOverflow { total, tokens } => BillingError::TotalOverflow { total, tokens },
+            StoreError::Rating(e) => BillingError::Rating(e),
+            other => BillingError::Store(other),
+        }
+    }
+}
+
+impl BillingError {
+    /// Whether the error is the caller's (bad input, unknown ids), as opposed to a failure of the
+    /// store or gateway. An HTTP service answers the first with 4xx and the second with 5xx.
+    pub fn is_client_error(&self) -> bool {
+        !matches!(self, BillingError::Store(_) | BillingError::Gateway(_))
+    }
+}

@@ -1,0 +1,167 @@
+//! How money is collected: the [`PaymentGateway`] trait and its implementations.
+//!
+//! [`SandboxGateway`] is always built. Every implementation must pass the conformance suite in
+//! `token_billing::testing::gateway` (feature `testing`).
+
+mod sandbox;
+
+use std::fmt::{self, Debug};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::domain::{ChargeKey, CustomerId, Metadata, Money, Plan, PlanId, UserId};
+use crate::store::BoxError;
+
+pub use sandbox::{CardBehaviour, SandboxGateway, SandboxPayment};
+
+/// What went wrong at the gateway.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GatewayError {
+    /// The gateway could not say whether money moved (timeout, connection lost, a 5xx after
+    /// retries). The charge stays pending and is resumed with the same idempotency key.
+    #[error("payment outcome unknown at {gateway}")]
+    OutcomeUnknown {
+        /// Which gateway.
+        gateway: &'static str,
+        /// The underlying error.
+        #[source]
+        source: BoxError,
+    },
+    /// The gateway refused the request itself and certainly charged nothing (invalid parameters,
+    /// an unknown customer). Not retried as is.
+    #[error("{gateway} rejected the request ({code}): {message}")]
+    Rejected {
+        /// Which gateway.
+        gateway: &'static str,
+        /// The gateway's error code.
+        code: String,
+        /// The gateway's message.
+        message: String,
+    },
+    /// The gateway refused the library's credentials.
+    #[error("{gateway} refused the credentials")]
+    Unauthorized {
+        /// Which gateway.
+        gateway: &'static str,
+    },
+    /// Any other failure.
+    #[error("{gateway} failed")]
+    Generic {
+        /// Which gateway.
+        gateway: &'static str,
+        /// The underlying error.
+        #[source]
+        source: BoxError,
+    },
+}
+
+/// The state of a payment at the gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum PaymentStatus {
+    /// The money was collected.
+    Succeeded,
+    /// Accepted; the final outcome comes later (a webhook).
+    Processing,
+    /// The customer must authenticate it (3-D Secure, `authentication_required`).
+    RequiresAction,
+    /// Declined by the card issuer or the gateway's risk checks; nothing was collected.
+    Declined,
+    /// Canceled; nothing was collected.
+    Canceled,
+}
+
+/// A payment as the gateway reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaymentOutcome {
+    /// The gateway's payment reference (`pi_...`).
+    pub payment_id: String,
+    /// Its state.
+    pub status: PaymentStatus,
+    /// The decline code, when declined (`card_declined`, `insufficient_funds`).
+    pub decline_code: Option<String>,
+    /// The gateway's message, when there is one.
+    pub message: Option<String>,
+}
+
+/// One request to collect a charge.
+#[derive(Clone)]
+pub struct PaymentRequest<'a> {
+    /// The charge's key: travels in the payment's metadata, so the payment can be found again.
+    pub charge_key: &'a ChargeKey,
+    /// The idempotency key of this collection round ([`ChargeKey::idempotency_key`]).
+    pub idempotency_key: &'a str,
+    /// Who pays.
+    pub customer: &'a CustomerId,
+    /// How much.
+    pub amount: Money,
+    /// What for, as the customer may see it (`Tokens 8M-16M, 2026-11`).
+    pub description: &'a str,
+    /// Metadata to attach: the user, period, kind, block and charge key.
+    pub metadata: &'a Metadata,
+}
+
+impl Debug for PaymentRequest<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PaymentRequest")
+            .field("idempotency_key", &self.idempotency_key)
+            .field("customer", &self.customer)
+            .field("amount", &self.amount)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A gateway subscription that collects a plan's fixed fee every period.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Subscription {
+    /// The gateway's subscription reference (`sub_...`).
+    pub subscription_id: String,
+    /// The customer.
+    pub customer_id: CustomerId,
+    /// The gateway's status for it (`active`, `incomplete`).
+    pub status: String,
+}
+
+/// Collects money from customers.
+///
+/// # Contract
+/// Every implementation MUST meet these; the conformance suite (`testing::gateway`) checks each.
+/// - [`collect`](Self::collect) with an idempotency key already used MUST NOT create a second
+///   payment: it returns the first payment's outcome (or, for a gateway that cannot tell, an
+///   error), never a new charge to the customer.
+/// - It MUST return `Ok` only when it knows the payment's state, and
+///   [`GatewayError::OutcomeUnknown`] whenever money may have moved without it knowing. It MUST
+///   NOT report [`PaymentStatus::Declined`] or [`GatewayError::Rejected`] unless nothing was
+///   collected.
+/// - The payment MUST carry `request.charge_key`, so that [`find_payment`](Self::find_payment)
+///   finds every payment made for a charge, in any round, even after the gateway forgot the
+///   idempotency key. The service calls it before collecting a charge that may have been
+///   attempted already, and keeps a payment it finds instead of creating another.
+/// - Amounts MUST be sent in the currency's minor units ([`Money::minor_units`]).
+#[async_trait]
+pub trait PaymentGateway: Send + Sync + Debug {
+    /// A short name for logs (`sandbox`, `stripe`).
+    fn name(&self) -> &'static str;
+
+    /// Opens a customer for a user (the embedded default does this for unregistered users).
+    async fn create_customer(&self, user: &UserId) -> Result<CustomerId, GatewayError>;
+
+    /// Creates and confirms an off-session payment; see the contract.
+    async fn collect(&self, request: &PaymentRequest<'_>) -> Result<PaymentOutcome, GatewayError>;
+
+    /// The most relevant payment made for a charge in any round: a succeeded one first, then one
+    /// still in flight (processing, requiring action); `None` when every payment made was
+    /// declined or canceled, or none was made.
+    async fn find_payment(&self, charge_key: &ChargeKey) -> Result<Option<PaymentOutcome>, GatewayError>;
+
+    /// Subscribes a customer to a plan's fixed fee (the seed's create-subscription).
+    async fn create_subscription(
+        &self,
+        customer: &CustomerId,
+        plan_id: &PlanId,
+        plan: &Plan,
+    ) -> Result<Subscription, GatewayError>;
+}

@@ -1,0 +1,384 @@
+//! [`SandboxGateway`]: an in-process card processor for demos and tests.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use super::{GatewayError, PaymentGateway, PaymentOutcome, PaymentRequest, PaymentStatus, Subscription};
+use crate::domain::{ChargeKey, Currency, CustomerId, Money, Plan, PlanId, UserId};
+
+const GATEWAY: &str = "sandbox";
+
+/// How a sandbox customer's card behaves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum CardBehaviour {
+    /// Every payment succeeds.
+    Succeeds,
+    /// Every payment is declined with this decline code (`insufficient_funds`).
+    Declines {
+        /// The decline code.
+        code: String,
+    },
+    /// Every payment needs the customer's authentication (3-D Secure).
+    RequiresAuthentication,
+    /// Every payment is accepted as processing, to be finished with
+    /// [`SandboxGateway::finish_payment`].
+    Processing,
+    /// The next `times` calls fail with a transient error before reaching the processor (nothing
+    /// is charged); after that payments succeed.
+    FailsTransiently {
+        /// How many calls still fail.
+        times: u32,
+    },
+    /// The next `times` payments succeed but their answer is lost on the way back
+    /// ([`GatewayError::OutcomeUnknown`]); after that payments succeed and are answered.
+    LosesResponse {
+        /// How many answers are still lost.
+        times: u32,
+    },
+}
+
+/// A payment in the sandbox's ledger.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxPayment {
+    /// The payment reference, `pi_sandbox_{n}`.
+    pub payment_id: String,
+    /// The idempotency key it was made with.
+    pub idempotency_key: String,
+    /// The charge it pays.
+    pub charge_key: ChargeKey,
+    /// Who paid.
+    pub customer: CustomerId,
+    /// How much.
+    pub amount: Money,
+    /// Its state.
+    pub status: PaymentStatus,
+    /// The decline code, when declined.
+    pub decline_code: Option<String>,
+}
+
+impl SandboxPayment {
+    fn outcome(&self) -> PaymentOutcome {
+        PaymentOutcome {
+            payment_id: self.payment_id.clone(),
+            status: self.status,
+            decline_code: self.decline_code.clone(),
+            message: self
+                .decline_code
+                .as_ref()
+                .map(|code| format!("Your card was declined ({code}).")),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Ledger {
+    customers: HashMap<CustomerId, CardBehaviour>,
+    customer_of_user: HashMap<UserId, CustomerId>,
+    payments: Vec<SandboxPayment>,
+    by_idempotency_key: HashMap<String, usize>,
+    by_charge: HashMap<ChargeKey, Vec<usize>>,
+    subscriptions: Vec<(Subscription, Money)>,
+    calls: u64,
+}
+
+/// An in-process payment gateway that keeps state like a card processor: customers whose
+/// payments succeed, are declined, need authentication or fail transiently; idempotency keys
+/// honoured (a key never makes a second payment); and a ledger that tests inspect to prove that
+/// nobody paid twice.
+///
+/// # Example
+/// ```
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+/// use token_billing::{CardBehaviour, ChargeKey, ChargeKind, Currency, Metadata, Money, PaymentGateway,
+///     PaymentRequest, PaymentStatus, SandboxGateway, UserId};
+///
+/// let sandbox = SandboxGateway::new();
+/// let user = UserId::new("alice").unwrap();
+/// let customer = sandbox.create_customer(&user).await.unwrap();
+/// let key = ChargeKey::new(&user, "2026-11".parse().unwrap(), ChargeKind::Block, 1);
+/// let request = PaymentRequest {
+///     charge_key: &key,
+///     idempotency_key: key.as_str(),
+///     customer: &customer,
+///     amount: Money::from_minor(10_000, Currency::BRL),
+///     description: "Tokens 8M-16M, 2026-11",
+///     metadata: &Metadata::new(),
+/// };
+/// let first = sandbox.collect(&request).await.unwrap();
+/// let again = sandbox.collect(&request).await.unwrap(); // same key: same payment
+/// assert_eq!(first, again);
+/// assert_eq!(first.status, PaymentStatus::Succeeded);
+/// assert_eq!(sandbox.payments_for_charge(&key).len(), 1);
+/// assert_eq!(sandbox.collected(&customer, Currency::BRL), Money::from_minor(10_000, Currency::BRL));
+/// # });
+/// ```
+#[derive(Debug, Default)]
+pub struct SandboxGateway {
+    ledger: Mutex<Ledger>,
+}
+
+impl SandboxGateway {
+    /// An empty sandbox.
+    pub fn new() -> SandboxGateway {
+        SandboxGateway::default()
+    }
+
+    fn ledger(&self) -> MutexGuard<'_, Ledger> {
+        // Every change below is validated before it is made, so a poisoned ledger is consistent.
+        self.ledger.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Adds (or replaces) a customer whose card behaves as `behaviour`.
+    pub fn add_customer(&self, customer: CustomerId, behaviour: CardBehaviour) {
+        self.ledger().customers.insert(customer, behaviour);
+    }
+
+    /// Changes how a customer's card behaves (the customer updated their card, say).
+    ///
+    /// # Errors
+    /// [`GatewayError::Rejected`] for an unknown customer.
+    pub fn set_behaviour(&self, customer: &CustomerId, behaviour: CardBehaviour) -> Result<(), GatewayError> {
+        match self.ledger().customers.get_mut(customer) {
+            Some(current) => {
+                *current = behaviour;
+                Ok(())
+            }
+            None => Err(no_such_customer(customer)),
+        }
+    }
+
+    /// The customer the sandbox opened for `user`, if any.
+    pub fn customer_of(&self, user: &UserId) -> Option<CustomerId> {
+        self.ledger().customer_of_user.get(user).cloned()
+    }
+
+    /// Every payment made, in order.
+    pub fn payments(&self) -> Vec<SandboxPayment> {
+        self.ledger().payments.clone()
+    }
+
+    /// The payments made for one charge, over all its rounds.
+    pub fn payments_for_charge(&self, charge_key: &ChargeKey) -> Vec<SandboxPayment> {
+        let ledger = self.ledger();
+        ledger
+            .by_charge
+            .get(charge_key)
+            .map(|indices| indices.iter().map(|&i| ledger.payments[i].clone()).collect())
+            .unwrap_or_default()
+    }
+
+    /// The total a customer paid (succeeded payments) in `currency`.
+    pub fn collected(&self, customer: &CustomerId, currency: Currency) -> Money {
+        self.ledger()
+            .payments
+            .iter()
+            .filter(|p| {
+                &p.customer == customer && p.status == PaymentStatus::Succeeded && p.amount.currency() == currency
+            })
+            .fold(Money::zero(currency), |sum, p| sum.checked_add(p.amount).unwrap_or(sum))
+    }
+
+    /// The subscriptions created, with the fee each collects per period.
+    pub fn subscriptions(&self) -> Vec<(Subscription, Money)> {
+        self.ledger().subscriptions.clone()
+    }
+
+    /// How many calls reached the sandbox (`collect`, `find_payment`, customers, subscriptions).
+    pub fn calls(&self) -> u64 {
+        self.ledger().calls
+    }
+
+    /// Finishes a payment that is processing or awaits authentication, as the customer or the
+    /// bank would: `succeeded` or declined with `card_declined`. Returns the new outcome, which a
+    /// host feeds to `BillingService::apply_payment_update` as it would a webhook.
+    ///
+    /// # Errors
+    /// [`GatewayError::Rejected`] for an unknown payment or one already final.
+    pub fn finish_payment(&self, payment_id: &str, succeeded: bool) -> Result<PaymentOutcome, GatewayError> {
+        let mut ledger = self.ledger();
+        let payment = ledger
+            .payments
+            .iter_mut()
+            .find(|p| p.payment_id == payment_id)
+            .ok_or_else(|| rejected("resource_missing", format!("No such payment: {payment_id}")))?;
+        if !matches!(
+            payment.status,
+            PaymentStatus::Processing | PaymentStatus::RequiresAction
+        ) {
+            return Err(rejected(
+                "payment_intent_unexpected_state",
+                format!("payment {payment_id} is already final"),
+            ));
+        }
+        if succeeded {
+            payment.status = PaymentStatus::Succeeded;
+        } else {
+            payment.status = PaymentStatus::Declined;
+            payment.decline_code = Some("card_declined".to_owned());
+        }
+        Ok(payment.outcome())
+    }
+}
+
+fn rejected(code: &str, message: String) -> GatewayError {
+    GatewayError::Rejected {
+        gateway: GATEWAY,
+        code: code.to_owned(),
+        message,
+    }
+}
+
+fn no_such_customer(customer: &CustomerId) -> GatewayError {
+    rejected("resource_missing", format!("No such customer: {customer}"))
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct SandboxFault(&'static str);
+
+#[async_trait]
+impl PaymentGateway for SandboxGateway {
+    fn name(&self) -> &'static str {
+        GATEWAY
+    }
+
+    async fn create_customer(&self, user: &UserId) -> Result<CustomerId, GatewayError> {
+        let mut ledger = self.ledger();
+        ledger.calls += 1;
+        if let Some(existing) = ledger.customer_of_user.get(user) {
+            return Ok(existing.clone());
+        }
+        let id = CustomerId::new(format!("cus_sandbox_{}", ledger.customers.len() + 1)).map_err(|e| {
+            GatewayError::Generic {
+                gateway: GATEWAY,
+                source: Box::new(e),
+            }
+        })?;
+        ledger.customers.insert(id.clone(), CardBehaviour::Succeeds);
+        ledger.customer_of_user.insert(user.clone(), id.clone());
+        Ok(id)
+    }
+
+    async fn collect(&self, request: &PaymentRequest<'_>) -> Result<PaymentOutcome, GatewayError> {
+        let mut ledger = self.ledger();
+        let ledger = &mut *ledger;
+        ledger.calls += 1;
+        if let Some(&index) = ledger.by_idempotency_key.get(request.idempotency_key) {
+            let payment = &ledger.payments[index];
+            if payment.amount != request.amount || &payment.customer != request.customer {
+                return Err(rejected(
+                    "idempotency_error",
+                    "Keys for idempotent requests can only be used with the same parameters they were first used with."
+                        .to_owned(),
+                ));
+            }
+            return Ok(payment.outcome());
+        }
+        if request.amount.minor_units() <= 0 {
+            return Err(rejected(
+                "parameter_invalid_integer",
+                "amount must be positive".to_owned(),
+            ));
+        }
+        let behaviour = ledger
+            .customers
+            .get_mut(request.customer)
+            .ok_or_else(|| no_such_customer(request.customer))?;
+        let (status, decline_code, lose_response) = match behaviour {
+            CardBehaviour::Succeeds => (PaymentStatus::Succeeded, None, false),
+            CardBehaviour::Declines { code } => (PaymentStatus::Declined, Some(code.clone()), false),
+            CardBehaviour::RequiresAuthentication => (PaymentStatus::RequiresAction, None, false),
+            CardBehaviour::Processing => (PaymentStatus::Processing, None, false),
+            CardBehaviour::FailsTransiently { times } => {
+                if *times > 0 {
+                    *times -= 1;
+                    return Err(GatewayError::OutcomeUnknown {
+                        gateway: GATEWAY,
+                        source: Box::new(SandboxFault("connection reset before the request was sent")),
+                    });
+                }
+                (PaymentStatus::Succeeded, None, false)
+            }
+            CardBehaviour::LosesResponse { times } => {
+                let lose = *times > 0;
+                *times = times.saturating_sub(1);
+                (PaymentStatus::Succeeded, None, lose)
+            }
+        };
+        let index = ledger.payments.len();
+        ledger.payments.push(SandboxPayment {
+            payment_id: format!("pi_sandbox_{}", index + 1),
+            idempotency_key: request.idempotency_key.to_owned(),
+            charge_key: request.charge_key.clone(),
+            customer: request.customer.clone(),
+            amount: request.amount,
+            status,
+            decline_code,
+        });
+        ledger
+            .by_idempotency_key
+            .insert(request.idempotency_key.to_owned(), index);
+        ledger
+            .by_charge
+            .entry(request.charge_key.clone())
+            .or_default()
+            .push(index);
+        if lose_response {
+            return Err(GatewayError::OutcomeUnknown {
+                gateway: GATEWAY,
+                source: Box::new(SandboxFault("connection lost after the payment was made")),
+            });
+        }
+        Ok(ledger.payments[index].outcome())
+    }
+
+    async fn find_payment(&self, charge_key: &ChargeKey) -> Result<Option<PaymentOutcome>, GatewayError> {
+        let mut ledger = self.ledger();
+        ledger.calls += 1;
+        let Some(indices) = ledger.by_charge.get(charge_key) else {
+            return Ok(None);
+        };
+        let payments: Vec<&SandboxPayment> = indices.iter().map(|&i| &ledger.payments[i]).collect();
+        let best = payments
+            .iter()
+            .find(|p| p.status == PaymentStatus::Succeeded)
+            .or_else(|| {
+                payments
+                    .iter()
+                    .rev()
+                    .find(|p| matches!(p.status, PaymentStatus::Processing | PaymentStatus::RequiresAction))
+            });
+        Ok(best.map(|p| p.outcome()))
+    }
+
+    async fn create_subscription(
+        &self,
+        customer: &CustomerId,
+        plan_id: &PlanId,
+        plan: &Plan,
+    ) -> Result<Subscription, GatewayError> {
+        let mut ledger = self.ledger();
+        ledger.calls += 1;
+        if !ledger.customers.contains_key(customer) {
+            return Err(no_such_customer(customer));
+        }
+        if let Some((existing, _)) = ledger
+            .subscriptions
+            .iter()
+            .find(|(s, _)| &s.customer_id == customer && s.status == "active")
+        {
+            return Ok(existing.clone());
+        }
+        let subscription = Subscription {
+            subscription_id: format!("sub_sandbox_{}_{}", ledger.subscriptions.len() + 1, plan_id),
+            customer_id: customer.clone(),
+            status: "active".to_owned(),
+        };
+        ledger.subscriptions.push((subscription.clone(), plan.fixed_fee()));
+        Ok(subscription)
+    }
+}

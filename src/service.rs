@@ -1,0 +1,1186 @@
+//! [`BillingService`]: the only place that sequences the store and the gateway.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tracing::{Instrument, debug, info, info_span, warn};
+use uuid::Uuid;
+
+use crate::clock::{Clock, SystemClock};
+use crate::domain::{
+    Charge, ChargeKey, ChargeKind, ChargeStatus, ClientId, Currency, CustomerId, EventId, FeeCollection, Metadata,
+    Money, NewCharge, OperationType, Period, PeriodKey, Plan, PlanId, UsageRecord, UserId, check_metadata,
+};
+use crate::error::{BillingError, UsageError};
+use crate::gateway::{
+    GatewayError, PaymentGateway, PaymentOutcome, PaymentRequest, PaymentStatus, SandboxGateway, Subscription,
+};
+use crate::store::{
+    Account, AuditEntry, EnsureCharge, InMemoryUsageStore, OperationUsage, RecordUsage, Settlement, StoreError,
+    TierChargeReport, UsageStore,
+};
+
+/// When charges are collected.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CollectionMode {
+    /// In the call that created them, as the seed does: the outcome shows each charge's status.
+    #[default]
+    Immediate,
+    /// Later, by [`BillingService::resume_pending`]: the usage call only records, and returns the
+    /// charges as pending. For hosts that keep the gateway off their request path.
+    Deferred,
+}
+
+/// What happens to the charges of a user with no gateway customer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum UnregisteredUsers {
+    /// The charges wait, pending, until the host registers the user's account with a customer
+    /// (registration collects them). The default: a real gateway cannot charge a stranger.
+    #[default]
+    Wait,
+    /// The service opens a customer at the gateway on first need and registers the user on the
+    /// default plan. What the embedded default does with the sandbox, so that the seed's own
+    /// examples run as written.
+    OpenCustomer,
+}
+
+/// When failed charges are retried (dunning): the delay after each failed round, in order. A
+/// failure after the last delay leaves the charge failed for good, and the account past due.
+///
+/// # Example
+/// ```
+/// use std::time::Duration;
+/// use token_billing::DunningSchedule;
+///
+/// let schedule = DunningSchedule::default();
+/// assert_eq!(schedule.delay_after_round(0), Some(Duration::from_secs(86_400)));
+/// assert_eq!(schedule.delay_after_round(3), None);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DunningSchedule {
+    delays: Vec<Duration>,
+}
+
+impl DunningSchedule {
+    /// A schedule from its delays.
+    pub fn new(delays: Vec<Duration>) -> DunningSchedule {
+        DunningSchedule { delays }
+    }
+
+    /// The delay before retrying a charge whose round `round` (0-based) failed.
+    pub fn delay_after_round(&self, round: u32) -> Option<Duration> {
+        usize::try_from(round).ok().and_then(|r| self.delays.get(r)).copied()
+    }
+}
+
+impl Default for DunningSchedule {
+    /// One, three and seven days after the first failure, as common dunning defaults do.
+    fn default() -> Self {
+        const DAY: u64 = 86_400;
+        DunningSchedule::new(vec![
+            Duration::from_secs(DAY),
+            Duration::from_secs(2 * DAY),
+            Duration::from_secs(4 * DAY),
+        ])
+    }
+}
+
+/// The service's settings; see [`BillingServiceBuilder`] for each.
+#[derive(Debug, Clone)]
+struct Settings {
+    plans: HashMap<PlanId, Plan>,
+    default_plan: PlanId,
+    fee: FeeCollection,
+    collection: CollectionMode,
+    unregistered: UnregisteredUsers,
+    max_tokens_per_event: u64,
+    max_future_skew: Duration,
+    lease: Duration,
+    processing_recheck: Duration,
+    dunning: DunningSchedule,
+    batch_size: usize,
+}
+
+/// A usage report, as the host sends it: the seed's `processTokenUsage(userId, tokensUsed,
+/// operationType, clientId, metadata)`, plus an optional event id for safe retries and an
+/// optional instant.
+///
+/// Fields are raw text: [`BillingService::process_token_usage`] checks them all and answers a
+/// typed [`UsageError`].
+///
+/// # Example
+/// ```
+/// use token_billing::UsageReport;
+///
+/// let report = UsageReport::new("user-uuid", 5_000_000, "chat")
+///     .client_id("client-uuid")
+///     .metadata_entry("conversationId", "conv-123")
+///     .event_id("req-42");
+/// assert_eq!(report.tokens_used, 5_000_000);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct UsageReport {
+    /// The user (the seed's `userId`).
+    pub user_id: String,
+    /// Tokens used (the seed's `tokensUsed`).
+    pub tokens_used: u64,
+    /// The operation (the seed's `operationType`: `chat`, `api_call`).
+    pub operation_type: String,
+    /// The client (the seed's `clientId`).
+    pub client_id: Option<String>,
+    /// The seed's `metadata`.
+    pub metadata: Metadata,
+    /// The host's id of this event; a re-send with the same id is answered with the original
+    /// outcome and changes nothing. Without it, every call is a new event.
+    pub event_id: Option<String>,
+    /// When the usage happened; now when absent.
+    pub occurred_at: Option<DateTime<Utc>>,
+}
+
+impl UsageReport {
+    /// A report of `tokens_used` tokens by `user_id` for `operation_type`.
+    pub fn new(user_id: impl Into<String>, tokens_used: u64, operation_type: impl Into<String>) -> UsageReport {
+        UsageReport {
+            user_id: user_id.into(),
+            tokens_used,
+            operation_type: operation_type.into(),
+            ..UsageReport::default()
+        }
+    }
+
+    /// Sets the client id.
+    pub fn client_id(mut self, client_id: impl Into<String>) -> Self {
+        self.client_id = Some(client_id.into());
+        self
+    }
+
+    /// Replaces the metadata.
+    pub fn metadata(mut self, metadata: Metadata) -> Self {
+        self.metadata = metadata;
+        self
+    }
+
+    /// Adds one metadata entry.
+    pub fn metadata_entry(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.metadata.insert(key.into(), value.into());
+        self
+    }
+
+    /// Sets the event id.
+    pub fn event_id(mut self, event_id: impl Into<String>) -> Self {
+        self.event_id = Some(event_id.into());
+        self
+    }
+
+    /// Sets when the usage happened.
+    pub fn occurred_at(mut self, at: DateTime<Utc>) -> Self {
+        self.occurred_at = Some(at);
+        self
+    }
+}
+
+/// A charge as the seed's API shows it in `tierCharges`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TierCharge {
+    /// The charge's id.
+    pub id: Uuid,
+    /// The tier label (`8M-16M`).
+    pub billing_tier: String,
+    /// The amount in minor units (`10000` = BRL 100.00).
+    pub amount_charged: i64,
+    /// `pending`, `succeeded`, `failed` or `requires_action`.
+    pub status: ChargeStatus,
+}
+
+impl From<&Charge> for TierCharge {
+    fn from(charge: &Charge) -> Self {
+        TierCharge {
+            id: charge.id,
+            billing_tier: charge.billing_tier.clone(),
+            amount_charged: charge.amount.minor_units(),
+            status: charge.status,
+        }
+    }
+}
+
+/// The outcome of a usage report: the seed's `{ consumptionId, totalTokens, tierCharges }`, and a
+/// little more.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageOutcome {
+    /// The consumption's id.
+    pub consumption_id: Uuid,
+    /// The period's total tokens after the event.
+    pub total_tokens: u64,
+    /// The block charges the event created, with their status after collection.
+    pub tier_charges: Vec<TierCharge>,
+    /// The fixed-fee charge, when the event opened the period and the library collects the fee.
+    pub fixed_fee_charge: Option<TierCharge>,
+    /// The period the event counts in.
+    pub period: PeriodKey,
+    /// The tier of the period total (`8M-16M`).
+    pub current_tier: String,
+    /// Whether this answers a re-sent event id (nothing changed).
+    pub replayed: bool,
+}
+
+/// A user's figures for one period: the seed's `getUserTokenSummary`, with amounts in minor
+/// units.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenSummary {
+    /// The user.
+    pub user_id: UserId,
+    /// The period, `YYYY-MM`.
+    pub period: PeriodKey,
+    /// The currency of every amount.
+    pub currency: Currency,
+    /// Tokens used in the period.
+    pub total_tokens: u64,
+    /// The tier of that total (`0-8M`).
+    pub current_tier: String,
+    /// The fixed fee collected.
+    pub fixed_fee_charged: i64,
+    /// Block charges collected.
+    pub tier_charges_count: u64,
+    /// Their amount.
+    pub tier_charges_total: i64,
+    /// `fixed_fee_charged + tier_charges_total`.
+    pub total_charged: i64,
+    /// Charges created but not collected yet (pending, failed, awaiting the customer).
+    pub outstanding_count: u64,
+    /// Their amount.
+    pub outstanding_total: i64,
+}
+
+/// Whether an account is paying its bills.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Standing {
+    /// Nothing failed or awaiting the customer.
+    GoodStanding,
+    /// At least one charge failed or awaits the customer's authentication.
+    PastDue,
+}
+
+/// An account's standing and what it owes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountStanding {
+    /// Good standing or past due.
+    pub standing: Standing,
+    /// The charges failed or awaiting the customer, oldest first.
+    pub unpaid_charges: Vec<Charge>,
+}
+
+/// What a run of [`BillingService::resume_pending`] or [`BillingService::retry_failed`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CollectionReport {
+    /// Charges taken up.
+    pub claimed: usize,
+    /// Now succeeded.
+    pub succeeded: usize,
+    /// Now failed (declined).
+    pub failed: usize,
+    /// Now awaiting the customer's authentication.
+    pub requires_action: usize,
+    /// Still pending: outcome unknown, processing, or waiting for an account.
+    pub pending: usize,
+}
+
+impl CollectionReport {
+    fn count(&mut self, status: ChargeStatus) {
+        match status {
+            ChargeStatus::Succeeded => self.succeeded += 1,
+            ChargeStatus::Failed => self.failed += 1,
+            ChargeStatus::RequiresAction => self.requires_action += 1,
+            _ => self.pending += 1,
+        }
+    }
+}
+
+/// A payment's new state reported by the gateway (a webhook), for the charge it pays.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PaymentUpdate {
+    /// The charge's user.
+    pub user_id: UserId,
+    /// The charge.
+    pub charge_key: ChargeKey,
+    /// The payment's state.
+    pub outcome: PaymentOutcome,
+}
+
+/// Bills token usage: records it, charges what is owed exactly once, answers summaries.
+///
+/// Cheap to clone (every part is behind an `Arc`) and safe to share between tasks.
+///
+/// # Example
+/// ```
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+/// use token_billing::{BillingService, UsageReport};
+///
+/// let billing = BillingService::embedded();
+/// let outcome = billing.process_token_usage(UsageReport::new("test-user-id", 10_000_000, "chat")).await?;
+/// assert_eq!(outcome.total_tokens, 10_000_000);
+/// assert_eq!(outcome.tier_charges.len(), 1);
+/// assert_eq!(outcome.tier_charges[0].billing_tier, "8M-16M");
+/// assert_eq!(outcome.tier_charges[0].amount_charged, 10000);
+///
+/// let user = "test-user-id".parse()?;
+/// let summary = billing.token_summary(&user, None).await?;
+/// assert_eq!((summary.fixed_fee_charged, summary.tier_charges_total, summary.total_charged), (40000, 10000, 50000));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// # }).unwrap();
+/// ```
+#[derive(Debug, Clone)]
+pub struct BillingService {
+    store: Arc<dyn UsageStore>,
+    gateway: Arc<dyn PaymentGateway>,
+    clock: Arc<dyn Clock>,
+    settings: Arc<Settings>,
+}
+
+/// Builds a [`BillingService`].
+///
+/// # Example
+/// ```
+/// use std::sync::Arc;
+/// use token_billing::{BillingService, CollectionMode, InMemoryUsageStore, Plan, SandboxGateway};
+///
+/// let billing = BillingService::builder(Arc::new(InMemoryUsageStore::new()), Arc::new(SandboxGateway::new()))
+///     .plan(Plan::builder().included_tokens(4_000_000).build()?)
+///     .collection(CollectionMode::Deferred)
+///     .max_tokens_per_event(100_000_000)
+///     .build();
+/// # let _ = billing;
+/// # Ok::<(), token_billing::PlanError>(())
+/// ```
+#[derive(Debug)]
+pub struct BillingServiceBuilder {
+    store: Arc<dyn UsageStore>,
+    gateway: Arc<dyn PaymentGateway>,
+    clock: Arc<dyn Clock>,
+    settings: Settings,
+}
+
+impl BillingServiceBuilder {
+    /// The clock (the system clock by default).
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The default plan, under the id `default` (the seed's plan unless set).
+    pub fn plan(mut self, plan: Plan) -> Self {
+        self.settings.plans.insert(self.settings.default_plan.clone(), plan);
+        self
+    }
+
+    /// Adds a plan to the catalogue, for accounts registered on it.
+    pub fn add_plan(mut self, id: PlanId, plan: Plan) -> Self {
+        self.settings.plans.insert(id, plan);
+        self
+    }
+
+    /// Who collects the fixed fee ([`FeeCollection::Library`] by default).
+    pub fn fee_collection(mut self, fee: FeeCollection) -> Self {
+        self.settings.fee = fee;
+        self
+    }
+
+    /// When charges are collected ([`CollectionMode::Immediate`] by default).
+    pub fn collection(mut self, mode: CollectionMode) -> Self {
+        self.settings.collection = mode;
+        self
+    }
+
+    /// What happens to users with no customer ([`UnregisteredUsers::Wait`] by default).
+    pub fn unregistered_users(mut self, policy: UnregisteredUsers) -> Self {
+        self.settings.unregistered = policy;
+        self
+    }
+
+    /// The most tokens one event may report (1,000,000,000 by default).
+    pub fn max_tokens_per_event(mut self, max: u64) -> Self {
+        self.settings.max_tokens_per_event = max;
+        self
+    }
+
+    /// How far in the future an event's instant may be, for clock skew (5 minutes by default).
+    pub fn max_future_skew(mut self, skew: Duration) -> Self {
+        self.settings.max_future_skew = skew;
+        self
+    }
+
+    /// How long a collector holds a charge before another may resume it (2 minutes by default).
+    /// It must exceed the longest a gateway call can take.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.settings.lease = lease;
+        self
+    }
+
+    /// How long a processing payment is left alone before it is checked again (15 minutes by
+    /// default; a webhook usually settles it first).
+    pub fn processing_recheck(mut self, after: Duration) -> Self {
+        self.settings.processing_recheck = after;
+        self
+    }
+
+    /// The dunning schedule ([`DunningSchedule::default`] by default).
+    pub fn dunning(mut self, schedule: DunningSchedule) -> Self {
+        self.settings.dunning = schedule;
+        self
+    }
+
+    /// How many charges one store call of `resume_pending` or `retry_failed` takes up (100).
+    pub fn batch_size(mut self, size: usize) -> Self {
+        self.settings.batch_size = size.max(1);
+        self
+    }
+
+    /// The service.
+    pub fn build(self) -> BillingService {
+        BillingService {
+            store: self.store,
+            gateway: self.gateway,
+            clock: self.clock,
+            settings: Arc::new(self.settings),
+        }
+    }
+}
+
+fn default_plan_id() -> PlanId {
+    PlanId::new("default").unwrap_or_else(|_| unreachable!("\"default\" is a valid plan id"))
+}
+
+impl BillingService {
+    /// A builder over a store and a gateway, with the seed's plan and the defaults of
+    /// [`BillingServiceBuilder`].
+    pub fn builder(store: Arc<dyn UsageStore>, gateway: Arc<dyn PaymentGateway>) -> BillingServiceBuilder {
+        let default_plan = default_plan_id();
+        BillingServiceBuilder {
+            store,
+            gateway,
+            clock: Arc::new(SystemClock),
+            settings: Settings {
+                plans: HashMap::from([(default_plan.clone(), Plan::default())]),
+                default_plan,
+                fee: FeeCollection::Library,
+                collection: CollectionMode::Immediate,
+                unregistered: UnregisteredUsers::Wait,
+                max_tokens_per_event: 1_000_000_000,
+                max_future_skew: Duration::from_secs(300),
+                lease: Duration::from_secs(120),
+                processing_recheck: Duration::from_secs(900),
+                dunning: DunningSchedule::default(),
+                batch_size: 100,
+            },
+        }
+    }
+
+    /// The embedded default: the seed's plan on an [`InMemoryUsageStore`] and a
+    /// [`SandboxGateway`] that opens a customer for every new user, so the seed's examples run
+    /// as written.
+    pub fn embedded() -> BillingService {
+        BillingService::builder(Arc::new(InMemoryUsageStore::new()), Arc::new(SandboxGateway::new()))
+            .unregistered_users(UnregisteredUsers::OpenCustomer)
+            .build()
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn UsageStore> {
+        &self.store
+    }
+
+    /// The gateway.
+    pub fn gateway(&self) -> &Arc<dyn PaymentGateway> {
+        &self.gateway
+    }
+
+    /// The plan with this id.
+    ///
+    /// # Errors
+    /// [`BillingError::UnknownPlan`].
+    pub fn plan(&self, id: &PlanId) -> Result<&Plan, BillingError> {
+        self.settings
+            .plans
+            .get(id)
+            .ok_or_else(|| BillingError::UnknownPlan { plan_id: id.clone() })
+    }
+
+    /// The default plan.
+    pub fn default_plan(&self) -> &Plan {
+        // The builder always holds the default plan.
+        self.settings
+            .plans
+            .get(&self.settings.default_plan)
+            .unwrap_or_else(|| unreachable!("the default plan is always in the catalogue"))
+    }
+
+    /// The user's account and plan (the default plan for a user with no account).
+    async fn account_and_plan(&self, user: &UserId) -> Result<(Option<Account>, &Plan), BillingError> {
+        let account = self.store.account(user).await?;
+        let plan = match &account {
+            Some(account) => self.plan(&account.plan_id)?,
+            None => self.default_plan(),
+        };
+        Ok((account, plan))
+    }
+
+    /// Registers (or updates) a user's account: the gateway customer that pays, and the plan.
+    /// Charges that were waiting for the account are collected now.
+    ///
+    /// # Errors
+    /// [`BillingError::UnknownPlan`]; [`BillingError::PlanChangeMidPeriod`] when the plan changes
+    /// while the current period has usage (change plans between periods); store errors.
+    pub async fn register_account(
+        &self,
+        user: &UserId,
+        customer: Option<CustomerId>,
+        plan_id: Option<PlanId>,
+    ) -> Result<Account, BillingError> {
+        let span = info_span!("register_account", user = %user);
+        async {
+            let plan_id = plan_id.unwrap_or_else(|| self.settings.default_plan.clone());
+            let plan = self.plan(&plan_id)?;
+            let now = self.clock.now();
+            let existing = self.store.account(user).await?;
+            let current_plan = existing.as_ref().map_or(&self.settings.default_plan, |a| &a.plan_id);
+            if current_plan != &plan_id && self.plan(current_plan).ok() != Some(plan) {
+                let period = Period::containing(now, self.plan(current_plan).map_or(plan.zone(), Plan::zone)).key();
+                let has_usage = self
+                    .store
+                    .period_summary(user, period)
+                    .await?
+                    .is_some_and(|s| s.total_tokens > 0 || s.outstanding_count > 0);
+                if has_usage {
+                    return Err(BillingError::PlanChangeMidPeriod {
+                        user_id: user.clone(),
+                        period,
+                    });
+                }
+            }
+            let account = Account {
+                user_id: user.clone(),
+                customer_id: customer.or_else(|| existing.as_ref().and_then(|a| a.customer_id.clone())),
+                plan_id,
+                subscription_id: existing.as_ref().and_then(|a| a.subscription_id.clone()),
+                created_at: existing.as_ref().map_or(now, |a| a.created_at),
+                updated_at: now,
+            };
+            self.store.put_account(account.clone()).await?;
+            info!(customer = ?account.customer_id, plan = %account.plan_id, "account registered");
+            if account.customer_id.is_some() {
+                self.collect_claimed_of(Some(user)).await?;
+            }
+            Ok(account)
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// The user's customer, opening one if the policy says so.
+    async fn customer_for(&self, user: &UserId, account: Option<&Account>) -> Result<Option<CustomerId>, BillingError> {
+        if let Some(customer) = account.and_then(|a| a.customer_id.clone()) {
+            return Ok(Some(customer));
+        }
+        if self.settings.unregistered != UnregisteredUsers::OpenCustomer {
+            return Ok(None);
+        }
+        let customer = self.gateway.create_customer(user).await?;
+        let now = self.clock.now();
+        let account = Account {
+            user_id: user.clone(),
+            customer_id: Some(customer.clone()),
+            plan_id: account.map_or_else(|| self.settings.default_plan.clone(), |a| a.plan_id.clone()),
+            subscription_id: account.and_then(|a| a.subscription_id.clone()),
+            created_at: account.map_or(now, |a| a.created_at),
+            updated_at: now,
+        };
+        self.store.put_account(account).await?;
+        info!(user = %user, customer = %customer, "opened a customer for an unregistered user");
+        Ok(Some(customer))
+    }
+
+    /// Checks a report and turns it into the record to store.
+    fn check_report(&self, report: UsageReport, plan: &Plan, now: DateTime<Utc>) -> Result<UsageRecord, UsageError> {
+        let user_id = UserId::new(report.user_id)?;
+        let operation_type = OperationType::new(report.operation_type)?;
+        let client_id = report.client_id.map(ClientId::new).transpose()?;
+        if report.tokens_used == 0 {
+            return Err(UsageError::ZeroTokens);
+        }
+        let max = self.settings.max_tokens_per_event;
+        if report.tokens_used > max {
+            return Err(UsageError::TooManyTokens {
+                tokens: report.tokens_used,
+                max,
+            });
+        }
+        check_metadata(&report.metadata)?;
+        let consumption_id = Uuid::new_v4();
+        let event_id = match report.event_id {
+            Some(id) => EventId::new(id)?,
+            None => EventId::new(consumption_id.to_string())?,
+        };
+        let occurred_at = report.occurred_at.unwrap_or(now);
+        let skew = chrono::Duration::from_std(self.settings.max_future_skew).unwrap_or(chrono::Duration::MAX);
+        if occurred_at > now.checked_add_signed(skew).unwrap_or(DateTime::<Utc>::MAX_UTC) {
+            return Err(UsageError::InFuture { occurred_at, now });
+        }
+        let period = Period::containing(occurred_at, plan.zone());
+        let grace = chrono::Duration::from_std(plan.late_usage_grace()).unwrap_or(chrono::Duration::MAX);
+        let accepted_until = period
+            .end()
+            .checked_add_signed(grace)
+            .unwrap_or(DateTime::<Utc>::MAX_UTC);
+        if now >= accepted_until {
+            return Err(UsageError::TooLate {
+                period: period.key(),
+                accepted_until,
+            });
+        }
+        Ok(UsageRecord {
+            consumption_id,
+            event_id,
+            user_id,
+            period: period.key(),
+            tokens: report.tokens_used,
+            operation_type,
+            client_id,
+            metadata: report.metadata,
+            occurred_at,
+            occurred_at_reported: report.occurred_at.is_some(),
+            recorded_at: now,
+        })
+    }
+
+    fn lease_until(&self, now: DateTime<Utc>, lease: Duration) -> DateTime<Utc> {
+        now.checked_add_signed(chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX))
+            .unwrap_or(DateTime::<Utc>::MAX_UTC)
+    }
+
+    /// Records a usage event and collects the charges it creates: the seed's
+    /// `processTokenUsage`.
+    ///
+    /// The event counts in the period of its `occurred_at` in the plan's zone. Recording is one
+    /// atomic store operation: the usage is never lost once this returns `Ok`, whatever the
+    /// gateway does. Charges whose collection fails transiently stay pending for
+    /// [`resume_pending`](Self::resume_pending); declined ones are retried by
+    /// [`retry_failed`](Self::retry_failed).
+    ///
+    /// # Errors
+    /// [`BillingError::InvalidUsage`] for a bad report; [`BillingError::EventConflict`] for an
+    /// event id re-used with different usage; [`BillingError::TotalOverflow`]; store errors. In
+    /// every error case nothing was recorded.
+    pub async fn process_token_usage(&self, report: UsageReport) -> Result<UsageOutcome, BillingError> {
+        let user = UserId::new(report.user_id.as_str()).map_err(UsageError::from)?;
+        let (account, plan) = self.account_and_plan(&user).await?;
+        let now = self.clock.now();
+        let usage = self.check_report(report, plan, now)?;
+        let span = info_span!("process_token_usage", user = %user, period = %usage.period, consumption = %usage.consumption_id);
+        async {
+            let collect_now = self.settings.collection == CollectionMode::Immediate
+                && (account.as_ref().is_some_and(|a| a.customer_id.is_some())
+                    || self.settings.unregistered == UnregisteredUsers::OpenCustomer);
+            let recorded = self
+                .store
+                .record_usage(RecordUsage {
+                    usage,
+                    plan,
+                    fee: self.settings.fee,
+                    lease_until: collect_now.then(|| self.lease_until(now, self.settings.lease)),
+                })
+                .await?;
+            if recorded.replayed {
+                debug!(event = %recorded.usage.event_id, "event replayed: answering the original outcome");
+            } else {
+                info!(
+                    tokens = recorded.usage.tokens,
+                    total = recorded.total_after,
+                    charges = recorded.charges.len(),
+                    "usage recorded"
+                );
+            }
+            let mut charges = recorded.charges;
+            if collect_now && !recorded.replayed && !charges.is_empty() {
+                match self.customer_for(&user, account.as_ref()).await {
+                    Ok(Some(customer)) => {
+                        for charge in &mut charges {
+                            *charge = self.collect_charge(charge.clone(), &customer).await;
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(error) => warn!(error = %error, "no customer: charges stay pending"),
+                }
+            }
+            let (fees, blocks): (Vec<&Charge>, Vec<&Charge>) =
+                charges.iter().partition(|c| c.kind == ChargeKind::FixedFee);
+            Ok(UsageOutcome {
+                consumption_id: recorded.usage.consumption_id,
+                total_tokens: recorded.total_after,
+                tier_charges: blocks.into_iter().map(TierCharge::from).collect(),
+                fixed_fee_charge: fees.first().map(|c| TierCharge::from(*c)),
+                period: recorded.usage.period,
+                current_tier: plan.tier_of(recorded.total_after)?.label(),
+                replayed: recorded.replayed,
+            })
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Collects one claimed charge and settles it; never fails: whatever goes wrong leaves the
+    /// charge pending (to resume) or failed (to retry), and is logged.
+    async fn collect_charge(&self, charge: Charge, customer: &CustomerId) -> Charge {
+        let span = info_span!("collect_charge", user = %charge.user_id, period = %charge.period, charge = %charge.key, round = charge.round);
+        async {
+            // A charge that may have been attempted before is looked up first: the gateway may have
+            // forgotten the idempotency key, or this may be a later round of a charge paid out of band.
+            if charge.attempts > 1 {
+                match self.gateway.find_payment(&charge.key).await {
+                    Ok(Some(outcome)) => {
+                        info!(payment = %outcome.payment_id, status = ?outcome.status, "found an earlier payment for the charge");
+                        return self.settle(charge, Ok(outcome)).await;
+                    }
+                    Ok(None) => {}
+                    Err(error) => {
+                        warn!(error = %error, "could not look up earlier payments: charge stays pending");
+                        return charge;
+                    }
+                }
+            }
+            let idempotency_key = charge.idempotency_key();
+            let description = match charge.kind {
+                ChargeKind::FixedFee => format!("Monthly fee, {}", charge.period),
+                _ => format!("Tokens {}, {}", charge.billing_tier, charge.period),
+            };
+            let metadata = Metadata::from([
+                ("user_id".to_owned(), charge.user_id.to_string()),
+                ("period".to_owned(), charge.period.to_string()),
+                ("kind".to_owned(), charge.kind.to_string()),
+                ("block".to_owned(), charge.block.to_string()),
+                ("charge_key".to_owned(), charge.key.to_string()),
+            ]);
+            let request = PaymentRequest {
+                charge_key: &charge.key,
+                idempotency_key: &idempotency_key,
+                customer,
+                amount: charge.amount,
+                description: &description,
+                metadata: &metadata,
+            };
+            let result = self.gateway.collect(&request).await;
+            self.settle(charge, result).await
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Stores a gateway answer with a compare-and-set on the charge's status and round.
+    async fn settle(&self, charge: Charge, result: Result<PaymentOutcome, GatewayError>) -> Charge {
+        let now = self.clock.now();
+        let (status, payment_id, code, message) = match result {
+            Ok(outcome) => {
+                let status = match outcome.status {
+                    PaymentStatus::Succeeded => ChargeStatus::Succeeded,
+                    PaymentStatus::Processing => ChargeStatus::Pending,
+                    PaymentStatus::RequiresAction => ChargeStatus::RequiresAction,
+                    _ => ChargeStatus::Failed,
+                };
+                let code = match outcome.status {
+                    PaymentStatus::Canceled => Some(outcome.decline_code.unwrap_or_else(|| "canceled".to_owned())),
+                    PaymentStatus::Declined => Some(outcome.decline_code.unwrap_or_else(|| "declined".to_owned())),
+                    PaymentStatus::RequiresAction => Some("authentication_required".to_owned()),
+                    _ => None,
+                };
+                (status, Some(outcome.payment_id), code, outcome.message)
+            }
+            Err(GatewayError::Rejected { code, message, .. }) => {
+                warn!(code = %code, message = %message, "gateway rejected the payment request");
+                (ChargeStatus::Failed, None, Some(code), Some(message))
+            }
+            Err(error) => {
+                warn!(error = %error, "payment outcome unknown: charge stays pending and will be resumed");
+                return charge;
+            }
+        };
+        let next_retry_at = (status == ChargeStatus::Failed)
+            .then(|| self.settings.dunning.delay_after_round(charge.round))
+            .flatten()
+            .map(|delay| self.lease_until(now, delay));
+        let lease_until =
+            (status == ChargeStatus::Pending).then(|| self.lease_until(now, self.settings.processing_recheck));
+        let settled = self
+            .store
+            .settle_charge(Settlement {
+                user_id: &charge.user_id,
+                key: &charge.key,
+                expected_status: charge.status,
+                expected_round: charge.round,
+                status,
+                payment_id,
+                failure_code: code,
+                failure_message: message,
+                next_retry_at,
+                lease_until,
+                at: now,
+            })
+            .await;
+        match settled {
+            Ok(settled) => {
+                info!(status = %settled.status, payment = ?settled.payment_id, "charge settled");
+                settled
+            }
+            Err(StoreError::StatusConflict { charge: current }) => {
+                debug!(status = %current.status, "charge settled elsewhere first");
+                *current
+            }
+            Err(error) => {
+                warn!(error = %error, "could not store the payment outcome: charge stays pending and will be resumed");
+                charge
+            }
+        }
+    }
+
+    /// Collects what the store hands over, for one user or all; returns what happened.
+    async fn collect_claimed_of(&self, user: Option<&UserId>) -> Result<CollectionReport, BillingError> {
+        let mut report = CollectionReport::default();
+        loop {
+            let now = self.clock.now();
+            let claimed = self
+                .store
+                .claim_pending(
+                    user,
+                    now,
+                    self.lease_until(now, self.settings.lease),
+                    self.settings.batch_size,
+                )
+                .await?;
+            if claimed.is_empty() {
+                return Ok(report);
+            }
+            report.claimed += claimed.len();
+            self.collect_all(claimed, &mut report).await;
+        }
+    }
+
+    async fn collect_all(&self, claimed: Vec<Charge>, report: &mut CollectionReport) {
+        let mut customers: HashMap<UserId, Option<CustomerId>> = HashMap::new();
+        for charge in claimed {
+            let customer = match customers.get(&charge.user_id) {
+                Some(customer) => customer.clone(),
+                None => {
+                    let account = self.store.account(&charge.user_id).await.ok().flatten();
+                    let customer = self
+                        .customer_for(&charge.user_id, account.as_ref())
+                        .await
+                        .ok()
+                        .flatten();
+                    customers.insert(charge.user_id.clone(), customer.clone());
+                    customer
+                }
+            };
+            let status = match customer {
+                Some(customer) => self.collect_charge(charge, &customer).await.status,
+                None => {
+                    debug!(user = %charge.user_id, charge = %charge.key, "no customer yet: charge waits");
+                    ChargeStatus::Pending
+                }
+            };
+            report.count(status);
+        }
+    }
+
+    /// Resumes charges left pending: by a crash between record and collect or between collect and
+    /// settle, by an unknown gateway outcome, or waiting for an account. Safe to run on several
+    /// instances at once and as often as wanted: each charge is held by one collector at a time,
+    /// and collection reuses the charge's idempotency key after looking up earlier payments, so
+    /// nothing is paid twice.
+    ///
+    /// # Errors
+    /// Store errors while claiming; collection problems are reported per charge.
+    pub async fn resume_pending(&self) -> Result<CollectionReport, BillingError> {
+        self.collect_claimed_of(None)
+            .instrument(info_span!("resume_pending"))
+            .await
+    }
+
+    /// Retries failed charges whose dunning delay has passed, each in a new round with a new
+    /// idempotency key (a gateway replays a declined answer for a re-used key). Run it on a
+    /// schedule, hourly say.
+    ///
+    /// # Errors
+    /// Store errors while claiming.
+    pub async fn retry_failed(&self) -> Result<CollectionReport, BillingError> {
+        async {
+            let mut report = CollectionReport::default();
+            loop {
+                let now = self.clock.now();
+                let claimed = self
+                    .store
+                    .claim_due_retries(
+                        now,
+                        self.lease_until(now, self.settings.lease),
+                        self.settings.batch_size,
+                    )
+                    .await?;
+                if claimed.is_empty() {
+                    return Ok(report);
+                }
+                report.claimed += claimed.len();
+                self.collect_all(claimed, &mut report).await;
+            }
+        }
+        .instrument(info_span!("retry_failed"))
+        .await
+    }
+
+    /// Applies a payment's new state reported by the gateway (a webhook) to its charge,
+    /// idempotently: a charge already in that state, or already succeeded, is left as it is.
+    ///
+    /// # Errors
+    /// [`BillingError::ChargeNotFound`]; store errors.
+    pub async fn apply_payment_update(&self, update: PaymentUpdate) -> Result<Charge, BillingError> {
+        let span = info_span!("apply_payment_update", user = %update.user_id, charge = %update.charge_key);
+        async {
+            for _ in 0..3 {
+                let charge = self
+                    .store
+                    .charge(&update.user_id, &update.charge_key)
+                    .await?
+                    .ok_or_else(|| BillingError::ChargeNotFound {
+                        key: update.charge_key.to_string(),
+                    })?;
+                let target = match update.outcome.status {
+                    PaymentStatus::Succeeded => ChargeStatus::Succeeded,
+                    PaymentStatus::RequiresAction => ChargeStatus::RequiresAction,
+                    PaymentStatus::Declined | PaymentStatus::Canceled => ChargeStatus::Failed,
+                    _ => ChargeStatus::Pending,
+                };
+                if charge.status == target || !charge.status.can_become(target) {
+                    return Ok(charge);
+                }
+                let settled = self.settle(charge.clone(), Ok(update.outcome.clone())).await;
+                if settled.status != charge.status || settled.updated_at != charge.updated_at {
+                    return Ok(settled);
+                }
+            }
+            Err(BillingError::ChargeNotFound {
+                key: update.charge_key.to_string(),
+            })
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Opens a period for a user ahead of usage (a monthly job): with [`FeeCollection::Library`],
+    /// creates and collects the fixed-fee charge unless it exists. Idempotent.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub async fn open_period(&self, user: &UserId, period: Option<PeriodKey>) -> Result<Option<Charge>, BillingError> {
+        if self.settings.fee != FeeCollection::Library {
+            return Ok(None);
+        }
+        let (account, plan) = self.account_and_plan(user).await?;
+        let now = self.clock.now();
+        let period = period.unwrap_or_else(|| Period::containing(now, plan.zone()).key());
+        let customer = self.customer_for(user, account.as_ref()).await?;
+        let collect = customer.is_some() && self.settings.collection == CollectionMode::Immediate;
+        let (charge, created) = self
+            .store
+            .ensure_charge(EnsureCharge {
+                charge: NewCharge::fixed_fee(plan, user, period, None),
+                status: ChargeStatus::Pending,
+                payment_id: None,
+                now,
+                lease_until: collect.then(|| self.lease_until(now, self.settings.lease)),
+            })
+            .await?;
+        match customer {
+            Some(customer) if created && collect => Ok(Some(self.collect_charge(charge, &customer).await)),
+            _ => Ok(Some(charge)),
+        }
+    }
+
+    /// Subscribes the user's customer to the plan's fixed fee at the gateway (the seed's
+    /// create-subscription) and keeps the subscription on the account. With
+    /// [`FeeCollection::Subscription`], the gateway then collects the fee and the host reports
+    /// each paid invoice with [`record_fixed_fee_paid`](Self::record_fixed_fee_paid).
+    ///
+    /// # Errors
+    /// [`BillingError::NoCustomer`] when the user has no customer (and the policy opens none);
+    /// gateway and store errors.
+    pub async fn create_subscription(&self, user: &UserId) -> Result<Subscription, BillingError> {
+        let (account, plan) = self.account_and_plan(user).await?;
+        let customer = self
+            .customer_for(user, account.as_ref())
+            .await?
+            .ok_or_else(|| BillingError::NoCustomer { user_id: user.clone() })?;
+        let account = self
+            .store
+            .account(user)
+            .await?
+            .ok_or_else(|| BillingError::NoCustomer { user_id: user.clone() })?;
+        let subscription = self
+            .gateway
+            .create_subscription(&customer, &account.plan_id, plan)
+            .await?;
+        self.store
+            .put_account(Account {
+                subscription_id: Some(subscription.subscription_id.clone()),
+                updated_at: self.clock.now(),
+                ..account
+            })
+            .await?;
+        info!(user = %user, subscription = %subscription.subscription_id, "subscription created");
+        Ok(subscription)
+    }
+
+    /// Records that the gateway collected the period's fixed fee (its subscription invoice was
+    /// paid). Exactly once per user and period: a repeated report changes nothing, and a fixed-fee
+    /// charge the library had created is marked paid instead of being charged again.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub async fn record_fixed_fee_paid(
+        &self,
+        user: &UserId,
+        period: PeriodKey,
+        payment_id: &str,
+    ) -> Result<Charge, BillingError> {
+        let (_, plan) = self.account_and_plan(user).await?;
+        let now = self.clock.now();
+        let (charge, created) = self
+            .store
+            .ensure_charge(EnsureCharge {
+                charge: NewCharge::fixed_fee(plan, user, period, None),
+                status: ChargeStatus::Succeeded,
+                payment_id: Some(payment_id.to_owned()),
+                now,
+                lease_until: None,
+            })
+            .await?;
+        if created || charge.status == ChargeStatus::Succeeded {
+            return Ok(charge);
+        }
+        let outcome = PaymentOutcome {
+            payment_id: payment_id.to_owned(),
+            status: PaymentStatus::Succeeded,
+            decline_code: None,
+            message: None,
+        };
+        self.apply_payment_update(PaymentUpdate {
+            user_id: user.clone(),
+            charge_key: charge.key,
+            outcome,
+        })
+        .await
+    }
+
+    async fn period_of(&self, user: &UserId, period: Option<PeriodKey>) -> Result<(PeriodKey, &Plan), BillingError> {
+        let (_, plan) = self.account_and_plan(user).await?;
+        let period = period.unwrap_or_else(|| Period::containing(self.clock.now(), plan.zone()).key());
+        Ok((period, plan))
+    }
+
+    /// The user's figures for a period (the current one when `None`): the seed's
+    /// `getUserTokenSummary`. Constant time: read from the period summary the store keeps.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub async fn token_summary(&self, user: &UserId, period: Option<PeriodKey>) -> Result<TokenSummary, BillingError> {
+        let (period, plan) = self.period_of(user, period).await?;
+        let summary = self.store.period_summary(user, period).await?;
+        let currency = summary.as_ref().map_or(plan.currency(), |s| s.currency);
+        let zero = Money::zero(currency);
+        let total_tokens = summary.as_ref().map_or(0, |s| s.total_tokens);
+        let fixed_fee_charged = summary.as_ref().map_or(zero, |s| s.fixed_fee_charged);
+        let tier_charges_total = summary.as_ref().map_or(zero, |s| s.tier_charges_total);
+        let total_charged = fixed_fee_charged.checked_add(tier_charges_total).map_err(|e| {
+            BillingError::Store(StoreError::Generic {
+                store: "summary",
+                source: Box::new(e),
+            })
+        })?;
+        Ok(TokenSummary {
+            user_id: user.clone(),
+            period,
+            currency,
+            total_tokens,
+            current_tier: plan.tier_of(total_tokens)?.label(),
+            fixed_fee_charged: fixed_fee_charged.minor_units(),
+            tier_charges_count: summary.as_ref().map_or(0, |s| s.tier_charges_count),
+            tier_charges_total: tier_charges_total.minor_units(),
+            total_charged: total_charged.minor_units(),
+            outstanding_count: summary.as_ref().map_or(0, |s| s.outstanding_count),
+            outstanding_total: summary.as_ref().map_or(0, |s| s.outstanding_total.minor_units()),
+        })
+    }
+
+    /// Tokens and operation counts by operation type in a period (the current one when `None`):
+    /// the seed's "consumo de tokens por operação".
+    ///
+    /// # Errors
+    /// Store errors.
+    pub async fn usage_by_operation(
+        &self,
+        user: &UserId,
+        period: Option<PeriodKey>,
+    ) -> Result<Vec<OperationUsage>, BillingError> {
+        let (period, _) = self.period_of(user, period).await?;
+        Ok(self.store.usage_by_operation(user, period).await?)
+    }
+
+    /// Charge counts and amounts by tier in a period (the current one when `None`): the seed's
+    /// "cobranças por faixas no período".
+    ///
+    /// # Errors
+    /// Store errors.
+    pub async fn charges_by_tier(
+        &self,
+        user: &UserId,
+        period: Option<PeriodKey>,
+    ) -> Result<Vec<TierChargeReport>, BillingError> {
+        let (period, _) = self.period_of(user, period).await?;
+        Ok(self.store.charges_by_tier(user, period).await?)
+    }
+
+    /// The user's charges in a period (the current one when `None`).
+    ///
+    /// # Errors
+    /// Store errors.
+    pub async fn charges(&self, user: &UserId, period: Option<PeriodKey>) -> Result<Vec<Charge>, BillingError> {
+        let (period, _) = self.period_of(user, period).await?;
+        Ok(self.store.charges(user, period).await?)
+    }
+
+    /// Whether the account is in good standing or past due, and what it owes. A host may refuse
+    /// usage from past-due accounts.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub async fn account_standing(&self, user: &UserId) -> Result<AccountStanding, BillingError> {
+        let unpaid_charges = self.store.unpaid_charges(user).await?;
+        Ok(AccountStanding {
+            standing: if unpaid_charges.is_empty() {
+                Standing::GoodStanding
+            } else {
+                Standing::PastDue
+            },
+            unpaid_charges,
+        })
+    }
+
+    /// The user's audit trail (of one period, or all of it), oldest first.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub async fn audit_trail(&self, user: &UserId, period: Option<PeriodKey>) -> Result<Vec<AuditEntry>, BillingError> {
+        Ok(self.store.audit_trail(user, period).await?)
+    }
+}

@@ -1,0 +1,735 @@
+//! [`InMemoryUsageStore`]: the store of one process, sharded by user.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::{
+    Account, AuditEntry, AuditEvent, EnsureCharge, OperationUsage, PeriodSummary, RecordUsage, Recorded, Settlement,
+    StoreError, TierChargeReport, UsageStore,
+};
+use crate::domain::{
+    Blocks, Charge, ChargeKey, ChargeKind, ChargeStatus, EventId, MAX_TOKENS, Money, MoneyError, NewCharge,
+    OperationType, PeriodKey, UsageRecord, UserId, charges_for_growth,
+};
+
+const STORE: &str = "in-memory store";
+
+/// A [`UsageStore`] in the process's memory: the embedded default, and the reference
+/// implementation of the contract.
+///
+/// Users are spread over shards, each behind its own mutex, so unrelated users rarely contend;
+/// every operation touches one shard (listing pending charges of all users visits each in turn)
+/// and no lock is held across an `.await`. Nothing survives the process: use the PostgreSQL store
+/// for durable billing.
+///
+/// # Example
+/// ```
+/// use std::sync::Arc;
+/// use token_billing::{InMemoryUsageStore, UsageStore};
+///
+/// let store: Arc<dyn UsageStore> = Arc::new(InMemoryUsageStore::new());
+/// # let _ = store;
+/// ```
+#[derive(Debug)]
+pub struct InMemoryUsageStore {
+    shards: Box<[Mutex<Shard>]>,
+}
+
+#[derive(Debug, Default)]
+struct Shard {
+    users: HashMap<UserId, UserBook>,
+    /// Pending charges, oldest first, to find the ones to resume without visiting every user.
+    pending: BTreeSet<(DateTime<Utc>, UserId, ChargeKey)>,
+    /// Failed charges with a retry scheduled, soonest first.
+    retries: BTreeSet<(DateTime<Utc>, UserId, ChargeKey)>,
+}
+
+#[derive(Debug, Default)]
+struct UserBook {
+    account: Option<Account>,
+    events: HashMap<EventId, EventEntry>,
+    periods: BTreeMap<PeriodKey, PeriodBook>,
+    charge_index: HashMap<ChargeKey, (PeriodKey, usize)>,
+    audit: Vec<AuditEntry>,
+}
+
+/// What dedupe needs to answer a replay with the original outcome.
+#[derive(Debug)]
+struct EventEntry {
+    period: PeriodKey,
+    index: usize,
+    total_before: u64,
+    created_fee: bool,
+    blocks: Blocks,
+}
+
+#[derive(Debug)]
+struct PeriodBook {
+    summary: PeriodSummary,
+    consumptions: Vec<UsageRecord>,
+    by_operation: BTreeMap<OperationType, (u64, u64)>,
+    charges: Vec<Charge>,
+}
+
+impl PeriodBook {
+    fn new(summary: PeriodSummary) -> PeriodBook {
+        PeriodBook {
+            summary,
+            consumptions: Vec::new(),
+            by_operation: BTreeMap::new(),
+            charges: Vec::new(),
+        }
+    }
+}
+
+impl Default for InMemoryUsageStore {
+    fn default() -> Self {
+        InMemoryUsageStore::new()
+    }
+}
+
+impl InMemoryUsageStore {
+    /// A store with 64 shards.
+    pub fn new() -> InMemoryUsageStore {
+        InMemoryUsageStore::with_shards(64)
+    }
+
+    /// A store with `shards` shards (at least one): more shards, less contention between users.
+    pub fn with_shards(shards: usize) -> InMemoryUsageStore {
+        InMemoryUsageStore {
+            shards: (0..shards.max(1)).map(|_| Mutex::new(Shard::default())).collect(),
+        }
+    }
+
+    fn shard_of(&self, user: &UserId) -> &Mutex<Shard> {
+        let hash = BuildHasherDefault::<DefaultHasher>::default().hash_one(user.as_str());
+        // The remainder is below the shard count, which is a usize.
+        let index = usize::try_from(hash % self.shards.len() as u64).unwrap_or(0);
+        &self.shards[index]
+    }
+
+    fn shard(&self, user: &UserId) -> MutexGuard<'_, Shard> {
+        lock(self.shard_of(user))
+    }
+}
+
+/// A poisoned shard only means a thread panicked while holding it; every write below validates
+/// before it mutates, so the data is consistent and the lock can be taken over.
+fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
+    shard.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn money_error(source: MoneyError) -> StoreError {
+    StoreError::Generic {
+        store: STORE,
+        source: Box::new(source),
+    }
+}
+
+/// Moves the summary's figures for a charge entering `to` (from `from`, or newly created).
+fn apply_to_summary(
+    summary: &mut PeriodSummary,
+    kind: ChargeKind,
+    amount: Money,
+    from: Option<ChargeStatus>,
+    to: ChargeStatus,
+) -> Result<(), MoneyError> {
+    let was_succeeded = from == Some(ChargeStatus::Succeeded);
+    let is_succeeded = to == ChargeStatus::Succeeded;
+    if from.is_some_and(|f| !f.eq(&ChargeStatus::Succeeded)) && is_succeeded {
+        summary.outstanding_count = summary.outstanding_count.saturating_sub(1);
+        summary.outstanding_total = summary.outstanding_total.checked_add(Money::from_minor(
+            amount.minor_units().checked_neg().ok_or(MoneyError::OutOfRange {
+                currency: amount.currency(),
+            })?,
+            amount.currency(),
+        ))?;
+    }
+    if from.is_none() && !is_succeeded {
+        summary.outstanding_count += 1;
+        summary.outstanding_total = summary.outstanding_total.checked_add(amount)?;
+    }
+    if is_succeeded && !was_succeeded {
+        match kind {
+            ChargeKind::FixedFee => summary.fixed_fee_charged = summary.fixed_fee_charged.checked_add(amount)?,
+            ChargeKind::Block => {
+                summary.tier_charges_count += 1;
+                summary.tier_charges_total = summary.tier_charges_total.checked_add(amount)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Shard {
+    /// Keeps the pending and retry indexes in step with a charge's status.
+    fn index_charge(&mut self, charge: &Charge, previous: Option<(ChargeStatus, Option<DateTime<Utc>>)>) {
+        let entry = |at: DateTime<Utc>| (at, charge.user_id.clone(), charge.key.clone());
+        if let Some((status, retry_at)) = previous {
+            if status == ChargeStatus::Pending {
+                self.pending.remove(&entry(charge.created_at));
+            }
+            if let Some(at) = retry_at {
+                self.retries.remove(&entry(at));
+            }
+        }
+        if charge.status == ChargeStatus::Pending {
+            self.pending.insert(entry(charge.created_at));
+        }
+        if charge.status == ChargeStatus::Failed {
+            if let Some(at) = charge.next_retry_at {
+                self.retries.insert(entry(at));
+            }
+        }
+    }
+}
+
+impl UserBook {
+    fn charge_mut(&mut self, key: &ChargeKey) -> Option<&mut Charge> {
+        let (period, index) = *self.charge_index.get(key)?;
+        self.periods.get_mut(&period)?.charges.get_mut(index)
+    }
+
+    fn charge(&self, key: &ChargeKey) -> Option<&Charge> {
+        let (period, index) = self.charge_index.get(key)?;
+        self.periods.get(period)?.charges.get(*index)
+    }
+
+    /// Inserts charges that do not exist yet, in order; returns those created.
+    fn insert_charges(
+        &mut self,
+        period: PeriodKey,
+        charges: Vec<NewCharge>,
+        status: ChargeStatus,
+        payment_id: Option<String>,
+        now: DateTime<Utc>,
+        lease_until: Option<DateTime<Utc>>,
+    ) -> Result<Vec<Charge>, StoreError> {
+        let book = self.periods.get_mut(&period).ok_or_else(|| StoreError::NotFound {
+            what: "period",
+            key: period.to_string(),
+        })?;
+        // Validate the whole batch against the summary before changing anything.
+        let mut summary = book.summary.clone();
+        let mut created = Vec::with_capacity(charges.len());
+        for new in charges {
+            if self.charge_index.contains_key(&new.key) {
+                continue;
+            }
+            apply_to_summary(&mut summary, new.kind, new.amount, None, status).map_err(money_error)?;
+            let mut charge = new.into_charge(Uuid::new_v4(), status, now);
+            charge.payment_id = payment_id.clone();
+            if status == ChargeStatus::Pending && lease_until.is_some() {
+                charge.lease_until = lease_until;
+                charge.attempts = 1;
+            }
+            created.push(charge);
+        }
+        summary.updated_at = now;
+        book.summary = summary;
+        for charge in &created {
+            self.charge_index
+                .insert(charge.key.clone(), (period, book.charges.len()));
+            book.charges.push(charge.clone());
+        }
+        for charge in &created {
+            self.audit.push(AuditEntry {
+                at: now,
+                user_id: charge.user_id.clone(),
+                period: Some(period),
+                event: AuditEvent::ChargeCreated {
+                    key: charge.key.clone(),
+                    billing_tier: charge.billing_tier.clone(),
+                    amount: charge.amount,
+                    status,
+                },
+            });
+            if charge.attempts == 1 {
+                self.audit.push(AuditEntry {
+                    at: now,
+                    user_id: charge.user_id.clone(),
+                    period: Some(period),
+                    event: AuditEvent::CollectionStarted {
+                        key: charge.key.clone(),
+                        round: 0,
+                        attempt: 1,
+                    },
+                });
+            }
+        }
+        Ok(created)
+    }
+}
+
+#[async_trait]
+impl UsageStore for InMemoryUsageStore {
+    async fn put_account(&self, account: Account) -> Result<(), StoreError> {
+        let mut shard = self.shard(&account.user_id);
+        let book = shard.users.entry(account.user_id.clone()).or_default();
+        book.audit.push(AuditEntry {
+            at: account.updated_at,
+            user_id: account.user_id.clone(),
+            period: None,
+            event: AuditEvent::AccountSaved {
+                customer_id: account.customer_id.clone(),
+                plan_id: account.plan_id.clone(),
+            },
+        });
+        book.account = Some(account);
+        Ok(())
+    }
+
+    async fn account(&self, user: &UserId) -> Result<Option<Account>, StoreError> {
+        Ok(self.shard(user).users.get(user).and_then(|b| b.account.clone()))
+    }
+
+    async fn record_usage(&self, request: RecordUsage<'_>) -> Result<Recorded, StoreError> {
+        let RecordUsage {
+            usage,
+            plan,
+            fee,
+            lease_until,
+        } = request;
+        let user = usage.user_id.clone();
+        let mut shard = self.shard(&user);
+        let shard = &mut *shard;
+        let book = shard.users.entry(user.clone()).or_default();
+
+        if let Some(entry) = book.events.get(&usage.event_id) {
+            let original = book
+                .periods
+                .get(&entry.period)
+                .and_then(|p| p.consumptions.get(entry.index))
+                .ok_or_else(|| StoreError::NotFound {
+                    what: "consumption",
+                    key: usage.event_id.to_string(),
+                })?;
+            if !original.same_usage(&usage) {
+                return Err(StoreError::EventConflict {
+                    event_id: usage.event_id,
+                });
+            }
+            let keys = entry
+                .created_fee
+                .then(|| ChargeKey::new(&user, entry.period, ChargeKind::FixedFee, 0))
+                .into_iter()
+                .chain(
+                    entry
+                        .blocks
+                        .into_iter()
+                        .map(|b| ChargeKey::new(&user, entry.period, ChargeKind::Block, b)),
+                );
+            let charges = keys.filter_map(|k| book.charge(&k).cloned()).collect();
+            return Ok(Recorded {
+                usage: original.clone(),
+                total_before: entry.total_before,
+                total_after: entry.total_before + original.tokens,
+                charges,
+                replayed: true,
+            });
+        }
+
+        let period = usage.period;
+        let before = book.periods.get(&period).map_or(0, |p| p.summary.total_tokens);
+        let after = before
+            .checked_add(usage.tokens)
+            .filter(|t| *t <= MAX_TOKENS)
+            .ok_or(StoreError::TotalOverflow {
+                total: before,
+                tokens: usage.tokens,
+            })?;
+        let new_charges = charges_for_growth(plan, fee, &user, period, before, after, Some(usage.consumption_id))?;
+        let blocks = plan.blocks_crossed(before, after)?;
+
+        let now = usage.recorded_at;
+        let opened = !book.periods.contains_key(&period);
+        if opened {
+            book.periods.insert(
+                period,
+                PeriodBook::new(PeriodSummary::empty(user.clone(), period, plan.currency(), now)),
+            );
+        }
+        let had_fee = book
+            .charge_index
+            .contains_key(&ChargeKey::new(&user, period, ChargeKind::FixedFee, 0));
+        // Charges first: it is the only step that can fail, and it changes nothing when it does.
+        let created = match book.insert_charges(period, new_charges, ChargeStatus::Pending, None, now, lease_until) {
+            Ok(created) => created,
+            Err(e) => {
+                if opened {
+                    book.periods.remove(&period);
+                }
+                return Err(e);
+            }
+        };
+        let period_book = book.periods.get_mut(&period).ok_or_else(|| StoreError::NotFound {
+            what: "period",
+            key: period.to_string(),
+        })?;
+        period_book.summary.total_tokens = after;
+        period_book.summary.events += 1;
+        period_book.summary.updated_at = now;
+        let op = period_book
+            .by_operation
+            .entry(usage.operation_type.clone())
+            .or_default();
+        op.0 += usage.tokens;
+        op.1 += 1;
+        let index = period_book.consumptions.len();
+        period_book.consumptions.push(usage.clone());
+        book.events.insert(
+            usage.event_id.clone(),
+            EventEntry {
+                period,
+                index,
+                total_before: before,
+                created_fee: !had_fee && created.iter().any(|c| c.kind == ChargeKind::FixedFee),
+                blocks,
+            },
+        );
+        book.audit.push(AuditEntry {
+            at: now,
+            user_id: user.clone(),
+            period: Some(period),
+            event: AuditEvent::UsageRecorded {
+                consumption_id: usage.consumption_id,
+                event_id: usage.event_id.clone(),
+                tokens: usage.tokens,
+                total_after: after,
+            },
+        });
+        for charge in &created {
+            shard.index_charge(charge, None);
+        }
+        Ok(Recorded {
+            usage,
+            total_before: before,
+            total_after: after,
+            charges: created,
+            replayed: false,
+        })
+    }
+
+    async fn ensure_charge(&self, request: EnsureCharge) -> Result<(Charge, bool), StoreError> {
+        let EnsureCharge {
+            charge,
+            status,
+            payment_id,
+            now,
+            lease_until,
+        } = request;
+        let user = charge.user_id.clone();
+        let period = charge.period;
+        let mut shard = self.shard(&user);
+        let shard = &mut *shard;
+        let book = shard.users.entry(user.clone()).or_default();
+        if let Some(existing) = book.charge(&charge.key) {
+            return Ok((existing.clone(), false));
+        }
+        let currency = charge.amount.currency();
+        book.periods
+            .entry(period)
+            .or_insert_with(|| PeriodBook::new(PeriodSummary::empty(user.clone(), period, currency, now)));
+        let created = book.insert_charges(period, vec![charge], status, payment_id, now, lease_until)?;
+        let charge = created.into_iter().next().ok_or_else(|| StoreError::NotFound {
+            what: "charge",
+            key: user.to_string(),
+        })?;
+        shard.index_charge(&charge, None);
+        Ok((charge, true))
+    }
+
+    async fn claim_pending(
+        &self,
+        user: Option<&UserId>,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<Charge>, StoreError> {
+        let mut claimed = Vec::new();
+        let shards: Vec<&Mutex<Shard>> = match user {
+            Some(user) => vec![self.shard_of(user)],
+            None => self.shards.iter().collect(),
+        };
+        for shard in shards {
+            if claimed.len() >= limit {
+                break;
+            }
+            let mut shard = lock(shard);
+            let shard = &mut *shard;
+            let candidates: Vec<(UserId, ChargeKey)> = shard
+                .pending
+                .iter()
+                .filter(|(_, u, _)| user.is_none_or(|wanted| wanted == u))
+                .map(|(_, u, k)| (u.clone(), k.clone()))
+                .collect();
+            for (user_id, key) in candidates {
+                if claimed.len() >= limit {
+                    break;
+                }
+                let Some(book) = shard.users.get_mut(&user_id) else {
+                    continue;
+                };
+                let Some(charge) = book.charge_mut(&key) else {
+                    continue;
+                };
+                if !charge.is_claimable(now) {
+                    continue;
+                }
+                charge.lease_until = Some(lease_until);
+                charge.attempts = charge.attempts.saturating_add(1);
+                charge.updated_at = now;
+                let event = AuditEvent::CollectionStarted {
+                    key: charge.key.clone(),
+                    round: charge.round,
+                    attempt: charge.attempts,
+                };
+                let period = charge.period;
+                claimed.push(charge.clone());
+                book.audit.push(AuditEntry {
+                    at: now,
+                    user_id,
+                    period: Some(period),
+                    event,
+                });
+            }
+        }
+        Ok(claimed)
+    }
+
+    async fn claim_due_retries(
+        &self,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<Charge>, StoreError> {
+        let mut claimed = Vec::new();
+        for shard in self.shards.iter() {
+            if claimed.len() >= limit {
+                break;
+            }
+            let mut shard = lock(shard);
+            let shard = &mut *shard;
+            let due: Vec<(DateTime<Utc>, UserId, ChargeKey)> = shard
+                .retries
+                .iter()
+                .take_while(|(at, _, _)| *at <= now)
+                .take(limit - claimed.len())
+                .cloned()
+                .collect();
+            for entry in due {
+                let (_, user_id, key) = &entry;
+                let Some(book) = shard.users.get_mut(user_id) else {
+                    shard.retries.remove(&entry);
+                    continue;
+                };
+                let Some(charge) = book.charge_mut(key) else {
+                    shard.retries.remove(&entry);
+                    continue;
+                };
+                let previous = (charge.status, charge.next_retry_at);
+                charge.status = ChargeStatus::Pending;
+                charge.round = charge.round.saturating_add(1);
+                charge.attempts = charge.attempts.saturating_add(1);
+                charge.next_retry_at = None;
+                charge.lease_until = Some(lease_until);
+                charge.updated_at = now;
+                let charge = charge.clone();
+                for event in [
+                    AuditEvent::ChargeStatusChanged {
+                        key: charge.key.clone(),
+                        from: ChargeStatus::Failed,
+                        to: ChargeStatus::Pending,
+                        payment_id: None,
+                        failure_code: None,
+                    },
+                    AuditEvent::CollectionStarted {
+                        key: charge.key.clone(),
+                        round: charge.round,
+                        attempt: charge.attempts,
+                    },
+                ] {
+                    book.audit.push(AuditEntry {
+                        at: now,
+                        user_id: user_id.clone(),
+                        period: Some(charge.period),
+                        event,
+                    });
+                }
+                shard.index_charge(&charge, Some(previous));
+                claimed.push(charge);
+            }
+        }
+        Ok(claimed)
+    }
+
+    async fn settle_charge(&self, s: Settlement<'_>) -> Result<Charge, StoreError> {
+        let mut shard = self.shard(s.user_id);
+        let shard = &mut *shard;
+        let not_found = || StoreError::NotFound {
+            what: "charge",
+            key: s.key.to_string(),
+        };
+        let book = shard.users.get_mut(s.user_id).ok_or_else(not_found)?;
+        let (period, index) = *book.charge_index.get(s.key).ok_or_else(not_found)?;
+        let period_book = book.periods.get_mut(&period).ok_or_else(not_found)?;
+        let charge = period_book.charges.get_mut(index).ok_or_else(not_found)?;
+        if charge.status != s.expected_status || charge.round != s.expected_round {
+            return Err(StoreError::StatusConflict {
+                charge: Box::new(charge.clone()),
+            });
+        }
+        if !charge.status.can_become(s.status) {
+            return Err(StoreError::ForbiddenTransition {
+                from: charge.status,
+                to: s.status,
+            });
+        }
+        let mut summary = period_book.summary.clone();
+        apply_to_summary(&mut summary, charge.kind, charge.amount, Some(charge.status), s.status)
+            .map_err(money_error)?;
+        summary.updated_at = s.at;
+        period_book.summary = summary;
+        let previous = (charge.status, charge.next_retry_at);
+        let from = charge.status;
+        charge.status = s.status;
+        if s.payment_id.is_some() {
+            charge.payment_id.clone_from(&s.payment_id);
+        }
+        if s.status == ChargeStatus::Succeeded {
+            charge.failure_code = None;
+            charge.failure_message = None;
+        } else if s.failure_code.is_some() || s.failure_message.is_some() {
+            charge.failure_code.clone_from(&s.failure_code);
+            charge.failure_message.clone_from(&s.failure_message);
+        }
+        charge.next_retry_at = if s.status == ChargeStatus::Failed {
+            s.next_retry_at
+        } else {
+            None
+        };
+        charge.lease_until = s.lease_until;
+        charge.updated_at = s.at;
+        let charge = charge.clone();
+        book.audit.push(AuditEntry {
+            at: s.at,
+            user_id: s.user_id.clone(),
+            period: Some(period),
+            event: AuditEvent::ChargeStatusChanged {
+                key: charge.key.clone(),
+                from,
+                to: s.status,
+                payment_id: charge.payment_id.clone(),
+                failure_code: charge.failure_code.clone(),
+            },
+        });
+        shard.index_charge(&charge, Some(previous));
+        Ok(charge)
+    }
+
+    async fn charge(&self, user: &UserId, key: &ChargeKey) -> Result<Option<Charge>, StoreError> {
+        Ok(self.shard(user).users.get(user).and_then(|b| b.charge(key).cloned()))
+    }
+
+    async fn charges(&self, user: &UserId, period: PeriodKey) -> Result<Vec<Charge>, StoreError> {
+        Ok(self
+            .shard(user)
+            .users
+            .get(user)
+            .and_then(|b| b.periods.get(&period))
+            .map(|p| p.charges.clone())
+            .unwrap_or_default())
+    }
+
+    async fn unpaid_charges(&self, user: &UserId) -> Result<Vec<Charge>, StoreError> {
+        Ok(self
+            .shard(user)
+            .users
+            .get(user)
+            .map(|b| {
+                b.periods
+                    .values()
+                    .flat_map(|p| p.charges.iter().filter(|c| c.status.is_unpaid()).cloned())
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    async fn consumptions(&self, user: &UserId, period: PeriodKey) -> Result<Vec<UsageRecord>, StoreError> {
+        Ok(self
+            .shard(user)
+            .users
+            .get(user)
+            .and_then(|b| b.periods.get(&period))
+            .map(|p| p.consumptions.clone())
+            .unwrap_or_default())
+    }
+
+    async fn period_summary(&self, user: &UserId, period: PeriodKey) -> Result<Option<PeriodSummary>, StoreError> {
+        Ok(self
+            .shard(user)
+            .users
+            .get(user)
+            .and_then(|b| b.periods.get(&period))
+            .map(|p| p.summary.clone()))
+    }
+
+    async fn usage_by_operation(&self, user: &UserId, period: PeriodKey) -> Result<Vec<OperationUsage>, StoreError> {
+        Ok(self
+            .shard(user)
+            .users
+            .get(user)
+            .and_then(|b| b.periods.get(&period))
+            .map(|p| {
+                p.by_operation
+                    .iter()
+                    .map(|(op, (tokens, count))| OperationUsage {
+                        operation_type: op.clone(),
+                        total_tokens: *tokens,
+                        operations: *count,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    async fn charges_by_tier(&self, user: &UserId, period: PeriodKey) -> Result<Vec<TierChargeReport>, StoreError> {
+        let charges = self.charges(user, period).await?;
+        let mut by_tier: BTreeMap<u64, TierChargeReport> = BTreeMap::new();
+        for charge in charges {
+            let zero = Money::zero(charge.amount.currency());
+            let report = by_tier.entry(charge.block).or_insert_with(|| TierChargeReport {
+                billing_tier: charge.billing_tier.clone(),
+                charges_count: 0,
+                total_charged: zero,
+                collected: zero,
+            });
+            report.charges_count += 1;
+            report.total_charged = report.total_charged.checked_add(charge.amount).map_err(money_error)?;
+            if charge.status == ChargeStatus::Succeeded {
+                report.collected = report.collected.checked_add(charge.amount).map_err(money_error)?;
+            }
+        }
+        Ok(by_tier.into_values().collect())
+    }
+
+    async fn audit_trail(&self, user: &UserId, period: Option<PeriodKey>) -> Result<Vec<AuditEntry>, StoreError> {
+        Ok(self
+            .shard(user)
+            .users
+            .get(user)
+            .map(|b| {
+                b.audit
+                    .iter()
+                    .filter(|e| period.is_none() || e.period == period)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+}

@@ -1,0 +1,419 @@
+//! Where usage, charges and accounts are kept: the [`UsageStore`] trait and its implementations.
+//!
+//! [`InMemoryUsageStore`] is always built. Every implementation must pass the conformance suite in
+//! `token_billing::testing::store` (feature `testing`), which turns the contract below into tests.
+
+mod memory;
+
+use std::fmt::Debug;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::domain::{
+    Charge, ChargeKey, ChargeStatus, Currency, CustomerId, EventId, FeeCollection, Money, NewCharge, OperationType,
+    PeriodKey, Plan, PlanId, RatingError, UsageRecord, UserId,
+};
+
+pub use memory::InMemoryUsageStore;
+
+/// A boxed error from a store's backend, kept as the source of [`StoreError`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// What went wrong in a store.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// An event id was re-used with different usage; nothing was recorded.
+    #[error("event id {event_id} was already used for different usage")]
+    EventConflict {
+        /// The re-used id.
+        event_id: EventId,
+    },
+    /// Adding the event would take the period total above [`MAX_TOKENS`](crate::MAX_TOKENS);
+    /// nothing was recorded.
+    #[error("adding {tokens} tokens to a period total of {total} would overflow")]
+    TotalOverflow {
+        /// The period total before the event.
+        total: u64,
+        /// The event's tokens.
+        tokens: u64,
+    },
+    /// A compare-and-set lost: the charge is not in the expected status or round any more.
+    #[error("charge {} is {} in round {}, not as expected", charge.key, charge.status, charge.round)]
+    StatusConflict {
+        /// The charge as it is now.
+        charge: Box<Charge>,
+    },
+    /// A status change the charge life cycle forbids ([`ChargeStatus::can_become`]).
+    #[error("a charge cannot go from {from} to {to}")]
+    ForbiddenTransition {
+        /// The current status.
+        from: ChargeStatus,
+        /// The requested status.
+        to: ChargeStatus,
+    },
+    /// The thing asked for does not exist.
+    #[error("{what} {key} not found")]
+    NotFound {
+        /// What was looked for.
+        what: &'static str,
+        /// Its key.
+        key: String,
+    },
+    /// The rating rule refused the totals.
+    #[error(transparent)]
+    Rating(#[from] RatingError),
+    /// The store could not be reached or timed out; the operation may be retried. Whether a write
+    /// was applied is unknown, which every write here tolerates: they are idempotent.
+    #[error("{store} unavailable")]
+    Unavailable {
+        /// Which store.
+        store: &'static str,
+        /// The backend's error.
+        #[source]
+        source: BoxError,
+    },
+    /// Any other backend failure.
+    #[error("{store} failed")]
+    Generic {
+        /// Which store.
+        store: &'static str,
+        /// The backend's error.
+        #[source]
+        source: BoxError,
+    },
+}
+
+/// The link between a user, the gateway's customer that pays, and the user's plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Account {
+    /// The user.
+    pub user_id: UserId,
+    /// The gateway's customer, once known. Charges of a user without one wait, pending.
+    pub customer_id: Option<CustomerId>,
+    /// The user's plan in the service's catalogue.
+    pub plan_id: PlanId,
+    /// The gateway subscription that collects the fixed fee, when there is one.
+    pub subscription_id: Option<String>,
+    /// When the account was registered.
+    pub created_at: DateTime<Utc>,
+    /// When it last changed.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A user's running figures for one period: the seed's `token_usage_summary` row. Stores keep it
+/// up to date on every write, so a summary is read in constant time, never by scanning events.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeriodSummary {
+    /// The user.
+    pub user_id: UserId,
+    /// The period.
+    pub period: PeriodKey,
+    /// The currency of the period's charges.
+    pub currency: Currency,
+    /// Tokens recorded in the period.
+    pub total_tokens: u64,
+    /// Usage events recorded in the period.
+    pub events: u64,
+    /// The fixed fee really collected (succeeded).
+    pub fixed_fee_charged: Money,
+    /// Block charges collected (succeeded).
+    pub tier_charges_count: u64,
+    /// Their amount.
+    pub tier_charges_total: Money,
+    /// Charges created but not collected yet (pending, failed or awaiting the customer).
+    pub outstanding_count: u64,
+    /// Their amount.
+    pub outstanding_total: Money,
+    /// When the summary last changed.
+    pub updated_at: DateTime<Utc>,
+}
+
+impl PeriodSummary {
+    /// The summary of a period with nothing recorded.
+    pub fn empty(user_id: UserId, period: PeriodKey, currency: Currency, now: DateTime<Utc>) -> PeriodSummary {
+        PeriodSummary {
+            user_id,
+            period,
+            currency,
+            total_tokens: 0,
+            events: 0,
+            fixed_fee_charged: Money::zero(currency),
+            tier_charges_count: 0,
+            tier_charges_total: Money::zero(currency),
+            outstanding_count: 0,
+            outstanding_total: Money::zero(currency),
+            updated_at: now,
+        }
+    }
+}
+
+/// Tokens and operations of one operation type in a period (the seed's "consumo por operação").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OperationUsage {
+    /// The operation type.
+    pub operation_type: OperationType,
+    /// Tokens used by it.
+    pub total_tokens: u64,
+    /// How many events reported it.
+    pub operations: u64,
+}
+
+/// Charges of one tier in a period (the seed's "cobranças por faixas").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TierChargeReport {
+    /// The tier label.
+    pub billing_tier: String,
+    /// Charges created in the tier, whatever their status, as the seed's query counts them.
+    pub charges_count: u64,
+    /// Their amount.
+    pub total_charged: Money,
+    /// The part of it collected (succeeded).
+    pub collected: Money,
+}
+
+/// One line of the audit trail: every consumption, charge creation, collection attempt and status
+/// change is recorded by the store in the same atomic operation as the change itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// When.
+    pub at: DateTime<Utc>,
+    /// Whose.
+    pub user_id: UserId,
+    /// Which period, when the entry is about one.
+    pub period: Option<PeriodKey>,
+    /// What happened.
+    pub event: AuditEvent,
+}
+
+/// What an [`AuditEntry`] records.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum AuditEvent {
+    /// A usage event was recorded.
+    UsageRecorded {
+        /// The consumption.
+        consumption_id: Uuid,
+        /// Its event id.
+        event_id: EventId,
+        /// Its tokens.
+        tokens: u64,
+        /// The period total after it.
+        total_after: u64,
+    },
+    /// A charge was created.
+    ChargeCreated {
+        /// The charge.
+        key: ChargeKey,
+        /// Its tier label.
+        billing_tier: String,
+        /// Its amount.
+        amount: Money,
+        /// Its first status.
+        status: ChargeStatus,
+    },
+    /// Collection of a charge started (one gateway call follows).
+    CollectionStarted {
+        /// The charge.
+        key: ChargeKey,
+        /// Its round.
+        round: u32,
+        /// The attempt number, over all rounds.
+        attempt: u32,
+    },
+    /// A charge changed status.
+    ChargeStatusChanged {
+        /// The charge.
+        key: ChargeKey,
+        /// Before.
+        from: ChargeStatus,
+        /// After.
+        to: ChargeStatus,
+        /// The gateway's payment reference.
+        payment_id: Option<String>,
+        /// The decline code, for failures.
+        failure_code: Option<String>,
+    },
+    /// An account was registered or changed.
+    AccountSaved {
+        /// Its customer.
+        customer_id: Option<CustomerId>,
+        /// Its plan.
+        plan_id: PlanId,
+    },
+}
+
+/// The record operation's input: one checked usage event and how to charge for it.
+#[derive(Debug, Clone)]
+pub struct RecordUsage<'a> {
+    /// The event, already checked by the service.
+    pub usage: UsageRecord,
+    /// The plan that rates the user's period.
+    pub plan: &'a Plan,
+    /// Who collects the fixed fee.
+    pub fee: FeeCollection,
+    /// When set, the charges created are leased to the caller until then (it collects them at
+    /// once), and each counts one collection attempt.
+    pub lease_until: Option<DateTime<Utc>>,
+}
+
+/// What the record operation did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recorded {
+    /// The event as stored; for a replay, the original.
+    pub usage: UsageRecord,
+    /// The period total before the event.
+    pub total_before: u64,
+    /// The period total after the event.
+    pub total_after: u64,
+    /// The charges the event created, in block order (fixed fee first); for a replay, the
+    /// original's charges as they are now.
+    pub charges: Vec<Charge>,
+    /// Whether the event id had been recorded already, so that nothing changed.
+    pub replayed: bool,
+}
+
+/// A charge to create unless its key exists: the fixed fee when a period is opened, or recorded
+/// as paid by a subscription.
+#[derive(Debug, Clone)]
+pub struct EnsureCharge {
+    /// The charge.
+    pub charge: NewCharge,
+    /// Its status if created: `Pending` to collect it, `Succeeded` when it was paid elsewhere.
+    pub status: ChargeStatus,
+    /// The payment reference, for a charge paid elsewhere.
+    pub payment_id: Option<String>,
+    /// Now.
+    pub now: DateTime<Utc>,
+    /// When set, a created charge is leased to the caller until then.
+    pub lease_until: Option<DateTime<Utc>>,
+}
+
+/// A compare-and-set of a charge's status.
+#[derive(Debug, Clone)]
+pub struct Settlement<'a> {
+    /// The charge's user.
+    pub user_id: &'a UserId,
+    /// The charge.
+    pub key: &'a ChargeKey,
+    /// The status the caller saw.
+    pub expected_status: ChargeStatus,
+    /// The round the caller saw.
+    pub expected_round: u32,
+    /// The new status.
+    pub status: ChargeStatus,
+    /// The gateway's payment reference, kept if `None`.
+    pub payment_id: Option<String>,
+    /// The decline code (replaces the stored one; cleared on success).
+    pub failure_code: Option<String>,
+    /// The gateway's failure message (replaces the stored one; cleared on success).
+    pub failure_message: Option<String>,
+    /// When to retry a failure.
+    pub next_retry_at: Option<DateTime<Utc>>,
+    /// The lease to leave on the charge: `None` releases it; a charge left pending (a payment
+    /// still processing) keeps it until the time to check again.
+    pub lease_until: Option<DateTime<Utc>>,
+    /// Now.
+    pub at: DateTime<Utc>,
+}
+
+/// Stores usage, charges, summaries, accounts and the audit trail.
+///
+/// # Contract
+/// Every implementation MUST meet these; the conformance suite (`testing::store`) checks each.
+///
+/// Recording ([`record_usage`](Self::record_usage)):
+/// - It MUST be atomic: dedupe the event id, append the consumption, add its tokens to the period
+///   total, create a `Pending` charge for every charge [`charges_for_growth`](crate::charges_for_growth)
+///   gives for the interval `(before, after]`, update the period summary and append the audit
+///   entries, all or nothing. After an error nothing of the event is visible.
+/// - Concurrent calls for the same user and period MUST see disjoint intervals: the increment is
+///   atomic, so no block is created twice and none is skipped.
+/// - A charge key MUST be unique: a second charge with the same key can never be stored.
+/// - An event id already recorded for the user MUST change nothing and return the original
+///   outcome with `replayed = true` when the usage is the same ([`UsageRecord::same_usage`]), and
+///   MUST fail with [`StoreError::EventConflict`] when it differs.
+/// - A total that would exceed [`MAX_TOKENS`](crate::MAX_TOKENS) MUST fail with
+///   [`StoreError::TotalOverflow`] and change nothing.
+///
+/// Charges:
+/// - [`settle_charge`](Self::settle_charge) MUST be a compare-and-set on (status, round): it
+///   fails with [`StoreError::StatusConflict`] when either differs, and with
+///   [`StoreError::ForbiddenTransition`] when [`ChargeStatus::can_become`] forbids the change. It
+///   sets the lease to `settlement.lease_until`.
+/// - [`claim_pending`](Self::claim_pending) MUST hand a pending charge to one caller at a time:
+///   it takes only charges whose lease has expired (or that have none) and leases them, so two
+///   concurrent claims never return the same charge.
+/// - Summaries MUST always agree with the charges: `fixed_fee_charged` and `tier_charges_*` sum
+///   the succeeded fixed-fee and block charges, `outstanding_*` the others.
+///
+/// Isolation: every operation touches one user's data only, and reads return only the named
+/// user's rows.
+///
+/// Implementations MUST NOT hold a lock across an `.await`, and SHOULD let unrelated users
+/// proceed in parallel.
+#[async_trait]
+pub trait UsageStore: Send + Sync + Debug {
+    /// Saves an account (insert or replace), with an audit entry.
+    async fn put_account(&self, account: Account) -> Result<(), StoreError>;
+
+    /// The user's account, if registered.
+    async fn account(&self, user: &UserId) -> Result<Option<Account>, StoreError>;
+
+    /// Records one usage event atomically; see the contract.
+    async fn record_usage(&self, request: RecordUsage<'_>) -> Result<Recorded, StoreError>;
+
+    /// Creates the charge unless one with its key exists; returns the stored charge and whether
+    /// it was created. Updates the summary (creating it for the plan's currency if absent).
+    async fn ensure_charge(&self, request: EnsureCharge) -> Result<(Charge, bool), StoreError>;
+
+    /// Leases up to `limit` pending charges that nobody holds at `now` (of one user, or of all
+    /// users), until `lease_until`, counting one collection attempt for each; oldest first.
+    async fn claim_pending(
+        &self,
+        user: Option<&UserId>,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<Charge>, StoreError>;
+
+    /// Moves up to `limit` failed charges whose `next_retry_at` is due at `now` back to `Pending`
+    /// in the next round, leased until `lease_until`, counting one attempt for each.
+    async fn claim_due_retries(
+        &self,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<Charge>, StoreError>;
+
+    /// Compare-and-set of a charge's status; see the contract.
+    async fn settle_charge(&self, settlement: Settlement<'_>) -> Result<Charge, StoreError>;
+
+    /// One charge by key.
+    async fn charge(&self, user: &UserId, key: &ChargeKey) -> Result<Option<Charge>, StoreError>;
+
+    /// The user's charges in a period, in creation order (fixed fee, then blocks).
+    async fn charges(&self, user: &UserId, period: PeriodKey) -> Result<Vec<Charge>, StoreError>;
+
+    /// The user's charges that are failed or await the customer, in any period.
+    async fn unpaid_charges(&self, user: &UserId) -> Result<Vec<Charge>, StoreError>;
+
+    /// The user's recorded usage events in a period, in recording order.
+    async fn consumptions(&self, user: &UserId, period: PeriodKey) -> Result<Vec<UsageRecord>, StoreError>;
+
+    /// The period summary, if anything was recorded in the period. Constant time.
+    async fn period_summary(&self, user: &UserId, period: PeriodKey) -> Result<Option<PeriodSummary>, StoreError>;
+
+    /// Tokens and operations by operation type in a period, ordered by operation type.
+    async fn usage_by_operation(&self, user: &UserId, period: PeriodKey) -> Result<Vec<OperationUsage>, StoreError>;
+
+    /// Charge counts and amounts by tier label in a period, ordered by tier.
+    async fn charges_by_tier(&self, user: &UserId, period: PeriodKey) -> Result<Vec<TierChargeReport>, StoreError>;
+
+    /// The user's audit trail (of one period, or all of it), oldest first.
+    async fn audit_trail(&self, user: &UserId, period: Option<PeriodKey>) -> Result<Vec<AuditEntry>, StoreError>;
+}
