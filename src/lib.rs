@@ -7,6 +7,8 @@ mod error;
 pub mod gateway;
 mod service;
 pub mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use domain::*;

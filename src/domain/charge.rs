@@ -12,7 +12,7 @@ use super::ids::{ChargeKey, ChargeKind, UserId};
 use super::money::Money;
 use super::period::PeriodKey;
 use super::plan::Plan;
-use super::rating::RatingError;
+use super::rating::{MAX_BLOCKS_PER_EVENT, RatingError};
 
 /// Where a charge is in its life.
 ///
@@ -193,7 +193,8 @@ impl NewCharge {
 /// pricing logic of their own.
 ///
 /// # Errors
-/// [`RatingError`] when a total is out of range or `after < before`.
+/// [`RatingError`] when a total is out of range, `after < before`, or the growth starts more than
+/// [`MAX_BLOCKS_PER_EVENT`] blocks.
 ///
 /// # Example
 /// ```
@@ -216,6 +217,9 @@ pub fn charges_for_growth(
     consumption_id: Option<Uuid>,
 ) -> Result<Vec<NewCharge>, RatingError> {
     let blocks = plan.blocks_crossed(before, after)?;
+    if blocks.len() > MAX_BLOCKS_PER_EVENT {
+        return Err(RatingError::TooManyBlocks { blocks: blocks.len() });
+    }
     let opens = before == 0 && after > 0 && fee == FeeCollection::Library;
     let capacity = usize::try_from(blocks.len())
         .unwrap_or(usize::MAX)

@@ -10,6 +10,11 @@ use super::plan::Plan;
 /// `BIGINT`.
 pub const MAX_TOKENS: u64 = i64::MAX as u64;
 
+/// The most blocks one usage event may start, and so the most charges it may create: a bound on
+/// the work and memory of one record operation. With the seed's 8M-token blocks it is 80 billion
+/// tokens in one event.
+pub const MAX_BLOCKS_PER_EVENT: u64 = 10_000;
+
 /// Why a total could not be rated.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -19,6 +24,13 @@ pub enum RatingError {
     TokensOutOfRange {
         /// The total.
         tokens: u64,
+    },
+    /// One event would start more blocks than [`MAX_BLOCKS_PER_EVENT`]: the plan's blocks are
+    /// tiny for the usage reported, and recording it would create that many charges at once.
+    #[error("one event would start {blocks} blocks, more than {MAX_BLOCKS_PER_EVENT}")]
+    TooManyBlocks {
+        /// The blocks the event would start.
+        blocks: u64,
     },
     /// Totals only grow.
     #[error("a period total cannot go from {before} down to {after}")]

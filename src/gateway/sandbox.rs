@@ -1,7 +1,7 @@
 //! [`SandboxGateway`]: an in-process card processor for demos and tests.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -90,6 +90,8 @@ struct Ledger {
 /// honoured (a key never makes a second payment); and a ledger that tests inspect to prove that
 /// nobody paid twice.
 ///
+/// Clones share one ledger, so a test keeps a handle on the sandbox it gave the service.
+///
 /// # Example
 /// ```
 /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
@@ -116,9 +118,9 @@ struct Ledger {
 /// assert_eq!(sandbox.collected(&customer, Currency::BRL), Money::from_minor(10_000, Currency::BRL));
 /// # });
 /// ```
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct SandboxGateway {
-    ledger: Mutex<Ledger>,
+    ledger: Arc<Mutex<Ledger>>,
 }
 
 impl SandboxGateway {

@@ -1,0 +1,352 @@
+//! Wrappers that inject faults into any store or gateway, to test what the service does when a
+//! step fails, loses its answer, or never returns (a crash).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use crate::domain::{Charge, ChargeKey, CustomerId, PeriodKey, Plan, PlanId, UsageRecord, UserId};
+use crate::gateway::{GatewayError, PaymentGateway, PaymentOutcome, PaymentRequest, Subscription};
+use crate::store::{
+    Account, AuditEntry, EnsureCharge, OperationUsage, PeriodSummary, RecordUsage, Recorded, Settlement, StoreError,
+    TierChargeReport, UsageStore,
+};
+
+/// What an injected fault does to a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Fault {
+    /// The call fails before reaching the wrapped store or gateway: nothing happens.
+    FailBefore,
+    /// The call reaches it and takes effect, then its answer is lost: the caller sees an error.
+    FailAfter,
+    /// The call never returns, as when the process dies there; a test drops the future to
+    /// simulate the crash.
+    Hang,
+}
+
+/// An operation of [`UsageStore`] that faults can target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum StoreOp {
+    /// [`UsageStore::put_account`].
+    PutAccount,
+    /// [`UsageStore::account`].
+    Account,
+    /// [`UsageStore::record_usage`].
+    RecordUsage,
+    /// [`UsageStore::ensure_charge`].
+    EnsureCharge,
+    /// [`UsageStore::claim_pending`].
+    ClaimPending,
+    /// [`UsageStore::claim_due_retries`].
+    ClaimDueRetries,
+    /// [`UsageStore::settle_charge`].
+    SettleCharge,
+}
+
+/// An operation of [`PaymentGateway`] that faults can target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum GatewayOp {
+    /// [`PaymentGateway::create_customer`].
+    CreateCustomer,
+    /// [`PaymentGateway::collect`].
+    Collect,
+    /// [`PaymentGateway::find_payment`].
+    FindPayment,
+    /// [`PaymentGateway::create_subscription`].
+    CreateSubscription,
+}
+
+/// A schedule of faults per operation: each injected fault applies to one call, in order.
+#[derive(Debug)]
+struct Schedule<Op> {
+    queued: Mutex<HashMap<Op, Vec<Fault>>>,
+    fired: Mutex<Vec<(Op, Fault)>>,
+}
+
+impl<Op> Default for Schedule<Op> {
+    fn default() -> Self {
+        Schedule {
+            queued: Mutex::new(HashMap::new()),
+            fired: Mutex::new(Vec::new()),
+        }
+    }
+}
+
+impl<Op: Copy + Eq + std::hash::Hash> Schedule<Op> {
+    fn inject(&self, op: Op, fault: Fault, times: usize) {
+        let mut queued = self.queued.lock().unwrap_or_else(PoisonError::into_inner);
+        queued.entry(op).or_default().extend(std::iter::repeat_n(fault, times));
+    }
+
+    fn next(&self, op: Op) -> Option<Fault> {
+        let mut queued = self.queued.lock().unwrap_or_else(PoisonError::into_inner);
+        let faults = queued.get_mut(&op)?;
+        if faults.is_empty() {
+            return None;
+        }
+        let fault = faults.remove(0);
+        self.fired
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((op, fault));
+        Some(fault)
+    }
+
+    fn clear(&self) {
+        self.queued.lock().unwrap_or_else(PoisonError::into_inner).clear();
+    }
+
+    fn fired(&self) -> Vec<(Op, Fault)> {
+        self.fired.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("injected fault: {0:?}")]
+struct Injected(Fault);
+
+/// A [`UsageStore`] that fails chosen calls of the store it wraps.
+///
+/// # Example
+/// ```
+/// use std::sync::Arc;
+/// use token_billing::InMemoryUsageStore;
+/// use token_billing::testing::faults::{Fault, FaultyStore, StoreOp};
+///
+/// let store = FaultyStore::new(Arc::new(InMemoryUsageStore::new()));
+/// // The next settlement is applied but its answer is lost.
+/// store.inject(StoreOp::SettleCharge, Fault::FailAfter, 1);
+/// ```
+pub struct FaultyStore {
+    inner: Arc<dyn UsageStore>,
+    schedule: Schedule<StoreOp>,
+}
+
+impl fmt::Debug for FaultyStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FaultyStore")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FaultyStore {
+    /// Wraps a store; no faults until injected.
+    pub fn new(inner: Arc<dyn UsageStore>) -> FaultyStore {
+        FaultyStore {
+            inner,
+            schedule: Schedule::default(),
+        }
+    }
+
+    /// Makes the next `times` calls of `op` fail with `fault`.
+    pub fn inject(&self, op: StoreOp, fault: Fault, times: usize) {
+        self.schedule.inject(op, fault, times);
+    }
+
+    /// Removes the faults not fired yet.
+    pub fn clear(&self) {
+        self.schedule.clear();
+    }
+
+    /// The faults fired so far, in order.
+    pub fn fired(&self) -> Vec<(StoreOp, Fault)> {
+        self.schedule.fired()
+    }
+
+    async fn run<T, F>(&self, op: StoreOp, call: F) -> Result<T, StoreError>
+    where
+        F: std::future::Future<Output = Result<T, StoreError>> + Send,
+        T: Send,
+    {
+        let fault = self.schedule.next(op);
+        let unavailable = |fault| StoreError::Unavailable {
+            store: "faulty store",
+            source: Box::new(Injected(fault)),
+        };
+        match fault {
+            None => call.await,
+            Some(Fault::FailBefore) => Err(unavailable(Fault::FailBefore)),
+            Some(Fault::FailAfter) => {
+                let _ = call.await;
+                Err(unavailable(Fault::FailAfter))
+            }
+            Some(Fault::Hang) => std::future::pending().await,
+        }
+    }
+}
+
+#[async_trait]
+impl UsageStore for FaultyStore {
+    async fn put_account(&self, account: Account) -> Result<(), StoreError> {
+        self.run(StoreOp::PutAccount, self.inner.put_account(account)).await
+    }
+    async fn account(&self, user: &UserId) -> Result<Option<Account>, StoreError> {
+        self.run(StoreOp::Account, self.inner.account(user)).await
+    }
+    async fn record_usage(&self, request: RecordUsage<'_>) -> Result<Recorded, StoreError> {
+        self.run(StoreOp::RecordUsage, self.inner.record_usage(request)).await
+    }
+    async fn ensure_charge(&self, request: EnsureCharge) -> Result<(Charge, bool), StoreError> {
+        self.run(StoreOp::EnsureCharge, self.inner.ensure_charge(request)).await
+    }
+    async fn claim_pending(
+        &self,
+        user: Option<&UserId>,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<Charge>, StoreError> {
+        self.run(
+            StoreOp::ClaimPending,
+            self.inner.claim_pending(user, now, lease_until, limit),
+        )
+        .await
+    }
+    async fn claim_due_retries(
+        &self,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<Charge>, StoreError> {
+        self.run(
+            StoreOp::ClaimDueRetries,
+            self.inner.claim_due_retries(now, lease_until, limit),
+        )
+        .await
+    }
+    async fn settle_charge(&self, settlement: Settlement<'_>) -> Result<Charge, StoreError> {
+        self.run(StoreOp::SettleCharge, self.inner.settle_charge(settlement))
+            .await
+    }
+    async fn charge(&self, user: &UserId, key: &ChargeKey) -> Result<Option<Charge>, StoreError> {
+        self.inner.charge(user, key).await
+    }
+    async fn charges(&self, user: &UserId, period: PeriodKey) -> Result<Vec<Charge>, StoreError> {
+        self.inner.charges(user, period).await
+    }
+    async fn unpaid_charges(&self, user: &UserId) -> Result<Vec<Charge>, StoreError> {
+        self.inner.unpaid_charges(user).await
+    }
+    async fn consumptions(&self, user: &UserId, period: PeriodKey) -> Result<Vec<UsageRecord>, StoreError> {
+        self.inner.consumptions(user, period).await
+    }
+    async fn period_summary(&self, user: &UserId, period: PeriodKey) -> Result<Option<PeriodSummary>, StoreError> {
+        self.inner.period_summary(user, period).await
+    }
+    async fn usage_by_operation(&self, user: &UserId, period: PeriodKey) -> Result<Vec<OperationUsage>, StoreError> {
+        self.inner.usage_by_operation(user, period).await
+    }
+    async fn charges_by_tier(&self, user: &UserId, period: PeriodKey) -> Result<Vec<TierChargeReport>, StoreError> {
+        self.inner.charges_by_tier(user, period).await
+    }
+    async fn audit_trail(&self, user: &UserId, period: Option<PeriodKey>) -> Result<Vec<AuditEntry>, StoreError> {
+        self.inner.audit_trail(user, period).await
+    }
+}
+
+/// A [`PaymentGateway`] that fails chosen calls of the gateway it wraps. A failure reports
+/// [`GatewayError::OutcomeUnknown`], as a lost connection does.
+///
+/// # Example
+/// ```
+/// use std::sync::Arc;
+/// use token_billing::SandboxGateway;
+/// use token_billing::testing::faults::{Fault, FaultyGateway, GatewayOp};
+///
+/// let gateway = FaultyGateway::new(Arc::new(SandboxGateway::new()));
+/// // The next payment is made, but the answer never arrives.
+/// gateway.inject(GatewayOp::Collect, Fault::FailAfter, 1);
+/// ```
+pub struct FaultyGateway {
+    inner: Arc<dyn PaymentGateway>,
+    schedule: Schedule<GatewayOp>,
+}
+
+impl fmt::Debug for FaultyGateway {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FaultyGateway")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FaultyGateway {
+    /// Wraps a gateway; no faults until injected.
+    pub fn new(inner: Arc<dyn PaymentGateway>) -> FaultyGateway {
+        FaultyGateway {
+            inner,
+            schedule: Schedule::default(),
+        }
+    }
+
+    /// Makes the next `times` calls of `op` fail with `fault`.
+    pub fn inject(&self, op: GatewayOp, fault: Fault, times: usize) {
+        self.schedule.inject(op, fault, times);
+    }
+
+    /// Removes the faults not fired yet.
+    pub fn clear(&self) {
+        self.schedule.clear();
+    }
+
+    /// The faults fired so far, in order.
+    pub fn fired(&self) -> Vec<(GatewayOp, Fault)> {
+        self.schedule.fired()
+    }
+
+    async fn run<T, F>(&self, op: GatewayOp, call: F) -> Result<T, GatewayError>
+    where
+        F: std::future::Future<Output = Result<T, GatewayError>> + Send,
+        T: Send,
+    {
+        let unknown = |fault| GatewayError::OutcomeUnknown {
+            gateway: "faulty gateway",
+            source: Box::new(Injected(fault)),
+        };
+        match self.schedule.next(op) {
+            None => call.await,
+            Some(Fault::FailBefore) => Err(unknown(Fault::FailBefore)),
+            Some(Fault::FailAfter) => {
+                let _ = call.await;
+                Err(unknown(Fault::FailAfter))
+            }
+            Some(Fault::Hang) => std::future::pending().await,
+        }
+    }
+}
+
+#[async_trait]
+impl PaymentGateway for FaultyGateway {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    async fn create_customer(&self, user: &UserId) -> Result<CustomerId, GatewayError> {
+        self.run(GatewayOp::CreateCustomer, self.inner.create_customer(user))
+            .await
+    }
+    async fn collect(&self, request: &PaymentRequest<'_>) -> Result<PaymentOutcome, GatewayError> {
+        self.run(GatewayOp::Collect, self.inner.collect(request)).await
+    }
+    async fn find_payment(&self, charge_key: &ChargeKey) -> Result<Option<PaymentOutcome>, GatewayError> {
+        self.run(GatewayOp::FindPayment, self.inner.find_payment(charge_key))
+            .await
+    }
+    async fn create_subscription(
+        &self,
+        customer: &CustomerId,
+        plan_id: &PlanId,
+        plan: &Plan,
+    ) -> Result<Subscription, GatewayError> {
+        self.run(
+            GatewayOp::CreateSubscription,
+            self.inner.create_subscription(customer, plan_id, plan),
+        )
+        .await
+    }
+}

@@ -1,0 +1,151 @@
+//! Test support (feature `testing`): the conformance suites every [`UsageStore`] and
+//! [`PaymentGateway`](crate::PaymentGateway) implementation must pass, and wrappers that inject
+//! faults into any store or gateway.
+//!
+//! The suites are plain async functions over `&dyn UsageStore` / `&dyn PaymentGateway`, so an
+//! implementation runs them from its own tests, with any runtime. The macros
+//! [`usage_store_conformance!`](crate::usage_store_conformance) and
+//! [`payment_gateway_conformance!`](crate::payment_gateway_conformance) expand one named
+//! `#[tokio::test]` per check (the calling crate needs `tokio` with the `macros` and
+//! `rt-multi-thread` features).
+//!
+//! ```
+//! # #[cfg(any())] {
+//! // tests/conformance.rs of a crate with its own store:
+//! token_billing::usage_store_conformance!(my_store, async { MyStore::connect().await });
+//! # }
+//! ```
+
+pub mod faults;
+pub mod gateway;
+pub mod store;
+
+use std::sync::Arc;
+
+use crate::gateway::PaymentGateway;
+use crate::store::UsageStore;
+
+/// Views a store as `&dyn UsageStore`, whether it is a concrete value, a `Box<dyn>` or an
+/// `Arc<dyn>`: the conformance macros use it so one macro serves all three.
+pub trait AsDynStore {
+    /// The store as a trait object.
+    fn as_dyn_store(&self) -> &dyn UsageStore;
+}
+
+impl<T: UsageStore> AsDynStore for T {
+    fn as_dyn_store(&self) -> &dyn UsageStore {
+        self
+    }
+}
+
+impl AsDynStore for Box<dyn UsageStore> {
+    fn as_dyn_store(&self) -> &dyn UsageStore {
+        &**self
+    }
+}
+
+impl AsDynStore for Arc<dyn UsageStore> {
+    fn as_dyn_store(&self) -> &dyn UsageStore {
+        &**self
+    }
+}
+
+/// Views a gateway as `&dyn PaymentGateway`, like [`AsDynStore`].
+pub trait AsDynGateway {
+    /// The gateway as a trait object.
+    fn as_dyn_gateway(&self) -> &dyn PaymentGateway;
+}
+
+impl<T: PaymentGateway> AsDynGateway for T {
+    fn as_dyn_gateway(&self) -> &dyn PaymentGateway {
+        self
+    }
+}
+
+impl AsDynGateway for Box<dyn PaymentGateway> {
+    fn as_dyn_gateway(&self) -> &dyn PaymentGateway {
+        &**self
+    }
+}
+
+impl AsDynGateway for Arc<dyn PaymentGateway> {
+    fn as_dyn_gateway(&self) -> &dyn PaymentGateway {
+        &**self
+    }
+}
+
+/// Expands one `#[tokio::test]` per check of the [`UsageStore`] conformance suite, in a module
+/// named `$name`, each on a store made by the async block `$make` (a concrete store, a
+/// `Box<dyn UsageStore>` or an `Arc<dyn UsageStore>`).
+#[macro_export]
+macro_rules! usage_store_conformance {
+    ($name:ident, $make:expr) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            use $crate::testing::AsDynStore as _;
+
+            $crate::usage_store_conformance!(@tests $make;
+                account_round_trips,
+                record_creates_usage_charges_and_summary,
+                record_is_idempotent_by_event_id,
+                event_id_conflict_changes_nothing,
+                event_ids_are_scoped_per_user,
+                overflow_changes_nothing,
+                too_many_blocks_changes_nothing,
+                concurrent_records_cross_disjoint_blocks,
+                periods_are_separate,
+                existing_fee_charge_is_not_created_again,
+                ensure_charge_is_idempotent,
+                settle_is_a_compare_and_set,
+                summary_agrees_with_charges,
+                claim_pending_hands_each_charge_to_one_caller,
+                claim_due_retries_starts_a_new_round,
+                reports_group_by_operation_and_tier,
+                reads_are_isolated_per_user,
+                audit_trail_records_every_change,
+            );
+        }
+    };
+    (@tests $make:expr; $($test:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $test() {
+                let store = $make.await;
+                $crate::testing::store::$test(store.as_dyn_store()).await;
+            }
+        )*
+    };
+}
+
+/// Expands one `#[tokio::test]` per check of the [`PaymentGateway`] conformance suite, in a
+/// module named `$name`: `$make` is an async block giving `(gateway, fixture)`, where the fixture
+/// is a [`gateway::GatewayFixture`].
+#[macro_export]
+macro_rules! payment_gateway_conformance {
+    ($name:ident, $make:expr) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            use $crate::testing::AsDynGateway as _;
+
+            $crate::payment_gateway_conformance!(@tests $make;
+                collect_is_idempotent,
+                rounds_are_separate_payments_found_by_charge,
+                declines_are_reported_with_a_code,
+                authentication_is_reported_as_requires_action,
+                unknown_charges_have_no_payment,
+                subscriptions_are_created,
+            );
+        }
+    };
+    (@tests $make:expr; $($test:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $test() {
+                let (gateway, fixture) = $make.await;
+                $crate::testing::gateway::$test(gateway.as_dyn_gateway(), &fixture).await;
+            }
+        )*
+    };
+}

@@ -1,0 +1,845 @@
+//! The [`UsageStore`] conformance suite: the contract of the trait, one check per function.
+//!
+//! Each check uses users of its own with random ids, so the suite can run against a shared
+//! database, in parallel, without cleaning up between runs.
+
+use chrono::{DateTime, Duration, TimeZone, Utc};
+use futures_util::future::join_all;
+use uuid::Uuid;
+
+use crate::domain::{
+    ChargeKey, ChargeKind, ChargeStatus, EventId, FeeCollection, MAX_BLOCKS_PER_EVENT, MAX_TOKENS, Metadata, NewCharge,
+    OperationType, PeriodKey, Plan, PlanId, RatingError, UsageRecord, UserId,
+};
+use crate::store::{Account, AuditEvent, EnsureCharge, RecordUsage, Recorded, Settlement, StoreError, UsageStore};
+
+/// A user id no other check or run uses.
+pub fn fresh_user(tag: &str) -> UserId {
+    let id = Uuid::new_v4().simple().to_string();
+    UserId::new(format!("conf-{tag}-{}", &id[..12])).expect("a valid user id")
+}
+
+/// The instant the checks run at: mid-November 2026.
+pub fn base_instant() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 11, 15, 12, 0, 0)
+        .single()
+        .expect("a valid instant")
+}
+
+fn period() -> PeriodKey {
+    PeriodKey::new(2026, 11).expect("a valid period")
+}
+
+/// A usage event of `tokens` for `user` in `period`, with a fresh event id.
+pub fn usage_event(user: &UserId, tokens: u64, operation: &str, period: PeriodKey) -> UsageRecord {
+    let consumption_id = Uuid::new_v4();
+    UsageRecord {
+        consumption_id,
+        event_id: EventId::new(consumption_id.to_string()).expect("a valid event id"),
+        user_id: user.clone(),
+        period,
+        tokens,
+        operation_type: OperationType::new(operation).expect("a valid operation type"),
+        client_id: None,
+        metadata: Metadata::from([("conversationId".to_owned(), "conv-123".to_owned())]),
+        occurred_at: base_instant(),
+        occurred_at_reported: false,
+        recorded_at: base_instant(),
+    }
+}
+
+async fn record(store: &dyn UsageStore, plan: &Plan, usage: UsageRecord) -> Recorded {
+    store
+        .record_usage(RecordUsage {
+            usage,
+            plan,
+            fee: FeeCollection::Library,
+            lease_until: None,
+        })
+        .await
+        .expect("record_usage")
+}
+
+fn settlement<'a>(
+    user: &'a UserId,
+    key: &'a ChargeKey,
+    expected: ChargeStatus,
+    round: u32,
+    to: ChargeStatus,
+) -> Settlement<'a> {
+    Settlement {
+        user_id: user,
+        key,
+        expected_status: expected,
+        expected_round: round,
+        status: to,
+        payment_id: Some(format!("pay_{}", Uuid::new_v4().simple())),
+        failure_code: (to == ChargeStatus::Failed).then(|| "card_declined".to_owned()),
+        failure_message: None,
+        next_retry_at: (to == ChargeStatus::Failed).then(|| base_instant() + Duration::days(1)),
+        lease_until: None,
+        at: base_instant(),
+    }
+}
+
+/// Accounts are stored and read back whole.
+pub async fn account_round_trips(store: &dyn UsageStore) {
+    let user = fresh_user("account");
+    assert_eq!(store.account(&user).await.expect("account"), None);
+    let account = Account {
+        user_id: user.clone(),
+        customer_id: Some("cus_123".parse().expect("valid")),
+        plan_id: PlanId::new("default").expect("valid"),
+        subscription_id: None,
+        created_at: base_instant(),
+        updated_at: base_instant(),
+    };
+    store.put_account(account.clone()).await.expect("put_account");
+    assert_eq!(store.account(&user).await.expect("account"), Some(account.clone()));
+    let changed = Account {
+        subscription_id: Some("sub_1".to_owned()),
+        ..account
+    };
+    store.put_account(changed.clone()).await.expect("put_account");
+    assert_eq!(store.account(&user).await.expect("account"), Some(changed));
+}
+
+/// Recording stores the consumption, the period total, the fee and block charges, and the summary.
+pub async fn record_creates_usage_charges_and_summary(store: &dyn UsageStore) {
+    let plan = Plan::default();
+    let user = fresh_user("record");
+    let first = record(store, &plan, usage_event(&user, 1_000_000, "chat", period())).await;
+    assert_eq!(
+        (first.total_before, first.total_after, first.replayed),
+        (0, 1_000_000, false)
+    );
+    assert_eq!(
+        first.charges.len(),
+        1,
+        "the first usage opens the period: the fixed fee"
+    );
+    assert_eq!(first.charges[0].kind, ChargeKind::FixedFee);
+    assert_eq!(first.charges[0].billing_tier, "0-8M");
+    assert_eq!(first.charges[0].amount, plan.fixed_fee());
+    assert_eq!(first.charges[0].status, ChargeStatus::Pending);
+
+    let second = record(store, &plan, usage_event(&user, 9_000_000, "chat", period())).await;
+    assert_eq!((second.total_before, second.total_after), (1_000_000, 10_000_000));
+    assert_eq!(second.charges.len(), 1);
+    let block = &second.charges[0];
+    assert_eq!(
+        (block.kind, block.block, block.billing_tier.as_str()),
+        (ChargeKind::Block, 1, "8M-16M")
+    );
+    assert_eq!(block.key, ChargeKey::new(&user, period(), ChargeKind::Block, 1));
+    assert_eq!(block.amount.minor_units(), 10_000);
+    assert_eq!(block.consumption_id, Some(second.usage.consumption_id));
+
+    let summary = store
+        .period_summary(&user, period())
+        .await
+        .expect("summary")
+        .expect("a summary");
+    assert_eq!((summary.total_tokens, summary.events), (10_000_000, 2));
+    assert_eq!(
+        (summary.outstanding_count, summary.outstanding_total.minor_units()),
+        (2, 50_000)
+    );
+    assert_eq!(summary.fixed_fee_charged.minor_units(), 0);
+    assert_eq!(summary.tier_charges_count, 0);
+    let consumptions = store.consumptions(&user, period()).await.expect("consumptions");
+    assert_eq!(consumptions, vec![first.usage, second.usage]);
+    let charges = store.charges(&user, period()).await.expect("charges");
+    assert_eq!(charges.iter().map(|c| c.block).collect::<Vec<_>>(), [0, 1]);
+}
+
+/// The same event id with the same usage changes nothing and answers the original outcome.
+pub async fn record_is_idempotent_by_event_id(store: &dyn UsageStore) {
+    let plan = Plan::default();
+    let user = fresh_user("dedupe");
+    let usage = usage_event(&user, 10_000_000, "chat", period());
+    let original = record(store, &plan, usage.clone()).await;
+    let mut resent = usage.clone();
+    resent.consumption_id = Uuid::new_v4();
+    resent.recorded_at = base_instant() + Duration::seconds(3);
+    resent.occurred_at = resent.recorded_at;
+    let replay = record(store, &plan, resent).await;
+    assert!(replay.replayed);
+    assert_eq!(replay.usage, original.usage);
+    assert_eq!((replay.total_before, replay.total_after), (0, 10_000_000));
+    assert_eq!(
+        replay.charges.iter().map(|c| &c.key).collect::<Vec<_>>(),
+        original.charges.iter().map(|c| &c.key).collect::<Vec<_>>()
+    );
+    let summary = store
+        .period_summary(&user, period())
+        .await
+        .expect("summary")
+        .expect("a summary");
+    assert_eq!((summary.total_tokens, summary.events), (10_000_000, 1));
+    assert_eq!(
+        store.consumptions(&user, period()).await.expect("consumptions").len(),
+        1
+    );
+    assert_eq!(store.charges(&user, period()).await.expect("charges").len(), 2);
+}
+
+/// An event id re-used with different usage fails and changes nothing.
+pub async fn event_id_conflict_changes_nothing(store: &dyn UsageStore) {
+    let plan = Plan::default();
+    let user = fresh_user("conflict");
+    let usage = usage_event(&user, 1_000, "chat", period());
+    record(store, &plan, usage.clone()).await;
+    let mut different = usage.clone();
+    different.tokens = 9_000_000;
+    let error = store
+        .record_usage(RecordUsage {
+            usage: different,
+            plan: &plan,
+            fee: FeeCollection::Library,
+            lease_until: None,
+        })
+        .await
+        .expect_err("a conflicting event id must fail");
+    assert!(
+        matches!(error, StoreError::EventConflict { ref event_id } if *event_id == usage.event_id),
+        "{error:?}"
+    );
+    let summary = store
+        .period_summary(&user, period())
+        .await
+        .expect("summary")
+        .expect("a summary");
+    assert_eq!((summary.total_tokens, summary.events), (1_000, 1));
+    assert_eq!(store.charges(&user, period()).await.expect("charges").len(), 1);
+}
+
+/// Event ids are unique per user: two users may use the same one.
+pub async fn event_ids_are_scoped_per_user(store: &dyn UsageStore) {
+    let plan = Plan::default();
+    let (alice, bob) = (fresh_user("scope-a"), fresh_user("scope-b"));
+    let event = EventId::new(format!("evt-{}", Uuid::new_v4().simple())).expect("valid");
+    for (user, tokens) in [(&alice, 5), (&bob, 7)] {
+        let mut usage = usage_event(user, tokens, "chat", period());
+        usage.event_id = event.clone();
+        let recorded = record(store, &plan, usage).await;
+        assert!(!recorded.replayed);
+        assert_eq!(recorded.total_after, tokens);
+    }
+}
+
+/// A total above `MAX_TOKENS` fails with `TotalOverflow` and changes nothing.
+pub async fn overflow_changes_nothing(store: &dyn UsageStore) {
+    let plan = Plan::builder()
+        .included_tokens(0)
+        .block_size(MAX_TOKENS / 4)
+        .build()
+        .expect("a valid plan");
+    let user = fresh_user("overflow");
+    record(store, &plan, usage_event(&user, MAX_TOKENS - 5, "chat", period())).await;
+    let charges_before = store.charges(&user, period()).await.expect("charges");
+    let error = store
+        .record_usage(RecordUsage {
+            usage: usage_event(&user, 6, "chat", period()),
+            plan: &plan,
+            fee: FeeCollection::Library,
+            lease_until: None,
+        })
+        .await
+        .expect_err("overflow must fail");
+    assert!(
+        matches!(error, StoreError::TotalOverflow { total, tokens: 6 } if total == MAX_TOKENS - 5),
+        "{error:?}"
+    );
+    let summary = store
+        .period_summary(&user, period())
+        .await
+        .expect("summary")
+        .expect("a summary");
+    assert_eq!((summary.total_tokens, summary.events), (MAX_TOKENS - 5, 1));
+    assert_eq!(store.charges(&user, period()).await.expect("charges"), charges_before);
+    let last = record(store, &plan, usage_event(&user, 5, "chat", period())).await;
+    assert_eq!(last.total_after, MAX_TOKENS);
+}
+
+/// Concurrent records of one user see disjoint intervals: every block from 1 to `blocks_owed`
+/// exists exactly once, and the total is the sum of the events.
+pub async fn concurrent_records_cross_disjoint_blocks(store: &dyn UsageStore) {
+    let plan = Plan::builder()
+        .included_tokens(1_000)
+        .block_size(1_000)
+        .build()
+        .expect("a valid plan");
+    let user = fresh_user("race");
+    let sizes: Vec<u64> = (0..120).map(|i| 137 + (i * 7919) % 2_500).collect();
+    let total: u64 = sizes.iter().sum();
+    let results = join_all(sizes.iter().map(|&tokens| {
+        let usage = usage_event(&user, tokens, "chat", period());
+        let plan = &plan;
+        async move {
+            store
+                .record_usage(RecordUsage {
+                    usage,
+                    plan,
+                    fee: FeeCollection::Library,
+                    lease_until: None,
+                })
+                .await
+        }
+    }))
+    .await;
+    let mut intervals: Vec<(u64, u64)> = results
+        .into_iter()
+        .map(|r| r.expect("record_usage"))
+        .map(|r| (r.total_before, r.total_after))
+        .collect();
+    intervals.sort_unstable();
+    let mut expected_start = 0;
+    for (before, after) in &intervals {
+        assert_eq!(*before, expected_start, "intervals must tile [0, total]");
+        expected_start = *after;
+    }
+    assert_eq!(expected_start, total);
+    let charges = store.charges(&user, period()).await.expect("charges");
+    let mut blocks: Vec<u64> = charges
+        .iter()
+        .filter(|c| c.kind == ChargeKind::Block)
+        .map(|c| c.block)
+        .collect();
+    blocks.sort_unstable();
+    assert_eq!(blocks, (1..=plan.blocks_owed(total)).collect::<Vec<_>>());
+    assert_eq!(charges.iter().filter(|c| c.kind == ChargeKind::FixedFee).count(), 1);
+    let summary = store
+        .period_summary(&user, period())
+        .await
+        .expect("summary")
+        .expect("a summary");
+    assert_eq!((summary.total_tokens, summary.events), (total, 120));
+}
+
+/// An event that would start more than `MAX_BLOCKS_PER_EVENT` blocks fails and changes nothing.
+pub async fn too_many_blocks_changes_nothing(store: &dyn UsageStore) {
+    let plan = Plan::builder()
+        .included_tokens(0)
+        .block_size(1)
+        .build()
+        .expect("a valid plan");
+    let user = fresh_user("blocks");
+    let error = store
+        .record_usage(RecordUsage {
+            usage: usage_event(&user, MAX_BLOCKS_PER_EVENT + 1, "chat", period()),
+            plan: &plan,
+            fee: FeeCollection::Library,
+            lease_until: None,
+        })
+        .await
+        .expect_err("too many blocks must fail");
+    assert!(
+        matches!(error, StoreError::Rating(RatingError::TooManyBlocks { .. })),
+        "{error:?}"
+    );
+    assert_eq!(store.period_summary(&user, period()).await.expect("summary"), None);
+    assert!(
+        store
+            .consumptions(&user, period())
+            .await
+            .expect("consumptions")
+            .is_empty()
+    );
+    assert!(store.audit_trail(&user, None).await.expect("audit").is_empty());
+    let ok = record(store, &plan, usage_event(&user, MAX_BLOCKS_PER_EVENT, "chat", period())).await;
+    assert_eq!(
+        ok.charges.len() as u64,
+        MAX_BLOCKS_PER_EVENT + 1,
+        "the fee and every block"
+    );
+}
+
+/// Periods keep separate totals and charges.
+pub async fn periods_are_separate(store: &dyn UsageStore) {
+    let plan = Plan::default();
+    let user = fresh_user("periods");
+    let december = period().next();
+    record(store, &plan, usage_event(&user, 9_000_000, "chat", period())).await;
+    let next = record(store, &plan, usage_event(&user, 9_000_000, "chat", december)).await;
+    assert_eq!((next.total_before, next.total_after), (0, 9_000_000));
+    assert_eq!(next.charges.len(), 2, "a new period has its own fee and blocks");
+    assert!(next.charges.iter().all(|c| c.period == december));
+    for p in [period(), december] {
+        let s = store
+            .period_summary(&user, p)
+            .await
+            .expect("summary")
+            .expect("a summary");
+        assert_eq!(s.total_tokens, 9_000_000);
+    }
+}
+
+/// A period opened ahead of usage keeps its one fee charge when usage arrives.
+pub async fn existing_fee_charge_is_not_created_again(store: &dyn UsageStore) {
+    let plan = Plan::default();
+    let user = fresh_user("opened");
+    let (fee, created) = store
+        .ensure_charge(EnsureCharge {
+            charge: NewCharge::fixed_fee(&plan, &user, period(), None),
+            status: ChargeStatus::Pending,
+            payment_id: None,
+            now: base_instant(),
+            lease_until: None,
+        })
+        .await
+        .expect("ensure_charge");
+    assert!(created);
+    let recorded = record(store, &plan, usage_event(&user, 8_000_001, "chat", period())).await;
+    assert_eq!(
+        recorded.charges.iter().map(|c| c.kind).collect::<Vec<_>>(),
+        [ChargeKind::Block]
+    );
+    let charges = store.charges(&user, period()).await.expect("charges");
+    assert_eq!(charges.len(), 2);
+    assert_eq!(charges[0].id, fee.id);
+}
+
+/// `ensure_charge` creates a charge once; later calls return the stored one.
+pub async fn ensure_charge_is_idempotent(store: &dyn UsageStore) {
+    let plan = Plan::default();
+    let user = fresh_user("ensure");
+    let request = EnsureCharge {
+        charge: NewCharge::fixed_fee(&plan, &user, period(), None),
+        status: ChargeStatus::Succeeded,
+        payment_id: Some("in_1".to_owned()),
+        now: base_instant(),
+        lease_until: None,
+    };
+    let calls = join_all((0..8).map(|_| store.ensure_charge(request.clone()))).await;
+    let created = calls.iter().filter(|r| r.as_ref().expect("ensure_charge").1).count();
+    assert_eq!(created, 1, "exactly one caller creates the charge");
+    let charges = store.charges(&user, period()).await.expect("charges");
+    assert_eq!(charges.len(), 1);
+    assert_eq!(charges[0].status, ChargeStatus::Succeeded);
+    assert_eq!(charges[0].payment_id.as_deref(), Some("in_1"));
+    let summary = store
+        .period_summary(&user, period())
+        .await
+        .expect("summary")
+        .expect("a summary");
+    assert_eq!(summary.fixed_fee_charged, plan.fixed_fee());
+    assert_eq!((summary.total_tokens, summary.outstanding_count), (0, 0));
+}
+
+/// `settle_charge` is a compare-and-set on status and round, and refuses forbidden transitions.
+pub async fn settle_is_a_compare_and_set(store: &dyn UsageStore) {
+    let plan = Plan::default();
+    let user = fresh_user("settle");
+    let recorded = record(store, &plan, usage_event(&user, 8_000_001, "chat", period())).await;
+    let key = recorded.charges[1].key.clone();
+
+    let stale_round = store
+        .settle_charge(settlement(
+            &user,
+            &key,
+            ChargeStatus::Pending,
+            1,
+            ChargeStatus::Succeeded,
+        ))
+        .await
+        .expect_err("wrong round");
+    assert!(
+        matches!(stale_round, StoreError::StatusConflict { .. }),
+        "{stale_round:?}"
+    );
+
+    let settled = store
+        .settle_charge(settlement(
+            &user,
+            &key,
+            ChargeStatus::Pending,
+            0,
+            ChargeStatus::Succeeded,
+        ))
+        .await
+        .expect("settle");
+    assert_eq!(settled.status, ChargeStatus::Succeeded);
+    assert!(settled.payment_id.is_some());
+
+    let lost = store
+        .settle_charge(settlement(&user, &key, ChargeStatus::Pending, 0, ChargeStatus::Failed))
+        .await
+        .expect_err("the second settlement must lose");
+    match lost {
+        StoreError::StatusConflict { charge } => assert_eq!(charge.status, ChargeStatus::Succeeded),
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    let forbidden = store
+        .settle_charge(settlement(
+            &user,
+            &key,
+            ChargeStatus::Succeeded,
+            0,
+            ChargeStatus::Pending,
+        ))
+        .await
+        .expect_err("nothing leaves Succeeded");
+    assert!(
+        matches!(forbidden, StoreError::ForbiddenTransition { .. }),
+        "{forbidden:?}"
+    );
+
+    let missing = ChargeKey::new(&user, period(), ChargeKind::Block, 99);
+    let not_found = store
+        .settle_charge(settlement(
+            &user,
+            &missing,
+            ChargeStatus::Pending,
+            0,
+            ChargeStatus::Succeeded,
+        ))
+        .await
+        .expect_err("no such charge");
+    assert!(matches!(not_found, StoreError::NotFound { .. }), "{not_found:?}");
+
+    // Concurrent settlements of one charge: exactly one wins.
+    let fee = recorded.charges[0].key.clone();
+    let results = join_all((0..6).map(|i| {
+        let to = if i % 2 == 0 {
+            ChargeStatus::Succeeded
+        } else {
+            ChargeStatus::Failed
+        };
+        let fee = &fee;
+        let user = &user;
+        async move {
+            store
+                .settle_charge(settlement(user, fee, ChargeStatus::Pending, 0, to))
+                .await
+        }
+    }))
+    .await;
+    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1);
+}
+
+/// The summary's collected and outstanding figures follow every status change.
+pub async fn summary_agrees_with_charges(store: &dyn UsageStore) {
+    let plan = Plan::default();
+    let user = fresh_user("summary");
+    let recorded = record(store, &plan, usage_event(&user, 40_000_000, "chat", period())).await;
+    assert_eq!(recorded.charges.len(), 5);
+    let keys: Vec<ChargeKey> = recorded.charges.iter().map(|c| c.key.clone()).collect();
+    store
+        .settle_charge(settlement(
+            &user,
+            &keys[0],
+            ChargeStatus::Pending,
+            0,
+            ChargeStatus::Succeeded,
+        ))
+        .await
+        .expect("fee");
+    store
+        .settle_charge(settlement(
+            &user,
+            &keys[1],
+            ChargeStatus::Pending,
+            0,
+            ChargeStatus::Succeeded,
+        ))
+        .await
+        .expect("block 1");
+    store
+        .settle_charge(settlement(
+            &user,
+            &keys[2],
+            ChargeStatus::Pending,
+            0,
+            ChargeStatus::Failed,
+        ))
+        .await
+        .expect("block 2");
+    store
+        .settle_charge(settlement(
+            &user,
+            &keys[3],
+            ChargeStatus::Pending,
+            0,
+            ChargeStatus::RequiresAction,
+        ))
+        .await
+        .expect("block 3");
+    store
+        .settle_charge(settlement(
+            &user,
+            &keys[3],
+            ChargeStatus::RequiresAction,
+            0,
+            ChargeStatus::Succeeded,
+        ))
+        .await
+        .expect("block 3 authenticated");
+    let summary = store
+        .period_summary(&user, period())
+        .await
+        .expect("summary")
+        .expect("a summary");
+    let charges = store.charges(&user, period()).await.expect("charges");
+    let sum = |pred: &dyn Fn(&crate::Charge) -> bool| -> (u64, i64) {
+        let matching: Vec<_> = charges.iter().filter(|c| pred(c)).collect();
+        (
+            matching.len() as u64,
+            matching.iter().map(|c| c.amount.minor_units()).sum(),
+        )
+    };
+    let fee = sum(&|c| c.kind == ChargeKind::FixedFee && c.status == ChargeStatus::Succeeded);
+    let tiers = sum(&|c| c.kind == ChargeKind::Block && c.status == ChargeStatus::Succeeded);
+    let outstanding = sum(&|c| c.status != ChargeStatus::Succeeded);
+    assert_eq!(summary.fixed_fee_charged.minor_units(), fee.1);
+    assert_eq!(
+        (summary.tier_charges_count, summary.tier_charges_total.minor_units()),
+        tiers
+    );
+    assert_eq!(
+        (summary.outstanding_count, summary.outstanding_total.minor_units()),
+        outstanding
+    );
+    assert_eq!((tiers.0, outstanding.0), (2, 2));
+    let unpaid = store.unpaid_charges(&user).await.expect("unpaid");
+    assert_eq!(unpaid.iter().map(|c| c.block).collect::<Vec<_>>(), [2]);
+}
+
+/// Pending charges are handed to one caller at a time, and again once the lease expires.
+pub async fn claim_pending_hands_each_charge_to_one_caller(store: &dyn UsageStore) {
+    let plan = Plan::default();
+    let user = fresh_user("claim");
+    let now = base_instant();
+    store
+        .record_usage(RecordUsage {
+            usage: usage_event(&user, 30_000_000, "chat", period()),
+            plan: &plan,
+            fee: FeeCollection::Library,
+            lease_until: Some(now + Duration::minutes(2)),
+        })
+        .await
+        .expect("record_usage");
+    let held = store
+        .claim_pending(Some(&user), now, now + Duration::minutes(2), 100)
+        .await
+        .expect("claim");
+    assert!(held.is_empty(), "charges leased by the recorder are not claimable");
+
+    let later = now + Duration::minutes(3);
+    let claims =
+        join_all((0..4).map(|_| store.claim_pending(Some(&user), later, later + Duration::minutes(2), 100))).await;
+    let mut claimed: Vec<ChargeKey> = claims
+        .into_iter()
+        .flat_map(|c| c.expect("claim"))
+        .map(|c| {
+            assert_eq!(c.attempts, 2, "the recorder's attempt and this one");
+            assert_eq!(c.lease_until, Some(later + Duration::minutes(2)));
+            c.key
+        })
+        .collect();
+    claimed.sort();
+    let mut all: Vec<ChargeKey> = store
+        .charges(&user, period())
+        .await
+        .expect("charges")
+        .into_iter()
+        .map(|c| c.key)
+        .collect();
+    all.sort();
+    assert_eq!(claimed, all, "each pending charge claimed exactly once");
+
+    let limited = store
+        .claim_pending(
+            Some(&user),
+            later + Duration::minutes(5),
+            later + Duration::minutes(7),
+            2,
+        )
+        .await
+        .expect("claim");
+    assert_eq!(limited.len(), 2, "the limit is honoured");
+    let all_users = store
+        .claim_pending(None, later + Duration::minutes(5), later + Duration::minutes(7), 10_000)
+        .await
+        .expect("claim");
+    assert!(all_users.iter().filter(|c| c.user_id == user).count() == all.len() - 2);
+}
+
+/// A failed charge whose retry is due becomes pending in the next round, leased to the claimer.
+pub async fn claim_due_retries_starts_a_new_round(store: &dyn UsageStore) {
+    let plan = Plan::default();
+    let user = fresh_user("retry");
+    let recorded = record(store, &plan, usage_event(&user, 1_000, "chat", period())).await;
+    let key = recorded.charges[0].key.clone();
+    store
+        .settle_charge(settlement(&user, &key, ChargeStatus::Pending, 0, ChargeStatus::Failed))
+        .await
+        .expect("fail");
+    let early = store
+        .claim_due_retries(
+            base_instant() + Duration::hours(23),
+            base_instant() + Duration::hours(24),
+            10_000,
+        )
+        .await
+        .expect("claim retries");
+    assert!(early.iter().all(|c| c.key != key), "not due yet");
+    let due_at = base_instant() + Duration::days(1);
+    let due = store
+        .claim_due_retries(due_at, due_at + Duration::minutes(2), 10_000)
+        .await
+        .expect("claim retries");
+    let charge = due.into_iter().find(|c| c.key == key).expect("the due charge");
+    assert_eq!(
+        (charge.status, charge.round, charge.next_retry_at),
+        (ChargeStatus::Pending, 1, None)
+    );
+    assert_eq!(charge.lease_until, Some(due_at + Duration::minutes(2)));
+    assert_eq!(
+        charge.failure_code.as_deref(),
+        Some("card_declined"),
+        "the last failure stays visible"
+    );
+    let again = store
+        .claim_due_retries(due_at, due_at + Duration::minutes(2), 10_000)
+        .await
+        .expect("claim retries");
+    assert!(again.iter().all(|c| c.key != key), "claimed once");
+    store
+        .settle_charge(settlement(
+            &user,
+            &key,
+            ChargeStatus::Pending,
+            1,
+            ChargeStatus::Succeeded,
+        ))
+        .await
+        .expect("round 1 succeeds");
+}
+
+/// The seed's two monitoring reports: usage by operation type and charges by tier.
+pub async fn reports_group_by_operation_and_tier(store: &dyn UsageStore) {
+    let plan = Plan::default();
+    let user = fresh_user("reports");
+    for (tokens, op) in [(5_000_000, "chat"), (4_000_000, "embedding"), (10_000_000, "chat")] {
+        record(store, &plan, usage_event(&user, tokens, op, period())).await;
+    }
+    let by_op = store.usage_by_operation(&user, period()).await.expect("by operation");
+    let rows: Vec<(&str, u64, u64)> = by_op
+        .iter()
+        .map(|r| (r.operation_type.as_str(), r.total_tokens, r.operations))
+        .collect();
+    assert_eq!(rows, [("chat", 15_000_000, 2), ("embedding", 4_000_000, 1)]);
+    let charges = store.charges(&user, period()).await.expect("charges");
+    let block1 = charges.iter().find(|c| c.block == 1).expect("block 1");
+    store
+        .settle_charge(settlement(
+            &user,
+            &block1.key,
+            ChargeStatus::Pending,
+            0,
+            ChargeStatus::Succeeded,
+        ))
+        .await
+        .expect("settle");
+    let by_tier = store.charges_by_tier(&user, period()).await.expect("by tier");
+    let rows: Vec<(&str, u64, i64, i64)> = by_tier
+        .iter()
+        .map(|r| {
+            (
+                r.billing_tier.as_str(),
+                r.charges_count,
+                r.total_charged.minor_units(),
+                r.collected.minor_units(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("0-8M", 1, 40_000, 0),
+            ("8M-16M", 1, 10_000, 10_000),
+            ("16M-24M", 1, 10_000, 0)
+        ]
+    );
+}
+
+/// Reads name one user and return only that user's rows.
+pub async fn reads_are_isolated_per_user(store: &dyn UsageStore) {
+    let plan = Plan::default();
+    let (alice, bob) = (fresh_user("iso-a"), fresh_user("iso-b"));
+    record(store, &plan, usage_event(&alice, 20_000_000, "chat", period())).await;
+    assert_eq!(store.period_summary(&bob, period()).await.expect("summary"), None);
+    assert!(store.charges(&bob, period()).await.expect("charges").is_empty());
+    assert!(
+        store
+            .consumptions(&bob, period())
+            .await
+            .expect("consumptions")
+            .is_empty()
+    );
+    assert!(
+        store
+            .usage_by_operation(&bob, period())
+            .await
+            .expect("by op")
+            .is_empty()
+    );
+    assert!(store.charges_by_tier(&bob, period()).await.expect("by tier").is_empty());
+    assert!(store.audit_trail(&bob, None).await.expect("audit").is_empty());
+    let alice_key = ChargeKey::new(&alice, period(), ChargeKind::Block, 1);
+    assert_eq!(store.charge(&bob, &alice_key).await.expect("charge"), None);
+    assert!(store.charge(&alice, &alice_key).await.expect("charge").is_some());
+    let claimed = store
+        .claim_pending(Some(&bob), base_instant(), base_instant() + Duration::minutes(1), 100)
+        .await
+        .expect("claim");
+    assert!(claimed.is_empty());
+}
+
+/// Every consumption, charge creation, collection start and status change is in the audit trail.
+pub async fn audit_trail_records_every_change(store: &dyn UsageStore) {
+    let plan = Plan::default();
+    let user = fresh_user("audit");
+    let now = base_instant();
+    let recorded = store
+        .record_usage(RecordUsage {
+            usage: usage_event(&user, 8_000_001, "chat", period()),
+            plan: &plan,
+            fee: FeeCollection::Library,
+            lease_until: Some(now + Duration::minutes(2)),
+        })
+        .await
+        .expect("record");
+    let block = &recorded.charges[1];
+    store
+        .settle_charge(settlement(
+            &user,
+            &block.key,
+            ChargeStatus::Pending,
+            0,
+            ChargeStatus::Succeeded,
+        ))
+        .await
+        .expect("settle");
+    let trail = store.audit_trail(&user, Some(period())).await.expect("audit");
+    let kinds: Vec<&str> = trail
+        .iter()
+        .map(|e| match &e.event {
+            AuditEvent::UsageRecorded { .. } => "usage",
+            AuditEvent::ChargeCreated { .. } => "created",
+            AuditEvent::CollectionStarted { .. } => "attempt",
+            AuditEvent::ChargeStatusChanged { .. } => "status",
+            AuditEvent::AccountSaved { .. } => "account",
+        })
+        .collect();
+    for kind in ["usage", "created", "attempt", "status"] {
+        assert!(kinds.contains(&kind), "{kind} missing from {kinds:?}");
+    }
+    assert_eq!(kinds.iter().filter(|k| **k == "created").count(), 2);
+    assert!(trail.iter().all(|e| e.user_id == user && e.period == Some(period())));
+    assert!(trail.iter().any(|e| matches!(&e.event,
+        AuditEvent::ChargeStatusChanged { key, from: ChargeStatus::Pending, to: ChargeStatus::Succeeded, .. } if *key == block.key)));
+    assert!(trail.iter().any(|e| matches!(&e.event,
+        AuditEvent::UsageRecorded { consumption_id, tokens: 8_000_001, .. } if *consumption_id == recorded.usage.consumption_id)));
+}
