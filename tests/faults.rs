@@ -1,0 +1,528 @@
+//! Failures of the gateway and the store at every step of the charge protocol, and crashes
+//! between its steps: after `resume_pending` and `retry_failed`, every block is paid exactly
+//! once and no usage is lost.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Duration as Span;
+use common::{Harness, november, user};
+use token_billing::testing::faults::{Fault, FaultyGateway, FaultyStore, GatewayOp, StoreOp};
+use token_billing::{
+    BillingError, CardBehaviour, ChargeKind, ChargeStatus, InMemoryUsageStore, PaymentStatus, PaymentUpdate, Plan,
+    SandboxGateway, Standing, UsageReport, UsageStore,
+};
+
+/// A harness whose store and gateway are wrapped in fault injectors.
+fn faulty() -> (Harness, Arc<FaultyStore>, Arc<FaultyGateway>) {
+    let store = Arc::new(FaultyStore::new(Arc::new(InMemoryUsageStore::new())));
+    let sandbox = SandboxGateway::new();
+    let gateway = Arc::new(FaultyGateway::new(Arc::new(sandbox.clone())));
+    let h = Harness::over(store.clone(), gateway.clone(), sandbox, |b| b);
+    (h, store, gateway)
+}
+
+fn past_lease(h: &Harness) {
+    h.advance(Span::minutes(3));
+}
+
+#[tokio::test]
+async fn declined_charge_is_retried_on_the_dunning_schedule_with_a_new_key() {
+    let h = Harness::new();
+    let ana = user("ana");
+    let customer = h
+        .register(
+            &ana,
+            CardBehaviour::Declines {
+                code: "insufficient_funds".into(),
+            },
+        )
+        .await;
+    let outcome = h
+        .service
+        .process_token_usage(UsageReport::new("ana", 9_000_000, "chat"))
+        .await
+        .expect("usage is recorded even when the card declines");
+    assert_eq!(outcome.tier_charges[0].status, ChargeStatus::Failed);
+    let standing = h.service.account_standing(&ana).await.expect("standing");
+    assert_eq!(standing.standing, Standing::PastDue);
+    assert_eq!(standing.unpaid_charges.len(), 2, "the fee and the block");
+    assert!(
+        standing
+            .unpaid_charges
+            .iter()
+            .all(|c| c.failure_code.as_deref() == Some("insufficient_funds"))
+    );
+
+    // Not due yet: nothing happens.
+    h.advance(Span::hours(23));
+    assert_eq!(h.service.retry_failed().await.expect("retry").claimed, 0);
+
+    // The customer fixes the card; the retry a day later succeeds, in round 1, with a new key.
+    h.sandbox
+        .set_behaviour(&customer, CardBehaviour::Succeeds)
+        .expect("known customer");
+    h.advance(Span::hours(2));
+    let report = h.service.retry_failed().await.expect("retry");
+    assert_eq!((report.claimed, report.succeeded), (2, 2));
+    assert_eq!(
+        h.service.account_standing(&ana).await.expect("standing").standing,
+        Standing::GoodStanding
+    );
+    let block = h.store.charges(&ana, november()).await.expect("charges")[1].clone();
+    assert_eq!((block.status, block.round), (ChargeStatus::Succeeded, 1));
+    let payments = h.sandbox.payments_for_charge(&block.key);
+    assert_eq!(payments.len(), 2);
+    assert_eq!(payments[0].status, PaymentStatus::Declined);
+    assert_eq!(payments[1].status, PaymentStatus::Succeeded);
+    assert_ne!(payments[0].idempotency_key, payments[1].idempotency_key);
+    h.assert_period_consistent(&ana, november(), &Plan::default()).await;
+    let summary = h.service.token_summary(&ana, None).await.expect("summary");
+    assert_eq!(summary.total_charged, 50_000);
+}
+
+#[tokio::test]
+async fn dunning_stops_after_the_schedule_and_the_account_stays_past_due() {
+    let h = Harness::new();
+    let bea = user("bea");
+    h.register(
+        &bea,
+        CardBehaviour::Declines {
+            code: "card_declined".into(),
+        },
+    )
+    .await;
+    h.service
+        .process_token_usage(UsageReport::new("bea", 100, "chat"))
+        .await
+        .expect("recorded");
+    let mut rounds = 0;
+    for _ in 0..10 {
+        h.advance(Span::days(5));
+        rounds += h.service.retry_failed().await.expect("retry").claimed;
+    }
+    assert_eq!(rounds, 3, "three retries, then the schedule is exhausted");
+    let fee = h.store.charges(&bea, november()).await.expect("charges")[0].clone();
+    assert_eq!(
+        (fee.status, fee.round, fee.next_retry_at),
+        (ChargeStatus::Failed, 3, None)
+    );
+    assert_eq!(h.sandbox.payments_for_charge(&fee.key).len(), 4);
+    assert_eq!(
+        h.service.account_standing(&bea).await.expect("standing").standing,
+        Standing::PastDue
+    );
+}
+
+#[tokio::test]
+async fn authentication_required_waits_for_the_customer_then_settles_once() {
+    let h = Harness::new();
+    let caio = user("caio");
+    h.register(&caio, CardBehaviour::RequiresAuthentication).await;
+    let outcome = h
+        .service
+        .process_token_usage(UsageReport::new("caio", 8_000_001, "chat"))
+        .await
+        .expect("recorded");
+    assert_eq!(outcome.tier_charges[0].status, ChargeStatus::RequiresAction);
+    assert_eq!(
+        h.service.account_standing(&caio).await.expect("standing").standing,
+        Standing::PastDue
+    );
+    // Resuming does not touch charges that wait for the customer.
+    past_lease(&h);
+    assert_eq!(h.service.resume_pending().await.expect("resume").claimed, 0);
+
+    // The customer authenticates; the gateway's webhook reports it, twice.
+    for charge in h.store.charges(&caio, november()).await.expect("charges") {
+        let payment_id = charge.payment_id.clone().expect("a payment reference");
+        let outcome = h.sandbox.finish_payment(&payment_id, true).expect("finish");
+        for _ in 0..2 {
+            let settled = h
+                .service
+                .apply_payment_update(PaymentUpdate {
+                    user_id: caio.clone(),
+                    charge_key: charge.key.clone(),
+                    outcome: outcome.clone(),
+                })
+                .await
+                .expect("applied");
+            assert_eq!(settled.status, ChargeStatus::Succeeded);
+        }
+    }
+    assert_eq!(
+        h.service.account_standing(&caio).await.expect("standing").standing,
+        Standing::GoodStanding
+    );
+    let summary = h.service.token_summary(&caio, None).await.expect("summary");
+    assert_eq!((summary.total_charged, summary.tier_charges_count), (50_000, 1));
+    h.assert_period_consistent(&caio, november(), &Plan::default()).await;
+}
+
+#[tokio::test]
+async fn processing_payments_stay_pending_until_the_webhook() {
+    let h = Harness::new();
+    let dani = user("dani");
+    h.register(&dani, CardBehaviour::Processing).await;
+    let outcome = h
+        .service
+        .process_token_usage(UsageReport::new("dani", 8_000_001, "chat"))
+        .await
+        .expect("recorded");
+    assert_eq!(outcome.tier_charges[0].status, ChargeStatus::Pending);
+    let block = h.store.charges(&dani, november()).await.expect("charges")[1].clone();
+    let payment_id = block.payment_id.clone().expect("the processing payment is referenced");
+    // A resume before the recheck time leaves it alone; after it, finds the same payment.
+    past_lease(&h);
+    assert_eq!(h.service.resume_pending().await.expect("resume").claimed, 0);
+    h.advance(Span::minutes(20));
+    let report = h.service.resume_pending().await.expect("resume");
+    assert_eq!((report.claimed, report.pending), (2, 2));
+    assert_eq!(
+        h.sandbox.payments_for_charge(&block.key).len(),
+        1,
+        "looked up, not paid again"
+    );
+    let outcome = h.sandbox.finish_payment(&payment_id, true).expect("finish");
+    let settled = h
+        .service
+        .apply_payment_update(PaymentUpdate {
+            user_id: dani.clone(),
+            charge_key: block.key.clone(),
+            outcome,
+        })
+        .await
+        .expect("applied");
+    assert_eq!(settled.status, ChargeStatus::Succeeded);
+}
+
+#[tokio::test]
+async fn transient_gateway_errors_leave_charges_pending_until_resumed() {
+    let h = Harness::new();
+    let edu = user("edu");
+    let customer = h.register(&edu, CardBehaviour::FailsTransiently { times: 2 }).await;
+    let outcome = h
+        .service
+        .process_token_usage(UsageReport::new("edu", 8_000_001, "chat"))
+        .await
+        .expect("recorded");
+    assert_eq!(outcome.tier_charges[0].status, ChargeStatus::Pending);
+    assert_eq!(outcome.fixed_fee_charge.expect("fee").status, ChargeStatus::Pending);
+    // The recorder's lease holds: an immediate resume takes nothing.
+    assert_eq!(h.service.resume_pending().await.expect("resume").claimed, 0);
+    past_lease(&h);
+    let report = h.service.resume_pending().await.expect("resume");
+    assert_eq!((report.claimed, report.succeeded), (2, 2));
+    assert_eq!(
+        h.sandbox
+            .collected(&customer, token_billing::Currency::BRL)
+            .minor_units(),
+        50_000
+    );
+    h.assert_period_consistent(&edu, november(), &Plan::default()).await;
+}
+
+#[tokio::test]
+async fn an_outcome_lost_after_the_gateway_charged_is_found_not_paid_again() {
+    let h = Harness::new();
+    let fabi = user("fabi");
+    h.register(&fabi, CardBehaviour::LosesResponse { times: 2 }).await;
+    h.service
+        .process_token_usage(UsageReport::new("fabi", 8_000_001, "chat"))
+        .await
+        .expect("recorded");
+    let charges = h.store.charges(&fabi, november()).await.expect("charges");
+    assert!(
+        charges.iter().all(|c| c.status == ChargeStatus::Pending),
+        "outcome unknown: pending"
+    );
+    assert_eq!(h.sandbox.payments().len(), 2, "but the money moved");
+    past_lease(&h);
+    let report = h.service.resume_pending().await.expect("resume");
+    assert_eq!(report.succeeded, 2);
+    assert_eq!(h.sandbox.payments().len(), 2, "found, not paid again");
+    h.assert_period_consistent(&fabi, november(), &Plan::default()).await;
+}
+
+#[tokio::test]
+async fn a_gateway_that_forgets_idempotency_keys_still_never_charges_twice() {
+    // The payment is made, its answer lost, and the retry goes through a gateway path that would
+    // not honour the key (a Stripe key older than 24 hours): only the look-up prevents a second
+    // payment, and it must run before any new attempt.
+    let (h, _store, gateway) = faulty();
+    let gabi = user("gabi");
+    h.register(&gabi, CardBehaviour::Succeeds).await;
+    gateway.inject(GatewayOp::Collect, Fault::FailAfter, 2);
+    h.service
+        .process_token_usage(UsageReport::new("gabi", 8_000_001, "chat"))
+        .await
+        .expect("recorded");
+    assert_eq!(h.sandbox.payments().len(), 2);
+    past_lease(&h);
+    let report = h.service.resume_pending().await.expect("resume");
+    assert_eq!(report.succeeded, 2);
+    assert!(
+        gateway.fired().iter().all(|(op, _)| *op == GatewayOp::Collect),
+        "no collect was attempted again after the look-up"
+    );
+    assert_eq!(h.sandbox.payments().len(), 2);
+    h.assert_period_consistent(&gabi, november(), &Plan::default()).await;
+}
+
+#[tokio::test]
+async fn a_store_failure_before_recording_records_nothing() {
+    let (h, store, _) = faulty();
+    store.inject(StoreOp::RecordUsage, Fault::FailBefore, 1);
+    let error = h
+        .service
+        .process_token_usage(UsageReport::new("hugo", 9_000_000, "chat").event_id("evt-1"))
+        .await
+        .expect_err("the store failed");
+    assert!(matches!(error, BillingError::Store(_)), "{error:?}");
+    assert!(!error.is_client_error());
+    let hugo = user("hugo");
+    assert_eq!(h.store.period_summary(&hugo, november()).await.expect("summary"), None);
+    assert!(h.sandbox.payments().is_empty());
+    // The host retries the same event: recorded once.
+    let outcome = h
+        .service
+        .process_token_usage(UsageReport::new("hugo", 9_000_000, "chat").event_id("evt-1"))
+        .await
+        .expect("recorded");
+    assert!(!outcome.replayed);
+    h.assert_period_consistent(&hugo, november(), &Plan::default()).await;
+}
+
+#[tokio::test]
+async fn a_record_whose_answer_is_lost_is_replayed_by_the_hosts_retry_and_resumed() {
+    let (h, store, _) = faulty();
+    store.inject(StoreOp::RecordUsage, Fault::FailAfter, 1);
+    let report = UsageReport::new("iara", 9_000_000, "chat").event_id("evt-lost");
+    h.service
+        .process_token_usage(report.clone())
+        .await
+        .expect_err("the answer was lost");
+    let retried = h.service.process_token_usage(report).await.expect("replayed");
+    assert!(retried.replayed);
+    assert_eq!(retried.total_tokens, 9_000_000, "counted once");
+    assert_eq!(retried.tier_charges.len(), 1);
+    assert!(h.sandbox.payments().is_empty(), "nothing collected yet");
+    past_lease(&h);
+    assert_eq!(h.service.resume_pending().await.expect("resume").succeeded, 2);
+    h.assert_period_consistent(&user("iara"), november(), &Plan::default())
+        .await;
+}
+
+#[tokio::test]
+async fn a_failed_settlement_leaves_the_charge_pending_and_resume_finds_the_payment() {
+    let (h, store, _) = faulty();
+    let joao = user("joao");
+    h.register(&joao, CardBehaviour::Succeeds).await;
+    store.inject(StoreOp::SettleCharge, Fault::FailBefore, 2);
+    let outcome = h
+        .service
+        .process_token_usage(UsageReport::new("joao", 8_000_001, "chat"))
+        .await
+        .expect("recorded");
+    assert_eq!(outcome.tier_charges[0].status, ChargeStatus::Pending);
+    assert_eq!(h.sandbox.payments().len(), 2);
+    past_lease(&h);
+    assert_eq!(h.service.resume_pending().await.expect("resume").succeeded, 2);
+    assert_eq!(h.sandbox.payments().len(), 2);
+    h.assert_period_consistent(&joao, november(), &Plan::default()).await;
+}
+
+#[tokio::test]
+async fn a_settlement_whose_answer_is_lost_is_already_stored() {
+    let (h, store, _) = faulty();
+    let kaua = user("kaua");
+    h.register(&kaua, CardBehaviour::Succeeds).await;
+    store.inject(StoreOp::SettleCharge, Fault::FailAfter, 2);
+    h.service
+        .process_token_usage(UsageReport::new("kaua", 8_000_001, "chat"))
+        .await
+        .expect("recorded");
+    past_lease(&h);
+    assert_eq!(
+        h.service.resume_pending().await.expect("resume").claimed,
+        0,
+        "nothing left pending"
+    );
+    h.assert_period_consistent(&kaua, november(), &Plan::default()).await;
+    assert_eq!(
+        h.service
+            .token_summary(&kaua, None)
+            .await
+            .expect("summary")
+            .total_charged,
+        50_000
+    );
+}
+
+#[tokio::test]
+async fn failures_to_claim_or_to_save_an_opened_customer_are_recovered() {
+    let (h, store, _) = faulty();
+    // The customer is opened at the gateway but the account cannot be saved.
+    store.inject(StoreOp::PutAccount, Fault::FailBefore, 1);
+    h.service
+        .process_token_usage(UsageReport::new("lia", 8_000_001, "chat"))
+        .await
+        .expect("usage is recorded anyway");
+    assert!(h.sandbox.payments().is_empty());
+    past_lease(&h);
+    store.inject(StoreOp::ClaimPending, Fault::FailBefore, 1);
+    assert!(h.service.resume_pending().await.is_err(), "claiming failed");
+    let report = h.service.resume_pending().await.expect("resume");
+    assert_eq!(report.succeeded, 2);
+    assert_eq!(h.sandbox.customer_of(&user("lia")).is_some(), true);
+    h.assert_period_consistent(&user("lia"), november(), &Plan::default())
+        .await;
+}
+
+#[tokio::test]
+async fn a_crash_between_record_and_collect_is_resumed_by_another_instance() {
+    let (h, _, gateway) = faulty();
+    let mari = user("mari");
+    h.register(&mari, CardBehaviour::Succeeds).await;
+    gateway.inject(GatewayOp::Collect, Fault::Hang, 1);
+    let crashed = tokio::time::timeout(
+        Duration::from_millis(50),
+        h.service
+            .process_token_usage(UsageReport::new("mari", 8_000_001, "chat")),
+    )
+    .await;
+    assert!(crashed.is_err(), "the process died while collecting");
+    assert!(h.sandbox.payments().is_empty(), "nothing was paid");
+    let charges = h.store.charges(&mari, november()).await.expect("charges");
+    assert_eq!(charges.len(), 2, "but the usage and its charges were recorded");
+
+    let other = h.restart(Arc::new(h.sandbox.clone()));
+    past_lease(&h);
+    assert_eq!(other.resume_pending().await.expect("resume").succeeded, 2);
+    h.assert_period_consistent(&mari, november(), &Plan::default()).await;
+}
+
+#[tokio::test]
+async fn a_crash_between_collect_and_settle_is_resumed_without_paying_twice() {
+    let (h, store, _) = faulty();
+    let nina = user("nina");
+    h.register(&nina, CardBehaviour::Succeeds).await;
+    store.inject(StoreOp::SettleCharge, Fault::Hang, 1);
+    let crashed = tokio::time::timeout(
+        Duration::from_millis(50),
+        h.service
+            .process_token_usage(UsageReport::new("nina", 8_000_001, "chat")),
+    )
+    .await;
+    assert!(crashed.is_err(), "the process died while settling");
+    assert_eq!(
+        h.sandbox.payments().len(),
+        1,
+        "the first charge was paid, its settlement lost"
+    );
+
+    let other = h.restart(Arc::new(h.sandbox.clone()));
+    past_lease(&h);
+    assert_eq!(other.resume_pending().await.expect("resume").succeeded, 2);
+    assert_eq!(h.sandbox.payments().len(), 2, "one payment per charge");
+    h.assert_period_consistent(&nina, november(), &Plan::default()).await;
+}
+
+/// One step of a random fault schedule.
+#[derive(Debug, Clone, Copy)]
+enum Step {
+    Usage(u64),
+    GatewayFault(Fault),
+    StoreFault(StoreOp, Fault),
+    Decline,
+    Transient,
+}
+
+mod random_faults {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn step() -> impl Strategy<Value = Step> {
+        let fault = prop_oneof![Just(Fault::FailBefore), Just(Fault::FailAfter)];
+        prop_oneof![
+            6 => (1u64..30_000).prop_map(Step::Usage),
+            1 => fault.clone().prop_map(Step::GatewayFault),
+            1 => (prop_oneof![Just(StoreOp::SettleCharge), Just(StoreOp::ClaimPending), Just(StoreOp::RecordUsage)], fault)
+                .prop_map(|(op, f)| Step::StoreFault(op, f)),
+            1 => Just(Step::Decline),
+            1 => Just(Step::Transient),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+        #[test]
+        fn after_resume_and_retry_every_block_is_paid_exactly_once(steps in proptest::collection::vec(step(), 1..60)) {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            runtime.block_on(async {
+                let plan = Plan::builder().included_tokens(20_000).block_size(15_000).build().expect("valid");
+                let store = Arc::new(FaultyStore::new(Arc::new(InMemoryUsageStore::new())));
+                let sandbox = SandboxGateway::new();
+                let gateway = Arc::new(FaultyGateway::new(Arc::new(sandbox.clone())));
+                let h = Harness::over(store.clone(), gateway.clone(), sandbox, |b| b.plan(plan.clone()));
+                let olga = user("olga");
+                let customer = h.register(&olga, CardBehaviour::Succeeds).await;
+                let mut accepted = 0u64;
+                for (i, step) in steps.iter().enumerate() {
+                    match *step {
+                        Step::Usage(tokens) => {
+                            let report = UsageReport::new("olga", tokens, "chat").event_id(format!("e{i}"));
+                            // The host retries a failed report with the same event id until it
+                            // gets an answer.
+                            let mut outcome = None;
+                            for _ in 0..5 {
+                                if let Ok(answer) = h.service.process_token_usage(report.clone()).await {
+                                    outcome = Some(answer);
+                                    break;
+                                }
+                            }
+                            let outcome = outcome.expect("recorded within five tries");
+                            accepted += tokens;
+                            prop_assert!(outcome.total_tokens >= tokens);
+                        }
+                        Step::GatewayFault(fault) => gateway.inject(GatewayOp::Collect, fault, 1),
+                        Step::StoreFault(op, fault) => store.inject(op, fault, 1),
+                        Step::Decline => h.sandbox.set_behaviour(&customer, CardBehaviour::Declines { code: "card_declined".into() }).expect("customer"),
+                        Step::Transient => h.sandbox.set_behaviour(&customer, CardBehaviour::FailsTransiently { times: 1 }).expect("customer"),
+                    }
+                    h.advance(Span::seconds(10));
+                }
+                // Recovery: faults cleared, the card fixed, the jobs run until nothing is left.
+                store.clear();
+                gateway.clear();
+                h.sandbox.set_behaviour(&customer, CardBehaviour::Succeeds).expect("customer");
+                for _ in 0..6 {
+                    h.advance(Span::days(2));
+                    h.service.resume_pending().await.expect("resume");
+                    h.service.retry_failed().await.expect("retry");
+                }
+                let charges = h.store.charges(&olga, november()).await.expect("charges");
+                prop_assert!(charges.iter().all(|c| c.status == ChargeStatus::Succeeded), "all collected: {:?}",
+                    charges.iter().map(|c| (c.block, c.status)).collect::<Vec<_>>());
+                let summary = h.service.token_summary(&olga, None).await.expect("summary");
+                prop_assert_eq!(summary.total_tokens, accepted, "no usage lost or doubled");
+                prop_assert_eq!(summary.tier_charges_count, plan.blocks_owed(accepted));
+                let fees = charges.iter().filter(|c| c.kind == ChargeKind::FixedFee).count();
+                prop_assert_eq!(fees, usize::from(accepted > 0), "one fee once the period has usage");
+                h.assert_period_consistent(&olga, november(), &plan).await;
+                Ok(())
+            })?;
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_store_is_untouched_by_the_service_on_unrelated_users() {
+    // Guard for the harness itself: a user who never reported has no data at all.
+    let h = Harness::new();
+    let store: &dyn UsageStore = &*h.store;
+    assert!(store.audit_trail(&user("ghost"), None).await.expect("audit").is_empty());
+}

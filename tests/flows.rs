@@ -1,0 +1,257 @@
+//! Accounts, the fixed fee in both modes, deferred collection and the audit trail.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{Harness, november, user};
+use token_billing::{
+    AuditEvent, BillingError, BillingService, CardBehaviour, ChargeKind, ChargeStatus, CollectionMode, CustomerId,
+    FeeCollection, InMemoryUsageStore, ManualClock, Plan, PlanId, SandboxGateway, UnregisteredUsers, UsageReport,
+    UsageStore,
+};
+
+#[tokio::test]
+async fn with_a_real_gateway_unregistered_users_wait_until_their_account_exists() {
+    let h = Harness::with(|b| b.unregistered_users(UnregisteredUsers::Wait));
+    let outcome = h
+        .service
+        .process_token_usage(UsageReport::new("rui", 9_000_000, "chat"))
+        .await
+        .expect("usage of an unknown user is still recorded");
+    assert_eq!(outcome.tier_charges[0].status, ChargeStatus::Pending);
+    assert_eq!(h.sandbox.calls(), 0, "nobody to charge");
+    h.advance(chrono::Duration::hours(1));
+    let report = h.service.resume_pending().await.expect("resume");
+    assert_eq!((report.claimed, report.pending), (2, 2), "they keep waiting");
+    assert!(h.sandbox.payments().is_empty());
+
+    let customer = CustomerId::new("cus_rui").expect("valid");
+    h.sandbox.add_customer(customer.clone(), CardBehaviour::Succeeds);
+    h.advance(chrono::Duration::hours(1));
+    h.service
+        .register_account(&user("rui"), Some(customer), None)
+        .await
+        .expect("registered");
+    let summary = h.service.token_summary(&user("rui"), None).await.expect("summary");
+    assert_eq!(
+        (summary.total_charged, summary.outstanding_count),
+        (50_000, 0),
+        "collected on registration"
+    );
+    h.assert_period_consistent(&user("rui"), november(), &Plan::default())
+        .await;
+}
+
+#[tokio::test]
+async fn subscription_mode_records_the_fee_once_when_the_gateway_reports_it_paid() {
+    let h = Harness::with(|b| b.fee_collection(FeeCollection::Subscription));
+    let sara = user("sara");
+    h.register(&sara, CardBehaviour::Succeeds).await;
+    let subscription = h.service.create_subscription(&sara).await.expect("subscribed");
+    assert_eq!(h.sandbox.subscriptions().len(), 1);
+    let again = h.service.create_subscription(&sara).await.expect("idempotent");
+    assert_eq!(again.subscription_id, subscription.subscription_id);
+    let account = h.store.account(&sara).await.expect("account").expect("registered");
+    assert_eq!(
+        account.subscription_id.as_deref(),
+        Some(subscription.subscription_id.as_str())
+    );
+
+    let outcome = h
+        .service
+        .process_token_usage(UsageReport::new("sara", 9_000_000, "chat"))
+        .await
+        .expect("recorded");
+    assert_eq!(outcome.fixed_fee_charge, None, "the subscription collects the fee");
+    assert_eq!(outcome.tier_charges.len(), 1);
+
+    for _ in 0..3 {
+        let fee = h
+            .service
+            .record_fixed_fee_paid(&sara, november(), "in_2026_11")
+            .await
+            .expect("recorded");
+        assert_eq!((fee.kind, fee.status), (ChargeKind::FixedFee, ChargeStatus::Succeeded));
+        assert_eq!(fee.payment_id.as_deref(), Some("in_2026_11"));
+    }
+    let summary = h.service.token_summary(&sara, None).await.expect("summary");
+    assert_eq!((summary.fixed_fee_charged, summary.total_charged), (40_000, 50_000));
+    let fees = h
+        .store
+        .charges(&sara, november())
+        .await
+        .expect("charges")
+        .into_iter()
+        .filter(|c| c.kind == ChargeKind::FixedFee)
+        .count();
+    assert_eq!(fees, 1);
+}
+
+#[tokio::test]
+async fn a_library_fee_still_pending_is_marked_paid_not_charged_again() {
+    let h = Harness::with(|b| b.collection(CollectionMode::Deferred));
+    let tais = user("tais");
+    h.register(&tais, CardBehaviour::Succeeds).await;
+    h.service
+        .process_token_usage(UsageReport::new("tais", 10, "chat"))
+        .await
+        .expect("recorded");
+    let fee = h
+        .service
+        .record_fixed_fee_paid(&tais, november(), "in_out_of_band")
+        .await
+        .expect("paid elsewhere");
+    assert_eq!(fee.status, ChargeStatus::Succeeded);
+    h.advance(chrono::Duration::hours(1));
+    assert_eq!(h.service.resume_pending().await.expect("resume").claimed, 0);
+    assert!(h.sandbox.payments().is_empty(), "never charged through the gateway");
+}
+
+#[tokio::test]
+async fn opening_a_period_charges_the_fee_once_before_any_usage() {
+    let h = Harness::new();
+    let ugo = user("ugo");
+    h.register(&ugo, CardBehaviour::Succeeds).await;
+    let first = h
+        .service
+        .open_period(&ugo, None)
+        .await
+        .expect("opened")
+        .expect("a fee charge");
+    assert_eq!(
+        (first.status, first.amount.minor_units()),
+        (ChargeStatus::Succeeded, 40_000)
+    );
+    let again = h
+        .service
+        .open_period(&ugo, None)
+        .await
+        .expect("opened")
+        .expect("a fee charge");
+    assert_eq!(again.id, first.id);
+    let outcome = h
+        .service
+        .process_token_usage(UsageReport::new("ugo", 9_000_000, "chat"))
+        .await
+        .expect("recorded");
+    assert_eq!(outcome.fixed_fee_charge, None, "the period was already open");
+    assert_eq!(h.sandbox.payments().len(), 2);
+    h.assert_period_consistent(&ugo, november(), &Plan::default()).await;
+}
+
+#[tokio::test]
+async fn deferred_collection_records_now_and_collects_on_resume() {
+    let h = Harness::with(|b| b.collection(CollectionMode::Deferred));
+    let outcome = h
+        .service
+        .process_token_usage(UsageReport::new("vini", 20_000_000, "chat"))
+        .await
+        .expect("recorded");
+    assert!(outcome.tier_charges.iter().all(|c| c.status == ChargeStatus::Pending));
+    assert!(h.sandbox.payments().is_empty());
+    let report = h.service.resume_pending().await.expect("resume");
+    assert_eq!((report.claimed, report.succeeded), (3, 3));
+    h.assert_period_consistent(&user("vini"), november(), &Plan::default())
+        .await;
+}
+
+#[tokio::test]
+async fn plans_change_between_periods_not_within_one() {
+    let pro = PlanId::new("pro").expect("valid");
+    let pro_plan = Plan::builder().included_tokens(20_000_000).build().expect("valid");
+    let h = Harness::with(|b| b.add_plan(pro.clone(), pro_plan.clone()));
+    let wes = user("wes");
+    h.service
+        .process_token_usage(UsageReport::new("wes", 9_000_000, "chat"))
+        .await
+        .expect("recorded");
+    let error = h
+        .service
+        .register_account(&wes, None, Some(pro.clone()))
+        .await
+        .expect_err("mid-period");
+    assert!(matches!(error, BillingError::PlanChangeMidPeriod { .. }), "{error:?}");
+    let unknown = h
+        .service
+        .register_account(&wes, None, Some(PlanId::new("gold").expect("valid")))
+        .await
+        .expect_err("unknown plan");
+    assert!(matches!(unknown, BillingError::UnknownPlan { .. }));
+
+    // December: the change is allowed and the new plan rates the new period.
+    h.clock
+        .set(chrono::TimeZone::with_ymd_and_hms(&chrono::Utc, 2026, 12, 10, 12, 0, 0).unwrap());
+    h.service
+        .register_account(&wes, None, Some(pro))
+        .await
+        .expect("registered");
+    let outcome = h
+        .service
+        .process_token_usage(UsageReport::new("wes", 19_000_000, "chat"))
+        .await
+        .expect("recorded");
+    assert!(outcome.tier_charges.is_empty(), "20M included on the pro plan");
+    assert_eq!(outcome.current_tier, "0-20M");
+}
+
+#[tokio::test]
+async fn the_audit_trail_records_every_consumption_attempt_and_status_change() {
+    let h = Harness::new();
+    let xia = user("xia");
+    let customer = h
+        .register(
+            &xia,
+            CardBehaviour::Declines {
+                code: "card_declined".into(),
+            },
+        )
+        .await;
+    h.service
+        .process_token_usage(UsageReport::new("xia", 8_000_001, "chat"))
+        .await
+        .expect("recorded");
+    h.sandbox
+        .set_behaviour(&customer, CardBehaviour::Succeeds)
+        .expect("customer");
+    h.advance(chrono::Duration::days(2));
+    h.service.retry_failed().await.expect("retry");
+    let trail = h.service.audit_trail(&xia, None).await.expect("audit");
+    let count = |pred: fn(&AuditEvent) -> bool| trail.iter().filter(|e| pred(&e.event)).count();
+    assert_eq!(count(|e| matches!(e, AuditEvent::AccountSaved { .. })), 1);
+    assert_eq!(count(|e| matches!(e, AuditEvent::UsageRecorded { .. })), 1);
+    assert_eq!(count(|e| matches!(e, AuditEvent::ChargeCreated { .. })), 2);
+    assert_eq!(
+        count(|e| matches!(e, AuditEvent::CollectionStarted { .. })),
+        4,
+        "two rounds of two charges"
+    );
+    // Pending -> Failed, Failed -> Pending (retry), Pending -> Succeeded, for each charge.
+    assert_eq!(count(|e| matches!(e, AuditEvent::ChargeStatusChanged { .. })), 6);
+    assert!(trail.windows(2).all(|w| w[0].at <= w[1].at), "in order");
+}
+
+#[tokio::test]
+async fn services_can_be_shared_across_tasks_and_built_over_trait_objects() {
+    let store: Arc<dyn UsageStore> = Arc::new(InMemoryUsageStore::new());
+    let sandbox = SandboxGateway::new();
+    let clock = ManualClock::new(common::nov15());
+    let service = BillingService::builder(store, Arc::new(sandbox.clone()))
+        .clock(Arc::new(clock))
+        .unregistered_users(UnregisteredUsers::OpenCustomer)
+        .build();
+    let handles: Vec<_> = (0..4)
+        .map(|i| {
+            let service = service.clone();
+            tokio::spawn(async move {
+                service
+                    .process_token_usage(UsageReport::new(format!("user-{i}"), 8_000_001, "chat"))
+                    .await
+            })
+        })
+        .collect();
+    for handle in handles {
+        assert_eq!(handle.await.expect("task").expect("recorded").tier_charges.len(), 1);
+    }
+    assert_eq!(sandbox.payments().len(), 8);
+}

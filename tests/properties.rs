@@ -1,0 +1,196 @@
+//! Property tests of the pure domain and of the service's charging rules.
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use common::{Harness, november, user};
+use proptest::prelude::*;
+use rust_decimal::Decimal;
+use token_billing::{ChargeKind, ChargeStatus, Currency, MAX_TOKENS, Money, Plan, UsageReport};
+
+fn currency() -> impl Strategy<Value = Currency> {
+    proptest::sample::select(Currency::ALL.to_vec())
+}
+
+fn plan() -> impl Strategy<Value = Plan> {
+    (0u64..=50_000_000, 1u64..=20_000_000, 0i64..=1_000_000, 0i64..=1_000_000).prop_map(
+        |(included, block, fee, price)| {
+            Plan::builder()
+                .included_tokens(included)
+                .block_size(block)
+                .fixed_fee(Money::from_minor(fee, Currency::BRL))
+                .block_price(Money::from_minor(price, Currency::BRL))
+                .build()
+                .expect("a valid plan")
+        },
+    )
+}
+
+/// Reads a compact label part (`1.5M`, `750K`, `500`) back into tokens, exactly.
+fn parse_compact(text: &str) -> u64 {
+    let (number, unit) = match text.strip_suffix('M') {
+        Some(n) => (n, 1_000_000u64),
+        None => match text.strip_suffix('K') {
+            Some(n) => (n, 1_000),
+            None => (text, 1),
+        },
+    };
+    let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+    assert!(!fraction.ends_with('0'), "no trailing zeros in {text}");
+    let digits = unit.ilog10() as usize;
+    assert!(fraction.len() <= digits, "{text}");
+    let fraction_value = if fraction.is_empty() {
+        0
+    } else {
+        fraction.parse::<u64>().expect("digits") * 10u64.pow((digits - fraction.len()) as u32)
+    };
+    whole.parse::<u64>().expect("digits") * unit + fraction_value
+}
+
+proptest! {
+    #[test]
+    fn money_from_minor_units_round_trips(minor in any::<i64>(), currency in currency()) {
+        let money = Money::from_minor(minor, currency);
+        prop_assert_eq!(money.minor_units(), minor);
+        prop_assert_eq!(Money::new(money.amount(), currency), Ok(money));
+        prop_assert_eq!(money.amount().scale(), currency.exponent());
+    }
+
+    #[test]
+    fn money_from_decimals_is_exact_or_refused(mantissa in -10i64.pow(15)..10i64.pow(15), scale in 0u32..=6, currency in currency()) {
+        let amount = Decimal::new(mantissa, scale);
+        match Money::new(amount, currency) {
+            Ok(money) => {
+                prop_assert!(amount.normalize().scale() <= currency.exponent());
+                prop_assert_eq!(money.amount(), amount, "the value is kept exactly");
+                prop_assert_eq!(Money::from_minor(money.minor_units(), currency), money);
+            }
+            Err(_) => prop_assert!(amount.normalize().scale() > currency.exponent(), "refused only for excess precision"),
+        }
+    }
+
+    #[test]
+    fn tiers_contain_their_totals_and_labels_are_exact(plan in plan(), total in 0u64..=2_000_000_000) {
+        let tier = plan.tier_of(total).expect("in range");
+        prop_assert!(tier.contains(total));
+        prop_assert_eq!(tier.index(), plan.blocks_owed(total));
+        prop_assert_eq!(tier, plan.tier_at(tier.index()));
+        let label = tier.label();
+        prop_assert_eq!(&label, &plan.tier_of(total).expect("in range").label(), "stable");
+        let (lower, upper) = label.split_once('-').expect("a range label");
+        prop_assert_eq!(parse_compact(lower), tier.lower());
+        prop_assert_eq!(parse_compact(upper), tier.upper());
+    }
+
+    #[test]
+    fn tiers_are_ordered_and_adjacent(plan in plan(), index in 0u64..10_000) {
+        let here = plan.tier_at(index);
+        let next = plan.tier_at(index + 1);
+        prop_assert_eq!(here.upper(), next.lower());
+        prop_assert!(here.lower() <= here.upper() && next.lower() < next.upper());
+        prop_assert_ne!(here.label(), next.label());
+        prop_assert_eq!(next.upper() - next.lower(), plan.block_size());
+    }
+
+    #[test]
+    fn blocks_owed_is_the_package_formula(plan in plan(), total in 0u64..=MAX_TOKENS) {
+        let owed = plan.blocks_owed(total);
+        let over = u128::from(total.saturating_sub(plan.included_tokens()));
+        let block = u128::from(plan.block_size());
+        prop_assert_eq!(u128::from(owed), over.div_ceil(block));
+    }
+
+    #[test]
+    fn crossing_is_additive(plan in plan(), mut totals in proptest::collection::vec(0u64..=400_000_000, 3)) {
+        totals.sort_unstable();
+        let (a, b, c) = (totals[0], totals[1], totals[2]);
+        let whole: Vec<u64> = plan.blocks_crossed(a, c).expect("ok").into_iter().collect();
+        let mut parts: Vec<u64> = plan.blocks_crossed(a, b).expect("ok").into_iter().collect();
+        parts.extend(plan.blocks_crossed(b, c).expect("ok"));
+        prop_assert_eq!(whole, parts);
+    }
+}
+
+/// Splits `total` at the cut points into positive parts.
+fn split(total: u64, mut cuts: Vec<u64>) -> Vec<u64> {
+    cuts.retain(|c| *c > 0 && *c < total);
+    cuts.sort_unstable();
+    cuts.dedup();
+    let mut parts = Vec::new();
+    let mut start = 0;
+    for cut in cuts.into_iter().chain(std::iter::once(total)) {
+        parts.push(cut - start);
+        start = cut;
+    }
+    parts
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime")
+}
+
+/// What a period cost, as a set of (kind, block, tier label, amount, status).
+type Bill = BTreeSet<(ChargeKind, u64, String, i64, ChargeStatus)>;
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// Invariant 4: what a period costs depends only on its total, not on how usage was split
+    /// into events, nor their order, nor how two users' events interleave.
+    #[test]
+    fn split_order_and_interleaving_do_not_change_the_bill(
+        total in 1u64..=120_000,
+        cuts_a in proptest::collection::vec(0u64..120_000, 0..25),
+        cuts_b in proptest::collection::vec(0u64..120_000, 0..25),
+        interleave in proptest::collection::vec(any::<bool>(), 60),
+        shuffle_seed in any::<u64>(),
+    ) {
+        let plan = Plan::builder().included_tokens(10_000).block_size(7_000).build().expect("valid");
+        runtime().block_on(async {
+            let bill_of = |h: &Harness, name: &str| {
+                let store = h.store.clone();
+                let u = user(name);
+                async move {
+                    store.charges(&u, november()).await.expect("charges").into_iter()
+                        .map(|c| (c.kind, c.block, c.billing_tier, c.amount.minor_units(), c.status))
+                        .collect::<Bill>()
+                }
+            };
+            // One event of the whole total.
+            let reference = Harness::with_plan(plan.clone());
+            reference.service.process_token_usage(UsageReport::new("solo", total, "chat")).await.expect("recorded");
+            let expected = bill_of(&reference, "solo").await;
+
+            // The same total for two users, split differently, shuffled and interleaved.
+            let h = Harness::with_plan(plan.clone());
+            let mut a = split(total, cuts_a);
+            let mut b = split(total, cuts_b);
+            let mut seed = shuffle_seed;
+            for parts in [&mut a, &mut b] {
+                for i in (1..parts.len()).rev() {
+                    seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    parts.swap(i, (seed >> 33) as usize % (i + 1));
+                }
+            }
+            let (mut ia, mut ib) = (a.into_iter(), b.into_iter());
+            let mut turn = interleave.into_iter().cycle();
+            loop {
+                let (name, next) = if turn.next().unwrap_or(true) { ("alice", ia.next()) } else { ("bob", ib.next()) };
+                let next = next.map(|t| (name, t)).or_else(|| ia.next().map(|t| ("alice", t))).or_else(|| ib.next().map(|t| ("bob", t)));
+                let Some((name, tokens)) = next else { break };
+                h.service.process_token_usage(UsageReport::new(name, tokens, "chat")).await.expect("recorded");
+            }
+            for name in ["alice", "bob"] {
+                prop_assert_eq!(&bill_of(&h, name).await, &expected, "{}", name);
+                h.assert_period_consistent(&user(name), november(), &plan).await;
+            }
+            let blocks = expected.iter().filter(|c| c.0 == ChargeKind::Block).count() as u64;
+            prop_assert_eq!(blocks, plan.blocks_owed(total), "each block exactly once up to blocks_owed");
+            Ok(())
+        })?;
+    }
+}
