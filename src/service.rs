@@ -939,6 +939,41 @@ impl BillingService {
         .await
     }
 
+    /// Retries a user's failed charges now, whatever their dunning schedule says: what a host
+    /// does when the customer updates their card. Each charge starts a new round (a new
+    /// idempotency key) and is looked up first, so a charge paid in the meantime is not paid
+    /// again. Charges awaiting the customer's authentication are left to the customer. Other
+    /// users' retries that are due are run too.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub async fn retry_unpaid(&self, user: &UserId) -> Result<CollectionReport, BillingError> {
+        let now = self.clock.now();
+        for charge in self.store.unpaid_charges(user).await? {
+            if charge.status != ChargeStatus::Failed {
+                continue;
+            }
+            let due_now = Settlement {
+                user_id: &charge.user_id,
+                key: &charge.key,
+                expected_status: ChargeStatus::Failed,
+                expected_round: charge.round,
+                status: ChargeStatus::Failed,
+                payment_id: None,
+                failure_code: None,
+                failure_message: None,
+                next_retry_at: Some(now),
+                lease_until: None,
+                at: now,
+            };
+            match self.store.settle_charge(due_now).await {
+                Ok(_) | Err(StoreError::StatusConflict { .. }) => {}
+                Err(error) => return Err(error.into()),
+            }
+        }
+        self.retry_failed().await
+    }
+
     /// Applies a payment's new state reported by the gateway (a webhook) to its charge,
     /// idempotently: a charge already in that state, or already succeeded, is left as it is.
     ///

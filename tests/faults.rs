@@ -526,3 +526,47 @@ async fn the_store_is_untouched_by_the_service_on_unrelated_users() {
     let store: &dyn UsageStore = &*h.store;
     assert!(store.audit_trail(&user("ghost"), None).await.expect("audit").is_empty());
 }
+
+#[tokio::test]
+async fn a_card_update_retries_unpaid_charges_even_after_the_schedule_ran_out() {
+    let h = Harness::new();
+    let paulo = user("paulo");
+    let customer = h
+        .register(
+            &paulo,
+            CardBehaviour::Declines {
+                code: "expired_card".into(),
+            },
+        )
+        .await;
+    h.service
+        .process_token_usage(UsageReport::new("paulo", 8_000_001, "chat"))
+        .await
+        .expect("recorded");
+    for _ in 0..5 {
+        h.advance(Span::days(5));
+        h.service.retry_failed().await.expect("retry");
+    }
+    let exhausted = h.store.charges(&paulo, november()).await.expect("charges");
+    assert!(
+        exhausted
+            .iter()
+            .all(|c| c.status == ChargeStatus::Failed && c.next_retry_at.is_none())
+    );
+
+    h.sandbox
+        .set_behaviour(&customer, CardBehaviour::Succeeds)
+        .expect("customer");
+    let report = h.service.retry_unpaid(&paulo).await.expect("retry");
+    assert_eq!((report.claimed, report.succeeded), (2, 2));
+    assert_eq!(
+        h.service.account_standing(&paulo).await.expect("standing").standing,
+        Standing::GoodStanding
+    );
+    assert_eq!(
+        h.service.retry_unpaid(&paulo).await.expect("retry").claimed,
+        0,
+        "nothing left"
+    );
+    h.assert_period_consistent(&paulo, november(), &Plan::default()).await;
+}

@@ -1,0 +1,194 @@
+//! A simulated month of token billing on the embedded defaults: the seed's plan, the in-memory
+//! store and the sandbox gateway. Run it with `cargo run --example quickstart`.
+//!
+//! Five users report usage through November 2026. One of them has a card that is declined
+//! until she updates it, so the month also shows dunning and the retry after a card update. At the end: a statement per user and
+//! the sandbox's payment ledger, which shows that every block was paid exactly once.
+
+use std::sync::Arc;
+
+use chrono::{Duration, TimeZone, Utc};
+use token_billing::{
+    BillingService, CardBehaviour, ChargeStatus, CustomerId, InMemoryUsageStore, ManualClock, Money, PeriodKey,
+    SandboxGateway, Standing, TierCharge, UnregisteredUsers, UsageReport, UserId,
+};
+
+/// Who uses how much: tokens per active day, and on how many days out of ten.
+const USERS: [(&str, u64, u64); 5] = [
+    ("ana", 150_000, 6),          // light: stays inside the allowance
+    ("bruno", 1_400_000, 9),      // heavy: several blocks
+    ("carla", 700_000, 7),        // crosses into the first block late in the month
+    ("test-user-id", 900_000, 4), // the seed's own test user
+    ("dora", 1_100_000, 8),       // card declined until she updates it
+];
+
+fn brl(minor: i64) -> String {
+    format!("R$ {}", Money::from_minor(minor, token_billing::Currency::BRL).amount())
+}
+
+fn describe(charge: &TierCharge) -> String {
+    format!(
+        "{} {} {}",
+        charge.billing_tier,
+        brl(charge.amount_charged),
+        charge.status
+    )
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // The embedded default (`BillingService::embedded()`), with a clock we can move through the month.
+    let clock = ManualClock::new(Utc.with_ymd_and_hms(2026, 11, 1, 12, 0, 0).single().ok_or("bad date")?);
+    let sandbox = SandboxGateway::new();
+    let billing = BillingService::builder(Arc::new(InMemoryUsageStore::new()), Arc::new(sandbox.clone()))
+        .clock(Arc::new(clock.clone()))
+        .unregistered_users(UnregisteredUsers::OpenCustomer)
+        .build();
+    let plan = billing.default_plan();
+    println!(
+        "Plan: {} a month covering {} tokens, then {} per started block of {} tokens ({}).\n",
+        brl(plan.fixed_fee().minor_units()),
+        plan.included_tokens(),
+        brl(plan.block_price().minor_units()),
+        plan.block_size(),
+        plan.zone()
+    );
+
+    // Dora's card is declined until she replaces it on the 12th.
+    let dora = UserId::new("dora")?;
+    let dora_card = CustomerId::new("cus_dora")?;
+    sandbox.add_customer(
+        dora_card.clone(),
+        CardBehaviour::Declines {
+            code: "insufficient_funds".into(),
+        },
+    );
+    billing.register_account(&dora, Some(dora_card.clone()), None).await?;
+
+    let mut seed: u64 = 42;
+    let mut random = move |below: u64| {
+        seed = seed
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (seed >> 33) % below
+    };
+    for day in 1..=30 {
+        if day == 12 {
+            sandbox.set_behaviour(&dora_card, CardBehaviour::Succeeds)?;
+            let retried = billing.retry_unpaid(&dora).await?;
+            println!(
+                "2026-11-12  dora updates her card: {} unpaid charge(s) retried, {} succeeded",
+                retried.claimed, retried.succeeded
+            );
+        }
+        for (name, per_day, active) in USERS {
+            if random(10) >= active {
+                continue;
+            }
+            let tokens = per_day / 2 + random(per_day);
+            let operation = ["chat", "chat", "api_call", "embedding"][random(4) as usize];
+            let report = UsageReport::new(name, tokens, operation)
+                .client_id("quickstart")
+                .metadata_entry("conversationId", format!("conv-{day}-{name}"))
+                .event_id(format!("{name}-2026-11-{day:02}"));
+            let outcome = billing.process_token_usage(report).await?;
+            let mut charges: Vec<String> = outcome
+                .fixed_fee_charge
+                .iter()
+                .map(|c| format!("fee {}", describe(c)))
+                .collect();
+            charges.extend(outcome.tier_charges.iter().map(describe));
+            println!(
+                "2026-11-{day:02}  {name:<12} {operation:<9} {tokens:>9} tokens  total {:>10}  tier {:<8} {}",
+                outcome.total_tokens,
+                outcome.current_tier,
+                charges.join(", ")
+            );
+        }
+        // The host's hourly jobs, run once a day here.
+        let retried = billing.retry_failed().await?;
+        if retried.claimed > 0 {
+            println!(
+                "2026-11-{day:02}  dunning: retried {} charge(s), {} succeeded, {} failed",
+                retried.claimed, retried.succeeded, retried.failed
+            );
+        }
+        billing.resume_pending().await?;
+        clock.advance(Duration::days(1));
+    }
+
+    let november = PeriodKey::new(2026, 11)?;
+    println!("\nStatements for {november}:");
+    println!(
+        "{:<12} {:>11} {:<9} {:>12} {:>7} {:>13} {:>12} {:>12}  standing",
+        "user", "tokens", "tier", "fixed fee", "blocks", "block total", "total", "outstanding"
+    );
+    for (name, _, _) in USERS {
+        let user = UserId::new(name)?;
+        let summary = billing.token_summary(&user, Some(november)).await?;
+        let standing = billing.account_standing(&user).await?;
+        println!(
+            "{:<12} {:>11} {:<9} {:>12} {:>7} {:>13} {:>12} {:>12}  {}",
+            name,
+            summary.total_tokens,
+            summary.current_tier,
+            brl(summary.fixed_fee_charged),
+            summary.tier_charges_count,
+            brl(summary.tier_charges_total),
+            brl(summary.total_charged),
+            brl(summary.outstanding_total),
+            match standing.standing {
+                Standing::GoodStanding => "good",
+                Standing::PastDue => "past due",
+            }
+        );
+    }
+
+    println!("\nSandbox ledger:");
+    let payments = sandbox.payments();
+    for payment in &payments {
+        println!(
+            "{:<14} {:<44} {:>12}  {:?}{}",
+            payment.payment_id,
+            payment.idempotency_key,
+            brl(payment.amount.minor_units()),
+            payment.status,
+            payment
+                .decline_code
+                .as_ref()
+                .map(|c| format!(" ({c})"))
+                .unwrap_or_default()
+        );
+    }
+    let mut paid: Vec<_> = payments
+        .iter()
+        .filter(|p| p.status == token_billing::PaymentStatus::Succeeded)
+        .map(|p| p.charge_key.clone())
+        .collect();
+    let succeeded = paid.len();
+    paid.sort();
+    paid.dedup();
+    println!(
+        "\n{} payments, {succeeded} succeeded, for {} distinct charges: {}",
+        payments.len(),
+        paid.len(),
+        if paid.len() == succeeded {
+            "nobody paid twice"
+        } else {
+            "A CHARGE WAS PAID TWICE"
+        }
+    );
+    for (name, _, _) in USERS {
+        let user = UserId::new(name)?;
+        let unpaid = billing
+            .charges(&user, Some(november))
+            .await?
+            .iter()
+            .filter(|c| c.status != ChargeStatus::Succeeded)
+            .count();
+        if unpaid > 0 {
+            println!("{name}: {unpaid} charge(s) not collected yet");
+        }
+    }
+    Ok(())
+}
