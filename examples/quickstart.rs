@@ -86,7 +86,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 continue;
             }
             let tokens = per_day / 2 + random(per_day);
-            let operation = ["chat", "chat", "api_call", "embedding"][random(4) as usize];
+            let operation = match random(4) {
+                0 => "api_call",
+                1 => "embedding",
+                _ => "chat",
+            };
             let report = UsageReport::new(name, tokens, operation)
                 .client_id("quickstart")
                 .metadata_entry("conversationId", format!("conv-{day}-{name}"))

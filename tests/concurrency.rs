@@ -18,8 +18,8 @@ fn small_blocks() -> Plan {
 const USERS: [&str; 3] = ["ana", "bruno", "carla"];
 
 /// Event sizes that straddle block boundaries often: deterministic, varied.
-fn sizes(task: u64, events: u64) -> impl Iterator<Item = u64> {
-    (0..events).map(move |i| 1 + (task * 7_919 + i * 104_729) % 9_000)
+fn sizes(task: usize, events: u64) -> impl Iterator<Item = u64> {
+    (0..events).map(move |i| 1 + (task as u64 * 7_919 + i * 104_729) % 9_000)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -27,12 +27,12 @@ async fn racing_tasks_pay_each_block_exactly_once() {
     let plan = small_blocks();
     let h = Arc::new(Harness::with_plan(plan.clone()));
     let mut tasks = Vec::new();
-    for task in 0..16u64 {
+    for task in 0..16usize {
         let h = h.clone();
         tasks.push(tokio::spawn(async move {
             let mut sent = [0u64; 3];
             for (i, tokens) in sizes(task, 150).enumerate() {
-                let who = (task as usize + i) % USERS.len();
+                let who = (task + i) % USERS.len();
                 h.service
                     .process_token_usage(UsageReport::new(USERS[who], tokens, "chat"))
                     .await
@@ -84,11 +84,11 @@ async fn concurrent_resumers_and_recorders_never_collect_twice() {
         b.plan(small_blocks()).collection(CollectionMode::Deferred)
     }));
     let mut recorders = Vec::new();
-    for task in 0..8u64 {
+    for task in 0..8usize {
         let h = h.clone();
         recorders.push(tokio::spawn(async move {
             for (i, tokens) in sizes(task, 100).enumerate() {
-                let who = USERS[(task as usize + i) % USERS.len()];
+                let who = USERS[(task + i) % USERS.len()];
                 let outcome = h
                     .service
                     .process_token_usage(UsageReport::new(who, tokens, "chat"))

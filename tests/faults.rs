@@ -376,7 +376,7 @@ async fn failures_to_claim_or_to_save_an_opened_customer_are_recovered() {
     assert!(h.service.resume_pending().await.is_err(), "claiming failed");
     let report = h.service.resume_pending().await.expect("resume");
     assert_eq!(report.succeeded, 2);
-    assert_eq!(h.sandbox.customer_of(&user("lia")).is_some(), true);
+    assert!(h.sandbox.customer_of(&user("lia")).is_some());
     h.assert_period_consistent(&user("lia"), november(), &Plan::default())
         .await;
 }

@@ -38,12 +38,13 @@ fn parse_compact(text: &str) -> u64 {
     };
     let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
     assert!(!fraction.ends_with('0'), "no trailing zeros in {text}");
-    let digits = unit.ilog10() as usize;
-    assert!(fraction.len() <= digits, "{text}");
+    let digits = unit.ilog10();
+    let places = u32::try_from(fraction.len()).expect("short");
+    assert!(places <= digits, "{text}");
     let fraction_value = if fraction.is_empty() {
         0
     } else {
-        fraction.parse::<u64>().expect("digits") * 10u64.pow((digits - fraction.len()) as u32)
+        fraction.parse::<u64>().expect("digits") * 10u64.pow(digits - places)
     };
     whole.parse::<u64>().expect("digits") * unit + fraction_value
 }

@@ -12,8 +12,10 @@ fn metadata(entries: impl IntoIterator<Item = (String, String)>) -> Metadata {
     entries.into_iter().collect()
 }
 
-/// Each bad report, and a check of the error it must get.
-fn bad_reports() -> Vec<(&'static str, UsageReport, fn(&BillingError) -> bool)> {
+/// A bad report: what is wrong with it, the report, and a check of the error it must get.
+type BadReport = (&'static str, UsageReport, fn(&BillingError) -> bool);
+
+fn bad_reports() -> Vec<BadReport> {
     let ok = || UsageReport::new("vera", 1_000, "chat");
     vec![
         ("zero tokens", UsageReport::new("vera", 0, "chat"), |e| {

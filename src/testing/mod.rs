@@ -1,5 +1,5 @@
 //! Test support (feature `testing`): the conformance suites every [`UsageStore`] and
-//! [`PaymentGateway`](crate::PaymentGateway) implementation must pass, and wrappers that inject
+//! [`PaymentGateway`] implementation must pass, and wrappers that inject
 //! faults into any store or gateway.
 //!
 //! The suites are plain async functions over `&dyn UsageStore` / `&dyn PaymentGateway`, so an
