@@ -303,12 +303,18 @@ impl CollectionReport {
 }
 
 /// A payment's new state reported by the gateway (a webhook), for the charge it pays.
+///
+/// Every payment the service makes carries `user_id`, `charge_key` and `round` in its metadata,
+/// so a webhook handler can build this from the payment alone.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PaymentUpdate {
     /// The charge's user.
     pub user_id: UserId,
     /// The charge.
     pub charge_key: ChargeKey,
+    /// The collection round the payment was made in, when known (the payment's `round`
+    /// metadata).
+    pub round: Option<u32>,
     /// The payment's state.
     pub outcome: PaymentOutcome,
 }
@@ -605,8 +611,9 @@ impl BillingService {
         Ok(Some(customer))
     }
 
-    /// Checks a report and turns it into the record to store.
-    fn check_report(&self, report: UsageReport, plan: &Plan, now: DateTime<Utc>) -> Result<UsageRecord, UsageError> {
+    /// Checks everything in a report that does not depend on the user's plan, before any store
+    /// call: a bad report is refused even when the store is down.
+    fn check_report(&self, report: UsageReport, now: DateTime<Utc>) -> Result<UsageRecord, UsageError> {
         let user_id = UserId::new(report.user_id)?;
         let operation_type = OperationType::new(report.operation_type)?;
         let client_id = report.client_id.map(ClientId::new).transpose()?;
@@ -631,7 +638,26 @@ impl BillingService {
         if occurred_at > now.checked_add_signed(skew).unwrap_or(DateTime::<Utc>::MAX_UTC) {
             return Err(UsageError::InFuture { occurred_at, now });
         }
-        let period = Period::containing(occurred_at, plan.zone());
+        Ok(UsageRecord {
+            consumption_id,
+            event_id,
+            user_id,
+            // Set from the plan's zone by `place_in_period`.
+            period: Period::containing(occurred_at, chrono_tz::UTC).key(),
+            tokens: report.tokens_used,
+            operation_type,
+            client_id,
+            metadata: report.metadata,
+            occurred_at,
+            occurred_at_reported: report.occurred_at.is_some(),
+            recorded_at: now,
+        })
+    }
+
+    /// Puts a checked event in its period under the user's plan, refusing it when the period's
+    /// grace window has passed.
+    fn place_in_period(usage: &mut UsageRecord, plan: &Plan, now: DateTime<Utc>) -> Result<(), UsageError> {
+        let period = Period::containing(usage.occurred_at, plan.zone());
         let grace = chrono::Duration::from_std(plan.late_usage_grace()).unwrap_or(chrono::Duration::MAX);
         let accepted_until = period
             .end()
@@ -643,19 +669,8 @@ impl BillingService {
                 accepted_until,
             });
         }
-        Ok(UsageRecord {
-            consumption_id,
-            event_id,
-            user_id,
-            period: period.key(),
-            tokens: report.tokens_used,
-            operation_type,
-            client_id,
-            metadata: report.metadata,
-            occurred_at,
-            occurred_at_reported: report.occurred_at.is_some(),
-            recorded_at: now,
-        })
+        usage.period = period.key();
+        Ok(())
     }
 
     fn lease_until(&self, now: DateTime<Utc>, lease: Duration) -> DateTime<Utc> {
@@ -677,10 +692,11 @@ impl BillingService {
     /// event id re-used with different usage; [`BillingError::TotalOverflow`]; store errors. In
     /// every error case nothing was recorded.
     pub async fn process_token_usage(&self, report: UsageReport) -> Result<UsageOutcome, BillingError> {
-        let user = UserId::new(report.user_id.as_str()).map_err(UsageError::from)?;
-        let (account, plan) = self.account_and_plan(&user).await?;
         let now = self.clock.now();
-        let usage = self.check_report(report, plan, now)?;
+        let mut usage = self.check_report(report, now)?;
+        let user = usage.user_id.clone();
+        let (account, plan) = self.account_and_plan(&user).await?;
+        Self::place_in_period(&mut usage, plan, now)?;
         let span = info_span!("process_token_usage", user = %user, period = %usage.period, consumption = %usage.consumption_id);
         async {
             let collect_now = self.settings.collection == CollectionMode::Immediate
@@ -753,6 +769,11 @@ impl BillingService {
                     }
                 }
             }
+            if charge.amount.is_zero() {
+                // Nothing to collect (a free plan's fee or blocks): settled without the gateway,
+                // which would refuse a zero amount.
+                return self.settle_without_payment(charge).await;
+            }
             let idempotency_key = charge.idempotency_key();
             let description = match charge.kind {
                 ChargeKind::FixedFee => format!("Monthly fee, {}", charge.period),
@@ -764,6 +785,7 @@ impl BillingService {
                 ("kind".to_owned(), charge.kind.to_string()),
                 ("block".to_owned(), charge.block.to_string()),
                 ("charge_key".to_owned(), charge.key.to_string()),
+                ("round".to_owned(), charge.round.to_string()),
             ]);
             let request = PaymentRequest {
                 charge_key: &charge.key,
@@ -780,8 +802,62 @@ impl BillingService {
         .await
     }
 
-    /// Stores a gateway answer with a compare-and-set on the charge's status and round.
+    /// Settles a charge that needs no payment.
+    async fn settle_without_payment(&self, charge: Charge) -> Charge {
+        let now = self.clock.now();
+        let settled = self
+            .store
+            .settle_charge(Settlement {
+                user_id: &charge.user_id,
+                key: &charge.key,
+                expected_status: charge.status,
+                expected_round: charge.round,
+                status: ChargeStatus::Succeeded,
+                payment_id: None,
+                failure_code: None,
+                failure_message: None,
+                next_retry_at: None,
+                lease_until: None,
+                at: now,
+            })
+            .await;
+        match settled {
+            Ok(settled) => settled,
+            Err(StoreError::StatusConflict { charge: current }) => *current,
+            Err(error) => {
+                warn!(error = %error, "could not settle a zero-amount charge: it stays pending");
+                charge
+            }
+        }
+    }
+
+    /// Stores a gateway answer with a compare-and-set on the charge's status and round; never
+    /// fails: a lost compare-and-set returns the charge as it is now, and a store failure leaves
+    /// it pending (to resume), logged.
     async fn settle(&self, charge: Charge, result: Result<PaymentOutcome, GatewayError>) -> Charge {
+        match self.try_settle(&charge, result).await {
+            Ok(settled) => {
+                info!(status = %settled.status, payment = ?settled.payment_id, "charge settled");
+                settled
+            }
+            Err(StoreError::StatusConflict { charge: current }) => {
+                debug!(status = %current.status, "charge settled elsewhere first");
+                *current
+            }
+            Err(error) => {
+                warn!(error = %error, "could not store the payment outcome: charge stays pending and will be resumed");
+                charge
+            }
+        }
+    }
+
+    /// The compare-and-set behind [`settle`](Self::settle). An unknown outcome changes nothing
+    /// and returns the charge as it was.
+    async fn try_settle(
+        &self,
+        charge: &Charge,
+        result: Result<PaymentOutcome, GatewayError>,
+    ) -> Result<Charge, StoreError> {
         let now = self.clock.now();
         let (status, payment_id, code, message) = match result {
             Ok(outcome) => {
@@ -805,7 +881,7 @@ impl BillingService {
             }
             Err(error) => {
                 warn!(error = %error, "payment outcome unknown: charge stays pending and will be resumed");
-                return charge;
+                return Ok(charge.clone());
             }
         };
         let next_retry_at = (status == ChargeStatus::Failed)
@@ -814,8 +890,7 @@ impl BillingService {
             .map(|delay| self.lease_until(now, delay));
         let lease_until =
             (status == ChargeStatus::Pending).then(|| self.lease_until(now, self.settings.processing_recheck));
-        let settled = self
-            .store
+        self.store
             .settle_charge(Settlement {
                 user_id: &charge.user_id,
                 key: &charge.key,
@@ -829,21 +904,7 @@ impl BillingService {
                 lease_until,
                 at: now,
             })
-            .await;
-        match settled {
-            Ok(settled) => {
-                info!(status = %settled.status, payment = ?settled.payment_id, "charge settled");
-                settled
-            }
-            Err(StoreError::StatusConflict { charge: current }) => {
-                debug!(status = %current.status, "charge settled elsewhere first");
-                *current
-            }
-            Err(error) => {
-                warn!(error = %error, "could not store the payment outcome: charge stays pending and will be resumed");
-                charge
-            }
-        }
+            .await
     }
 
     /// Collects what the store hands over, for one user or all; returns what happened.
@@ -977,12 +1038,22 @@ impl BillingService {
     /// Applies a payment's new state reported by the gateway (a webhook) to its charge,
     /// idempotently: a charge already in that state, or already succeeded, is left as it is.
     ///
+    /// A success is always applied: money moved for the charge, whichever round it came from. A
+    /// failure or a request for authentication that names an earlier round than the charge's
+    /// current one is stale (the charge was retried since) and is ignored.
+    ///
     /// # Errors
     /// [`BillingError::ChargeNotFound`]; store errors.
     pub async fn apply_payment_update(&self, update: PaymentUpdate) -> Result<Charge, BillingError> {
         let span = info_span!("apply_payment_update", user = %update.user_id, charge = %update.charge_key);
         async {
-            for _ in 0..3 {
+            let target = match update.outcome.status {
+                PaymentStatus::Succeeded => ChargeStatus::Succeeded,
+                PaymentStatus::RequiresAction => ChargeStatus::RequiresAction,
+                PaymentStatus::Declined | PaymentStatus::Canceled => ChargeStatus::Failed,
+                _ => ChargeStatus::Pending,
+            };
+            loop {
                 let charge = self
                     .store
                     .charge(&update.user_id, &update.charge_key)
@@ -990,23 +1061,21 @@ impl BillingService {
                     .ok_or_else(|| BillingError::ChargeNotFound {
                         key: update.charge_key.to_string(),
                     })?;
-                let target = match update.outcome.status {
-                    PaymentStatus::Succeeded => ChargeStatus::Succeeded,
-                    PaymentStatus::RequiresAction => ChargeStatus::RequiresAction,
-                    PaymentStatus::Declined | PaymentStatus::Canceled => ChargeStatus::Failed,
-                    _ => ChargeStatus::Pending,
-                };
-                if charge.status == target || !charge.status.can_become(target) {
+                let stale = target != ChargeStatus::Succeeded && update.round.is_some_and(|r| r != charge.round);
+                if stale || charge.status == target || !charge.status.can_become(target) {
+                    debug!(status = %charge.status, stale, "payment update changes nothing");
                     return Ok(charge);
                 }
-                let settled = self.settle(charge.clone(), Ok(update.outcome.clone())).await;
-                if settled.status != charge.status || settled.updated_at != charge.updated_at {
-                    return Ok(settled);
+                match self.try_settle(&charge, Ok(update.outcome.clone())).await {
+                    Ok(settled) => {
+                        info!(status = %settled.status, "payment update applied");
+                        return Ok(settled);
+                    }
+                    // Changed under us: read it again and decide again.
+                    Err(StoreError::StatusConflict { .. }) => continue,
+                    Err(error) => return Err(error.into()),
                 }
             }
-            Err(BillingError::ChargeNotFound {
-                key: update.charge_key.to_string(),
-            })
         }
         .instrument(span)
         .await
@@ -1112,6 +1181,7 @@ impl BillingService {
         self.apply_payment_update(PaymentUpdate {
             user_id: user.clone(),
             charge_key: charge.key,
+            round: None,
             outcome,
         })
         .await

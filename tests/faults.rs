@@ -145,6 +145,7 @@ async fn authentication_required_waits_for_the_customer_then_settles_once() {
                 .apply_payment_update(PaymentUpdate {
                     user_id: caio.clone(),
                     charge_key: charge.key.clone(),
+                    round: Some(charge.round),
                     outcome: outcome.clone(),
                 })
                 .await
@@ -191,6 +192,7 @@ async fn processing_payments_stay_pending_until_the_webhook() {
         .apply_payment_update(PaymentUpdate {
             user_id: dani.clone(),
             charge_key: block.key.clone(),
+            round: None,
             outcome,
         })
         .await
@@ -569,4 +571,74 @@ async fn a_card_update_retries_unpaid_charges_even_after_the_schedule_ran_out() 
         "nothing left"
     );
     h.assert_period_consistent(&paulo, november(), &Plan::default()).await;
+}
+
+#[tokio::test]
+async fn a_stale_failure_from_an_earlier_round_does_not_override_the_current_round() {
+    let h = Harness::new();
+    let rita = user("rita");
+    let customer = h
+        .register(
+            &rita,
+            CardBehaviour::Declines {
+                code: "card_declined".into(),
+            },
+        )
+        .await;
+    h.service
+        .process_token_usage(UsageReport::new("rita", 100, "chat"))
+        .await
+        .expect("recorded");
+    let fee = h.store.charges(&rita, november()).await.expect("charges")[0].clone();
+    let declined = h.sandbox.payments_for_charge(&fee.key)[0].clone();
+    h.sandbox
+        .set_behaviour(&customer, CardBehaviour::Succeeds)
+        .expect("customer");
+    h.advance(Span::days(1));
+    h.service.retry_failed().await.expect("retry");
+    let paid = h.store.charge(&rita, &fee.key).await.expect("charge").expect("exists");
+    assert_eq!((paid.status, paid.round), (ChargeStatus::Succeeded, 1));
+
+    // Round 0's decline arrives late, as webhooks may: nothing changes.
+    let late = h
+        .service
+        .apply_payment_update(PaymentUpdate {
+            user_id: rita.clone(),
+            charge_key: fee.key.clone(),
+            round: Some(0),
+            outcome: token_billing::PaymentOutcome {
+                payment_id: declined.payment_id,
+                status: PaymentStatus::Declined,
+                decline_code: Some("card_declined".into()),
+                message: None,
+            },
+        })
+        .await
+        .expect("ignored");
+    assert_eq!(late.status, ChargeStatus::Succeeded);
+    assert_eq!(
+        h.service.account_standing(&rita).await.expect("standing").standing,
+        Standing::GoodStanding
+    );
+}
+
+#[tokio::test]
+async fn an_update_for_an_unknown_charge_is_an_error() {
+    let h = Harness::new();
+    let error = h
+        .service
+        .apply_payment_update(PaymentUpdate {
+            user_id: user("nobody"),
+            charge_key: token_billing::ChargeKey::new(&user("nobody"), november(), ChargeKind::Block, 1),
+            round: None,
+            outcome: token_billing::PaymentOutcome {
+                payment_id: "pi_x".into(),
+                status: PaymentStatus::Succeeded,
+                decline_code: None,
+                message: None,
+            },
+        })
+        .await
+        .expect_err("no such charge");
+    assert!(matches!(error, BillingError::ChargeNotFound { .. }));
 }

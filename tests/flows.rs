@@ -255,3 +255,29 @@ async fn services_can_be_shared_across_tasks_and_built_over_trait_objects() {
     }
     assert_eq!(sandbox.payments().len(), 8);
 }
+
+#[tokio::test]
+async fn free_plans_settle_zero_amount_charges_without_the_gateway() {
+    let free = Plan::builder()
+        .fixed_fee(token_billing::Money::zero(token_billing::Currency::BRL))
+        .block_price(token_billing::Money::zero(token_billing::Currency::BRL))
+        .build()
+        .expect("valid");
+    let h = Harness::with_plan(free.clone());
+    let outcome = h
+        .service
+        .process_token_usage(UsageReport::new("yara", 20_000_000, "chat"))
+        .await
+        .expect("recorded");
+    assert_eq!(outcome.tier_charges.len(), 2);
+    assert!(
+        outcome
+            .tier_charges
+            .iter()
+            .all(|c| c.status == ChargeStatus::Succeeded && c.amount_charged == 0)
+    );
+    assert!(h.sandbox.payments().is_empty(), "nothing sent to the gateway");
+    let standing = h.service.account_standing(&user("yara")).await.expect("standing");
+    assert_eq!(standing.standing, token_billing::Standing::GoodStanding);
+    h.assert_period_consistent(&user("yara"), november(), &free).await;
+}
