@@ -542,6 +542,21 @@ impl BillingService {
     /// # Errors
     /// [`BillingError::UnknownPlan`]; [`BillingError::PlanChangeMidPeriod`] when the plan changes
     /// while the current period has usage (change plans between periods); store errors.
+    ///
+    /// # Example
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// use token_billing::{BillingService, CardBehaviour, CustomerId, UserId};
+    /// # let sandbox = token_billing::SandboxGateway::new();
+    /// # let billing = BillingService::builder(std::sync::Arc::new(token_billing::InMemoryUsageStore::new()), std::sync::Arc::new(sandbox.clone())).build();
+    /// let user = UserId::new("user-uuid")?;
+    /// let customer = CustomerId::new("cus_123")?;
+    /// # sandbox.add_customer(customer.clone(), CardBehaviour::Succeeds);
+    /// let account = billing.register_account(&user, Some(customer), None).await?;
+    /// assert_eq!(account.plan_id.as_str(), "default");
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
     pub async fn register_account(
         &self,
         user: &UserId,
@@ -691,6 +706,27 @@ impl BillingService {
     /// [`BillingError::InvalidUsage`] for a bad report; [`BillingError::EventConflict`] for an
     /// event id re-used with different usage; [`BillingError::TotalOverflow`]; store errors. In
     /// every error case nothing was recorded.
+    ///
+    /// # Example
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// use token_billing::{BillingError, BillingService, UsageError, UsageReport};
+    ///
+    /// let billing = BillingService::embedded();
+    /// let report = UsageReport::new("user-uuid", 9_000_000, "chat").event_id("req-1");
+    /// let outcome = billing.process_token_usage(report.clone()).await?;
+    /// assert_eq!((outcome.total_tokens, outcome.current_tier.as_str()), (9_000_000, "8M-16M"));
+    ///
+    /// // The same event again: the original outcome, nothing recorded twice.
+    /// let again = billing.process_token_usage(report).await?;
+    /// assert!(again.replayed && again.consumption_id == outcome.consumption_id);
+    ///
+    /// // Bad input is refused with a typed error.
+    /// let error = billing.process_token_usage(UsageReport::new("user-uuid", 0, "chat")).await.unwrap_err();
+    /// assert!(matches!(error, BillingError::InvalidUsage(UsageError::ZeroTokens)));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
     pub async fn process_token_usage(&self, report: UsageReport) -> Result<UsageOutcome, BillingError> {
         let now = self.clock.now();
         let mut usage = self.check_report(report, now)?;
@@ -964,6 +1000,24 @@ impl BillingService {
     ///
     /// # Errors
     /// Store errors while claiming; collection problems are reported per charge.
+    ///
+    /// # Example
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// use token_billing::{BillingService, CollectionMode, InMemoryUsageStore, SandboxGateway, UnregisteredUsers, UsageReport};
+    /// use std::sync::Arc;
+    ///
+    /// // With deferred collection, usage calls only record; a background job collects.
+    /// let billing = BillingService::builder(Arc::new(InMemoryUsageStore::new()), Arc::new(SandboxGateway::new()))
+    ///     .collection(CollectionMode::Deferred)
+    ///     .unregistered_users(UnregisteredUsers::OpenCustomer)
+    ///     .build();
+    /// billing.process_token_usage(UsageReport::new("user-uuid", 9_000_000, "chat")).await?;
+    /// let report = billing.resume_pending().await?;
+    /// assert_eq!((report.claimed, report.succeeded), (2, 2)); // the fixed fee and block 1
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
     pub async fn resume_pending(&self) -> Result<CollectionReport, BillingError> {
         self.collect_claimed_of(None)
             .instrument(info_span!("resume_pending"))
@@ -976,6 +1030,29 @@ impl BillingService {
     ///
     /// # Errors
     /// Store errors while claiming.
+    ///
+    /// # Example
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// use std::sync::Arc;
+    /// use token_billing::{BillingService, CardBehaviour, CustomerId, InMemoryUsageStore, ManualClock, SandboxGateway, UsageReport, UserId};
+    ///
+    /// let clock = ManualClock::new(chrono::Utc::now());
+    /// let sandbox = SandboxGateway::new();
+    /// let billing = BillingService::builder(Arc::new(InMemoryUsageStore::new()), Arc::new(sandbox.clone()))
+    ///     .clock(Arc::new(clock.clone()))
+    ///     .build();
+    /// let customer = CustomerId::new("cus_123")?;
+    /// sandbox.add_customer(customer.clone(), CardBehaviour::Declines { code: "insufficient_funds".into() });
+    /// billing.register_account(&UserId::new("user-uuid")?, Some(customer.clone()), None).await?;
+    /// billing.process_token_usage(UsageReport::new("user-uuid", 100, "chat")).await?; // the fee is declined
+    ///
+    /// sandbox.set_behaviour(&customer, CardBehaviour::Succeeds)?;
+    /// clock.advance(chrono::Duration::days(1));
+    /// assert_eq!(billing.retry_failed().await?.succeeded, 1);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
     pub async fn retry_failed(&self) -> Result<CollectionReport, BillingError> {
         async {
             let mut report = CollectionReport::default();
@@ -1044,6 +1121,29 @@ impl BillingService {
     ///
     /// # Errors
     /// [`BillingError::ChargeNotFound`]; store errors.
+    ///
+    /// # Example
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// use token_billing::{BillingService, ChargeStatus, PaymentOutcome, PaymentStatus, PaymentUpdate, UsageReport, UserId};
+    ///
+    /// let billing = BillingService::embedded();
+    /// billing.process_token_usage(UsageReport::new("user-uuid", 100, "chat")).await?;
+    /// let user = UserId::new("user-uuid")?;
+    /// let fee = billing.charges(&user, None).await?.remove(0);
+    ///
+    /// // What a webhook handler does with `payment_intent.succeeded`: applying it twice is harmless.
+    /// let update = PaymentUpdate {
+    ///     user_id: user,
+    ///     charge_key: fee.key.clone(),
+    ///     round: Some(fee.round),
+    ///     outcome: PaymentOutcome { payment_id: fee.payment_id.clone().unwrap_or_default(), status: PaymentStatus::Succeeded, decline_code: None, message: None },
+    /// };
+    /// assert_eq!(billing.apply_payment_update(update.clone()).await?.status, ChargeStatus::Succeeded);
+    /// assert_eq!(billing.apply_payment_update(update).await?.status, ChargeStatus::Succeeded);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
     pub async fn apply_payment_update(&self, update: PaymentUpdate) -> Result<Charge, BillingError> {
         let span = info_span!("apply_payment_update", user = %update.user_id, charge = %update.charge_key);
         async {
@@ -1086,6 +1186,21 @@ impl BillingService {
     ///
     /// # Errors
     /// Store errors.
+    ///
+    /// # Example
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// use token_billing::{BillingService, ChargeKind, UserId};
+    ///
+    /// let billing = BillingService::embedded();
+    /// let user = UserId::new("user-uuid")?;
+    /// let fee = billing.open_period(&user, None).await?.expect("the library collects the fee");
+    /// assert_eq!((fee.kind, fee.amount.minor_units()), (ChargeKind::FixedFee, 40000));
+    /// // Opening again finds the same charge.
+    /// assert_eq!(billing.open_period(&user, None).await?.map(|c| c.id), Some(fee.id));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
     pub async fn open_period(&self, user: &UserId, period: Option<PeriodKey>) -> Result<Option<Charge>, BillingError> {
         if self.settings.fee != FeeCollection::Library {
             return Ok(None);
@@ -1119,6 +1234,28 @@ impl BillingService {
     /// # Errors
     /// [`BillingError::NoCustomer`] when the user has no customer (and the policy opens none);
     /// gateway and store errors.
+    ///
+    /// # Example
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// use token_billing::{BillingService, FeeCollection, InMemoryUsageStore, SandboxGateway, UnregisteredUsers, UserId};
+    /// use std::sync::Arc;
+    ///
+    /// let billing = BillingService::builder(Arc::new(InMemoryUsageStore::new()), Arc::new(SandboxGateway::new()))
+    ///     .fee_collection(FeeCollection::Subscription)
+    ///     .unregistered_users(UnregisteredUsers::OpenCustomer)
+    ///     .build();
+    /// let user = UserId::new("user-uuid")?;
+    /// let subscription = billing.create_subscription(&user).await?;
+    /// assert_eq!(subscription.status, "active");
+    ///
+    /// // Later, the gateway reports the month's invoice paid (a webhook); reporting it twice is harmless.
+    /// billing.record_fixed_fee_paid(&user, "2026-11".parse()?, "in_123").await?;
+    /// billing.record_fixed_fee_paid(&user, "2026-11".parse()?, "in_123").await?;
+    /// assert_eq!(billing.token_summary(&user, Some("2026-11".parse()?)).await?.fixed_fee_charged, 40000);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
     pub async fn create_subscription(&self, user: &UserId) -> Result<Subscription, BillingError> {
         let (account, plan) = self.account_and_plan(user).await?;
         let customer = self
@@ -1198,6 +1335,21 @@ impl BillingService {
     ///
     /// # Errors
     /// Store errors.
+    ///
+    /// # Example
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// use token_billing::{BillingService, UsageReport, UserId};
+    ///
+    /// let billing = BillingService::embedded();
+    /// billing.process_token_usage(UsageReport::new("user-uuid", 17_000_000, "chat")).await?;
+    /// let summary = billing.token_summary(&UserId::new("user-uuid")?, None).await?;
+    /// assert_eq!(summary.current_tier, "16M-24M");
+    /// assert_eq!((summary.fixed_fee_charged, summary.tier_charges_count, summary.tier_charges_total), (40000, 2, 20000));
+    /// assert_eq!(summary.total_charged, 60000);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
     pub async fn token_summary(&self, user: &UserId, period: Option<PeriodKey>) -> Result<TokenSummary, BillingError> {
         let (period, plan) = self.period_of(user, period).await?;
         let summary = self.store.period_summary(user, period).await?;
@@ -1232,6 +1384,22 @@ impl BillingService {
     ///
     /// # Errors
     /// Store errors.
+    ///
+    /// # Example
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// use token_billing::{BillingService, UsageReport, UserId};
+    ///
+    /// let billing = BillingService::embedded();
+    /// billing.process_token_usage(UsageReport::new("user-uuid", 1_000, "chat")).await?;
+    /// billing.process_token_usage(UsageReport::new("user-uuid", 2_000, "chat")).await?;
+    /// billing.process_token_usage(UsageReport::new("user-uuid", 500, "embedding")).await?;
+    /// let rows = billing.usage_by_operation(&UserId::new("user-uuid")?, None).await?;
+    /// assert_eq!((rows[0].operation_type.as_str(), rows[0].total_tokens, rows[0].operations), ("chat", 3_000, 2));
+    /// assert_eq!((rows[1].operation_type.as_str(), rows[1].total_tokens, rows[1].operations), ("embedding", 500, 1));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
     pub async fn usage_by_operation(
         &self,
         user: &UserId,
@@ -1246,6 +1414,20 @@ impl BillingService {
     ///
     /// # Errors
     /// Store errors.
+    ///
+    /// # Example
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// use token_billing::{BillingService, UsageReport, UserId};
+    ///
+    /// let billing = BillingService::embedded();
+    /// billing.process_token_usage(UsageReport::new("user-uuid", 9_000_000, "chat")).await?;
+    /// let rows = billing.charges_by_tier(&UserId::new("user-uuid")?, None).await?;
+    /// let tiers: Vec<_> = rows.iter().map(|r| (r.billing_tier.as_str(), r.charges_count, r.total_charged.minor_units())).collect();
+    /// assert_eq!(tiers, [("0-8M", 1, 40000), ("8M-16M", 1, 10000)]);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
     pub async fn charges_by_tier(
         &self,
         user: &UserId,
@@ -1269,6 +1451,20 @@ impl BillingService {
     ///
     /// # Errors
     /// Store errors.
+    ///
+    /// # Example
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// use token_billing::{BillingService, Standing, UsageReport, UserId};
+    ///
+    /// let billing = BillingService::embedded();
+    /// billing.process_token_usage(UsageReport::new("user-uuid", 100, "chat")).await?;
+    /// let standing = billing.account_standing(&UserId::new("user-uuid")?).await?;
+    /// assert_eq!(standing.standing, Standing::GoodStanding);
+    /// assert!(standing.unpaid_charges.is_empty());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
     pub async fn account_standing(&self, user: &UserId) -> Result<AccountStanding, BillingError> {
         let unpaid_charges = self.store.unpaid_charges(user).await?;
         Ok(AccountStanding {
@@ -1285,6 +1481,20 @@ impl BillingService {
     ///
     /// # Errors
     /// Store errors.
+    ///
+    /// # Example
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// use token_billing::{AuditEvent, BillingService, UsageReport, UserId};
+    ///
+    /// let billing = BillingService::embedded();
+    /// billing.process_token_usage(UsageReport::new("user-uuid", 100, "chat")).await?;
+    /// let trail = billing.audit_trail(&UserId::new("user-uuid")?, None).await?;
+    /// assert!(trail.iter().any(|entry| matches!(entry.event, AuditEvent::UsageRecorded { tokens: 100, .. })));
+    /// assert!(trail.iter().any(|entry| matches!(entry.event, AuditEvent::ChargeStatusChanged { .. })));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
     pub async fn audit_trail(&self, user: &UserId, period: Option<PeriodKey>) -> Result<Vec<AuditEntry>, BillingError> {
         Ok(self.store.audit_trail(user, period).await?)
     }
