@@ -92,6 +92,10 @@ pub enum BillingError {
         /// The period with usage.
         period: PeriodKey,
     },
+    /// A gateway subscription was asked for while the library collects the fixed fee
+    /// ([`FeeCollection::Library`](crate::FeeCollection::Library)): both would collect it.
+    #[error("the library collects the fixed fee: a subscription would collect it twice")]
+    FeeCollectedByLibrary,
     /// The user has no gateway customer to charge.
     #[error("user {user_id} has no payment customer")]
     NoCustomer {

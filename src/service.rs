@@ -67,9 +67,12 @@ pub struct DunningSchedule {
 }
 
 impl DunningSchedule {
-    /// A schedule from its delays.
+    /// A schedule from its delays; each is at least one second, so that a run of
+    /// [`BillingService::retry_failed`] never meets a charge it failed itself.
     pub fn new(delays: Vec<Duration>) -> DunningSchedule {
-        DunningSchedule { delays }
+        DunningSchedule {
+            delays: delays.into_iter().map(|d| d.max(Duration::from_secs(1))).collect(),
+        }
     }
 
     /// The delay before retrying a charge whose round `round` (0-based) failed.
@@ -421,10 +424,11 @@ impl BillingServiceBuilder {
         self
     }
 
-    /// How long a collector holds a charge before another may resume it (2 minutes by default).
-    /// It must exceed the longest a gateway call can take.
+    /// How long a collector holds a charge before another may resume it (2 minutes by default,
+    /// at least 1 second). It must exceed the longest one gateway call can take; a collector
+    /// working through many charges renews its lease on each before calling the gateway.
     pub fn lease(mut self, lease: Duration) -> Self {
-        self.settings.lease = lease;
+        self.settings.lease = lease.max(Duration::from_secs(1));
         self
     }
 
@@ -526,18 +530,27 @@ impl BillingService {
             .unwrap_or_else(|| unreachable!("the default plan is always in the catalogue"))
     }
 
-    /// The user's account and plan (the default plan for a user with no account).
-    async fn account_and_plan(&self, user: &UserId) -> Result<(Option<Account>, &Plan), BillingError> {
-        let account = self.store.account(user).await?;
-        let plan = match &account {
-            Some(account) => self.plan(&account.plan_id)?,
-            None => self.default_plan(),
-        };
-        Ok((account, plan))
+    /// The user's current plan: the one whose zone draws the period boundaries.
+    fn current_plan(&self, account: Option<&Account>) -> Result<&Plan, BillingError> {
+        match account {
+            Some(account) => self.plan(&account.plan_id),
+            None => Ok(self.default_plan()),
+        }
+    }
+
+    /// The plan that rates `period` for the user: the plan the account had then.
+    fn period_plan(&self, account: Option<&Account>, period: PeriodKey) -> Result<&Plan, BillingError> {
+        match account {
+            Some(account) => self.plan(account.plan_for(period)),
+            None => Ok(self.default_plan()),
+        }
     }
 
     /// Registers (or updates) a user's account: the gateway customer that pays, and the plan.
-    /// Charges that were waiting for the account are collected now.
+    /// Charges that were waiting for the account and that no collector holds are collected now.
+    ///
+    /// A new plan rates the current period on; earlier periods (late usage, summaries) keep the
+    /// plan they had.
     ///
     /// # Errors
     /// [`BillingError::UnknownPlan`]; [`BillingError::PlanChangeMidPeriod`] when the plan changes
@@ -570,8 +583,11 @@ impl BillingService {
             let now = self.clock.now();
             let existing = self.store.account(user).await?;
             let current_plan = existing.as_ref().map_or(&self.settings.default_plan, |a| &a.plan_id);
+            let mut earlier_plans = existing.as_ref().map(|a| a.earlier_plans.clone()).unwrap_or_default();
             if current_plan != &plan_id && self.plan(current_plan).ok() != Some(plan) {
                 let period = Period::containing(now, self.plan(current_plan).map_or(plan.zone(), Plan::zone)).key();
+                earlier_plans.retain(|(until, _)| *until < period);
+                earlier_plans.push((period, current_plan.clone()));
                 let has_usage = self
                     .store
                     .period_summary(user, period)
@@ -588,6 +604,7 @@ impl BillingService {
                 user_id: user.clone(),
                 customer_id: customer.or_else(|| existing.as_ref().and_then(|a| a.customer_id.clone())),
                 plan_id,
+                earlier_plans,
                 subscription_id: existing.as_ref().and_then(|a| a.subscription_id.clone()),
                 created_at: existing.as_ref().map_or(now, |a| a.created_at),
                 updated_at: now,
@@ -617,6 +634,7 @@ impl BillingService {
             user_id: user.clone(),
             customer_id: Some(customer.clone()),
             plan_id: account.map_or_else(|| self.settings.default_plan.clone(), |a| a.plan_id.clone()),
+            earlier_plans: account.map(|a| a.earlier_plans.clone()).unwrap_or_default(),
             subscription_id: account.and_then(|a| a.subscription_id.clone()),
             created_at: account.map_or(now, |a| a.created_at),
             updated_at: now,
@@ -628,10 +646,10 @@ impl BillingService {
 
     /// Checks everything in a report that does not depend on the user's plan, before any store
     /// call: a bad report is refused even when the store is down.
-    fn check_report(&self, report: UsageReport, now: DateTime<Utc>) -> Result<UsageRecord, UsageError> {
-        let user_id = UserId::new(report.user_id)?;
-        let operation_type = OperationType::new(report.operation_type)?;
-        let client_id = report.client_id.map(ClientId::new).transpose()?;
+    fn check_report(&self, report: &UsageReport, now: DateTime<Utc>) -> Result<UsageRecord, UsageError> {
+        let user_id = UserId::new(report.user_id.as_str())?;
+        let operation_type = OperationType::new(report.operation_type.as_str())?;
+        let client_id = report.client_id.as_deref().map(ClientId::new).transpose()?;
         if report.tokens_used == 0 {
             return Err(UsageError::ZeroTokens);
         }
@@ -644,8 +662,8 @@ impl BillingService {
         }
         check_metadata(&report.metadata)?;
         let consumption_id = Uuid::new_v4();
-        let event_id = match report.event_id {
-            Some(id) => EventId::new(id)?,
+        let event_id = match &report.event_id {
+            Some(id) => EventId::new(id.as_str())?,
             None => EventId::new(consumption_id.to_string())?,
         };
         let occurred_at = report.occurred_at.unwrap_or(now);
@@ -662,7 +680,7 @@ impl BillingService {
             tokens: report.tokens_used,
             operation_type,
             client_id,
-            metadata: report.metadata,
+            metadata: report.metadata.clone(),
             occurred_at,
             occurred_at_reported: report.occurred_at.is_some(),
             recorded_at: now,
@@ -728,87 +746,184 @@ impl BillingService {
     /// # }).unwrap();
     /// ```
     pub async fn process_token_usage(&self, report: UsageReport) -> Result<UsageOutcome, BillingError> {
-        let now = self.clock.now();
-        let mut usage = self.check_report(report, now)?;
-        let user = usage.user_id.clone();
-        let (account, plan) = self.account_and_plan(&user).await?;
-        Self::place_in_period(&mut usage, plan, now)?;
-        let span = info_span!("process_token_usage", user = %user, period = %usage.period, consumption = %usage.consumption_id);
+        let span = info_span!(
+            "process_token_usage",
+            user = %report.user_id.chars().take(UserId::MAX_LEN).collect::<String>(),
+            period = tracing::field::Empty,
+            consumption = tracing::field::Empty,
+        );
         async {
-            let collect_now = self.settings.collection == CollectionMode::Immediate
-                && (account.as_ref().is_some_and(|a| a.customer_id.is_some())
-                    || self.settings.unregistered == UnregisteredUsers::OpenCustomer);
-            let recorded = self
-                .store
-                .record_usage(RecordUsage {
-                    usage,
-                    plan,
-                    fee: self.settings.fee,
-                    lease_until: collect_now.then(|| self.lease_until(now, self.settings.lease)),
-                })
-                .await?;
-            if recorded.replayed {
-                debug!(event = %recorded.usage.event_id, "event replayed: answering the original outcome");
-            } else {
-                info!(
-                    tokens = recorded.usage.tokens,
-                    total = recorded.total_after,
-                    charges = recorded.charges.len(),
-                    "usage recorded"
-                );
-            }
-            let mut charges = recorded.charges;
-            if collect_now && !recorded.replayed && !charges.is_empty() {
-                match self.customer_for(&user, account.as_ref()).await {
-                    Ok(Some(customer)) => {
-                        for charge in &mut charges {
-                            *charge = self.collect_charge(charge.clone(), &customer).await;
-                        }
+            let now = self.clock.now();
+            match self.record_report(&report, now).await {
+                // A re-sent event is answered with its original outcome even when it would now be
+                // refused: its window has passed, or the limits changed since it was recorded.
+                Err(BillingError::InvalidUsage(
+                    error @ (UsageError::TooLate { .. }
+                    | UsageError::InFuture { .. }
+                    | UsageError::TooManyTokens { .. }),
+                )) => match self.replay_of(&report).await? {
+                    Some(outcome) => Ok(outcome),
+                    None => {
+                        info!(error = %error, "usage refused");
+                        Err(error.into())
                     }
-                    Ok(None) => {}
-                    Err(error) => warn!(error = %error, "no customer: charges stay pending"),
+                },
+                Err(error) => {
+                    if error.is_client_error() {
+                        info!(error = %error, "usage refused");
+                    }
+                    Err(error)
                 }
+                ok => ok,
             }
-            let (fees, blocks): (Vec<&Charge>, Vec<&Charge>) =
-                charges.iter().partition(|c| c.kind == ChargeKind::FixedFee);
-            Ok(UsageOutcome {
-                consumption_id: recorded.usage.consumption_id,
-                total_tokens: recorded.total_after,
-                tier_charges: blocks.into_iter().map(TierCharge::from).collect(),
-                fixed_fee_charge: fees.first().map(|c| TierCharge::from(*c)),
-                period: recorded.usage.period,
-                current_tier: plan.tier_of(recorded.total_after)?.label(),
-                replayed: recorded.replayed,
-            })
         }
         .instrument(span)
         .await
     }
 
+    /// The original outcome of a report's event, when the event was recorded with the same usage.
+    async fn replay_of(&self, report: &UsageReport) -> Result<Option<UsageOutcome>, BillingError> {
+        let (Ok(user), Some(Ok(event_id))) = (
+            UserId::new(report.user_id.as_str()),
+            report.event_id.as_deref().map(EventId::new),
+        ) else {
+            return Ok(None);
+        };
+        let Some(recorded) = self.store.recorded_event(&user, &event_id).await? else {
+            return Ok(None);
+        };
+        let original = &recorded.usage;
+        let same = original.tokens == report.tokens_used
+            && original.operation_type.as_str() == report.operation_type
+            && original.client_id.as_ref().map(ClientId::as_str) == report.client_id.as_deref()
+            && original.metadata == report.metadata
+            && report.occurred_at.is_none_or(|at| at == original.occurred_at)
+            && (report.occurred_at.is_some() || !original.occurred_at_reported);
+        if !same {
+            return Err(BillingError::EventConflict { event_id });
+        }
+        let account = self.store.account(&user).await?;
+        let plan = self.period_plan(account.as_ref(), original.period)?;
+        debug!(event = %event_id, "event replayed: answering the original outcome");
+        Ok(Some(Self::outcome(
+            recorded.usage.clone(),
+            recorded.total_after,
+            &recorded.charges,
+            true,
+            plan,
+        )?))
+    }
+
+    fn outcome(
+        usage: UsageRecord,
+        total_after: u64,
+        charges: &[Charge],
+        replayed: bool,
+        plan: &Plan,
+    ) -> Result<UsageOutcome, BillingError> {
+        let (fees, blocks): (Vec<&Charge>, Vec<&Charge>) = charges.iter().partition(|c| c.kind == ChargeKind::FixedFee);
+        Ok(UsageOutcome {
+            consumption_id: usage.consumption_id,
+            total_tokens: total_after,
+            tier_charges: blocks.into_iter().map(TierCharge::from).collect(),
+            fixed_fee_charge: fees.first().map(|c| TierCharge::from(*c)),
+            period: usage.period,
+            current_tier: plan.tier_of(total_after)?.label(),
+            replayed,
+        })
+    }
+
+    async fn record_report(&self, report: &UsageReport, now: DateTime<Utc>) -> Result<UsageOutcome, BillingError> {
+        let mut usage = self.check_report(report, now)?;
+        let user = usage.user_id.clone();
+        let account = self.store.account(&user).await?;
+        Self::place_in_period(&mut usage, self.current_plan(account.as_ref())?, now)?;
+        let plan = self.period_plan(account.as_ref(), usage.period)?;
+        let span = tracing::Span::current();
+        span.record("period", tracing::field::display(usage.period));
+        span.record("consumption", tracing::field::display(usage.consumption_id));
+        let collect_now = self.settings.collection == CollectionMode::Immediate
+            && (account.as_ref().is_some_and(|a| a.customer_id.is_some())
+                || self.settings.unregistered == UnregisteredUsers::OpenCustomer);
+        let recorded = self
+            .store
+            .record_usage(RecordUsage {
+                usage,
+                plan,
+                fee: self.settings.fee,
+                lease_until: collect_now.then(|| self.lease_until(now, self.settings.lease)),
+            })
+            .await?;
+        if recorded.replayed {
+            debug!(event = %recorded.usage.event_id, "event replayed: answering the original outcome");
+        } else {
+            info!(
+                tokens = recorded.usage.tokens,
+                total = recorded.total_after,
+                charges = recorded.charges.len(),
+                "usage recorded"
+            );
+        }
+        let mut charges = recorded.charges;
+        if collect_now && !recorded.replayed && !charges.is_empty() {
+            match self.customer_for(&user, account.as_ref()).await {
+                Ok(Some(customer)) => {
+                    for charge in &mut charges {
+                        if let Some(collected) = self.collect_charge(charge.clone(), &customer).await {
+                            *charge = collected;
+                        }
+                    }
+                }
+                Ok(None) => {}
+                Err(error) => warn!(error = %error, "no customer: charges stay pending"),
+            }
+        }
+        Self::outcome(recorded.usage, recorded.total_after, &charges, recorded.replayed, plan)
+    }
+
     /// Collects one claimed charge and settles it; never fails: whatever goes wrong leaves the
-    /// charge pending (to resume) or failed (to retry), and is logged.
-    async fn collect_charge(&self, charge: Charge, customer: &CustomerId) -> Charge {
+    /// charge pending (to resume) or failed (to retry), and is logged. `None` when the lease on
+    /// the charge was lost, so that it was left to whoever holds it now.
+    async fn collect_charge(&self, charge: Charge, customer: &CustomerId) -> Option<Charge> {
         let span = info_span!("collect_charge", user = %charge.user_id, period = %charge.period, charge = %charge.key, round = charge.round);
         async {
+            // Hold the charge for the whole call: a lease taken for a batch may be running out.
+            let charge = self.hold(charge).await?;
             // A charge that may have been attempted before is looked up first: the gateway may have
             // forgotten the idempotency key, or this may be a later round of a charge paid out of band.
             if charge.attempts > 1 {
                 match self.gateway.find_payment(&charge.key).await {
                     Ok(Some(outcome)) => {
                         info!(payment = %outcome.payment_id, status = ?outcome.status, "found an earlier payment for the charge");
-                        return self.settle(charge, Ok(outcome)).await;
+                        return Some(self.settle(charge, Ok(outcome)).await);
                     }
                     Ok(None) => {}
                     Err(error) => {
                         warn!(error = %error, "could not look up earlier payments: charge stays pending");
-                        return charge;
+                        return Some(charge);
+                    }
+                }
+            }
+            // A new round: the previous round's payment must not be able to succeed later too.
+            if charge.round > 0 {
+                if let Some(previous) = charge.payment_id.clone() {
+                    match self.gateway.cancel_payment(&previous).await {
+                        Ok(outcome) if outcome.status == PaymentStatus::Succeeded => {
+                            info!(payment = %previous, "the previous round's payment succeeded after all");
+                            return Some(self.settle(charge, Ok(outcome)).await);
+                        }
+                        Ok(_) | Err(GatewayError::Rejected { .. }) => {}
+                        Err(error) => {
+                            warn!(error = %error, payment = %previous, "could not cancel the previous round's payment: charge stays pending");
+                            return Some(charge);
+                        }
                     }
                 }
             }
             if charge.amount.is_zero() {
                 // Nothing to collect (a free plan's fee or blocks): settled without the gateway,
                 // which would refuse a zero amount.
-                return self.settle_without_payment(charge).await;
+                return Some(self.settle_without_payment(charge).await);
             }
             let idempotency_key = charge.idempotency_key();
             let description = match charge.kind {
@@ -832,10 +947,41 @@ impl BillingService {
                 metadata: &metadata,
             };
             let result = self.gateway.collect(&request).await;
-            self.settle(charge, result).await
+            Some(self.settle(charge, result).await)
         }
         .instrument(span)
         .await
+    }
+
+    /// Makes sure the caller holds a pending charge's lease for at least half a lease more,
+    /// renewing it when needed. `None` when the lease was lost (another collector holds the
+    /// charge, or it was settled): the charge must then be left alone.
+    async fn hold(&self, charge: Charge) -> Option<Charge> {
+        let now = self.clock.now();
+        let half = self.lease_until(now, self.settings.lease / 2);
+        if charge.status != ChargeStatus::Pending || charge.lease_until.is_some_and(|until| until >= half) {
+            return Some(charge);
+        }
+        let renewed = self
+            .store
+            .renew_lease(
+                &charge.user_id,
+                &charge.key,
+                charge.lease_until,
+                self.lease_until(now, self.settings.lease),
+            )
+            .await;
+        match renewed {
+            Ok(Some(charge)) => Some(charge),
+            Ok(None) => {
+                debug!("lease lost: another collector holds the charge");
+                None
+            }
+            Err(error) => {
+                warn!(error = %error, "could not renew the lease: charge left for a later run");
+                None
+            }
+        }
     }
 
     /// Settles a charge that needs no payment.
@@ -924,8 +1070,9 @@ impl BillingService {
             .then(|| self.settings.dunning.delay_after_round(charge.round))
             .flatten()
             .map(|delay| self.lease_until(now, delay));
-        let lease_until =
-            (status == ChargeStatus::Pending).then(|| self.lease_until(now, self.settings.processing_recheck));
+        // A payment still processing, or awaiting the customer, is looked at again later.
+        let lease_until = matches!(status, ChargeStatus::Pending | ChargeStatus::RequiresAction)
+            .then(|| self.lease_until(now, self.settings.processing_recheck));
         self.store
             .settle_charge(Settlement {
                 user_id: &charge.user_id,
@@ -943,16 +1090,18 @@ impl BillingService {
             .await
     }
 
-    /// Collects what the store hands over, for one user or all; returns what happened.
+    /// Collects what the store hands over, for one user or all; returns what happened. Bounded:
+    /// a charge leased during this run is not claimed again by it.
     async fn collect_claimed_of(&self, user: Option<&UserId>) -> Result<CollectionReport, BillingError> {
         let mut report = CollectionReport::default();
+        let started = self.clock.now();
         loop {
-            let now = self.clock.now();
+            let now = self.clock.now().max(started);
             let claimed = self
                 .store
                 .claim_pending(
                     user,
-                    now,
+                    started,
                     self.lease_until(now, self.settings.lease),
                     self.settings.batch_size,
                 )
@@ -971,24 +1120,69 @@ impl BillingService {
             let customer = match customers.get(&charge.user_id) {
                 Some(customer) => customer.clone(),
                 None => {
-                    let account = self.store.account(&charge.user_id).await.ok().flatten();
-                    let customer = self
-                        .customer_for(&charge.user_id, account.as_ref())
-                        .await
-                        .ok()
-                        .flatten();
+                    // A store error is not "no account": the charge is left for a later run, and
+                    // no customer is opened on its strength.
+                    let customer = match self.store.account(&charge.user_id).await {
+                        Ok(account) => match self.customer_for(&charge.user_id, account.as_ref()).await {
+                            Ok(customer) => customer,
+                            Err(error) => {
+                                warn!(user = %charge.user_id, error = %error, "could not open a customer: charges wait");
+                                None
+                            }
+                        },
+                        Err(error) => {
+                            warn!(user = %charge.user_id, error = %error, "could not read the account: charges wait");
+                            None
+                        }
+                    };
                     customers.insert(charge.user_id.clone(), customer.clone());
                     customer
                 }
             };
             let status = match customer {
-                Some(customer) => self.collect_charge(charge, &customer).await.status,
+                Some(customer) => self
+                    .collect_charge(charge, &customer)
+                    .await
+                    .map_or(ChargeStatus::Pending, |c| c.status),
                 None => {
                     debug!(user = %charge.user_id, charge = %charge.key, "no customer yet: charge waits");
                     ChargeStatus::Pending
                 }
             };
             report.count(status);
+        }
+    }
+
+    /// Looks again at charges awaiting the customer whose recheck time has come: a payment the
+    /// customer completed is settled even if its webhook was lost.
+    async fn recheck_awaiting_customer(&self, report: &mut CollectionReport) -> Result<(), BillingError> {
+        let started = self.clock.now();
+        loop {
+            let claimed = self
+                .store
+                .claim_awaiting_customer(
+                    started,
+                    self.lease_until(started, self.settings.processing_recheck),
+                    self.settings.batch_size,
+                )
+                .await?;
+            if claimed.is_empty() {
+                return Ok(());
+            }
+            report.claimed += claimed.len();
+            for charge in claimed {
+                let status = match self.gateway.find_payment(&charge.key).await {
+                    Ok(Some(outcome)) if outcome.status == PaymentStatus::Succeeded => {
+                        self.settle(charge, Ok(outcome)).await.status
+                    }
+                    Ok(_) => charge.status,
+                    Err(error) => {
+                        warn!(charge = %charge.key, error = %error, "could not look up the payment");
+                        charge.status
+                    }
+                };
+                report.count(status);
+            }
         }
     }
 
@@ -1019,9 +1213,13 @@ impl BillingService {
     /// # }).unwrap();
     /// ```
     pub async fn resume_pending(&self) -> Result<CollectionReport, BillingError> {
-        self.collect_claimed_of(None)
-            .instrument(info_span!("resume_pending"))
-            .await
+        async {
+            let mut report = self.collect_claimed_of(None).await?;
+            self.recheck_awaiting_customer(&mut report).await?;
+            Ok(report)
+        }
+        .instrument(info_span!("resume_pending"))
+        .await
     }
 
     /// Retries failed charges whose dunning delay has passed, each in a new round with a new
@@ -1056,12 +1254,15 @@ impl BillingService {
     pub async fn retry_failed(&self) -> Result<CollectionReport, BillingError> {
         async {
             let mut report = CollectionReport::default();
+            // Claims are made as of the run's start, so the run ends even if its own retries fail
+            // again with a short delay.
+            let started = self.clock.now();
             loop {
-                let now = self.clock.now();
+                let now = self.clock.now().max(started);
                 let claimed = self
                     .store
                     .claim_due_retries(
-                        now,
+                        started,
                         self.lease_until(now, self.settings.lease),
                         self.settings.batch_size,
                     )
@@ -1085,6 +1286,7 @@ impl BillingService {
     ///
     /// # Errors
     /// Store errors.
+    #[tracing::instrument(skip_all, fields(user = %user))]
     pub async fn retry_unpaid(&self, user: &UserId) -> Result<CollectionReport, BillingError> {
         let now = self.clock.now();
         for charge in self.store.unpaid_charges(user).await? {
@@ -1116,8 +1318,11 @@ impl BillingService {
     /// idempotently: a charge already in that state, or already succeeded, is left as it is.
     ///
     /// A success is always applied: money moved for the charge, whichever round it came from. A
-    /// failure or a request for authentication that names an earlier round than the charge's
-    /// current one is stale (the charge was retried since) and is ignored.
+    /// success for a charge already paid by another payment is a duplicate: it is recorded in
+    /// the audit trail ([`AuditEvent::DuplicatePayment`](crate::AuditEvent::DuplicatePayment))
+    /// and logged at `error` for the host to refund. A failure or a request for authentication
+    /// that names another round, or another payment than the charge's, is stale (the charge was
+    /// retried since) and is ignored.
     ///
     /// # Errors
     /// [`BillingError::ChargeNotFound`]; store errors.
@@ -1161,7 +1366,23 @@ impl BillingService {
                     .ok_or_else(|| BillingError::ChargeNotFound {
                         key: update.charge_key.to_string(),
                     })?;
-                let stale = target != ChargeStatus::Succeeded && update.round.is_some_and(|r| r != charge.round);
+                // A failure or authentication request is stale when it names another round, or
+                // another payment than the one the charge is waiting on.
+                let stale = target != ChargeStatus::Succeeded
+                    && (update.round.is_some_and(|r| r != charge.round)
+                        || charge
+                            .payment_id
+                            .as_ref()
+                            .is_some_and(|p| *p != update.outcome.payment_id));
+                if target == ChargeStatus::Succeeded
+                    && charge.status == ChargeStatus::Succeeded
+                    && !update.outcome.payment_id.is_empty()
+                    && charge.payment_id.as_ref() != Some(&update.outcome.payment_id)
+                {
+                    self.report_duplicate_payment(&charge, &update.outcome.payment_id)
+                        .await?;
+                    return Ok(charge);
+                }
                 if stale || charge.status == target || !charge.status.can_become(target) {
                     debug!(status = %charge.status, stale, "payment update changes nothing");
                     return Ok(charge);
@@ -1179,6 +1400,30 @@ impl BillingService {
         }
         .instrument(span)
         .await
+    }
+
+    /// Records and logs a second successful payment for a charge already paid: the money must be
+    /// refunded by the host; the charge keeps its first payment.
+    async fn report_duplicate_payment(&self, charge: &Charge, duplicate: &str) -> Result<(), BillingError> {
+        tracing::error!(
+            charge = %charge.key,
+            kept = ?charge.payment_id,
+            duplicate = %duplicate,
+            "a second payment succeeded for a charge already paid: refund it"
+        );
+        self.store
+            .append_audit(AuditEntry {
+                at: self.clock.now(),
+                user_id: charge.user_id.clone(),
+                period: Some(charge.period),
+                event: crate::store::AuditEvent::DuplicatePayment {
+                    key: charge.key.clone(),
+                    kept_payment_id: charge.payment_id.clone(),
+                    duplicate_payment_id: duplicate.to_owned(),
+                },
+            })
+            .await?;
+        Ok(())
     }
 
     /// Opens a period for a user ahead of usage (a monthly job): with [`FeeCollection::Library`],
@@ -1202,28 +1447,38 @@ impl BillingService {
     /// # }).unwrap();
     /// ```
     pub async fn open_period(&self, user: &UserId, period: Option<PeriodKey>) -> Result<Option<Charge>, BillingError> {
-        if self.settings.fee != FeeCollection::Library {
-            return Ok(None);
+        let span = info_span!("open_period", user = %user, period = tracing::field::Empty);
+        async {
+            if self.settings.fee != FeeCollection::Library {
+                return Ok(None);
+            }
+            let account = self.store.account(user).await?;
+            let now = self.clock.now();
+            let current = self.current_plan(account.as_ref())?;
+            let period = period.unwrap_or_else(|| Period::containing(now, current.zone()).key());
+            tracing::Span::current().record("period", tracing::field::display(period));
+            let plan = self.period_plan(account.as_ref(), period)?;
+            let customer = self.customer_for(user, account.as_ref()).await?;
+            let collect = customer.is_some() && self.settings.collection == CollectionMode::Immediate;
+            let (charge, created) = self
+                .store
+                .ensure_charge(EnsureCharge {
+                    charge: NewCharge::fixed_fee(plan, user, period, None),
+                    status: ChargeStatus::Pending,
+                    payment_id: None,
+                    now,
+                    lease_until: collect.then(|| self.lease_until(now, self.settings.lease)),
+                })
+                .await?;
+            match customer {
+                Some(customer) if created && collect => Ok(Some(
+                    self.collect_charge(charge.clone(), &customer).await.unwrap_or(charge),
+                )),
+                _ => Ok(Some(charge)),
+            }
         }
-        let (account, plan) = self.account_and_plan(user).await?;
-        let now = self.clock.now();
-        let period = period.unwrap_or_else(|| Period::containing(now, plan.zone()).key());
-        let customer = self.customer_for(user, account.as_ref()).await?;
-        let collect = customer.is_some() && self.settings.collection == CollectionMode::Immediate;
-        let (charge, created) = self
-            .store
-            .ensure_charge(EnsureCharge {
-                charge: NewCharge::fixed_fee(plan, user, period, None),
-                status: ChargeStatus::Pending,
-                payment_id: None,
-                now,
-                lease_until: collect.then(|| self.lease_until(now, self.settings.lease)),
-            })
-            .await?;
-        match customer {
-            Some(customer) if created && collect => Ok(Some(self.collect_charge(charge, &customer).await)),
-            _ => Ok(Some(charge)),
-        }
+        .instrument(span)
+        .await
     }
 
     /// Subscribes the user's customer to the plan's fixed fee at the gateway (the seed's
@@ -1232,8 +1487,10 @@ impl BillingService {
     /// each paid invoice with [`record_fixed_fee_paid`](Self::record_fixed_fee_paid).
     ///
     /// # Errors
-    /// [`BillingError::NoCustomer`] when the user has no customer (and the policy opens none);
-    /// gateway and store errors.
+    /// [`BillingError::FeeCollectedByLibrary`] unless the service runs with
+    /// [`FeeCollection::Subscription`]: otherwise the fee would be collected twice, by the library
+    /// and by the subscription. [`BillingError::NoCustomer`] when the user has no customer (and
+    /// the policy opens none); gateway and store errors.
     ///
     /// # Example
     /// ```
@@ -1257,29 +1514,38 @@ impl BillingService {
     /// # }).unwrap();
     /// ```
     pub async fn create_subscription(&self, user: &UserId) -> Result<Subscription, BillingError> {
-        let (account, plan) = self.account_and_plan(user).await?;
-        let customer = self
-            .customer_for(user, account.as_ref())
-            .await?
-            .ok_or_else(|| BillingError::NoCustomer { user_id: user.clone() })?;
-        let account = self
-            .store
-            .account(user)
-            .await?
-            .ok_or_else(|| BillingError::NoCustomer { user_id: user.clone() })?;
-        let subscription = self
-            .gateway
-            .create_subscription(&customer, &account.plan_id, plan)
-            .await?;
-        self.store
-            .put_account(Account {
-                subscription_id: Some(subscription.subscription_id.clone()),
-                updated_at: self.clock.now(),
-                ..account
-            })
-            .await?;
-        info!(user = %user, subscription = %subscription.subscription_id, "subscription created");
-        Ok(subscription)
+        let span = info_span!("create_subscription", user = %user);
+        async {
+            if self.settings.fee != FeeCollection::Subscription {
+                return Err(BillingError::FeeCollectedByLibrary);
+            }
+            let account = self.store.account(user).await?;
+            let plan = self.current_plan(account.as_ref())?;
+            let customer = self
+                .customer_for(user, account.as_ref())
+                .await?
+                .ok_or_else(|| BillingError::NoCustomer { user_id: user.clone() })?;
+            let account = self
+                .store
+                .account(user)
+                .await?
+                .ok_or_else(|| BillingError::NoCustomer { user_id: user.clone() })?;
+            let subscription = self
+                .gateway
+                .create_subscription(&customer, &account.plan_id, plan)
+                .await?;
+            self.store
+                .put_account(Account {
+                    subscription_id: Some(subscription.subscription_id.clone()),
+                    updated_at: self.clock.now(),
+                    ..account
+                })
+                .await?;
+            info!(subscription = %subscription.subscription_id, "subscription created");
+            Ok(subscription)
+        }
+        .instrument(span)
+        .await
     }
 
     /// Records that the gateway collected the period's fixed fee (its subscription invoice was
@@ -1294,40 +1560,50 @@ impl BillingService {
         period: PeriodKey,
         payment_id: &str,
     ) -> Result<Charge, BillingError> {
-        let (_, plan) = self.account_and_plan(user).await?;
-        let now = self.clock.now();
-        let (charge, created) = self
-            .store
-            .ensure_charge(EnsureCharge {
-                charge: NewCharge::fixed_fee(plan, user, period, None),
-                status: ChargeStatus::Succeeded,
-                payment_id: Some(payment_id.to_owned()),
-                now,
-                lease_until: None,
+        let span = info_span!("record_fixed_fee_paid", user = %user, period = %period, payment = %payment_id);
+        async {
+            let account = self.store.account(user).await?;
+            let plan = self.period_plan(account.as_ref(), period)?;
+            let now = self.clock.now();
+            let (charge, created) = self
+                .store
+                .ensure_charge(EnsureCharge {
+                    charge: NewCharge::fixed_fee(plan, user, period, None),
+                    status: ChargeStatus::Succeeded,
+                    payment_id: Some(payment_id.to_owned()),
+                    now,
+                    lease_until: None,
+                })
+                .await?;
+            if created {
+                info!("fixed fee recorded as paid");
+                return Ok(charge);
+            }
+            // It existed: mark it paid if it was not, or report a second payment if it was.
+            let outcome = PaymentOutcome {
+                payment_id: payment_id.to_owned(),
+                status: PaymentStatus::Succeeded,
+                decline_code: None,
+                message: None,
+            };
+            self.apply_payment_update(PaymentUpdate {
+                user_id: user.clone(),
+                charge_key: charge.key,
+                round: None,
+                outcome,
             })
-            .await?;
-        if created || charge.status == ChargeStatus::Succeeded {
-            return Ok(charge);
+            .await
         }
-        let outcome = PaymentOutcome {
-            payment_id: payment_id.to_owned(),
-            status: PaymentStatus::Succeeded,
-            decline_code: None,
-            message: None,
-        };
-        self.apply_payment_update(PaymentUpdate {
-            user_id: user.clone(),
-            charge_key: charge.key,
-            round: None,
-            outcome,
-        })
+        .instrument(span)
         .await
     }
 
+    /// The period asked for (the user's current one when `None`) and the plan that rates it.
     async fn period_of(&self, user: &UserId, period: Option<PeriodKey>) -> Result<(PeriodKey, &Plan), BillingError> {
-        let (_, plan) = self.account_and_plan(user).await?;
-        let period = period.unwrap_or_else(|| Period::containing(self.clock.now(), plan.zone()).key());
-        Ok((period, plan))
+        let account = self.store.account(user).await?;
+        let current = self.current_plan(account.as_ref())?;
+        let period = period.unwrap_or_else(|| Period::containing(self.clock.now(), current.zone()).key());
+        Ok((period, self.period_plan(account.as_ref(), period)?))
     }
 
     /// The user's figures for a period (the current one when `None`): the seed's
@@ -1350,6 +1626,7 @@ impl BillingService {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// # }).unwrap();
     /// ```
+    #[tracing::instrument(level = "debug", skip_all, fields(user = %user, period = ?period))]
     pub async fn token_summary(&self, user: &UserId, period: Option<PeriodKey>) -> Result<TokenSummary, BillingError> {
         let (period, plan) = self.period_of(user, period).await?;
         let summary = self.store.period_summary(user, period).await?;
@@ -1400,6 +1677,7 @@ impl BillingService {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// # }).unwrap();
     /// ```
+    #[tracing::instrument(level = "debug", skip_all, fields(user = %user, period = ?period))]
     pub async fn usage_by_operation(
         &self,
         user: &UserId,
@@ -1428,6 +1706,7 @@ impl BillingService {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// # }).unwrap();
     /// ```
+    #[tracing::instrument(level = "debug", skip_all, fields(user = %user, period = ?period))]
     pub async fn charges_by_tier(
         &self,
         user: &UserId,
@@ -1441,6 +1720,7 @@ impl BillingService {
     ///
     /// # Errors
     /// Store errors.
+    #[tracing::instrument(level = "debug", skip_all, fields(user = %user, period = ?period))]
     pub async fn charges(&self, user: &UserId, period: Option<PeriodKey>) -> Result<Vec<Charge>, BillingError> {
         let (period, _) = self.period_of(user, period).await?;
         Ok(self.store.charges(user, period).await?)
@@ -1465,6 +1745,7 @@ impl BillingService {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// # }).unwrap();
     /// ```
+    #[tracing::instrument(level = "debug", skip_all, fields(user = %user))]
     pub async fn account_standing(&self, user: &UserId) -> Result<AccountStanding, BillingError> {
         let unpaid_charges = self.store.unpaid_charges(user).await?;
         Ok(AccountStanding {
@@ -1495,6 +1776,7 @@ impl BillingService {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// # }).unwrap();
     /// ```
+    #[tracing::instrument(level = "debug", skip_all, fields(user = %user, period = ?period))]
     pub async fn audit_trail(&self, user: &UserId, period: Option<PeriodKey>) -> Result<Vec<AuditEntry>, BillingError> {
         Ok(self.store.audit_trail(user, period).await?)
     }

@@ -141,6 +141,8 @@ pub struct Subscription {
 ///   idempotency key. The service calls it before collecting a charge that may have been
 ///   attempted already, and keeps a payment it finds instead of creating another.
 /// - Amounts MUST be sent in the currency's minor units ([`Money::minor_units`]).
+/// - [`cancel_payment`](Self::cancel_payment) MUST NOT cancel a succeeded payment; it reports
+///   it as succeeded.
 #[async_trait]
 pub trait PaymentGateway: Send + Sync + Debug {
     /// A short name for logs (`sandbox`, `stripe`).
@@ -156,6 +158,12 @@ pub trait PaymentGateway: Send + Sync + Debug {
     /// still in flight (processing, requiring action); `None` when every payment made was
     /// declined or canceled, or none was made.
     async fn find_payment(&self, charge_key: &ChargeKey) -> Result<Option<PaymentOutcome>, GatewayError>;
+
+    /// Cancels a payment that has not succeeded, so that it cannot succeed later (a customer
+    /// completing an old authentication) once a new round has been started. Returns the
+    /// payment's state after the attempt: `Canceled`, or its final state when it could not be
+    /// canceled (it had succeeded or was already declined).
+    async fn cancel_payment(&self, payment_id: &str) -> Result<PaymentOutcome, GatewayError>;
 
     /// Subscribes a customer to a plan's fixed fee (the seed's create-subscription).
     async fn create_subscription(

@@ -83,6 +83,7 @@ struct Ledger {
     by_charge: HashMap<ChargeKey, Vec<usize>>,
     subscriptions: Vec<(Subscription, Money)>,
     calls: u64,
+    forget_idempotency_keys: bool,
 }
 
 /// An in-process payment gateway that keeps state like a card processor: customers whose
@@ -132,6 +133,16 @@ impl SandboxGateway {
     fn ledger(&self) -> MutexGuard<'_, Ledger> {
         // Every change below is validated before it is made, so a poisoned ledger is consistent.
         self.ledger.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Makes the sandbox ignore idempotency keys from now on, as a card processor does once a
+    /// key has expired (Stripe keeps them 24 hours) and as some test servers always do: every
+    /// call then makes a new payment, and only the service's look-up of earlier payments
+    /// prevents paying twice.
+    pub fn forget_idempotency_keys(&self) {
+        let mut ledger = self.ledger();
+        ledger.forget_idempotency_keys = true;
+        ledger.by_idempotency_key.clear();
     }
 
     /// Adds (or replaces) a customer whose card behaves as `behaviour`.
@@ -355,6 +366,23 @@ impl PaymentGateway for SandboxGateway {
                     .find(|p| matches!(p.status, PaymentStatus::Processing | PaymentStatus::RequiresAction))
             });
         Ok(best.map(|p| p.outcome()))
+    }
+
+    async fn cancel_payment(&self, payment_id: &str) -> Result<PaymentOutcome, GatewayError> {
+        let mut ledger = self.ledger();
+        ledger.calls += 1;
+        let payment = ledger
+            .payments
+            .iter_mut()
+            .find(|p| p.payment_id == payment_id)
+            .ok_or_else(|| rejected("resource_missing", format!("No such payment: {payment_id}")))?;
+        if matches!(
+            payment.status,
+            PaymentStatus::Processing | PaymentStatus::RequiresAction
+        ) {
+            payment.status = PaymentStatus::Canceled;
+        }
+        Ok(payment.outcome())
     }
 
     async fn create_subscription(

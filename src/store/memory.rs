@@ -47,6 +47,8 @@ struct Shard {
     pending: BTreeSet<(DateTime<Utc>, UserId, ChargeKey)>,
     /// Failed charges with a retry scheduled, soonest first.
     retries: BTreeSet<(DateTime<Utc>, UserId, ChargeKey)>,
+    /// Charges awaiting the customer's authentication, oldest first.
+    awaiting: BTreeSet<(DateTime<Utc>, UserId, ChargeKey)>,
 }
 
 #[derive(Debug, Default)]
@@ -174,12 +176,18 @@ impl Shard {
             if status == ChargeStatus::Pending {
                 self.pending.remove(&entry(charge.created_at));
             }
+            if status == ChargeStatus::RequiresAction {
+                self.awaiting.remove(&entry(charge.created_at));
+            }
             if let Some(at) = retry_at {
                 self.retries.remove(&entry(at));
             }
         }
         if charge.status == ChargeStatus::Pending {
             self.pending.insert(entry(charge.created_at));
+        }
+        if charge.status == ChargeStatus::RequiresAction {
+            self.awaiting.insert(entry(charge.created_at));
         }
         if charge.status == ChargeStatus::Failed {
             if let Some(at) = charge.next_retry_at {
@@ -190,6 +198,38 @@ impl Shard {
 }
 
 impl UserBook {
+    /// The outcome of an event already recorded, as a replay.
+    fn replay(&self, user: &UserId, event_id: &EventId) -> Result<Option<Recorded>, StoreError> {
+        let Some(entry) = self.events.get(event_id) else {
+            return Ok(None);
+        };
+        let original = self
+            .periods
+            .get(&entry.period)
+            .and_then(|p| p.consumptions.get(entry.index))
+            .ok_or_else(|| StoreError::NotFound {
+                what: "consumption",
+                key: event_id.to_string(),
+            })?;
+        let keys = entry
+            .created_fee
+            .then(|| ChargeKey::new(user, entry.period, ChargeKind::FixedFee, 0))
+            .into_iter()
+            .chain(
+                entry
+                    .blocks
+                    .into_iter()
+                    .map(|b| ChargeKey::new(user, entry.period, ChargeKind::Block, b)),
+            );
+        Ok(Some(Recorded {
+            usage: original.clone(),
+            total_before: entry.total_before,
+            total_after: entry.total_before + original.tokens,
+            charges: keys.filter_map(|k| self.charge(&k).cloned()).collect(),
+            replayed: true,
+        }))
+    }
+
     fn charge_mut(&mut self, key: &ChargeKey) -> Option<&mut Charge> {
         let (period, index) = *self.charge_index.get(key)?;
         self.periods.get_mut(&period)?.charges.get_mut(index)
@@ -300,38 +340,13 @@ impl UsageStore for InMemoryUsageStore {
         let shard = &mut *shard;
         let book = shard.users.entry(user.clone()).or_default();
 
-        if let Some(entry) = book.events.get(&usage.event_id) {
-            let original = book
-                .periods
-                .get(&entry.period)
-                .and_then(|p| p.consumptions.get(entry.index))
-                .ok_or_else(|| StoreError::NotFound {
-                    what: "consumption",
-                    key: usage.event_id.to_string(),
-                })?;
-            if !original.same_usage(&usage) {
+        if let Some(original) = book.replay(&user, &usage.event_id)? {
+            if !original.usage.same_usage(&usage) {
                 return Err(StoreError::EventConflict {
                     event_id: usage.event_id,
                 });
             }
-            let keys = entry
-                .created_fee
-                .then(|| ChargeKey::new(&user, entry.period, ChargeKind::FixedFee, 0))
-                .into_iter()
-                .chain(
-                    entry
-                        .blocks
-                        .into_iter()
-                        .map(|b| ChargeKey::new(&user, entry.period, ChargeKind::Block, b)),
-                );
-            let charges = keys.filter_map(|k| book.charge(&k).cloned()).collect();
-            return Ok(Recorded {
-                usage: original.clone(),
-                total_before: entry.total_before,
-                total_after: entry.total_before + original.tokens,
-                charges,
-                replayed: true,
-            });
+            return Ok(original);
         }
 
         let period = usage.period;
@@ -566,6 +581,71 @@ impl UsageStore for InMemoryUsageStore {
             }
         }
         Ok(claimed)
+    }
+
+    async fn claim_awaiting_customer(
+        &self,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<Charge>, StoreError> {
+        let mut claimed = Vec::new();
+        for shard in self.shards.iter() {
+            if claimed.len() >= limit {
+                break;
+            }
+            let mut shard = lock(shard);
+            let shard = &mut *shard;
+            let candidates: Vec<(UserId, ChargeKey)> =
+                shard.awaiting.iter().map(|(_, u, k)| (u.clone(), k.clone())).collect();
+            for (user_id, key) in candidates {
+                if claimed.len() >= limit {
+                    break;
+                }
+                let Some(charge) = shard.users.get_mut(&user_id).and_then(|b| b.charge_mut(&key)) else {
+                    continue;
+                };
+                if charge.status != ChargeStatus::RequiresAction || charge.lease_until.is_some_and(|until| until > now)
+                {
+                    continue;
+                }
+                charge.lease_until = Some(lease_until);
+                charge.updated_at = now;
+                claimed.push(charge.clone());
+            }
+        }
+        Ok(claimed)
+    }
+
+    async fn renew_lease(
+        &self,
+        user: &UserId,
+        key: &ChargeKey,
+        held_until: Option<DateTime<Utc>>,
+        lease_until: DateTime<Utc>,
+    ) -> Result<Option<Charge>, StoreError> {
+        let mut shard = self.shard(user);
+        let Some(charge) = shard.users.get_mut(user).and_then(|b| b.charge_mut(key)) else {
+            return Ok(None);
+        };
+        if charge.status != ChargeStatus::Pending || charge.lease_until != held_until {
+            return Ok(None);
+        }
+        charge.lease_until = Some(lease_until);
+        Ok(Some(charge.clone()))
+    }
+
+    async fn recorded_event(&self, user: &UserId, event_id: &EventId) -> Result<Option<Recorded>, StoreError> {
+        match self.shard(user).users.get(user) {
+            Some(book) => book.replay(user, event_id),
+            None => Ok(None),
+        }
+    }
+
+    async fn append_audit(&self, entry: AuditEntry) -> Result<(), StoreError> {
+        let mut shard = self.shard(&entry.user_id);
+        shard.users.entry(entry.user_id.clone()).or_default().audit.push(entry);
+        Ok(())
     }
 
     async fn settle_charge(&self, s: Settlement<'_>) -> Result<Charge, StoreError> {

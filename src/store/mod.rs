@@ -94,14 +94,48 @@ pub struct Account {
     pub user_id: UserId,
     /// The gateway's customer, once known. Charges of a user without one wait, pending.
     pub customer_id: Option<CustomerId>,
-    /// The user's plan in the service's catalogue.
+    /// The user's plan in the service's catalogue, for the current period on.
     pub plan_id: PlanId,
+    /// The plans the user had before, each with the first period it no longer applied to,
+    /// oldest first: late usage and summaries of a past period are rated under that period's
+    /// plan ([`Account::plan_for`]).
+    #[serde(default)]
+    pub earlier_plans: Vec<(PeriodKey, PlanId)>,
     /// The gateway subscription that collects the fixed fee, when there is one.
     pub subscription_id: Option<String>,
     /// When the account was registered.
     pub created_at: DateTime<Utc>,
     /// When it last changed.
     pub updated_at: DateTime<Utc>,
+}
+
+impl Account {
+    /// The plan that rates `period`.
+    ///
+    /// # Example
+    /// ```
+    /// use token_billing::{Account, PlanId, UserId};
+    ///
+    /// let now = chrono::Utc::now();
+    /// let account = Account {
+    ///     user_id: UserId::new("u")?,
+    ///     customer_id: None,
+    ///     plan_id: PlanId::new("pro")?,
+    ///     earlier_plans: vec![("2026-12".parse()?, PlanId::new("default")?)],
+    ///     subscription_id: None,
+    ///     created_at: now,
+    ///     updated_at: now,
+    /// };
+    /// assert_eq!(account.plan_for("2026-11".parse()?).as_str(), "default");
+    /// assert_eq!(account.plan_for("2026-12".parse()?).as_str(), "pro");
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn plan_for(&self, period: PeriodKey) -> &PlanId {
+        self.earlier_plans
+            .iter()
+            .find(|(until, _)| period < *until)
+            .map_or(&self.plan_id, |(_, plan)| plan)
+    }
 }
 
 /// A user's running figures for one period: the seed's `token_usage_summary` row. Stores keep it
@@ -205,6 +239,16 @@ pub enum AuditEvent {
         /// The period total after it.
         total_after: u64,
     },
+    /// The gateway reported a second successful payment for a charge already paid: money to
+    /// refund. Recorded, logged at `error`, and never applied to the charge.
+    DuplicatePayment {
+        /// The charge.
+        key: ChargeKey,
+        /// The payment the charge is settled with.
+        kept_payment_id: Option<String>,
+        /// The other payment.
+        duplicate_payment_id: String,
+    },
     /// A charge was created.
     ChargeCreated {
         /// The charge.
@@ -216,7 +260,8 @@ pub enum AuditEvent {
         /// Its first status.
         status: ChargeStatus,
     },
-    /// Collection of a charge started (one gateway call follows).
+    /// A charge was claimed for collection: a gateway call follows, unless the user has no
+    /// customer yet.
     CollectionStarted {
         /// The charge.
         key: ChargeKey,
@@ -345,9 +390,12 @@ pub struct Settlement<'a> {
 ///   fails with [`StoreError::StatusConflict`] when either differs, and with
 ///   [`StoreError::ForbiddenTransition`] when [`ChargeStatus::can_become`] forbids the change. It
 ///   sets the lease to `settlement.lease_until`.
-/// - [`claim_pending`](Self::claim_pending) MUST hand a pending charge to one caller at a time:
-///   it takes only charges whose lease has expired (or that have none) and leases them, so two
-///   concurrent claims never return the same charge.
+/// - [`claim_pending`](Self::claim_pending), [`claim_due_retries`](Self::claim_due_retries) and
+///   [`claim_awaiting_customer`](Self::claim_awaiting_customer) MUST hand a charge to one caller
+///   at a time: they take only charges whose lease has expired (or that have none) and lease
+///   them in the same atomic step, so two concurrent claims never return the same charge, and
+///   two concurrent retry claims never start two rounds of one charge.
+/// - [`renew_lease`](Self::renew_lease) MUST be a compare-and-set on the lease.
 /// - Summaries MUST always agree with the charges: `fixed_fee_charged` and `tier_charges_*` sum
 ///   the succeeded fixed-fee and block charges, `outstanding_*` the others.
 ///
@@ -372,7 +420,8 @@ pub trait UsageStore: Send + Sync + Debug {
     async fn ensure_charge(&self, request: EnsureCharge) -> Result<(Charge, bool), StoreError>;
 
     /// Leases up to `limit` pending charges that nobody holds at `now` (of one user, or of all
-    /// users), until `lease_until`, counting one collection attempt for each; oldest first.
+    /// users), until `lease_until`, counting one collection attempt for each. Older charges
+    /// SHOULD come first; no order across users is promised.
     async fn claim_pending(
         &self,
         user: Option<&UserId>,
@@ -390,8 +439,37 @@ pub trait UsageStore: Send + Sync + Debug {
         limit: usize,
     ) -> Result<Vec<Charge>, StoreError>;
 
+    /// Leases up to `limit` charges awaiting the customer (`RequiresAction`) whose lease has
+    /// expired at `now`, until `lease_until`, so their payment can be looked up again. Does not
+    /// count an attempt: nothing is collected.
+    async fn claim_awaiting_customer(
+        &self,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<Charge>, StoreError>;
+
+    /// Extends a lease the caller holds: when the charge is `Pending` and its lease is still
+    /// `held_until`, sets it to `lease_until` and returns the charge; otherwise (someone else
+    /// took it, or it was settled) returns `None` and changes nothing.
+    async fn renew_lease(
+        &self,
+        user: &UserId,
+        key: &ChargeKey,
+        held_until: Option<DateTime<Utc>>,
+        lease_until: DateTime<Utc>,
+    ) -> Result<Option<Charge>, StoreError>;
+
     /// Compare-and-set of a charge's status; see the contract.
     async fn settle_charge(&self, settlement: Settlement<'_>) -> Result<Charge, StoreError>;
+
+    /// The outcome of an event already recorded under `event_id` for `user`, as
+    /// [`record_usage`](Self::record_usage) would answer a replay of it (`replayed = true`).
+    async fn recorded_event(&self, user: &UserId, event_id: &EventId) -> Result<Option<Recorded>, StoreError>;
+
+    /// Appends an entry to the user's audit trail, for what the service observes outside any
+    /// other store operation (a duplicate payment reported by the gateway).
+    async fn append_audit(&self, entry: AuditEntry) -> Result<(), StoreError>;
 
     /// One charge by key.
     async fn charge(&self, user: &UserId, key: &ChargeKey) -> Result<Option<Charge>, StoreError>;

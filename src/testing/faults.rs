@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use crate::domain::{Charge, ChargeKey, CustomerId, PeriodKey, Plan, PlanId, UsageRecord, UserId};
+use crate::domain::{Charge, ChargeKey, CustomerId, EventId, PeriodKey, Plan, PlanId, UsageRecord, UserId};
 use crate::gateway::{GatewayError, PaymentGateway, PaymentOutcome, PaymentRequest, Subscription};
 use crate::store::{
     Account, AuditEntry, EnsureCharge, OperationUsage, PeriodSummary, RecordUsage, Recorded, Settlement, StoreError,
@@ -43,8 +43,16 @@ pub enum StoreOp {
     ClaimPending,
     /// [`UsageStore::claim_due_retries`].
     ClaimDueRetries,
+    /// [`UsageStore::claim_awaiting_customer`].
+    ClaimAwaitingCustomer,
+    /// [`UsageStore::renew_lease`].
+    RenewLease,
     /// [`UsageStore::settle_charge`].
     SettleCharge,
+    /// [`UsageStore::recorded_event`].
+    RecordedEvent,
+    /// [`UsageStore::append_audit`].
+    AppendAudit,
 }
 
 /// An operation of [`PaymentGateway`] that faults can target.
@@ -57,6 +65,8 @@ pub enum GatewayOp {
     Collect,
     /// [`PaymentGateway::find_payment`].
     FindPayment,
+    /// [`PaymentGateway::cancel_payment`].
+    CancelPayment,
     /// [`PaymentGateway::create_subscription`].
     CreateSubscription,
 }
@@ -220,9 +230,41 @@ impl UsageStore for FaultyStore {
         )
         .await
     }
+    async fn claim_awaiting_customer(
+        &self,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<Charge>, StoreError> {
+        self.run(
+            StoreOp::ClaimAwaitingCustomer,
+            self.inner.claim_awaiting_customer(now, lease_until, limit),
+        )
+        .await
+    }
+    async fn renew_lease(
+        &self,
+        user: &UserId,
+        key: &ChargeKey,
+        held_until: Option<DateTime<Utc>>,
+        lease_until: DateTime<Utc>,
+    ) -> Result<Option<Charge>, StoreError> {
+        self.run(
+            StoreOp::RenewLease,
+            self.inner.renew_lease(user, key, held_until, lease_until),
+        )
+        .await
+    }
     async fn settle_charge(&self, settlement: Settlement<'_>) -> Result<Charge, StoreError> {
         self.run(StoreOp::SettleCharge, self.inner.settle_charge(settlement))
             .await
+    }
+    async fn recorded_event(&self, user: &UserId, event_id: &EventId) -> Result<Option<Recorded>, StoreError> {
+        self.run(StoreOp::RecordedEvent, self.inner.recorded_event(user, event_id))
+            .await
+    }
+    async fn append_audit(&self, entry: AuditEntry) -> Result<(), StoreError> {
+        self.run(StoreOp::AppendAudit, self.inner.append_audit(entry)).await
     }
     async fn charge(&self, user: &UserId, key: &ChargeKey) -> Result<Option<Charge>, StoreError> {
         self.inner.charge(user, key).await
@@ -335,6 +377,10 @@ impl PaymentGateway for FaultyGateway {
     }
     async fn find_payment(&self, charge_key: &ChargeKey) -> Result<Option<PaymentOutcome>, GatewayError> {
         self.run(GatewayOp::FindPayment, self.inner.find_payment(charge_key))
+            .await
+    }
+    async fn cancel_payment(&self, payment_id: &str) -> Result<PaymentOutcome, GatewayError> {
+        self.run(GatewayOp::CancelPayment, self.inner.cancel_payment(payment_id))
             .await
     }
     async fn create_subscription(

@@ -90,6 +90,7 @@ pub async fn account_round_trips(store: &dyn UsageStore) {
         user_id: user.clone(),
         customer_id: Some("cus_123".parse().expect("valid")),
         plan_id: PlanId::new("default").expect("valid"),
+        earlier_plans: vec![(period(), PlanId::new("starter").expect("valid"))],
         subscription_id: None,
         created_at: base_instant(),
         updated_at: base_instant(),
@@ -831,6 +832,7 @@ pub async fn audit_trail_records_every_change(store: &dyn UsageStore) {
             AuditEvent::CollectionStarted { .. } => "attempt",
             AuditEvent::ChargeStatusChanged { .. } => "status",
             AuditEvent::AccountSaved { .. } => "account",
+            _ => "other",
         })
         .collect();
     for kind in ["usage", "created", "attempt", "status"] {
