@@ -904,22 +904,6 @@ impl BillingService {
                     }
                 }
             }
-            // A new round: the previous round's payment must not be able to succeed later too.
-            if charge.round > 0 {
-                if let Some(previous) = charge.payment_id.clone() {
-                    match self.gateway.cancel_payment(&previous).await {
-                        Ok(outcome) if outcome.status == PaymentStatus::Succeeded => {
-                            info!(payment = %previous, "the previous round's payment succeeded after all");
-                            return Some(self.settle(charge, Ok(outcome)).await);
-                        }
-                        Ok(_) | Err(GatewayError::Rejected { .. }) => {}
-                        Err(error) => {
-                            warn!(error = %error, payment = %previous, "could not cancel the previous round's payment: charge stays pending");
-                            return Some(charge);
-                        }
-                    }
-                }
-            }
             if charge.amount.is_zero() {
                 // Nothing to collect (a free plan's fee or blocks): settled without the gateway,
                 // which would refuse a zero amount.
@@ -951,6 +935,29 @@ impl BillingService {
         }
         .instrument(span)
         .await
+    }
+
+    /// A charge just moved to a new round still names the previous round's payment: cancel it if
+    /// it is open, so that it cannot succeed later beside the new round's payment, nor be found
+    /// by the look-up as the charge's payment. `Err` with the settled charge when that payment
+    /// turns out to have succeeded after all.
+    async fn close_previous_round(&self, charge: Charge) -> Result<Charge, Charge> {
+        let Some(previous) = charge.payment_id.clone() else {
+            return Ok(charge);
+        };
+        match self.gateway.cancel_payment(&previous).await {
+            Ok(outcome) if outcome.status == PaymentStatus::Succeeded => {
+                info!(charge = %charge.key, payment = %previous, "the previous round's payment succeeded after all");
+                Err(self.settle(charge, Ok(outcome)).await)
+            }
+            Ok(_) | Err(GatewayError::Rejected { .. }) => Ok(charge),
+            Err(error) => {
+                // Collecting now could pay twice if the old payment completes: leave the charge
+                // pending; resume_pending tries again once the lease expires.
+                warn!(charge = %charge.key, error = %error, "could not cancel the previous round's payment");
+                Err(charge)
+            }
+        }
     }
 
     /// Makes sure the caller holds a pending charge's lease for at least half a lease more,
@@ -1271,7 +1278,14 @@ impl BillingService {
                     return Ok(report);
                 }
                 report.claimed += claimed.len();
-                self.collect_all(claimed, &mut report).await;
+                let mut to_collect = Vec::with_capacity(claimed.len());
+                for charge in claimed {
+                    match self.close_previous_round(charge).await {
+                        Ok(charge) => to_collect.push(charge),
+                        Err(settled) => report.count(settled.status),
+                    }
+                }
+                self.collect_all(to_collect, &mut report).await;
             }
         }
         .instrument(info_span!("retry_failed"))

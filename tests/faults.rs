@@ -11,8 +11,8 @@ use chrono::Duration as Span;
 use common::{Harness, november, user};
 use token_billing::testing::faults::{Fault, FaultyGateway, FaultyStore, GatewayOp, StoreOp};
 use token_billing::{
-    BillingError, CardBehaviour, ChargeKind, ChargeStatus, InMemoryUsageStore, PaymentStatus, PaymentUpdate, Plan,
-    SandboxGateway, Standing, UsageReport, UsageStore,
+    BillingError, CardBehaviour, ChargeKind, ChargeStatus, CollectionMode, CustomerId, InMemoryUsageStore,
+    PaymentGateway, PaymentStatus, PaymentUpdate, Plan, SandboxGateway, Standing, UsageReport, UsageStore,
 };
 
 /// A harness whose store and gateway are wrapped in fault injectors.
@@ -250,12 +250,13 @@ async fn an_outcome_lost_after_the_gateway_charged_is_found_not_paid_again() {
 
 #[tokio::test]
 async fn a_gateway_that_forgets_idempotency_keys_still_never_charges_twice() {
-    // The payment is made, its answer lost, and the retry goes through a gateway path that would
-    // not honour the key (a Stripe key older than 24 hours): only the look-up prevents a second
-    // payment, and it must run before any new attempt.
+    // The payments are made, their answers lost, and the gateway no longer honours the keys (a
+    // Stripe key older than 24 hours, a test server): only the look-up of earlier payments by
+    // charge key prevents a second payment.
     let (h, _store, gateway) = faulty();
     let gabi = user("gabi");
     h.register(&gabi, CardBehaviour::Succeeds).await;
+    h.sandbox.forget_idempotency_keys();
     gateway.inject(GatewayOp::Collect, Fault::FailAfter, 2);
     h.service
         .process_token_usage(UsageReport::new("gabi", 8_000_001, "chat"))
@@ -265,12 +266,30 @@ async fn a_gateway_that_forgets_idempotency_keys_still_never_charges_twice() {
     past_lease(&h);
     let report = h.service.resume_pending().await.expect("resume");
     assert_eq!(report.succeeded, 2);
-    assert!(
-        gateway.fired().iter().all(|(op, _)| *op == GatewayOp::Collect),
-        "no collect was attempted again after the look-up"
-    );
-    assert_eq!(h.sandbox.payments().len(), 2);
+    assert_eq!(h.sandbox.payments().len(), 2, "found, not paid again");
     h.assert_period_consistent(&gabi, november(), &Plan::default()).await;
+
+    // Without the look-up, the same key would have paid again: the sandbox really forgot it.
+    let key = h.store.charges(&gabi, november()).await.expect("charges")[1]
+        .key
+        .clone();
+    let again = h
+        .sandbox
+        .collect(&token_billing::PaymentRequest {
+            charge_key: &key,
+            idempotency_key: key.as_str(),
+            customer: &h
+                .sandbox
+                .customer_of(&gabi)
+                .unwrap_or_else(|| "cus_gabi".parse().expect("valid")),
+            amount: token_billing::Money::from_minor(10_000, token_billing::Currency::BRL),
+            description: "probe",
+            metadata: &token_billing::Metadata::new(),
+        })
+        .await
+        .expect("collect");
+    assert_eq!(again.status, PaymentStatus::Succeeded);
+    assert_eq!(h.sandbox.payments().len(), 3);
 }
 
 #[tokio::test]
@@ -522,14 +541,6 @@ mod random_faults {
 }
 
 #[tokio::test]
-async fn the_store_is_untouched_by_the_service_on_unrelated_users() {
-    // Guard for the harness itself: a user who never reported has no data at all.
-    let h = Harness::new();
-    let store: &dyn UsageStore = &*h.store;
-    assert!(store.audit_trail(&user("ghost"), None).await.expect("audit").is_empty());
-}
-
-#[tokio::test]
 async fn a_card_update_retries_unpaid_charges_even_after_the_schedule_ran_out() {
     let h = Harness::new();
     let paulo = user("paulo");
@@ -591,31 +602,48 @@ async fn a_stale_failure_from_an_earlier_round_does_not_override_the_current_rou
         .expect("recorded");
     let fee = h.store.charges(&rita, november()).await.expect("charges")[0].clone();
     let declined = h.sandbox.payments_for_charge(&fee.key)[0].clone();
+    // Round 1 is in flight: its payment is processing.
     h.sandbox
-        .set_behaviour(&customer, CardBehaviour::Succeeds)
+        .set_behaviour(&customer, CardBehaviour::Processing)
         .expect("customer");
     h.advance(Span::days(1));
     h.service.retry_failed().await.expect("retry");
-    let paid = h.store.charge(&rita, &fee.key).await.expect("charge").expect("exists");
-    assert_eq!((paid.status, paid.round), (ChargeStatus::Succeeded, 1));
+    let in_flight = h.store.charge(&rita, &fee.key).await.expect("charge").expect("exists");
+    assert_eq!((in_flight.status, in_flight.round), (ChargeStatus::Pending, 1));
 
-    // Round 0's decline arrives late, as webhooks may: nothing changes.
-    let late = h
+    // Round 0's decline arrives late, as webhooks may, with and without its round.
+    for round in [Some(0), None] {
+        let late = h
+            .service
+            .apply_payment_update(PaymentUpdate {
+                user_id: rita.clone(),
+                charge_key: fee.key.clone(),
+                round,
+                outcome: token_billing::PaymentOutcome {
+                    payment_id: declined.payment_id.clone(),
+                    status: PaymentStatus::Declined,
+                    decline_code: Some("card_declined".into()),
+                    message: None,
+                },
+            })
+            .await
+            .expect("ignored");
+        assert_eq!((late.status, late.round), (ChargeStatus::Pending, 1), "round {round:?}");
+    }
+    // Round 1's own outcome still lands.
+    let current = in_flight.payment_id.clone().expect("round 1's payment");
+    let outcome = h.sandbox.finish_payment(&current, true).expect("finish");
+    let paid = h
         .service
         .apply_payment_update(PaymentUpdate {
             user_id: rita.clone(),
             charge_key: fee.key.clone(),
-            round: Some(0),
-            outcome: token_billing::PaymentOutcome {
-                payment_id: declined.payment_id,
-                status: PaymentStatus::Declined,
-                decline_code: Some("card_declined".into()),
-                message: None,
-            },
+            round: Some(1),
+            outcome,
         })
         .await
-        .expect("ignored");
-    assert_eq!(late.status, ChargeStatus::Succeeded);
+        .expect("applied");
+    assert_eq!(paid.status, ChargeStatus::Succeeded);
     assert_eq!(
         h.service.account_standing(&rita).await.expect("standing").standing,
         Standing::GoodStanding
@@ -641,4 +669,270 @@ async fn an_update_for_an_unknown_charge_is_an_error() {
         .await
         .expect_err("no such charge");
     assert!(matches!(error, BillingError::ChargeNotFound { .. }));
+}
+
+#[tokio::test]
+async fn a_failed_account_read_never_resets_the_account() {
+    let pro = token_billing::PlanId::new("pro").expect("valid");
+    let store = Arc::new(FaultyStore::new(Arc::new(InMemoryUsageStore::new())));
+    let sandbox = SandboxGateway::new();
+    let h = Harness::over(store.clone(), Arc::new(sandbox.clone()), sandbox, |b| {
+        b.add_plan(
+            pro.clone(),
+            Plan::builder().included_tokens(1_000).build().expect("valid"),
+        )
+        .collection(CollectionMode::Deferred)
+    });
+    let sol = user("sol");
+    let customer = CustomerId::new("cus_sol").expect("valid");
+    h.sandbox.add_customer(customer.clone(), CardBehaviour::Succeeds);
+    h.service
+        .register_account(&sol, Some(customer.clone()), Some(pro.clone()))
+        .await
+        .expect("registered");
+    h.service
+        .process_token_usage(UsageReport::new("sol", 5_000, "chat"))
+        .await
+        .expect("recorded");
+    store.inject(StoreOp::Account, Fault::FailBefore, 1);
+    let report = h.service.resume_pending().await.expect("resume");
+    assert_eq!(
+        (report.claimed, report.pending),
+        (2, 2),
+        "the charges wait for a later run"
+    );
+    let account = h.store.account(&sol).await.expect("account").expect("registered");
+    assert_eq!(
+        (account.plan_id, account.customer_id),
+        (pro, Some(customer)),
+        "untouched"
+    );
+    assert_eq!(h.sandbox.customer_of(&sol), None, "no customer opened on a read error");
+    past_lease(&h);
+    assert_eq!(h.service.resume_pending().await.expect("resume").succeeded, 2);
+}
+
+/// A gateway that takes 90 seconds per payment (on the manual clock), and lets another
+/// instance's resume run in the middle of the first caller's batch.
+#[derive(Debug)]
+struct SlowGateway {
+    inner: SandboxGateway,
+    clock: token_billing::ManualClock,
+    meanwhile: tokio::sync::Mutex<Option<token_billing::BillingService>>,
+    calls: std::sync::atomic::AtomicU32,
+}
+
+#[async_trait::async_trait]
+impl token_billing::PaymentGateway for SlowGateway {
+    fn name(&self) -> &'static str {
+        "slow"
+    }
+    async fn create_customer(&self, user: &token_billing::UserId) -> Result<CustomerId, token_billing::GatewayError> {
+        self.inner.create_customer(user).await
+    }
+    async fn collect(
+        &self,
+        request: &token_billing::PaymentRequest<'_>,
+    ) -> Result<token_billing::PaymentOutcome, token_billing::GatewayError> {
+        self.clock.advance(Span::seconds(90));
+        // By the third call, the leases the first caller took for its whole batch have expired.
+        if self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 2 {
+            if let Some(other) = self.meanwhile.lock().await.take() {
+                let report = other.resume_pending().await.expect("the other instance resumes");
+                assert!(report.claimed > 0, "the other instance found expired leases");
+            }
+        }
+        self.inner.collect(request).await
+    }
+    async fn find_payment(
+        &self,
+        key: &token_billing::ChargeKey,
+    ) -> Result<Option<token_billing::PaymentOutcome>, token_billing::GatewayError> {
+        self.inner.find_payment(key).await
+    }
+    async fn cancel_payment(&self, id: &str) -> Result<token_billing::PaymentOutcome, token_billing::GatewayError> {
+        self.inner.cancel_payment(id).await
+    }
+    async fn create_subscription(
+        &self,
+        customer: &CustomerId,
+        plan_id: &token_billing::PlanId,
+        plan: &Plan,
+    ) -> Result<token_billing::Subscription, token_billing::GatewayError> {
+        self.inner.create_subscription(customer, plan_id, plan).await
+    }
+}
+
+#[tokio::test]
+async fn a_long_batch_renews_its_leases_and_never_collects_what_another_instance_took() {
+    let sandbox = SandboxGateway::new();
+    sandbox.forget_idempotency_keys();
+    let store: Arc<dyn UsageStore> = Arc::new(InMemoryUsageStore::new());
+    let clock = token_billing::ManualClock::new(common::nov15());
+    let other = token_billing::BillingService::builder(store.clone(), Arc::new(sandbox.clone()))
+        .clock(Arc::new(clock.clone()))
+        .build();
+    let slow = Arc::new(SlowGateway {
+        inner: sandbox.clone(),
+        clock: clock.clone(),
+        meanwhile: tokio::sync::Mutex::new(Some(other)),
+        calls: std::sync::atomic::AtomicU32::new(0),
+    });
+    let first = token_billing::BillingService::builder(store.clone(), slow)
+        .clock(Arc::new(clock.clone()))
+        .build();
+    let vic = user("vic");
+    let customer = CustomerId::new("cus_vic").expect("valid");
+    sandbox.add_customer(customer.clone(), CardBehaviour::Succeeds);
+    first
+        .register_account(&vic, Some(customer), None)
+        .await
+        .expect("registered");
+    // Six charges, 90 s each against a 2-minute lease: the later ones' leases run out mid-batch,
+    // and the other instance resumes while the first call is in flight.
+    first
+        .process_token_usage(UsageReport::new("vic", 8_000_000 * 6, "chat"))
+        .await
+        .expect("recorded");
+    clock.advance(Span::minutes(10));
+    first.resume_pending().await.expect("resume");
+    let charges = store.charges(&vic, november()).await.expect("charges");
+    assert_eq!(charges.len(), 6);
+    for charge in &charges {
+        let paid = sandbox
+            .payments_for_charge(&charge.key)
+            .iter()
+            .filter(|p| p.status == PaymentStatus::Succeeded)
+            .count();
+        assert_eq!(paid, 1, "{} paid {paid} times", charge.key);
+    }
+}
+
+#[tokio::test]
+async fn an_authenticated_payment_whose_webhook_was_lost_is_settled_by_resume() {
+    let h = Harness::new();
+    let tom = user("tom");
+    h.register(&tom, CardBehaviour::RequiresAuthentication).await;
+    h.service
+        .process_token_usage(UsageReport::new("tom", 100, "chat"))
+        .await
+        .expect("recorded");
+    let fee = h.store.charges(&tom, november()).await.expect("charges")[0].clone();
+    assert_eq!(fee.status, ChargeStatus::RequiresAction);
+    h.sandbox
+        .finish_payment(fee.payment_id.as_deref().expect("payment"), true)
+        .expect("the customer authenticates");
+    h.advance(Span::minutes(20));
+    let report = h.service.resume_pending().await.expect("resume");
+    assert_eq!(report.succeeded, 1);
+    assert_eq!(
+        h.service.account_standing(&tom).await.expect("standing").standing,
+        Standing::GoodStanding
+    );
+    assert_eq!(h.sandbox.payments().len(), 1);
+}
+
+#[tokio::test]
+async fn a_new_round_cancels_the_previous_rounds_open_payment() {
+    let h = Harness::new();
+    let uli = user("uli");
+    let customer = h.register(&uli, CardBehaviour::RequiresAuthentication).await;
+    h.service
+        .process_token_usage(UsageReport::new("uli", 100, "chat"))
+        .await
+        .expect("recorded");
+    let fee = h.store.charges(&uli, november()).await.expect("charges")[0].clone();
+    let open = fee.payment_id.clone().expect("the payment awaiting authentication");
+    // The gateway reports the authentication failed; the payment itself stays open for the customer.
+    h.service
+        .apply_payment_update(PaymentUpdate {
+            user_id: uli.clone(),
+            charge_key: fee.key.clone(),
+            round: Some(0),
+            outcome: token_billing::PaymentOutcome {
+                payment_id: open.clone(),
+                status: PaymentStatus::Declined,
+                decline_code: Some("authentication_failed".into()),
+                message: None,
+            },
+        })
+        .await
+        .expect("applied");
+    h.sandbox
+        .set_behaviour(&customer, CardBehaviour::Succeeds)
+        .expect("customer");
+    h.advance(Span::days(1));
+    let report = h.service.retry_failed().await.expect("retry");
+    assert_eq!(report.succeeded, 1);
+    let payments = h.sandbox.payments_for_charge(&fee.key);
+    assert_eq!(payments.len(), 2);
+    assert_eq!(
+        payments[0].status,
+        PaymentStatus::Canceled,
+        "the old payment can no longer succeed"
+    );
+    assert_eq!(payments[1].status, PaymentStatus::Succeeded);
+    assert!(h.sandbox.finish_payment(&open, true).is_err());
+}
+
+#[tokio::test]
+async fn failures_of_the_other_steps_leave_nothing_lost_or_doubled() {
+    let (h, store, gateway) = faulty();
+    let wil = user("wil");
+    // Opening a customer fails: the charges wait, then are collected.
+    gateway.inject(GatewayOp::CreateCustomer, Fault::FailBefore, 1);
+    h.service
+        .process_token_usage(UsageReport::new("wil", 8_000_001, "chat"))
+        .await
+        .expect("recorded");
+    assert!(h.sandbox.payments().is_empty());
+    past_lease(&h);
+    // The look-up fails once (the charges were claimed before): they stay pending.
+    gateway.inject(GatewayOp::FindPayment, Fault::FailBefore, 2);
+    let report = h.service.resume_pending().await.expect("resume");
+    assert_eq!(report.pending, 2);
+    assert!(h.sandbox.payments().is_empty(), "nothing collected without the look-up");
+    past_lease(&h);
+    assert_eq!(h.service.resume_pending().await.expect("resume").succeeded, 2);
+
+    // Opening December's period fails after the fee charge was stored: opening again finds it.
+    h.clock
+        .set(chrono::TimeZone::with_ymd_and_hms(&chrono::Utc, 2026, 12, 2, 12, 0, 0).unwrap());
+    store.inject(StoreOp::EnsureCharge, Fault::FailAfter, 1);
+    assert!(h.service.open_period(&wil, None).await.is_err());
+    past_lease(&h);
+    let fee = h
+        .service
+        .open_period(&wil, None)
+        .await
+        .expect("opened")
+        .expect("the fee");
+    h.service.resume_pending().await.expect("resume");
+    let fee = h.store.charge(&wil, &fee.key).await.expect("charge").expect("exists");
+    assert_eq!(fee.status, ChargeStatus::Succeeded);
+    assert_eq!(h.sandbox.payments_for_charge(&fee.key).len(), 1);
+
+    // Claiming retries fails: the next run retries.
+    let december = token_billing::PeriodKey::new(2026, 12).expect("valid");
+    h.sandbox
+        .set_behaviour(
+            &h.sandbox.customer_of(&wil).expect("customer"),
+            CardBehaviour::Declines {
+                code: "card_declined".into(),
+            },
+        )
+        .expect("customer");
+    h.service
+        .process_token_usage(UsageReport::new("wil", 8_000_001, "chat"))
+        .await
+        .expect("recorded");
+    h.sandbox
+        .set_behaviour(&h.sandbox.customer_of(&wil).expect("customer"), CardBehaviour::Succeeds)
+        .expect("customer");
+    h.advance(Span::days(1));
+    store.inject(StoreOp::ClaimDueRetries, Fault::FailBefore, 1);
+    assert!(h.service.retry_failed().await.is_err());
+    assert_eq!(h.service.retry_failed().await.expect("retry").succeeded, 1);
+    h.assert_period_consistent(&wil, november(), &Plan::default()).await;
+    h.assert_period_consistent(&wil, december, &Plan::default()).await;
 }

@@ -332,9 +332,11 @@ impl PaymentGateway for SandboxGateway {
             status,
             decline_code,
         });
-        ledger
-            .by_idempotency_key
-            .insert(request.idempotency_key.to_owned(), index);
+        if !ledger.forget_idempotency_keys {
+            ledger
+                .by_idempotency_key
+                .insert(request.idempotency_key.to_owned(), index);
+        }
         ledger
             .by_charge
             .entry(request.charge_key.clone())

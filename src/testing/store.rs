@@ -1,7 +1,11 @@
 //! The [`UsageStore`] conformance suite: the contract of the trait, one check per function.
 //!
 //! Each check uses users of its own with random ids, so the suite can run against a shared
-//! database, in parallel, without cleaning up between runs.
+//! database without cleaning up between runs. Charges a check does not claim itself are leased
+//! far into the future, so that checks claiming across all users take only their own; run the
+//! checks that claim across users (`claim_pending_hands_each_charge_to_one_caller`,
+//! `claim_due_retries_starts_a_new_round`, `claim_awaiting_customer_rechecks_expired_leases`)
+//! one at a time when several runs share one store.
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use futures_util::future::join_all;
@@ -11,7 +15,9 @@ use crate::domain::{
     ChargeKey, ChargeKind, ChargeStatus, EventId, FeeCollection, MAX_BLOCKS_PER_EVENT, MAX_TOKENS, Metadata, NewCharge,
     OperationType, PeriodKey, Plan, PlanId, RatingError, UsageRecord, UserId,
 };
-use crate::store::{Account, AuditEvent, EnsureCharge, RecordUsage, Recorded, Settlement, StoreError, UsageStore};
+use crate::store::{
+    Account, AuditEntry, AuditEvent, EnsureCharge, RecordUsage, Recorded, Settlement, StoreError, UsageStore,
+};
 
 /// A user id no other check or run uses.
 pub fn fresh_user(tag: &str) -> UserId {
@@ -48,13 +54,20 @@ pub fn usage_event(user: &UserId, tokens: u64, operation: &str, period: PeriodKe
     }
 }
 
+/// Far enough ahead that no check's claim takes a charge leased until then.
+fn far_future() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2999, 1, 1, 0, 0, 0)
+        .single()
+        .expect("a valid instant")
+}
+
 async fn record(store: &dyn UsageStore, plan: &Plan, usage: UsageRecord) -> Recorded {
     store
         .record_usage(RecordUsage {
             usage,
             plan,
             fee: FeeCollection::Library,
-            lease_until: None,
+            lease_until: Some(far_future()),
         })
         .await
         .expect("record_usage")
@@ -76,7 +89,7 @@ fn settlement<'a>(
         payment_id: Some(format!("pay_{}", Uuid::new_v4().simple())),
         failure_code: (to == ChargeStatus::Failed).then(|| "card_declined".to_owned()),
         failure_message: None,
-        next_retry_at: (to == ChargeStatus::Failed).then(|| base_instant() + Duration::days(1)),
+        next_retry_at: (to == ChargeStatus::Failed).then(far_future),
         lease_until: None,
         at: base_instant(),
     }
@@ -663,44 +676,50 @@ pub async fn claim_pending_hands_each_charge_to_one_caller(store: &dyn UsageStor
         .claim_pending(None, later + Duration::minutes(5), later + Duration::minutes(7), 10_000)
         .await
         .expect("claim");
-    assert!(all_users.iter().filter(|c| c.user_id == user).count() == all.len() - 2);
+    assert_eq!(all_users.iter().filter(|c| c.user_id == user).count(), all.len() - 2);
 }
 
-/// A failed charge whose retry is due becomes pending in the next round, leased to the claimer.
+/// A failed charge whose retry is due becomes pending in the next round, leased to one claimer:
+/// concurrent claims never start two rounds.
 pub async fn claim_due_retries_starts_a_new_round(store: &dyn UsageStore) {
     let plan = Plan::default();
     let user = fresh_user("retry");
     let recorded = record(store, &plan, usage_event(&user, 1_000, "chat", period())).await;
     let key = recorded.charges[0].key.clone();
+    let due_at = base_instant() + Duration::days(1);
     store
-        .settle_charge(settlement(&user, &key, ChargeStatus::Pending, 0, ChargeStatus::Failed))
+        .settle_charge(Settlement {
+            next_retry_at: Some(due_at),
+            ..settlement(&user, &key, ChargeStatus::Pending, 0, ChargeStatus::Failed)
+        })
         .await
         .expect("fail");
     let early = store
-        .claim_due_retries(
-            base_instant() + Duration::hours(23),
-            base_instant() + Duration::hours(24),
-            10_000,
-        )
+        .claim_due_retries(due_at - Duration::hours(1), due_at, 10_000)
         .await
         .expect("claim retries");
     assert!(early.iter().all(|c| c.key != key), "not due yet");
-    let due_at = base_instant() + Duration::days(1);
-    let due = store
-        .claim_due_retries(due_at, due_at + Duration::minutes(2), 10_000)
-        .await
-        .expect("claim retries");
-    let charge = due.into_iter().find(|c| c.key == key).expect("the due charge");
+    let claims = join_all((0..4).map(|_| store.claim_due_retries(due_at, due_at + Duration::minutes(2), 10_000))).await;
+    let mine: Vec<_> = claims
+        .into_iter()
+        .flat_map(|c| c.expect("claim retries"))
+        .filter(|c| c.key == key)
+        .collect();
+    assert!(mine.len() <= 1, "claimed at most once by these claims");
+    let charge = store.charge(&user, &key).await.expect("charge").expect("exists");
     assert_eq!(
         (charge.status, charge.round, charge.next_retry_at),
         (ChargeStatus::Pending, 1, None)
     );
-    assert_eq!(charge.lease_until, Some(due_at + Duration::minutes(2)));
+    assert_eq!(charge.attempts, 2, "one more attempt, once");
     assert_eq!(
         charge.failure_code.as_deref(),
         Some("card_declined"),
         "the last failure stays visible"
     );
+    if let Some(claimed) = mine.first() {
+        assert_eq!(claimed.lease_until, Some(due_at + Duration::minutes(2)));
+    }
     let again = store
         .claim_due_retries(due_at, due_at + Duration::minutes(2), 10_000)
         .await
@@ -716,6 +735,166 @@ pub async fn claim_due_retries_starts_a_new_round(store: &dyn UsageStore) {
         ))
         .await
         .expect("round 1 succeeds");
+}
+
+/// Charges awaiting the customer are leased for a recheck once their lease has expired, to one
+/// claimer at a time, without counting an attempt.
+pub async fn claim_awaiting_customer_rechecks_expired_leases(store: &dyn UsageStore) {
+    let plan = Plan::default();
+    let user = fresh_user("awaiting");
+    let recorded = record(store, &plan, usage_event(&user, 1_000, "chat", period())).await;
+    let key = recorded.charges[0].key.clone();
+    let recheck_at = base_instant() + Duration::minutes(15);
+    let settled = store
+        .settle_charge(Settlement {
+            lease_until: Some(recheck_at),
+            ..settlement(&user, &key, ChargeStatus::Pending, 0, ChargeStatus::RequiresAction)
+        })
+        .await
+        .expect("requires action");
+    assert_eq!(settled.lease_until, Some(recheck_at), "settle_charge sets the lease");
+    let early = store
+        .claim_awaiting_customer(recheck_at - Duration::minutes(1), recheck_at, 10_000)
+        .await
+        .expect("claim");
+    assert!(early.iter().all(|c| c.key != key), "its lease still holds");
+    let claims =
+        join_all((0..4).map(|_| store.claim_awaiting_customer(recheck_at, recheck_at + Duration::minutes(15), 10_000)))
+            .await;
+    let mine: Vec<_> = claims
+        .into_iter()
+        .flat_map(|c| c.expect("claim"))
+        .filter(|c| c.key == key)
+        .collect();
+    assert_eq!(mine.len(), 1, "claimed exactly once");
+    assert_eq!(mine[0].status, ChargeStatus::RequiresAction);
+    assert_eq!(mine[0].attempts, recorded.charges[0].attempts, "no attempt counted");
+    assert_eq!(mine[0].lease_until, Some(recheck_at + Duration::minutes(15)));
+}
+
+/// `renew_lease` extends only the lease the caller holds.
+pub async fn renew_lease_is_a_compare_and_set(store: &dyn UsageStore) {
+    let plan = Plan::default();
+    let user = fresh_user("renew");
+    let recorded = record(store, &plan, usage_event(&user, 1_000, "chat", period())).await;
+    let fee = &recorded.charges[0];
+    let held = fee.lease_until;
+    let later = far_future() + Duration::days(1);
+    let renewed = store
+        .renew_lease(&user, &fee.key, held, later)
+        .await
+        .expect("renew")
+        .expect("held");
+    assert_eq!(renewed.lease_until, Some(later));
+    assert_eq!(renewed.attempts, fee.attempts, "renewing is not an attempt");
+    assert_eq!(
+        store
+            .renew_lease(&user, &fee.key, held, later + Duration::days(1))
+            .await
+            .expect("renew"),
+        None,
+        "the old lease is no longer held"
+    );
+    store
+        .settle_charge(settlement(
+            &user,
+            &fee.key,
+            ChargeStatus::Pending,
+            0,
+            ChargeStatus::Succeeded,
+        ))
+        .await
+        .expect("settle");
+    let settled = store.charge(&user, &fee.key).await.expect("charge").expect("exists");
+    assert_eq!(
+        store
+            .renew_lease(&user, &fee.key, settled.lease_until, later)
+            .await
+            .expect("renew"),
+        None,
+        "a settled charge is not leased"
+    );
+}
+
+/// `recorded_event` answers a recorded event as a replay, and `None` for others.
+pub async fn recorded_events_are_found_by_id(store: &dyn UsageStore) {
+    let plan = Plan::default();
+    let user = fresh_user("lookup");
+    let usage = usage_event(&user, 9_000_000, "chat", period());
+    let original = record(store, &plan, usage.clone()).await;
+    let found = store
+        .recorded_event(&user, &usage.event_id)
+        .await
+        .expect("lookup")
+        .expect("recorded");
+    assert!(found.replayed);
+    assert_eq!((found.usage, found.total_after), (original.usage, original.total_after));
+    assert_eq!(found.charges.len(), 2);
+    assert_eq!(
+        store
+            .recorded_event(&fresh_user("other"), &usage.event_id)
+            .await
+            .expect("lookup"),
+        None
+    );
+}
+
+/// Concurrent records of one event id record it once; the others are replays.
+pub async fn concurrent_resends_record_once(store: &dyn UsageStore) {
+    let plan = Plan::default();
+    let user = fresh_user("resend");
+    let usage = usage_event(&user, 9_000_000, "chat", period());
+    let results = join_all((0..6).map(|_| {
+        let usage = usage.clone();
+        let plan = &plan;
+        async move {
+            store
+                .record_usage(RecordUsage {
+                    usage,
+                    plan,
+                    fee: FeeCollection::Library,
+                    lease_until: Some(far_future()),
+                })
+                .await
+        }
+    }))
+    .await;
+    let recorded: Vec<Recorded> = results.into_iter().map(|r| r.expect("record_usage")).collect();
+    assert_eq!(recorded.iter().filter(|r| !r.replayed).count(), 1, "recorded once");
+    assert!(recorded.iter().all(|r| r.total_after == 9_000_000));
+    let summary = store
+        .period_summary(&user, period())
+        .await
+        .expect("summary")
+        .expect("a summary");
+    assert_eq!((summary.total_tokens, summary.events), (9_000_000, 1));
+}
+
+/// `append_audit` adds to the named user's trail only.
+pub async fn audit_entries_can_be_appended(store: &dyn UsageStore) {
+    let user = fresh_user("append");
+    let entry = AuditEntry {
+        at: base_instant(),
+        user_id: user.clone(),
+        period: Some(period()),
+        event: AuditEvent::DuplicatePayment {
+            key: ChargeKey::new(&user, period(), ChargeKind::Block, 1),
+            kept_payment_id: Some("pi_1".to_owned()),
+            duplicate_payment_id: "pi_2".to_owned(),
+        },
+    };
+    store.append_audit(entry.clone()).await.expect("append");
+    assert_eq!(
+        store.audit_trail(&user, Some(period())).await.expect("audit"),
+        vec![entry]
+    );
+    assert!(
+        store
+            .audit_trail(&fresh_user("else"), None)
+            .await
+            .expect("audit")
+            .is_empty()
+    );
 }
 
 /// The seed's two monitoring reports: usage by operation type and charges by tier.
