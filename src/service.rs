@@ -722,8 +722,13 @@ impl BillingService {
     ///
     /// # Errors
     /// [`BillingError::InvalidUsage`] for a bad report; [`BillingError::EventConflict`] for an
-    /// event id re-used with different usage; [`BillingError::TotalOverflow`]; store errors. In
-    /// every error case nothing was recorded.
+    /// event id re-used with different usage; [`BillingError::TotalOverflow`]; store errors. A
+    /// refused report records nothing. After a store error the event may or may not have been
+    /// recorded (the store's answer may be what was lost): send it again with the same event id,
+    /// and it is recorded once either way.
+    ///
+    /// A re-sent event id is answered with the original outcome even when the event would now be
+    /// refused (its grace window has passed, or the limits changed).
     ///
     /// # Example
     /// ```
@@ -1194,10 +1199,14 @@ impl BillingService {
     }
 
     /// Resumes charges left pending: by a crash between record and collect or between collect and
-    /// settle, by an unknown gateway outcome, or waiting for an account. Safe to run on several
-    /// instances at once and as often as wanted: each charge is held by one collector at a time,
-    /// and collection reuses the charge's idempotency key after looking up earlier payments, so
-    /// nothing is paid twice.
+    /// settle, by an unknown gateway outcome, or waiting for an account. Also looks again at
+    /// charges awaiting the customer's authentication, so that one whose webhook was lost is
+    /// settled once the customer paid.
+    ///
+    /// Safe to run on several instances at once and as often as wanted: a charge is held by one
+    /// collector at a time (its lease, renewed before each gateway call), and collection reuses
+    /// the charge's idempotency key after looking up earlier payments, so nothing is paid twice.
+    /// A run takes only charges whose lease had expired when it started, so it always ends.
     ///
     /// # Errors
     /// Store errors while claiming; collection problems are reported per charge.

@@ -281,3 +281,155 @@ async fn free_plans_settle_zero_amount_charges_without_the_gateway() {
     assert_eq!(standing.standing, token_billing::Standing::GoodStanding);
     h.assert_period_consistent(&user("yara"), november(), &free).await;
 }
+
+#[tokio::test]
+async fn a_subscription_is_refused_while_the_library_collects_the_fee() {
+    let h = Harness::new();
+    let zoe = user("zoe");
+    h.register(&zoe, CardBehaviour::Succeeds).await;
+    let error = h
+        .service
+        .create_subscription(&zoe)
+        .await
+        .expect_err("the fee would be collected twice");
+    assert!(matches!(error, BillingError::FeeCollectedByLibrary), "{error:?}");
+    assert!(h.sandbox.subscriptions().is_empty());
+}
+
+#[tokio::test]
+async fn a_second_successful_payment_is_audited_as_a_duplicate_not_absorbed() {
+    let h = Harness::with(|b| b.fee_collection(FeeCollection::Subscription));
+    let abe = user("abe");
+    h.register(&abe, CardBehaviour::Succeeds).await;
+    h.service
+        .record_fixed_fee_paid(&abe, november(), "in_first")
+        .await
+        .expect("recorded");
+    let fee = h
+        .service
+        .record_fixed_fee_paid(&abe, november(), "in_second")
+        .await
+        .expect("reported");
+    assert_eq!(
+        fee.payment_id.as_deref(),
+        Some("in_first"),
+        "the charge keeps its payment"
+    );
+    let duplicates: Vec<_> = h
+        .service
+        .audit_trail(&abe, Some(november()))
+        .await
+        .expect("audit")
+        .into_iter()
+        .filter_map(|e| match e.event {
+            AuditEvent::DuplicatePayment {
+                duplicate_payment_id,
+                kept_payment_id,
+                ..
+            } => Some((kept_payment_id, duplicate_payment_id)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(duplicates, [(Some("in_first".to_owned()), "in_second".to_owned())]);
+    let summary = h.service.token_summary(&abe, Some(november())).await.expect("summary");
+    assert_eq!(summary.fixed_fee_charged, 40_000, "counted once");
+}
+
+#[tokio::test]
+async fn late_usage_after_a_plan_change_is_rated_under_its_own_periods_plan() {
+    let pro = PlanId::new("pro").expect("valid");
+    let h = Harness::with(|b| {
+        b.add_plan(
+            pro.clone(),
+            Plan::builder().included_tokens(20_000_000).build().expect("valid"),
+        )
+    });
+    let bia = user("bia");
+    h.register(&bia, CardBehaviour::Succeeds).await;
+    h.service
+        .process_token_usage(UsageReport::new("bia", 20_000_000, "chat"))
+        .await
+        .expect("recorded");
+    // 1 December: the user moves to the pro plan.
+    let december_first = chrono::TimeZone::with_ymd_and_hms(&chrono::Utc, 2026, 12, 1, 12, 0, 0).unwrap();
+    h.clock.set(december_first);
+    h.service
+        .register_account(&bia, None, Some(pro))
+        .await
+        .expect("registered");
+    // November usage reported late, inside the grace window: November's plan rates it.
+    let late = h
+        .service
+        .process_token_usage(
+            UsageReport::new("bia", 5_000_000, "chat").occurred_at(december_first - chrono::Duration::days(2)),
+        )
+        .await
+        .expect("recorded");
+    assert_eq!(late.period, november());
+    assert_eq!(late.tier_charges.len(), 1, "block 3 of the default plan");
+    assert_eq!(late.tier_charges[0].billing_tier, "24M-32M");
+    assert_eq!(late.current_tier, "24M-32M");
+    let summary = h.service.token_summary(&bia, Some(november())).await.expect("summary");
+    assert_eq!(
+        (summary.current_tier.as_str(), summary.tier_charges_count),
+        ("24M-32M", 3)
+    );
+    h.assert_period_consistent(&bia, november(), &Plan::default()).await;
+    // December is rated by the pro plan.
+    let december = h
+        .service
+        .process_token_usage(UsageReport::new("bia", 19_000_000, "chat"))
+        .await
+        .expect("recorded");
+    assert_eq!(
+        (december.current_tier.as_str(), december.tier_charges.len()),
+        ("0-20M", 0)
+    );
+}
+
+#[tokio::test]
+async fn a_resent_event_is_answered_even_once_it_would_be_refused() {
+    let h = Harness::new();
+    let report = UsageReport::new("cris", 9_000_000, "chat")
+        .event_id("evt-old")
+        .occurred_at(common::nov15());
+    let original = h.service.process_token_usage(report.clone()).await.expect("recorded");
+    // Weeks later the grace window has passed, and another instance has a lower limit.
+    h.clock
+        .set(chrono::TimeZone::with_ymd_and_hms(&chrono::Utc, 2027, 1, 20, 12, 0, 0).unwrap());
+    let replay = h.service.process_token_usage(report.clone()).await.expect("replayed");
+    assert!(replay.replayed);
+    assert_eq!(
+        (replay.consumption_id, replay.total_tokens),
+        (original.consumption_id, 9_000_000)
+    );
+    let stricter = common::Harness::over(h.store.clone(), Arc::new(h.sandbox.clone()), h.sandbox.clone(), |b| {
+        b.max_tokens_per_event(1_000)
+    });
+    let replay = stricter.service.process_token_usage(report).await.expect("replayed");
+    assert_eq!(replay.consumption_id, original.consumption_id);
+    // A new event, or different usage under the old id, is still refused.
+    let error = h
+        .service
+        .process_token_usage(
+            UsageReport::new("cris", 1, "chat")
+                .event_id("evt-new")
+                .occurred_at(common::nov15()),
+        )
+        .await
+        .expect_err("too late");
+    assert!(matches!(
+        error,
+        BillingError::InvalidUsage(token_billing::UsageError::TooLate { .. })
+    ));
+    let error = h
+        .service
+        .process_token_usage(
+            UsageReport::new("cris", 2, "chat")
+                .event_id("evt-old")
+                .occurred_at(common::nov15()),
+        )
+        .await
+        .expect_err("conflict");
+    assert!(matches!(error, BillingError::EventConflict { .. }), "{error:?}");
+}
