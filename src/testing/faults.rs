@@ -114,6 +114,22 @@ impl<Op: Copy + Eq + std::hash::Hash> Schedule<Op> {
     fn fired(&self) -> Vec<(Op, Fault)> {
         self.fired.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
+
+    /// Runs `call` under the next fault scheduled for `op`, failing with `error(fault)`.
+    async fn run<T, E, F>(&self, op: Op, call: F, error: impl Fn(Fault) -> E) -> Result<T, E>
+    where
+        F: std::future::Future<Output = Result<T, E>>,
+    {
+        match self.next(op) {
+            None => call.await,
+            Some(Fault::FailBefore) => Err(error(Fault::FailBefore)),
+            Some(Fault::FailAfter) => {
+                let _ = call.await;
+                Err(error(Fault::FailAfter))
+            }
+            Some(Fault::Hang) => std::future::pending().await,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -174,20 +190,12 @@ impl FaultyStore {
         F: std::future::Future<Output = Result<T, StoreError>> + Send,
         T: Send,
     {
-        let fault = self.schedule.next(op);
-        let unavailable = |fault| StoreError::Unavailable {
-            store: "faulty store",
-            source: Box::new(Injected(fault)),
-        };
-        match fault {
-            None => call.await,
-            Some(Fault::FailBefore) => Err(unavailable(Fault::FailBefore)),
-            Some(Fault::FailAfter) => {
-                let _ = call.await;
-                Err(unavailable(Fault::FailAfter))
-            }
-            Some(Fault::Hang) => std::future::pending().await,
-        }
+        self.schedule
+            .run(op, call, |fault| StoreError::Unavailable {
+                store: "faulty store",
+                source: Box::new(Injected(fault)),
+            })
+            .await
     }
 }
 
@@ -347,19 +355,12 @@ impl FaultyGateway {
         F: std::future::Future<Output = Result<T, GatewayError>> + Send,
         T: Send,
     {
-        let unknown = |fault| GatewayError::OutcomeUnknown {
-            gateway: "faulty gateway",
-            source: Box::new(Injected(fault)),
-        };
-        match self.schedule.next(op) {
-            None => call.await,
-            Some(Fault::FailBefore) => Err(unknown(Fault::FailBefore)),
-            Some(Fault::FailAfter) => {
-                let _ = call.await;
-                Err(unknown(Fault::FailAfter))
-            }
-            Some(Fault::Hang) => std::future::pending().await,
-        }
+        self.schedule
+            .run(op, call, |fault| GatewayError::OutcomeUnknown {
+                gateway: "faulty gateway",
+                source: Box::new(Injected(fault)),
+            })
+            .await
     }
 }
 
