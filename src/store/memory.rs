@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::{
-    Account, AuditEntry, AuditEvent, EnsureCharge, OperationUsage, PeriodSummary, RecordUsage, Recorded, Settlement,
+    Account, AuditEntry, AuditEvent, EnsureCharge, SummaryDelta, OperationUsage, PeriodSummary, RecordUsage, Recorded, Settlement,
     StoreError, TierChargeReport, UsageStore,
 };
 use crate::domain::{
@@ -141,31 +141,13 @@ fn apply_to_summary(
     from: Option<ChargeStatus>,
     to: ChargeStatus,
 ) -> Result<(), MoneyError> {
-    let was_succeeded = from == Some(ChargeStatus::Succeeded);
-    let is_succeeded = to == ChargeStatus::Succeeded;
-    if from.is_some_and(|f| !f.eq(&ChargeStatus::Succeeded)) && is_succeeded {
-        summary.outstanding_count = summary.outstanding_count.saturating_sub(1);
-        summary.outstanding_total = summary.outstanding_total.checked_add(Money::from_minor(
-            amount.minor_units().checked_neg().ok_or(MoneyError::OutOfRange {
-                currency: amount.currency(),
-            })?,
-            amount.currency(),
-        ))?;
+    if amount.currency() != summary.currency {
+        return Err(MoneyError::CurrencyMismatch {
+            left: summary.currency,
+            right: amount.currency(),
+        });
     }
-    if from.is_none() && !is_succeeded {
-        summary.outstanding_count += 1;
-        summary.outstanding_total = summary.outstanding_total.checked_add(amount)?;
-    }
-    if is_succeeded && !was_succeeded {
-        match kind {
-            ChargeKind::FixedFee => summary.fixed_fee_charged = summary.fixed_fee_charged.checked_add(amount)?,
-            ChargeKind::Block => {
-                summary.tier_charges_count += 1;
-                summary.tier_charges_total = summary.tier_charges_total.checked_add(amount)?;
-            }
-        }
-    }
-    Ok(())
+    SummaryDelta::of(kind, amount.minor_units(), from, to).apply(summary)
 }
 
 impl Shard {

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::domain::{
-    Charge, ChargeKey, ChargeStatus, Currency, CustomerId, EventId, FeeCollection, Money, NewCharge, OperationType,
+    Charge, ChargeKey, ChargeKind, ChargeStatus, Currency, CustomerId, EventId, FeeCollection, Money, NewCharge, OperationType,
     PeriodKey, Plan, PlanId, RatingError, UsageRecord, UserId,
 };
 
@@ -182,6 +182,74 @@ impl PeriodSummary {
             outstanding_total: Money::zero(currency),
             updated_at: now,
         }
+    }
+}
+
+/// How a charge entering a status moves its period's summary: the one bookkeeping rule every
+/// store applies, so summaries agree with charges in all of them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct SummaryDelta {
+    pub(crate) outstanding_count: i64,
+    pub(crate) outstanding_total: i64,
+    pub(crate) fixed_fee_charged: i64,
+    pub(crate) tier_charges_count: i64,
+    pub(crate) tier_charges_total: i64,
+}
+
+impl SummaryDelta {
+    /// The change for a charge of `kind` and `amount` (minor units) moving from `from` (`None`
+    /// when it is created) to `to`.
+    pub(crate) fn of(kind: ChargeKind, amount: i64, from: Option<ChargeStatus>, to: ChargeStatus) -> SummaryDelta {
+        let was_open = from.is_some_and(|f| f != ChargeStatus::Succeeded);
+        let was_paid = from == Some(ChargeStatus::Succeeded);
+        let is_paid = to == ChargeStatus::Succeeded;
+        let mut delta = SummaryDelta::default();
+        if from.is_none() && !is_paid {
+            delta.outstanding_count = 1;
+            delta.outstanding_total = amount;
+        }
+        if was_open && is_paid {
+            delta.outstanding_count = -1;
+            delta.outstanding_total = -amount;
+        }
+        if is_paid && !was_paid {
+            match kind {
+                ChargeKind::FixedFee => delta.fixed_fee_charged = amount,
+                ChargeKind::Block => {
+                    delta.tier_charges_count = 1;
+                    delta.tier_charges_total = amount;
+                }
+            }
+        }
+        delta
+    }
+
+    /// The sum of two changes; `None` on overflow.
+    pub(crate) fn plus(self, other: SummaryDelta) -> Option<SummaryDelta> {
+        Some(SummaryDelta {
+            outstanding_count: self.outstanding_count.checked_add(other.outstanding_count)?,
+            outstanding_total: self.outstanding_total.checked_add(other.outstanding_total)?,
+            fixed_fee_charged: self.fixed_fee_charged.checked_add(other.fixed_fee_charged)?,
+            tier_charges_count: self.tier_charges_count.checked_add(other.tier_charges_count)?,
+            tier_charges_total: self.tier_charges_total.checked_add(other.tier_charges_total)?,
+        })
+    }
+
+    /// Applies the change to a summary.
+    pub(crate) fn apply(self, summary: &mut PeriodSummary) -> Result<(), crate::MoneyError> {
+        let currency = summary.currency;
+        let add_count = |count: u64, by: i64| {
+            count
+                .checked_add_signed(by)
+                .ok_or(crate::MoneyError::OutOfRange { currency })
+        };
+        let add_money = |money: Money, by: i64| money.checked_add(Money::from_minor(by, currency));
+        summary.outstanding_count = add_count(summary.outstanding_count, self.outstanding_count)?;
+        summary.outstanding_total = add_money(summary.outstanding_total, self.outstanding_total)?;
+        summary.fixed_fee_charged = add_money(summary.fixed_fee_charged, self.fixed_fee_charged)?;
+        summary.tier_charges_count = add_count(summary.tier_charges_count, self.tier_charges_count)?;
+        summary.tier_charges_total = add_money(summary.tier_charges_total, self.tier_charges_total)?;
+        Ok(())
     }
 }
 
