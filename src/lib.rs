@@ -77,6 +77,8 @@ pub use service::{
     AccountStanding, BillingService, BillingServiceBuilder, CollectionMode, CollectionReport, DunningSchedule,
     PaymentUpdate, Standing, TierCharge, TokenSummary, UnregisteredUsers, UsageOutcome, UsageReport,
 };
+#[cfg(feature = "postgres")]
+pub use store::PostgresUsageStore;
 pub use store::{
     Account, AuditEntry, AuditEvent, InMemoryUsageStore, OperationUsage, PeriodSummary, StoreError, TierChargeReport,
     UsageStore,

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use serde::{Deserialize, Serialize};
 use tracing::{Instrument, debug, info, info_span, warn};
 use uuid::Uuid;
@@ -666,7 +666,10 @@ impl BillingService {
             Some(id) => EventId::new(id.as_str())?,
             None => EventId::new(consumption_id.to_string())?,
         };
-        let occurred_at = report.occurred_at.unwrap_or(now);
+        // Instants are kept to the microsecond, as SQL timestamps are, so a re-sent event compares
+        // equal to its stored original in every store.
+        let now = now.trunc_subsecs(6);
+        let occurred_at = report.occurred_at.unwrap_or(now).trunc_subsecs(6);
         let skew = chrono::Duration::from_std(self.settings.max_future_skew).unwrap_or(chrono::Duration::MAX);
         if occurred_at > now.checked_add_signed(skew).unwrap_or(DateTime::<Utc>::MAX_UTC) {
             return Err(UsageError::InFuture { occurred_at, now });
@@ -802,7 +805,9 @@ impl BillingService {
             && original.operation_type.as_str() == report.operation_type
             && original.client_id.as_ref().map(ClientId::as_str) == report.client_id.as_deref()
             && original.metadata == report.metadata
-            && report.occurred_at.is_none_or(|at| at == original.occurred_at)
+            && report
+                .occurred_at
+                .is_none_or(|at| at.trunc_subsecs(6) == original.occurred_at)
             && (report.occurred_at.is_some() || !original.occurred_at_reported);
         if !same {
             return Err(BillingError::EventConflict { event_id });

@@ -309,6 +309,12 @@ impl ChargeKey {
         ChargeKey(format!("tb:{user}:{period}:{kind}:{block}"))
     }
 
+    /// A key read back from storage, as written by [`ChargeKey::new`].
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) fn from_stored(key: String) -> ChargeKey {
+        ChargeKey(key)
+    }
+
     /// The key as text.
     pub fn as_str(&self) -> &str {
         &self.0

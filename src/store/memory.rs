@@ -9,8 +9,8 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::{
-    Account, AuditEntry, AuditEvent, EnsureCharge, SummaryDelta, OperationUsage, PeriodSummary, RecordUsage, Recorded, Settlement,
-    StoreError, TierChargeReport, UsageStore,
+    Account, AuditEntry, AuditEvent, EnsureCharge, OperationUsage, PeriodSummary, RecordUsage, Recorded, Settlement,
+    StoreError, SummaryDelta, TierChargeReport, UsageStore,
 };
 use crate::domain::{
     Blocks, Charge, ChargeKey, ChargeKind, ChargeStatus, EventId, MAX_TOKENS, Money, MoneyError, NewCharge,

@@ -4,6 +4,8 @@
 //! `token_billing::testing::store` (feature `testing`), which turns the contract below into tests.
 
 mod memory;
+#[cfg(feature = "postgres")]
+mod postgres;
 
 use std::fmt::Debug;
 
@@ -13,11 +15,13 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::domain::{
-    Charge, ChargeKey, ChargeKind, ChargeStatus, Currency, CustomerId, EventId, FeeCollection, Money, NewCharge, OperationType,
-    PeriodKey, Plan, PlanId, RatingError, UsageRecord, UserId,
+    Charge, ChargeKey, ChargeKind, ChargeStatus, Currency, CustomerId, EventId, FeeCollection, Money, NewCharge,
+    OperationType, PeriodKey, Plan, PlanId, RatingError, UsageRecord, UserId,
 };
 
 pub use memory::InMemoryUsageStore;
+#[cfg(feature = "postgres")]
+pub use postgres::{MIGRATIONS, PostgresUsageStore};
 
 /// A boxed error from a store's backend, kept as the source of [`StoreError`].
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;

@@ -1,0 +1,1038 @@
+//! [`PostgresUsageStore`] (feature `postgres`): the original product's schema on PostgreSQL.
+
+use std::str::FromStr;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
+use sqlx::{Postgres, Row, Transaction};
+use uuid::Uuid;
+
+use super::{
+    Account, AuditEntry, AuditEvent, BoxError, EnsureCharge, OperationUsage, PeriodSummary, RecordUsage, Recorded,
+    Settlement, StoreError, SummaryDelta, TierChargeReport, UsageStore,
+};
+use crate::domain::{
+    Charge, ChargeKey, ChargeKind, ChargeStatus, ClientId, Currency, CustomerId, EventId, Metadata, Money, NewCharge,
+    OperationType, PeriodKey, PlanId, UsageRecord, UserId, charges_for_growth,
+};
+
+const STORE: &str = "PostgreSQL store";
+
+/// The schema migrations, in order: also shipped as plain SQL under `migrations/` for hosts that
+/// run their own migration tool.
+pub const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../../migrations/0001_token_billing.sql"))];
+
+/// A [`UsageStore`] on PostgreSQL, safe to share between any number of service instances.
+///
+/// Every write is one transaction; the period total is incremented in place (the row lock
+/// serialises concurrent events of one user and period, which therefore see disjoint intervals),
+/// and unique indexes make a second charge for a block, or a second record of an event,
+/// impossible whatever the code does. Claims use `FOR UPDATE SKIP LOCKED`, so concurrent
+/// collectors never take the same charge.
+///
+/// # Example
+/// ```no_run
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// use std::sync::Arc;
+/// use token_billing::{BillingService, PostgresUsageStore, SandboxGateway};
+///
+/// let store = PostgresUsageStore::connect("postgres://postgres@127.0.0.1/test").await?;
+/// let billing = BillingService::builder(Arc::new(store), Arc::new(SandboxGateway::new())).build();
+/// # let _ = billing; Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct PostgresUsageStore {
+    pool: PgPool,
+}
+
+fn generic(source: impl Into<BoxError>) -> StoreError {
+    StoreError::Generic {
+        store: STORE,
+        source: source.into(),
+    }
+}
+
+/// Maps a database error: connection problems and timeouts may be retried, the rest may not.
+fn db(error: sqlx::Error) -> StoreError {
+    match error {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed => {
+            StoreError::Unavailable {
+                store: STORE,
+                source: Box::new(error),
+            }
+        }
+        other => generic(other),
+    }
+}
+
+fn is_unique_violation(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(e) if e.code().as_deref() == Some("23505"))
+}
+
+fn is_numeric_overflow(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(e) if e.code().as_deref() == Some("22003"))
+}
+
+fn to_i64(value: u64) -> Result<i64, StoreError> {
+    i64::try_from(value).map_err(generic)
+}
+
+fn to_u64(value: i64) -> Result<u64, StoreError> {
+    u64::try_from(value).map_err(generic)
+}
+
+fn to_u32(value: i32) -> Result<u32, StoreError> {
+    u32::try_from(value).map_err(generic)
+}
+
+fn parse<T: FromStr>(text: &str) -> Result<T, StoreError>
+where
+    T::Err: std::error::Error + Send + Sync + 'static,
+{
+    text.parse().map_err(generic)
+}
+
+fn audit_json(event: &AuditEvent) -> Result<serde_json::Value, StoreError> {
+    serde_json::to_value(event).map_err(generic)
+}
+
+const CHARGE_COLUMNS: &str = "user_id, id, charge_key, period, kind, block, billing_tier, amount_charged, currency, \
+     status, round, attempts, consumption_id, payment_id, failure_code, failure_message, next_retry_at, lease_until, \
+     created_at, updated_at";
+
+fn charge_from(row: &PgRow) -> Result<Charge, StoreError> {
+    let currency: Currency = parse(row.try_get::<&str, _>("currency").map_err(db)?)?;
+    Ok(Charge {
+        id: row.try_get("id").map_err(db)?,
+        key: ChargeKey::from_stored(row.try_get::<String, _>("charge_key").map_err(db)?),
+        user_id: parse(row.try_get::<&str, _>("user_id").map_err(db)?)?,
+        period: parse(row.try_get::<&str, _>("period").map_err(db)?)?,
+        kind: parse(row.try_get::<&str, _>("kind").map_err(db)?)?,
+        block: to_u64(row.try_get("block").map_err(db)?)?,
+        billing_tier: row.try_get("billing_tier").map_err(db)?,
+        amount: Money::from_minor(row.try_get("amount_charged").map_err(db)?, currency),
+        status: parse(row.try_get::<&str, _>("status").map_err(db)?)?,
+        round: to_u32(row.try_get("round").map_err(db)?)?,
+        attempts: to_u32(row.try_get("attempts").map_err(db)?)?,
+        consumption_id: row.try_get("consumption_id").map_err(db)?,
+        payment_id: row.try_get("payment_id").map_err(db)?,
+        failure_code: row.try_get("failure_code").map_err(db)?,
+        failure_message: row.try_get("failure_message").map_err(db)?,
+        next_retry_at: row.try_get("next_retry_at").map_err(db)?,
+        lease_until: row.try_get("lease_until").map_err(db)?,
+        created_at: row.try_get("created_at").map_err(db)?,
+        updated_at: row.try_get("updated_at").map_err(db)?,
+    })
+}
+
+fn usage_from(row: &PgRow) -> Result<UsageRecord, StoreError> {
+    let metadata: serde_json::Value = row.try_get("metadata").map_err(db)?;
+    Ok(UsageRecord {
+        consumption_id: row.try_get("id").map_err(db)?,
+        event_id: parse::<EventId>(row.try_get::<&str, _>("event_id").map_err(db)?)?,
+        user_id: parse(row.try_get::<&str, _>("user_id").map_err(db)?)?,
+        period: parse(row.try_get::<&str, _>("period").map_err(db)?)?,
+        tokens: to_u64(row.try_get("tokens_used").map_err(db)?)?,
+        operation_type: parse::<OperationType>(row.try_get::<&str, _>("operation_type").map_err(db)?)?,
+        client_id: row
+            .try_get::<Option<&str>, _>("client_id")
+            .map_err(db)?
+            .map(parse::<ClientId>)
+            .transpose()?,
+        metadata: serde_json::from_value::<Metadata>(metadata).map_err(generic)?,
+        occurred_at: row.try_get("occurred_at").map_err(db)?,
+        occurred_at_reported: row.try_get("occurred_at_reported").map_err(db)?,
+        recorded_at: row.try_get("created_at").map_err(db)?,
+    })
+}
+
+fn summary_from(row: &PgRow) -> Result<PeriodSummary, StoreError> {
+    let currency: Currency = parse(row.try_get::<&str, _>("currency").map_err(db)?)?;
+    let money = |column: &str| -> Result<Money, StoreError> {
+        Ok(Money::from_minor(row.try_get(column).map_err(db)?, currency))
+    };
+    Ok(PeriodSummary {
+        user_id: parse(row.try_get::<&str, _>("user_id").map_err(db)?)?,
+        period: parse(row.try_get::<&str, _>("period").map_err(db)?)?,
+        currency,
+        total_tokens: to_u64(row.try_get("total_tokens").map_err(db)?)?,
+        events: to_u64(row.try_get("events").map_err(db)?)?,
+        fixed_fee_charged: money("fixed_fee_charged")?,
+        tier_charges_count: to_u64(row.try_get("tier_charges_count").map_err(db)?)?,
+        tier_charges_total: money("tier_charges_total")?,
+        outstanding_count: to_u64(row.try_get("outstanding_count").map_err(db)?)?,
+        outstanding_total: money("outstanding_total")?,
+        updated_at: row.try_get("updated_at").map_err(db)?,
+    })
+}
+
+impl PostgresUsageStore {
+    /// Connects to `url` with a pool of up to 16 connections and applies the migrations.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the database cannot be reached; other store errors when
+    /// a migration fails.
+    pub async fn connect(url: &str) -> Result<PostgresUsageStore, StoreError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .connect(url)
+            .await
+            .map_err(db)?;
+        let store = PostgresUsageStore::from_pool(pool);
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// A store over a pool the host already has. Call [`migrate`](Self::migrate) once, or apply
+    /// the files under `migrations/` with your own tool.
+    pub fn from_pool(pool: PgPool) -> PostgresUsageStore {
+        PostgresUsageStore { pool }
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Applies the migrations not applied yet, under an advisory lock so that instances starting
+    /// together apply each once. Safe to call at every start.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        let mut conn = self.pool.acquire().await.map_err(db)?;
+        sqlx::query("SELECT pg_advisory_lock(hashtext('token_billing_migrations'))")
+            .execute(&mut *conn)
+            .await
+            .map_err(db)?;
+        let result = async {
+            sqlx::raw_sql(
+                "CREATE TABLE IF NOT EXISTS token_billing_migrations (
+                     version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())",
+            )
+            .execute(&mut *conn)
+            .await
+            .map_err(db)?;
+            for (version, sql) in MIGRATIONS {
+                let applied: Option<i32> =
+                    sqlx::query_scalar("SELECT version FROM token_billing_migrations WHERE version = $1")
+                        .bind(version)
+                        .fetch_optional(&mut *conn)
+                        .await
+                        .map_err(db)?;
+                if applied.is_none() {
+                    let mut tx = sqlx::Connection::begin(&mut *conn).await.map_err(db)?;
+                    sqlx::raw_sql(sql).execute(&mut *tx).await.map_err(db)?;
+                    sqlx::query("INSERT INTO token_billing_migrations (version) VALUES ($1)")
+                        .bind(version)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db)?;
+                    tx.commit().await.map_err(db)?;
+                }
+            }
+            Ok(())
+        }
+        .await;
+        let unlocked = sqlx::query("SELECT pg_advisory_unlock(hashtext('token_billing_migrations'))")
+            .execute(&mut *conn)
+            .await
+            .map_err(db);
+        result.and(unlocked.map(|_| ()))
+    }
+
+    async fn begin(&self) -> Result<Transaction<'static, Postgres>, StoreError> {
+        self.pool.begin().await.map_err(db)
+    }
+
+    async fn replay_in(
+        tx: &mut Transaction<'static, Postgres>,
+        user: &UserId,
+        event_id: &EventId,
+    ) -> Result<Option<Recorded>, StoreError> {
+        let row = sqlx::query(
+            "SELECT user_id, id, event_id, period, tokens_used, operation_type, client_id, metadata, occurred_at,
+                    occurred_at_reported, created_at, total_before, created_fee, first_block, end_block
+               FROM token_consumption WHERE user_id = $1 AND event_id = $2",
+        )
+        .bind(user.as_str())
+        .bind(event_id.as_str())
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(db)?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let usage = usage_from(&row)?;
+        let total_before = to_u64(row.try_get("total_before").map_err(db)?)?;
+        let created_fee: bool = row.try_get("created_fee").map_err(db)?;
+        let first_block: i64 = row.try_get("first_block").map_err(db)?;
+        let end_block: i64 = row.try_get("end_block").map_err(db)?;
+        let charges = sqlx::query(&format!(
+            "SELECT {CHARGE_COLUMNS} FROM token_billing_charges
+              WHERE user_id = $1 AND period = $2
+                AND ((kind = 'fixed_fee' AND $3) OR (kind = 'block' AND block >= $4 AND block < $5))
+              ORDER BY kind DESC, block"
+        ))
+        .bind(user.as_str())
+        .bind(usage.period.to_string())
+        .bind(created_fee)
+        .bind(first_block)
+        .bind(end_block)
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(db)?
+        .iter()
+        .map(charge_from)
+        .collect::<Result<Vec<_>, _>>()?;
+        Ok(Some(Recorded {
+            total_after: total_before + usage.tokens,
+            usage,
+            total_before,
+            charges,
+            replayed: true,
+        }))
+    }
+
+    /// Inserts charges that do not exist yet and moves the summary for them; returns those
+    /// created, in the order given.
+    async fn insert_charges(
+        tx: &mut Transaction<'static, Postgres>,
+        charges: Vec<NewCharge>,
+        status: ChargeStatus,
+        payment_id: Option<&str>,
+        now: DateTime<Utc>,
+        lease_until: Option<DateTime<Utc>>,
+    ) -> Result<Vec<Charge>, StoreError> {
+        let mut created = Vec::with_capacity(charges.len());
+        let mut delta = SummaryDelta::default();
+        let Some(first) = charges.first() else {
+            return Ok(created);
+        };
+        let (user, period) = (first.user_id.clone(), first.period);
+        let leased = status == ChargeStatus::Pending && lease_until.is_some();
+        let attempts = i32::from(leased);
+        for new in charges {
+            let row = sqlx::query(&format!(
+                "INSERT INTO token_billing_charges
+                    (user_id, id, charge_key, period, kind, block, billing_tier, amount_charged, currency, status,
+                     round, attempts, consumption_id, payment_id, lease_until, created_at, updated_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 0, $11, $12, $13, $14, $15, $15)
+                 ON CONFLICT DO NOTHING
+                 RETURNING {CHARGE_COLUMNS}"
+            ))
+            .bind(new.user_id.as_str())
+            .bind(Uuid::new_v4())
+            .bind(new.key.as_str())
+            .bind(new.period.to_string())
+            .bind(new.kind.as_str())
+            .bind(to_i64(new.block)?)
+            .bind(&new.billing_tier)
+            .bind(new.amount.minor_units())
+            .bind(new.amount.currency().code())
+            .bind(status.as_str())
+            .bind(attempts)
+            .bind(new.consumption_id)
+            .bind(payment_id)
+            .bind(if leased { lease_until } else { None })
+            .bind(now)
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(db)?;
+            if let Some(row) = row {
+                let charge = charge_from(&row)?;
+                delta = delta
+                    .plus(SummaryDelta::of(charge.kind, charge.amount.minor_units(), None, status))
+                    .ok_or_else(|| generic("summary overflow"))?;
+                created.push(charge);
+            }
+        }
+        Self::move_summary(tx, &user, period, delta, now).await?;
+        let mut entries = Vec::new();
+        for charge in &created {
+            entries.push(AuditEvent::ChargeCreated {
+                key: charge.key.clone(),
+                billing_tier: charge.billing_tier.clone(),
+                amount: charge.amount,
+                status,
+            });
+            if leased {
+                entries.push(AuditEvent::CollectionStarted {
+                    key: charge.key.clone(),
+                    round: 0,
+                    attempt: 1,
+                });
+            }
+        }
+        Self::audit(tx, &user, Some(period), now, &entries).await?;
+        Ok(created)
+    }
+
+    async fn move_summary(
+        tx: &mut Transaction<'static, Postgres>,
+        user: &UserId,
+        period: PeriodKey,
+        delta: SummaryDelta,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        if delta == SummaryDelta::default() {
+            return Ok(());
+        }
+        sqlx::query(
+            "UPDATE token_usage_summary
+                SET outstanding_count = outstanding_count + $3, outstanding_total = outstanding_total + $4,
+                    fixed_fee_charged = fixed_fee_charged + $5, tier_charges_count = tier_charges_count + $6,
+                    tier_charges_total = tier_charges_total + $7, updated_at = $8
+              WHERE user_id = $1 AND period = $2",
+        )
+        .bind(user.as_str())
+        .bind(period.to_string())
+        .bind(delta.outstanding_count)
+        .bind(delta.outstanding_total)
+        .bind(delta.fixed_fee_charged)
+        .bind(delta.tier_charges_count)
+        .bind(delta.tier_charges_total)
+        .bind(now)
+        .execute(&mut **tx)
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    async fn audit(
+        tx: &mut Transaction<'static, Postgres>,
+        user: &UserId,
+        period: Option<PeriodKey>,
+        at: DateTime<Utc>,
+        events: &[AuditEvent],
+    ) -> Result<(), StoreError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let json = events.iter().map(audit_json).collect::<Result<Vec<_>, _>>()?;
+        sqlx::query(
+            "INSERT INTO token_billing_audit (user_id, at, period, event)
+             SELECT $1, $2, $3, e FROM unnest($4::jsonb[]) WITH ORDINALITY AS t(e, n) ORDER BY n",
+        )
+        .bind(user.as_str())
+        .bind(at)
+        .bind(period.map(|p| p.to_string()))
+        .bind(json)
+        .execute(&mut **tx)
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    async fn ensure_summary(
+        tx: &mut Transaction<'static, Postgres>,
+        user: &UserId,
+        period: PeriodKey,
+        currency: Currency,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO token_usage_summary (user_id, period, currency, updated_at) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (user_id, period) DO NOTHING",
+        )
+        .bind(user.as_str())
+        .bind(period.to_string())
+        .bind(currency.code())
+        .bind(now)
+        .execute(&mut **tx)
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+}
+
+/// What a claim takes and does: the status it picks, the SQL condition that makes a charge due
+/// (`$2` is now), the columns it sets besides the lease, and the audit entries it writes for
+/// each claimed charge (a query over `claimed`).
+struct ClaimKind {
+    status: ChargeStatus,
+    due: &'static str,
+    set: &'static str,
+    audit: &'static str,
+}
+
+const CLAIM_PENDING: ClaimKind = ClaimKind {
+    status: ChargeStatus::Pending,
+    due: "(lease_until IS NULL OR lease_until <= $2)",
+    set: "attempts = c.attempts + 1",
+    audit: "SELECT jsonb_build_object('type', 'collection_started', 'key', claimed.charge_key,
+                'round', claimed.round, 'attempt', claimed.attempts)",
+};
+
+const CLAIM_RETRIES: ClaimKind = ClaimKind {
+    status: ChargeStatus::Failed,
+    due: "next_retry_at <= $2 AND (lease_until IS NULL OR lease_until <= $2)",
+    set: "status = 'pending', round = c.round + 1, attempts = c.attempts + 1, next_retry_at = NULL",
+    audit: "VALUES (jsonb_build_object('type', 'charge_status_changed', 'key', claimed.charge_key,
+                    'from', 'failed', 'to', 'pending', 'payment_id', NULL, 'failure_code', NULL)),
+               (jsonb_build_object('type', 'collection_started', 'key', claimed.charge_key,
+                    'round', claimed.round, 'attempt', claimed.attempts))",
+};
+
+const CLAIM_AWAITING: ClaimKind = ClaimKind {
+    status: ChargeStatus::RequiresAction,
+    due: "(lease_until IS NULL OR lease_until <= $2)",
+    set: "attempts = c.attempts",
+    audit: "SELECT NULL::jsonb WHERE false",
+};
+
+/// Why a record attempt stopped: a database error (perhaps a concurrent duplicate) or a store
+/// error to return as is.
+enum RecordFailure {
+    Database(sqlx::Error),
+    Store(StoreError),
+}
+
+impl From<StoreError> for RecordFailure {
+    fn from(error: StoreError) -> Self {
+        RecordFailure::Store(error)
+    }
+}
+
+impl PostgresUsageStore {
+    async fn try_record(&self, request: &RecordUsage<'_>) -> Result<Recorded, RecordFailure> {
+        let usage = &request.usage;
+        let user = &usage.user_id;
+        let mut tx = self.begin().await?;
+        if let Some(original) = Self::replay_in(&mut tx, user, &usage.event_id).await? {
+            tx.rollback().await.map_err(db)?;
+            if !original.usage.same_usage(usage) {
+                return Err(StoreError::EventConflict {
+                    event_id: usage.event_id.clone(),
+                }
+                .into());
+            }
+            return Ok(original);
+        }
+        let now = usage.recorded_at;
+        let tokens = to_i64(usage.tokens)?;
+        // The increment takes the summary row's lock until commit: concurrent events of this user
+        // and period see disjoint intervals.
+        let after: i64 = sqlx::query_scalar(
+            "INSERT INTO token_usage_summary (user_id, period, currency, total_tokens, events, updated_at)
+             VALUES ($1, $2, $3, $4, 1, $5)
+             ON CONFLICT (user_id, period) DO UPDATE
+                SET total_tokens = token_usage_summary.total_tokens + EXCLUDED.total_tokens,
+                    events = token_usage_summary.events + 1, updated_at = EXCLUDED.updated_at
+             RETURNING total_tokens",
+        )
+        .bind(user.as_str())
+        .bind(usage.period.to_string())
+        .bind(request.plan.currency().code())
+        .bind(tokens)
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(RecordFailure::Database)?;
+        let after = to_u64(after)?;
+        let before = after - usage.tokens;
+        let charges = charges_for_growth(
+            request.plan,
+            request.fee,
+            user,
+            usage.period,
+            before,
+            after,
+            Some(usage.consumption_id),
+        )
+        .map_err(StoreError::from)?;
+        let blocks = request.plan.blocks_crossed(before, after).map_err(StoreError::from)?;
+        let created =
+            Self::insert_charges(&mut tx, charges, ChargeStatus::Pending, None, now, request.lease_until).await?;
+        let created_fee = created.iter().any(|c| c.kind == ChargeKind::FixedFee);
+        sqlx::query(
+            "INSERT INTO token_consumption
+                (user_id, id, event_id, period, tokens_used, operation_type, client_id, metadata, occurred_at,
+                 occurred_at_reported, created_at, total_before, created_fee, first_block, end_block)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+        )
+        .bind(user.as_str())
+        .bind(usage.consumption_id)
+        .bind(usage.event_id.as_str())
+        .bind(usage.period.to_string())
+        .bind(tokens)
+        .bind(usage.operation_type.as_str())
+        .bind(usage.client_id.as_ref().map(ClientId::as_str))
+        .bind(serde_json::to_value(&usage.metadata).map_err(generic)?)
+        .bind(usage.occurred_at)
+        .bind(usage.occurred_at_reported)
+        .bind(now)
+        .bind(to_i64(before)?)
+        .bind(created_fee)
+        .bind(to_i64(blocks.first())?)
+        .bind(to_i64(blocks.end())?)
+        .execute(&mut *tx)
+        .await
+        .map_err(RecordFailure::Database)?;
+        Self::audit(
+            &mut tx,
+            user,
+            Some(usage.period),
+            now,
+            &[AuditEvent::UsageRecorded {
+                consumption_id: usage.consumption_id,
+                event_id: usage.event_id.clone(),
+                tokens: usage.tokens,
+                total_after: after,
+            }],
+        )
+        .await?;
+        tx.commit().await.map_err(RecordFailure::Database)?;
+        // The audit order in the trail puts the usage after its charges; both are in one
+        // transaction, so neither is ever seen without the other.
+        Ok(Recorded {
+            usage: usage.clone(),
+            total_before: before,
+            total_after: after,
+            charges: created,
+            replayed: false,
+        })
+    }
+
+    /// Leases, in one statement, up to `limit` charges that `kind` picks and nobody holds
+    /// (`FOR UPDATE SKIP LOCKED`), applies its changes, and audits them.
+    async fn claim(
+        &self,
+        kind: &ClaimKind,
+        user: Option<&UserId>,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<Charge>, StoreError> {
+        let ClaimKind {
+            status,
+            due: due_column,
+            set,
+            audit,
+        } = kind;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let sql = format!(
+            "WITH picked AS (
+                 SELECT user_id, id FROM token_billing_charges
+                  WHERE status = $1 AND {due_column} AND ($3::text IS NULL OR user_id = $3)
+                  ORDER BY created_at
+                  LIMIT $4
+                  FOR UPDATE SKIP LOCKED
+             ), claimed AS (
+                 UPDATE token_billing_charges c SET {set}, lease_until = $5, updated_at = $2
+                   FROM picked WHERE c.user_id = picked.user_id AND c.id = picked.id
+                 RETURNING c.*
+             ), audited AS (
+                 INSERT INTO token_billing_audit (user_id, at, period, event)
+                 SELECT claimed.user_id, $2, claimed.period, e.event
+                   FROM claimed, LATERAL ({audit}) AS e(event)
+             )
+             SELECT {CHARGE_COLUMNS} FROM claimed ORDER BY created_at"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(status.as_str())
+            .bind(now)
+            .bind(user.map(UserId::as_str))
+            .bind(limit)
+            .bind(lease_until)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?;
+        rows.iter().map(charge_from).collect()
+    }
+}
+
+#[async_trait]
+impl UsageStore for PostgresUsageStore {
+    async fn put_account(&self, account: Account) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "INSERT INTO token_billing_accounts
+                (user_id, customer_id, plan_id, earlier_plans, subscription_id, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
+             ON CONFLICT (user_id) DO UPDATE
+                SET customer_id = EXCLUDED.customer_id, plan_id = EXCLUDED.plan_id,
+                    earlier_plans = EXCLUDED.earlier_plans, subscription_id = EXCLUDED.subscription_id,
+                    created_at = EXCLUDED.created_at, updated_at = EXCLUDED.updated_at",
+        )
+        .bind(account.user_id.as_str())
+        .bind(account.customer_id.as_ref().map(CustomerId::as_str))
+        .bind(account.plan_id.as_str())
+        .bind(serde_json::to_value(&account.earlier_plans).map_err(generic)?)
+        .bind(account.subscription_id.as_deref())
+        .bind(account.created_at)
+        .bind(account.updated_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        Self::audit(
+            &mut tx,
+            &account.user_id,
+            None,
+            account.updated_at,
+            &[AuditEvent::AccountSaved {
+                customer_id: account.customer_id.clone(),
+                plan_id: account.plan_id.clone(),
+            }],
+        )
+        .await?;
+        tx.commit().await.map_err(db)
+    }
+
+    async fn account(&self, user: &UserId) -> Result<Option<Account>, StoreError> {
+        let row = sqlx::query(
+            "SELECT user_id, customer_id, plan_id, earlier_plans, subscription_id, created_at, updated_at
+               FROM token_billing_accounts WHERE user_id = $1",
+        )
+        .bind(user.as_str())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?;
+        row.map(|row| {
+            let earlier: serde_json::Value = row.try_get("earlier_plans").map_err(db)?;
+            Ok(Account {
+                user_id: parse(row.try_get::<&str, _>("user_id").map_err(db)?)?,
+                customer_id: row
+                    .try_get::<Option<&str>, _>("customer_id")
+                    .map_err(db)?
+                    .map(parse::<CustomerId>)
+                    .transpose()?,
+                plan_id: parse::<PlanId>(row.try_get::<&str, _>("plan_id").map_err(db)?)?,
+                earlier_plans: serde_json::from_value(earlier).map_err(generic)?,
+                subscription_id: row.try_get("subscription_id").map_err(db)?,
+                created_at: row.try_get("created_at").map_err(db)?,
+                updated_at: row.try_get("updated_at").map_err(db)?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn record_usage(&self, request: RecordUsage<'_>) -> Result<Recorded, StoreError> {
+        loop {
+            match self.try_record(&request).await {
+                Ok(recorded) => return Ok(recorded),
+                Err(RecordFailure::Store(error)) => return Err(error),
+                // The same event committed concurrently: answer it as a replay.
+                Err(RecordFailure::Database(error)) if is_unique_violation(&error) => continue,
+                Err(RecordFailure::Database(error)) if is_numeric_overflow(&error) => {
+                    let total = self
+                        .period_summary(&request.usage.user_id, request.usage.period)
+                        .await?
+                        .map_or(0, |s| s.total_tokens);
+                    return Err(StoreError::TotalOverflow {
+                        total,
+                        tokens: request.usage.tokens,
+                    });
+                }
+                Err(RecordFailure::Database(error)) => return Err(db(error)),
+            }
+        }
+    }
+
+    async fn ensure_charge(&self, request: EnsureCharge) -> Result<(Charge, bool), StoreError> {
+        let EnsureCharge {
+            charge,
+            status,
+            payment_id,
+            now,
+            lease_until,
+        } = request;
+        let (user, key) = (charge.user_id.clone(), charge.key.clone());
+        let mut tx = self.begin().await?;
+        Self::ensure_summary(&mut tx, &user, charge.period, charge.amount.currency(), now).await?;
+        let created =
+            Self::insert_charges(&mut tx, vec![charge], status, payment_id.as_deref(), now, lease_until).await?;
+        tx.commit().await.map_err(db)?;
+        match created.into_iter().next() {
+            Some(charge) => Ok((charge, true)),
+            None => {
+                let existing = self.charge(&user, &key).await?.ok_or_else(|| StoreError::NotFound {
+                    what: "charge",
+                    key: key.to_string(),
+                })?;
+                Ok((existing, false))
+            }
+        }
+    }
+
+    async fn claim_pending(
+        &self,
+        user: Option<&UserId>,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<Charge>, StoreError> {
+        self.claim(&CLAIM_PENDING, user, now, lease_until, limit).await
+    }
+
+    async fn claim_due_retries(
+        &self,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<Charge>, StoreError> {
+        self.claim(&CLAIM_RETRIES, None, now, lease_until, limit).await
+    }
+
+    async fn claim_awaiting_customer(
+        &self,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<Charge>, StoreError> {
+        self.claim(&CLAIM_AWAITING, None, now, lease_until, limit).await
+    }
+
+    async fn renew_lease(
+        &self,
+        user: &UserId,
+        key: &ChargeKey,
+        held_until: Option<DateTime<Utc>>,
+        lease_until: DateTime<Utc>,
+    ) -> Result<Option<Charge>, StoreError> {
+        let row = sqlx::query(&format!(
+            "UPDATE token_billing_charges SET lease_until = $4
+              WHERE user_id = $1 AND charge_key = $2 AND status = 'pending' AND lease_until IS NOT DISTINCT FROM $3
+              RETURNING {CHARGE_COLUMNS}"
+        ))
+        .bind(user.as_str())
+        .bind(key.as_str())
+        .bind(held_until)
+        .bind(lease_until)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?;
+        row.as_ref().map(charge_from).transpose()
+    }
+
+    async fn settle_charge(&self, s: Settlement<'_>) -> Result<Charge, StoreError> {
+        let mut tx = self.begin().await?;
+        let row = sqlx::query(&format!(
+            "SELECT {CHARGE_COLUMNS} FROM token_billing_charges WHERE user_id = $1 AND charge_key = $2 FOR UPDATE"
+        ))
+        .bind(s.user_id.as_str())
+        .bind(s.key.as_str())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db)?
+        .ok_or_else(|| StoreError::NotFound {
+            what: "charge",
+            key: s.key.to_string(),
+        })?;
+        let current = charge_from(&row)?;
+        if current.status != s.expected_status || current.round != s.expected_round {
+            return Err(StoreError::StatusConflict {
+                charge: Box::new(current),
+            });
+        }
+        if !current.status.can_become(s.status) {
+            return Err(StoreError::ForbiddenTransition {
+                from: current.status,
+                to: s.status,
+            });
+        }
+        let succeeded = s.status == ChargeStatus::Succeeded;
+        let replace_failure = !succeeded && (s.failure_code.is_some() || s.failure_message.is_some());
+        let row = sqlx::query(&format!(
+            "UPDATE token_billing_charges
+                SET status = $3, payment_id = COALESCE($4, payment_id),
+                    failure_code = CASE WHEN $5 THEN NULL WHEN $6 THEN $7 ELSE failure_code END,
+                    failure_message = CASE WHEN $5 THEN NULL WHEN $6 THEN $8 ELSE failure_message END,
+                    next_retry_at = $9, lease_until = $10, updated_at = $11
+              WHERE user_id = $1 AND charge_key = $2
+              RETURNING {CHARGE_COLUMNS}"
+        ))
+        .bind(s.user_id.as_str())
+        .bind(s.key.as_str())
+        .bind(s.status.as_str())
+        .bind(s.payment_id.as_deref())
+        .bind(succeeded)
+        .bind(replace_failure)
+        .bind(s.failure_code.as_deref())
+        .bind(s.failure_message.as_deref())
+        .bind(if s.status == ChargeStatus::Failed {
+            s.next_retry_at
+        } else {
+            None
+        })
+        .bind(s.lease_until)
+        .bind(s.at)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db)?;
+        let charge = charge_from(&row)?;
+        let delta = SummaryDelta::of(charge.kind, charge.amount.minor_units(), Some(current.status), s.status);
+        Self::move_summary(&mut tx, s.user_id, charge.period, delta, s.at).await?;
+        Self::audit(
+            &mut tx,
+            s.user_id,
+            Some(charge.period),
+            s.at,
+            &[AuditEvent::ChargeStatusChanged {
+                key: charge.key.clone(),
+                from: current.status,
+                to: s.status,
+                payment_id: charge.payment_id.clone(),
+                failure_code: charge.failure_code.clone(),
+            }],
+        )
+        .await?;
+        tx.commit().await.map_err(db)?;
+        Ok(charge)
+    }
+
+    async fn recorded_event(&self, user: &UserId, event_id: &EventId) -> Result<Option<Recorded>, StoreError> {
+        let mut tx = self.begin().await?;
+        let found = Self::replay_in(&mut tx, user, event_id).await?;
+        tx.rollback().await.map_err(db)?;
+        Ok(found)
+    }
+
+    async fn append_audit(&self, entry: AuditEntry) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        Self::audit(&mut tx, &entry.user_id, entry.period, entry.at, &[entry.event]).await?;
+        tx.commit().await.map_err(db)
+    }
+
+    async fn charge(&self, user: &UserId, key: &ChargeKey) -> Result<Option<Charge>, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {CHARGE_COLUMNS} FROM token_billing_charges WHERE user_id = $1 AND charge_key = $2"
+        ))
+        .bind(user.as_str())
+        .bind(key.as_str())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?;
+        row.as_ref().map(charge_from).transpose()
+    }
+
+    async fn charges(&self, user: &UserId, period: PeriodKey) -> Result<Vec<Charge>, StoreError> {
+        sqlx::query(&format!(
+            "SELECT {CHARGE_COLUMNS} FROM token_billing_charges WHERE user_id = $1 AND period = $2
+              ORDER BY kind DESC, block"
+        ))
+        .bind(user.as_str())
+        .bind(period.to_string())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?
+        .iter()
+        .map(charge_from)
+        .collect()
+    }
+
+    async fn unpaid_charges(&self, user: &UserId) -> Result<Vec<Charge>, StoreError> {
+        sqlx::query(&format!(
+            "SELECT {CHARGE_COLUMNS} FROM token_billing_charges
+              WHERE user_id = $1 AND status IN ('failed', 'requires_action') ORDER BY created_at, kind DESC, block"
+        ))
+        .bind(user.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?
+        .iter()
+        .map(charge_from)
+        .collect()
+    }
+
+    async fn consumptions(&self, user: &UserId, period: PeriodKey) -> Result<Vec<UsageRecord>, StoreError> {
+        sqlx::query(
+            "SELECT user_id, id, event_id, period, tokens_used, operation_type, client_id, metadata, occurred_at,
+                    occurred_at_reported, created_at
+               FROM token_consumption WHERE user_id = $1 AND period = $2 ORDER BY created_at, total_before",
+        )
+        .bind(user.as_str())
+        .bind(period.to_string())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?
+        .iter()
+        .map(usage_from)
+        .collect()
+    }
+
+    async fn period_summary(&self, user: &UserId, period: PeriodKey) -> Result<Option<PeriodSummary>, StoreError> {
+        let row = sqlx::query("SELECT * FROM token_usage_summary WHERE user_id = $1 AND period = $2")
+            .bind(user.as_str())
+            .bind(period.to_string())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)?;
+        row.as_ref().map(summary_from).transpose()
+    }
+
+    async fn usage_by_operation(&self, user: &UserId, period: PeriodKey) -> Result<Vec<OperationUsage>, StoreError> {
+        sqlx::query(
+            "SELECT operation_type, SUM(tokens_used)::bigint AS total_tokens, COUNT(*) AS operations
+               FROM token_consumption WHERE user_id = $1 AND period = $2
+              GROUP BY operation_type ORDER BY operation_type",
+        )
+        .bind(user.as_str())
+        .bind(period.to_string())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?
+        .iter()
+        .map(|row| {
+            Ok(OperationUsage {
+                operation_type: parse::<OperationType>(row.try_get::<&str, _>("operation_type").map_err(db)?)?,
+                total_tokens: to_u64(row.try_get("total_tokens").map_err(db)?)?,
+                operations: to_u64(row.try_get("operations").map_err(db)?)?,
+            })
+        })
+        .collect()
+    }
+
+    async fn charges_by_tier(&self, user: &UserId, period: PeriodKey) -> Result<Vec<TierChargeReport>, StoreError> {
+        sqlx::query(
+            "SELECT billing_tier, MIN(currency) AS currency, COUNT(*) AS charges_count,
+                    SUM(amount_charged)::bigint AS total_charged,
+                    COALESCE(SUM(amount_charged) FILTER (WHERE status = 'succeeded'), 0)::bigint AS collected
+               FROM token_billing_charges WHERE user_id = $1 AND period = $2
+              GROUP BY billing_tier, block ORDER BY block",
+        )
+        .bind(user.as_str())
+        .bind(period.to_string())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?
+        .iter()
+        .map(|row| {
+            let currency: Currency = parse(row.try_get::<&str, _>("currency").map_err(db)?)?;
+            Ok(TierChargeReport {
+                billing_tier: row.try_get("billing_tier").map_err(db)?,
+                charges_count: to_u64(row.try_get("charges_count").map_err(db)?)?,
+                total_charged: Money::from_minor(row.try_get("total_charged").map_err(db)?, currency),
+                collected: Money::from_minor(row.try_get("collected").map_err(db)?, currency),
+            })
+        })
+        .collect()
+    }
+
+    async fn audit_trail(&self, user: &UserId, period: Option<PeriodKey>) -> Result<Vec<AuditEntry>, StoreError> {
+        sqlx::query(
+            "SELECT at, period, event FROM token_billing_audit
+              WHERE user_id = $1 AND ($2::text IS NULL OR period = $2) ORDER BY seq",
+        )
+        .bind(user.as_str())
+        .bind(period.map(|p| p.to_string()))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?
+        .iter()
+        .map(|row| {
+            Ok(AuditEntry {
+                at: row.try_get("at").map_err(db)?,
+                user_id: user.clone(),
+                period: row
+                    .try_get::<Option<&str>, _>("period")
+                    .map_err(db)?
+                    .map(parse::<PeriodKey>)
+                    .transpose()?,
+                event: serde_json::from_value(row.try_get("event").map_err(db)?).map_err(generic)?,
+            })
+        })
+        .collect()
+    }
+}
