@@ -195,3 +195,227 @@ mod service {
         }
     }
 }
+
+mod sql {
+    use std::sync::Arc;
+
+    use proptest::prelude::*;
+    use sqlx::Row;
+    use token_billing::{BillingService, Plan, SandboxGateway, UnregisteredUsers, UsageReport, UserId};
+    use uuid::Uuid;
+
+    fn fresh(tag: &str) -> String {
+        format!("pg-{tag}-{}", &Uuid::new_v4().simple().to_string()[..12])
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+        /// The SQL `calculate_billing_tier` agrees with the Rust domain on random plans and totals,
+        /// boundaries included.
+        #[test]
+        fn calculate_billing_tier_in_sql_agrees_with_rust(
+            included in 0u64..=5_000_000_000,
+            block in 1u64..=5_000_000_000,
+            totals in proptest::collection::vec(0u64..=20_000_000_000, 1..40),
+        ) {
+            let plan = Plan::builder().included_tokens(included).block_size(block).build().expect("valid");
+            let mut totals = totals;
+            // Boundaries: the allowance, and a block edge and its neighbours.
+            totals.extend([0, included, included + 1, included + block, included + block + 1, token_billing::MAX_TOKENS]);
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            let sql_labels: Vec<String> = runtime.block_on(async {
+                let store = super::store().await;
+                let totals: Vec<i64> = totals.iter().map(|t| i64::try_from(*t).expect("fits")).collect();
+                sqlx::query_scalar(
+                    "SELECT calculate_billing_tier(t, $2, $3) FROM unnest($1::bigint[]) WITH ORDINALITY AS u(t, n) ORDER BY n",
+                )
+                .bind(&totals)
+                .bind(i64::try_from(included).expect("fits"))
+                .bind(i64::try_from(block).expect("fits"))
+                .fetch_all(store.pool())
+                .await
+                .expect("query")
+            });
+            let rust_labels: Vec<String> = totals.iter().map(|t| plan.tier_of(*t).expect("in range").label()).collect();
+            prop_assert_eq!(sql_labels, rust_labels);
+        }
+    }
+
+    #[tokio::test]
+    async fn the_seed_defaults_and_labels_hold_in_sql() {
+        let store = super::store().await;
+        for (tokens, label) in [
+            (1_000_000, "0-8M"),
+            (8_000_000, "0-8M"),
+            (8_000_001, "8M-16M"),
+            (10_000_000, "8M-16M"),
+        ] {
+            let got: String = sqlx::query_scalar("SELECT calculate_billing_tier($1)")
+                .bind(tokens as i64)
+                .fetch_one(store.pool())
+                .await
+                .expect("query");
+            assert_eq!(got, label);
+        }
+    }
+
+    /// The seed's "Consultas SQL Úteis", verbatim but for the user id, against data recorded by
+    /// the library now.
+    #[tokio::test]
+    async fn the_seed_monitoring_queries_run_verbatim() {
+        let store = Arc::new(super::store().await);
+        let billing = BillingService::builder(store.clone(), Arc::new(SandboxGateway::new()))
+            .unregistered_users(UnregisteredUsers::OpenCustomer)
+            .build();
+        let user = fresh("queries");
+        for (tokens, op) in [(6_000_000, "chat"), (3_000_000, "api_call"), (9_000_000, "chat")] {
+            billing
+                .process_token_usage(UsageReport::new(&user, tokens, op))
+                .await
+                .expect("recorded");
+        }
+        let summary = billing
+            .token_summary(&UserId::new(&user).expect("valid"), None)
+            .await
+            .expect("summary");
+
+        let seed_summary = "SELECT * FROM get_user_token_summary('user-uuid');".replace("user-uuid", &user);
+        let row = sqlx::query(&seed_summary)
+            .fetch_one(store.pool())
+            .await
+            .expect("summary query");
+        assert_eq!(row.get::<i64, _>("total_tokens"), 18_000_000);
+        assert_eq!(row.get::<String, _>("current_tier"), summary.current_tier);
+        assert_eq!(row.get::<i64, _>("fixed_fee_charged"), summary.fixed_fee_charged);
+        assert_eq!(row.get::<i64, _>("tier_charges_count"), 2);
+        assert_eq!(row.get::<i64, _>("tier_charges_total"), summary.tier_charges_total);
+        assert_eq!(row.get::<i64, _>("total_charged"), summary.total_charged);
+
+        let by_operation = "SELECT 
+  operation_type,
+  SUM(tokens_used) as total_tokens,
+  COUNT(*) as operations
+FROM token_consumption 
+WHERE user_id = 'user-uuid'
+  AND created_at >= date_trunc('month', NOW())
+GROUP BY operation_type;"
+            .replace("user-uuid", &user);
+        // The query runs as written; its SUM (numeric) is read back as text.
+        let wrapped = format!(
+            "SELECT operation_type, total_tokens::bigint AS total_tokens, operations FROM ({}) AS seed",
+            by_operation.trim_end_matches(';')
+        );
+        let mut rows: Vec<(String, i64, i64)> = sqlx::query(&wrapped)
+            .fetch_all(store.pool())
+            .await
+            .expect("operations query")
+            .iter()
+            .map(|r| (r.get("operation_type"), r.get("total_tokens"), r.get("operations")))
+            .collect();
+        rows.sort();
+        assert_eq!(
+            rows,
+            [
+                ("api_call".to_owned(), 3_000_000, 1),
+                ("chat".to_owned(), 15_000_000, 2)
+            ]
+        );
+
+        let by_tier = "SELECT 
+  billing_tier,
+  COUNT(*) as charges_count,
+  SUM(amount_charged) as total_charged
+FROM token_billing_charges 
+WHERE user_id = 'user-uuid'
+  AND created_at >= date_trunc('month', NOW())
+GROUP BY billing_tier;"
+            .replace("user-uuid", &user);
+        let wrapped = format!(
+            "SELECT billing_tier, charges_count, total_charged::text AS total_charged FROM ({}) AS seed",
+            by_tier.trim_end_matches(';')
+        );
+        let mut rows: Vec<(String, i64, String)> = sqlx::query(&wrapped)
+            .fetch_all(store.pool())
+            .await
+            .expect("tiers query")
+            .iter()
+            .map(|r| (r.get("billing_tier"), r.get("charges_count"), r.get("total_charged")))
+            .collect();
+        rows.sort();
+        assert_eq!(
+            rows,
+            [
+                ("0-8M".to_owned(), 1, "40000".to_owned()),
+                ("16M-24M".to_owned(), 1, "10000".to_owned()),
+                ("8M-16M".to_owned(), 1, "10000".to_owned())
+            ]
+        );
+    }
+
+    /// A restricted role with the session setting of user A reads A's rows and none of B's, in
+    /// every table.
+    #[tokio::test]
+    async fn row_level_security_shows_a_user_only_their_rows() {
+        let store = Arc::new(super::store().await);
+        let billing = BillingService::builder(store.clone(), Arc::new(SandboxGateway::new()))
+            .unregistered_users(UnregisteredUsers::OpenCustomer)
+            .build();
+        let (alice, bob) = (fresh("rls-a"), fresh("rls-b"));
+        for user in [&alice, &bob] {
+            billing
+                .process_token_usage(UsageReport::new(user, 9_000_000, "chat"))
+                .await
+                .expect("recorded");
+        }
+        let mut tx = store.pool().begin().await.expect("begin");
+        sqlx::query("SET LOCAL ROLE token_billing_reader")
+            .execute(&mut *tx)
+            .await
+            .expect("role");
+        sqlx::query("SELECT set_config('token_billing.user_id', $1, true)")
+            .bind(&alice)
+            .execute(&mut *tx)
+            .await
+            .expect("setting");
+        for table in [
+            "token_consumption",
+            "token_billing_charges",
+            "token_usage_summary",
+            "token_billing_accounts",
+            "token_billing_audit",
+        ] {
+            let mine: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {table} WHERE user_id = $1"))
+                .bind(&alice)
+                .fetch_one(&mut *tx)
+                .await
+                .expect("count");
+            let theirs: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {table} WHERE user_id = $1"))
+                .bind(&bob)
+                .fetch_one(&mut *tx)
+                .await
+                .expect("count");
+            let others: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {table} WHERE user_id <> $1"))
+                .bind(&alice)
+                .fetch_one(&mut *tx)
+                .await
+                .expect("count");
+            assert!(mine > 0, "{table}: the user sees their rows");
+            assert_eq!((theirs, others), (0, 0), "{table}: and nobody else's");
+        }
+        let summary: i64 = sqlx::query_scalar("SELECT total_tokens FROM get_user_token_summary($1, $2)")
+            .bind(&bob)
+            .bind(
+                token_billing::Period::containing(chrono::Utc::now(), chrono_tz::America::Sao_Paulo)
+                    .key()
+                    .to_string(),
+            )
+            .fetch_one(&mut *tx)
+            .await
+            .expect("summary");
+        assert_eq!(summary, 0, "the summary function sees only the user's rows too");
+        let write = sqlx::query("DELETE FROM token_consumption").execute(&mut *tx).await;
+        assert!(write.is_err(), "the restricted role cannot write");
+        tx.rollback().await.expect("rollback");
+    }
+}

@@ -21,7 +21,13 @@ const STORE: &str = "PostgreSQL store";
 
 /// The schema migrations, in order: also shipped as plain SQL under `migrations/` for hosts that
 /// run their own migration tool.
-pub const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../../migrations/0001_token_billing.sql"))];
+pub const MIGRATIONS: &[(i32, &str)] = &[
+    (1, include_str!("../../migrations/0001_token_billing.sql")),
+    (
+        2,
+        include_str!("../../migrations/0002_functions_and_row_level_security.sql"),
+    ),
+];
 
 /// A [`UsageStore`] on PostgreSQL, safe to share between any number of service instances.
 ///
@@ -515,11 +521,14 @@ impl PostgresUsageStore {
         // The increment takes the summary row's lock until commit: concurrent events of this user
         // and period see disjoint intervals.
         let after: i64 = sqlx::query_scalar(
-            "INSERT INTO token_usage_summary (user_id, period, currency, total_tokens, events, updated_at)
-             VALUES ($1, $2, $3, $4, 1, $5)
+            "INSERT INTO token_usage_summary
+                (user_id, period, currency, total_tokens, events, updated_at, included_tokens, block_size)
+             VALUES ($1, $2, $3, $4, 1, $5, $6, $7)
              ON CONFLICT (user_id, period) DO UPDATE
                 SET total_tokens = token_usage_summary.total_tokens + EXCLUDED.total_tokens,
-                    events = token_usage_summary.events + 1, updated_at = EXCLUDED.updated_at
+                    events = token_usage_summary.events + 1, updated_at = EXCLUDED.updated_at,
+                    included_tokens = coalesce(token_usage_summary.included_tokens, EXCLUDED.included_tokens),
+                    block_size = coalesce(token_usage_summary.block_size, EXCLUDED.block_size)
              RETURNING total_tokens",
         )
         .bind(user.as_str())
@@ -527,6 +536,8 @@ impl PostgresUsageStore {
         .bind(request.plan.currency().code())
         .bind(tokens)
         .bind(now)
+        .bind(to_i64(request.plan.included_tokens())?)
+        .bind(to_i64(request.plan.block_size())?)
         .fetch_one(&mut *tx)
         .await
         .map_err(RecordFailure::Database)?;
@@ -953,12 +964,16 @@ impl UsageStore for PostgresUsageStore {
     }
 
     async fn period_summary(&self, user: &UserId, period: PeriodKey) -> Result<Option<PeriodSummary>, StoreError> {
-        let row = sqlx::query("SELECT * FROM token_usage_summary WHERE user_id = $1 AND period = $2")
-            .bind(user.as_str())
-            .bind(period.to_string())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(db)?;
+        let row = sqlx::query(
+            "SELECT user_id, period, currency, total_tokens, events, fixed_fee_charged, tier_charges_count,
+                    tier_charges_total, outstanding_count, outstanding_total, updated_at
+               FROM token_usage_summary WHERE user_id = $1 AND period = $2",
+        )
+        .bind(user.as_str())
+        .bind(period.to_string())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?;
         row.as_ref().map(summary_from).transpose()
     }
 
