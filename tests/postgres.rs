@@ -419,3 +419,220 @@ GROUP BY billing_tier;"
         tx.rollback().await.expect("rollback");
     }
 }
+
+mod crashes {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use chrono::{TimeZone, Utc};
+    use token_billing::store::RecordUsage;
+    use token_billing::testing::faults::{Fault, FaultyGateway, GatewayOp};
+    use token_billing::{
+        BillingService, EventId, FeeCollection, ManualClock, Metadata, OperationType, PaymentStatus, PeriodKey, Plan,
+        SandboxGateway, StoreError, UnregisteredUsers, UsageRecord, UsageReport, UsageStore, UserId,
+    };
+    use uuid::Uuid;
+
+    fn fresh(tag: &str) -> String {
+        format!("pg-{tag}-{}", &Uuid::new_v4().simple().to_string()[..12])
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_crash_between_record_and_collect_is_resumed_by_another_instance() {
+        let sandbox = SandboxGateway::new();
+        let clock = ManualClock::new(Utc.with_ymd_and_hms(2026, 11, 15, 15, 0, 0).single().expect("valid"));
+        let hanging = Arc::new(FaultyGateway::new(Arc::new(sandbox.clone())));
+        hanging.inject(GatewayOp::Collect, Fault::Hang, 1);
+        let crashing = BillingService::builder(Arc::new(super::store().await), hanging)
+            .clock(Arc::new(clock.clone()))
+            .unregistered_users(UnregisteredUsers::OpenCustomer)
+            .build();
+        let user = fresh("crash");
+        let died = tokio::time::timeout(
+            Duration::from_millis(300),
+            crashing.process_token_usage(UsageReport::new(&user, 8_000_001, "chat")),
+        )
+        .await;
+        assert!(died.is_err(), "the process died while collecting");
+        drop(crashing);
+        assert!(sandbox.payments().is_empty());
+
+        let survivor = BillingService::builder(Arc::new(super::store().await), Arc::new(sandbox.clone()))
+            .clock(Arc::new(clock.clone()))
+            .unregistered_users(UnregisteredUsers::OpenCustomer)
+            .build();
+        let user = UserId::new(&user).expect("valid");
+        // Other tests share the database: look at this user's charges, not at the run's counts.
+        survivor.resume_pending().await.expect("resume");
+        let held = survivor.charges(&user, None).await.expect("charges");
+        assert!(
+            held.iter()
+                .all(|c| c.attempts == 1 && c.status == token_billing::ChargeStatus::Pending),
+            "the lease still holds"
+        );
+        clock.advance(chrono::Duration::minutes(3));
+        survivor.resume_pending().await.expect("resume");
+        let charges = survivor.charges(&user, None).await.expect("charges");
+        assert_eq!(charges.len(), 2);
+        assert!(
+            charges
+                .iter()
+                .all(|c| c.status == token_billing::ChargeStatus::Succeeded)
+        );
+        for charge in survivor.charges(&user, None).await.expect("charges") {
+            let paid = sandbox
+                .payments_for_charge(&charge.key)
+                .iter()
+                .filter(|p| p.status == PaymentStatus::Succeeded)
+                .count();
+            assert_eq!(paid, 1);
+        }
+        assert_eq!(
+            survivor.token_summary(&user, None).await.expect("summary").total_tokens,
+            8_000_001
+        );
+    }
+
+    fn event(user: &UserId, tokens: u64) -> UsageRecord {
+        let id = Uuid::new_v4();
+        let at = Utc.with_ymd_and_hms(2026, 11, 15, 15, 0, 0).single().expect("valid");
+        UsageRecord {
+            consumption_id: id,
+            event_id: EventId::new(id.to_string()).expect("valid"),
+            user_id: user.clone(),
+            period: PeriodKey::new(2026, 11).expect("valid"),
+            tokens,
+            operation_type: OperationType::new("chat").expect("valid"),
+            client_id: None,
+            metadata: Metadata::new(),
+            occurred_at: at,
+            occurred_at_reported: false,
+            recorded_at: at,
+        }
+    }
+
+    /// The record transaction is stopped midway (it waits on the period's row, and its
+    /// connection is terminated): nothing of it is visible afterwards, and the store reports an
+    /// error instead of an outcome.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_record_transaction_killed_midway_leaves_nothing_half_written() {
+        let store = Arc::new(super::store().await);
+        let plan = Plan::default();
+        let user = UserId::new(fresh("killed")).expect("valid");
+        let record = |usage: UsageRecord| {
+            let store = store.clone();
+            let plan = plan.clone();
+            async move {
+                store
+                    .record_usage(RecordUsage {
+                        usage,
+                        plan: &plan,
+                        fee: FeeCollection::Library,
+                        lease_until: None,
+                    })
+                    .await
+            }
+        };
+        record(event(&user, 1_000)).await.expect("recorded");
+
+        // Another session holds the period's row, so the next record stops inside its transaction.
+        let mut blocker = store.pool().begin().await.expect("begin");
+        sqlx::query("SELECT 1 FROM token_usage_summary WHERE user_id = $1 FOR UPDATE")
+            .bind(user.as_str())
+            .execute(&mut *blocker)
+            .await
+            .expect("lock");
+        let doomed = event(&user, 9_000_000);
+        let doomed_id = doomed.event_id.clone();
+        let pending = tokio::spawn(record(doomed));
+        let mut victim = None;
+        for _ in 0..100 {
+            victim = sqlx::query_scalar::<_, i32>(
+                "SELECT pid FROM pg_stat_activity
+                  WHERE wait_event_type = 'Lock' AND query LIKE 'INSERT INTO token_usage_summary%'
+                    AND datname = current_database()",
+            )
+            .fetch_optional(store.pool())
+            .await
+            .expect("activity");
+            if victim.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let victim = victim.expect("the record transaction is waiting midway");
+        sqlx::query("SELECT pg_terminate_backend($1)")
+            .bind(victim)
+            .execute(store.pool())
+            .await
+            .expect("terminate");
+        let result = pending.await.expect("task");
+        assert!(
+            matches!(result, Err(StoreError::Unavailable { .. } | StoreError::Generic { .. })),
+            "the caller learns it failed: {result:?}"
+        );
+        blocker.rollback().await.expect("rollback");
+
+        let period = PeriodKey::new(2026, 11).expect("valid");
+        let summary = store
+            .period_summary(&user, period)
+            .await
+            .expect("summary")
+            .expect("a summary");
+        assert_eq!(
+            (summary.total_tokens, summary.events),
+            (1_000, 1),
+            "the total did not move"
+        );
+        assert_eq!(store.consumptions(&user, period).await.expect("consumptions").len(), 1);
+        assert_eq!(
+            store.charges(&user, period).await.expect("charges").len(),
+            1,
+            "only the fee"
+        );
+        assert_eq!(store.recorded_event(&user, &doomed_id).await.expect("lookup"), None);
+        // The host re-sends it: recorded once.
+        let mut again = event(&user, 9_000_000);
+        again.event_id = doomed_id;
+        let recorded = record(again).await.expect("recorded");
+        assert_eq!((recorded.total_after, recorded.charges.len()), (9_001_000, 1));
+    }
+
+    /// Bad input to the store and database errors surface as typed errors, and change nothing.
+    #[tokio::test]
+    async fn database_errors_are_typed() {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .acquire_timeout(Duration::from_millis(500))
+            .connect_lazy("postgres://postgres@127.0.0.1:1/none")
+            .expect("a lazy pool");
+        let unreachable = token_billing::PostgresUsageStore::from_pool(pool);
+        let error = unreachable.migrate().await;
+        assert!(matches!(error, Err(StoreError::Unavailable { .. })), "{error:?}");
+        let error = unreachable.account(&UserId::new("someone").expect("valid")).await;
+        assert!(matches!(error, Err(StoreError::Unavailable { .. })), "{error:?}");
+        let store = super::store().await;
+        let user = UserId::new(fresh("typed")).expect("valid");
+        let missing = token_billing::ChargeKey::new(
+            &user,
+            PeriodKey::new(2026, 11).expect("valid"),
+            token_billing::ChargeKind::Block,
+            1,
+        );
+        let settled = store
+            .settle_charge(token_billing::store::Settlement {
+                user_id: &user,
+                key: &missing,
+                expected_status: token_billing::ChargeStatus::Pending,
+                expected_round: 0,
+                status: token_billing::ChargeStatus::Succeeded,
+                payment_id: None,
+                failure_code: None,
+                failure_message: None,
+                next_retry_at: None,
+                lease_until: None,
+                at: Utc::now(),
+            })
+            .await;
+        assert!(matches!(settled, Err(StoreError::NotFound { .. })), "{settled:?}");
+    }
+}

@@ -174,7 +174,9 @@ fn summary_from(row: &PgRow) -> Result<PeriodSummary, StoreError> {
 }
 
 impl PostgresUsageStore {
-    /// Connects to `url` with a pool of up to 16 connections and applies the migrations.
+    /// Connects to `url` with a pool of up to 16 connections, waiting at most 10 seconds for a
+    /// connection, and applies the migrations. For other pool settings build the pool yourself
+    /// and use [`from_pool`](Self::from_pool).
     ///
     /// # Errors
     /// [`StoreError::Unavailable`] when the database cannot be reached; other store errors when
@@ -182,6 +184,7 @@ impl PostgresUsageStore {
     pub async fn connect(url: &str) -> Result<PostgresUsageStore, StoreError> {
         let pool = PgPoolOptions::new()
             .max_connections(16)
+            .acquire_timeout(std::time::Duration::from_secs(10))
             .connect(url)
             .await
             .map_err(db)?;
