@@ -636,3 +636,144 @@ mod crashes {
         assert!(matches!(settled, Err(StoreError::NotFound { .. })), "{settled:?}");
     }
 }
+
+mod record_function {
+    use std::collections::BTreeSet;
+    use std::sync::Arc;
+
+    use proptest::prelude::*;
+    use sqlx::Row;
+    use token_billing::{
+        BillingService, ChargeKind, ChargeStatus, PeriodKey, Plan, SandboxGateway, UnregisteredUsers, UsageReport,
+        UsageStore, UserId,
+    };
+    use uuid::Uuid;
+
+    fn fresh(tag: &str) -> String {
+        format!("pg-{tag}-{}", &Uuid::new_v4().simple().to_string()[..12])
+    }
+
+    type Bill = BTreeSet<(ChargeKind, u64, String, i64, ChargeStatus)>;
+
+    async fn bill(store: &dyn UsageStore, user: &UserId, period: PeriodKey) -> Bill {
+        store
+            .charges(user, period)
+            .await
+            .expect("charges")
+            .into_iter()
+            .map(|c| (c.kind, c.block, c.billing_tier, c.amount.minor_units(), c.status))
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+        /// `record_token_consumption` in SQL and the library's record operation agree: the same
+        /// events give the same charges, summary and audit trail shape, and the library collects
+        /// what SQL recorded.
+        #[test]
+        fn the_sql_record_function_agrees_with_the_library(
+            included in 0u64..50_000,
+            block in 1_000u64..40_000,
+            sizes in proptest::collection::vec(1u64..60_000, 1..12),
+        ) {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            runtime.block_on(async {
+                let plan = Plan::builder().included_tokens(included).block_size(block).build().expect("valid");
+                let store = Arc::new(super::store().await);
+                let sandbox = SandboxGateway::new();
+                let billing = BillingService::builder(store.clone(), Arc::new(sandbox.clone()))
+                    .plan(plan.clone())
+                    .collection(token_billing::CollectionMode::Deferred)
+                    .unregistered_users(UnregisteredUsers::OpenCustomer)
+                    .build();
+                let (by_sql, by_library) = (fresh("sqlfn"), fresh("libfn"));
+                let mut period = None;
+                for (i, tokens) in sizes.iter().enumerate() {
+                    let row = sqlx::query(
+                        "SELECT * FROM record_token_consumption($1, $2, 'chat', NULL, '{}', $3, now(), $4, $5)",
+                    )
+                    .bind(&by_sql)
+                    .bind(i64::try_from(*tokens).expect("fits"))
+                    .bind(format!("e{i}"))
+                    .bind(i64::try_from(included).expect("fits"))
+                    .bind(i64::try_from(block).expect("fits"))
+                    .fetch_one(store.pool())
+                    .await
+                    .expect("recorded in SQL");
+                    let outcome = billing
+                        .process_token_usage(UsageReport::new(&by_library, *tokens, "chat").event_id(format!("e{i}")))
+                        .await
+                        .expect("recorded by the library");
+                    prop_assert_eq!(row.get::<i64, _>("total_tokens"), i64::try_from(outcome.total_tokens).expect("fits"));
+                    period = Some(outcome.period);
+                }
+                // A re-sent event is a replay in SQL too.
+                let again = sqlx::query("SELECT * FROM record_token_consumption($1, $2, 'chat', NULL, '{}', 'e0', now(), $3, $4)")
+                    .bind(&by_sql)
+                    .bind(i64::try_from(sizes[0]).expect("fits"))
+                    .bind(i64::try_from(included).expect("fits"))
+                    .bind(i64::try_from(block).expect("fits"))
+                    .fetch_one(store.pool())
+                    .await
+                    .expect("replayed");
+                prop_assert!(again.get::<bool, _>("replayed"));
+
+                let period = period.expect("a period");
+                let (sql_user, lib_user) = (UserId::new(&by_sql).expect("valid"), UserId::new(&by_library).expect("valid"));
+                prop_assert_eq!(bill(&*store, &sql_user, period).await, bill(&*store, &lib_user, period).await);
+                let sql_summary = store.period_summary(&sql_user, period).await.expect("summary").expect("a summary");
+                let lib_summary = store.period_summary(&lib_user, period).await.expect("summary").expect("a summary");
+                prop_assert_eq!(
+                    (sql_summary.total_tokens, sql_summary.events, sql_summary.outstanding_count, sql_summary.outstanding_total),
+                    (lib_summary.total_tokens, lib_summary.events, lib_summary.outstanding_count, lib_summary.outstanding_total)
+                );
+                let kinds = |trail: Vec<token_billing::AuditEntry>| -> Vec<String> {
+                    trail.into_iter().map(|e| serde_json::to_value(&e.event).expect("json")["type"].to_string()).collect()
+                };
+                let sql_trail = kinds(store.audit_trail(&sql_user, Some(period)).await.expect("the SQL audit trail reads back"));
+                let lib_trail = kinds(store.audit_trail(&lib_user, Some(period)).await.expect("audit"));
+                prop_assert_eq!(sql_trail, lib_trail.into_iter().filter(|k| k != "\"account_saved\"").collect::<Vec<_>>());
+
+                // The library collects what SQL recorded, once.
+                let customer: token_billing::CustomerId = "cus_sql".parse().expect("valid");
+                sandbox.add_customer(customer.clone(), token_billing::CardBehaviour::Succeeds);
+                billing.register_account(&sql_user, Some(customer), None).await.expect("registered");
+                let collected = bill(&*store, &sql_user, period).await;
+                prop_assert!(collected.iter().all(|c| c.4 == ChargeStatus::Succeeded), "{:?}", collected);
+                Ok(())
+            })?;
+        }
+    }
+
+    #[tokio::test]
+    async fn the_sql_record_function_refuses_bad_input_and_records_nothing() {
+        let store = super::store().await;
+        let user = fresh("sqlbad");
+        for (tokens, operation) in [(0i64, "chat"), (-5, "chat"), (10, ""), (10, "has space")] {
+            let result = sqlx::query("SELECT * FROM record_token_consumption($1, $2, $3)")
+                .bind(&user)
+                .bind(tokens)
+                .bind(operation)
+                .fetch_one(store.pool())
+                .await;
+            assert!(result.is_err(), "{tokens} {operation:?}");
+        }
+        sqlx::query("SELECT * FROM record_token_consumption($1, 10, 'chat', NULL, '{}', 'dup')")
+            .bind(&user)
+            .fetch_one(store.pool())
+            .await
+            .expect("recorded");
+        let conflict = sqlx::query("SELECT * FROM record_token_consumption($1, 11, 'chat', NULL, '{}', 'dup')")
+            .bind(&user)
+            .fetch_one(store.pool())
+            .await;
+        assert!(conflict.is_err(), "an event id re-used for different usage");
+        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM token_consumption WHERE user_id = $1")
+            .bind(&user)
+            .fetch_one(store.pool())
+            .await
+            .expect("count");
+        assert_eq!(count, 1);
+    }
+}

@@ -27,6 +27,7 @@ pub const MIGRATIONS: &[(i32, &str)] = &[
         2,
         include_str!("../../migrations/0002_functions_and_row_level_security.sql"),
     ),
+    (3, include_str!("../../migrations/0003_record_token_consumption.sql")),
 ];
 
 /// A [`UsageStore`] on PostgreSQL, safe to share between any number of service instances.
