@@ -105,6 +105,7 @@ $$;
 DO $$
 BEGIN
     IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'token_billing_reader') THEN
+        EXECUTE format('GRANT USAGE ON SCHEMA %I TO token_billing_reader', current_schema());
         GRANT SELECT ON token_consumption, token_billing_charges, token_usage_summary, token_billing_accounts,
             token_billing_audit TO token_billing_reader;
         GRANT EXECUTE ON FUNCTION calculate_billing_tier(bigint, bigint, bigint),

@@ -4,18 +4,51 @@
 //! `postgres://postgres@127.0.0.1:5432/test` is used. `.ci/run` starts PostgreSQL and creates it.
 #![cfg(feature = "postgres")]
 
+use std::str::FromStr;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use token_billing::PostgresUsageStore;
 
 fn database_url() -> String {
     std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
 }
 
-async fn store() -> PostgresUsageStore {
+/// A new schema, so that a test that collects across all users (`resume_pending`, the claims of
+/// the conformance suite) sees only its own data.
+async fn schema() -> String {
+    let schema = format!("tb_test_{}", &uuid::Uuid::new_v4().simple().to_string()[..16]);
     let url = database_url();
-    match PostgresUsageStore::connect(&url).await {
-        Ok(store) => store,
-        Err(error) => panic!("PostgreSQL at {url} is needed for these tests (set DATABASE_URL): {error:?}"),
-    }
+    let admin = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&url)
+        .await
+        .unwrap_or_else(|error| panic!("PostgreSQL at {url} is needed for these tests (set DATABASE_URL): {error}"));
+    sqlx::query(&format!("CREATE SCHEMA {schema}"))
+        .execute(&admin)
+        .await
+        .expect("create schema");
+    admin.close().await;
+    schema
+}
+
+/// A store on its own pool in `schema`, migrated.
+async fn store_in(schema: &str) -> PostgresUsageStore {
+    let options = PgConnectOptions::from_str(&database_url())
+        .expect("a valid DATABASE_URL")
+        .options([("search_path", schema)]);
+    let pool = PgPoolOptions::new()
+        .max_connections(4)
+        .connect_with(options)
+        .await
+        .expect("connect");
+    let store = PostgresUsageStore::from_pool(pool);
+    store.migrate().await.expect("migrate");
+    store
+}
+
+/// A store in a schema of its own.
+async fn store() -> PostgresUsageStore {
+    store_in(&schema().await).await
 }
 
 token_billing::usage_store_conformance!(postgres_conformance, async { super::store().await });
@@ -127,9 +160,10 @@ mod service {
         let sandbox = SandboxGateway::new();
         let clock = clock();
         let users: Vec<String> = (0..3).map(|i| fresh(&format!("race{i}"))).collect();
+        let schema = super::schema().await;
         let mut tasks = Vec::new();
         for task in 0..6usize {
-            let store: Arc<dyn UsageStore> = Arc::new(super::store().await);
+            let store: Arc<dyn UsageStore> = Arc::new(super::store_in(&schema).await);
             let mode = if task % 2 == 0 {
                 CollectionMode::Immediate
             } else {
@@ -165,7 +199,7 @@ mod service {
                 *total += sent;
             }
         }
-        let finisher = instance(Arc::new(super::store().await), &sandbox, &clock, plan.clone());
+        let finisher = instance(Arc::new(super::store_in(&schema).await), &sandbox, &clock, plan.clone());
         clock.advance(Duration::minutes(5));
         finisher.resume_pending().await.expect("resume");
         for (name, total) in users.iter().zip(totals) {
@@ -443,7 +477,8 @@ mod crashes {
         let clock = ManualClock::new(Utc.with_ymd_and_hms(2026, 11, 15, 15, 0, 0).single().expect("valid"));
         let hanging = Arc::new(FaultyGateway::new(Arc::new(sandbox.clone())));
         hanging.inject(GatewayOp::Collect, Fault::Hang, 1);
-        let crashing = BillingService::builder(Arc::new(super::store().await), hanging)
+        let schema = super::schema().await;
+        let crashing = BillingService::builder(Arc::new(super::store_in(&schema).await), hanging)
             .clock(Arc::new(clock.clone()))
             .unregistered_users(UnregisteredUsers::OpenCustomer)
             .build();
@@ -457,7 +492,7 @@ mod crashes {
         drop(crashing);
         assert!(sandbox.payments().is_empty());
 
-        let survivor = BillingService::builder(Arc::new(super::store().await), Arc::new(sandbox.clone()))
+        let survivor = BillingService::builder(Arc::new(super::store_in(&schema).await), Arc::new(sandbox.clone()))
             .clock(Arc::new(clock.clone()))
             .unregistered_users(UnregisteredUsers::OpenCustomer)
             .build();

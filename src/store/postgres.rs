@@ -558,46 +558,112 @@ impl PostgresUsageStore {
         )
         .map_err(StoreError::from)?;
         let blocks = request.plan.blocks_crossed(before, after).map_err(StoreError::from)?;
-        let created =
-            Self::insert_charges(&mut tx, charges, ChargeStatus::Pending, None, now, request.lease_until).await?;
-        let created_fee = created.iter().any(|c| c.kind == ChargeKind::FixedFee);
-        sqlx::query(
-            "INSERT INTO token_consumption
-                (user_id, id, event_id, period, tokens_used, operation_type, client_id, metadata, occurred_at,
-                 occurred_at_reported, created_at, total_before, created_fee, first_block, end_block)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
-        )
+        // Charges, the summary's outstanding figures, the consumption and the audit entries in
+        // one statement: the charges created (the fixed fee may exist already) decide the rest.
+        let leased = request.lease_until.is_some();
+        let mut ids = Vec::with_capacity(charges.len());
+        let mut keys = Vec::with_capacity(charges.len());
+        let mut kinds = Vec::with_capacity(charges.len());
+        let mut block_numbers = Vec::with_capacity(charges.len());
+        let mut tiers = Vec::with_capacity(charges.len());
+        let mut amounts = Vec::with_capacity(charges.len());
+        let mut audits = Vec::with_capacity(charges.len());
+        for charge in &charges {
+            let mut events = vec![AuditEvent::ChargeCreated {
+                key: charge.key.clone(),
+                billing_tier: charge.billing_tier.clone(),
+                amount: charge.amount,
+                status: ChargeStatus::Pending,
+            }];
+            if leased {
+                events.push(AuditEvent::CollectionStarted {
+                    key: charge.key.clone(),
+                    round: 0,
+                    attempt: 1,
+                });
+            }
+            ids.push(Uuid::new_v4());
+            keys.push(charge.key.as_str());
+            kinds.push(charge.kind.as_str());
+            block_numbers.push(to_i64(charge.block)?);
+            tiers.push(charge.billing_tier.as_str());
+            amounts.push(charge.amount.minor_units());
+            audits.push(serde_json::to_value(&events).map_err(generic)?);
+        }
+        let usage_event = audit_json(&AuditEvent::UsageRecorded {
+            consumption_id: usage.consumption_id,
+            event_id: usage.event_id.clone(),
+            tokens: usage.tokens,
+            total_after: after,
+        })?;
+        let rows = sqlx::query(&format!(
+            "WITH input AS (
+                 SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::bigint[],
+                                      $7::jsonb[]) WITH ORDINALITY AS i(id, charge_key, kind, block, billing_tier,
+                                                                         amount, audit, n)
+             ), created AS (
+                 INSERT INTO token_billing_charges
+                     (user_id, id, charge_key, period, kind, block, billing_tier, amount_charged, currency, status,
+                      round, attempts, consumption_id, lease_until, created_at, updated_at)
+                 SELECT $8, id, charge_key, $9, kind, block, billing_tier, amount, $10, 'pending', 0, $11, $12, $13,
+                        $14, $14
+                   FROM input ORDER BY n
+                 ON CONFLICT DO NOTHING
+                 RETURNING {CHARGE_COLUMNS}
+             ), summary AS (
+                 UPDATE token_usage_summary
+                    SET outstanding_count = outstanding_count + (SELECT count(*) FROM created),
+                        outstanding_total = outstanding_total + (SELECT coalesce(sum(amount_charged), 0) FROM created)
+                  WHERE user_id = $8 AND period = $9
+             ), consumption AS (
+                 INSERT INTO token_consumption
+                     (user_id, id, event_id, period, tokens_used, operation_type, client_id, metadata, occurred_at,
+                      occurred_at_reported, created_at, total_before, created_fee, first_block, end_block)
+                 VALUES ($8, $12, $15, $9, $16, $17, $18, $19, $20, $21, $14, $22,
+                         EXISTS (SELECT 1 FROM created WHERE kind = 'fixed_fee'), $23, $24)
+             ), audited AS (
+                 INSERT INTO token_billing_audit (user_id, at, period, event)
+                 SELECT $8, $14, $9, entries.event FROM (
+                     SELECT a.event, i.n AS position, a.k
+                       FROM input i JOIN created c ON c.id = i.id,
+                            LATERAL jsonb_array_elements(i.audit) WITH ORDINALITY AS a(event, k)
+                     UNION ALL
+                     SELECT $25::jsonb, 9223372036854775807, 0
+                 ) AS entries
+                 ORDER BY entries.position, entries.k
+             )
+             SELECT {CHARGE_COLUMNS} FROM created"
+        ))
+        .bind(&ids)
+        .bind(&keys)
+        .bind(&kinds)
+        .bind(&block_numbers)
+        .bind(&tiers)
+        .bind(&amounts)
+        .bind(&audits)
         .bind(user.as_str())
-        .bind(usage.consumption_id)
-        .bind(usage.event_id.as_str())
         .bind(usage.period.to_string())
+        .bind(request.plan.currency().code())
+        .bind(i32::from(leased))
+        .bind(usage.consumption_id)
+        .bind(request.lease_until)
+        .bind(now)
+        .bind(usage.event_id.as_str())
         .bind(tokens)
         .bind(usage.operation_type.as_str())
         .bind(usage.client_id.as_ref().map(ClientId::as_str))
         .bind(serde_json::to_value(&usage.metadata).map_err(generic)?)
         .bind(usage.occurred_at)
         .bind(usage.occurred_at_reported)
-        .bind(now)
         .bind(to_i64(before)?)
-        .bind(created_fee)
         .bind(to_i64(blocks.first())?)
         .bind(to_i64(blocks.end())?)
-        .execute(&mut *tx)
+        .bind(usage_event)
+        .fetch_all(&mut *tx)
         .await
         .map_err(RecordFailure::Database)?;
-        Self::audit(
-            &mut tx,
-            user,
-            Some(usage.period),
-            now,
-            &[AuditEvent::UsageRecorded {
-                consumption_id: usage.consumption_id,
-                event_id: usage.event_id.clone(),
-                tokens: usage.tokens,
-                total_after: after,
-            }],
-        )
-        .await?;
+        let mut created = rows.iter().map(charge_from).collect::<Result<Vec<_>, _>>()?;
+        created.sort_by_key(|c| (c.kind != ChargeKind::FixedFee, c.block));
         tx.commit().await.map_err(RecordFailure::Database)?;
         // The audit order in the trail puts the usage after its charges; both are in one
         // transaction, so neither is ever seen without the other.
