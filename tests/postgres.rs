@@ -812,3 +812,75 @@ mod record_function {
         assert_eq!(count, 1);
     }
 }
+
+mod schema {
+    use sqlx::Row;
+
+    /// Applying the migrations twice, through `migrate` or as plain SQL files, is harmless.
+    #[tokio::test]
+    async fn migrations_can_be_applied_twice() {
+        let schema = super::schema().await;
+        let store = super::store_in(&schema).await;
+        store.migrate().await.expect("again through migrate");
+        for (version, sql) in token_billing::store::MIGRATIONS {
+            sqlx::raw_sql(sql)
+                .execute(store.pool())
+                .await
+                .unwrap_or_else(|e| panic!("migration {version} applied a second time: {e}"));
+        }
+        let versions: Vec<i32> = sqlx::query_scalar("SELECT version FROM token_billing_migrations ORDER BY version")
+            .fetch_all(store.pool())
+            .await
+            .expect("versions");
+        assert_eq!(
+            versions,
+            (1..=i32::try_from(token_billing::store::MIGRATIONS.len()).expect("few")).collect::<Vec<_>>()
+        );
+    }
+
+    /// Every primary key and unique index leads with user_id, so the schema distributes by user.
+    #[tokio::test]
+    async fn every_key_leads_with_user_id() {
+        let store = super::store().await;
+        let rows = sqlx::query(
+            "SELECT t.relname AS table_name, i.relname AS index_name, a.attname AS first_column
+               FROM pg_index x
+               JOIN pg_class i ON i.oid = x.indexrelid
+               JOIN pg_class t ON t.oid = x.indrelid
+               JOIN pg_namespace n ON n.oid = t.relnamespace
+               JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum = x.indkey[0]
+              WHERE n.nspname = current_schema() AND (x.indisunique OR x.indisprimary)
+                AND t.relname LIKE 'token_%' AND t.relname <> 'token_billing_migrations'",
+        )
+        .fetch_all(store.pool())
+        .await
+        .expect("catalogue");
+        assert!(rows.len() >= 8, "the keys are there: {}", rows.len());
+        for row in rows {
+            let (table, index, first): (String, String, String) =
+                (row.get("table_name"), row.get("index_name"), row.get("first_column"));
+            assert_eq!(first, "user_id", "{table}.{index}");
+        }
+    }
+
+    /// The database itself refuses a second charge for a block, whatever the code does.
+    #[tokio::test]
+    async fn the_database_enforces_one_charge_per_block() {
+        let store = super::store().await;
+        let insert = "INSERT INTO token_billing_charges
+                (user_id, id, charge_key, period, kind, block, billing_tier, amount_charged, currency, status,
+                 created_at, updated_at)
+             VALUES ('u', gen_random_uuid(), $1, '2026-11', 'block', 1, '8M-16M', 10000, 'BRL', 'pending', now(), now())";
+        sqlx::query(insert)
+            .bind("key-a")
+            .execute(store.pool())
+            .await
+            .expect("first");
+        let second = sqlx::query(insert).bind("key-b").execute(store.pool()).await;
+        let code = match second {
+            Err(sqlx::Error::Database(e)) => e.code().map(|c| c.into_owned()),
+            other => panic!("a second charge for the block was accepted: {other:?}"),
+        };
+        assert_eq!(code.as_deref(), Some("23505"));
+    }
+}
