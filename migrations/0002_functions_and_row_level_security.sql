@@ -33,8 +33,9 @@ CREATE OR REPLACE FUNCTION calculate_billing_tier(
 ) RETURNS text
 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
     WITH tier AS (
+        -- Integer arithmetic: a division rounded to numeric precision could lose a block.
         SELECT CASE WHEN tokens_used <= included_tokens THEN 0::numeric
-                    ELSE ceil((tokens_used::numeric - included_tokens) / block_size) END AS k
+                    ELSE div(tokens_used::numeric - included_tokens - 1, block_size) + 1 END AS k
     )
     SELECT CASE WHEN k = 0 THEN '0-' || token_billing_compact(included_tokens)
                 ELSE token_billing_compact(included_tokens + (k - 1) * block_size::numeric)
@@ -69,6 +70,9 @@ $$;
 
 -- Row-level security: a restricted role sees only the rows of the user named in the session
 -- setting token_billing.user_id. The library's own role owns the tables and is not restricted.
+-- The setting is chosen by whoever holds the session: this guards user-facing reads made by the
+-- host's own code against its mistakes, not against a client that can run arbitrary SQL. Set it
+-- with set_config(..., true) inside a transaction so a pooled connection does not keep it.
 ALTER TABLE token_consumption ENABLE ROW LEVEL SECURITY;
 ALTER TABLE token_billing_charges ENABLE ROW LEVEL SECURITY;
 ALTER TABLE token_usage_summary ENABLE ROW LEVEL SECURITY;
@@ -97,8 +101,11 @@ BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'token_billing_reader') THEN
         CREATE ROLE token_billing_reader NOLOGIN;
     END IF;
-EXCEPTION WHEN insufficient_privilege THEN
-    RAISE NOTICE 'token_billing_reader not created: create it and grant SELECT on the tables yourself';
+EXCEPTION
+    WHEN insufficient_privilege THEN
+        RAISE NOTICE 'token_billing_reader not created: create it and grant SELECT on the tables yourself';
+    WHEN duplicate_object OR unique_violation THEN
+        NULL; -- created at the same moment by another database of the cluster
 END
 $$;
 

@@ -5,8 +5,17 @@
 CREATE OR REPLACE FUNCTION token_billing_blocks_owed(total bigint, included_tokens bigint, block_size bigint)
 RETURNS bigint
 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
+    -- Integer arithmetic, exact; total - included - 1 >= 0 cannot overflow.
     SELECT CASE WHEN total <= included_tokens THEN 0
-                ELSE ceil((total::numeric - included_tokens) / block_size)::bigint END
+                ELSE (total - included_tokens - 1) / block_size + 1 END
+$$;
+
+-- Whether a currency code is one the library knows.
+CREATE OR REPLACE FUNCTION token_billing_currency_known(currency text) RETURNS boolean
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $$
+    SELECT currency IN ('AED', 'ARS', 'AUD', 'BHD', 'BRL', 'CAD', 'CHF', 'CLP', 'CNY', 'COP', 'CZK', 'DKK', 'EUR',
+                        'GBP', 'HKD', 'HUF', 'INR', 'ISK', 'JOD', 'JPY', 'KRW', 'KWD', 'MXN', 'NOK', 'NZD', 'OMR',
+                        'PLN', 'SEK', 'SGD', 'TND', 'USD', 'VND', 'ZAR')
 $$;
 
 -- Minor units as the library writes an amount in major units ('100.00' BRL, '10000' JPY).
@@ -24,7 +33,12 @@ $$;
 -- block the new total started. The library's resume_pending collects those charges.
 --
 -- The plan defaults to the original product's: BRL 400.00 covering 8,000,000 tokens, BRL 100.00
--- per started block of 8,000,000, months in America/Sao_Paulo. Amounts in minor units.
+-- per started block of 8,000,000, months in America/Sao_Paulo. Amounts in minor units. Pass the
+-- plan the library uses for the user: a period keeps the allowance, block size and currency it
+-- was opened with, and a call with another plan is refused rather than charging the wrong
+-- blocks. Pass p_collect_fixed_fee = false when a gateway subscription collects the fee.
+-- Like the library, it refuses events more than 5 minutes in the future, and events of a period
+-- that ended longer ago than p_late_usage_grace.
 CREATE OR REPLACE FUNCTION record_token_consumption(
     p_user_id text,
     p_tokens_used bigint,
@@ -39,7 +53,8 @@ CREATE OR REPLACE FUNCTION record_token_consumption(
     p_block_price bigint DEFAULT 10000,
     p_currency text DEFAULT 'BRL',
     p_time_zone text DEFAULT 'America/Sao_Paulo',
-    p_collect_fixed_fee boolean DEFAULT true
+    p_collect_fixed_fee boolean DEFAULT true,
+    p_late_usage_grace interval DEFAULT interval '72 hours'
 ) RETURNS TABLE (consumption_id uuid, total_tokens bigint, charges_created integer, replayed boolean)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
@@ -50,6 +65,8 @@ DECLARE
     v_now timestamptz := date_trunc('microseconds', clock_timestamp());
     v_existing token_consumption%ROWTYPE;
     v_after bigint;
+    v_included bigint;
+    v_block bigint;
     v_before bigint;
     v_first bigint;
     v_end bigint;
@@ -74,6 +91,16 @@ BEGIN
     IF p_block_size < 1 OR p_included_tokens < 0 OR p_fixed_fee < 0 OR p_block_price < 0 THEN
         RAISE EXCEPTION 'invalid plan' USING ERRCODE = '22023';
     END IF;
+    IF NOT token_billing_currency_known(p_currency) THEN
+        RAISE EXCEPTION 'unknown currency %', p_currency USING ERRCODE = '22023';
+    END IF;
+    IF p_occurred_at > v_now + interval '5 minutes' THEN
+        RAISE EXCEPTION 'occurred_at % is in the future', p_occurred_at USING ERRCODE = '22023';
+    END IF;
+    IF v_now >= ((date_trunc('month', p_occurred_at AT TIME ZONE p_time_zone) + interval '1 month')
+                 AT TIME ZONE p_time_zone) + p_late_usage_grace THEN
+        RAISE EXCEPTION 'usage for period % is no longer accepted', v_period USING ERRCODE = '22023';
+    END IF;
 
     SELECT * INTO v_existing FROM token_consumption c WHERE c.user_id = p_user_id AND c.event_id = v_event;
     IF FOUND THEN
@@ -95,7 +122,11 @@ BEGIN
             updated_at = EXCLUDED.updated_at,
             included_tokens = coalesce(s.included_tokens, EXCLUDED.included_tokens),
             block_size = coalesce(s.block_size, EXCLUDED.block_size)
-    RETURNING s.total_tokens INTO v_after;
+      WHERE s.currency = EXCLUDED.currency
+    RETURNING s.total_tokens, s.included_tokens, s.block_size INTO v_after, v_included, v_block;
+    IF NOT FOUND OR v_included <> p_included_tokens OR v_block <> p_block_size THEN
+        RAISE EXCEPTION 'period % of % is rated by another plan', v_period, p_user_id USING ERRCODE = '22023';
+    END IF;
     v_before := v_after - p_tokens_used;
     v_first := token_billing_blocks_owed(v_before, p_included_tokens, p_block_size) + 1;
     v_end := token_billing_blocks_owed(v_after, p_included_tokens, p_block_size) + 1;

@@ -252,11 +252,20 @@ mod sql {
             included in 0u64..=5_000_000_000,
             block in 1u64..=5_000_000_000,
             totals in proptest::collection::vec(0u64..=20_000_000_000, 1..40),
+            far in 0u64..=1_000_000_000_000,
         ) {
             let plan = Plan::builder().included_tokens(included).block_size(block).build().expect("valid");
             let mut totals = totals;
             // Boundaries: the allowance, and a block edge and its neighbours.
             totals.extend([0, included, included + 1, included + block, included + block + 1, token_billing::MAX_TOKENS]);
+            // Edges of a far block, where a division rounded to numeric precision would be off.
+            if let Some(edge) = far
+                .checked_mul(block)
+                .and_then(|e| e.checked_add(included))
+                .filter(|e| *e < token_billing::MAX_TOKENS)
+            {
+                totals.extend([edge, edge + 1]);
+            }
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
             let sql_labels: Vec<String> = runtime.block_on(async {
                 let store = super::store().await;
@@ -570,43 +579,56 @@ mod crashes {
         };
         record(event(&user, 1_000)).await.expect("recorded");
 
-        // Another session holds the period's row, so the next record stops inside its transaction.
+        // Another session holds an uncommitted charge for block 1, so the next record, which
+        // starts block 1, stops midway: after its increment of the period total, while writing
+        // its charges.
         let mut blocker = store.pool().begin().await.expect("begin");
-        sqlx::query("SELECT 1 FROM token_usage_summary WHERE user_id = $1 FOR UPDATE")
-            .bind(user.as_str())
-            .execute(&mut *blocker)
+        let blocker_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut *blocker)
             .await
-            .expect("lock");
+            .expect("pid");
+        sqlx::query(
+            "INSERT INTO token_billing_charges
+                (user_id, id, charge_key, period, kind, block, billing_tier, amount_charged, currency, status,
+                 created_at, updated_at)
+             VALUES ($1, gen_random_uuid(), 'blocker', '2026-11', 'block', 1, '8M-16M', 10000, 'BRL', 'pending',
+                     now(), now())",
+        )
+        .bind(user.as_str())
+        .execute(&mut *blocker)
+        .await
+        .expect("blocking insert");
         let doomed = event(&user, 9_000_000);
         let doomed_id = doomed.event_id.clone();
         let pending = tokio::spawn(record(doomed));
         let mut victim = None;
-        for _ in 0..100 {
-            victim = sqlx::query_scalar::<_, i32>(
-                "SELECT pid FROM pg_stat_activity
-                  WHERE wait_event_type = 'Lock' AND query LIKE 'INSERT INTO token_usage_summary%'
-                    AND datname = current_database()",
-            )
-            .fetch_optional(store.pool())
-            .await
-            .expect("activity");
+        for _ in 0..250 {
+            victim =
+                sqlx::query_scalar::<_, i32>("SELECT pid FROM pg_stat_activity WHERE $1 = ANY (pg_blocking_pids(pid))")
+                    .bind(blocker_pid)
+                    .fetch_optional(store.pool())
+                    .await
+                    .expect("activity");
             if victim.is_some() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let victim = victim.expect("the record transaction is waiting midway");
+        let Some(victim) = victim else {
+            blocker.rollback().await.expect("rollback");
+            panic!("the record transaction never waited on the blocker");
+        };
         sqlx::query("SELECT pg_terminate_backend($1)")
             .bind(victim)
             .execute(store.pool())
             .await
             .expect("terminate");
+        blocker.rollback().await.expect("rollback");
         let result = pending.await.expect("task");
         assert!(
             matches!(result, Err(StoreError::Unavailable { .. } | StoreError::Generic { .. })),
             "the caller learns it failed: {result:?}"
         );
-        blocker.rollback().await.expect("rollback");
 
         let period = PeriodKey::new(2026, 11).expect("valid");
         let summary = store
@@ -776,6 +798,9 @@ mod record_function {
                 billing.register_account(&sql_user, Some(customer), None).await.expect("registered");
                 let collected = bill(&*store, &sql_user, period).await;
                 prop_assert!(collected.iter().all(|c| c.4 == ChargeStatus::Succeeded), "{:?}", collected);
+                for charge in store.charges(&sql_user, period).await.expect("charges") {
+                    prop_assert_eq!(sandbox.payments_for_charge(&charge.key).len(), 1, "{} paid once", charge.key);
+                }
                 Ok(())
             })?;
         }
@@ -804,6 +829,27 @@ mod record_function {
             .fetch_one(store.pool())
             .await;
         assert!(conflict.is_err(), "an event id re-used for different usage");
+        for (call, why) in [
+            (
+                "SELECT * FROM record_token_consumption($1, 10, 'chat', NULL, '{}', 'p', now(), 4000000)",
+                "another plan",
+            ),
+            (
+                "SELECT * FROM record_token_consumption($1, 10, 'chat', NULL, '{}', 'c', now(), 8000000, 8000000, 40000, 10000, 'XXX')",
+                "unknown currency",
+            ),
+            (
+                "SELECT * FROM record_token_consumption($1, 10, 'chat', NULL, '{}', 'f', now() + interval '1 hour')",
+                "future",
+            ),
+            (
+                "SELECT * FROM record_token_consumption($1, 10, 'chat', NULL, '{}', 'l', now() - interval '100 days')",
+                "too late",
+            ),
+        ] {
+            let refused = sqlx::query(call).bind(&user).fetch_one(store.pool()).await;
+            assert!(refused.is_err(), "{why}");
+        }
         let count: i64 = sqlx::query_scalar("SELECT count(*) FROM token_consumption WHERE user_id = $1")
             .bind(&user)
             .fetch_one(store.pool())

@@ -529,6 +529,9 @@ impl UsageStore for InMemoryUsageStore {
                     shard.retries.remove(&entry);
                     continue;
                 };
+                if charge.lease_until.is_some_and(|until| until > now) {
+                    continue;
+                }
                 let previous = (charge.status, charge.next_retry_at);
                 charge.status = ChargeStatus::Pending;
                 charge.round = charge.round.saturating_add(1);

@@ -73,12 +73,21 @@ fn db(error: sqlx::Error) -> StoreError {
     }
 }
 
-fn is_unique_violation(error: &sqlx::Error) -> bool {
-    matches!(error, sqlx::Error::Database(e) if e.code().as_deref() == Some("23505"))
+/// Whether the error is the same event committed concurrently by another caller (same event id,
+/// or the very same consumption sent twice).
+fn is_duplicate_event(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(e)
+        if e.code().as_deref() == Some("23505")
+            && matches!(e.constraint(), Some("token_consumption_user_id_event_id_key" | "token_consumption_pkey")))
 }
 
 fn is_numeric_overflow(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(e) if e.code().as_deref() == Some("22003"))
+}
+
+/// A period's summary is in another currency than the charge or plan at hand.
+fn currency_mismatch(currency: Currency) -> StoreError {
+    generic(format!("the period's summary is not in {currency}"))
 }
 
 fn to_i64(value: u64) -> Result<i64, StoreError> {
@@ -211,45 +220,37 @@ impl PostgresUsageStore {
     /// # Errors
     /// Store errors.
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        let mut conn = self.pool.acquire().await.map_err(db)?;
-        sqlx::query("SELECT pg_advisory_lock(hashtext('token_billing_migrations'))")
-            .execute(&mut *conn)
+        // One transaction under a transaction-scoped advisory lock: instances starting together
+        // apply each migration once, and a cancelled start leaves no lock behind.
+        let mut tx = self.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('token_billing_migrations'))")
+            .execute(&mut *tx)
             .await
             .map_err(db)?;
-        let result = async {
-            sqlx::raw_sql(
-                "CREATE TABLE IF NOT EXISTS token_billing_migrations (
-                     version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())",
-            )
-            .execute(&mut *conn)
-            .await
-            .map_err(db)?;
-            for (version, sql) in MIGRATIONS {
-                let applied: Option<i32> =
-                    sqlx::query_scalar("SELECT version FROM token_billing_migrations WHERE version = $1")
-                        .bind(version)
-                        .fetch_optional(&mut *conn)
-                        .await
-                        .map_err(db)?;
-                if applied.is_none() {
-                    let mut tx = sqlx::Connection::begin(&mut *conn).await.map_err(db)?;
-                    sqlx::raw_sql(sql).execute(&mut *tx).await.map_err(db)?;
-                    sqlx::query("INSERT INTO token_billing_migrations (version) VALUES ($1)")
-                        .bind(version)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(db)?;
-                    tx.commit().await.map_err(db)?;
-                }
+        sqlx::raw_sql(
+            "CREATE TABLE IF NOT EXISTS token_billing_migrations (
+                 version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        for (version, sql) in MIGRATIONS {
+            let applied: Option<i32> =
+                sqlx::query_scalar("SELECT version FROM token_billing_migrations WHERE version = $1")
+                    .bind(version)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(db)?;
+            if applied.is_none() {
+                sqlx::raw_sql(sql).execute(&mut *tx).await.map_err(db)?;
+                sqlx::query("INSERT INTO token_billing_migrations (version) VALUES ($1)")
+                    .bind(version)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db)?;
             }
-            Ok(())
         }
-        .await;
-        let unlocked = sqlx::query("SELECT pg_advisory_unlock(hashtext('token_billing_migrations'))")
-            .execute(&mut *conn)
-            .await
-            .map_err(db);
-        result.and(unlocked.map(|_| ()))
+        tx.commit().await.map_err(db)
     }
 
     async fn begin(&self) -> Result<Transaction<'static, Postgres>, StoreError> {
@@ -320,7 +321,7 @@ impl PostgresUsageStore {
         let Some(first) = charges.first() else {
             return Ok(created);
         };
-        let (user, period) = (first.user_id.clone(), first.period);
+        let (user, period, currency) = (first.user_id.clone(), first.period, first.amount.currency());
         let leased = status == ChargeStatus::Pending && lease_until.is_some();
         let attempts = i32::from(leased);
         for new in charges {
@@ -358,7 +359,7 @@ impl PostgresUsageStore {
                 created.push(charge);
             }
         }
-        Self::move_summary(tx, &user, period, delta, now).await?;
+        Self::move_summary(tx, &user, period, currency, delta, now).await?;
         let mut entries = Vec::new();
         for charge in &created {
             entries.push(AuditEvent::ChargeCreated {
@@ -383,18 +384,19 @@ impl PostgresUsageStore {
         tx: &mut Transaction<'static, Postgres>,
         user: &UserId,
         period: PeriodKey,
+        currency: Currency,
         delta: SummaryDelta,
         now: DateTime<Utc>,
     ) -> Result<(), StoreError> {
         if delta == SummaryDelta::default() {
             return Ok(());
         }
-        sqlx::query(
+        let moved = sqlx::query(
             "UPDATE token_usage_summary
                 SET outstanding_count = outstanding_count + $3, outstanding_total = outstanding_total + $4,
                     fixed_fee_charged = fixed_fee_charged + $5, tier_charges_count = tier_charges_count + $6,
                     tier_charges_total = tier_charges_total + $7, updated_at = $8
-              WHERE user_id = $1 AND period = $2",
+              WHERE user_id = $1 AND period = $2 AND currency = $9",
         )
         .bind(user.as_str())
         .bind(period.to_string())
@@ -404,9 +406,13 @@ impl PostgresUsageStore {
         .bind(delta.tier_charges_count)
         .bind(delta.tier_charges_total)
         .bind(now)
+        .bind(currency.code())
         .execute(&mut **tx)
         .await
         .map_err(db)?;
+        if moved.rows_affected() != 1 {
+            return Err(currency_mismatch(currency));
+        }
         Ok(())
     }
 
@@ -496,6 +502,8 @@ const CLAIM_AWAITING: ClaimKind = ClaimKind {
 /// error to return as is.
 enum RecordFailure {
     Database(sqlx::Error),
+    /// The period total would pass `BIGINT`.
+    Overflow,
     Store(StoreError),
 }
 
@@ -533,6 +541,7 @@ impl PostgresUsageStore {
                     events = token_usage_summary.events + 1, updated_at = EXCLUDED.updated_at,
                     included_tokens = coalesce(token_usage_summary.included_tokens, EXCLUDED.included_tokens),
                     block_size = coalesce(token_usage_summary.block_size, EXCLUDED.block_size)
+              WHERE token_usage_summary.currency = EXCLUDED.currency
              RETURNING total_tokens",
         )
         .bind(user.as_str())
@@ -542,9 +551,16 @@ impl PostgresUsageStore {
         .bind(now)
         .bind(to_i64(request.plan.included_tokens())?)
         .bind(to_i64(request.plan.block_size())?)
-        .fetch_one(&mut *tx)
+        .fetch_optional(&mut *tx)
         .await
-        .map_err(RecordFailure::Database)?;
+        .map_err(|error| {
+            if is_numeric_overflow(&error) {
+                RecordFailure::Overflow
+            } else {
+                RecordFailure::Database(error)
+            }
+        })?
+        .ok_or_else(|| currency_mismatch(request.plan.currency()))?;
         let after = to_u64(after)?;
         let before = after - usage.tokens;
         let charges = charges_for_growth(
@@ -720,7 +736,18 @@ impl PostgresUsageStore {
             .fetch_all(&self.pool)
             .await
             .map_err(db)?;
-        rows.iter().map(charge_from).collect()
+        // The claim is committed: a row that cannot be read must not take the others with it.
+        // It stays leased, and is taken again (and logged again) when its lease expires.
+        Ok(rows
+            .iter()
+            .filter_map(|row| match charge_from(row) {
+                Ok(charge) => Some(charge),
+                Err(error) => {
+                    tracing::error!(error = %error, "a claimed charge could not be read; it is skipped");
+                    None
+                }
+            })
+            .collect())
     }
 }
 
@@ -790,13 +817,16 @@ impl UsageStore for PostgresUsageStore {
     }
 
     async fn record_usage(&self, request: RecordUsage<'_>) -> Result<Recorded, StoreError> {
+        // A concurrent record of the same event makes this one fail on the event's unique index;
+        // the next attempt answers it as a replay. Two attempts suffice; the third is a margin.
+        let mut attempts = 0;
         loop {
+            attempts += 1;
             match self.try_record(&request).await {
                 Ok(recorded) => return Ok(recorded),
                 Err(RecordFailure::Store(error)) => return Err(error),
-                // The same event committed concurrently: answer it as a replay.
-                Err(RecordFailure::Database(error)) if is_unique_violation(&error) => continue,
-                Err(RecordFailure::Database(error)) if is_numeric_overflow(&error) => {
+                Err(RecordFailure::Database(error)) if is_duplicate_event(&error) && attempts < 3 => continue,
+                Err(RecordFailure::Overflow) => {
                     let total = self
                         .period_summary(&request.usage.user_id, request.usage.period)
                         .await?
@@ -944,7 +974,7 @@ impl UsageStore for PostgresUsageStore {
         .map_err(db)?;
         let charge = charge_from(&row)?;
         let delta = SummaryDelta::of(charge.kind, charge.amount.minor_units(), Some(current.status), s.status);
-        Self::move_summary(&mut tx, s.user_id, charge.period, delta, s.at).await?;
+        Self::move_summary(&mut tx, s.user_id, charge.period, charge.amount.currency(), delta, s.at).await?;
         Self::audit(
             &mut tx,
             s.user_id,
@@ -1021,7 +1051,7 @@ impl UsageStore for PostgresUsageStore {
         sqlx::query(
             "SELECT user_id, id, event_id, period, tokens_used, operation_type, client_id, metadata, occurred_at,
                     occurred_at_reported, created_at
-               FROM token_consumption WHERE user_id = $1 AND period = $2 ORDER BY created_at, total_before",
+               FROM token_consumption WHERE user_id = $1 AND period = $2 ORDER BY total_before",
         )
         .bind(user.as_str())
         .bind(period.to_string())
@@ -1051,7 +1081,7 @@ impl UsageStore for PostgresUsageStore {
         sqlx::query(
             "SELECT operation_type, SUM(tokens_used)::bigint AS total_tokens, COUNT(*) AS operations
                FROM token_consumption WHERE user_id = $1 AND period = $2
-              GROUP BY operation_type ORDER BY operation_type",
+              GROUP BY operation_type ORDER BY operation_type COLLATE \"C\"",
         )
         .bind(user.as_str())
         .bind(period.to_string())
