@@ -61,14 +61,26 @@ fn far_future() -> DateTime<Utc> {
         .expect("a valid instant")
 }
 
-async fn record(store: &dyn UsageStore, plan: &Plan, usage: UsageRecord) -> Recorded {
+/// Records `usage` under `plan` with the library collecting the fixed fee, leasing the charges
+/// created until `lease_until`.
+async fn try_record(
+    store: &dyn UsageStore,
+    plan: &Plan,
+    usage: UsageRecord,
+    lease_until: Option<DateTime<Utc>>,
+) -> Result<Recorded, StoreError> {
     store
         .record_usage(RecordUsage {
             usage,
             plan,
             fee: FeeCollection::Library,
-            lease_until: Some(far_future()),
+            lease_until,
         })
+        .await
+}
+
+async fn record(store: &dyn UsageStore, plan: &Plan, usage: UsageRecord) -> Recorded {
+    try_record(store, plan, usage, Some(far_future()))
         .await
         .expect("record_usage")
 }
@@ -206,13 +218,7 @@ pub async fn event_id_conflict_changes_nothing(store: &dyn UsageStore) {
     record(store, &plan, usage.clone()).await;
     let mut different = usage.clone();
     different.tokens = 9_000_000;
-    let error = store
-        .record_usage(RecordUsage {
-            usage: different,
-            plan: &plan,
-            fee: FeeCollection::Library,
-            lease_until: None,
-        })
+    let error = try_record(store, &plan, different, None)
         .await
         .expect_err("a conflicting event id must fail");
     assert!(
@@ -252,13 +258,7 @@ pub async fn overflow_changes_nothing(store: &dyn UsageStore) {
     let user = fresh_user("overflow");
     record(store, &plan, usage_event(&user, MAX_TOKENS - 5, "chat", period())).await;
     let charges_before = store.charges(&user, period()).await.expect("charges");
-    let error = store
-        .record_usage(RecordUsage {
-            usage: usage_event(&user, 6, "chat", period()),
-            plan: &plan,
-            fee: FeeCollection::Library,
-            lease_until: None,
-        })
+    let error = try_record(store, &plan, usage_event(&user, 6, "chat", period()), None)
         .await
         .expect_err("overflow must fail");
     assert!(
@@ -290,16 +290,7 @@ pub async fn concurrent_records_cross_disjoint_blocks(store: &dyn UsageStore) {
     let results = join_all(sizes.iter().map(|&tokens| {
         let usage = usage_event(&user, tokens, "chat", period());
         let plan = &plan;
-        async move {
-            store
-                .record_usage(RecordUsage {
-                    usage,
-                    plan,
-                    fee: FeeCollection::Library,
-                    lease_until: None,
-                })
-                .await
-        }
+        async move { try_record(store, plan, usage, None).await }
     }))
     .await;
     let mut intervals: Vec<(u64, u64)> = results
@@ -339,15 +330,14 @@ pub async fn too_many_blocks_changes_nothing(store: &dyn UsageStore) {
         .build()
         .expect("a valid plan");
     let user = fresh_user("blocks");
-    let error = store
-        .record_usage(RecordUsage {
-            usage: usage_event(&user, MAX_BLOCKS_PER_EVENT + 1, "chat", period()),
-            plan: &plan,
-            fee: FeeCollection::Library,
-            lease_until: None,
-        })
-        .await
-        .expect_err("too many blocks must fail");
+    let error = try_record(
+        store,
+        &plan,
+        usage_event(&user, MAX_BLOCKS_PER_EVENT + 1, "chat", period()),
+        None,
+    )
+    .await
+    .expect_err("too many blocks must fail");
     assert!(
         matches!(error, StoreError::Rating(RatingError::TooManyBlocks { .. })),
         "{error:?}"
@@ -624,15 +614,14 @@ pub async fn claim_pending_hands_each_charge_to_one_caller(store: &dyn UsageStor
     let plan = Plan::default();
     let user = fresh_user("claim");
     let now = base_instant();
-    store
-        .record_usage(RecordUsage {
-            usage: usage_event(&user, 30_000_000, "chat", period()),
-            plan: &plan,
-            fee: FeeCollection::Library,
-            lease_until: Some(now + Duration::minutes(2)),
-        })
-        .await
-        .expect("record_usage");
+    try_record(
+        store,
+        &plan,
+        usage_event(&user, 30_000_000, "chat", period()),
+        Some(now + Duration::minutes(2)),
+    )
+    .await
+    .expect("record_usage");
     let held = store
         .claim_pending(Some(&user), now, now + Duration::minutes(2), 100)
         .await
@@ -847,16 +836,7 @@ pub async fn concurrent_resends_record_once(store: &dyn UsageStore) {
     let results = join_all((0..6).map(|_| {
         let usage = usage.clone();
         let plan = &plan;
-        async move {
-            store
-                .record_usage(RecordUsage {
-                    usage,
-                    plan,
-                    fee: FeeCollection::Library,
-                    lease_until: Some(far_future()),
-                })
-                .await
-        }
+        async move { try_record(store, plan, usage, Some(far_future())).await }
     }))
     .await;
     let recorded: Vec<Recorded> = results.into_iter().map(|r| r.expect("record_usage")).collect();
@@ -982,15 +962,14 @@ pub async fn audit_trail_records_every_change(store: &dyn UsageStore) {
     let plan = Plan::default();
     let user = fresh_user("audit");
     let now = base_instant();
-    let recorded = store
-        .record_usage(RecordUsage {
-            usage: usage_event(&user, 8_000_001, "chat", period()),
-            plan: &plan,
-            fee: FeeCollection::Library,
-            lease_until: Some(now + Duration::minutes(2)),
-        })
-        .await
-        .expect("record");
+    let recorded = try_record(
+        store,
+        &plan,
+        usage_event(&user, 8_000_001, "chat", period()),
+        Some(now + Duration::minutes(2)),
+    )
+    .await
+    .expect("record");
     let block = &recorded.charges[1];
     store
         .settle_charge(settlement(
