@@ -644,36 +644,26 @@ impl BillingService {
         Ok(Some(customer))
     }
 
-    /// Checks everything in a report that does not depend on the user's plan, before any store
-    /// call: a bad report is refused even when the store is down.
-    fn check_report(&self, report: &UsageReport, now: DateTime<Utc>) -> Result<UsageRecord, UsageError> {
-        let user_id = UserId::new(report.user_id.as_str())?;
-        let operation_type = OperationType::new(report.operation_type.as_str())?;
-        let client_id = report.client_id.as_deref().map(ClientId::new).transpose()?;
+    /// Reads a report into the record to store, refusing malformed content: bad identifiers,
+    /// zero tokens, metadata beyond Stripe's limits. Checks no store, no limit and no plan, so
+    /// a bad report is refused even when the store is down.
+    fn read_report(report: UsageReport, now: DateTime<Utc>) -> Result<UsageRecord, UsageError> {
+        let user_id = UserId::new(report.user_id)?;
+        let operation_type = OperationType::new(report.operation_type)?;
+        let client_id = report.client_id.map(ClientId::new).transpose()?;
         if report.tokens_used == 0 {
             return Err(UsageError::ZeroTokens);
         }
-        let max = self.settings.max_tokens_per_event;
-        if report.tokens_used > max {
-            return Err(UsageError::TooManyTokens {
-                tokens: report.tokens_used,
-                max,
-            });
-        }
         check_metadata(&report.metadata)?;
         let consumption_id = Uuid::new_v4();
-        let event_id = match &report.event_id {
-            Some(id) => EventId::new(id.as_str())?,
+        let event_id = match report.event_id {
+            Some(id) => EventId::new(id)?,
             None => EventId::new(consumption_id.to_string())?,
         };
         // Instants are kept to the microsecond, as SQL timestamps are, so a re-sent event compares
         // equal to its stored original in every store.
         let now = now.trunc_subsecs(6);
         let occurred_at = report.occurred_at.unwrap_or(now).trunc_subsecs(6);
-        let skew = chrono::Duration::from_std(self.settings.max_future_skew).unwrap_or(chrono::Duration::MAX);
-        if occurred_at > now.checked_add_signed(skew).unwrap_or(DateTime::<Utc>::MAX_UTC) {
-            return Err(UsageError::InFuture { occurred_at, now });
-        }
         Ok(UsageRecord {
             consumption_id,
             event_id,
@@ -683,11 +673,31 @@ impl BillingService {
             tokens: report.tokens_used,
             operation_type,
             client_id,
-            metadata: report.metadata.clone(),
+            metadata: report.metadata,
             occurred_at,
             occurred_at_reported: report.occurred_at.is_some(),
             recorded_at: now,
         })
+    }
+
+    /// Checks the service's limits: the tokens of one event, and how far in the future it may
+    /// have happened.
+    fn check_limits(&self, usage: &UsageRecord, now: DateTime<Utc>) -> Result<(), UsageError> {
+        let max = self.settings.max_tokens_per_event;
+        if usage.tokens > max {
+            return Err(UsageError::TooManyTokens {
+                tokens: usage.tokens,
+                max,
+            });
+        }
+        let skew = chrono::Duration::from_std(self.settings.max_future_skew).unwrap_or(chrono::Duration::MAX);
+        if usage.occurred_at > now.checked_add_signed(skew).unwrap_or(DateTime::<Utc>::MAX_UTC) {
+            return Err(UsageError::InFuture {
+                occurred_at: usage.occurred_at,
+                now,
+            });
+        }
+        Ok(())
     }
 
     /// Puts a checked event in its period under the user's plan, refusing it when the period's
@@ -761,93 +771,34 @@ impl BillingService {
             consumption = tracing::field::Empty,
         );
         async {
-            let now = self.clock.now();
-            match self.record_report(&report, now).await {
-                // A re-sent event is answered with its original outcome even when it would now be
-                // refused: its window has passed, or the limits changed since it was recorded.
-                Err(BillingError::InvalidUsage(
-                    error @ (UsageError::TooLate { .. }
-                    | UsageError::InFuture { .. }
-                    | UsageError::TooManyTokens { .. }),
-                )) => match self.replay_of(&report).await? {
-                    Some(outcome) => Ok(outcome),
-                    None => {
-                        info!(error = %error, "usage refused");
-                        Err(error.into())
-                    }
-                },
-                Err(error) => {
-                    if error.is_client_error() {
-                        info!(error = %error, "usage refused");
-                    }
-                    Err(error)
+            let result = self.record_report(report).await;
+            if let Err(error) = &result {
+                if error.is_client_error() {
+                    info!(error = %error, "usage refused");
                 }
-                ok => ok,
             }
+            result
         }
         .instrument(span)
         .await
     }
 
-    /// The original outcome of a report's event, when the event was recorded with the same usage.
-    async fn replay_of(&self, report: &UsageReport) -> Result<Option<UsageOutcome>, BillingError> {
-        let (Ok(user), Some(Ok(event_id))) = (
-            UserId::new(report.user_id.as_str()),
-            report.event_id.as_deref().map(EventId::new),
-        ) else {
-            return Ok(None);
-        };
-        let Some(recorded) = self.store.recorded_event(&user, &event_id).await? else {
-            return Ok(None);
-        };
-        let original = &recorded.usage;
-        let same = original.tokens == report.tokens_used
-            && original.operation_type.as_str() == report.operation_type
-            && original.client_id.as_ref().map(ClientId::as_str) == report.client_id.as_deref()
-            && original.metadata == report.metadata
-            && report
-                .occurred_at
-                .is_none_or(|at| at.trunc_subsecs(6) == original.occurred_at)
-            && (report.occurred_at.is_some() || !original.occurred_at_reported);
-        if !same {
-            return Err(BillingError::EventConflict { event_id });
+    async fn record_report(&self, report: UsageReport) -> Result<UsageOutcome, BillingError> {
+        let now = self.clock.now();
+        let mut usage = Self::read_report(report, now)?;
+        let account = self.store.account(&usage.user_id).await?;
+        let current = self.current_plan(account.as_ref())?;
+        let refused = self
+            .check_limits(&usage, now)
+            .and_then(|()| Self::place_in_period(&mut usage, current, now));
+        if let Err(error) = refused {
+            // A re-sent event is answered with its original outcome even when it would now be
+            // refused: its window has passed, or the limits changed since it was recorded.
+            return match self.replay_of(&usage, account.as_ref()).await? {
+                Some(outcome) => Ok(outcome),
+                None => Err(error.into()),
+            };
         }
-        let account = self.store.account(&user).await?;
-        let plan = self.period_plan(account.as_ref(), original.period)?;
-        debug!(event = %event_id, "event replayed: answering the original outcome");
-        Ok(Some(Self::outcome(
-            recorded.usage.clone(),
-            recorded.total_after,
-            &recorded.charges,
-            true,
-            plan,
-        )?))
-    }
-
-    fn outcome(
-        usage: UsageRecord,
-        total_after: u64,
-        charges: &[Charge],
-        replayed: bool,
-        plan: &Plan,
-    ) -> Result<UsageOutcome, BillingError> {
-        let (fees, blocks): (Vec<&Charge>, Vec<&Charge>) = charges.iter().partition(|c| c.kind == ChargeKind::FixedFee);
-        Ok(UsageOutcome {
-            consumption_id: usage.consumption_id,
-            total_tokens: total_after,
-            tier_charges: blocks.into_iter().map(TierCharge::from).collect(),
-            fixed_fee_charge: fees.first().map(|c| TierCharge::from(*c)),
-            period: usage.period,
-            current_tier: plan.tier_of(total_after)?.label(),
-            replayed,
-        })
-    }
-
-    async fn record_report(&self, report: &UsageReport, now: DateTime<Utc>) -> Result<UsageOutcome, BillingError> {
-        let mut usage = self.check_report(report, now)?;
-        let user = usage.user_id.clone();
-        let account = self.store.account(&user).await?;
-        Self::place_in_period(&mut usage, self.current_plan(account.as_ref())?, now)?;
         let plan = self.period_plan(account.as_ref(), usage.period)?;
         let span = tracing::Span::current();
         span.record("period", tracing::field::display(usage.period));
@@ -855,6 +806,7 @@ impl BillingService {
         let collect_now = self.settings.collection == CollectionMode::Immediate
             && (account.as_ref().is_some_and(|a| a.customer_id.is_some())
                 || self.settings.unregistered == UnregisteredUsers::OpenCustomer);
+        let user = usage.user_id.clone();
         let recorded = self
             .store
             .record_usage(RecordUsage {
@@ -891,6 +843,48 @@ impl BillingService {
         Self::outcome(recorded.usage, recorded.total_after, &charges, recorded.replayed, plan)
     }
 
+    /// The original outcome of an event that was already recorded with the same usage; `None`
+    /// when it was not recorded (or the host gave no event id, so it cannot be a re-send).
+    async fn replay_of(
+        &self,
+        usage: &UsageRecord,
+        account: Option<&Account>,
+    ) -> Result<Option<UsageOutcome>, BillingError> {
+        if usage.event_id.as_str() == usage.consumption_id.to_string() {
+            return Ok(None);
+        }
+        let Some(recorded) = self.store.recorded_event(&usage.user_id, &usage.event_id).await? else {
+            return Ok(None);
+        };
+        if !recorded.usage.same_usage(usage) {
+            return Err(BillingError::EventConflict {
+                event_id: usage.event_id.clone(),
+            });
+        }
+        let plan = self.period_plan(account, recorded.usage.period)?;
+        debug!(event = %usage.event_id, "event replayed: answering the original outcome");
+        Self::outcome(recorded.usage, recorded.total_after, &recorded.charges, true, plan).map(Some)
+    }
+
+    fn outcome(
+        usage: UsageRecord,
+        total_after: u64,
+        charges: &[Charge],
+        replayed: bool,
+        plan: &Plan,
+    ) -> Result<UsageOutcome, BillingError> {
+        let (fees, blocks): (Vec<&Charge>, Vec<&Charge>) = charges.iter().partition(|c| c.kind == ChargeKind::FixedFee);
+        Ok(UsageOutcome {
+            consumption_id: usage.consumption_id,
+            total_tokens: total_after,
+            tier_charges: blocks.into_iter().map(TierCharge::from).collect(),
+            fixed_fee_charge: fees.first().map(|c| TierCharge::from(*c)),
+            period: usage.period,
+            current_tier: plan.tier_of(total_after)?.label(),
+            replayed,
+        })
+    }
+
     /// Collects one claimed charge and settles it; never fails: whatever goes wrong leaves the
     /// charge pending (to resume) or failed (to retry), and is logged. `None` when the lease on
     /// the charge was lost, so that it was left to whoever holds it now.
@@ -917,7 +911,13 @@ impl BillingService {
             if charge.amount.is_zero() {
                 // Nothing to collect (a free plan's fee or blocks): settled without the gateway,
                 // which would refuse a zero amount.
-                return Some(self.settle_without_payment(charge).await);
+                let nothing = PaymentOutcome {
+                    payment_id: String::new(),
+                    status: PaymentStatus::Succeeded,
+                    decline_code: None,
+                    message: None,
+                };
+                return Some(self.settle(charge, Ok(nothing)).await);
             }
             let idempotency_key = charge.idempotency_key();
             let description = match charge.kind {
@@ -1001,35 +1001,6 @@ impl BillingService {
         }
     }
 
-    /// Settles a charge that needs no payment.
-    async fn settle_without_payment(&self, charge: Charge) -> Charge {
-        let now = self.clock.now();
-        let settled = self
-            .store
-            .settle_charge(Settlement {
-                user_id: &charge.user_id,
-                key: &charge.key,
-                expected_status: charge.status,
-                expected_round: charge.round,
-                status: ChargeStatus::Succeeded,
-                payment_id: None,
-                failure_code: None,
-                failure_message: None,
-                next_retry_at: None,
-                lease_until: None,
-                at: now,
-            })
-            .await;
-        match settled {
-            Ok(settled) => settled,
-            Err(StoreError::StatusConflict { charge: current }) => *current,
-            Err(error) => {
-                warn!(error = %error, "could not settle a zero-amount charge: it stays pending");
-                charge
-            }
-        }
-    }
-
     /// Stores a gateway answer with a compare-and-set on the charge's status and round; never
     /// fails: a lost compare-and-set returns the charge as it is now, and a store failure leaves
     /// it pending (to resume), logged.
@@ -1072,7 +1043,9 @@ impl BillingService {
                     PaymentStatus::RequiresAction => Some("authentication_required".to_owned()),
                     _ => None,
                 };
-                (status, Some(outcome.payment_id), code, outcome.message)
+                // An empty reference means no payment was made (a zero amount).
+                let payment_id = Some(outcome.payment_id).filter(|id| !id.is_empty());
+                (status, payment_id, code, outcome.message)
             }
             Err(GatewayError::Rejected { code, message, .. }) => {
                 warn!(code = %code, message = %message, "gateway rejected the payment request");
@@ -1092,17 +1065,12 @@ impl BillingService {
             .then(|| self.lease_until(now, self.settings.processing_recheck));
         self.store
             .settle_charge(Settlement {
-                user_id: &charge.user_id,
-                key: &charge.key,
-                expected_status: charge.status,
-                expected_round: charge.round,
-                status,
                 payment_id,
                 failure_code: code,
                 failure_message: message,
                 next_retry_at,
                 lease_until,
-                at: now,
+                ..Settlement::of(charge, status, now)
             })
             .await
     }
@@ -1322,17 +1290,8 @@ impl BillingService {
                 continue;
             }
             let due_now = Settlement {
-                user_id: &charge.user_id,
-                key: &charge.key,
-                expected_status: ChargeStatus::Failed,
-                expected_round: charge.round,
-                status: ChargeStatus::Failed,
-                payment_id: None,
-                failure_code: None,
-                failure_message: None,
                 next_retry_at: Some(now),
-                lease_until: None,
-                at: now,
+                ..Settlement::of(&charge, ChargeStatus::Failed, now)
             };
             match self.store.settle_charge(due_now).await {
                 Ok(_) | Err(StoreError::StatusConflict { .. }) => {}

@@ -351,9 +351,6 @@ impl UsageStore for InMemoryUsageStore {
                 PeriodBook::new(PeriodSummary::empty(user.clone(), period, plan.currency(), now)),
             );
         }
-        let had_fee = book
-            .charge_index
-            .contains_key(&ChargeKey::new(&user, period, ChargeKind::FixedFee, 0));
         // Charges first: it is the only step that can fail, and it changes nothing when it does.
         let created = match book.insert_charges(period, new_charges, ChargeStatus::Pending, None, now, lease_until) {
             Ok(created) => created,
@@ -385,7 +382,8 @@ impl UsageStore for InMemoryUsageStore {
                 period,
                 index,
                 total_before: before,
-                created_fee: !had_fee && created.iter().any(|c| c.kind == ChargeKind::FixedFee),
+                // Charges that existed already are never in `created`.
+                created_fee: created.iter().any(|c| c.kind == ChargeKind::FixedFee),
                 blocks,
             },
         );

@@ -438,6 +438,39 @@ pub struct Settlement<'a> {
     pub at: DateTime<Utc>,
 }
 
+impl<'a> Settlement<'a> {
+    /// A compare-and-set of `charge`, as the caller saw it, to `status` at `at`: nothing else
+    /// changes and the lease is released. Set the other fields with struct update syntax.
+    ///
+    /// # Example
+    /// ```
+    /// # fn demo(charge: &token_billing::Charge) {
+    /// use token_billing::ChargeStatus;
+    /// use token_billing::store::Settlement;
+    ///
+    /// let paid = Settlement {
+    ///     payment_id: Some("pi_123".to_owned()),
+    ///     ..Settlement::of(charge, ChargeStatus::Succeeded, chrono::Utc::now())
+    /// };
+    /// # let _ = paid; }
+    /// ```
+    pub fn of(charge: &'a Charge, status: ChargeStatus, at: DateTime<Utc>) -> Settlement<'a> {
+        Settlement {
+            user_id: &charge.user_id,
+            key: &charge.key,
+            expected_status: charge.status,
+            expected_round: charge.round,
+            status,
+            payment_id: None,
+            failure_code: None,
+            failure_message: None,
+            next_retry_at: None,
+            lease_until: None,
+            at,
+        }
+    }
+}
+
 /// Stores usage, charges, summaries, accounts and the audit trail.
 ///
 /// # Contract
