@@ -150,6 +150,53 @@ fn apply_to_summary(
     SummaryDelta::of(kind, amount.minor_units(), from, to).apply(summary)
 }
 
+/// The claim operations' one mechanism: walks `shards`, offers each charge that `candidates`
+/// draws from a shard's index to `claim`, and keeps those it takes, until `limit` are taken.
+/// `claim` changes the charge and returns the audit events of the change, or `None` to pass it
+/// over. Each shard is locked while it is walked, so a charge is claimed by one caller at a time.
+fn claim_from<'a>(
+    shards: impl IntoIterator<Item = &'a Mutex<Shard>>,
+    limit: usize,
+    candidates: impl Fn(&Shard) -> Vec<(UserId, ChargeKey)>,
+    mut claim: impl FnMut(&mut Charge) -> Option<Vec<AuditEvent>>,
+) -> Vec<Charge> {
+    let mut claimed = Vec::new();
+    for shard in shards {
+        if claimed.len() >= limit {
+            break;
+        }
+        let mut shard = lock(shard);
+        let shard = &mut *shard;
+        for (user_id, key) in candidates(shard) {
+            if claimed.len() >= limit {
+                break;
+            }
+            let Some(book) = shard.users.get_mut(&user_id) else {
+                continue;
+            };
+            let Some(charge) = book.charge_mut(&key) else {
+                continue;
+            };
+            let previous = (charge.status, charge.next_retry_at);
+            let Some(events) = claim(charge) else {
+                continue;
+            };
+            let charge = charge.clone();
+            for event in events {
+                book.audit.push(AuditEntry {
+                    at: charge.updated_at,
+                    user_id: user_id.clone(),
+                    period: Some(charge.period),
+                    event,
+                });
+            }
+            shard.index_charge(&charge, Some(previous));
+            claimed.push(charge);
+        }
+    }
+    claimed
+}
+
 impl Shard {
     /// Keeps the pending and retry indexes in step with a charge's status.
     fn index_charge(&mut self, charge: &Charge, previous: Option<(ChargeStatus, Option<DateTime<Utc>>)>) {
@@ -323,12 +370,7 @@ impl UsageStore for InMemoryUsageStore {
         let book = shard.users.entry(user.clone()).or_default();
 
         if let Some(original) = book.replay(&user, &usage.event_id)? {
-            if !original.usage.same_usage(&usage) {
-                return Err(StoreError::EventConflict {
-                    event_id: usage.event_id,
-                });
-            }
-            return Ok(original);
+            return original.answer_resend(&usage);
         }
 
         let period = usage.period;
@@ -446,55 +488,31 @@ impl UsageStore for InMemoryUsageStore {
         lease_until: DateTime<Utc>,
         limit: usize,
     ) -> Result<Vec<Charge>, StoreError> {
-        let mut claimed = Vec::new();
         let shards: Vec<&Mutex<Shard>> = match user {
             Some(user) => vec![self.shard_of(user)],
             None => self.shards.iter().collect(),
         };
-        for shard in shards {
-            if claimed.len() >= limit {
-                break;
-            }
-            let mut shard = lock(shard);
-            let shard = &mut *shard;
-            let candidates: Vec<(UserId, ChargeKey)> = shard
+        let candidates = |shard: &Shard| -> Vec<(UserId, ChargeKey)> {
+            shard
                 .pending
                 .iter()
                 .filter(|(_, u, _)| user.is_none_or(|wanted| wanted == u))
                 .map(|(_, u, k)| (u.clone(), k.clone()))
-                .collect();
-            for (user_id, key) in candidates {
-                if claimed.len() >= limit {
-                    break;
-                }
-                let Some(book) = shard.users.get_mut(&user_id) else {
-                    continue;
-                };
-                let Some(charge) = book.charge_mut(&key) else {
-                    continue;
-                };
-                if !charge.is_claimable(now) {
-                    continue;
-                }
-                charge.lease_until = Some(lease_until);
-                charge.attempts = charge.attempts.saturating_add(1);
-                charge.updated_at = now;
-                let event = AuditEvent::CollectionStarted {
-                    key: charge.key.clone(),
-                    round: charge.round,
-                    attempt: charge.attempts,
-                };
-                let period = charge.period;
-                claimed.push(charge.clone());
-                book.audit.push(AuditEntry {
-                    at: now,
-                    user_id,
-                    period: Some(period),
-                    event,
-                });
+                .collect()
+        };
+        Ok(claim_from(shards, limit, candidates, |charge| {
+            if !charge.is_claimable(now) {
+                return None;
             }
-        }
-        Ok(claimed)
+            charge.lease_until = Some(lease_until);
+            charge.attempts = charge.attempts.saturating_add(1);
+            charge.updated_at = now;
+            Some(vec![AuditEvent::CollectionStarted {
+                key: charge.key.clone(),
+                round: charge.round,
+                attempt: charge.attempts,
+            }])
+        }))
     }
 
     async fn claim_due_retries(
@@ -503,67 +521,39 @@ impl UsageStore for InMemoryUsageStore {
         lease_until: DateTime<Utc>,
         limit: usize,
     ) -> Result<Vec<Charge>, StoreError> {
-        let mut claimed = Vec::new();
-        for shard in self.shards.iter() {
-            if claimed.len() >= limit {
-                break;
-            }
-            let mut shard = lock(shard);
-            let shard = &mut *shard;
-            let due: Vec<(DateTime<Utc>, UserId, ChargeKey)> = shard
+        let candidates = |shard: &Shard| -> Vec<(UserId, ChargeKey)> {
+            shard
                 .retries
                 .iter()
                 .take_while(|(at, _, _)| *at <= now)
-                .take(limit - claimed.len())
-                .cloned()
-                .collect();
-            for entry in due {
-                let (_, user_id, key) = &entry;
-                let Some(book) = shard.users.get_mut(user_id) else {
-                    shard.retries.remove(&entry);
-                    continue;
-                };
-                let Some(charge) = book.charge_mut(key) else {
-                    shard.retries.remove(&entry);
-                    continue;
-                };
-                if charge.lease_until.is_some_and(|until| until > now) {
-                    continue;
-                }
-                let previous = (charge.status, charge.next_retry_at);
-                charge.status = ChargeStatus::Pending;
-                charge.round = charge.round.saturating_add(1);
-                charge.attempts = charge.attempts.saturating_add(1);
-                charge.next_retry_at = None;
-                charge.lease_until = Some(lease_until);
-                charge.updated_at = now;
-                let charge = charge.clone();
-                for event in [
-                    AuditEvent::ChargeStatusChanged {
-                        key: charge.key.clone(),
-                        from: ChargeStatus::Failed,
-                        to: ChargeStatus::Pending,
-                        payment_id: None,
-                        failure_code: None,
-                    },
-                    AuditEvent::CollectionStarted {
-                        key: charge.key.clone(),
-                        round: charge.round,
-                        attempt: charge.attempts,
-                    },
-                ] {
-                    book.audit.push(AuditEntry {
-                        at: now,
-                        user_id: user_id.clone(),
-                        period: Some(charge.period),
-                        event,
-                    });
-                }
-                shard.index_charge(&charge, Some(previous));
-                claimed.push(charge);
+                .map(|(_, u, k)| (u.clone(), k.clone()))
+                .collect()
+        };
+        Ok(claim_from(self.shards.iter(), limit, candidates, |charge| {
+            if charge.status != ChargeStatus::Failed || charge.lease_until.is_some_and(|until| until > now) {
+                return None;
             }
-        }
-        Ok(claimed)
+            charge.status = ChargeStatus::Pending;
+            charge.round = charge.round.saturating_add(1);
+            charge.attempts = charge.attempts.saturating_add(1);
+            charge.next_retry_at = None;
+            charge.lease_until = Some(lease_until);
+            charge.updated_at = now;
+            Some(vec![
+                AuditEvent::ChargeStatusChanged {
+                    key: charge.key.clone(),
+                    from: ChargeStatus::Failed,
+                    to: ChargeStatus::Pending,
+                    payment_id: None,
+                    failure_code: None,
+                },
+                AuditEvent::CollectionStarted {
+                    key: charge.key.clone(),
+                    round: charge.round,
+                    attempt: charge.attempts,
+                },
+            ])
+        }))
     }
 
     async fn claim_awaiting_customer(
@@ -572,32 +562,17 @@ impl UsageStore for InMemoryUsageStore {
         lease_until: DateTime<Utc>,
         limit: usize,
     ) -> Result<Vec<Charge>, StoreError> {
-        let mut claimed = Vec::new();
-        for shard in self.shards.iter() {
-            if claimed.len() >= limit {
-                break;
+        let candidates = |shard: &Shard| -> Vec<(UserId, ChargeKey)> {
+            shard.awaiting.iter().map(|(_, u, k)| (u.clone(), k.clone())).collect()
+        };
+        Ok(claim_from(self.shards.iter(), limit, candidates, |charge| {
+            if charge.status != ChargeStatus::RequiresAction || charge.lease_until.is_some_and(|until| until > now) {
+                return None;
             }
-            let mut shard = lock(shard);
-            let shard = &mut *shard;
-            let candidates: Vec<(UserId, ChargeKey)> =
-                shard.awaiting.iter().map(|(_, u, k)| (u.clone(), k.clone())).collect();
-            for (user_id, key) in candidates {
-                if claimed.len() >= limit {
-                    break;
-                }
-                let Some(charge) = shard.users.get_mut(&user_id).and_then(|b| b.charge_mut(&key)) else {
-                    continue;
-                };
-                if charge.status != ChargeStatus::RequiresAction || charge.lease_until.is_some_and(|until| until > now)
-                {
-                    continue;
-                }
-                charge.lease_until = Some(lease_until);
-                charge.updated_at = now;
-                claimed.push(charge.clone());
-            }
-        }
-        Ok(claimed)
+            charge.lease_until = Some(lease_until);
+            charge.updated_at = now;
+            Some(Vec::new())
+        }))
     }
 
     async fn renew_lease(

@@ -394,6 +394,21 @@ pub struct Recorded {
     pub replayed: bool,
 }
 
+impl Recorded {
+    /// How every store answers a re-send of an event it has recorded: the original outcome when
+    /// `usage` reports the same usage ([`UsageRecord::same_usage`]), and
+    /// [`StoreError::EventConflict`] when it reports something else under the same event id.
+    pub(crate) fn answer_resend(self, usage: &UsageRecord) -> Result<Recorded, StoreError> {
+        if self.usage.same_usage(usage) {
+            Ok(self)
+        } else {
+            Err(StoreError::EventConflict {
+                event_id: usage.event_id.clone(),
+            })
+        }
+    }
+}
+
 /// A charge to create unless its key exists: the fixed fee when a period is opened, or recorded
 /// as paid by a subscription.
 #[derive(Debug, Clone)]

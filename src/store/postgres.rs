@@ -520,13 +520,7 @@ impl PostgresUsageStore {
         let mut tx = self.begin().await?;
         if let Some(original) = Self::replay_in(&mut tx, user, &usage.event_id).await? {
             tx.rollback().await.map_err(db)?;
-            if !original.usage.same_usage(usage) {
-                return Err(StoreError::EventConflict {
-                    event_id: usage.event_id.clone(),
-                }
-                .into());
-            }
-            return Ok(original);
+            return Ok(original.answer_resend(usage)?);
         }
         let now = usage.recorded_at;
         let tokens = to_i64(usage.tokens)?;
