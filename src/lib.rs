@@ -70,8 +70,8 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use domain::*;
 pub use error::{BillingError, UsageError};
 pub use gateway::{
-    CardBehaviour, GatewayError, PaymentGateway, PaymentOutcome, PaymentRequest, PaymentStatus, SandboxGateway,
-    SandboxPayment, Subscription,
+    CardBehaviour, GatewayChange, GatewayError, GatewayEvent, PaymentGateway, PaymentOutcome, PaymentRequest,
+    PaymentStatus, SandboxGateway, SandboxPayment, Subscription,
 };
 pub use service::{
     AccountStanding, BillingService, BillingServiceBuilder, CollectionMode, CollectionReport, DunningSchedule,
@@ -80,8 +80,8 @@ pub use service::{
 #[cfg(feature = "postgres")]
 pub use store::PostgresUsageStore;
 pub use store::{
-    Account, AuditEntry, AuditEvent, InMemoryUsageStore, OperationUsage, PeriodSummary, StoreError, TierChargeReport,
-    UsageStore,
+    Account, AppliedGatewayEvent, AuditEntry, AuditEvent, InMemoryUsageStore, OperationUsage, PeriodSummary,
+    StoreError, TierChargeReport, UsageStore,
 };
 
 /// The README's examples, compiled and run as doc tests.

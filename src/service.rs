@@ -10,17 +10,19 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use uuid::Uuid;
 
 use crate::clock::{Clock, SystemClock};
+use crate::domain::check_identifier;
 use crate::domain::{
     Charge, ChargeKey, ChargeKind, ChargeStatus, ClientId, Currency, CustomerId, EventId, FeeCollection, Metadata,
     Money, NewCharge, OperationType, Period, PeriodKey, Plan, PlanId, UsageRecord, UserId, check_metadata,
 };
 use crate::error::{BillingError, UsageError};
 use crate::gateway::{
-    GatewayError, PaymentGateway, PaymentOutcome, PaymentRequest, PaymentStatus, SandboxGateway, Subscription,
+    GatewayChange, GatewayError, GatewayEvent, PaymentGateway, PaymentOutcome, PaymentRequest, PaymentStatus,
+    SandboxGateway, Subscription,
 };
 use crate::store::{
-    Account, AuditEntry, EnsureCharge, InMemoryUsageStore, OperationUsage, RecordUsage, Settlement, StoreError,
-    TierChargeReport, UsageStore,
+    Account, AppliedGatewayEvent, AuditEntry, EnsureCharge, InMemoryUsageStore, OperationUsage, RecordUsage,
+    Settlement, StoreError, TierChargeReport, UsageStore,
 };
 
 /// When charges are collected.
@@ -1389,6 +1391,86 @@ impl BillingService {
         .await
     }
 
+    /// Applies an event the gateway reported (a verified webhook), once per event id: a payment's
+    /// new state goes through [`apply_payment_update`](Self::apply_payment_update), a paid
+    /// subscription invoice through [`record_fixed_fee_paid`](Self::record_fixed_fee_paid) for
+    /// the calendar month (in the user's plan's zone) its subscription period starts in.
+    ///
+    /// Returns the charge as it is after the event, or `None` when the event id was applied
+    /// before (gateways deliver events at least once). The event is remembered only after it
+    /// was applied, so an event whose application failed is applied when delivered again; two
+    /// deliveries racing each other both apply it, which is harmless, because applying is
+    /// idempotent.
+    ///
+    /// # Errors
+    /// [`BillingError::InvalidId`] for an event id that is empty, longer than 255 bytes or not
+    /// printable ASCII; [`BillingError::ChargeNotFound`] for a payment of a charge this store
+    /// does not know (another environment sharing the gateway account, say: acknowledge it);
+    /// store errors (answer them so that the gateway delivers the event again).
+    ///
+    /// # Example
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// use token_billing::{BillingService, ChargeStatus, GatewayChange, GatewayEvent, PaymentOutcome, PaymentStatus, PaymentUpdate, UsageReport, UserId};
+    ///
+    /// let billing = BillingService::embedded();
+    /// billing.process_token_usage(UsageReport::new("user-uuid", 100, "chat")).await?;
+    /// let user = UserId::new("user-uuid")?;
+    /// let fee = billing.charges(&user, None).await?.remove(0);
+    /// let event = GatewayEvent {
+    ///     id: "evt_1".to_owned(),
+    ///     event_type: "payment_intent.succeeded".to_owned(),
+    ///     change: GatewayChange::Payment(PaymentUpdate {
+    ///         user_id: user.clone(),
+    ///         charge_key: fee.key.clone(),
+    ///         round: Some(0),
+    ///         outcome: PaymentOutcome { payment_id: fee.payment_id.clone().unwrap_or_default(), status: PaymentStatus::Succeeded, decline_code: None, message: None },
+    ///     }),
+    /// };
+    /// let charge = billing.apply_gateway_event(event.clone()).await?.expect("applied");
+    /// assert_eq!(charge.status, ChargeStatus::Succeeded);
+    /// // The same event delivered again is recognised and changes nothing.
+    /// assert!(billing.apply_gateway_event(event).await?.is_none());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
+    pub async fn apply_gateway_event(&self, event: GatewayEvent) -> Result<Option<Charge>, BillingError> {
+        let span =
+            info_span!("apply_gateway_event", user = %event.user_id(), event = %event.id, kind = %event.event_type);
+        async {
+            check_identifier("gateway event id", &event.id, 255)?;
+            let user = event.user_id().clone();
+            if self.store.gateway_event_applied(&user, &event.id).await? {
+                debug!("event already applied");
+                return Ok(None);
+            }
+            let charge = match event.change {
+                GatewayChange::Payment(update) => self.apply_payment_update(update).await?,
+                GatewayChange::FixedFeePaid {
+                    user_id,
+                    period_start,
+                    payment_id,
+                } => {
+                    let account = self.store.account(&user_id).await?;
+                    let zone = self.current_plan(account.as_ref())?.zone();
+                    let period = Period::containing(period_start, zone).key();
+                    self.record_fixed_fee_paid(&user_id, period, &payment_id).await?
+                }
+            };
+            self.store
+                .record_gateway_event(AppliedGatewayEvent {
+                    user_id: user,
+                    event_id: event.id,
+                    event_type: event.event_type,
+                    at: self.clock.now(),
+                })
+                .await?;
+            Ok(Some(charge))
+        }
+        .instrument(span)
+        .await
+    }
+
     /// Records and logs a second successful payment for a charge already paid: the money must be
     /// refunded by the host; the charge keeps its first payment.
     async fn report_duplicate_payment(&self, charge: &Charge, duplicate: &str) -> Result<(), BillingError> {
@@ -1519,7 +1601,7 @@ impl BillingService {
                 .ok_or_else(|| BillingError::NoCustomer { user_id: user.clone() })?;
             let subscription = self
                 .gateway
-                .create_subscription(&customer, &account.plan_id, plan)
+                .create_subscription(user, &customer, &account.plan_id, plan)
                 .await?;
             self.store
                 .put_account(Account {

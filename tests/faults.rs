@@ -12,7 +12,7 @@ use common::{Harness, november, user};
 use token_billing::testing::faults::{Fault, FaultyGateway, FaultyStore, GatewayOp, StoreOp};
 use token_billing::{
     BillingError, CardBehaviour, ChargeKind, ChargeStatus, CollectionMode, CustomerId, InMemoryUsageStore,
-    PaymentGateway, PaymentStatus, PaymentUpdate, Plan, SandboxGateway, Standing, UsageReport, UsageStore,
+    PaymentGateway, PaymentStatus, PaymentUpdate, Plan, SandboxGateway, Standing, UsageReport, UsageStore, UserId,
 };
 
 /// A harness whose store and gateway are wrapped in fault injectors.
@@ -755,11 +755,12 @@ impl token_billing::PaymentGateway for SlowGateway {
     }
     async fn create_subscription(
         &self,
+        user: &UserId,
         customer: &CustomerId,
         plan_id: &token_billing::PlanId,
         plan: &Plan,
     ) -> Result<token_billing::Subscription, token_billing::GatewayError> {
-        self.inner.create_subscription(customer, plan_id, plan).await
+        self.inner.create_subscription(user, customer, plan_id, plan).await
     }
 }
 

@@ -235,7 +235,7 @@ mod sql {
 
     use proptest::prelude::*;
     use sqlx::Row;
-    use token_billing::{BillingService, Plan, SandboxGateway, UnregisteredUsers, UsageReport, UserId};
+    use token_billing::{BillingService, Plan, SandboxGateway, UnregisteredUsers, UsageReport, UsageStore, UserId};
     use uuid::Uuid;
 
     fn fresh(tag: &str) -> String {
@@ -410,6 +410,15 @@ GROUP BY billing_tier;"
                 .process_token_usage(UsageReport::new(user, 9_000_000, "chat"))
                 .await
                 .expect("recorded");
+            store
+                .record_gateway_event(token_billing::AppliedGatewayEvent {
+                    user_id: UserId::new(user.as_str()).expect("valid"),
+                    event_id: format!("evt_{user}"),
+                    event_type: "invoice.paid".to_owned(),
+                    at: chrono::Utc::now(),
+                })
+                .await
+                .expect("an applied event");
         }
         let mut tx = store.pool().begin().await.expect("begin");
         sqlx::query("SET LOCAL ROLE token_billing_reader")
@@ -427,6 +436,7 @@ GROUP BY billing_tier;"
             "token_usage_summary",
             "token_billing_accounts",
             "token_billing_audit",
+            "token_billing_gateway_events",
         ] {
             let mine: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {table} WHERE user_id = $1"))
                 .bind(&alice)

@@ -1,16 +1,27 @@
 //! How money is collected: the [`PaymentGateway`] trait and its implementations.
 //!
-//! [`SandboxGateway`] is always built. Every implementation must pass the conformance suite in
+//! [`SandboxGateway`] is always built; [`StripeGateway`](stripe::StripeGateway) with the feature
+//! `stripe`. Every implementation must pass the conformance suite in
 //! `token_billing::testing::gateway` (feature `testing`).
+//!
+//! What a gateway reports later (a webhook) reaches the service as a [`GatewayEvent`], which
+//! [`BillingService::apply_gateway_event`](crate::BillingService::apply_gateway_event) applies
+//! exactly once.
 
 mod sandbox;
+#[cfg(feature = "stripe")]
+#[cfg_attr(docsrs, doc(cfg(feature = "stripe")))]
+pub mod stripe;
 
 use std::fmt::{self, Debug};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+use chrono::{DateTime, Utc};
+
 use crate::domain::{ChargeKey, CustomerId, Metadata, Money, Plan, PlanId, UserId};
+use crate::service::PaymentUpdate;
 use crate::store::BoxError;
 
 pub use sandbox::{CardBehaviour, SandboxGateway, SandboxPayment};
@@ -125,6 +136,50 @@ pub struct Subscription {
     pub status: String,
 }
 
+/// Something the gateway reports after the fact (a webhook), in the library's terms.
+///
+/// A gateway adapter builds it from a verified notification
+/// ([`StripeGateway::webhook_event`](stripe::StripeGateway::webhook_event)); the host passes it
+/// to [`BillingService::apply_gateway_event`](crate::BillingService::apply_gateway_event), which
+/// applies each event id once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayEvent {
+    /// The gateway's id of the event (`evt_...`): the key it is deduplicated by.
+    pub id: String,
+    /// The gateway's name for the event (`payment_intent.succeeded`), for the audit trail.
+    pub event_type: String,
+    /// What changed.
+    pub change: GatewayChange,
+}
+
+impl GatewayEvent {
+    /// The user the event is about.
+    pub fn user_id(&self) -> &UserId {
+        match &self.change {
+            GatewayChange::Payment(update) => &update.user_id,
+            GatewayChange::FixedFeePaid { user_id, .. } => user_id,
+        }
+    }
+}
+
+/// What a [`GatewayEvent`] reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum GatewayChange {
+    /// A payment made for a charge changed state.
+    Payment(PaymentUpdate),
+    /// A gateway subscription collected a fixed fee: its invoice was paid.
+    FixedFeePaid {
+        /// The subscriber.
+        user_id: UserId,
+        /// The start of the subscription period the invoice pays; the library's period is the
+        /// calendar month containing it in the user's plan's zone.
+        period_start: DateTime<Utc>,
+        /// The gateway's reference of the payment (the invoice, `in_...`).
+        payment_id: String,
+    },
+}
+
 /// Collects money from customers.
 ///
 /// # Contract
@@ -165,9 +220,13 @@ pub trait PaymentGateway: Send + Sync + Debug {
     /// canceled (it had succeeded or was already declined).
     async fn cancel_payment(&self, payment_id: &str) -> Result<PaymentOutcome, GatewayError>;
 
-    /// Subscribes a customer to a plan's fixed fee (the seed's create-subscription).
+    /// Subscribes a user's customer to a plan's fixed fee (the seed's create-subscription). The
+    /// subscription MUST name the user, so that its paid invoices can be told apart and
+    /// reported as [`GatewayChange::FixedFeePaid`] for that user. A customer already subscribed
+    /// to the plan keeps its subscription: it is returned, not duplicated.
     async fn create_subscription(
         &self,
+        user: &UserId,
         customer: &CustomerId,
         plan_id: &PlanId,
         plan: &Plan,

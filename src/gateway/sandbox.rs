@@ -389,6 +389,7 @@ impl PaymentGateway for SandboxGateway {
 
     async fn create_subscription(
         &self,
+        _user: &UserId,
         customer: &CustomerId,
         plan_id: &PlanId,
         plan: &Plan,

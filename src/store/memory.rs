@@ -1,6 +1,6 @@
 //! [`InMemoryUsageStore`]: the store of one process, sharded by user.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
@@ -9,8 +9,8 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::{
-    Account, AuditEntry, AuditEvent, EnsureCharge, OperationUsage, PeriodSummary, RecordUsage, Recorded, Settlement,
-    StoreError, SummaryDelta, TierChargeReport, UsageStore,
+    Account, AppliedGatewayEvent, AuditEntry, AuditEvent, EnsureCharge, OperationUsage, PeriodSummary, RecordUsage,
+    Recorded, Settlement, StoreError, SummaryDelta, TierChargeReport, UsageStore,
 };
 use crate::domain::{
     Blocks, Charge, ChargeKey, ChargeKind, ChargeStatus, EventId, MAX_TOKENS, Money, MoneyError, NewCharge,
@@ -58,6 +58,7 @@ struct UserBook {
     periods: BTreeMap<PeriodKey, PeriodBook>,
     charge_index: HashMap<ChargeKey, (PeriodKey, usize)>,
     audit: Vec<AuditEntry>,
+    gateway_events: HashSet<String>,
 }
 
 /// What dedupe needs to answer a replay with the original outcome.
@@ -604,6 +605,33 @@ impl UsageStore for InMemoryUsageStore {
         let mut shard = self.shard(&entry.user_id);
         shard.users.entry(entry.user_id.clone()).or_default().audit.push(entry);
         Ok(())
+    }
+
+    async fn gateway_event_applied(&self, user: &UserId, event_id: &str) -> Result<bool, StoreError> {
+        let shard = self.shard(user);
+        Ok(shard
+            .users
+            .get(user)
+            .is_some_and(|book| book.gateway_events.contains(event_id)))
+    }
+
+    async fn record_gateway_event(&self, event: AppliedGatewayEvent) -> Result<bool, StoreError> {
+        let mut shard = self.shard(&event.user_id);
+        let book = shard.users.entry(event.user_id.clone()).or_default();
+        if book.gateway_events.contains(&event.event_id) {
+            return Ok(false);
+        }
+        book.gateway_events.insert(event.event_id.clone());
+        book.audit.push(AuditEntry {
+            at: event.at,
+            user_id: event.user_id,
+            period: None,
+            event: AuditEvent::GatewayEventApplied {
+                event_id: event.event_id,
+                event_type: event.event_type,
+            },
+        });
+        Ok(true)
     }
 
     async fn settle_charge(&self, s: Settlement<'_>) -> Result<Charge, StoreError> {

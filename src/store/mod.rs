@@ -229,6 +229,7 @@ impl SummaryDelta {
     }
 
     /// The sum of two changes; `None` on overflow.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub(crate) fn plus(self, other: SummaryDelta) -> Option<SummaryDelta> {
         Some(SummaryDelta {
             outstanding_count: self.outstanding_count.checked_add(other.outstanding_count)?,
@@ -355,6 +356,14 @@ pub enum AuditEvent {
         /// The decline code, for failures.
         failure_code: Option<String>,
     },
+    /// A gateway event (a webhook) was applied; a later delivery of the same event id is
+    /// ignored.
+    GatewayEventApplied {
+        /// The gateway's event id.
+        event_id: String,
+        /// The gateway's event type (`payment_intent.succeeded`).
+        event_type: String,
+    },
     /// An account was registered or changed.
     AccountSaved {
         /// Its customer.
@@ -423,6 +432,19 @@ pub struct EnsureCharge {
     pub now: DateTime<Utc>,
     /// When set, a created charge is leased to the caller until then.
     pub lease_until: Option<DateTime<Utc>>,
+}
+
+/// A gateway event (a webhook) that was applied, to remember so that it is applied once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppliedGatewayEvent {
+    /// The user it was about.
+    pub user_id: UserId,
+    /// The gateway's event id.
+    pub event_id: String,
+    /// The gateway's event type.
+    pub event_type: String,
+    /// When it was applied.
+    pub at: DateTime<Utc>,
 }
 
 /// A compare-and-set of a charge's status.
@@ -519,6 +541,10 @@ impl<'a> Settlement<'a> {
 /// - Summaries MUST always agree with the charges: `fixed_fee_charged` and `tier_charges_*` sum
 ///   the succeeded fixed-fee and block charges, `outstanding_*` the others.
 ///
+/// Gateway events: [`record_gateway_event`](Self::record_gateway_event) MUST record an event id
+/// once per user, with its audit entry in the same atomic step, and report whether it was new;
+/// [`gateway_event_applied`](Self::gateway_event_applied) MUST then find it.
+///
 /// Isolation: every operation touches one user's data only, and reads return only the named
 /// user's rows.
 ///
@@ -590,6 +616,14 @@ pub trait UsageStore: Send + Sync + Debug {
     /// Appends an entry to the user's audit trail, for what the service observes outside any
     /// other store operation (a duplicate payment reported by the gateway).
     async fn append_audit(&self, entry: AuditEntry) -> Result<(), StoreError>;
+
+    /// Whether a gateway event was recorded as applied for the user.
+    async fn gateway_event_applied(&self, user: &UserId, event_id: &str) -> Result<bool, StoreError>;
+
+    /// Records that a gateway event was applied, with an
+    /// [`AuditEvent::GatewayEventApplied`] entry, unless it was recorded already; returns
+    /// whether it was new. Idempotent.
+    async fn record_gateway_event(&self, event: AppliedGatewayEvent) -> Result<bool, StoreError>;
 
     /// One charge by key.
     async fn charge(&self, user: &UserId, key: &ChargeKey) -> Result<Option<Charge>, StoreError>;

@@ -9,8 +9,8 @@ use sqlx::{Postgres, Row, Transaction};
 use uuid::Uuid;
 
 use super::{
-    Account, AuditEntry, AuditEvent, BoxError, EnsureCharge, OperationUsage, PeriodSummary, RecordUsage, Recorded,
-    Settlement, StoreError, SummaryDelta, TierChargeReport, UsageStore,
+    Account, AppliedGatewayEvent, AuditEntry, AuditEvent, BoxError, EnsureCharge, OperationUsage, PeriodSummary,
+    RecordUsage, Recorded, Settlement, StoreError, SummaryDelta, TierChargeReport, UsageStore,
 };
 use crate::domain::{
     Charge, ChargeKey, ChargeKind, ChargeStatus, ClientId, Currency, CustomerId, EventId, Metadata, Money, NewCharge,
@@ -28,6 +28,7 @@ pub const MIGRATIONS: &[(i32, &str)] = &[
         include_str!("../../migrations/0002_functions_and_row_level_security.sql"),
     ),
     (3, include_str!("../../migrations/0003_record_token_consumption.sql")),
+    (4, include_str!("../../migrations/0004_gateway_events.sql")),
 ];
 
 /// A [`UsageStore`] on PostgreSQL, safe to share between any number of service instances.
@@ -998,6 +999,46 @@ impl UsageStore for PostgresUsageStore {
         let mut tx = self.begin().await?;
         Self::audit(&mut tx, &entry.user_id, entry.period, entry.at, &[entry.event]).await?;
         tx.commit().await.map_err(db)
+    }
+
+    async fn gateway_event_applied(&self, user: &UserId, event_id: &str) -> Result<bool, StoreError> {
+        sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM token_billing_gateway_events WHERE user_id = $1 AND event_id = $2)",
+        )
+        .bind(user.as_str())
+        .bind(event_id)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db)
+    }
+
+    async fn record_gateway_event(&self, event: AppliedGatewayEvent) -> Result<bool, StoreError> {
+        let audit = audit_json(&AuditEvent::GatewayEventApplied {
+            event_id: event.event_id.clone(),
+            event_type: event.event_type.clone(),
+        })?;
+        // One statement: the event and its audit entry together, or neither.
+        let inserted: i64 = sqlx::query_scalar(
+            "WITH applied AS (
+                 INSERT INTO token_billing_gateway_events (user_id, event_id, event_type, applied_at)
+                 VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (user_id, event_id) DO NOTHING
+                 RETURNING user_id
+             ), audited AS (
+                 INSERT INTO token_billing_audit (user_id, at, period, event)
+                 SELECT user_id, $4, NULL, $5 FROM applied
+             )
+             SELECT count(*) FROM applied",
+        )
+        .bind(event.user_id.as_str())
+        .bind(&event.event_id)
+        .bind(&event.event_type)
+        .bind(event.at)
+        .bind(audit)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(inserted > 0)
     }
 
     async fn charge(&self, user: &UserId, key: &ChargeKey) -> Result<Option<Charge>, StoreError> {

@@ -11,8 +11,8 @@ use chrono::{DateTime, Utc};
 use crate::domain::{Charge, ChargeKey, CustomerId, EventId, PeriodKey, Plan, PlanId, UsageRecord, UserId};
 use crate::gateway::{GatewayError, PaymentGateway, PaymentOutcome, PaymentRequest, Subscription};
 use crate::store::{
-    Account, AuditEntry, EnsureCharge, OperationUsage, PeriodSummary, RecordUsage, Recorded, Settlement, StoreError,
-    TierChargeReport, UsageStore,
+    Account, AppliedGatewayEvent, AuditEntry, EnsureCharge, OperationUsage, PeriodSummary, RecordUsage, Recorded,
+    Settlement, StoreError, TierChargeReport, UsageStore,
 };
 
 /// What an injected fault does to a call.
@@ -53,6 +53,10 @@ pub enum StoreOp {
     RecordedEvent,
     /// [`UsageStore::append_audit`].
     AppendAudit,
+    /// [`UsageStore::gateway_event_applied`].
+    GatewayEventApplied,
+    /// [`UsageStore::record_gateway_event`].
+    RecordGatewayEvent,
 }
 
 /// An operation of [`PaymentGateway`] that faults can target.
@@ -274,6 +278,17 @@ impl UsageStore for FaultyStore {
     async fn append_audit(&self, entry: AuditEntry) -> Result<(), StoreError> {
         self.run(StoreOp::AppendAudit, self.inner.append_audit(entry)).await
     }
+    async fn gateway_event_applied(&self, user: &UserId, event_id: &str) -> Result<bool, StoreError> {
+        self.run(
+            StoreOp::GatewayEventApplied,
+            self.inner.gateway_event_applied(user, event_id),
+        )
+        .await
+    }
+    async fn record_gateway_event(&self, event: AppliedGatewayEvent) -> Result<bool, StoreError> {
+        self.run(StoreOp::RecordGatewayEvent, self.inner.record_gateway_event(event))
+            .await
+    }
     async fn charge(&self, user: &UserId, key: &ChargeKey) -> Result<Option<Charge>, StoreError> {
         self.inner.charge(user, key).await
     }
@@ -386,13 +401,14 @@ impl PaymentGateway for FaultyGateway {
     }
     async fn create_subscription(
         &self,
+        user: &UserId,
         customer: &CustomerId,
         plan_id: &PlanId,
         plan: &Plan,
     ) -> Result<Subscription, GatewayError> {
         self.run(
             GatewayOp::CreateSubscription,
-            self.inner.create_subscription(customer, plan_id, plan),
+            self.inner.create_subscription(user, customer, plan_id, plan),
         )
         .await
     }

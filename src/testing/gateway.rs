@@ -145,10 +145,18 @@ pub async fn unknown_charges_have_no_payment(gateway: &dyn PaymentGateway, _fixt
 /// A subscription for a plan's fixed fee is created for a customer.
 pub async fn subscriptions_are_created(gateway: &dyn PaymentGateway, fixture: &dyn GatewayFixture) {
     let customer = fixture.paying_customer().await;
+    let user = UserId::new(format!("sub-{}", Uuid::new_v4().simple())).expect("a valid user id");
+    let plan_id = PlanId::new("default").expect("valid");
     let subscription = gateway
-        .create_subscription(&customer, &PlanId::new("default").expect("valid"), &Plan::default())
+        .create_subscription(&user, &customer, &plan_id, &Plan::default())
         .await
         .expect("create_subscription");
     assert_eq!(subscription.customer_id, customer);
     assert!(!subscription.subscription_id.is_empty());
+    // Asking again keeps the subscription the customer has.
+    let again = gateway
+        .create_subscription(&user, &customer, &plan_id, &Plan::default())
+        .await
+        .expect("create_subscription again");
+    assert_eq!(again.subscription_id, subscription.subscription_id);
 }

@@ -106,6 +106,7 @@ macro_rules! usage_store_conformance {
                 recorded_events_are_found_by_id,
                 concurrent_resends_record_once,
                 audit_entries_can_be_appended,
+                gateway_events_are_recorded_once,
                 reports_group_by_operation_and_tier,
                 reads_are_isolated_per_user,
                 audit_trail_records_every_change,
