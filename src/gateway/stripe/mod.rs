@@ -1,0 +1,860 @@
+//! [`StripeGateway`] (feature `stripe`): block charges as off-session PaymentIntents, the fixed
+//! fee as a monthly subscription, and signed webhooks turned into [`GatewayEvent`]s.
+//!
+//! # How it talks to Stripe
+//! - Each charge is one PaymentIntent, created and confirmed in one call (`confirm=true`,
+//!   `off_session=true`) on the customer's default payment method, in the charge's currency and
+//!   minor units, with the round's idempotency key as `Idempotency-Key` and the charge key in its
+//!   metadata.
+//! - A PaymentIntent is found again by its charge key through the search API
+//!   ([`find_payment`](PaymentGateway::find_payment)), which the service calls before it
+//!   collects a charge that may have been attempted: Stripe forgets idempotency keys after 24
+//!   hours, so after a crash a resumed charge is settled with the payment already made, never
+//!   paid twice. Stripe's search index lags writes by up to a minute; the service only looks up
+//!   charges whose lease (2 minutes by default) has expired, and within 24 hours the idempotency
+//!   key answers first anyway.
+//! - Requests are retried as Stripe's official clients retry them: connection errors, timeouts,
+//!   409, 429 and 5xx, at most [`max_retries`](StripeGatewayBuilder::max_retries) times (2),
+//!   with jittered exponential backoff, never when Stripe answers `Stripe-Should-Retry: false`;
+//!   other 4xx never. A payment whose outcome stays unknown is reported as
+//!   [`GatewayError::OutcomeUnknown`]: its charge stays pending for
+//!   [`resume_pending`](crate::BillingService::resume_pending), never failed.
+//! - Statuses: `succeeded`; `processing` (pending, settled later by webhook); `requires_action`
+//!   and `authentication_required` declines (awaiting the customer); other `402` declines
+//!   (declined, with the decline code); `canceled`.
+//!
+//! # Example
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! use token_billing::gateway::stripe::StripeGateway;
+//! use token_billing::{BillingService, InMemoryUsageStore};
+//!
+//! let stripe = StripeGateway::builder(std::env::var("STRIPE_SECRET_KEY")?)
+//!     .webhook_secret(std::env::var("STRIPE_WEBHOOK_SECRET")?)
+//!     .build()?;
+//! let billing = BillingService::builder(Arc::new(InMemoryUsageStore::new()), Arc::new(stripe.clone())).build();
+//!
+//! // In the webhook endpoint, with the raw body and the `Stripe-Signature` header:
+//! # let (body, signature): (Vec<u8>, String) = (Vec::new(), String::new());
+//! if let Some(event) = stripe.webhook_event(&body, &signature).await? {
+//!     billing.apply_gateway_event(event).await?;
+//! }
+//! # Ok(()) }
+//! ```
+
+mod client;
+mod objects;
+mod webhook;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use hyper::header::HeaderValue;
+use hyper::{StatusCode, Uri};
+use serde_json::Value;
+use tracing::{info, warn};
+
+use self::client::{ApiError, Call, Form, NoAnswer, Reply, RetryPolicy, StripeClient, query, segment};
+use self::objects::{id_of, payment_outcome, refused_payment, text};
+pub use self::webhook::{DEFAULT_TOLERANCE, WebhookError, WebhookSecret, sign, verify_signature};
+use super::{
+    GatewayChange, GatewayError, GatewayEvent, PaymentGateway, PaymentOutcome, PaymentRequest, PaymentStatus,
+    Subscription,
+};
+use crate::clock::{Clock, SystemClock};
+use crate::domain::{ChargeKey, CustomerId, Plan, PlanId, UserId};
+use crate::service::PaymentUpdate;
+use crate::store::BoxError;
+
+const GATEWAY: &str = "stripe";
+
+/// Stripe's API, the default base.
+pub const DEFAULT_API_BASE: &str = "https://api.stripe.com";
+
+/// The API version the gateway is written against, sent as `Stripe-Version` unless changed.
+pub const API_VERSION: &str = "2024-06-20";
+
+/// Metadata keys the gateway puts on the subscriptions it creates, to recognise their invoices.
+const USER_KEY: &str = "token_billing_user";
+const PLAN_KEY: &str = "token_billing_plan";
+
+/// The most search pages read for one charge; each holds 100 payments.
+const MAX_SEARCH_PAGES: usize = 10;
+
+/// A Stripe secret (or restricted) API key. `Debug` shows its kind only (`sk_test_…`).
+///
+/// # Example
+/// ```
+/// use token_billing::gateway::stripe::SecretKey;
+///
+/// let key = SecretKey::new("sk_test_51Habcdef");
+/// assert_eq!(format!("{key:?}"), "SecretKey(sk_test_…)");
+/// ```
+#[derive(Clone)]
+pub struct SecretKey(String);
+
+impl SecretKey {
+    /// Wraps a key.
+    pub fn new(key: impl Into<String>) -> SecretKey {
+        SecretKey(key.into())
+    }
+
+    fn bearer(&self) -> Result<HeaderValue, BoxError> {
+        let mut value = HeaderValue::from_str(&format!("Bearer {}", self.0))?;
+        value.set_sensitive(true);
+        Ok(value)
+    }
+}
+
+impl fmt::Debug for SecretKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretKey({}…)", webhook::prefix_of(&self.0))
+    }
+}
+
+/// Why a [`StripeGateway`] could not be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StripeConfigError {
+    /// An environment variable the configuration needs is not set.
+    #[error("{0} is not set")]
+    Missing(&'static str),
+    /// The secret key is empty or has characters an HTTP header cannot carry.
+    #[error("the secret key is empty or not printable ASCII")]
+    InvalidSecretKey,
+    /// The API base is not an `http(s)://host[:port][/path]` URL.
+    #[error("invalid API base {base:?}: {reason}")]
+    InvalidApiBase {
+        /// The base given.
+        base: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// The API base is plain `http://` on a host other than this machine: the secret key would
+    /// cross the network unencrypted. Allow it with
+    /// [`allow_insecure_http`](StripeGatewayBuilder::allow_insecure_http) for a test server on
+    /// a private network.
+    #[error("refusing to send the secret key over plain HTTP to {base}")]
+    InsecureApiBase {
+        /// The base given.
+        base: String,
+    },
+}
+
+/// Builds a [`StripeGateway`].
+///
+/// # Example
+/// ```
+/// use std::time::Duration;
+/// use token_billing::gateway::stripe::StripeGateway;
+///
+/// let stripe = StripeGateway::builder("sk_test_123")
+///     .api_base("http://127.0.0.1:8420") // a local Stripe-compatible server
+///     .webhook_secret("whsec_old")
+///     .webhook_secret("whsec_new") // both accepted while the secret is being rolled
+///     .timeout(Duration::from_secs(10))
+///     .build()?;
+/// assert_eq!(stripe.api_base(), "http://127.0.0.1:8420");
+/// # Ok::<(), token_billing::gateway::stripe::StripeConfigError>(())
+/// ```
+#[derive(Debug)]
+pub struct StripeGatewayBuilder {
+    secret_key: SecretKey,
+    api_base: String,
+    api_version: Option<String>,
+    webhook_secrets: Vec<WebhookSecret>,
+    webhook_tolerance: Duration,
+    timeout: Duration,
+    retry: RetryPolicy,
+    payment_method_types: Vec<String>,
+    allow_insecure_http: bool,
+    clock: Arc<dyn Clock>,
+}
+
+impl StripeGatewayBuilder {
+    /// The API base (`https://api.stripe.com` by default).
+    pub fn api_base(mut self, base: impl Into<String>) -> Self {
+        self.api_base = base.into();
+        self
+    }
+
+    /// The `Stripe-Version` sent ([`API_VERSION`] by default); `None` uses the account's.
+    pub fn api_version(mut self, version: Option<String>) -> Self {
+        self.api_version = version;
+        self
+    }
+
+    /// Adds a webhook signing secret; give the old and the new one while rolling it.
+    pub fn webhook_secret(mut self, secret: impl Into<String>) -> Self {
+        self.webhook_secrets.push(WebhookSecret::new(secret));
+        self
+    }
+
+    /// How far a webhook's signed timestamp may be from now ([`DEFAULT_TOLERANCE`], 5 minutes).
+    pub fn webhook_tolerance(mut self, tolerance: Duration) -> Self {
+        self.webhook_tolerance = tolerance;
+        self
+    }
+
+    /// How long one attempt may take, connection included (20 seconds by default). A call
+    /// takes at most `(max_retries + 1) * timeout` plus the backoff delays: keep that below the
+    /// service's lease (2 minutes by default).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Retries after the first attempt (2 by default, as Stripe's clients).
+    pub fn max_retries(mut self, retries: u32) -> Self {
+        self.retry.max_retries = retries;
+        self
+    }
+
+    /// The backoff: the first delay and the longest (0.5 and 5 seconds by default), each
+    /// jittered down to between half and all of it.
+    pub fn retry_delays(mut self, initial: Duration, max: Duration) -> Self {
+        self.retry.initial_delay = initial;
+        self.retry.max_delay = max.max(initial);
+        self
+    }
+
+    /// The payment method types a charge may use (`["card"]` by default). Asynchronous ones
+    /// (`sepa_debit`) answer `processing`, and are settled by webhook.
+    pub fn payment_method_types<I, S>(mut self, types: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.payment_method_types = types.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Allows a plain `http://` API base on another host than this machine (a test server on a
+    /// private network). Never for Stripe itself.
+    pub fn allow_insecure_http(mut self, allow: bool) -> Self {
+        self.allow_insecure_http = allow;
+        self
+    }
+
+    /// The clock webhook timestamps are checked against (the system clock by default).
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The gateway. No request is made until it is used, from within a Tokio runtime.
+    ///
+    /// # Errors
+    /// [`StripeConfigError`] for a bad key or API base.
+    pub fn build(self) -> Result<StripeGateway, StripeConfigError> {
+        let key = &self.secret_key.0;
+        if key.is_empty() || !key.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(StripeConfigError::InvalidSecretKey);
+        }
+        let base = self.checked_base()?;
+        let client = StripeClient::new(&base, self.secret_key, self.api_version, self.timeout, self.retry);
+        Ok(StripeGateway {
+            inner: Arc::new(Inner {
+                client,
+                api_base: base.to_string().trim_end_matches('/').to_owned(),
+                webhook_secrets: self.webhook_secrets,
+                webhook_tolerance: self.webhook_tolerance,
+                payment_method_types: self.payment_method_types,
+                clock: self.clock,
+            }),
+        })
+    }
+
+    fn checked_base(&self) -> Result<Uri, StripeConfigError> {
+        let invalid = |reason| StripeConfigError::InvalidApiBase {
+            base: self.api_base.clone(),
+            reason,
+        };
+        let uri: Uri = self.api_base.parse().map_err(|_| invalid("not a URL"))?;
+        let host = uri.host().ok_or_else(|| invalid("no host"))?;
+        if uri.query().is_some() {
+            return Err(invalid("it has a query"));
+        }
+        match uri.scheme_str() {
+            Some("https") => Ok(uri),
+            Some("http") => {
+                let loopback = host == "localhost"
+                    || host
+                        .trim_matches(['[', ']'])
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback());
+                if loopback || self.allow_insecure_http {
+                    Ok(uri)
+                } else {
+                    Err(StripeConfigError::InsecureApiBase {
+                        base: self.api_base.clone(),
+                    })
+                }
+            }
+            _ => Err(invalid("the scheme is not http or https")),
+        }
+    }
+}
+
+/// The [`PaymentGateway`] for Stripe; see the [module documentation](self) for what it does.
+/// Cheap to clone: clones share one connection pool.
+#[derive(Debug, Clone)]
+pub struct StripeGateway {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    client: StripeClient,
+    api_base: String,
+    webhook_secrets: Vec<WebhookSecret>,
+    webhook_tolerance: Duration,
+    payment_method_types: Vec<String>,
+    clock: Arc<dyn Clock>,
+}
+
+fn unknown(error: NoAnswer) -> GatewayError {
+    GatewayError::OutcomeUnknown {
+        gateway: GATEWAY,
+        source: Box::new(error),
+    }
+}
+
+fn rejected(code: impl Into<String>, message: impl Into<String>) -> GatewayError {
+    GatewayError::Rejected {
+        gateway: GATEWAY,
+        code: code.into(),
+        message: message.into(),
+    }
+}
+
+/// A final refusal as a gateway error.
+fn refused(status: StatusCode, error: ApiError) -> GatewayError {
+    if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+        return GatewayError::Unauthorized { gateway: GATEWAY };
+    }
+    rejected(error.best_code(), error.message)
+}
+
+fn unreadable(what: impl fmt::Display) -> GatewayError {
+    GatewayError::OutcomeUnknown {
+        gateway: GATEWAY,
+        source: format!("unreadable answer from Stripe: {what}").into(),
+    }
+}
+
+/// An object reply, or the refusal as an error.
+fn object(reply: Result<Reply, NoAnswer>) -> Result<Value, GatewayError> {
+    match reply.map_err(unknown)? {
+        Reply::Object(value) => Ok(value),
+        Reply::Refused { status, error } => Err(refused(status, error)),
+    }
+}
+
+/// Stripe's currency code: ISO 4217, lower case.
+fn currency_code(request: &PaymentRequest<'_>) -> String {
+    request.amount.currency().code().to_ascii_lowercase()
+}
+
+impl StripeGateway {
+    /// A builder for a gateway with this secret key.
+    pub fn builder(secret_key: impl Into<String>) -> StripeGatewayBuilder {
+        StripeGatewayBuilder {
+            secret_key: SecretKey::new(secret_key),
+            api_base: DEFAULT_API_BASE.to_owned(),
+            api_version: Some(API_VERSION.to_owned()),
+            webhook_secrets: Vec::new(),
+            webhook_tolerance: DEFAULT_TOLERANCE,
+            timeout: Duration::from_secs(20),
+            retry: RetryPolicy {
+                max_retries: 2,
+                initial_delay: Duration::from_millis(500),
+                max_delay: Duration::from_secs(5),
+            },
+            payment_method_types: vec!["card".to_owned()],
+            allow_insecure_http: false,
+            clock: Arc::new(SystemClock),
+        }
+    }
+
+    /// A gateway configured from the environment: `STRIPE_SECRET_KEY` (required),
+    /// `STRIPE_API_BASE` (optional) and `STRIPE_WEBHOOK_SECRET` (optional; several separated by
+    /// commas while rolling it).
+    ///
+    /// # Errors
+    /// [`StripeConfigError::Missing`] without a key; what [`StripeGatewayBuilder::build`] refuses.
+    pub fn from_env() -> Result<StripeGateway, StripeConfigError> {
+        let key = std::env::var("STRIPE_SECRET_KEY").map_err(|_| StripeConfigError::Missing("STRIPE_SECRET_KEY"))?;
+        let mut builder = StripeGateway::builder(key);
+        if let Ok(base) = std::env::var("STRIPE_API_BASE") {
+            builder = builder.api_base(base);
+        }
+        if let Ok(secrets) = std::env::var("STRIPE_WEBHOOK_SECRET") {
+            for secret in secrets.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                builder = builder.webhook_secret(secret);
+            }
+        }
+        builder.build()
+    }
+
+    /// The API base requests go to.
+    pub fn api_base(&self) -> &str {
+        &self.inner.api_base
+    }
+
+    async fn send(&self, call: Call<'_>) -> Result<Reply, NoAnswer> {
+        self.inner.client.send(&call).await
+    }
+
+    /// Attaches a payment method to a customer and makes it the default for the customer's
+    /// payments (off-session charges, subscription invoices). Returns the attached payment
+    /// method's id: a test token such as `pm_card_visa` becomes a new `pm_...`.
+    ///
+    /// # Errors
+    /// [`GatewayError::Rejected`] when Stripe refuses (a card declined on attachment, an
+    /// unknown customer); [`GatewayError::OutcomeUnknown`] without an answer.
+    pub async fn set_default_payment_method(
+        &self,
+        customer: &CustomerId,
+        payment_method: &str,
+    ) -> Result<String, GatewayError> {
+        let key = format!("tb:attach:{customer}:{payment_method}");
+        let attached = object(
+            self.send(Call::post(
+                format!("/v1/payment_methods/{}/attach", segment(payment_method)),
+                vec![("customer".to_owned(), customer.to_string())],
+                &key,
+            ))
+            .await,
+        )?;
+        let id = text(&attached, "id")
+            .ok_or_else(|| unreadable("an attached payment method without id"))?
+            .to_owned();
+        let key = format!("tb:default-payment-method:{customer}:{id}");
+        object(
+            self.send(Call::post(
+                format!("/v1/customers/{}", segment(customer.as_str())),
+                vec![("invoice_settings[default_payment_method]".to_owned(), id.clone())],
+                &key,
+            ))
+            .await,
+        )?;
+        Ok(id)
+    }
+
+    /// The customer's default payment method: the invoice default, else the default source.
+    async fn default_payment_method(&self, customer: &CustomerId) -> Result<String, GatewayError> {
+        let found = object(
+            self.send(Call::get(format!("/v1/customers/{}", segment(customer.as_str()))))
+                .await,
+        )?;
+        if found.get("deleted").and_then(Value::as_bool) == Some(true) {
+            return Err(rejected("resource_missing", format!("customer {customer} was deleted")));
+        }
+        found
+            .get("invoice_settings")
+            .and_then(|settings| id_of(settings, "default_payment_method"))
+            .or_else(|| id_of(&found, "default_source"))
+            .map(str::to_owned)
+            .ok_or_else(|| {
+                rejected(
+                    "no_payment_method",
+                    format!("customer {customer} has no default payment method"),
+                )
+            })
+    }
+
+    /// Every PaymentIntent whose metadata names the charge, through the search API.
+    async fn payments_for(&self, charge_key: &ChargeKey) -> Result<Vec<Value>, GatewayError> {
+        let escaped = charge_key.as_str().replace('\\', "\\\\").replace('\'', "\\'");
+        let search = format!("metadata['charge_key']:'{escaped}'");
+        let mut found = Vec::new();
+        let mut page: Option<String> = None;
+        for _ in 0..MAX_SEARCH_PAGES {
+            let mut params = vec![("query", search.as_str()), ("limit", "100")];
+            if let Some(page) = &page {
+                params.push(("page", page));
+            }
+            let result = object(
+                self.send(Call::get(format!("/v1/payment_intents/search?{}", query(&params))))
+                    .await,
+            )?;
+            let data = result
+                .get("data")
+                .and_then(Value::as_array)
+                .ok_or_else(|| unreadable("a search result without data"))?;
+            found.extend(
+                data.iter()
+                    .filter(|pi| pi.get("metadata").and_then(|m| text(m, "charge_key")) == Some(charge_key.as_str()))
+                    .cloned(),
+            );
+            let more = result.get("has_more").and_then(Value::as_bool) == Some(true);
+            page = text(&result, "next_page").map(str::to_owned);
+            if !more || page.is_none() {
+                return Ok(found);
+            }
+        }
+        Err(unreadable(format!(
+            "more than {} payments for {charge_key}",
+            MAX_SEARCH_PAGES * 100
+        )))
+    }
+
+    /// The id of the Stripe plan that bills a plan's fixed fee monthly, created if missing. The
+    /// id names the fee and currency, so a changed fee is a new Stripe plan.
+    async fn fee_plan(&self, plan_id: &PlanId, plan: &Plan) -> Result<String, GatewayError> {
+        let fee = plan.fixed_fee();
+        let id = format!(
+            "tb-fee-{plan_id}-{}-{}",
+            fee.minor_units(),
+            fee.currency().code().to_ascii_lowercase()
+        );
+        match self.send(Call::get(format!("/v1/plans/{}", segment(&id)))).await {
+            Ok(Reply::Object(_)) => return Ok(id),
+            Ok(Reply::Refused {
+                status: StatusCode::NOT_FOUND,
+                ..
+            }) => {}
+            other => {
+                object(other)?;
+            }
+        }
+        let key = format!("tb:plan:{id}");
+        let form: Form = vec![
+            ("id".to_owned(), id.clone()),
+            ("amount".to_owned(), fee.minor_units().to_string()),
+            ("currency".to_owned(), fee.currency().code().to_ascii_lowercase()),
+            ("interval".to_owned(), "month".to_owned()),
+            ("product[name]".to_owned(), format!("Monthly fee ({plan_id})")),
+            (format!("metadata[{PLAN_KEY}]"), plan_id.to_string()),
+        ];
+        match self.send(Call::post("/v1/plans".to_owned(), form, &key)).await {
+            Ok(Reply::Object(_)) => Ok(id),
+            // Created meanwhile by another caller.
+            Ok(Reply::Refused { error, .. }) if error.code.as_deref() == Some("resource_already_exists") => Ok(id),
+            other => object(other).map(|_| id),
+        }
+    }
+
+    /// The customer's live subscription to a plan's fee made for `user`, if any.
+    async fn existing_subscription(
+        &self,
+        user: &UserId,
+        customer: &CustomerId,
+        plan_id: &PlanId,
+    ) -> Result<Option<Value>, GatewayError> {
+        let listed = object(
+            self.send(Call::get(format!(
+                "/v1/subscriptions?{}",
+                query(&[("customer", customer.as_str()), ("limit", "100")])
+            )))
+            .await,
+        )?;
+        let data = listed
+            .get("data")
+            .and_then(Value::as_array)
+            .ok_or_else(|| unreadable("a subscription list without data"))?;
+        Ok(data
+            .iter()
+            .find(|sub| {
+                let metadata = sub.get("metadata");
+                metadata.and_then(|m| text(m, USER_KEY)) == Some(user.as_str())
+                    && metadata.and_then(|m| text(m, PLAN_KEY)) == Some(plan_id.as_str())
+                    && !matches!(text(sub, "status"), Some("canceled" | "incomplete_expired"))
+            })
+            .cloned())
+    }
+
+    /// Checks a webhook's signature and reads it as a [`GatewayEvent`]: a PaymentIntent made
+    /// for a charge (`payment_intent.succeeded`, `.payment_failed`, `.requires_action`,
+    /// `.processing`, `.canceled`), or a paid invoice of a subscription made by
+    /// [`create_subscription`](PaymentGateway::create_subscription) (`invoice.paid`,
+    /// `invoice.payment_succeeded`). `None` for any other event, or one about objects the
+    /// library did not make: acknowledge those.
+    ///
+    /// `payload` is the raw request body, exactly as received; `signature` the
+    /// `Stripe-Signature` header.
+    ///
+    /// # Errors
+    /// [`WebhookError::NotConfigured`] without a webhook secret; a bad signature
+    /// ([`WebhookError::SignatureMismatch`], [`WebhookError::MalformedSignature`],
+    /// [`WebhookError::OutsideTolerance`]) or payload ([`WebhookError::MalformedEvent`]): answer
+    /// `400`. [`WebhookError::Gateway`] when reading an invoice needed its subscription from
+    /// Stripe and that failed: answer `5xx`, so that Stripe delivers it again.
+    pub async fn webhook_event(&self, payload: &[u8], signature: &str) -> Result<Option<GatewayEvent>, WebhookError> {
+        if self.inner.webhook_secrets.is_empty() {
+            return Err(WebhookError::NotConfigured);
+        }
+        verify_signature(
+            payload,
+            signature,
+            &self.inner.webhook_secrets,
+            self.inner.clock.now(),
+            self.inner.webhook_tolerance,
+        )?;
+        let event = webhook::read_event(payload)?;
+        let change = match event.kind.as_str() {
+            "payment_intent.succeeded"
+            | "payment_intent.payment_failed"
+            | "payment_intent.requires_action"
+            | "payment_intent.processing"
+            | "payment_intent.canceled" => payment_update(&event.object)?.map(GatewayChange::Payment),
+            "invoice.paid" | "invoice.payment_succeeded" => self.fee_paid(&event.object).await?,
+            _ => None,
+        };
+        Ok(change.map(|change| GatewayEvent {
+            id: event.id,
+            event_type: event.kind,
+            change,
+        }))
+    }
+
+    /// A paid invoice of one of the library's subscriptions, as the fee it collected.
+    async fn fee_paid(&self, invoice: &Value) -> Result<Option<GatewayChange>, WebhookError> {
+        let subscription = id_of(invoice, "subscription").or_else(|| {
+            invoice
+                .get("parent")
+                .and_then(|p| p.get("subscription_details"))
+                .and_then(|d| id_of(d, "subscription"))
+        });
+        let Some(subscription) = subscription else {
+            return Ok(None);
+        };
+        let payment_id = text(invoice, "id")
+            .ok_or_else(|| WebhookError::MalformedEvent("an invoice without id".to_owned()))?
+            .to_owned();
+        let line = invoice
+            .get("lines")
+            .and_then(|l| l.get("data"))
+            .and_then(Value::as_array)
+            .and_then(|lines| {
+                lines
+                    .iter()
+                    .find(|line| line.get("metadata").and_then(|m| text(m, USER_KEY)).is_some())
+                    .or_else(|| lines.iter().find(|line| text(line, "type") == Some("subscription")))
+            });
+        let user = match line.and_then(|l| l.get("metadata")).and_then(|m| text(m, USER_KEY)) {
+            Some(user) => user.to_owned(),
+            None => {
+                let found = object(
+                    self.send(Call::get(format!("/v1/subscriptions/{}", segment(subscription))))
+                        .await,
+                )
+                .map_err(WebhookError::Gateway)?;
+                match found.get("metadata").and_then(|m| text(m, USER_KEY)) {
+                    Some(user) if found.get("metadata").and_then(|m| text(m, PLAN_KEY)).is_some() => user.to_owned(),
+                    _ => return Ok(None),
+                }
+            }
+        };
+        let user_id = UserId::new(user).map_err(|e| WebhookError::MalformedEvent(e.to_string()))?;
+        let start = line
+            .and_then(|l| l.get("period"))
+            .and_then(|p| p.get("start"))
+            .or_else(|| invoice.get("period_start"))
+            .and_then(Value::as_i64)
+            .ok_or_else(|| WebhookError::MalformedEvent(format!("invoice {payment_id} has no period")))?;
+        let period_start = DateTime::<Utc>::from_timestamp(start, 0)
+            .ok_or_else(|| WebhookError::MalformedEvent(format!("invoice {payment_id} has a bad period")))?;
+        Ok(Some(GatewayChange::FixedFeePaid {
+            user_id,
+            period_start,
+            payment_id,
+        }))
+    }
+}
+
+/// A PaymentIntent made for a charge, as a payment update; `None` for one the library did not
+/// make (no charge key in its metadata).
+fn payment_update(intent: &Value) -> Result<Option<PaymentUpdate>, WebhookError> {
+    let malformed = |what: String| WebhookError::MalformedEvent(what);
+    let Some(metadata) = intent.get("metadata").filter(|m| m.get("charge_key").is_some()) else {
+        return Ok(None);
+    };
+    let field = |key: &str| text(metadata, key).ok_or_else(|| malformed(format!("no {key} in the metadata")));
+    let user_id = UserId::new(field("user_id")?).map_err(|e| malformed(e.to_string()))?;
+    let charge_key = ChargeKey::new(
+        &user_id,
+        field("period")?
+            .parse()
+            .map_err(|e: crate::PeriodError| malformed(e.to_string()))?,
+        field("kind")?
+            .parse()
+            .map_err(|e: crate::IdError| malformed(e.to_string()))?,
+        field("block")?
+            .parse()
+            .map_err(|e: std::num::ParseIntError| malformed(e.to_string()))?,
+    );
+    if charge_key.as_str() != field("charge_key")? {
+        return Err(malformed("the charge key does not match its parts".to_owned()));
+    }
+    let round = text(metadata, "round").and_then(|r| r.parse().ok());
+    let outcome = payment_outcome(intent).map_err(|e| malformed(e.to_string()))?;
+    Ok(Some(PaymentUpdate {
+        user_id,
+        charge_key,
+        round,
+        outcome,
+    }))
+}
+
+#[async_trait]
+impl PaymentGateway for StripeGateway {
+    fn name(&self) -> &'static str {
+        GATEWAY
+    }
+
+    async fn create_customer(&self, user: &UserId) -> Result<CustomerId, GatewayError> {
+        let key = format!("tb:customer:{user}");
+        let form: Form = vec![
+            (format!("metadata[{USER_KEY}]"), user.to_string()),
+            ("description".to_owned(), format!("token-billing user {user}")),
+        ];
+        let customer = object(self.send(Call::post("/v1/customers".to_owned(), form, &key)).await)?;
+        let id = text(&customer, "id").ok_or_else(|| unreadable("a customer without id"))?;
+        CustomerId::new(id).map_err(unreadable)
+    }
+
+    async fn collect(&self, request: &PaymentRequest<'_>) -> Result<PaymentOutcome, GatewayError> {
+        let minor = request.amount.minor_units();
+        if minor <= 0 {
+            return Err(rejected(
+                "amount_too_small",
+                format!("cannot charge {}", request.amount),
+            ));
+        }
+        if request.amount.currency().exponent() == 3 && minor % 10 != 0 {
+            // Stripe charges three-decimal currencies in multiples of ten minor units.
+            return Err(rejected(
+                "amount_not_supported",
+                format!(
+                    "{} has a non-zero last decimal, which Stripe cannot charge",
+                    request.amount
+                ),
+            ));
+        }
+        let payment_method = self.default_payment_method(request.customer).await?;
+        let mut form: Form = vec![
+            ("amount".to_owned(), minor.to_string()),
+            ("currency".to_owned(), currency_code(request)),
+            ("customer".to_owned(), request.customer.to_string()),
+            ("payment_method".to_owned(), payment_method),
+            ("confirm".to_owned(), "true".to_owned()),
+            ("off_session".to_owned(), "true".to_owned()),
+            ("description".to_owned(), request.description.to_owned()),
+        ];
+        form.extend(
+            self.inner
+                .payment_method_types
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (format!("payment_method_types[{i}]"), t.clone())),
+        );
+        form.extend(
+            request
+                .metadata
+                .iter()
+                .map(|(k, v)| (format!("metadata[{k}]"), v.clone())),
+        );
+        if !request.metadata.contains_key("charge_key") {
+            form.push(("metadata[charge_key]".to_owned(), request.charge_key.to_string()));
+        }
+        let reply = self
+            .send(Call::post(
+                "/v1/payment_intents".to_owned(),
+                form,
+                request.idempotency_key,
+            ))
+            .await
+            .map_err(unknown)?;
+        match reply {
+            Reply::Object(intent) => payment_outcome(&intent).map_err(unreadable),
+            Reply::Refused { status, error } if status == StatusCode::PAYMENT_REQUIRED => {
+                let outcome = refused_payment(&error);
+                info!(charge = %request.charge_key, status = ?outcome.status, code = ?outcome.decline_code, "Stripe refused the payment");
+                Ok(outcome)
+            }
+            Reply::Refused { status, error } => {
+                if error.kind == "idempotency_error" {
+                    warn!(charge = %request.charge_key, "idempotency key re-used with other parameters");
+                }
+                Err(refused(status, error))
+            }
+        }
+    }
+
+    async fn find_payment(&self, charge_key: &ChargeKey) -> Result<Option<PaymentOutcome>, GatewayError> {
+        let mut outcomes: Vec<(i64, PaymentOutcome)> = Vec::new();
+        for intent in self.payments_for(charge_key).await? {
+            match payment_outcome(&intent) {
+                Ok(outcome) => outcomes.push((intent.get("created").and_then(Value::as_i64).unwrap_or(0), outcome)),
+                Err(error) => warn!(charge = %charge_key, %error, "skipping an unreadable payment"),
+            }
+        }
+        if let Some(index) = outcomes.iter().position(|(_, o)| o.status == PaymentStatus::Succeeded) {
+            return Ok(Some(outcomes.swap_remove(index).1));
+        }
+        Ok(outcomes
+            .into_iter()
+            .filter(|(_, o)| matches!(o.status, PaymentStatus::Processing | PaymentStatus::RequiresAction))
+            .max_by_key(|(created, _)| *created)
+            .map(|(_, o)| o))
+    }
+
+    async fn cancel_payment(&self, payment_id: &str) -> Result<PaymentOutcome, GatewayError> {
+        let key = format!("tb:cancel:{payment_id}");
+        let path = format!("/v1/payment_intents/{}", segment(payment_id));
+        match self
+            .send(Call::post(format!("{path}/cancel"), Form::new(), &key))
+            .await
+            .map_err(unknown)?
+        {
+            Reply::Object(intent) => payment_outcome(&intent).map_err(unreadable),
+            // Not cancelable any more (it succeeded, or is processing): report its state.
+            Reply::Refused {
+                status: StatusCode::BAD_REQUEST,
+                ..
+            } => payment_outcome(&object(self.send(Call::get(path)).await)?).map_err(unreadable),
+            Reply::Refused { status, error } => Err(refused(status, error)),
+        }
+    }
+
+    async fn create_subscription(
+        &self,
+        user: &UserId,
+        customer: &CustomerId,
+        plan_id: &PlanId,
+        plan: &Plan,
+    ) -> Result<Subscription, GatewayError> {
+        let to_subscription = |sub: &Value| -> Result<Subscription, GatewayError> {
+            Ok(Subscription {
+                subscription_id: text(sub, "id")
+                    .ok_or_else(|| unreadable("a subscription without id"))?
+                    .to_owned(),
+                customer_id: customer.clone(),
+                status: text(sub, "status").unwrap_or("unknown").to_owned(),
+            })
+        };
+        if let Some(existing) = self.existing_subscription(user, customer, plan_id).await? {
+            return to_subscription(&existing);
+        }
+        let fee_plan = self.fee_plan(plan_id, plan).await?;
+        // One key per user, plan, customer and day: concurrent calls make one subscription.
+        let day = self.inner.clock.now().format("%Y-%m-%d");
+        let key = format!("tb:subscription:{user}:{plan_id}:{customer}:{day}");
+        let mut form: Form = vec![
+            ("customer".to_owned(), customer.to_string()),
+            ("items[0][plan]".to_owned(), fee_plan),
+        ];
+        for (name, value) in [(USER_KEY, user.as_str()), (PLAN_KEY, plan_id.as_str())] {
+            form.push((format!("metadata[{name}]"), value.to_owned()));
+            form.push((format!("items[0][metadata][{name}]"), value.to_owned()));
+        }
+        let created = object(self.send(Call::post("/v1/subscriptions".to_owned(), form, &key)).await)?;
+        to_subscription(&created)
+    }
+}
