@@ -37,8 +37,10 @@
 //! - [`domain`]: pure and synchronous: [`Money`], [`Currency`], [`Plan`], [`Tier`], [`Period`],
 //!   the rating rule and [`ChargeKey`]s. No I/O, no clock, no randomness.
 //! - [`BillingService`]: the only place that sequences the store and the gateway.
-//! - [`store`]: the [`UsageStore`] trait and [`InMemoryUsageStore`].
-//! - [`gateway`]: the [`PaymentGateway`] trait and [`SandboxGateway`].
+//! - [`store`]: the [`UsageStore`] trait, [`InMemoryUsageStore`], and `PostgresUsageStore`
+//!   (feature `postgres`).
+//! - [`gateway`]: the [`PaymentGateway`] trait, [`SandboxGateway`], and `StripeGateway`
+//!   (feature `stripe`); [`GatewayEvent`]s for what gateways report later (webhooks).
 //! - [`clock`]: [`Clock`], [`SystemClock`] and [`ManualClock`].
 //! - `testing` (feature `testing`): the conformance suites and fault-injecting wrappers.
 //!
@@ -52,6 +54,9 @@
 //! for it, so that nothing is paid twice.
 //!
 //! # Features
+//! - `postgres`: `PostgresUsageStore`, with the original product's tables and SQL functions.
+//! - `stripe`: `StripeGateway` (PaymentIntents, subscriptions, signed webhooks), on hyper and
+//!   rustls.
 //! - `testing`: the conformance suites for `UsageStore` and `PaymentGateway` implementations,
 //!   and wrappers that inject faults.
 #![forbid(unsafe_code)]
@@ -84,7 +89,7 @@ pub use store::{
     StoreError, TierChargeReport, UsageStore,
 };
 
-/// The README's examples, compiled and run as doc tests.
-#[cfg(doctest)]
+/// The README's examples, compiled and run as doc tests (they use every feature).
+#[cfg(all(doctest, feature = "postgres", feature = "stripe"))]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
