@@ -85,8 +85,8 @@ pub use service::{
 #[cfg(feature = "postgres")]
 pub use store::PostgresUsageStore;
 pub use store::{
-    Account, AppliedGatewayEvent, AuditEntry, AuditEvent, InMemoryUsageStore, OperationUsage, PeriodSummary,
-    StoreError, TierChargeReport, UsageStore,
+    Account, AuditEntry, AuditEvent, GatewayEventRecord, InMemoryUsageStore, OperationUsage, PeriodSummary, StoreError,
+    TierChargeReport, UsageStore,
 };
 
 /// The README's examples, compiled and run as doc tests (they use every feature).

@@ -21,8 +21,8 @@ use crate::gateway::{
     SandboxGateway, Subscription,
 };
 use crate::store::{
-    Account, AppliedGatewayEvent, AuditEntry, EnsureCharge, InMemoryUsageStore, OperationUsage, RecordUsage,
-    Settlement, StoreError, TierChargeReport, UsageStore,
+    Account, AuditEntry, EnsureCharge, GatewayEventRecord, InMemoryUsageStore, OperationUsage, RecordUsage, Settlement,
+    StoreError, TierChargeReport, UsageStore,
 };
 
 /// When charges are collected.
@@ -523,6 +523,11 @@ impl BillingService {
             .ok_or_else(|| BillingError::UnknownPlan { plan_id: id.clone() })
     }
 
+    /// Who collects the fixed fee.
+    pub fn fee_collection(&self) -> FeeCollection {
+        self.settings.fee
+    }
+
     /// The default plan.
     pub fn default_plan(&self) -> &Plan {
         // The builder always holds the default plan.
@@ -952,14 +957,22 @@ impl BillingService {
     /// A charge just moved to a new round still names the previous round's payment: cancel it if
     /// it is open, so that it cannot succeed later beside the new round's payment, nor be found
     /// by the look-up as the charge's payment. `Err` with the settled charge when that payment
-    /// turns out to have succeeded after all.
+    /// turns out to have succeeded after all, or cannot be canceled while it may still succeed
+    /// (processing, awaiting the customer): the charge then waits on it.
     async fn close_previous_round(&self, charge: Charge) -> Result<Charge, Charge> {
         let Some(previous) = charge.payment_id.clone() else {
             return Ok(charge);
         };
         match self.gateway.cancel_payment(&previous).await {
-            Ok(outcome) if outcome.status == PaymentStatus::Succeeded => {
-                info!(charge = %charge.key, payment = %previous, "the previous round's payment succeeded after all");
+            Ok(outcome)
+                if matches!(
+                    outcome.status,
+                    PaymentStatus::Succeeded | PaymentStatus::Processing | PaymentStatus::RequiresAction
+                ) =>
+            {
+                // It succeeded after all, or is still live and could: the charge follows it
+                // instead of a new payment that could be paid beside it.
+                info!(charge = %charge.key, payment = %previous, status = ?outcome.status, "the previous round's payment is not over");
                 Err(self.settle(charge, Ok(outcome)).await)
             }
             Ok(_) | Err(GatewayError::Rejected { .. }) => Ok(charge),
@@ -1458,12 +1471,12 @@ impl BillingService {
                 }
             };
             self.store
-                .record_gateway_event(AppliedGatewayEvent {
-                    user_id: user,
-                    event_id: event.id,
-                    event_type: event.event_type,
-                    at: self.clock.now(),
-                })
+                .record_gateway_event(GatewayEventRecord::applied(
+                    user,
+                    event.id,
+                    event.event_type,
+                    self.clock.now(),
+                ))
                 .await?;
             Ok(Some(charge))
         }
@@ -1472,26 +1485,32 @@ impl BillingService {
     }
 
     /// Records and logs a second successful payment for a charge already paid: the money must be
-    /// refunded by the host; the charge keeps its first payment.
+    /// refunded by the host; the charge keeps its first payment. Reported once per duplicate
+    /// payment, however often the gateway reports it.
     async fn report_duplicate_payment(&self, charge: &Charge, duplicate: &str) -> Result<(), BillingError> {
-        tracing::error!(
-            charge = %charge.key,
-            kept = ?charge.payment_id,
-            duplicate = %duplicate,
-            "a second payment succeeded for a charge already paid: refund it"
-        );
-        self.store
-            .append_audit(AuditEntry {
-                at: self.clock.now(),
+        let new = self
+            .store
+            .record_gateway_event(GatewayEventRecord {
                 user_id: charge.user_id.clone(),
+                event_id: format!("duplicate-payment:{duplicate}"),
+                event_type: "duplicate_payment".to_owned(),
+                at: self.clock.now(),
                 period: Some(charge.period),
-                event: crate::store::AuditEvent::DuplicatePayment {
+                audit: crate::store::AuditEvent::DuplicatePayment {
                     key: charge.key.clone(),
                     kept_payment_id: charge.payment_id.clone(),
                     duplicate_payment_id: duplicate.to_owned(),
                 },
             })
             .await?;
+        if new {
+            tracing::error!(
+                charge = %charge.key,
+                kept = ?charge.payment_id,
+                duplicate = %duplicate,
+                "a second payment succeeded for a charge already paid: refund it"
+            );
+        }
         Ok(())
     }
 

@@ -876,6 +876,110 @@ async fn a_new_round_cancels_the_previous_rounds_open_payment() {
     assert!(h.sandbox.finish_payment(&open, true).is_err());
 }
 
+/// A sandbox whose payments cannot be canceled once made: they report themselves processing
+/// (a customer who re-confirmed a declined payment with a bank debit, say).
+#[derive(Debug)]
+struct Uncancelable(SandboxGateway);
+
+#[async_trait::async_trait]
+impl PaymentGateway for Uncancelable {
+    fn name(&self) -> &'static str {
+        "uncancelable"
+    }
+    async fn create_customer(&self, user: &UserId) -> Result<CustomerId, token_billing::GatewayError> {
+        self.0.create_customer(user).await
+    }
+    async fn collect(
+        &self,
+        request: &token_billing::PaymentRequest<'_>,
+    ) -> Result<token_billing::PaymentOutcome, token_billing::GatewayError> {
+        self.0.collect(request).await
+    }
+    async fn find_payment(
+        &self,
+        key: &token_billing::ChargeKey,
+    ) -> Result<Option<token_billing::PaymentOutcome>, token_billing::GatewayError> {
+        self.0.find_payment(key).await
+    }
+    async fn cancel_payment(&self, id: &str) -> Result<token_billing::PaymentOutcome, token_billing::GatewayError> {
+        Ok(token_billing::PaymentOutcome {
+            payment_id: id.to_owned(),
+            status: PaymentStatus::Processing,
+            decline_code: None,
+            message: None,
+        })
+    }
+    async fn create_subscription(
+        &self,
+        user: &UserId,
+        customer: &CustomerId,
+        plan_id: &token_billing::PlanId,
+        plan: &Plan,
+    ) -> Result<token_billing::Subscription, token_billing::GatewayError> {
+        self.0.create_subscription(user, customer, plan_id, plan).await
+    }
+}
+
+#[tokio::test]
+async fn a_new_round_waits_on_a_previous_payment_that_can_no_longer_be_canceled() {
+    let sandbox = SandboxGateway::new();
+    let h = Harness::over(
+        Arc::new(InMemoryUsageStore::new()),
+        Arc::new(Uncancelable(sandbox.clone())),
+        sandbox,
+        |b| b,
+    );
+    let vic = user("vic");
+    let customer = h.register(&vic, CardBehaviour::RequiresAuthentication).await;
+    h.service
+        .process_token_usage(UsageReport::new("vic", 100, "chat"))
+        .await
+        .expect("recorded");
+    let fee = h.store.charges(&vic, november()).await.expect("charges")[0].clone();
+    let open = fee.payment_id.clone().expect("the payment awaiting authentication");
+    h.service
+        .apply_payment_update(PaymentUpdate {
+            user_id: vic.clone(),
+            charge_key: fee.key.clone(),
+            round: Some(0),
+            outcome: token_billing::PaymentOutcome {
+                payment_id: open.clone(),
+                status: PaymentStatus::Declined,
+                decline_code: Some("authentication_failed".into()),
+                message: None,
+            },
+        })
+        .await
+        .expect("applied");
+    h.sandbox
+        .set_behaviour(&customer, CardBehaviour::Succeeds)
+        .expect("customer");
+    h.advance(Span::days(1));
+    // The old payment is processing: a new one could be paid beside it, so none is made.
+    let report = h.service.retry_failed().await.expect("retry");
+    assert_eq!((report.claimed, report.succeeded, report.pending), (1, 0, 1));
+    assert_eq!(h.sandbox.payments_for_charge(&fee.key).len(), 1, "no second payment");
+    let charge = h.store.charge(&vic, &fee.key).await.expect("read").expect("the fee");
+    assert_eq!(
+        (charge.status, charge.payment_id.as_deref()),
+        (ChargeStatus::Pending, Some(open.as_str()))
+    );
+    // It completes; its webhook settles the charge with it.
+    let outcome = h.sandbox.finish_payment(&open, true).expect("finished");
+    let settled = h
+        .service
+        .apply_payment_update(PaymentUpdate {
+            user_id: vic.clone(),
+            charge_key: fee.key.clone(),
+            round: None,
+            outcome,
+        })
+        .await
+        .expect("applied");
+    assert_eq!(settled.status, ChargeStatus::Succeeded);
+    h.assert_period_consistent(&vic, november(), &Plan::default()).await;
+}
+
 #[tokio::test]
 async fn failures_of_the_other_steps_leave_nothing_lost_or_doubled() {
     let (h, store, gateway) = faulty();

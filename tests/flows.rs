@@ -7,8 +7,8 @@ use std::sync::Arc;
 use common::{Harness, november, user};
 use token_billing::{
     AuditEvent, BillingError, BillingService, CardBehaviour, ChargeKind, ChargeStatus, CollectionMode, CustomerId,
-    FeeCollection, InMemoryUsageStore, ManualClock, Plan, PlanId, SandboxGateway, UnregisteredUsers, UsageReport,
-    UsageStore,
+    FeeCollection, GatewayChange, GatewayEvent, InMemoryUsageStore, ManualClock, PaymentOutcome, PaymentStatus,
+    PaymentUpdate, Plan, PlanId, SandboxGateway, UnregisteredUsers, UsageReport, UsageStore,
 };
 
 #[tokio::test]
@@ -432,4 +432,54 @@ async fn a_resent_event_is_answered_even_once_it_would_be_refused() {
         .await
         .expect_err("conflict");
     assert!(matches!(error, BillingError::EventConflict { .. }), "{error:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_duplicate_payment_is_reported_once_however_often_and_concurrently_it_is_delivered() {
+    let h = Harness::new();
+    let bea = user("bea");
+    h.register(&bea, CardBehaviour::Succeeds).await;
+    h.service
+        .process_token_usage(UsageReport::new("bea", 100, "chat"))
+        .await
+        .expect("recorded");
+    let fee = h.store.charges(&bea, november()).await.expect("charges")[0].clone();
+    assert_eq!(fee.status, ChargeStatus::Succeeded);
+    let update = PaymentUpdate {
+        user_id: bea.clone(),
+        charge_key: fee.key.clone(),
+        round: Some(0),
+        outcome: PaymentOutcome {
+            payment_id: "pi_paid_again".to_owned(),
+            status: PaymentStatus::Succeeded,
+            decline_code: None,
+            message: None,
+        },
+    };
+    let event = GatewayEvent {
+        id: "evt_dup".to_owned(),
+        event_type: "payment_intent.succeeded".to_owned(),
+        change: GatewayChange::Payment(update.clone()),
+    };
+    // The same event delivered eight times at once, and the update applied twice more directly.
+    let deliveries = futures_util::future::join_all((0..8).map(|_| h.service.apply_gateway_event(event.clone()))).await;
+    assert!(deliveries.iter().all(Result::is_ok));
+    for _ in 0..2 {
+        h.service.apply_payment_update(update.clone()).await.expect("applied");
+    }
+    let trail = h.service.audit_trail(&bea, None).await.expect("audit");
+    let reports = trail
+        .iter()
+        .filter(|e| matches!(&e.event, AuditEvent::DuplicatePayment { duplicate_payment_id, .. } if duplicate_payment_id == "pi_paid_again"))
+        .count();
+    assert_eq!(reports, 1, "one refund to make, reported once");
+    let applied = trail
+        .iter()
+        .filter(|e| matches!(&e.event, AuditEvent::GatewayEventApplied { event_id, .. } if event_id == "evt_dup"))
+        .count();
+    assert_eq!(applied, 1);
+    let charge = h.store.charge(&bea, &fee.key).await.expect("read").expect("the fee");
+    assert_eq!(charge.payment_id, fee.payment_id, "the charge keeps its payment");
+    let summary = h.service.token_summary(&bea, Some(november())).await.expect("summary");
+    assert_eq!(summary.fixed_fee_charged, 40_000, "counted once");
 }

@@ -411,12 +411,12 @@ GROUP BY billing_tier;"
                 .await
                 .expect("recorded");
             store
-                .record_gateway_event(token_billing::AppliedGatewayEvent {
-                    user_id: UserId::new(user.as_str()).expect("valid"),
-                    event_id: format!("evt_{user}"),
-                    event_type: "invoice.paid".to_owned(),
-                    at: chrono::Utc::now(),
-                })
+                .record_gateway_event(token_billing::GatewayEventRecord::applied(
+                    UserId::new(user.as_str()).expect("valid"),
+                    format!("evt_{user}"),
+                    "invoice.paid".to_owned(),
+                    chrono::Utc::now(),
+                ))
                 .await
                 .expect("an applied event");
         }

@@ -177,10 +177,7 @@ async fn a_payment_is_one_confirmed_off_session_intent_in_minor_units_under_the_
 
 #[tokio::test]
 async fn amounts_follow_the_currency_s_exponent() {
-    let fake = FakeStripe::new([
-        Answer::json(200, intent("succeeded")),
-        Answer::json(200, intent("succeeded")),
-    ]);
+    let fake = FakeStripe::new((0..3).map(|_| Answer::json(200, intent("succeeded"))));
     let gateway = fake.start(Duration::from_secs(5)).await;
     collect(&gateway, Money::from_minor(500, Currency::JPY))
         .await
@@ -188,6 +185,10 @@ async fn amounts_follow_the_currency_s_exponent() {
     collect(&gateway, Money::from_minor(1_230, Currency::BHD))
         .await
         .expect("dinar");
+    // Stripe takes the krona, a zero-decimal currency, as a two-decimal amount.
+    collect(&gateway, Money::from_minor(500, Currency::ISK))
+        .await
+        .expect("krona");
     let amounts: Vec<_> = fake
         .calls()
         .iter()
@@ -198,13 +199,8 @@ async fn amounts_follow_the_currency_s_exponent() {
             )
         })
         .collect();
-    assert_eq!(
-        amounts,
-        [
-            ("500".to_owned(), "jpy".to_owned()),
-            ("1230".to_owned(), "bhd".to_owned())
-        ]
-    );
+    let expected = [("500", "jpy"), ("1230", "bhd"), ("50000", "isk")].map(|(a, c)| (a.to_owned(), c.to_owned()));
+    assert_eq!(amounts, expected);
     // Stripe charges three-decimal currencies in tens: refused before any request.
     let refused = collect(&gateway, Money::from_minor(1_235, Currency::BHD)).await;
     assert!(matches!(refused, Err(GatewayError::Rejected { ref code, .. }) if code == "amount_not_supported"));
@@ -212,7 +208,7 @@ async fn amounts_follow_the_currency_s_exponent() {
         collect(&gateway, brl(0)).await,
         Err(GatewayError::Rejected { .. })
     ));
-    assert_eq!(fake.calls().len(), 2);
+    assert_eq!(fake.calls().len(), 3);
 }
 
 #[tokio::test]
@@ -267,10 +263,21 @@ async fn stripe_should_retry_false_is_honoured() {
 }
 
 #[tokio::test]
-async fn stripe_should_retry_true_and_rate_limits_are_retried() {
+async fn rate_limits_are_retried_only_when_stripe_says_so() {
+    // A plain rate limit is not retried, as Stripe's clients do not: the outcome is unknown
+    // (the charge stays pending), never failed.
     let fake = FakeStripe::new([
         error(429, "rate_limit_error", "rate_limit"),
-        error(500, "api_error", "x").with_header("stripe-should-retry", "true"),
+        Answer::json(200, intent("succeeded")),
+    ]);
+    let gateway = fake.start(Duration::from_secs(5)).await;
+    let result = collect(&gateway, brl(10_000)).await;
+    assert!(matches!(result, Err(GatewayError::OutcomeUnknown { .. })), "{result:?}");
+    assert_eq!(fake.calls().len(), 1);
+    // With Stripe-Should-Retry: true, or for a lock timeout, it is.
+    let fake = FakeStripe::new([
+        error(429, "rate_limit_error", "rate_limit").with_header("stripe-should-retry", "true"),
+        error(429, "invalid_request_error", "lock_timeout"),
         Answer::json(200, intent("succeeded")),
     ]);
     let gateway = fake.start(Duration::from_secs(5)).await;
@@ -279,6 +286,63 @@ async fn stripe_should_retry_true_and_rate_limits_are_retried() {
         PaymentStatus::Succeeded
     );
     assert_eq!(fake.calls().len(), 3);
+}
+
+#[tokio::test]
+async fn every_operation_ends_by_its_deadline() {
+    let slow = || Answer::json(200, intent("succeeded")).after(Duration::from_secs(5));
+    let fake = FakeStripe::new([slow(), slow(), slow()]);
+    let addr = {
+        let fake = fake.clone();
+        serve(move |request| fake.answer(request)).await
+    };
+    let gateway = StripeGateway::builder(SECRET_KEY)
+        .api_base(format!("http://{addr}"))
+        .timeout(Duration::from_secs(5))
+        .deadline(Duration::from_millis(400))
+        .build()
+        .expect("a gateway");
+    let started = Instant::now();
+    let result = collect(&gateway, brl(10_000)).await;
+    assert!(matches!(result, Err(GatewayError::OutcomeUnknown { .. })), "{result:?}");
+    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn a_key_reused_with_other_parameters_keeps_the_payment_it_made() {
+    let reused = || error(400, "idempotency_error", "idempotency_error");
+    let search = |data: serde_json::Value| {
+        Answer::json(200, json!({"object": "search_result", "data": data, "has_more": false}))
+    };
+    let fake = FakeStripe::new([
+        reused(),
+        search(json!([intent("succeeded")])),
+        reused(),
+        search(json!([])),
+    ]);
+    let gateway = fake.start(Duration::from_secs(5)).await;
+    let outcome = collect(&gateway, brl(10_000)).await.expect("the earlier payment");
+    assert_eq!(
+        (outcome.payment_id.as_str(), outcome.status),
+        ("pi_1", PaymentStatus::Succeeded)
+    );
+    // Nothing found (yet): unknown, so the charge stays pending; never failed.
+    let result = collect(&gateway, brl(10_000)).await;
+    assert!(matches!(result, Err(GatewayError::OutcomeUnknown { .. })), "{result:?}");
+    let paths: Vec<String> = fake
+        .calls()
+        .iter()
+        .map(|c| c.path.split('?').next().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            "/v1/payment_intents",
+            "/v1/payment_intents/search",
+            "/v1/payment_intents",
+            "/v1/payment_intents/search"
+        ]
+    );
 }
 
 #[tokio::test]
@@ -295,10 +359,6 @@ async fn client_errors_are_never_retried() {
         (
             error(404, "invalid_request_error", "resource_missing"),
             "resource_missing",
-        ),
-        (
-            error(400, "idempotency_error", "idempotency_error"),
-            "idempotency_error",
         ),
     ];
     for (answer, expected) in cases {
@@ -650,19 +710,70 @@ async fn webhooks_become_gateway_events() {
             payment_id: "in_1".to_owned(),
         }
     );
-    // ... or only on its subscription, read from Stripe.
-    let invoice = json!({"id": "in_2", "object": "invoice", "parent": {"subscription_details": {"subscription": "sub_2"}},
-        "period_start": 1_793_588_400, "lines": {"data": [{"type": "subscription", "period": {"start": 1_793_588_400}}]}});
+    // ... in the invoice's subscription details (newer API versions), without a request ...
+    let invoice = json!({"id": "in_2", "object": "invoice", "amount_paid": 40_000, "period_start": 1_790_000_000,
+        "parent": {"type": "subscription_details", "subscription_details": {"subscription": "sub_2",
+            "metadata": {"token_billing_user": "test-user-id", "token_billing_plan": "default"}}},
+        "lines": {"data": [{"parent": {"type": "subscription_item_details"}, "metadata": {},
+                            "period": {"start": 1_793_588_400, "end": 1_796_180_400}}]}});
+    let payload = webhook("invoice.paid", invoice);
+    let event = gateway
+        .webhook_event(&payload, &signed(&payload))
+        .await
+        .expect("verified")
+        .expect("ours");
+    assert_eq!(
+        event.change,
+        GatewayChange::FixedFeePaid {
+            user_id: user(),
+            // The line's period, not the invoice's (a renewal's is the month before).
+            period_start: Utc.timestamp_opt(1_793_588_400, 0).single().expect("valid"),
+            payment_id: "in_2".to_owned(),
+        }
+    );
+    assert!(fake.calls().is_empty(), "nothing asked of Stripe");
+    // ... or only on the subscription, read from Stripe.
+    let invoice = json!({"id": "in_3", "object": "invoice", "subscription": "sub_2", "amount_paid": 40_000,
+        "lines": {"data": [{"type": "subscription", "metadata": {}, "period": {"start": 1_793_588_400}}]}});
     let payload = webhook("invoice.payment_succeeded", invoice);
     let event = gateway
         .webhook_event(&payload, &signed(&payload))
         .await
         .expect("verified")
         .expect("ours");
-    assert!(matches!(event.change, GatewayChange::FixedFeePaid { ref payment_id, .. } if payment_id == "in_2"));
+    assert!(matches!(event.change, GatewayChange::FixedFeePaid { ref payment_id, .. } if payment_id == "in_3"));
     assert_eq!(
         fake.calls().last().map(|c| c.path.as_str()),
         Some("/v1/subscriptions/sub_2")
+    );
+    // A subscription deleted since is not the library's business; one that names nobody neither.
+    for answer in [
+        error(404, "invalid_request_error", "resource_missing"),
+        Answer::json(200, json!({"id": "sub_3", "metadata": {"user_id": "someone"}})),
+    ] {
+        fake.script.lock().expect("lock").push_back(answer);
+        let invoice = json!({"id": "in_4", "subscription": "sub_3", "amount_paid": 40_000,
+            "lines": {"data": [{"period": {"start": 1_793_588_400}}]}});
+        let payload = webhook("invoice.paid", invoice);
+        assert_eq!(
+            gateway
+                .webhook_event(&payload, &signed(&payload))
+                .await
+                .expect("verified"),
+            None
+        );
+    }
+    // An invoice that collected nothing (a trial, a full discount) is no fee collected.
+    let invoice = json!({"id": "in_5", "subscription": "sub_1", "amount_paid": 0,
+        "lines": {"data": [{"period": {"start": 1_793_588_400},
+            "metadata": {"token_billing_user": "test-user-id", "token_billing_plan": "default"}}]}});
+    let payload = webhook("invoice.paid", invoice);
+    assert_eq!(
+        gateway
+            .webhook_event(&payload, &signed(&payload))
+            .await
+            .expect("verified"),
+        None
     );
 
     // Events about objects the library did not make, or of other types, are not its business.

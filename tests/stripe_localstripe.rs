@@ -8,14 +8,14 @@
 
 mod stripe_support;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{TimeZone, Utc};
 use stripe_support::{
-    Received, SECRET_KEY, collecting_endpoint, customer_with_card, eventually, forget_idempotency_keys, localstripe,
-    payment_intents_for, register_webhook, stripe,
+    Received, SECRET_KEY, card, collecting_endpoint, customer_with_card, eventually, forget_idempotency_keys,
+    localstripe, payment_intents_for, register_webhook, stripe,
 };
 use token_billing::gateway::stripe::{StripeGateway, WebhookError};
 use token_billing::testing::faults::{Fault, FaultyGateway, FaultyStore, GatewayOp, StoreOp};
@@ -167,20 +167,8 @@ async fn a_declined_card_fails_the_charges_until_a_new_card_pays_them() {
     }
 
     // The customer adds a working card; the host retries at once.
-    let card = stripe(
-        "POST",
-        "/v1/payment_methods",
-        &[
-            ("type", "card"),
-            ("card[number]", PAYS),
-            ("card[exp_month]", "12"),
-            ("card[exp_year]", "2030"),
-            ("card[cvc]", "123"),
-        ],
-    )
-    .await;
     stripe_gateway
-        .set_default_payment_method(&customer, card["id"].as_str().expect("an id"))
+        .set_default_payment_method(&customer, &card(PAYS).await)
         .await
         .expect("set as default");
     let report = billing.service.retry_unpaid(&user).await.expect("retried");
@@ -199,23 +187,33 @@ async fn a_declined_card_fails_the_charges_until_a_new_card_pays_them() {
     }
 }
 
-/// The events localstripe delivered to `received` about `user`'s charges or subscription,
-/// verified and read by the gateway.
-async fn events_for(gateway: &StripeGateway, received: &[Received], user: &UserId) -> Vec<GatewayEvent> {
-    let mut events = Vec::new();
-    for request in received {
-        let signature = request.header("stripe-signature").expect("every delivery is signed");
-        if let Some(event) = gateway
-            .webhook_event(&request.body, signature)
-            .await
-            .expect("a valid delivery")
-        {
-            if event.user_id() == user {
-                events.push(event);
+/// The first event localstripe delivered to `received` about `user` that `wanted` accepts,
+/// verified and read by the gateway; waits for it up to 15 s.
+async fn delivered_event(
+    gateway: &StripeGateway,
+    received: &Mutex<Vec<Received>>,
+    user: &UserId,
+    wanted: impl Fn(&GatewayEvent) -> bool,
+) -> GatewayEvent {
+    let started = std::time::Instant::now();
+    loop {
+        let deliveries = received.lock().expect("lock").clone();
+        for request in deliveries {
+            let signature = request.header("stripe-signature").expect("every delivery is signed");
+            let event = gateway
+                .webhook_event(&request.body, signature)
+                .await
+                .expect("a valid delivery");
+            if let Some(event) = event.filter(|e| e.user_id() == user && wanted(e)) {
+                return event;
             }
         }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "no such webhook was delivered"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    events
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -251,20 +249,11 @@ async fn a_card_that_needs_authentication_waits_for_the_customer_then_the_webhoo
     .await;
 
     // Stripe reports it: the signed webhook reaches the endpoint, and is applied once.
-    let mut applied = None;
-    for _ in 0..150 {
-        let deliveries = received.lock().expect("lock").clone();
-        let events = events_for(&stripe_gateway, &deliveries, &user).await;
-        if let Some(event) = events.into_iter().find(|e| {
-            e.event_type == "payment_intent.succeeded"
-                && matches!(&e.change, GatewayChange::Payment(u) if u.outcome.payment_id == payment)
-        }) {
-            applied = Some(event);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let event = applied.expect("the payment_intent.succeeded webhook");
+    let event = delivered_event(&stripe_gateway, &received, &user, |e| {
+        e.event_type == "payment_intent.succeeded"
+            && matches!(&e.change, GatewayChange::Payment(u) if u.outcome.payment_id == payment)
+    })
+    .await;
     let charge = billing
         .service
         .apply_gateway_event(event.clone())
@@ -311,19 +300,10 @@ async fn a_subscription_collects_the_fixed_fee_reported_by_its_paid_invoice() {
     assert_eq!(listed["data"].as_array().map(Vec::len), Some(1));
     assert_eq!(listed["data"][0]["plan"]["amount"].as_i64(), Some(40_000));
 
-    let mut fee_event = None;
-    for _ in 0..150 {
-        let deliveries = received.lock().expect("lock").clone();
-        fee_event = events_for(&stripe_gateway, &deliveries, &user)
-            .await
-            .into_iter()
-            .find(|e| matches!(e.change, GatewayChange::FixedFeePaid { .. }));
-        if fee_event.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let event = fee_event.expect("the invoice's webhook");
+    let event = delivered_event(&stripe_gateway, &received, &user, |e| {
+        matches!(e.change, GatewayChange::FixedFeePaid { .. })
+    })
+    .await;
     let GatewayChange::FixedFeePaid { ref payment_id, .. } = event.change else {
         unreachable!()
     };
@@ -338,9 +318,13 @@ async fn a_subscription_collects_the_fixed_fee_reported_by_its_paid_invoice() {
         (charge.kind, charge.status),
         (ChargeKind::FixedFee, ChargeStatus::Succeeded)
     );
-    // The library's clock is in November 2026, Stripe's invoice dated now: the fee is recorded
-    // for the month the invoice's period starts in.
+    // The fee is recorded for the month, in the plan's zone, that the invoice's period starts
+    // in: localstripe's clock is this machine's.
     let period = charge.period;
+    assert_eq!(
+        period,
+        token_billing::Period::containing(Utc::now(), chrono_tz::America::Sao_Paulo).key()
+    );
     let summary = billing
         .service
         .token_summary(&user, Some(period))

@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::{
-    Account, AppliedGatewayEvent, AuditEntry, AuditEvent, EnsureCharge, OperationUsage, PeriodSummary, RecordUsage,
+    Account, AuditEntry, AuditEvent, EnsureCharge, GatewayEventRecord, OperationUsage, PeriodSummary, RecordUsage,
     Recorded, Settlement, StoreError, SummaryDelta, TierChargeReport, UsageStore,
 };
 use crate::domain::{
@@ -615,21 +615,17 @@ impl UsageStore for InMemoryUsageStore {
             .is_some_and(|book| book.gateway_events.contains(event_id)))
     }
 
-    async fn record_gateway_event(&self, event: AppliedGatewayEvent) -> Result<bool, StoreError> {
-        let mut shard = self.shard(&event.user_id);
-        let book = shard.users.entry(event.user_id.clone()).or_default();
-        if book.gateway_events.contains(&event.event_id) {
+    async fn record_gateway_event(&self, record: GatewayEventRecord) -> Result<bool, StoreError> {
+        let mut shard = self.shard(&record.user_id);
+        let book = shard.users.entry(record.user_id.clone()).or_default();
+        if !book.gateway_events.insert(record.event_id) {
             return Ok(false);
         }
-        book.gateway_events.insert(event.event_id.clone());
         book.audit.push(AuditEntry {
-            at: event.at,
-            user_id: event.user_id,
-            period: None,
-            event: AuditEvent::GatewayEventApplied {
-                event_id: event.event_id,
-                event_type: event.event_type,
-            },
+            at: record.at,
+            user_id: record.user_id,
+            period: record.period,
+            event: record.audit,
         });
         Ok(true)
     }

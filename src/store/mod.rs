@@ -434,17 +434,40 @@ pub struct EnsureCharge {
     pub lease_until: Option<DateTime<Utc>>,
 }
 
-/// A gateway event (a webhook) that was applied, to remember so that it is applied once.
+/// A gateway event to remember, so that it is acted on once, with the audit entry that records
+/// it: an event applied ([`AuditEvent::GatewayEventApplied`]), or a duplicate payment reported
+/// ([`AuditEvent::DuplicatePayment`], under the id `duplicate-payment:{payment}`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AppliedGatewayEvent {
-    /// The user it was about.
+pub struct GatewayEventRecord {
+    /// The user it is about.
     pub user_id: UserId,
-    /// The gateway's event id.
+    /// The id remembered: the gateway's event id.
     pub event_id: String,
-    /// The gateway's event type.
+    /// The gateway's event type (`payment_intent.succeeded`).
     pub event_type: String,
-    /// When it was applied.
+    /// When.
     pub at: DateTime<Utc>,
+    /// The period of the audit entry, when it is about one.
+    pub period: Option<PeriodKey>,
+    /// The audit entry appended with the record, in the same atomic step.
+    pub audit: AuditEvent,
+}
+
+impl GatewayEventRecord {
+    /// The record of a gateway event applied.
+    pub fn applied(user_id: UserId, event_id: String, event_type: String, at: DateTime<Utc>) -> GatewayEventRecord {
+        GatewayEventRecord {
+            audit: AuditEvent::GatewayEventApplied {
+                event_id: event_id.clone(),
+                event_type: event_type.clone(),
+            },
+            user_id,
+            event_id,
+            event_type,
+            at,
+            period: None,
+        }
+    }
 }
 
 /// A compare-and-set of a charge's status.
@@ -542,8 +565,9 @@ impl<'a> Settlement<'a> {
 ///   the succeeded fixed-fee and block charges, `outstanding_*` the others.
 ///
 /// Gateway events: [`record_gateway_event`](Self::record_gateway_event) MUST record an event id
-/// once per user, with its audit entry in the same atomic step, and report whether it was new;
-/// [`gateway_event_applied`](Self::gateway_event_applied) MUST then find it.
+/// once per user, append the record's audit entry in the same atomic step only when the id is
+/// new, and report whether it was; [`gateway_event_applied`](Self::gateway_event_applied) MUST
+/// then find it.
 ///
 /// Isolation: every operation touches one user's data only, and reads return only the named
 /// user's rows.
@@ -620,10 +644,9 @@ pub trait UsageStore: Send + Sync + Debug {
     /// Whether a gateway event was recorded as applied for the user.
     async fn gateway_event_applied(&self, user: &UserId, event_id: &str) -> Result<bool, StoreError>;
 
-    /// Records that a gateway event was applied, with an
-    /// [`AuditEvent::GatewayEventApplied`] entry, unless it was recorded already; returns
-    /// whether it was new. Idempotent.
-    async fn record_gateway_event(&self, event: AppliedGatewayEvent) -> Result<bool, StoreError>;
+    /// Remembers a gateway event id for the user and appends the record's audit entry, unless
+    /// the id was recorded already; returns whether it was new. Idempotent.
+    async fn record_gateway_event(&self, record: GatewayEventRecord) -> Result<bool, StoreError>;
 
     /// One charge by key.
     async fn charge(&self, user: &UserId, key: &ChargeKey) -> Result<Option<Charge>, StoreError>;

@@ -9,7 +9,7 @@ use sqlx::{Postgres, Row, Transaction};
 use uuid::Uuid;
 
 use super::{
-    Account, AppliedGatewayEvent, AuditEntry, AuditEvent, BoxError, EnsureCharge, OperationUsage, PeriodSummary,
+    Account, AuditEntry, AuditEvent, BoxError, EnsureCharge, GatewayEventRecord, OperationUsage, PeriodSummary,
     RecordUsage, Recorded, Settlement, StoreError, SummaryDelta, TierChargeReport, UsageStore,
 };
 use crate::domain::{
@@ -1012,28 +1012,26 @@ impl UsageStore for PostgresUsageStore {
         .map_err(db)
     }
 
-    async fn record_gateway_event(&self, event: AppliedGatewayEvent) -> Result<bool, StoreError> {
-        let audit = audit_json(&AuditEvent::GatewayEventApplied {
-            event_id: event.event_id.clone(),
-            event_type: event.event_type.clone(),
-        })?;
-        // One statement: the event and its audit entry together, or neither.
+    async fn record_gateway_event(&self, record: GatewayEventRecord) -> Result<bool, StoreError> {
+        let audit = audit_json(&record.audit)?;
+        // One statement: the id and its audit entry together, or neither.
         let inserted: i64 = sqlx::query_scalar(
-            "WITH applied AS (
+            "WITH recorded AS (
                  INSERT INTO token_billing_gateway_events (user_id, event_id, event_type, applied_at)
                  VALUES ($1, $2, $3, $4)
                  ON CONFLICT (user_id, event_id) DO NOTHING
                  RETURNING user_id
              ), audited AS (
                  INSERT INTO token_billing_audit (user_id, at, period, event)
-                 SELECT user_id, $4, NULL, $5 FROM applied
+                 SELECT user_id, $4, $5, $6 FROM recorded
              )
-             SELECT count(*) FROM applied",
+             SELECT count(*) FROM recorded",
         )
-        .bind(event.user_id.as_str())
-        .bind(&event.event_id)
-        .bind(&event.event_type)
-        .bind(event.at)
+        .bind(record.user_id.as_str())
+        .bind(&record.event_id)
+        .bind(&record.event_type)
+        .bind(record.at)
+        .bind(record.period.map(|p| p.to_string()))
         .bind(audit)
         .fetch_one(&self.pool)
         .await

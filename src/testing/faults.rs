@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use crate::domain::{Charge, ChargeKey, CustomerId, EventId, PeriodKey, Plan, PlanId, UsageRecord, UserId};
 use crate::gateway::{GatewayError, PaymentGateway, PaymentOutcome, PaymentRequest, Subscription};
 use crate::store::{
-    Account, AppliedGatewayEvent, AuditEntry, EnsureCharge, OperationUsage, PeriodSummary, RecordUsage, Recorded,
+    Account, AuditEntry, EnsureCharge, GatewayEventRecord, OperationUsage, PeriodSummary, RecordUsage, Recorded,
     Settlement, StoreError, TierChargeReport, UsageStore,
 };
 
@@ -285,8 +285,8 @@ impl UsageStore for FaultyStore {
         )
         .await
     }
-    async fn record_gateway_event(&self, event: AppliedGatewayEvent) -> Result<bool, StoreError> {
-        self.run(StoreOp::RecordGatewayEvent, self.inner.record_gateway_event(event))
+    async fn record_gateway_event(&self, record: GatewayEventRecord) -> Result<bool, StoreError> {
+        self.run(StoreOp::RecordGatewayEvent, self.inner.record_gateway_event(record))
             .await
     }
     async fn charge(&self, user: &UserId, key: &ChargeKey) -> Result<Option<Charge>, StoreError> {

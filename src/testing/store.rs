@@ -16,7 +16,7 @@ use crate::domain::{
     OperationType, PeriodKey, Plan, PlanId, RatingError, UsageRecord, UserId,
 };
 use crate::store::{
-    Account, AppliedGatewayEvent, AuditEntry, AuditEvent, EnsureCharge, RecordUsage, Recorded, Settlement, StoreError,
+    Account, AuditEntry, AuditEvent, EnsureCharge, GatewayEventRecord, RecordUsage, Recorded, Settlement, StoreError,
     UsageStore,
 };
 
@@ -883,11 +883,13 @@ pub async fn audit_entries_can_be_appended(store: &dyn UsageStore) {
 pub async fn gateway_events_are_recorded_once(store: &dyn UsageStore) {
     let user = fresh_user("webhook");
     let other = fresh_user("webhook-other");
-    let event = |user: &UserId| AppliedGatewayEvent {
-        user_id: user.clone(),
-        event_id: "evt_1".to_owned(),
-        event_type: "payment_intent.succeeded".to_owned(),
-        at: base_instant(),
+    let event = |user: &UserId| {
+        GatewayEventRecord::applied(
+            user.clone(),
+            "evt_1".to_owned(),
+            "payment_intent.succeeded".to_owned(),
+            base_instant(),
+        )
     };
     assert!(!store.gateway_event_applied(&user, "evt_1").await.expect("look-up"));
     let first = join_all((0..8).map(|_| store.record_gateway_event(event(&user)))).await;

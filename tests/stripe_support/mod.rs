@@ -324,10 +324,10 @@ pub async fn stripe(method: &str, path: &str, pairs: &[(&str, &str)]) -> serde_j
     serde_json::from_str(&body).expect("a JSON answer")
 }
 
-/// A customer whose default payment method is a card with this number (localstripe's test
-/// cards: 4242424242424242 succeeds, 4000000000000341 is declined when charged,
-/// 4000002500003155 needs authentication).
-pub async fn customer_with_card(number: &str) -> String {
+/// A card payment method with this number (localstripe's test cards: 4242424242424242
+/// succeeds, 4000000000000341 is declined when charged, 4000002500003155 needs
+/// authentication).
+pub async fn card(number: &str) -> String {
     let card = stripe(
         "POST",
         "/v1/payment_methods",
@@ -340,7 +340,12 @@ pub async fn customer_with_card(number: &str) -> String {
         ],
     )
     .await;
-    let pm = card["id"].as_str().expect("a payment method").to_owned();
+    card["id"].as_str().expect("a payment method").to_owned()
+}
+
+/// A customer whose default payment method is a card with this number.
+pub async fn customer_with_card(number: &str) -> String {
+    let pm = card(number).await;
     let customer = stripe(
         "POST",
         "/v1/customers",

@@ -9,6 +9,8 @@
 use std::fmt;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, USER_AGENT};
@@ -140,7 +142,7 @@ pub(super) enum Reply {
     Refused { status: StatusCode, error: ApiError },
 }
 
-/// Why a call has no answer: the outcome of a `POST` is unknown.
+/// Why a call has no answer: the outcome of a `POST` is unknown, except for `Unsendable`.
 #[derive(Debug, thiserror::Error)]
 pub(super) enum NoAnswer {
     #[error("no answer from Stripe after {attempts} attempts: {last}")]
@@ -149,6 +151,11 @@ pub(super) enum NoAnswer {
     DoNotRetry { status: StatusCode, message: String },
     #[error("Stripe answered HTTP {status} with a body that is not a JSON object")]
     Malformed { status: StatusCode },
+    #[error("no answer from Stripe within the operation's deadline")]
+    Deadline,
+    /// The request could not be made at all: nothing was sent.
+    #[error("the request could not be built: {0}")]
+    Unsendable(#[source] BoxError),
 }
 
 /// How one attempt failed in a way worth retrying.
@@ -201,8 +208,9 @@ impl fmt::Debug for StripeClient {
 }
 
 impl StripeClient {
+    /// A client for `base` (`scheme://authority[/prefix]`, without a trailing slash).
     pub(super) fn new(
-        base: &Uri,
+        base: String,
         secret_key: SecretKey,
         api_version: Option<String>,
         timeout: Duration,
@@ -221,7 +229,6 @@ impl StripeClient {
         let http = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .build(https);
-        let base = base.to_string().trim_end_matches('/').to_owned();
         StripeClient {
             http,
             base,
@@ -232,12 +239,17 @@ impl StripeClient {
         }
     }
 
-    /// Sends a call, retrying what may be retried.
-    pub(super) async fn send(&self, call: &Call<'_>) -> Result<Reply, NoAnswer> {
+    /// Sends a call, retrying what may be retried, until `deadline` at the latest.
+    pub(super) async fn send(&self, call: &Call<'_>, deadline: Instant) -> Result<Reply, NoAnswer> {
         let attempts = self.retry.max_retries.saturating_add(1);
         let mut attempt = 1;
         loop {
-            let failure = match self.attempt(call).await {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(NoAnswer::Deadline);
+            }
+            let request = self.request(call).map_err(NoAnswer::Unsendable)?;
+            let failure = match self.attempt(call, request, self.timeout.min(left)).await {
                 Ok(answer) => match Self::judge(answer) {
                     Judged::Final(result) => return result,
                     Judged::Retry(failure, false) => {
@@ -253,13 +265,13 @@ impl StripeClient {
                 },
                 Err(failure) => failure,
             };
-            if attempt >= attempts {
+            let delay = self.retry.delay(attempt, random_u64());
+            if attempt >= attempts || Instant::now() + delay >= deadline {
                 return Err(NoAnswer::Exhausted {
                     attempts: attempt,
                     last: failure,
                 });
             }
-            let delay = self.retry.delay(attempt, random_u64());
             warn!(method = %call.method, path = %path_only(&call.path), attempt, error = %failure, ?delay, "Stripe request failed: retrying");
             tokio::time::sleep(delay).await;
             attempt += 1;
@@ -267,7 +279,8 @@ impl StripeClient {
     }
 
     /// Decides what an answer means: final, or worth another attempt (and whether Stripe
-    /// allows it).
+    /// allows it). A 409 or 5xx is retried unless Stripe says not to; a 429 only when Stripe
+    /// says to (or for a lock timeout), as the official clients do.
     fn judge(answer: Answer) -> Judged {
         let status = answer.status;
         if status.is_success() {
@@ -285,15 +298,24 @@ impl StripeClient {
             }));
         }
         let error = ApiError::read(status, &answer.body);
+        let allowed = match answer.should_retry {
+            Some(allowed) => allowed,
+            None if status == StatusCode::TOO_MANY_REQUESTS => error.code.as_deref() == Some("lock_timeout"),
+            None => true,
+        };
         let message = match &answer.request_id {
             Some(id) => format!("{} (request {id})", error.message),
             None => error.message,
         };
-        Judged::Retry(Attempt::Status { status, message }, answer.should_retry.unwrap_or(true))
+        Judged::Retry(Attempt::Status { status, message }, allowed)
     }
 
-    async fn attempt(&self, call: &Call<'_>) -> Result<Answer, Attempt> {
-        let request = self.request(call).map_err(Attempt::Transport)?;
+    async fn attempt(
+        &self,
+        call: &Call<'_>,
+        request: Request<Full<Bytes>>,
+        timeout: Duration,
+    ) -> Result<Answer, Attempt> {
         let exchange = async {
             let response = self
                 .http
@@ -323,9 +345,9 @@ impl StripeClient {
                 body,
             })
         };
-        tokio::time::timeout(self.timeout, exchange)
+        tokio::time::timeout(timeout, exchange)
             .await
-            .unwrap_or(Err(Attempt::TimedOut(self.timeout)))
+            .unwrap_or(Err(Attempt::TimedOut(timeout)))
     }
 
     fn request(&self, call: &Call<'_>) -> Result<Request<Full<Bytes>>, BoxError> {

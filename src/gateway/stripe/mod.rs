@@ -56,6 +56,7 @@ use chrono::{DateTime, Utc};
 use hyper::header::HeaderValue;
 use hyper::{StatusCode, Uri};
 use serde_json::Value;
+use tokio::time::Instant;
 use tracing::{info, warn};
 
 use self::client::{ApiError, Call, Form, NoAnswer, Reply, RetryPolicy, StripeClient, query, segment};
@@ -66,7 +67,7 @@ use super::{
     Subscription,
 };
 use crate::clock::{Clock, SystemClock};
-use crate::domain::{ChargeKey, CustomerId, Plan, PlanId, UserId};
+use crate::domain::{ChargeKey, Currency, CustomerId, Money, Plan, PlanId, UserId};
 use crate::service::PaymentUpdate;
 use crate::store::BoxError;
 
@@ -169,6 +170,7 @@ pub struct StripeGatewayBuilder {
     webhook_secrets: Vec<WebhookSecret>,
     webhook_tolerance: Duration,
     timeout: Duration,
+    deadline: Duration,
     retry: RetryPolicy,
     payment_method_types: Vec<String>,
     allow_insecure_http: bool,
@@ -200,11 +202,20 @@ impl StripeGatewayBuilder {
         self
     }
 
-    /// How long one attempt may take, connection included (20 seconds by default). A call
-    /// takes at most `(max_retries + 1) * timeout` plus the backoff delays: keep that below the
-    /// service's lease (2 minutes by default).
+    /// How long one attempt of one request may take, connection included (20 seconds by
+    /// default).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
+        self
+    }
+
+    /// How long one gateway operation may take, with all its requests and retries (50 seconds
+    /// by default); past it, the outcome is unknown and the charge stays pending. Keep it below
+    /// half the service's lease ([`BillingServiceBuilder::lease`](crate::BillingServiceBuilder::lease),
+    /// 2 minutes by default): a collector is sure to hold a charge that long when it calls the
+    /// gateway, and no other collector may take it meanwhile.
+    pub fn deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = deadline;
         self
     }
 
@@ -255,12 +266,19 @@ impl StripeGatewayBuilder {
         if key.is_empty() || !key.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(StripeConfigError::InvalidSecretKey);
         }
-        let base = self.checked_base()?;
-        let client = StripeClient::new(&base, self.secret_key, self.api_version, self.timeout, self.retry);
+        let api_base = self.checked_base()?.to_string().trim_end_matches('/').to_owned();
+        let client = StripeClient::new(
+            api_base.clone(),
+            self.secret_key,
+            self.api_version,
+            self.timeout,
+            self.retry,
+        );
         Ok(StripeGateway {
             inner: Arc::new(Inner {
                 client,
-                api_base: base.to_string().trim_end_matches('/').to_owned(),
+                api_base,
+                deadline: self.deadline,
                 webhook_secrets: self.webhook_secrets,
                 webhook_tolerance: self.webhook_tolerance,
                 payment_method_types: self.payment_method_types,
@@ -311,16 +329,21 @@ pub struct StripeGateway {
 struct Inner {
     client: StripeClient,
     api_base: String,
+    deadline: Duration,
     webhook_secrets: Vec<WebhookSecret>,
     webhook_tolerance: Duration,
     payment_method_types: Vec<String>,
     clock: Arc<dyn Clock>,
 }
 
+/// No answer: the outcome is unknown, unless nothing was sent.
 fn unknown(error: NoAnswer) -> GatewayError {
-    GatewayError::OutcomeUnknown {
-        gateway: GATEWAY,
-        source: Box::new(error),
+    match error {
+        NoAnswer::Unsendable(source) => rejected("invalid_request", source.to_string()),
+        error => GatewayError::OutcomeUnknown {
+            gateway: GATEWAY,
+            source: Box::new(error),
+        },
     }
 }
 
@@ -356,8 +379,25 @@ fn object(reply: Result<Reply, NoAnswer>) -> Result<Value, GatewayError> {
 }
 
 /// Stripe's currency code: ISO 4217, lower case.
-fn currency_code(request: &PaymentRequest<'_>) -> String {
-    request.amount.currency().code().to_ascii_lowercase()
+fn currency_code(currency: Currency) -> String {
+    currency.code().to_ascii_lowercase()
+}
+
+/// An amount as Stripe takes it: the currency's minor units, but for the two special cases of
+/// Stripe's. ISK, a zero-decimal currency, is sent as a two-decimal amount (5 ISK is 500);
+/// three-decimal currencies are charged in multiples of ten minor units only.
+fn stripe_amount(amount: Money) -> Result<i64, GatewayError> {
+    let minor = amount.minor_units();
+    match amount.currency() {
+        Currency::ISK => minor
+            .checked_mul(100)
+            .ok_or_else(|| rejected("amount_too_large", format!("cannot charge {amount}"))),
+        currency if currency.exponent() == 3 && minor % 10 != 0 => Err(rejected(
+            "amount_not_supported",
+            format!("{amount} has a non-zero last decimal, which Stripe cannot charge"),
+        )),
+        _ => Ok(minor),
+    }
 }
 
 impl StripeGateway {
@@ -370,6 +410,7 @@ impl StripeGateway {
             webhook_secrets: Vec::new(),
             webhook_tolerance: DEFAULT_TOLERANCE,
             timeout: Duration::from_secs(20),
+            deadline: Duration::from_secs(50),
             retry: RetryPolicy {
                 max_retries: 2,
                 initial_delay: Duration::from_millis(500),
@@ -406,8 +447,18 @@ impl StripeGateway {
         &self.inner.api_base
     }
 
-    async fn send(&self, call: Call<'_>) -> Result<Reply, NoAnswer> {
-        self.inner.client.send(&call).await
+    /// The deadline of an operation starting now.
+    fn deadline(&self) -> Instant {
+        Instant::now() + self.inner.deadline
+    }
+
+    async fn send(&self, call: Call<'_>, deadline: Instant) -> Result<Reply, NoAnswer> {
+        self.inner.client.send(&call, deadline).await
+    }
+
+    /// Sends a call whose answer must be an object.
+    async fn fetch(&self, call: Call<'_>, deadline: Instant) -> Result<Value, GatewayError> {
+        object(self.send(call, deadline).await)
     }
 
     /// Attaches a payment method to a customer and makes it the default for the customer's
@@ -422,36 +473,42 @@ impl StripeGateway {
         customer: &CustomerId,
         payment_method: &str,
     ) -> Result<String, GatewayError> {
+        let deadline = self.deadline();
         let key = format!("tb:attach:{customer}:{payment_method}");
-        let attached = object(
-            self.send(Call::post(
-                format!("/v1/payment_methods/{}/attach", segment(payment_method)),
-                vec![("customer".to_owned(), customer.to_string())],
-                &key,
-            ))
-            .await,
-        )?;
+        let attached = self
+            .fetch(
+                Call::post(
+                    format!("/v1/payment_methods/{}/attach", segment(payment_method)),
+                    vec![("customer".to_owned(), customer.to_string())],
+                    &key,
+                ),
+                deadline,
+            )
+            .await?;
         let id = text(&attached, "id")
             .ok_or_else(|| unreadable("an attached payment method without id"))?
             .to_owned();
         let key = format!("tb:default-payment-method:{customer}:{id}");
-        object(
-            self.send(Call::post(
+        self.fetch(
+            Call::post(
                 format!("/v1/customers/{}", segment(customer.as_str())),
                 vec![("invoice_settings[default_payment_method]".to_owned(), id.clone())],
                 &key,
-            ))
-            .await,
-        )?;
+            ),
+            deadline,
+        )
+        .await?;
         Ok(id)
     }
 
     /// The customer's default payment method: the invoice default, else the default source.
-    async fn default_payment_method(&self, customer: &CustomerId) -> Result<String, GatewayError> {
-        let found = object(
-            self.send(Call::get(format!("/v1/customers/{}", segment(customer.as_str()))))
-                .await,
-        )?;
+    async fn default_payment_method(&self, customer: &CustomerId, deadline: Instant) -> Result<String, GatewayError> {
+        let found = self
+            .fetch(
+                Call::get(format!("/v1/customers/{}", segment(customer.as_str()))),
+                deadline,
+            )
+            .await?;
         if found.get("deleted").and_then(Value::as_bool) == Some(true) {
             return Err(rejected("resource_missing", format!("customer {customer} was deleted")));
         }
@@ -469,7 +526,7 @@ impl StripeGateway {
     }
 
     /// Every PaymentIntent whose metadata names the charge, through the search API.
-    async fn payments_for(&self, charge_key: &ChargeKey) -> Result<Vec<Value>, GatewayError> {
+    async fn payments_for(&self, charge_key: &ChargeKey, deadline: Instant) -> Result<Vec<Value>, GatewayError> {
         let escaped = charge_key.as_str().replace('\\', "\\\\").replace('\'', "\\'");
         let search = format!("metadata['charge_key']:'{escaped}'");
         let mut found = Vec::new();
@@ -479,10 +536,12 @@ impl StripeGateway {
             if let Some(page) = &page {
                 params.push(("page", page));
             }
-            let result = object(
-                self.send(Call::get(format!("/v1/payment_intents/search?{}", query(&params))))
-                    .await,
-            )?;
+            let result = self
+                .fetch(
+                    Call::get(format!("/v1/payment_intents/search?{}", query(&params))),
+                    deadline,
+                )
+                .await?;
             let data = result
                 .get("data")
                 .and_then(Value::as_array)
@@ -504,16 +563,38 @@ impl StripeGateway {
         )))
     }
 
+    /// The payment to keep for a charge: a succeeded one first, else the latest still in
+    /// flight; an unreadable one makes the answer unknown rather than hide a success.
+    async fn payment_for(
+        &self,
+        charge_key: &ChargeKey,
+        deadline: Instant,
+    ) -> Result<Option<PaymentOutcome>, GatewayError> {
+        let mut outcomes: Vec<(i64, PaymentOutcome)> = Vec::new();
+        for intent in self.payments_for(charge_key, deadline).await? {
+            let outcome = payment_outcome(&intent).map_err(unreadable)?;
+            outcomes.push((intent.get("created").and_then(Value::as_i64).unwrap_or(0), outcome));
+        }
+        if let Some(index) = outcomes.iter().position(|(_, o)| o.status == PaymentStatus::Succeeded) {
+            return Ok(Some(outcomes.swap_remove(index).1));
+        }
+        Ok(outcomes
+            .into_iter()
+            .filter(|(_, o)| matches!(o.status, PaymentStatus::Processing | PaymentStatus::RequiresAction))
+            .max_by_key(|(created, _)| *created)
+            .map(|(_, o)| o))
+    }
+
     /// The id of the Stripe plan that bills a plan's fixed fee monthly, created if missing. The
     /// id names the fee and currency, so a changed fee is a new Stripe plan.
-    async fn fee_plan(&self, plan_id: &PlanId, plan: &Plan) -> Result<String, GatewayError> {
+    async fn fee_plan(&self, plan_id: &PlanId, plan: &Plan, deadline: Instant) -> Result<String, GatewayError> {
         let fee = plan.fixed_fee();
-        let id = format!(
-            "tb-fee-{plan_id}-{}-{}",
-            fee.minor_units(),
-            fee.currency().code().to_ascii_lowercase()
-        );
-        match self.send(Call::get(format!("/v1/plans/{}", segment(&id)))).await {
+        let currency = currency_code(fee.currency());
+        let id = format!("tb-fee-{plan_id}-{}-{currency}", fee.minor_units());
+        match self
+            .send(Call::get(format!("/v1/plans/{}", segment(&id))), deadline)
+            .await
+        {
             Ok(Reply::Object(_)) => return Ok(id),
             Ok(Reply::Refused {
                 status: StatusCode::NOT_FOUND,
@@ -526,15 +607,17 @@ impl StripeGateway {
         let key = format!("tb:plan:{id}");
         let form: Form = vec![
             ("id".to_owned(), id.clone()),
-            ("amount".to_owned(), fee.minor_units().to_string()),
-            ("currency".to_owned(), fee.currency().code().to_ascii_lowercase()),
+            ("amount".to_owned(), stripe_amount(fee)?.to_string()),
+            ("currency".to_owned(), currency),
             ("interval".to_owned(), "month".to_owned()),
             ("product[name]".to_owned(), format!("Monthly fee ({plan_id})")),
             (format!("metadata[{PLAN_KEY}]"), plan_id.to_string()),
         ];
-        match self.send(Call::post("/v1/plans".to_owned(), form, &key)).await {
-            Ok(Reply::Object(_)) => Ok(id),
-            // Created meanwhile by another caller.
+        match self
+            .send(Call::post("/v1/plans".to_owned(), form, &key), deadline)
+            .await
+        {
+            // Created meanwhile by another caller, or now.
             Ok(Reply::Refused { error, .. }) if error.code.as_deref() == Some("resource_already_exists") => Ok(id),
             other => object(other).map(|_| id),
         }
@@ -546,14 +629,17 @@ impl StripeGateway {
         user: &UserId,
         customer: &CustomerId,
         plan_id: &PlanId,
+        deadline: Instant,
     ) -> Result<Option<Value>, GatewayError> {
-        let listed = object(
-            self.send(Call::get(format!(
-                "/v1/subscriptions?{}",
-                query(&[("customer", customer.as_str()), ("limit", "100")])
-            )))
-            .await,
-        )?;
+        let listed = self
+            .fetch(
+                Call::get(format!(
+                    "/v1/subscriptions?{}",
+                    query(&[("customer", customer.as_str()), ("limit", "100")])
+                )),
+                deadline,
+            )
+            .await?;
         let data = listed
             .get("data")
             .and_then(Value::as_array)
@@ -573,8 +659,8 @@ impl StripeGateway {
     /// for a charge (`payment_intent.succeeded`, `.payment_failed`, `.requires_action`,
     /// `.processing`, `.canceled`), or a paid invoice of a subscription made by
     /// [`create_subscription`](PaymentGateway::create_subscription) (`invoice.paid`,
-    /// `invoice.payment_succeeded`). `None` for any other event, or one about objects the
-    /// library did not make: acknowledge those.
+    /// `invoice.payment_succeeded`) that collected money. `None` for any other event, or one
+    /// about objects the library did not make: acknowledge those.
     ///
     /// `payload` is the raw request body, exactly as received; `signature` the
     /// `Stripe-Signature` header.
@@ -613,53 +699,74 @@ impl StripeGateway {
         }))
     }
 
-    /// A paid invoice of one of the library's subscriptions, as the fee it collected.
+    /// A paid invoice of one of the library's subscriptions, as the fee it collected. An
+    /// invoice that collected nothing (a trial, a full discount) is not a fee collected.
     async fn fee_paid(&self, invoice: &Value) -> Result<Option<GatewayChange>, WebhookError> {
-        let subscription = id_of(invoice, "subscription").or_else(|| {
-            invoice
-                .get("parent")
-                .and_then(|p| p.get("subscription_details"))
-                .and_then(|d| id_of(d, "subscription"))
-        });
-        let Some(subscription) = subscription else {
+        let details = invoice
+            .get("parent")
+            .and_then(|p| p.get("subscription_details"))
+            .or_else(|| invoice.get("subscription_details"));
+        let Some(subscription) =
+            id_of(invoice, "subscription").or_else(|| details.and_then(|d| id_of(d, "subscription")))
+        else {
             return Ok(None);
         };
+        if invoice.get("amount_paid").and_then(Value::as_i64) == Some(0) {
+            return Ok(None);
+        }
+        let malformed = |what: String| WebhookError::MalformedEvent(what);
         let payment_id = text(invoice, "id")
-            .ok_or_else(|| WebhookError::MalformedEvent("an invoice without id".to_owned()))?
+            .ok_or_else(|| malformed("an invoice without id".to_owned()))?
             .to_owned();
-        let line = invoice
+        let lines = invoice
             .get("lines")
             .and_then(|l| l.get("data"))
             .and_then(Value::as_array)
-            .and_then(|lines| {
-                lines
-                    .iter()
-                    .find(|line| line.get("metadata").and_then(|m| text(m, USER_KEY)).is_some())
-                    .or_else(|| lines.iter().find(|line| text(line, "type") == Some("subscription")))
-            });
-        let user = match line.and_then(|l| l.get("metadata")).and_then(|m| text(m, USER_KEY)) {
-            Some(user) => user.to_owned(),
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let ours = |metadata: Option<&Value>| {
+            let metadata = metadata?;
+            text(metadata, PLAN_KEY)?;
+            text(metadata, USER_KEY).map(str::to_owned)
+        };
+        // The user: on the subscription's line (its item's metadata), on the subscription's
+        // details in the invoice, or on the subscription itself.
+        let line = lines.iter().find(|line| ours(line.get("metadata")).is_some());
+        let user = match line
+            .and_then(|l| ours(l.get("metadata")))
+            .or_else(|| ours(details.and_then(|d| d.get("metadata"))))
+        {
+            Some(user) => user,
             None => {
-                let found = object(
-                    self.send(Call::get(format!("/v1/subscriptions/{}", segment(subscription))))
-                        .await,
-                )
-                .map_err(WebhookError::Gateway)?;
-                match found.get("metadata").and_then(|m| text(m, USER_KEY)) {
-                    Some(user) if found.get("metadata").and_then(|m| text(m, PLAN_KEY)).is_some() => user.to_owned(),
-                    _ => return Ok(None),
+                let path = format!("/v1/subscriptions/{}", segment(subscription));
+                match self.send(Call::get(path), self.deadline()).await {
+                    Ok(Reply::Object(found)) => match ours(found.get("metadata")) {
+                        Some(user) => user,
+                        None => return Ok(None),
+                    },
+                    // Deleted since: not the library's to apply.
+                    Ok(Reply::Refused {
+                        status: StatusCode::NOT_FOUND,
+                        ..
+                    }) => return Ok(None),
+                    other => {
+                        object(other).map_err(WebhookError::Gateway)?;
+                        return Ok(None);
+                    }
                 }
             }
         };
-        let user_id = UserId::new(user).map_err(|e| WebhookError::MalformedEvent(e.to_string()))?;
+        let user_id = UserId::new(user).map_err(|e| malformed(e.to_string()))?;
+        // The period the invoice pays is its subscription line's: an invoice's own
+        // period_start is the previous period's for a renewal.
         let start = line
+            .or_else(|| lines.iter().find(|l| l.get("period").is_some()))
             .and_then(|l| l.get("period"))
             .and_then(|p| p.get("start"))
-            .or_else(|| invoice.get("period_start"))
             .and_then(Value::as_i64)
-            .ok_or_else(|| WebhookError::MalformedEvent(format!("invoice {payment_id} has no period")))?;
+            .ok_or_else(|| malformed(format!("invoice {payment_id} has no subscription period")))?;
         let period_start = DateTime::<Utc>::from_timestamp(start, 0)
-            .ok_or_else(|| WebhookError::MalformedEvent(format!("invoice {payment_id} has a bad period")))?;
+            .ok_or_else(|| malformed(format!("invoice {payment_id} has a bad period")))?;
         Ok(Some(GatewayChange::FixedFeePaid {
             user_id,
             period_start,
@@ -714,33 +821,26 @@ impl PaymentGateway for StripeGateway {
             (format!("metadata[{USER_KEY}]"), user.to_string()),
             ("description".to_owned(), format!("token-billing user {user}")),
         ];
-        let customer = object(self.send(Call::post("/v1/customers".to_owned(), form, &key)).await)?;
+        let customer = self
+            .fetch(Call::post("/v1/customers".to_owned(), form, &key), self.deadline())
+            .await?;
         let id = text(&customer, "id").ok_or_else(|| unreadable("a customer without id"))?;
         CustomerId::new(id).map_err(unreadable)
     }
 
     async fn collect(&self, request: &PaymentRequest<'_>) -> Result<PaymentOutcome, GatewayError> {
-        let minor = request.amount.minor_units();
-        if minor <= 0 {
+        if request.amount.minor_units() <= 0 {
             return Err(rejected(
                 "amount_too_small",
                 format!("cannot charge {}", request.amount),
             ));
         }
-        if request.amount.currency().exponent() == 3 && minor % 10 != 0 {
-            // Stripe charges three-decimal currencies in multiples of ten minor units.
-            return Err(rejected(
-                "amount_not_supported",
-                format!(
-                    "{} has a non-zero last decimal, which Stripe cannot charge",
-                    request.amount
-                ),
-            ));
-        }
-        let payment_method = self.default_payment_method(request.customer).await?;
+        let amount = stripe_amount(request.amount)?;
+        let deadline = self.deadline();
+        let payment_method = self.default_payment_method(request.customer, deadline).await?;
         let mut form: Form = vec![
-            ("amount".to_owned(), minor.to_string()),
-            ("currency".to_owned(), currency_code(request)),
+            ("amount".to_owned(), amount.to_string()),
+            ("currency".to_owned(), currency_code(request.amount.currency())),
             ("customer".to_owned(), request.customer.to_string()),
             ("payment_method".to_owned(), payment_method),
             ("confirm".to_owned(), "true".to_owned()),
@@ -764,11 +864,10 @@ impl PaymentGateway for StripeGateway {
             form.push(("metadata[charge_key]".to_owned(), request.charge_key.to_string()));
         }
         let reply = self
-            .send(Call::post(
-                "/v1/payment_intents".to_owned(),
-                form,
-                request.idempotency_key,
-            ))
+            .send(
+                Call::post("/v1/payment_intents".to_owned(), form, request.idempotency_key),
+                deadline,
+            )
             .await
             .map_err(unknown)?;
         match reply {
@@ -778,38 +877,37 @@ impl PaymentGateway for StripeGateway {
                 info!(charge = %request.charge_key, status = ?outcome.status, code = ?outcome.decline_code, "Stripe refused the payment");
                 Ok(outcome)
             }
-            Reply::Refused { status, error } => {
-                if error.kind == "idempotency_error" {
-                    warn!(charge = %request.charge_key, "idempotency key re-used with other parameters");
+            Reply::Refused { error, .. } if error.kind == "idempotency_error" => {
+                // The key was used with other parameters (the customer changed card since an
+                // attempt whose answer was lost): that attempt may have paid. Keep what it made;
+                // if nothing is found yet, the outcome stays unknown.
+                warn!(charge = %request.charge_key, "idempotency key re-used with other parameters: looking up the charge's payments");
+                match self.payment_for(request.charge_key, deadline).await? {
+                    Some(outcome) => Ok(outcome),
+                    None => Err(GatewayError::OutcomeUnknown {
+                        gateway: GATEWAY,
+                        source: format!(
+                            "idempotency key {} was used with other parameters",
+                            request.idempotency_key
+                        )
+                        .into(),
+                    }),
                 }
-                Err(refused(status, error))
             }
+            Reply::Refused { status, error } => Err(refused(status, error)),
         }
     }
 
     async fn find_payment(&self, charge_key: &ChargeKey) -> Result<Option<PaymentOutcome>, GatewayError> {
-        let mut outcomes: Vec<(i64, PaymentOutcome)> = Vec::new();
-        for intent in self.payments_for(charge_key).await? {
-            match payment_outcome(&intent) {
-                Ok(outcome) => outcomes.push((intent.get("created").and_then(Value::as_i64).unwrap_or(0), outcome)),
-                Err(error) => warn!(charge = %charge_key, %error, "skipping an unreadable payment"),
-            }
-        }
-        if let Some(index) = outcomes.iter().position(|(_, o)| o.status == PaymentStatus::Succeeded) {
-            return Ok(Some(outcomes.swap_remove(index).1));
-        }
-        Ok(outcomes
-            .into_iter()
-            .filter(|(_, o)| matches!(o.status, PaymentStatus::Processing | PaymentStatus::RequiresAction))
-            .max_by_key(|(created, _)| *created)
-            .map(|(_, o)| o))
+        self.payment_for(charge_key, self.deadline()).await
     }
 
     async fn cancel_payment(&self, payment_id: &str) -> Result<PaymentOutcome, GatewayError> {
+        let deadline = self.deadline();
         let key = format!("tb:cancel:{payment_id}");
         let path = format!("/v1/payment_intents/{}", segment(payment_id));
         match self
-            .send(Call::post(format!("{path}/cancel"), Form::new(), &key))
+            .send(Call::post(format!("{path}/cancel"), Form::new(), &key), deadline)
             .await
             .map_err(unknown)?
         {
@@ -818,7 +916,7 @@ impl PaymentGateway for StripeGateway {
             Reply::Refused {
                 status: StatusCode::BAD_REQUEST,
                 ..
-            } => payment_outcome(&object(self.send(Call::get(path)).await)?).map_err(unreadable),
+            } => payment_outcome(&self.fetch(Call::get(path), deadline).await?).map_err(unreadable),
             Reply::Refused { status, error } => Err(refused(status, error)),
         }
     }
@@ -830,6 +928,7 @@ impl PaymentGateway for StripeGateway {
         plan_id: &PlanId,
         plan: &Plan,
     ) -> Result<Subscription, GatewayError> {
+        let deadline = self.deadline();
         let to_subscription = |sub: &Value| -> Result<Subscription, GatewayError> {
             Ok(Subscription {
                 subscription_id: text(sub, "id")
@@ -839,10 +938,10 @@ impl PaymentGateway for StripeGateway {
                 status: text(sub, "status").unwrap_or("unknown").to_owned(),
             })
         };
-        if let Some(existing) = self.existing_subscription(user, customer, plan_id).await? {
+        if let Some(existing) = self.existing_subscription(user, customer, plan_id, deadline).await? {
             return to_subscription(&existing);
         }
-        let fee_plan = self.fee_plan(plan_id, plan).await?;
+        let fee_plan = self.fee_plan(plan_id, plan, deadline).await?;
         // One key per user, plan, customer and day: concurrent calls make one subscription.
         let day = self.inner.clock.now().format("%Y-%m-%d");
         let key = format!("tb:subscription:{user}:{plan_id}:{customer}:{day}");
@@ -854,7 +953,9 @@ impl PaymentGateway for StripeGateway {
             form.push((format!("metadata[{name}]"), value.to_owned()));
             form.push((format!("items[0][metadata][{name}]"), value.to_owned()));
         }
-        let created = object(self.send(Call::post("/v1/subscriptions".to_owned(), form, &key)).await)?;
+        let created = self
+            .fetch(Call::post("/v1/subscriptions".to_owned(), form, &key), deadline)
+            .await?;
         to_subscription(&created)
     }
 }

@@ -19,12 +19,10 @@ pub(super) fn id_of<'a>(object: &'a Value, key: &str) -> Option<&'a str> {
     }
 }
 
-/// Whether a PaymentIntent's last error asks for the customer's authentication: how Stripe
-/// reports an off-session payment that needs 3-D Secure.
-fn needs_authentication(error: Option<&Value>) -> bool {
-    error.is_some_and(|e| {
-        text(e, "code") == Some("authentication_required") || text(e, "decline_code") == Some("authentication_required")
-    })
+/// Whether an error's codes ask for the customer's authentication: how Stripe reports an
+/// off-session payment that needs 3-D Secure.
+fn asks_authentication(code: Option<&str>, decline_code: Option<&str>) -> bool {
+    code == Some("authentication_required") || decline_code == Some("authentication_required")
 }
 
 /// Why a PaymentIntent read from Stripe cannot be understood.
@@ -52,7 +50,11 @@ pub(super) fn payment_outcome(intent: &Value) -> Result<PaymentOutcome, Unreadab
         "succeeded" => (PaymentStatus::Succeeded, None),
         "processing" | "requires_capture" => (PaymentStatus::Processing, None),
         "requires_action" => (PaymentStatus::RequiresAction, None),
-        "requires_payment_method" if needs_authentication(error) => (PaymentStatus::RequiresAction, None),
+        "requires_payment_method"
+            if error.is_some_and(|e| asks_authentication(text(e, "code"), text(e, "decline_code"))) =>
+        {
+            (PaymentStatus::RequiresAction, None)
+        }
         "requires_payment_method" | "requires_confirmation" => {
             let code = error
                 .and_then(|e| text(e, "decline_code").or_else(|| text(e, "code")))

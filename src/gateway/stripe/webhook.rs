@@ -336,7 +336,7 @@ mod tests {
                 "{header:?}"
             );
         }
-        // A v1 that is not hex never matches.
+        // A v1 that is not hex is no signature at all.
         assert!(matches!(
             verify_signature(PAYLOAD, "t=1790000000,v1=zz", &secrets, now, DEFAULT_TOLERANCE),
             Err(WebhookError::MalformedSignature(_))
