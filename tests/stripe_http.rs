@@ -4,7 +4,7 @@
 //! through the gateway.
 #![cfg(feature = "stripe")]
 
-mod stripe_support;
+mod support;
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{TimeZone, Utc};
 use serde_json::json;
-use stripe_support::{Answer, Received, SECRET_KEY, serve};
+use support::{Answer, Received, SECRET_KEY, serve};
 use token_billing::gateway::stripe::{StripeConfigError, StripeGateway, WebhookError, sign};
 use token_billing::{
     ChargeKey, ChargeKind, Currency, CustomerId, GatewayChange, GatewayError, ManualClock, Metadata, Money,

@@ -6,14 +6,14 @@
 //! one themselves from a virtualenv under `target/` (made on first use, with pip).
 #![cfg(all(feature = "stripe", feature = "testing"))]
 
-mod stripe_support;
+mod support;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{TimeZone, Utc};
-use stripe_support::{
+use support::{
     Received, SECRET_KEY, card, collecting_endpoint, customer_with_card, eventually, forget_idempotency_keys,
     localstripe, payment_intents_for, register_webhook, stripe,
 };

@@ -429,12 +429,35 @@ impl StripeGateway {
     /// # Errors
     /// [`StripeConfigError::Missing`] without a key; what [`StripeGatewayBuilder::build`] refuses.
     pub fn from_env() -> Result<StripeGateway, StripeConfigError> {
-        let key = std::env::var("STRIPE_SECRET_KEY").map_err(|_| StripeConfigError::Missing("STRIPE_SECRET_KEY"))?;
+        StripeGateway::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// A gateway configured from the same variables as [`from_env`](Self::from_env), read
+    /// through `lookup` (a configuration file, a secret store).
+    ///
+    /// # Errors
+    /// As [`from_env`](Self::from_env).
+    ///
+    /// # Example
+    /// ```
+    /// use token_billing::gateway::stripe::StripeGateway;
+    ///
+    /// let stripe = StripeGateway::from_lookup(|name| match name {
+    ///     "STRIPE_SECRET_KEY" => Some("sk_test_123".to_owned()),
+    ///     "STRIPE_API_BASE" => Some("http://127.0.0.1:8420".to_owned()),
+    ///     _ => None,
+    /// })?;
+    /// assert_eq!(stripe.api_base(), "http://127.0.0.1:8420");
+    /// # Ok::<(), token_billing::gateway::stripe::StripeConfigError>(())
+    /// ```
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<StripeGateway, StripeConfigError> {
+        let present = |name| lookup(name).filter(|v: &String| !v.trim().is_empty());
+        let key = present("STRIPE_SECRET_KEY").ok_or(StripeConfigError::Missing("STRIPE_SECRET_KEY"))?;
         let mut builder = StripeGateway::builder(key);
-        if let Ok(base) = std::env::var("STRIPE_API_BASE") {
+        if let Some(base) = present("STRIPE_API_BASE") {
             builder = builder.api_base(base);
         }
-        if let Ok(secrets) = std::env::var("STRIPE_WEBHOOK_SECRET") {
+        if let Some(secrets) = present("STRIPE_WEBHOOK_SECRET") {
             for secret in secrets.split(',').map(str::trim).filter(|s| !s.is_empty()) {
                 builder = builder.webhook_secret(secret);
             }

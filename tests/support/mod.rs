@@ -1,5 +1,5 @@
-//! Test support for the Stripe gateway: a local HTTP server (a fake Stripe for what localstripe
-//! cannot simulate, and a webhook endpoint), raw HTTP calls, and localstripe itself.
+//! Test support: a local HTTP server (a fake Stripe for what localstripe cannot simulate, a
+//! webhook endpoint), raw HTTP/1.1 calls, and localstripe itself.
 #![allow(dead_code, unreachable_pub)]
 
 use std::net::SocketAddr;
@@ -172,32 +172,63 @@ where
     addr
 }
 
-/// One plain HTTP/1.1 request (for a server's test-only endpoints, and objects the gateway
-/// never creates): the status and the body.
-pub async fn http(base: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> (u16, String) {
+/// An HTTP answer, as received.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    /// Header names in lower case.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
+
+    /// The body as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+}
+
+/// One plain HTTP/1.1 request over a new connection, the body sent as is.
+pub async fn request(base: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Reply {
     let authority = base.trim_start_matches("http://").trim_end_matches('/');
     let mut stream = TcpStream::connect(authority).await.expect("connect");
-    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n");
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n");
     for (name, value) in headers {
-        request.push_str(&format!("{name}: {value}\r\n"));
+        head.push_str(&format!("{name}: {value}\r\n"));
     }
-    request.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
-    stream.write_all(request.as_bytes()).await.expect("write");
+    head.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+    stream.write_all(head.as_bytes()).await.expect("write");
+    stream.write_all(body).await.expect("write");
     let mut answer = Vec::new();
     stream.read_to_end(&mut answer).await.expect("read");
     let answer = String::from_utf8_lossy(&answer).into_owned();
-    let status = answer
-        .split(' ')
-        .nth(1)
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|line| line.split(' ').nth(1))
         .and_then(|s| s.parse().ok())
         .expect("a status line");
-    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
-        dechunk(body)
-    } else {
-        body.to_owned()
-    };
-    (status, body)
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let chunked = headers
+        .iter()
+        .any(|(n, v)| n == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
+    let body = if chunked { dechunk(body) } else { body.to_owned() };
+    Reply { status, headers, body }
+}
+
+/// One plain HTTP/1.1 request (for a server's test-only endpoints, and objects the gateway
+/// never creates): the status and the body.
+pub async fn http(base: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> (u16, String) {
+    let reply = request(base, method, path, headers, body.as_bytes()).await;
+    (reply.status, reply.body)
 }
 
 fn dechunk(mut body: &str) -> String {

@@ -1,0 +1,701 @@
+//! The routes, their handlers, and how requests and errors are read and answered.
+//!
+//! Every answer is the original product's envelope: `{"success": true, "data": ...}`, or
+//! `{"success": false, "error": "..."}` with a 4xx status for the caller's mistakes and a 5xx
+//! status for the service's own failures.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{MethodRouter, get, post};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+use token_billing::{
+    BillingError, BillingService, Charge, Clock, CustomerId, FeeCollection, Period, PeriodKey, Plan, PlanId,
+    TokenSummary, UsageReport, UserId,
+};
+
+use crate::auth::{Auth, AuthError, Caller};
+
+/// The largest request body accepted, in bytes.
+pub(crate) const MAX_BODY: usize = 64 * 1024;
+
+/// The most points the dashboard's usage line has (one per hour of a 31-day month).
+const MAX_TIMELINE_POINTS: usize = 744;
+
+/// What the handlers share.
+#[derive(Clone)]
+pub(crate) struct AppState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    billing: BillingService,
+    auth: Auth,
+    clock: Arc<dyn Clock>,
+    #[cfg(feature = "stripe")]
+    stripe: Option<token_billing::gateway::stripe::StripeGateway>,
+}
+
+impl AppState {
+    /// The state over a billing service, the credentials, and the clock tokens are checked
+    /// against.
+    pub(crate) fn new(billing: BillingService, auth: Auth, clock: Arc<dyn Clock>) -> AppState {
+        AppState {
+            inner: Arc::new(Inner {
+                billing,
+                auth,
+                clock,
+                #[cfg(feature = "stripe")]
+                stripe: None,
+            }),
+        }
+    }
+
+    /// With the Stripe gateway whose webhooks the service receives.
+    #[cfg(feature = "stripe")]
+    pub(crate) fn with_stripe(self, stripe: token_billing::gateway::stripe::StripeGateway) -> AppState {
+        let inner = Arc::try_unwrap(self.inner).unwrap_or_else(|_| unreachable!("configured before sharing"));
+        AppState {
+            inner: Arc::new(Inner {
+                stripe: Some(stripe),
+                ..inner
+            }),
+        }
+    }
+
+    fn billing(&self) -> &BillingService {
+        &self.inner.billing
+    }
+
+    /// Who sent the request.
+    fn caller(&self, headers: &HeaderMap) -> Result<Caller, ApiError> {
+        let header = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        self.inner
+            .auth
+            .caller(header, self.inner.clock.now())
+            .map_err(ApiError::unauthorized)
+    }
+
+    /// The host's backend, or 401/403.
+    fn backend(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        match self.caller(headers)? {
+            Caller::Backend => Ok(()),
+            Caller::User(_) => Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "this endpoint takes the service's API key, not a user token",
+            )),
+        }
+    }
+
+    /// A caller allowed to read `user`'s data, and the user's id checked.
+    fn reader_of(&self, headers: &HeaderMap, user: &str) -> Result<UserId, ApiError> {
+        let caller = self.caller(headers)?;
+        if !caller.may_read(user) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "a user token reads only its own user's data",
+            ));
+        }
+        UserId::new(user).map_err(|e| ApiError::bad_request(format!("userId: {e}")))
+    }
+}
+
+/// An error answer.
+#[derive(Debug)]
+pub(crate) struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    fn unauthorized(error: AuthError) -> ApiError {
+        ApiError::new(StatusCode::UNAUTHORIZED, error.to_string())
+    }
+}
+
+impl From<BillingError> for ApiError {
+    fn from(error: BillingError) -> ApiError {
+        let status = match &error {
+            BillingError::EventConflict { .. }
+            | BillingError::PlanChangeMidPeriod { .. }
+            | BillingError::FeeCollectedByLibrary
+            | BillingError::NoCustomer { .. } => StatusCode::CONFLICT,
+            BillingError::ChargeNotFound { .. } => StatusCode::NOT_FOUND,
+            BillingError::Gateway(_) => StatusCode::BAD_GATEWAY,
+            BillingError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+            _ if error.is_client_error() => StatusCode::BAD_REQUEST,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        if status.is_server_error() {
+            tracing::error!(error = ?error, "request failed");
+            // The details stay in the log: the caller learns what failed, not how.
+            let what = match error {
+                BillingError::Gateway(_) => "the payment gateway failed; retry with the same eventId",
+                BillingError::Store(_) => "the billing store is unavailable; retry with the same eventId",
+                _ => "internal error",
+            };
+            return ApiError::new(status, what);
+        }
+        ApiError::new(status, error.to_string())
+    }
+}
+
+/// The original product's envelope, its fields in its order.
+#[derive(Serialize)]
+struct Envelope<T> {
+    success: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<T>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let envelope: Envelope<()> = Envelope {
+            success: false,
+            data: None,
+            error: Some(self.message),
+        };
+        let mut response = (self.status, axum::Json(envelope)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+fn success<T: Serialize>(data: T) -> Response {
+    axum::Json(Envelope {
+        success: true,
+        data: Some(data),
+        error: None,
+    })
+    .into_response()
+}
+
+/// Every route: method, path (OpenAPI's syntax, which is axum's) and handler. The OpenAPI
+/// document is checked against this table by the tests.
+fn table() -> Vec<(&'static str, &'static str, MethodRouter<AppState>)> {
+    vec![
+        ("POST", "/api/token-billing/process-usage", post(process_usage)),
+        ("GET", "/api/token-billing/user-summary/{userId}", get(user_summary)),
+        (
+            "POST",
+            "/api/token-billing/create-subscription",
+            post(create_subscription),
+        ),
+        ("POST", "/api/token-billing/accounts", post(register_account)),
+        (
+            "GET",
+            "/api/token-billing/usage-by-operation/{userId}",
+            get(usage_by_operation),
+        ),
+        (
+            "GET",
+            "/api/token-billing/charges-by-tier/{userId}",
+            get(charges_by_tier),
+        ),
+        ("GET", "/api/token-billing/dashboard/{userId}", get(dashboard_data)),
+        ("POST", "/api/token-billing/webhooks/stripe", post(stripe_webhook)),
+        ("GET", "/api/token-billing/openapi.json", get(openapi)),
+        ("GET", "/dashboard/{userId}", get(dashboard_page)),
+    ]
+}
+
+/// The routes served, as (method, path).
+pub(crate) fn routes() -> Vec<(&'static str, &'static str)> {
+    table().into_iter().map(|(method, path, _)| (method, path)).collect()
+}
+
+/// The service's router.
+pub(crate) fn app(state: AppState) -> Router {
+    table()
+        .into_iter()
+        .fold(Router::new(), |router, (_, path, handler)| router.route(path, handler))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this route")
+        })
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}
+
+/// A JSON object body: the body limit, the content type and the syntax checked.
+fn json_object(headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<Map<String, Value>, ApiError> {
+    let body = body.map_err(|rejection| {
+        let status = rejection.status();
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(status, format!("the body is larger than {MAX_BODY} bytes"))
+        } else {
+            ApiError::new(status, rejection.body_text())
+        }
+    })?;
+    let json_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"));
+    if !json_type {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "send Content-Type: application/json",
+        ));
+    }
+    match serde_json::from_slice::<Value>(&body) {
+        Ok(Value::Object(object)) => Ok(object),
+        Ok(_) => Err(ApiError::bad_request("the body must be a JSON object")),
+        Err(error) => Err(ApiError::bad_request(format!("malformed JSON: {error}"))),
+    }
+}
+
+/// A required string field.
+fn required_text(body: &Map<String, Value>, field: &str) -> Result<String, ApiError> {
+    match body.get(field) {
+        Some(Value::String(text)) => Ok(text.clone()),
+        None | Some(Value::Null) => Err(ApiError::bad_request(format!("{field} is required"))),
+        Some(_) => Err(ApiError::bad_request(format!("{field} must be a string"))),
+    }
+}
+
+/// An optional string field.
+fn optional_text(body: &Map<String, Value>, field: &str) -> Result<Option<String>, ApiError> {
+    match body.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(text)) => Ok(Some(text.clone())),
+        Some(_) => Err(ApiError::bad_request(format!("{field} must be a string"))),
+    }
+}
+
+/// The usage report of a process-usage body.
+fn usage_report(body: &Map<String, Value>) -> Result<UsageReport, ApiError> {
+    let tokens = match body.get("tokensUsed") {
+        None | Some(Value::Null) => return Err(ApiError::bad_request("tokensUsed is required")),
+        Some(Value::Number(n)) => n.as_u64().ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "tokensUsed must be a whole number of tokens from 1 to {}, not {n}",
+                u64::MAX
+            ))
+        })?,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "tokensUsed must be a number, not {}",
+                kind_of(other)
+            )));
+        }
+    };
+    let mut report = UsageReport::new(
+        required_text(body, "userId")?,
+        tokens,
+        required_text(body, "operationType")?,
+    );
+    report.client_id = optional_text(body, "clientId")?;
+    report.event_id = optional_text(body, "eventId")?;
+    if let Some(at) = optional_text(body, "occurredAt")? {
+        report.occurred_at = Some(
+            DateTime::parse_from_rfc3339(&at)
+                .map_err(|e| ApiError::bad_request(format!("occurredAt must be an RFC 3339 instant: {e}")))?
+                .with_timezone(&Utc),
+        );
+    }
+    match body.get("metadata") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(entries)) => {
+            for (key, value) in entries {
+                let Value::String(value) = value else {
+                    return Err(ApiError::bad_request(format!("metadata.{key} must be a string")));
+                };
+                report.metadata.insert(key.clone(), value.clone());
+            }
+        }
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "metadata must be an object of strings, not {}",
+                kind_of(other)
+            )));
+        }
+    }
+    Ok(report)
+}
+
+fn kind_of(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// The seed's answer to a usage report, in its order.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Processed {
+    consumption_id: uuid::Uuid,
+    total_tokens: u64,
+    tier_charges: Vec<token_billing::TierCharge>,
+}
+
+/// `POST /api/token-billing/process-usage`: the seed's `processTokenUsage`.
+async fn process_usage(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    state.backend(&headers)?;
+    let report = usage_report(&json_object(&headers, body)?)?;
+    let outcome = state.billing().process_token_usage(report).await?;
+    Ok(success(Processed {
+        consumption_id: outcome.consumption_id,
+        total_tokens: outcome.total_tokens,
+        tier_charges: outcome.tier_charges,
+    }))
+}
+
+#[derive(Debug, Deserialize)]
+struct PeriodQuery {
+    period: Option<String>,
+}
+
+impl PeriodQuery {
+    fn key(&self) -> Result<Option<PeriodKey>, ApiError> {
+        self.period
+            .as_deref()
+            .map(|p| {
+                p.parse()
+                    .map_err(|e| ApiError::bad_request(format!("period must be YYYY-MM: {e}")))
+            })
+            .transpose()
+    }
+}
+
+fn period_query(
+    query: Result<Query<PeriodQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Option<PeriodKey>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    query.key()
+}
+
+/// The seed's summary, in its order.
+#[derive(Serialize)]
+struct SummaryFields<'a> {
+    total_tokens: u64,
+    current_tier: &'a str,
+    fixed_fee_charged: i64,
+    tier_charges_count: u64,
+    tier_charges_total: i64,
+    total_charged: i64,
+}
+
+fn summary_fields(summary: &TokenSummary) -> SummaryFields<'_> {
+    SummaryFields {
+        total_tokens: summary.total_tokens,
+        current_tier: &summary.current_tier,
+        fixed_fee_charged: summary.fixed_fee_charged,
+        tier_charges_count: summary.tier_charges_count,
+        tier_charges_total: summary.tier_charges_total,
+        total_charged: summary.total_charged,
+    }
+}
+
+/// `GET /api/token-billing/user-summary/{userId}`: the seed's `getUserTokenSummary`.
+async fn user_summary(
+    State(state): State<AppState>,
+    Path(user): Path<String>,
+    query: Result<Query<PeriodQuery>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let user = state.reader_of(&headers, &user)?;
+    let period = period_query(query)?;
+    let summary = state.billing().token_summary(&user, period).await?;
+    Ok(success(summary_fields(&summary)))
+}
+
+/// `POST /api/token-billing/accounts`: links a user to the customer who pays (and a plan).
+async fn register_account(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    state.backend(&headers)?;
+    let body = json_object(&headers, body)?;
+    let user =
+        UserId::new(required_text(&body, "userId")?).map_err(|e| ApiError::bad_request(format!("userId: {e}")))?;
+    let customer = CustomerId::new(required_text(&body, "customerId")?)
+        .map_err(|e| ApiError::bad_request(format!("customerId: {e}")))?;
+    let plan = optional_text(&body, "planId")?
+        .map(|p| PlanId::new(p).map_err(|e| ApiError::bad_request(format!("planId: {e}"))))
+        .transpose()?;
+    let account = state.billing().register_account(&user, Some(customer), plan).await?;
+    Ok(success(json!({
+        "userId": account.user_id,
+        "customerId": account.customer_id,
+        "planId": account.plan_id,
+    })))
+}
+
+/// `POST /api/token-billing/create-subscription`: the seed's monthly subscription for the fixed
+/// fee, for the user whose customer is named.
+async fn create_subscription(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    state.backend(&headers)?;
+    let body = json_object(&headers, body)?;
+    let customer = CustomerId::new(required_text(&body, "customerId")?)
+        .map_err(|e| ApiError::bad_request(format!("customerId: {e}")))?;
+    let user = required_text(&body, "userId").map_err(|_| {
+        ApiError::bad_request("userId is required: the fee the subscription collects is recorded for that user")
+    })?;
+    let user = UserId::new(user).map_err(|e| ApiError::bad_request(format!("userId: {e}")))?;
+    let billing = state.billing();
+    // Nothing is registered for a subscription that cannot be made.
+    if billing.fee_collection() != FeeCollection::Subscription {
+        return Err(BillingError::FeeCollectedByLibrary.into());
+    }
+    let account = billing.store().account(&user).await.map_err(BillingError::from)?;
+    if account.as_ref().and_then(|a| a.customer_id.as_ref()) != Some(&customer) {
+        billing.register_account(&user, Some(customer), None).await?;
+    }
+    let subscription = billing.create_subscription(&user).await?;
+    Ok(success(json!({
+        "subscriptionId": subscription.subscription_id,
+        "customerId": subscription.customer_id,
+        "status": subscription.status,
+    })))
+}
+
+/// `GET /api/token-billing/usage-by-operation/{userId}`: the seed's first monitoring query.
+async fn usage_by_operation(
+    State(state): State<AppState>,
+    Path(user): Path<String>,
+    query: Result<Query<PeriodQuery>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let user = state.reader_of(&headers, &user)?;
+    let rows = state.billing().usage_by_operation(&user, period_query(query)?).await?;
+    Ok(success(Value::Array(
+        rows.iter()
+            .map(|r| json!({"operation_type": r.operation_type, "total_tokens": r.total_tokens, "operations": r.operations}))
+            .collect(),
+    )))
+}
+
+/// `GET /api/token-billing/charges-by-tier/{userId}`: the seed's second monitoring query.
+async fn charges_by_tier(
+    State(state): State<AppState>,
+    Path(user): Path<String>,
+    query: Result<Query<PeriodQuery>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let user = state.reader_of(&headers, &user)?;
+    let rows = state.billing().charges_by_tier(&user, period_query(query)?).await?;
+    Ok(success(Value::Array(
+        rows.iter()
+            .map(|r| {
+                json!({
+                    "billing_tier": r.billing_tier,
+                    "charges_count": r.charges_count,
+                    "total_charged": r.total_charged.minor_units(),
+                    "collected": r.collected.minor_units(),
+                })
+            })
+            .collect(),
+    )))
+}
+
+/// The plan that rates `period` for the user.
+async fn plan_of(billing: &BillingService, user: &UserId, period: PeriodKey) -> Result<Plan, ApiError> {
+    let account = billing.store().account(user).await.map_err(BillingError::from)?;
+    Ok(match account {
+        Some(account) => billing.plan(account.plan_for(period))?.clone(),
+        None => billing.default_plan().clone(),
+    })
+}
+
+fn charge_row(charge: &Charge) -> Value {
+    json!({
+        "id": charge.id,
+        "kind": charge.kind,
+        "block": charge.block,
+        "billing_tier": charge.billing_tier,
+        "amount_charged": charge.amount.minor_units(),
+        "status": charge.status,
+        "failure_code": charge.failure_code,
+        "created_at": charge.created_at,
+    })
+}
+
+/// Cumulative usage over the period, at most one point per bucket of the period's length.
+fn timeline(events: &[(DateTime<Utc>, u64)], period: &Period) -> Vec<Value> {
+    let span = (period.end() - period.start()).num_seconds().max(1);
+    let buckets = i64::try_from(MAX_TIMELINE_POINTS).unwrap_or(i64::MAX);
+    let mut points: Vec<(i64, DateTime<Utc>, u64)> = Vec::new();
+    let mut total: u64 = 0;
+    let mut sorted = events.to_vec();
+    sorted.sort_by_key(|(at, _)| *at);
+    for (at, tokens) in sorted {
+        total = total.saturating_add(tokens);
+        let bucket = ((at - period.start()).num_seconds().clamp(0, span - 1)) * buckets / span;
+        match points.last_mut() {
+            Some(last) if last.0 == bucket => {
+                last.1 = at;
+                last.2 = total;
+            }
+            _ => points.push((bucket, at, total)),
+        }
+    }
+    points
+        .into_iter()
+        .map(|(_, at, total)| json!({"at": at, "totalTokens": total}))
+        .collect()
+}
+
+/// `GET /api/token-billing/dashboard/{userId}`: everything the dashboard page draws.
+async fn dashboard_data(
+    State(state): State<AppState>,
+    Path(user): Path<String>,
+    query: Result<Query<PeriodQuery>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let user = state.reader_of(&headers, &user)?;
+    let billing = state.billing();
+    let summary = billing.token_summary(&user, period_query(query)?).await?;
+    let plan = plan_of(billing, &user, summary.period).await?;
+    let period = Period::new(summary.period, plan.zone());
+    let consumptions = billing
+        .store()
+        .consumptions(&user, summary.period)
+        .await
+        .map_err(BillingError::from)?;
+    let events: Vec<(DateTime<Utc>, u64)> = consumptions.iter().map(|c| (c.occurred_at, c.tokens)).collect();
+    let charges = billing.charges(&user, Some(summary.period)).await?;
+    Ok(success(json!({
+        "userId": user,
+        "period": {"key": summary.period, "start": period.start(), "end": period.end(), "zone": plan.zone().name()},
+        "plan": {
+            "currency": plan.currency(),
+            "exponent": plan.currency().exponent(),
+            "fixedFee": plan.fixed_fee().minor_units(),
+            "includedTokens": plan.included_tokens(),
+            "blockSize": plan.block_size(),
+            "blockPrice": plan.block_price().minor_units(),
+        },
+        "summary": {
+            "total_tokens": summary.total_tokens,
+            "current_tier": summary.current_tier,
+            "fixed_fee_charged": summary.fixed_fee_charged,
+            "tier_charges_count": summary.tier_charges_count,
+            "tier_charges_total": summary.tier_charges_total,
+            "total_charged": summary.total_charged,
+            "outstanding_count": summary.outstanding_count,
+            "outstanding_total": summary.outstanding_total,
+        },
+        "timeline": timeline(&events, &period),
+        "charges": charges.iter().map(charge_row).collect::<Vec<_>>(),
+    })))
+}
+
+/// `GET /dashboard/{userId}`: the page; it reads its data with the token in the URL's fragment,
+/// which browsers never send to the server.
+async fn dashboard_page(Path(_user): Path<String>) -> Response {
+    let mut response = Html(include_str!("dashboard.html")).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        header::HeaderValue::from_static(
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:",
+        ),
+    );
+    headers.insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-store"));
+    response
+}
+
+/// `GET /api/token-billing/openapi.json`.
+async fn openapi() -> Response {
+    axum::Json(crate::openapi::document()).into_response()
+}
+
+/// `POST /api/token-billing/webhooks/stripe`: Stripe's events, signature-checked, applied once.
+async fn stripe_webhook(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    #[cfg(feature = "stripe")]
+    {
+        stripe_event(&state, &headers, body)
+            .await
+            .unwrap_or_else(IntoResponse::into_response)
+    }
+    #[cfg(not(feature = "stripe"))]
+    {
+        let _ = (state, headers, body);
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "this build has no Stripe gateway (feature stripe)",
+        )
+        .into_response()
+    }
+}
+
+#[cfg(feature = "stripe")]
+async fn stripe_event(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    use token_billing::gateway::stripe::WebhookError;
+
+    let stripe = state
+        .inner
+        .stripe
+        .as_ref()
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "Stripe is not configured (STRIPE_SECRET_KEY)"))?;
+    let body = body.map_err(|rejection| ApiError::new(rejection.status(), rejection.body_text()))?;
+    let signature = headers
+        .get("stripe-signature")
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| ApiError::bad_request("missing Stripe-Signature"))?;
+    let event = match stripe.webhook_event(&body, signature).await {
+        Ok(Some(event)) => event,
+        Ok(None) => return Ok(success(json!({"applied": false}))),
+        Err(WebhookError::Gateway(error)) => return Err(BillingError::Gateway(error).into()),
+        Err(error @ WebhookError::NotConfigured) => {
+            return Err(ApiError::new(StatusCode::NOT_FOUND, error.to_string()));
+        }
+        Err(error) => return Err(ApiError::bad_request(error.to_string())),
+    };
+    match state.billing().apply_gateway_event(event).await {
+        Ok(applied) => Ok(success(json!({"applied": applied.is_some()}))),
+        // A payment of a charge this service does not know: acknowledged, so Stripe stops.
+        Err(BillingError::ChargeNotFound { key }) => {
+            tracing::warn!(charge = %key, "webhook for an unknown charge");
+            Ok(success(json!({"applied": false})))
+        }
+        Err(error) => Err(error.into()),
+    }
+}

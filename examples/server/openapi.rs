@@ -1,0 +1,237 @@
+//! The OpenAPI 3.1 document of the service, served at `/api/token-billing/openapi.json`. The
+//! tests hold it to the router: every route is documented, and every documented route exists.
+
+use serde_json::{Value, json};
+
+fn envelope(data: Value) -> Value {
+    json!({
+        "type": "object",
+        "required": ["success", "data"],
+        "properties": {"success": {"const": true}, "data": data}
+    })
+}
+
+fn ok(description: &str, data: Value) -> Value {
+    json!({"description": description, "content": {"application/json": {"schema": envelope(data)}}})
+}
+
+fn error(description: &str) -> Value {
+    json!({"description": description, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}})
+}
+
+fn user_path() -> Value {
+    json!({"name": "userId", "in": "path", "required": true, "schema": {"type": "string", "maxLength": 128}})
+}
+
+fn period_query() -> Value {
+    json!({"name": "period", "in": "query", "required": false,
+           "description": "The month, YYYY-MM; the current one when absent.",
+           "schema": {"type": "string", "pattern": "^[0-9]{4}-[0-9]{2}$"}})
+}
+
+fn body(schema: Value) -> Value {
+    json!({"required": true, "content": {"application/json": {"schema": schema}}})
+}
+
+/// The errors every authenticated read can answer.
+fn read_errors() -> [(&'static str, Value); 4] {
+    [
+        ("400", error("A bad user id or period.")),
+        ("401", error("Missing, malformed, invalid or expired credentials.")),
+        ("403", error("A user token for another user.")),
+        ("503", error("The billing store is unavailable.")),
+    ]
+}
+
+fn read(summary: &str, description: &str, data: Value) -> Value {
+    let mut responses = serde_json::Map::new();
+    responses.insert("200".to_owned(), ok(description, data));
+    for (status, answer) in read_errors() {
+        responses.insert(status.to_owned(), answer);
+    }
+    json!({
+        "summary": summary,
+        "security": [{"apiKey": []}, {"userToken": []}],
+        "parameters": [user_path(), period_query()],
+        "responses": responses,
+    })
+}
+
+/// The document.
+pub(crate) fn document() -> Value {
+    json!({
+        "openapi": "3.1.0",
+        "info": {
+            "title": "token-billing",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": "Usage-based billing of LLM tokens: the original product's API over the token-billing library. Amounts are integer minor units of the plan's currency (centavos for BRL)."
+        },
+        "components": {
+            "securitySchemes": {
+                "apiKey": {"type": "http", "scheme": "bearer", "description": "TOKEN_BILLING_API_KEY: the host's backend. Required for writes."},
+                "userToken": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT", "description": "An HS256 JWT signed with TOKEN_BILLING_JWT_SECRET (as Supabase issues them) whose sub is the user: reads of that user's data only."}
+            },
+            "schemas": {
+                "Error": {
+                    "type": "object",
+                    "required": ["success", "error"],
+                    "properties": {"success": {"const": false}, "error": {"type": "string"}}
+                },
+                "TierCharge": {
+                    "type": "object",
+                    "required": ["id", "billing_tier", "amount_charged", "status"],
+                    "properties": {
+                        "id": {"type": "string", "format": "uuid"},
+                        "billing_tier": {"type": "string", "examples": ["8M-16M"]},
+                        "amount_charged": {"type": "integer", "examples": [10000]},
+                        "status": {"enum": ["pending", "succeeded", "failed", "requires_action"]}
+                    }
+                },
+                "Summary": {
+                    "type": "object",
+                    "required": ["total_tokens", "current_tier", "fixed_fee_charged", "tier_charges_count", "tier_charges_total", "total_charged"],
+                    "properties": {
+                        "total_tokens": {"type": "integer", "minimum": 0},
+                        "current_tier": {"type": "string", "examples": ["4M-12M"]},
+                        "fixed_fee_charged": {"type": "integer"},
+                        "tier_charges_count": {"type": "integer", "minimum": 0},
+                        "tier_charges_total": {"type": "integer"},
+                        "total_charged": {"type": "integer"}
+                    }
+                }
+            }
+        },
+        "paths": {
+            "/api/token-billing/process-usage": {
+                "post": {
+                    "summary": "Records a user's token usage and charges every block it starts (the seed's processTokenUsage).",
+                    "security": [{"apiKey": []}],
+                    "requestBody": body(json!({
+                        "type": "object",
+                        "required": ["userId", "tokensUsed", "operationType"],
+                        "properties": {
+                            "userId": {"type": "string", "maxLength": 128},
+                            "tokensUsed": {"type": "integer", "minimum": 1},
+                            "operationType": {"type": "string", "examples": ["chat"]},
+                            "clientId": {"type": ["string", "null"]},
+                            "metadata": {"type": ["object", "null"], "additionalProperties": {"type": "string", "maxLength": 500}, "maxProperties": 50},
+                            "eventId": {"type": ["string", "null"], "description": "The caller's id of this event: a retry with the same id answers the original outcome and records nothing."},
+                            "occurredAt": {"type": ["string", "null"], "format": "date-time"}
+                        }
+                    })),
+                    "responses": {
+                        "200": ok("The usage was recorded (or had been, for a retried eventId).", json!({
+                            "type": "object",
+                            "required": ["consumptionId", "totalTokens", "tierCharges"],
+                            "properties": {
+                                "consumptionId": {"type": "string", "format": "uuid"},
+                                "totalTokens": {"type": "integer"},
+                                "tierCharges": {"type": "array", "items": {"$ref": "#/components/schemas/TierCharge"}}
+                            }
+                        })),
+                        "400": error("Malformed JSON, a missing or mistyped field, zero or too many tokens, bad ids or metadata. Nothing was recorded."),
+                        "401": error("Missing or invalid API key."),
+                        "403": error("A user token: writes take the API key."),
+                        "409": error("The eventId was used before for different usage. Nothing was recorded."),
+                        "413": error("The body is larger than 64 KiB."),
+                        "415": error("The body is not application/json."),
+                        "502": error("The payment gateway failed."),
+                        "503": error("The billing store is unavailable: retry with the same eventId.")
+                    }
+                }
+            },
+            "/api/token-billing/user-summary/{userId}": {
+                "get": read("A user's figures for a month (the seed's getUserTokenSummary).", "The summary.", json!({"$ref": "#/components/schemas/Summary"}))
+            },
+            "/api/token-billing/usage-by-operation/{userId}": {
+                "get": read("Tokens and operations by operation type in a month (the seed's monitoring query).", "One row per operation type.", json!({
+                    "type": "array",
+                    "items": {"type": "object", "properties": {
+                        "operation_type": {"type": "string"}, "total_tokens": {"type": "integer"}, "operations": {"type": "integer"}
+                    }}
+                }))
+            },
+            "/api/token-billing/charges-by-tier/{userId}": {
+                "get": read("Charges by tier in a month (the seed's monitoring query).", "One row per tier.", json!({
+                    "type": "array",
+                    "items": {"type": "object", "properties": {
+                        "billing_tier": {"type": "string"}, "charges_count": {"type": "integer"},
+                        "total_charged": {"type": "integer"}, "collected": {"type": "integer"}
+                    }}
+                }))
+            },
+            "/api/token-billing/dashboard/{userId}": {
+                "get": read("Everything the dashboard draws: the plan, the summary, cumulative usage and the charges.", "The month's data.", json!({"type": "object"}))
+            },
+            "/api/token-billing/accounts": {
+                "post": {
+                    "summary": "Links a user to the payment customer who pays (and optionally a plan); charges waiting for it are collected.",
+                    "security": [{"apiKey": []}],
+                    "requestBody": body(json!({
+                        "type": "object",
+                        "required": ["userId", "customerId"],
+                        "properties": {"userId": {"type": "string"}, "customerId": {"type": "string"}, "planId": {"type": "string"}}
+                    })),
+                    "responses": {
+                        "200": ok("The account.", json!({"type": "object"})),
+                        "400": error("A missing or bad field, or an unknown plan."),
+                        "401": error("Missing or invalid API key."),
+                        "403": error("A user token: writes take the API key."),
+                        "409": error("A plan change while the month has usage.")
+                    }
+                }
+            },
+            "/api/token-billing/create-subscription": {
+                "post": {
+                    "summary": "Subscribes the customer to the monthly fixed fee at the payment gateway (the seed's create-subscription). The fee is recorded for userId when the gateway reports the invoice paid.",
+                    "security": [{"apiKey": []}],
+                    "requestBody": body(json!({
+                        "type": "object",
+                        "required": ["customerId", "userId"],
+                        "properties": {"customerId": {"type": "string", "examples": ["cus_stripe_id"]}, "userId": {"type": "string"}}
+                    })),
+                    "responses": {
+                        "200": ok("The subscription.", json!({
+                            "type": "object",
+                            "properties": {"subscriptionId": {"type": "string"}, "customerId": {"type": "string"}, "status": {"type": "string"}}
+                        })),
+                        "400": error("A missing or bad field."),
+                        "401": error("Missing or invalid API key."),
+                        "403": error("A user token: writes take the API key."),
+                        "409": error("The service collects the fixed fee itself (TOKEN_BILLING_FEE_COLLECTION=library)."),
+                        "502": error("The payment gateway failed.")
+                    }
+                }
+            },
+            "/api/token-billing/webhooks/stripe": {
+                "post": {
+                    "summary": "Stripe's webhook endpoint: the Stripe-Signature is verified, each event applied once.",
+                    "parameters": [{"name": "Stripe-Signature", "in": "header", "required": true, "schema": {"type": "string"}}],
+                    "requestBody": body(json!({"type": "object"})),
+                    "responses": {
+                        "200": ok("Received; applied is false for events that are not the service's or were applied before.", json!({
+                            "type": "object", "properties": {"applied": {"type": "boolean"}}
+                        })),
+                        "400": error("A bad signature or payload."),
+                        "404": error("Stripe is not configured."),
+                        "502": error("Reading the event needed Stripe, which failed: Stripe delivers it again."),
+                        "503": error("The billing store is unavailable: Stripe delivers it again.")
+                    }
+                }
+            },
+            "/api/token-billing/openapi.json": {
+                "get": {
+                    "summary": "This document.",
+                    "responses": {"200": {"description": "The OpenAPI document.", "content": {"application/json": {"schema": {"type": "object"}}}}}
+                }
+            },
+            "/dashboard/{userId}": {
+                "get": {
+                    "summary": "The user's dashboard page for the current month. Open it as /dashboard/{userId}#token=<user token or API key>: the fragment never reaches the server.",
+                    "parameters": [user_path()],
+                    "responses": {"200": {"description": "The page.", "content": {"text/html": {"schema": {"type": "string"}}}}}
+                }
+            }
+        }
+    })
+}

@@ -1,0 +1,1076 @@
+//! The reference HTTP service (`examples/server/`) over real HTTP on 127.0.0.1: every endpoint,
+//! the original product's flows, retries, a table of bad requests that record nothing, the
+//! OpenAPI document against the routes, and the dashboard in headless Chromium.
+
+#[path = "../examples/server/app.rs"]
+mod app;
+#[path = "../examples/server/auth.rs"]
+mod auth;
+#[path = "../examples/server/config.rs"]
+mod config;
+#[path = "../examples/server/openapi.rs"]
+mod openapi;
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+use support::{Reply, request};
+use token_billing::{
+    BillingService, FeeCollection, InMemoryUsageStore, Period, SandboxGateway, SystemClock, UnregisteredUsers, UserId,
+};
+
+use crate::app::{AppState, app, routes};
+use crate::auth::{Auth, sign_token};
+
+const API_KEY: &str = "test-api-key";
+const JWT_SECRET: &str = "test-jwt-secret";
+
+struct Server {
+    base: String,
+    billing: BillingService,
+    sandbox: SandboxGateway,
+}
+
+async fn start_with(fee: FeeCollection) -> Server {
+    let sandbox = SandboxGateway::new();
+    let billing = BillingService::builder(Arc::new(InMemoryUsageStore::new()), Arc::new(sandbox.clone()))
+        .unregistered_users(UnregisteredUsers::OpenCustomer)
+        .fee_collection(fee)
+        .build();
+    let state = AppState::new(
+        billing.clone(),
+        Auth::new(API_KEY, Some(JWT_SECRET), None),
+        Arc::new(SystemClock),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind 127.0.0.1");
+    let addr = listener.local_addr().expect("address");
+    let router = app(state);
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    Server {
+        base: format!("http://{addr}"),
+        billing,
+        sandbox,
+    }
+}
+
+async fn start() -> Server {
+    start_with(FeeCollection::Library).await
+}
+
+fn token_for(user: &str, expires_in: i64) -> String {
+    sign_token(
+        JWT_SECRET,
+        &json!({"sub": user, "role": "authenticated", "aud": "authenticated", "exp": chrono::Utc::now().timestamp() + expires_in}),
+    )
+}
+
+fn bearer(credential: &str) -> String {
+    format!("Bearer {credential}")
+}
+
+impl Server {
+    async fn post(&self, path: &str, body: &Value, credential: Option<&str>) -> Reply {
+        let auth = credential.map(bearer);
+        let mut headers = vec![("Content-Type", "application/json")];
+        if let Some(auth) = &auth {
+            headers.push(("Authorization", auth));
+        }
+        request(&self.base, "POST", path, &headers, body.to_string().as_bytes()).await
+    }
+
+    async fn get(&self, path: &str, credential: Option<&str>) -> Reply {
+        let auth = credential.map(bearer);
+        let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("Authorization", a.as_str())).collect();
+        request(&self.base, "GET", path, &headers, b"").await
+    }
+
+    async fn usage(&self, body: Value) -> Reply {
+        self.post("/api/token-billing/process-usage", &body, Some(API_KEY))
+            .await
+    }
+
+    /// What the store holds of a user this month: events and tokens.
+    async fn recorded(&self, user: &str) -> (usize, u64) {
+        let user = UserId::new(user).expect("valid");
+        let period = Period::containing(chrono::Utc::now(), self.billing.default_plan().zone()).key();
+        let events = self
+            .billing
+            .store()
+            .consumptions(&user, period)
+            .await
+            .expect("read")
+            .len();
+        let summary = self.billing.token_summary(&user, Some(period)).await.expect("summary");
+        (events, summary.total_tokens)
+    }
+}
+
+fn data(reply: &Reply) -> Value {
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let body = reply.json();
+    assert_eq!(body["success"], json!(true), "{body}");
+    body["data"].clone()
+}
+
+fn keys(value: &Value) -> Vec<&str> {
+    let mut keys: Vec<&str> = value
+        .as_object()
+        .expect("an object")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort_unstable();
+    keys
+}
+
+#[tokio::test]
+async fn the_seed_s_flows_answer_the_seed_s_shapes() {
+    let server = start().await;
+    // 1M tokens: within the 8M allowance, no block charge.
+    let first = data(
+        &server
+            .usage(json!({"userId": "test-user-id", "tokensUsed": 1_000_000, "operationType": "chat"}))
+            .await,
+    );
+    assert_eq!(keys(&first), ["consumptionId", "tierCharges", "totalTokens"]);
+    assert_eq!(
+        (first["totalTokens"].clone(), first["tierCharges"].clone()),
+        (json!(1_000_000), json!([]))
+    );
+
+    // 10M tokens for another user: one charge, collected at once.
+    let second = data(
+        &server
+            .usage(json!({
+                "userId": "user-uuid", "tokensUsed": 10_000_000, "operationType": "chat", "clientId": "client-uuid",
+                "metadata": {"conversationId": "conv-123", "agentId": "agent-456"}
+            }))
+            .await,
+    );
+    let charges = second["tierCharges"].as_array().expect("charges");
+    assert_eq!(charges.len(), 1);
+    assert_eq!(keys(&charges[0]), ["amount_charged", "billing_tier", "id", "status"]);
+    assert_eq!(
+        (
+            &charges[0]["billing_tier"],
+            &charges[0]["amount_charged"],
+            &charges[0]["status"]
+        ),
+        (&json!("8M-16M"), &json!(10_000), &json!("succeeded"))
+    );
+
+    // The summary, with the API key and with the user's own token.
+    for credential in [API_KEY.to_owned(), token_for("user-uuid", 600)] {
+        let summary = data(
+            &server
+                .get("/api/token-billing/user-summary/user-uuid", Some(&credential))
+                .await,
+        );
+        assert_eq!(
+            summary,
+            json!({
+                "total_tokens": 10_000_000, "current_tier": "8M-16M", "fixed_fee_charged": 40_000,
+                "tier_charges_count": 1, "tier_charges_total": 10_000, "total_charged": 50_000
+            })
+        );
+    }
+    // The envelope in the seed's order: success first.
+    let raw = server
+        .get("/api/token-billing/user-summary/user-uuid", Some(API_KEY))
+        .await
+        .body;
+    assert!(
+        raw.starts_with(r#"{"success":true,"data":{"total_tokens":10000000,"current_tier""#),
+        "{raw}"
+    );
+}
+
+#[tokio::test]
+async fn a_retry_with_the_same_event_id_answers_the_original_outcome() {
+    let server = start().await;
+    let event = json!({"userId": "retrier", "tokensUsed": 9_000_000, "operationType": "chat", "eventId": "req-1"});
+    let first = server.usage(event.clone()).await;
+    let again = server.usage(event.clone()).await;
+    assert_eq!(first.status, 200);
+    assert_eq!(again.body, first.body, "the same answer, byte for byte");
+    assert_eq!(server.recorded("retrier").await, (1, 9_000_000), "recorded once");
+    // The same id for other usage is refused, and records nothing.
+    let conflict = server
+        .usage(json!({"userId": "retrier", "tokensUsed": 5, "operationType": "chat", "eventId": "req-1"}))
+        .await;
+    assert_eq!(conflict.status, 409);
+    assert_eq!(server.recorded("retrier").await, (1, 9_000_000));
+    assert_eq!(server.sandbox.payments().len(), 2, "the fee and one block, once");
+}
+
+#[tokio::test]
+async fn the_monitoring_reports_accounts_and_subscriptions() {
+    let server = start().await;
+    for (tokens, operation) in [(5_000_000, "chat"), (4_000_000, "embedding"), (10_000_000, "chat")] {
+        server
+            .usage(json!({"userId": "mon", "tokensUsed": tokens, "operationType": operation}))
+            .await;
+    }
+    let token = token_for("mon", 600);
+    let by_operation = data(
+        &server
+            .get("/api/token-billing/usage-by-operation/mon", Some(&token))
+            .await,
+    );
+    assert_eq!(
+        by_operation,
+        json!([
+            {"operation_type": "chat", "total_tokens": 15_000_000, "operations": 2},
+            {"operation_type": "embedding", "total_tokens": 4_000_000, "operations": 1}
+        ])
+    );
+    let by_tier = data(
+        &server
+            .get("/api/token-billing/charges-by-tier/mon", Some(API_KEY))
+            .await,
+    );
+    assert_eq!(
+        by_tier,
+        json!([
+            {"billing_tier": "0-8M", "charges_count": 1, "total_charged": 40_000, "collected": 40_000},
+            {"billing_tier": "8M-16M", "charges_count": 1, "total_charged": 10_000, "collected": 10_000},
+            {"billing_tier": "16M-24M", "charges_count": 1, "total_charged": 10_000, "collected": 10_000}
+        ])
+    );
+    let dashboard = data(&server.get("/api/token-billing/dashboard/mon", Some(&token)).await);
+    assert_eq!(dashboard["summary"]["total_charged"], json!(60_000));
+    assert_eq!(dashboard["charges"].as_array().map(Vec::len), Some(3));
+    assert_eq!(
+        dashboard["timeline"]
+            .as_array()
+            .and_then(|t| t.last())
+            .map(|p| &p["totalTokens"]),
+        Some(&json!(19_000_000))
+    );
+
+    // Accounts link a user to the customer who pays.
+    let customer = token_billing::CustomerId::new("cus_known").expect("valid");
+    server
+        .sandbox
+        .add_customer(customer, token_billing::CardBehaviour::Succeeds);
+    let account = data(
+        &server
+            .post(
+                "/api/token-billing/accounts",
+                &json!({"userId": "acc", "customerId": "cus_known"}),
+                Some(API_KEY),
+            )
+            .await,
+    );
+    assert_eq!(
+        account,
+        json!({"userId": "acc", "customerId": "cus_known", "planId": "default"})
+    );
+
+    // A subscription collects the fee only when the service is configured for it.
+    let refused = server
+        .post(
+            "/api/token-billing/create-subscription",
+            &json!({"customerId": "cus_known", "userId": "acc"}),
+            Some(API_KEY),
+        )
+        .await;
+    assert_eq!(refused.status, 409, "{}", refused.body);
+    let subscribing = start_with(FeeCollection::Subscription).await;
+    subscribing.sandbox.add_customer(
+        token_billing::CustomerId::new("cus_stripe_id").expect("valid"),
+        token_billing::CardBehaviour::Succeeds,
+    );
+    let subscription = data(
+        &subscribing
+            .post(
+                "/api/token-billing/create-subscription",
+                &json!({"customerId": "cus_stripe_id", "userId": "sub-user"}),
+                Some(API_KEY),
+            )
+            .await,
+    );
+    assert_eq!(
+        (&subscription["customerId"], &subscription["status"]),
+        (&json!("cus_stripe_id"), &json!("active"))
+    );
+    assert_eq!(subscribing.sandbox.subscriptions().len(), 1);
+}
+
+/// A lookup over fixed variables, as the environment would give them.
+fn variables(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+    let pairs: Vec<(String, String)> = pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+    move |name| pairs.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+}
+
+#[tokio::test]
+async fn configuration_comes_from_the_environment_and_is_logged_without_secrets() {
+    let configured = config::configure(variables(&[("TOKEN_BILLING_API_KEY", "very-secret-key")]))
+        .await
+        .expect("configured");
+    assert_eq!(configured.addr, "127.0.0.1:3000");
+    assert!(
+        configured.description.contains("in memory"),
+        "{}",
+        configured.description
+    );
+    assert!(configured.description.contains("sandbox"), "{}", configured.description);
+    assert!(!configured.description.contains("very-secret-key"));
+    assert!(configured.billing.fee_collection() == FeeCollection::Library);
+    // The configured service takes the configured key, and the sandbox opens customers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("address"));
+    let router = app(configured.state);
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    let body = json!({"userId": "configured", "tokensUsed": 9_000_000, "operationType": "chat"}).to_string();
+    let reply = request(
+        &base,
+        "POST",
+        "/api/token-billing/process-usage",
+        &[
+            ("Content-Type", "application/json"),
+            ("Authorization", "Bearer very-secret-key"),
+        ],
+        body.as_bytes(),
+    )
+    .await;
+    assert_eq!(data(&reply)["tierCharges"][0]["status"], json!("succeeded"));
+    for refused in [
+        variables(&[]),
+        variables(&[
+            ("TOKEN_BILLING_API_KEY", "k"),
+            ("TOKEN_BILLING_FEE_COLLECTION", "sometimes"),
+        ]),
+    ] {
+        assert!(config::configure(refused).await.is_err());
+    }
+    let subscribing = config::configure(variables(&[
+        ("TOKEN_BILLING_API_KEY", "k"),
+        ("TOKEN_BILLING_FEE_COLLECTION", "subscription"),
+        ("TOKEN_BILLING_ADDR", "127.0.0.1:0"),
+    ]))
+    .await
+    .expect("configured");
+    assert_eq!(subscribing.billing.fee_collection(), FeeCollection::Subscription);
+    assert_eq!(subscribing.addr, "127.0.0.1:0");
+}
+
+/// With `DATABASE_URL` and `STRIPE_SECRET_KEY`, the service runs on PostgreSQL and Stripe
+/// (localstripe here): a registered user's usage is charged through PaymentIntents.
+#[cfg(all(feature = "postgres", feature = "stripe"))]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configured_with_postgresql_and_stripe_it_bills_through_them() {
+    let database =
+        std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+    let configured = config::configure(variables(&[
+        ("TOKEN_BILLING_API_KEY", API_KEY),
+        ("DATABASE_URL", &database),
+        ("STRIPE_SECRET_KEY", support::SECRET_KEY),
+        ("STRIPE_API_BASE", support::localstripe()),
+        ("STRIPE_WEBHOOK_SECRET", "whsec_server_test"),
+    ]))
+    .await
+    .expect("configured");
+    assert!(
+        configured.description.contains("PostgreSQL"),
+        "{}",
+        configured.description
+    );
+    assert!(
+        configured.description.contains("Stripe at http://127.0.0.1:"),
+        "{}",
+        configured.description
+    );
+    assert!(!configured.description.contains(support::SECRET_KEY));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let server = Server {
+        base: format!("http://{}", listener.local_addr().expect("address")),
+        billing: configured.billing.clone(),
+        sandbox: SandboxGateway::new(),
+    };
+    let router = app(configured.state);
+    tokio::spawn(async move { axum::serve(listener, router).await });
+
+    let user = format!("srv-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let customer = support::customer_with_card("4242424242424242").await;
+    data(
+        &server
+            .post(
+                "/api/token-billing/accounts",
+                &json!({"userId": user, "customerId": customer}),
+                Some(API_KEY),
+            )
+            .await,
+    );
+    let outcome = data(
+        &server
+            .usage(json!({"userId": user, "tokensUsed": 10_000_000, "operationType": "chat"}))
+            .await,
+    );
+    assert_eq!(outcome["tierCharges"][0]["status"], json!("succeeded"));
+    let summary = data(
+        &server
+            .get(&format!("/api/token-billing/user-summary/{user}"), Some(API_KEY))
+            .await,
+    );
+    assert_eq!(summary["total_charged"], json!(50_000));
+    let charges = configured
+        .billing
+        .charges(&UserId::new(user.as_str()).expect("valid"), None)
+        .await
+        .expect("charges");
+    for charge in charges {
+        assert_eq!(
+            support::payment_intents_for(charge.key.as_str()).await.len(),
+            1,
+            "{}",
+            charge.key
+        );
+    }
+}
+
+#[cfg(not(feature = "stripe"))]
+#[tokio::test]
+async fn the_stripe_webhook_endpoint_needs_the_stripe_gateway() {
+    let server = start().await;
+    let reply = request(&server.base, "POST", "/api/token-billing/webhooks/stripe", &[], b"{}").await;
+    assert_eq!(reply.status, 404);
+}
+
+#[cfg(feature = "stripe")]
+#[tokio::test]
+async fn stripe_webhooks_are_verified_and_applied_once() {
+    use token_billing::gateway::stripe::{StripeGateway, sign};
+
+    let sandbox = SandboxGateway::new();
+    let customer = token_billing::CustomerId::new("cus_auth").expect("valid");
+    sandbox.add_customer(customer.clone(), token_billing::CardBehaviour::RequiresAuthentication);
+    let billing = BillingService::builder(Arc::new(InMemoryUsageStore::new()), Arc::new(sandbox.clone())).build();
+    let user = UserId::new("hooked").expect("valid");
+    billing
+        .register_account(&user, Some(customer), None)
+        .await
+        .expect("registered");
+    let outcome = billing
+        .process_token_usage(token_billing::UsageReport::new("hooked", 100, "chat"))
+        .await
+        .expect("recorded");
+    let fee = outcome.fixed_fee_charge.expect("the fee");
+    let charge = billing.charges(&user, None).await.expect("charges").remove(0);
+    assert_eq!(fee.status, token_billing::ChargeStatus::RequiresAction);
+    let stripe = StripeGateway::builder("sk_test_unused")
+        .api_base("http://127.0.0.1:9")
+        .webhook_secret("whsec_server")
+        .build()
+        .expect("a gateway");
+    let state =
+        AppState::new(billing.clone(), Auth::new(API_KEY, None, None), Arc::new(SystemClock)).with_stripe(stripe);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("address"));
+    let router = app(state);
+    tokio::spawn(async move { axum::serve(listener, router).await });
+
+    let payment = charge.payment_id.clone().expect("the payment");
+    let event = json!({"id": "evt_server_1", "type": "payment_intent.succeeded", "data": {"object": {
+        "id": payment, "status": "succeeded",
+        "metadata": {"user_id": "hooked", "period": charge.period.to_string(), "kind": "fixed_fee", "block": "0",
+                     "charge_key": charge.key.to_string(), "round": "0"}}}})
+    .to_string();
+    let deliver = |signature: String| {
+        let base = base.clone();
+        let event = event.clone();
+        async move {
+            request(
+                &base,
+                "POST",
+                "/api/token-billing/webhooks/stripe",
+                &[("Content-Type", "application/json"), ("Stripe-Signature", &signature)],
+                event.as_bytes(),
+            )
+            .await
+        }
+    };
+    let forged = deliver(sign(event.as_bytes(), "whsec_other", chrono::Utc::now())).await;
+    assert_eq!(forged.status, 400, "{}", forged.body);
+    let signature = sign(event.as_bytes(), "whsec_server", chrono::Utc::now());
+    assert_eq!(data(&deliver(signature.clone()).await), json!({"applied": true}));
+    assert_eq!(
+        data(&deliver(signature).await),
+        json!({"applied": false}),
+        "delivered twice, applied once"
+    );
+    let settled = billing.charges(&user, None).await.expect("charges").remove(0);
+    assert_eq!(settled.status, token_billing::ChargeStatus::Succeeded);
+}
+
+#[tokio::test]
+async fn the_openapi_document_matches_the_routes() {
+    let server = start().await;
+    let document = data_of_openapi(&server).await;
+    let mut documented: Vec<(String, String)> = Vec::new();
+    for (path, operations) in document["paths"].as_object().expect("paths") {
+        for method in operations.as_object().expect("operations").keys() {
+            documented.push((method.to_ascii_uppercase(), path.clone()));
+        }
+    }
+    documented.sort();
+    let mut served: Vec<(String, String)> = routes()
+        .into_iter()
+        .map(|(m, p)| (m.to_owned(), p.to_owned()))
+        .collect();
+    served.sort();
+    assert_eq!(
+        documented, served,
+        "every route documented, every documented route served"
+    );
+    // And every documented route answers as a route, not as a 404 or 405 of the router.
+    for (method, path) in served {
+        let concrete = path.replace("{userId}", "probe");
+        let reply = match method.as_str() {
+            "GET" => server.get(&concrete, Some(API_KEY)).await,
+            _ => server.post(&concrete, &json!({}), Some(API_KEY)).await,
+        };
+        assert!(reply.status != 405, "{method} {path}: {}", reply.body);
+        if reply.status == 404 {
+            assert_ne!(reply.json()["error"], json!("no such route"), "{method} {path}");
+        }
+    }
+}
+
+async fn data_of_openapi(server: &Server) -> Value {
+    let reply = server.get("/api/token-billing/openapi.json", None).await;
+    assert_eq!(reply.status, 200);
+    let document = reply.json();
+    assert_eq!(document["openapi"], json!("3.1.0"));
+    document
+}
+
+/// A bad request: what it is, method, path, headers, body, and the status it must get.
+type BadRequest<'a> = (&'a str, &'a str, &'a str, Vec<(&'a str, &'a str)>, String, u16);
+
+/// Bad requests: each answered with a 4xx JSON error, and nothing recorded.
+#[tokio::test]
+async fn bad_requests_are_refused_with_a_clear_error_and_record_nothing() {
+    let server = start().await;
+    let other = token_for("someone-else", 600);
+    let expired = token_for("victim", -3600);
+    let victim_token = token_for("victim", 600);
+    let usage = |fields: Value| {
+        let mut body = json!({"userId": "victim", "tokensUsed": 1_000, "operationType": "chat"});
+        for (key, value) in fields.as_object().expect("fields") {
+            if value.is_null() {
+                body.as_object_mut().expect("object").remove(key);
+            } else {
+                body[key] = value.clone();
+            }
+        }
+        body.to_string()
+    };
+    let many_keys: serde_json::Map<String, Value> = (0..51).map(|i| (format!("k{i}"), json!("v"))).collect();
+    let key = bearer(API_KEY);
+    let (expired, victim_token, other) = (bearer(&expired), bearer(&victim_token), bearer(&other));
+    let json_type = ("Content-Type", "application/json");
+    let with_key = [json_type, ("Authorization", key.as_str())];
+    let cases: Vec<BadRequest> = vec![
+        (
+            "malformed JSON",
+            "POST",
+            "/api/token-billing/process-usage",
+            with_key.to_vec(),
+            "{\"userId\": ".to_owned(),
+            400,
+        ),
+        (
+            "an array",
+            "POST",
+            "/api/token-billing/process-usage",
+            with_key.to_vec(),
+            "[1]".to_owned(),
+            400,
+        ),
+        (
+            "userId a number",
+            "POST",
+            "/api/token-billing/process-usage",
+            with_key.to_vec(),
+            usage(json!({"userId": 7})),
+            400,
+        ),
+        (
+            "tokensUsed a string",
+            "POST",
+            "/api/token-billing/process-usage",
+            with_key.to_vec(),
+            usage(json!({"tokensUsed": "1000"})),
+            400,
+        ),
+        (
+            "metadata an array",
+            "POST",
+            "/api/token-billing/process-usage",
+            with_key.to_vec(),
+            usage(json!({"metadata": [1]})),
+            400,
+        ),
+        (
+            "a metadata value a number",
+            "POST",
+            "/api/token-billing/process-usage",
+            with_key.to_vec(),
+            usage(json!({"metadata": {"n": 1}})),
+            400,
+        ),
+        (
+            "clientId an object",
+            "POST",
+            "/api/token-billing/process-usage",
+            with_key.to_vec(),
+            usage(json!({"clientId": {}})),
+            400,
+        ),
+        (
+            "no userId",
+            "POST",
+            "/api/token-billing/process-usage",
+            with_key.to_vec(),
+            usage(json!({"userId": null})),
+            400,
+        ),
+        (
+            "no tokensUsed",
+            "POST",
+            "/api/token-billing/process-usage",
+            with_key.to_vec(),
+            usage(json!({"tokensUsed": null})),
+            400,
+        ),
+        (
+            "no operationType",
+            "POST",
+            "/api/token-billing/process-usage",
+            with_key.to_vec(),
+            usage(json!({"operationType": null})),
+            400,
+        ),
+        (
+            "zero tokens",
+            "POST",
+            "/api/token-billing/process-usage",
+            with_key.to_vec(),
+            usage(json!({"tokensUsed": 0})),
+            400,
+        ),
+        (
+            "negative tokens",
+            "POST",
+            "/api/token-billing/process-usage",
+            with_key.to_vec(),
+            usage(json!({"tokensUsed": -5})),
+            400,
+        ),
+        (
+            "fractional tokens",
+            "POST",
+            "/api/token-billing/process-usage",
+            with_key.to_vec(),
+            usage(json!({"tokensUsed": 1.5})),
+            400,
+        ),
+        (
+            "huge tokens",
+            "POST",
+            "/api/token-billing/process-usage",
+            with_key.to_vec(),
+            usage(json!({"tokensUsed": 1e30})),
+            400,
+        ),
+        (
+            "tokens past u64",
+            "POST",
+            "/api/token-billing/process-usage",
+            with_key.to_vec(),
+            r#"{"userId":"victim","tokensUsed":18446744073709551616,"operationType":"chat"}"#.to_owned(),
+            400,
+        ),
+        (
+            "more tokens than one event may have",
+            "POST",
+            "/api/token-billing/process-usage",
+            with_key.to_vec(),
+            usage(json!({"tokensUsed": 1_000_000_001u64})),
+            400,
+        ),
+        (
+            "51 metadata keys",
+            "POST",
+            "/api/token-billing/process-usage",
+            with_key.to_vec(),
+            usage(json!({"metadata": many_keys})),
+            400,
+        ),
+        (
+            "a metadata value too long",
+            "POST",
+            "/api/token-billing/process-usage",
+            with_key.to_vec(),
+            usage(json!({"metadata": {"k": "x".repeat(501)}})),
+            400,
+        ),
+        (
+            "a user id with spaces",
+            "POST",
+            "/api/token-billing/process-usage",
+            with_key.to_vec(),
+            usage(json!({"userId": "vic tim"})),
+            400,
+        ),
+        (
+            "an occurredAt not a date",
+            "POST",
+            "/api/token-billing/process-usage",
+            with_key.to_vec(),
+            usage(json!({"occurredAt": "yesterday"})),
+            400,
+        ),
+        (
+            "a body past 64 KiB",
+            "POST",
+            "/api/token-billing/process-usage",
+            with_key.to_vec(),
+            usage(json!({"metadata": {"k": "x".repeat(70_000)}})),
+            413,
+        ),
+        (
+            "no JSON content type",
+            "POST",
+            "/api/token-billing/process-usage",
+            vec![("Authorization", key.as_str())],
+            usage(json!({})),
+            415,
+        ),
+        (
+            "no credentials",
+            "POST",
+            "/api/token-billing/process-usage",
+            vec![json_type],
+            usage(json!({})),
+            401,
+        ),
+        (
+            "a wrong key",
+            "POST",
+            "/api/token-billing/process-usage",
+            vec![json_type, ("Authorization", "Bearer wrong")],
+            usage(json!({})),
+            401,
+        ),
+        (
+            "not a bearer",
+            "POST",
+            "/api/token-billing/process-usage",
+            vec![json_type, ("Authorization", "Basic dGVzdA==")],
+            usage(json!({})),
+            401,
+        ),
+        (
+            "an expired token",
+            "GET",
+            "/api/token-billing/user-summary/victim",
+            vec![("Authorization", expired.as_str())],
+            String::new(),
+            401,
+        ),
+        (
+            "a user token writing",
+            "POST",
+            "/api/token-billing/process-usage",
+            vec![json_type, ("Authorization", victim_token.as_str())],
+            usage(json!({})),
+            403,
+        ),
+        (
+            "another user's summary",
+            "GET",
+            "/api/token-billing/user-summary/victim",
+            vec![("Authorization", other.as_str())],
+            String::new(),
+            403,
+        ),
+        (
+            "another user's dashboard",
+            "GET",
+            "/api/token-billing/dashboard/victim",
+            vec![("Authorization", other.as_str())],
+            String::new(),
+            403,
+        ),
+        (
+            "a bad period",
+            "GET",
+            "/api/token-billing/user-summary/victim?period=2026-13",
+            vec![("Authorization", key.as_str())],
+            String::new(),
+            400,
+        ),
+        (
+            "an unknown route",
+            "GET",
+            "/api/token-billing/nothing-here",
+            vec![("Authorization", key.as_str())],
+            String::new(),
+            404,
+        ),
+        (
+            "a wrong method",
+            "GET",
+            "/api/token-billing/process-usage",
+            vec![("Authorization", key.as_str())],
+            String::new(),
+            405,
+        ),
+        (
+            "a wrong method on a read",
+            "DELETE",
+            "/api/token-billing/user-summary/victim",
+            vec![("Authorization", key.as_str())],
+            String::new(),
+            405,
+        ),
+    ];
+    for (name, method, path, headers, body, status) in &cases {
+        let reply = request(&server.base, method, path, headers, body.as_bytes()).await;
+        assert_eq!(reply.status, *status, "{name}: {}", reply.body);
+        let error = reply.json();
+        assert_eq!(error["success"], json!(false), "{name}");
+        let message = error["error"].as_str().unwrap_or_default();
+        assert!(!message.is_empty(), "{name}: a message");
+        assert_eq!(reply.header("content-type"), Some("application/json"), "{name}");
+        if *status == 401 {
+            assert_eq!(reply.header("www-authenticate"), Some("Bearer"), "{name}");
+        }
+    }
+    assert_eq!(server.recorded("victim").await, (0, 0), "nothing recorded");
+    assert!(server.sandbox.payments().is_empty(), "nothing charged");
+    // A valid request still works afterwards.
+    let fine = server
+        .usage(json!({"userId": "victim", "tokensUsed": 1_000, "operationType": "chat"}))
+        .await;
+    assert_eq!(fine.status, 200, "{}", fine.body);
+}
+
+/// Where Debian's Chromium is, if installed.
+fn chromium() -> Option<String> {
+    let candidates = [std::env::var("CHROMIUM").ok(), Some("/usr/bin/chromium".to_owned())];
+    candidates.into_iter().flatten().find(|path| Path::new(path).exists())
+}
+
+fn headless(chromium: &str, profile: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(chromium)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--enable-logging=stderr",
+            "--v=0",
+            "--virtual-time-budget=5000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(args)
+        .output()
+        .expect("run chromium")
+}
+
+/// The text of the element with `id` in a page.
+fn text_of<'a>(dom: &'a str, id: &str) -> &'a str {
+    let open = format!("id=\"{id}\"");
+    let start = dom.find(&open).unwrap_or_else(|| panic!("no #{id} in the page"));
+    let after = &dom[start..];
+    let text = &after[after.find('>').expect("a tag") + 1..];
+    &text[..text.find('<').expect("a closing tag")]
+}
+
+fn grouped(n: i64) -> String {
+    let digits = n.abs().to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if n < 0 { format!("-{out}") } else { out }
+}
+
+fn brl(minor: i64) -> String {
+    format!("BRL {}.{:02}", grouped(minor / 100), (minor % 100).abs())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_what_the_api_reports_in_a_real_browser() {
+    let Some(chromium) = chromium() else {
+        assert!(
+            std::env::var("TOKEN_BILLING_BROWSER_TESTS").as_deref() != Ok("required"),
+            "Chromium is required (apt-get install chromium)"
+        );
+        eprintln!("skipped: install Debian's chromium to run the dashboard in a browser");
+        return;
+    };
+    let server = start().await;
+    // Usage spread over the month so far.
+    let now = chrono::Utc::now();
+    let start_of_month = Period::containing(now, server.billing.default_plan().zone()).start();
+    for (i, tokens) in [3_000_000, 6_000_000, 9_000_000].into_iter().enumerate() {
+        let at = start_of_month + (now - start_of_month) * i32::try_from(i + 1).expect("small") / 3;
+        let reply = server
+            .usage(
+                json!({"userId": "dana", "tokensUsed": tokens, "operationType": "chat", "occurredAt": at.to_rfc3339()}),
+            )
+            .await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+    }
+    let token = token_for("dana", 600);
+    let api = data(&server.get("/api/token-billing/dashboard/dana", Some(&token)).await);
+    let summary = &api["summary"];
+
+    let artifacts = Path::new(env!("CARGO_MANIFEST_DIR")).join("artifacts");
+    std::fs::create_dir_all(&artifacts).expect("artifacts dir");
+    let profile = tempdir("chromium-dom");
+    let url = format!("{}/dashboard/dana#token={token}", server.base);
+    let chromium_run = {
+        let chromium = chromium.clone();
+        let url = url.clone();
+        let profile = profile.clone();
+        tokio::task::spawn_blocking(move || headless(&chromium, &profile, &["--dump-dom", &url]))
+    };
+    let output = chromium_run.await.expect("chromium ran");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let dom = String::from_utf8_lossy(&output.stdout).into_owned();
+    let log = String::from_utf8_lossy(&output.stderr);
+    let console: Vec<&str> = log.lines().filter(|l| l.contains(":CONSOLE")).collect();
+    assert!(console.is_empty(), "the page wrote to the console: {console:#?}");
+    assert!(dom.contains("data-loaded=\"true\""), "the page loaded its data: {dom}");
+    assert_eq!(text_of(&dom, "message"), "", "no error shown");
+    assert_eq!(
+        text_of(&dom, "total-tokens"),
+        grouped(summary["total_tokens"].as_i64().expect("tokens"))
+    );
+    assert_eq!(
+        text_of(&dom, "current-tier"),
+        summary["current_tier"].as_str().expect("tier")
+    );
+    for (id, field) in [
+        ("fixed-fee-charged", "fixed_fee_charged"),
+        ("tier-charges-total", "tier_charges_total"),
+        ("total-charged", "total_charged"),
+        ("outstanding-total", "outstanding_total"),
+    ] {
+        assert_eq!(
+            text_of(&dom, id),
+            brl(summary[field].as_i64().expect("amount")),
+            "#{id}"
+        );
+    }
+    assert_eq!(
+        text_of(&dom, "tier-charges-count"),
+        summary["tier_charges_count"].to_string()
+    );
+    let rows = dom.matches("<tr>").count() - 1; // the header row
+    assert_eq!(
+        rows,
+        api["charges"].as_array().expect("charges").len(),
+        "one row per charge"
+    );
+    assert!(dom.contains("id=\"usage-line\""), "the usage line is drawn");
+    assert_eq!(
+        dom.matches("class=\"boundary\"").count(),
+        3,
+        "the allowance, and the ends of blocks 1 and 2 (18M tokens are in block 2)"
+    );
+
+    let screenshot = artifacts.join("dashboard.png");
+    let _ = std::fs::remove_file(&screenshot);
+    let profile = tempdir("chromium-shot");
+    let shot = format!("--screenshot={}", screenshot.display());
+    let output = tokio::task::spawn_blocking(move || {
+        headless(
+            &chromium,
+            &profile,
+            &["--window-size=1280,1100", "--hide-scrollbars", &shot, &url],
+        )
+    })
+    .await
+    .expect("chromium ran");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let png = std::fs::read(&screenshot).expect("the screenshot");
+    assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "a real picture");
+}
+
+fn tempdir(tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("token-billing-{tag}-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+/// The original product's frontend helper, as the README shows it (with the header added), run
+/// by Node.js against the service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_seed_s_frontend_snippet_works_with_the_added_header() {
+    let node = ["/usr/bin/node", "/usr/local/bin/node"]
+        .into_iter()
+        .find(|p| Path::new(p).exists());
+    let Some(node) = node else {
+        assert!(
+            std::env::var("TOKEN_BILLING_BROWSER_TESTS").as_deref() != Ok("required"),
+            "Node.js is required to run the README's snippet"
+        );
+        eprintln!("skipped: install Node.js to run the README's frontend snippet");
+        return;
+    };
+    let server = start().await;
+    let readme = include_str!("../README.md");
+    let snippet = readme
+        .split("```javascript\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("the README's snippet");
+    // The page's origin is the service: relative URLs go to it.
+    let script = format!(
+        "const BASE = {base:?};\nconst TOKEN_BILLING_API_KEY = {API_KEY:?};\n\
+         const originFetch = fetch;\nglobalThis.fetch = (url, init) => originFetch(BASE + url, init);\n\
+         {snippet}\n\
+         new TokenUsageTracker().trackTokenUsage('node-user', 10000000)\n\
+           .then(data => console.log('RESULT ' + JSON.stringify(data)), () => process.exit(1));\n",
+        base = server.base
+    );
+    let output = tokio::task::spawn_blocking(move || Command::new(node).arg("-e").arg(script).output())
+        .await
+        .expect("node ran")
+        .expect("node started");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("Tokens processados:"), "{stdout}");
+    let result: Value = serde_json::from_str(
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("RESULT "))
+            .expect("the result"),
+    )
+    .expect("JSON");
+    assert_eq!(result["totalTokens"], json!(10_000_000));
+    assert_eq!(result["tierCharges"][0]["billing_tier"], json!("8M-16M"));
+    assert_eq!(server.recorded("node-user").await, (1, 10_000_000));
+}
