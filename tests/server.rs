@@ -25,7 +25,7 @@ use token_billing::{
 use crate::app::{AppState, app, routes};
 use crate::auth::{Auth, sign_token};
 
-const API_KEY: &str = "test-api-key";
+const API_KEY: &str = "test-api-key-0123456789";
 const JWT_SECRET: &str = "test-jwt-secret";
 
 struct Server {
@@ -42,8 +42,9 @@ async fn start_with(fee: FeeCollection) -> Server {
         .build();
     let state = AppState::new(
         billing.clone(),
-        Auth::new(API_KEY, Some(JWT_SECRET), None),
+        Auth::new(API_KEY, Some(JWT_SECRET), Some("authenticated".to_owned())),
         Arc::new(SystemClock),
+        None,
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -282,6 +283,39 @@ async fn the_monitoring_reports_accounts_and_subscriptions() {
         .await;
     assert_eq!(refused.status, 409, "{}", refused.body);
     let subscribing = start_with(FeeCollection::Subscription).await;
+    // A user who pays with another customer is not moved by a subscription request.
+    for id in ["cus_first", "cus_second"] {
+        subscribing.sandbox.add_customer(
+            token_billing::CustomerId::new(id).expect("valid"),
+            token_billing::CardBehaviour::Succeeds,
+        );
+    }
+    data(
+        &subscribing
+            .post(
+                "/api/token-billing/accounts",
+                &json!({"userId": "settled", "customerId": "cus_first"}),
+                Some(API_KEY),
+            )
+            .await,
+    );
+    let moved = subscribing
+        .post(
+            "/api/token-billing/create-subscription",
+            &json!({"customerId": "cus_second", "userId": "settled"}),
+            Some(API_KEY),
+        )
+        .await;
+    assert_eq!(moved.status, 409, "{}", moved.body);
+    let account = subscribing
+        .billing
+        .store()
+        .account(&UserId::new("settled").expect("valid"))
+        .await
+        .expect("read")
+        .expect("the account");
+    assert_eq!(account.customer_id.map(String::from).as_deref(), Some("cus_first"));
+    assert!(subscribing.sandbox.subscriptions().is_empty());
     subscribing.sandbox.add_customer(
         token_billing::CustomerId::new("cus_stripe_id").expect("valid"),
         token_billing::CardBehaviour::Succeeds,
@@ -310,7 +344,7 @@ fn variables(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
 
 #[tokio::test]
 async fn configuration_comes_from_the_environment_and_is_logged_without_secrets() {
-    let configured = config::configure(variables(&[("TOKEN_BILLING_API_KEY", "very-secret-key")]))
+    let configured = config::configure(variables(&[("TOKEN_BILLING_API_KEY", "very-secret-key-0123")]))
         .await
         .expect("configured");
     assert_eq!(configured.addr, "127.0.0.1:3000");
@@ -320,7 +354,7 @@ async fn configuration_comes_from_the_environment_and_is_logged_without_secrets(
         configured.description
     );
     assert!(configured.description.contains("sandbox"), "{}", configured.description);
-    assert!(!configured.description.contains("very-secret-key"));
+    assert!(!configured.description.contains("very-secret-key-0123"));
     assert!(configured.billing.fee_collection() == FeeCollection::Library);
     // The configured service takes the configured key, and the sandbox opens customers.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -334,7 +368,7 @@ async fn configuration_comes_from_the_environment_and_is_logged_without_secrets(
         "/api/token-billing/process-usage",
         &[
             ("Content-Type", "application/json"),
-            ("Authorization", "Bearer very-secret-key"),
+            ("Authorization", "Bearer very-secret-key-0123"),
         ],
         body.as_bytes(),
     )
@@ -342,15 +376,16 @@ async fn configuration_comes_from_the_environment_and_is_logged_without_secrets(
     assert_eq!(data(&reply)["tierCharges"][0]["status"], json!("succeeded"));
     for refused in [
         variables(&[]),
+        variables(&[("TOKEN_BILLING_API_KEY", "too-short")]),
         variables(&[
-            ("TOKEN_BILLING_API_KEY", "k"),
+            ("TOKEN_BILLING_API_KEY", "long-enough-key-0123"),
             ("TOKEN_BILLING_FEE_COLLECTION", "sometimes"),
         ]),
     ] {
         assert!(config::configure(refused).await.is_err());
     }
     let subscribing = config::configure(variables(&[
-        ("TOKEN_BILLING_API_KEY", "k"),
+        ("TOKEN_BILLING_API_KEY", "long-enough-key-0123"),
         ("TOKEN_BILLING_FEE_COLLECTION", "subscription"),
         ("TOKEN_BILLING_ADDR", "127.0.0.1:0"),
     ]))
@@ -468,8 +503,12 @@ async fn stripe_webhooks_are_verified_and_applied_once() {
         .webhook_secret("whsec_server")
         .build()
         .expect("a gateway");
-    let state =
-        AppState::new(billing.clone(), Auth::new(API_KEY, None, None), Arc::new(SystemClock)).with_stripe(stripe);
+    let state = AppState::new(
+        billing.clone(),
+        Auth::new(API_KEY, None, None),
+        Arc::new(SystemClock),
+        Some(stripe),
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let base = format!("http://{}", listener.local_addr().expect("address"));
     let router = app(state);
@@ -810,6 +849,46 @@ async fn bad_requests_are_refused_with_a_clear_error_and_record_nothing() {
             403,
         ),
         (
+            "another user's operations",
+            "GET",
+            "/api/token-billing/usage-by-operation/victim",
+            vec![("Authorization", other.as_str())],
+            String::new(),
+            403,
+        ),
+        (
+            "another user's tiers",
+            "GET",
+            "/api/token-billing/charges-by-tier/victim",
+            vec![("Authorization", other.as_str())],
+            String::new(),
+            403,
+        ),
+        (
+            "a user token registering",
+            "POST",
+            "/api/token-billing/accounts",
+            vec![json_type, ("Authorization", victim_token.as_str())],
+            json!({"userId": "victim", "customerId": "cus_x"}).to_string(),
+            403,
+        ),
+        (
+            "a user token subscribing",
+            "POST",
+            "/api/token-billing/create-subscription",
+            vec![json_type, ("Authorization", victim_token.as_str())],
+            json!({"userId": "victim", "customerId": "cus_x"}).to_string(),
+            403,
+        ),
+        (
+            "a path that is not UTF-8",
+            "GET",
+            "/api/token-billing/user-summary/%FF",
+            vec![("Authorization", key.as_str())],
+            String::new(),
+            400,
+        ),
+        (
             "a bad period",
             "GET",
             "/api/token-billing/user-summary/victim?period=2026-13",
@@ -842,8 +921,17 @@ async fn bad_requests_are_refused_with_a_clear_error_and_record_nothing() {
             405,
         ),
     ];
+    let document = crate::openapi::document();
     for (name, method, path, headers, body, status) in &cases {
         let reply = request(&server.base, method, path, headers, body.as_bytes()).await;
+        // The status is documented for the route (the router's own 404 and 405 aside).
+        if let Some(route) = route_of(method, path) {
+            let documented = &document["paths"][route][method.to_ascii_lowercase()]["responses"][status.to_string()];
+            assert!(
+                documented.is_object(),
+                "{name}: {status} is not documented for {method} {route}"
+            );
+        }
         assert_eq!(reply.status, *status, "{name}: {}", reply.body);
         let error = reply.json();
         assert_eq!(error["success"], json!(false), "{name}");
@@ -861,6 +949,18 @@ async fn bad_requests_are_refused_with_a_clear_error_and_record_nothing() {
         .usage(json!({"userId": "victim", "tokensUsed": 1_000, "operationType": "chat"}))
         .await;
     assert_eq!(fine.status, 200, "{}", fine.body);
+}
+
+/// The route (its template) that serves `method` and `path`, if any.
+fn route_of(method: &str, path: &str) -> Option<&'static str> {
+    let segments: Vec<&str> = path.split('?').next().unwrap_or(path).split('/').collect();
+    routes().into_iter().find_map(|(m, template)| {
+        let parts: Vec<&str> = template.split('/').collect();
+        let same = m == method
+            && parts.len() == segments.len()
+            && parts.iter().zip(&segments).all(|(p, s)| p.starts_with('{') || p == s);
+        same.then_some(template)
+    })
 }
 
 /// Where Debian's Chromium is, if installed.
@@ -941,6 +1041,27 @@ async fn the_dashboard_shows_what_the_api_reports_in_a_real_browser() {
     let token = token_for("dana", 600);
     let api = data(&server.get("/api/token-billing/dashboard/dana", Some(&token)).await);
     let summary = &api["summary"];
+
+    // This Chromium reports console output where the checks below look for it.
+    let control = {
+        let chromium = chromium.clone();
+        let profile = tempdir("chromium-control");
+        tokio::task::spawn_blocking(move || {
+            headless(
+                &chromium,
+                &profile,
+                &["--dump-dom", "data:text/html,<script>console.error('control')</script>"],
+            )
+        })
+        .await
+        .expect("chromium ran")
+    };
+    assert!(
+        String::from_utf8_lossy(&control.stderr)
+            .lines()
+            .any(|l| l.contains(":CONSOLE") && l.contains("control")),
+        "console output is not visible in Chromium's log"
+    );
 
     let artifacts = Path::new(env!("CARGO_MANIFEST_DIR")).join("artifacts");
     std::fs::create_dir_all(&artifacts).expect("artifacts dir");

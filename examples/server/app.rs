@@ -4,15 +4,17 @@
 //! `{"success": false, "error": "..."}` with a 4xx status for the caller's mistakes and a 5xx
 //! status for the service's own failures.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{MethodRouter, get, post};
+use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
@@ -26,8 +28,20 @@ use crate::auth::{Auth, AuthError, Caller};
 /// The largest request body accepted, in bytes.
 pub(crate) const MAX_BODY: usize = 64 * 1024;
 
+/// The largest webhook body accepted: Stripe's invoice events can be large.
+const MAX_WEBHOOK_BODY: usize = 1024 * 1024;
+
 /// The most points the dashboard's usage line has (one per hour of a 31-day month).
-const MAX_TIMELINE_POINTS: usize = 744;
+const MAX_TIMELINE_POINTS: i64 = 744;
+
+/// The Stripe gateway whose webhooks the service receives: `StripeGateway` with the feature
+/// `stripe`, and a type with no value without it.
+#[cfg(feature = "stripe")]
+pub(crate) type StripeWebhooks = token_billing::gateway::stripe::StripeGateway;
+/// The Stripe gateway whose webhooks the service receives: none in this build.
+#[cfg(not(feature = "stripe"))]
+#[derive(Debug, Clone)]
+pub(crate) enum StripeWebhooks {}
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -39,33 +53,24 @@ struct Inner {
     billing: BillingService,
     auth: Auth,
     clock: Arc<dyn Clock>,
-    #[cfg(feature = "stripe")]
-    stripe: Option<token_billing::gateway::stripe::StripeGateway>,
+    stripe: Option<StripeWebhooks>,
 }
 
 impl AppState {
-    /// The state over a billing service, the credentials, and the clock tokens are checked
-    /// against.
-    pub(crate) fn new(billing: BillingService, auth: Auth, clock: Arc<dyn Clock>) -> AppState {
+    /// The state over a billing service, the credentials, the clock tokens are checked
+    /// against, and the Stripe gateway whose webhooks are received, if any.
+    pub(crate) fn new(
+        billing: BillingService,
+        auth: Auth,
+        clock: Arc<dyn Clock>,
+        stripe: Option<StripeWebhooks>,
+    ) -> AppState {
         AppState {
             inner: Arc::new(Inner {
                 billing,
                 auth,
                 clock,
-                #[cfg(feature = "stripe")]
-                stripe: None,
-            }),
-        }
-    }
-
-    /// With the Stripe gateway whose webhooks the service receives.
-    #[cfg(feature = "stripe")]
-    pub(crate) fn with_stripe(self, stripe: token_billing::gateway::stripe::StripeGateway) -> AppState {
-        let inner = Arc::try_unwrap(self.inner).unwrap_or_else(|_| unreachable!("configured before sharing"));
-        AppState {
-            inner: Arc::new(Inner {
-                stripe: Some(stripe),
-                ..inner
+                stripe,
             }),
         }
     }
@@ -103,7 +108,7 @@ impl AppState {
                 "a user token reads only its own user's data",
             ));
         }
-        UserId::new(user).map_err(|e| ApiError::bad_request(format!("userId: {e}")))
+        checked("userId", user.to_owned())
     }
 }
 
@@ -129,6 +134,27 @@ impl ApiError {
     fn unauthorized(error: AuthError) -> ApiError {
         ApiError::new(StatusCode::UNAUTHORIZED, error.to_string())
     }
+
+    /// A rejected body: too large, unreadable.
+    fn body(rejection: BytesRejection) -> ApiError {
+        let status = rejection.status();
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(status, "the body is larger than this endpoint accepts")
+        } else {
+            ApiError::new(status, rejection.body_text())
+        }
+    }
+
+    /// A failure of the service itself: logged in full, answered with what failed only.
+    fn internal(status: StatusCode, error: &BillingError) -> ApiError {
+        tracing::error!(error = ?error, "request failed");
+        let what = match error {
+            BillingError::Gateway(_) => "the payment gateway failed; retry later",
+            BillingError::Store(_) => "the billing store is unavailable; retry later",
+            _ => "internal error",
+        };
+        ApiError::new(status, what)
+    }
 }
 
 impl From<BillingError> for ApiError {
@@ -145,14 +171,7 @@ impl From<BillingError> for ApiError {
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         if status.is_server_error() {
-            tracing::error!(error = ?error, "request failed");
-            // The details stay in the log: the caller learns what failed, not how.
-            let what = match error {
-                BillingError::Gateway(_) => "the payment gateway failed; retry with the same eventId",
-                BillingError::Store(_) => "the billing store is unavailable; retry with the same eventId",
-                _ => "internal error",
-            };
-            return ApiError::new(status, what);
+            return ApiError::internal(status, &error);
         }
         ApiError::new(status, error.to_string())
     }
@@ -179,7 +198,7 @@ impl IntoResponse for ApiError {
         if self.status == StatusCode::UNAUTHORIZED {
             response
                 .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
     }
@@ -217,7 +236,11 @@ fn table() -> Vec<(&'static str, &'static str, MethodRouter<AppState>)> {
             get(charges_by_tier),
         ),
         ("GET", "/api/token-billing/dashboard/{userId}", get(dashboard_data)),
-        ("POST", "/api/token-billing/webhooks/stripe", post(stripe_webhook)),
+        (
+            "POST",
+            "/api/token-billing/webhooks/stripe",
+            post(stripe_webhook).layer(DefaultBodyLimit::max(MAX_WEBHOOK_BODY)),
+        ),
         ("GET", "/api/token-billing/openapi.json", get(openapi)),
         ("GET", "/dashboard/{userId}", get(dashboard_page)),
     ]
@@ -241,16 +264,48 @@ pub(crate) fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// The `{userId}` of a path, answered as a JSON error when it cannot be read.
+struct UserPath(String);
+
+impl<S: Send + Sync> FromRequestParts<S> for UserPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let Path(user) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::bad_request(format!("userId: {}", e.body_text())))?;
+        Ok(UserPath(user))
+    }
+}
+
+/// The optional `?period=YYYY-MM` of a read.
+struct PeriodParam(Option<PeriodKey>);
+
+impl<S: Send + Sync> FromRequestParts<S> for PeriodParam {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        #[derive(Deserialize)]
+        struct PeriodQuery {
+            period: Option<String>,
+        }
+        let Query(query) = Query::<PeriodQuery>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::bad_request(e.body_text()))?;
+        query
+            .period
+            .map(|p| {
+                p.parse()
+                    .map_err(|e| ApiError::bad_request(format!("period must be YYYY-MM: {e}")))
+            })
+            .transpose()
+            .map(PeriodParam)
+    }
+}
+
 /// A JSON object body: the body limit, the content type and the syntax checked.
 fn json_object(headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<Map<String, Value>, ApiError> {
-    let body = body.map_err(|rejection| {
-        let status = rejection.status();
-        if status == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(status, format!("the body is larger than {MAX_BODY} bytes"))
-        } else {
-            ApiError::new(status, rejection.body_text())
-        }
-    })?;
+    let body = body.map_err(ApiError::body)?;
     let json_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -287,15 +342,21 @@ fn optional_text(body: &Map<String, Value>, field: &str) -> Result<Option<String
     }
 }
 
+/// An identifier checked by the library's rules.
+fn checked<T, E>(field: &str, text: String) -> Result<T, ApiError>
+where
+    T: TryFrom<String, Error = E>,
+    E: std::fmt::Display,
+{
+    T::try_from(text).map_err(|e| ApiError::bad_request(format!("{field}: {e}")))
+}
+
 /// The usage report of a process-usage body.
 fn usage_report(body: &Map<String, Value>) -> Result<UsageReport, ApiError> {
     let tokens = match body.get("tokensUsed") {
         None | Some(Value::Null) => return Err(ApiError::bad_request("tokensUsed is required")),
         Some(Value::Number(n)) => n.as_u64().ok_or_else(|| {
-            ApiError::bad_request(format!(
-                "tokensUsed must be a whole number of tokens from 1 to {}, not {n}",
-                u64::MAX
-            ))
+            ApiError::bad_request(format!("tokensUsed must be a positive whole number of tokens, not {n}"))
         })?,
         Some(other) => {
             return Err(ApiError::bad_request(format!(
@@ -374,30 +435,6 @@ async fn process_usage(
     }))
 }
 
-#[derive(Debug, Deserialize)]
-struct PeriodQuery {
-    period: Option<String>,
-}
-
-impl PeriodQuery {
-    fn key(&self) -> Result<Option<PeriodKey>, ApiError> {
-        self.period
-            .as_deref()
-            .map(|p| {
-                p.parse()
-                    .map_err(|e| ApiError::bad_request(format!("period must be YYYY-MM: {e}")))
-            })
-            .transpose()
-    }
-}
-
-fn period_query(
-    query: Result<Query<PeriodQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Option<PeriodKey>, ApiError> {
-    let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    query.key()
-}
-
 /// The seed's summary, in its order.
 #[derive(Serialize)]
 struct SummaryFields<'a> {
@@ -409,28 +446,29 @@ struct SummaryFields<'a> {
     total_charged: i64,
 }
 
-fn summary_fields(summary: &TokenSummary) -> SummaryFields<'_> {
-    SummaryFields {
-        total_tokens: summary.total_tokens,
-        current_tier: &summary.current_tier,
-        fixed_fee_charged: summary.fixed_fee_charged,
-        tier_charges_count: summary.tier_charges_count,
-        tier_charges_total: summary.tier_charges_total,
-        total_charged: summary.total_charged,
+impl<'a> From<&'a TokenSummary> for SummaryFields<'a> {
+    fn from(summary: &'a TokenSummary) -> Self {
+        SummaryFields {
+            total_tokens: summary.total_tokens,
+            current_tier: &summary.current_tier,
+            fixed_fee_charged: summary.fixed_fee_charged,
+            tier_charges_count: summary.tier_charges_count,
+            tier_charges_total: summary.tier_charges_total,
+            total_charged: summary.total_charged,
+        }
     }
 }
 
 /// `GET /api/token-billing/user-summary/{userId}`: the seed's `getUserTokenSummary`.
 async fn user_summary(
     State(state): State<AppState>,
-    Path(user): Path<String>,
-    query: Result<Query<PeriodQuery>, axum::extract::rejection::QueryRejection>,
+    UserPath(user): UserPath,
+    PeriodParam(period): PeriodParam,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let user = state.reader_of(&headers, &user)?;
-    let period = period_query(query)?;
     let summary = state.billing().token_summary(&user, period).await?;
-    Ok(success(summary_fields(&summary)))
+    Ok(success(SummaryFields::from(&summary)))
 }
 
 /// `POST /api/token-billing/accounts`: links a user to the customer who pays (and a plan).
@@ -441,12 +479,10 @@ async fn register_account(
 ) -> Result<Response, ApiError> {
     state.backend(&headers)?;
     let body = json_object(&headers, body)?;
-    let user =
-        UserId::new(required_text(&body, "userId")?).map_err(|e| ApiError::bad_request(format!("userId: {e}")))?;
-    let customer = CustomerId::new(required_text(&body, "customerId")?)
-        .map_err(|e| ApiError::bad_request(format!("customerId: {e}")))?;
-    let plan = optional_text(&body, "planId")?
-        .map(|p| PlanId::new(p).map_err(|e| ApiError::bad_request(format!("planId: {e}"))))
+    let user: UserId = checked("userId", required_text(&body, "userId")?)?;
+    let customer: CustomerId = checked("customerId", required_text(&body, "customerId")?)?;
+    let plan: Option<PlanId> = optional_text(&body, "planId")?
+        .map(|p| checked("planId", p))
         .transpose()?;
     let account = state.billing().register_account(&user, Some(customer), plan).await?;
     Ok(success(json!({
@@ -465,20 +501,30 @@ async fn create_subscription(
 ) -> Result<Response, ApiError> {
     state.backend(&headers)?;
     let body = json_object(&headers, body)?;
-    let customer = CustomerId::new(required_text(&body, "customerId")?)
-        .map_err(|e| ApiError::bad_request(format!("customerId: {e}")))?;
+    let customer: CustomerId = checked("customerId", required_text(&body, "customerId")?)?;
     let user = required_text(&body, "userId").map_err(|_| {
         ApiError::bad_request("userId is required: the fee the subscription collects is recorded for that user")
     })?;
-    let user = UserId::new(user).map_err(|e| ApiError::bad_request(format!("userId: {e}")))?;
+    let user: UserId = checked("userId", user)?;
     let billing = state.billing();
-    // Nothing is registered for a subscription that cannot be made.
+    // Nothing is registered for a subscription that cannot be made, and an account that pays
+    // with another customer is not changed here.
     if billing.fee_collection() != FeeCollection::Subscription {
         return Err(BillingError::FeeCollectedByLibrary.into());
     }
     let account = billing.store().account(&user).await.map_err(BillingError::from)?;
-    if account.as_ref().and_then(|a| a.customer_id.as_ref()) != Some(&customer) {
-        billing.register_account(&user, Some(customer), None).await?;
+    match account.as_ref().and_then(|a| a.customer_id.as_ref()) {
+        Some(current) if *current == customer => {}
+        Some(_) => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "the user pays with another customer: change it with POST /api/token-billing/accounts first",
+            ));
+        }
+        None => {
+            let plan = account.map(|a| a.plan_id);
+            billing.register_account(&user, Some(customer), plan).await?;
+        }
     }
     let subscription = billing.create_subscription(&user).await?;
     Ok(success(json!({
@@ -491,12 +537,12 @@ async fn create_subscription(
 /// `GET /api/token-billing/usage-by-operation/{userId}`: the seed's first monitoring query.
 async fn usage_by_operation(
     State(state): State<AppState>,
-    Path(user): Path<String>,
-    query: Result<Query<PeriodQuery>, axum::extract::rejection::QueryRejection>,
+    UserPath(user): UserPath,
+    PeriodParam(period): PeriodParam,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let user = state.reader_of(&headers, &user)?;
-    let rows = state.billing().usage_by_operation(&user, period_query(query)?).await?;
+    let rows = state.billing().usage_by_operation(&user, period).await?;
     Ok(success(Value::Array(
         rows.iter()
             .map(|r| json!({"operation_type": r.operation_type, "total_tokens": r.total_tokens, "operations": r.operations}))
@@ -507,12 +553,12 @@ async fn usage_by_operation(
 /// `GET /api/token-billing/charges-by-tier/{userId}`: the seed's second monitoring query.
 async fn charges_by_tier(
     State(state): State<AppState>,
-    Path(user): Path<String>,
-    query: Result<Query<PeriodQuery>, axum::extract::rejection::QueryRejection>,
+    UserPath(user): UserPath,
+    PeriodParam(period): PeriodParam,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let user = state.reader_of(&headers, &user)?;
-    let rows = state.billing().charges_by_tier(&user, period_query(query)?).await?;
+    let rows = state.billing().charges_by_tier(&user, period).await?;
     Ok(success(Value::Array(
         rows.iter()
             .map(|r| {
@@ -527,13 +573,16 @@ async fn charges_by_tier(
     )))
 }
 
-/// The plan that rates `period` for the user.
+/// The plan that rates `period` for the user. One no longer in the catalogue is the
+/// service's misconfiguration, not the caller's mistake.
 async fn plan_of(billing: &BillingService, user: &UserId, period: PeriodKey) -> Result<Plan, ApiError> {
     let account = billing.store().account(user).await.map_err(BillingError::from)?;
-    Ok(match account {
-        Some(account) => billing.plan(account.plan_for(period))?.clone(),
-        None => billing.default_plan().clone(),
-    })
+    let plan = match account {
+        Some(account) => billing.plan(account.plan_for(period)),
+        None => Ok(billing.default_plan()),
+    };
+    plan.cloned()
+        .map_err(|e| ApiError::internal(StatusCode::INTERNAL_SERVER_ERROR, &e))
 }
 
 fn charge_row(charge: &Charge) -> Value {
@@ -550,16 +599,14 @@ fn charge_row(charge: &Charge) -> Value {
 }
 
 /// Cumulative usage over the period, at most one point per bucket of the period's length.
-fn timeline(events: &[(DateTime<Utc>, u64)], period: &Period) -> Vec<Value> {
+fn timeline(mut events: Vec<(DateTime<Utc>, u64)>, period: &Period) -> Vec<Value> {
     let span = (period.end() - period.start()).num_seconds().max(1);
-    let buckets = i64::try_from(MAX_TIMELINE_POINTS).unwrap_or(i64::MAX);
     let mut points: Vec<(i64, DateTime<Utc>, u64)> = Vec::new();
     let mut total: u64 = 0;
-    let mut sorted = events.to_vec();
-    sorted.sort_by_key(|(at, _)| *at);
-    for (at, tokens) in sorted {
+    events.sort_unstable_by_key(|(at, _)| *at);
+    for (at, tokens) in events {
         total = total.saturating_add(tokens);
-        let bucket = ((at - period.start()).num_seconds().clamp(0, span - 1)) * buckets / span;
+        let bucket = (at - period.start()).num_seconds().clamp(0, span - 1) * MAX_TIMELINE_POINTS / span;
         match points.last_mut() {
             Some(last) if last.0 == bucket => {
                 last.1 = at;
@@ -577,21 +624,30 @@ fn timeline(events: &[(DateTime<Utc>, u64)], period: &Period) -> Vec<Value> {
 /// `GET /api/token-billing/dashboard/{userId}`: everything the dashboard page draws.
 async fn dashboard_data(
     State(state): State<AppState>,
-    Path(user): Path<String>,
-    query: Result<Query<PeriodQuery>, axum::extract::rejection::QueryRejection>,
+    UserPath(user): UserPath,
+    PeriodParam(period): PeriodParam,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    #[derive(Serialize)]
+    struct Summary<'a> {
+        #[serde(flatten)]
+        seed: SummaryFields<'a>,
+        outstanding_count: u64,
+        outstanding_total: i64,
+    }
     let user = state.reader_of(&headers, &user)?;
     let billing = state.billing();
-    let summary = billing.token_summary(&user, period_query(query)?).await?;
+    let summary = billing.token_summary(&user, period).await?;
     let plan = plan_of(billing, &user, summary.period).await?;
     let period = Period::new(summary.period, plan.zone());
-    let consumptions = billing
+    let events = billing
         .store()
         .consumptions(&user, summary.period)
         .await
-        .map_err(BillingError::from)?;
-    let events: Vec<(DateTime<Utc>, u64)> = consumptions.iter().map(|c| (c.occurred_at, c.tokens)).collect();
+        .map_err(BillingError::from)?
+        .into_iter()
+        .map(|c| (c.occurred_at, c.tokens))
+        .collect();
     let charges = billing.charges(&user, Some(summary.period)).await?;
     Ok(success(json!({
         "userId": user,
@@ -604,33 +660,47 @@ async fn dashboard_data(
             "blockSize": plan.block_size(),
             "blockPrice": plan.block_price().minor_units(),
         },
-        "summary": {
-            "total_tokens": summary.total_tokens,
-            "current_tier": summary.current_tier,
-            "fixed_fee_charged": summary.fixed_fee_charged,
-            "tier_charges_count": summary.tier_charges_count,
-            "tier_charges_total": summary.tier_charges_total,
-            "total_charged": summary.total_charged,
-            "outstanding_count": summary.outstanding_count,
-            "outstanding_total": summary.outstanding_total,
+        "summary": Summary {
+            seed: SummaryFields::from(&summary),
+            outstanding_count: summary.outstanding_count,
+            outstanding_total: summary.outstanding_total,
         },
-        "timeline": timeline(&events, &period),
+        "timeline": timeline(events, &period),
         "charges": charges.iter().map(charge_row).collect::<Vec<_>>(),
     })))
 }
 
+const DASHBOARD: &str = include_str!("dashboard.html");
+
+/// The page's Content-Security-Policy: only its own inline script and style (by hash), and
+/// requests to this origin.
+fn dashboard_policy() -> &'static HeaderValue {
+    static POLICY: OnceLock<HeaderValue> = OnceLock::new();
+    POLICY.get_or_init(|| {
+        let hash = |open: &str, close: &str| {
+            let start = DASHBOARD.find(open).map(|i| i + open.len()).unwrap_or(0);
+            let end = DASHBOARD[start..].find(close).map_or(start, |i| start + i);
+            let digest = ring::digest::digest(&ring::digest::SHA256, &DASHBOARD.as_bytes()[start..end]);
+            format!("'sha256-{}'", base64::engine::general_purpose::STANDARD.encode(digest))
+        };
+        let policy = format!(
+            "default-src 'none'; script-src {}; style-src {}; connect-src 'self'; img-src data:; \
+             frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+            hash("<script>", "</script>"),
+            hash("<style>", "</style>")
+        );
+        HeaderValue::from_str(&policy).unwrap_or_else(|_| HeaderValue::from_static("default-src 'none'"))
+    })
+}
+
 /// `GET /dashboard/{userId}`: the page; it reads its data with the token in the URL's fragment,
 /// which browsers never send to the server.
-async fn dashboard_page(Path(_user): Path<String>) -> Response {
-    let mut response = Html(include_str!("dashboard.html")).into_response();
+async fn dashboard_page() -> Response {
+    let mut response = Html(DASHBOARD).into_response();
     let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_SECURITY_POLICY,
-        header::HeaderValue::from_static(
-            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:",
-        ),
-    );
-    headers.insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-store"));
+    headers.insert(header::CONTENT_SECURITY_POLICY, dashboard_policy().clone());
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
     response
 }
 
@@ -644,43 +714,30 @@ async fn stripe_webhook(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Response {
-    #[cfg(feature = "stripe")]
-    {
-        stripe_event(&state, &headers, body)
-            .await
-            .unwrap_or_else(IntoResponse::into_response)
-    }
-    #[cfg(not(feature = "stripe"))]
-    {
-        let _ = (state, headers, body);
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "this build has no Stripe gateway (feature stripe)",
-        )
-        .into_response()
-    }
-}
-
-#[cfg(feature = "stripe")]
-async fn stripe_event(
-    state: &AppState,
-    headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    use token_billing::gateway::stripe::WebhookError;
-
     let stripe = state
         .inner
         .stripe
         .as_ref()
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "Stripe is not configured (STRIPE_SECRET_KEY)"))?;
-    let body = body.map_err(|rejection| ApiError::new(rejection.status(), rejection.body_text()))?;
+    let body = body.map_err(ApiError::body)?;
     let signature = headers
         .get("stripe-signature")
         .and_then(|v| v.to_str().ok())
         .ok_or_else(|| ApiError::bad_request("missing Stripe-Signature"))?;
-    let event = match stripe.webhook_event(&body, signature).await {
+    apply_stripe_event(&state, stripe, &body, signature).await
+}
+
+#[cfg(feature = "stripe")]
+async fn apply_stripe_event(
+    state: &AppState,
+    stripe: &StripeWebhooks,
+    body: &[u8],
+    signature: &str,
+) -> Result<Response, ApiError> {
+    use token_billing::gateway::stripe::WebhookError;
+
+    let event = match stripe.webhook_event(body, signature).await {
         Ok(Some(event)) => event,
         Ok(None) => return Ok(success(json!({"applied": false}))),
         Err(WebhookError::Gateway(error)) => return Err(BillingError::Gateway(error).into()),
@@ -698,4 +755,14 @@ async fn stripe_event(
         }
         Err(error) => Err(error.into()),
     }
+}
+
+#[cfg(not(feature = "stripe"))]
+async fn apply_stripe_event(
+    _state: &AppState,
+    stripe: &StripeWebhooks,
+    _body: &[u8],
+    _signature: &str,
+) -> Result<Response, ApiError> {
+    match *stripe {}
 }

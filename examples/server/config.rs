@@ -10,6 +10,9 @@ use token_billing::{
 use crate::app::AppState;
 use crate::auth::Auth;
 
+/// The shortest API key accepted.
+pub(crate) const MIN_API_KEY_LEN: usize = 16;
+
 /// Where the service listens unless told.
 pub(crate) const DEFAULT_ADDR: &str = "127.0.0.1:3000";
 
@@ -31,8 +34,13 @@ type Error = Box<dyn std::error::Error + Send + Sync>;
 pub(crate) async fn configure(env: impl Fn(&str) -> Option<String>) -> Result<Configured, Error> {
     let env = |name: &str| env(name).filter(|v| !v.trim().is_empty());
     let api_key = env("TOKEN_BILLING_API_KEY").ok_or("set TOKEN_BILLING_API_KEY: the key the host's backend sends")?;
+    if api_key.len() < MIN_API_KEY_LEN {
+        return Err(format!("TOKEN_BILLING_API_KEY must be at least {MIN_API_KEY_LEN} characters").into());
+    }
     let jwt_secret = env("TOKEN_BILLING_JWT_SECRET");
-    let auth = Auth::new(&api_key, jwt_secret.as_deref(), env("TOKEN_BILLING_JWT_AUDIENCE"));
+    // Supabase's access tokens name the audience `authenticated`; `*` accepts any.
+    let audience = env("TOKEN_BILLING_JWT_AUDIENCE").unwrap_or_else(|| "authenticated".to_owned());
+    let auth = Auth::new(&api_key, jwt_secret.as_deref(), (audience != "*").then_some(audience));
     let fee = match env("TOKEN_BILLING_FEE_COLLECTION").as_deref() {
         None | Some("library") => FeeCollection::Library,
         Some("subscription") => FeeCollection::Subscription,
@@ -94,12 +102,9 @@ pub(crate) async fn configure(env: impl Fn(&str) -> Option<String>) -> Result<Co
         .fee_collection(fee)
         .unregistered_users(unregistered)
         .build();
-    let state = AppState::new(billing.clone(), auth, clock);
-    #[cfg(feature = "stripe")]
-    let state = match stripe {
-        Some(stripe) => state.with_stripe(stripe),
-        None => state,
-    };
+    #[cfg(not(feature = "stripe"))]
+    let stripe = None;
+    let state = AppState::new(billing.clone(), auth, clock, stripe);
     let description = format!(
         "store: {store_name}; gateway: {gateway_name}; fixed fee: {fee:?}; user tokens: {}",
         if jwt_secret.is_some() {

@@ -1,14 +1,15 @@
 //! The reference HTTP service: the original product's API over the token-billing library.
 //!
 //! ```sh
-//! TOKEN_BILLING_API_KEY=dev-key cargo run --example server
+//! TOKEN_BILLING_API_KEY=dev-key-0123456789 cargo run --example server
 //! ```
 //!
 //! Configuration, from the environment:
 //! - `TOKEN_BILLING_API_KEY` (required): the key of the host's backend, for writes and any read.
+//!   At least 16 characters.
 //! - `TOKEN_BILLING_JWT_SECRET`: the HS256 secret of user tokens (Supabase's JWT secret); a
-//!   user's token reads that user's summary, reports and dashboard. `TOKEN_BILLING_JWT_AUDIENCE`
-//!   makes the `aud` claim required (Supabase: `authenticated`).
+//!   user's token reads that user's summary, reports and dashboard. Its `aud` must be
+//!   `TOKEN_BILLING_JWT_AUDIENCE` (`authenticated`, as Supabase issues them; `*` for any).
 //! - `TOKEN_BILLING_ADDR`: where to listen (`127.0.0.1:3000`).
 //! - `DATABASE_URL`: the PostgreSQL store (feature `postgres`); else the in-memory store.
 //! - `STRIPE_SECRET_KEY`, `STRIPE_API_BASE`, `STRIPE_WEBHOOK_SECRET`: the Stripe gateway
@@ -30,11 +31,11 @@ use tracing::{error, info};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let level = match std::env::var("RUST_LOG").as_deref() {
-        Ok("debug") => tracing::Level::DEBUG,
-        Ok("warn") => tracing::Level::WARN,
-        _ => tracing::Level::INFO,
-    };
+    // RUST_LOG names a level (error, warn, info, debug, trace); info by default.
+    let level = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|level| level.parse().ok())
+        .unwrap_or(tracing::Level::INFO);
     tracing_subscriber::fmt().with_max_level(level).init();
 
     let configured = config::configure(|name| std::env::var(name).ok()).await?;
@@ -56,22 +57,29 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
 
 /// The two jobs a host runs: `resume_pending` every minute, `retry_failed` every hour.
 fn spawn_jobs(billing: BillingService) {
-    let resumer = billing.clone();
-    tokio::spawn(async move {
-        let mut every = tokio::time::interval(Duration::from_secs(60));
-        loop {
-            every.tick().await;
-            if let Err(e) = resumer.resume_pending().await {
-                error!(error = %e, "resume_pending failed");
-            }
-        }
+    every(
+        Duration::from_secs(60),
+        "resume_pending",
+        billing.clone(),
+        |b| async move { b.resume_pending().await },
+    );
+    every(Duration::from_secs(3600), "retry_failed", billing, |b| async move {
+        b.retry_failed().await
     });
+}
+
+/// Runs `job` every `period`, logging its failures.
+fn every<F, Fut>(period: Duration, name: &'static str, billing: BillingService, job: F)
+where
+    F: Fn(BillingService) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<token_billing::CollectionReport, token_billing::BillingError>> + Send,
+{
     tokio::spawn(async move {
-        let mut every = tokio::time::interval(Duration::from_secs(3600));
+        let mut ticks = tokio::time::interval(period);
         loop {
-            every.tick().await;
-            if let Err(e) = billing.retry_failed().await {
-                error!(error = %e, "retry_failed failed");
+            ticks.tick().await;
+            if let Err(e) = job(billing.clone()).await {
+                error!(job = name, error = %e, "background job failed");
             }
         }
     });

@@ -34,11 +34,12 @@ fn body(schema: Value) -> Value {
 }
 
 /// The errors every authenticated read can answer.
-fn read_errors() -> [(&'static str, Value); 4] {
+fn read_errors() -> [(&'static str, Value); 5] {
     [
         ("400", error("A bad user id or period.")),
         ("401", error("Missing, malformed, invalid or expired credentials.")),
         ("403", error("A user token for another user.")),
+        ("500", error("The user's plan is missing from the service's catalogue.")),
         ("503", error("The billing store is unavailable.")),
     ]
 }
@@ -111,11 +112,11 @@ pub(crate) fn document() -> Value {
                         "required": ["userId", "tokensUsed", "operationType"],
                         "properties": {
                             "userId": {"type": "string", "maxLength": 128},
-                            "tokensUsed": {"type": "integer", "minimum": 1},
-                            "operationType": {"type": "string", "examples": ["chat"]},
-                            "clientId": {"type": ["string", "null"]},
+                            "tokensUsed": {"type": "integer", "minimum": 1, "maximum": 1_000_000_000u64},
+                            "operationType": {"type": "string", "maxLength": 64, "examples": ["chat"]},
+                            "clientId": {"type": ["string", "null"], "maxLength": 128},
                             "metadata": {"type": ["object", "null"], "additionalProperties": {"type": "string", "maxLength": 500}, "maxProperties": 50},
-                            "eventId": {"type": ["string", "null"], "description": "The caller's id of this event: a retry with the same id answers the original outcome and records nothing."},
+                            "eventId": {"type": ["string", "null"], "maxLength": 128, "description": "The caller's id of this event: a retry with the same id answers the original outcome and records nothing."},
                             "occurredAt": {"type": ["string", "null"], "format": "date-time"}
                         }
                     })),
@@ -161,7 +162,33 @@ pub(crate) fn document() -> Value {
                 }))
             },
             "/api/token-billing/dashboard/{userId}": {
-                "get": read("Everything the dashboard draws: the plan, the summary, cumulative usage and the charges.", "The month's data.", json!({"type": "object"}))
+                "get": read("Everything the dashboard draws: the plan, the summary, cumulative usage and the charges.", "The month's data.", json!({
+                    "type": "object",
+                    "required": ["userId", "period", "plan", "summary", "timeline", "charges"],
+                    "properties": {
+                        "userId": {"type": "string"},
+                        "period": {"type": "object", "properties": {
+                            "key": {"type": "string"}, "start": {"type": "string", "format": "date-time"},
+                            "end": {"type": "string", "format": "date-time"}, "zone": {"type": "string"}
+                        }},
+                        "plan": {"type": "object", "properties": {
+                            "currency": {"type": "string"}, "exponent": {"type": "integer"}, "fixedFee": {"type": "integer"},
+                            "includedTokens": {"type": "integer"}, "blockSize": {"type": "integer"}, "blockPrice": {"type": "integer"}
+                        }},
+                        "summary": {"allOf": [{"$ref": "#/components/schemas/Summary"}, {"type": "object", "properties": {
+                            "outstanding_count": {"type": "integer"}, "outstanding_total": {"type": "integer"}
+                        }}]},
+                        "timeline": {"type": "array", "items": {"type": "object", "properties": {
+                            "at": {"type": "string", "format": "date-time"}, "totalTokens": {"type": "integer"}
+                        }}},
+                        "charges": {"type": "array", "items": {"type": "object", "properties": {
+                            "id": {"type": "string", "format": "uuid"}, "kind": {"enum": ["fixed_fee", "block"]},
+                            "block": {"type": "integer"}, "billing_tier": {"type": "string"}, "amount_charged": {"type": "integer"},
+                            "status": {"enum": ["pending", "succeeded", "failed", "requires_action"]},
+                            "failure_code": {"type": ["string", "null"]}, "created_at": {"type": "string", "format": "date-time"}
+                        }}}
+                    }
+                }))
             },
             "/api/token-billing/accounts": {
                 "post": {
@@ -170,14 +197,21 @@ pub(crate) fn document() -> Value {
                     "requestBody": body(json!({
                         "type": "object",
                         "required": ["userId", "customerId"],
-                        "properties": {"userId": {"type": "string"}, "customerId": {"type": "string"}, "planId": {"type": "string"}}
+                        "properties": {"userId": {"type": "string", "maxLength": 128}, "customerId": {"type": "string", "maxLength": 255}, "planId": {"type": "string", "maxLength": 64}}
                     })),
                     "responses": {
-                        "200": ok("The account.", json!({"type": "object"})),
+                        "200": ok("The account.", json!({
+                            "type": "object",
+                            "properties": {"userId": {"type": "string"}, "customerId": {"type": "string"}, "planId": {"type": "string"}}
+                        })),
                         "400": error("A missing or bad field, or an unknown plan."),
                         "401": error("Missing or invalid API key."),
                         "403": error("A user token: writes take the API key."),
-                        "409": error("A plan change while the month has usage.")
+                        "409": error("A plan change while the month has usage."),
+                        "413": error("The body is larger than 64 KiB."),
+                        "415": error("The body is not application/json."),
+                        "502": error("The payment gateway failed while collecting the charges that waited for the account."),
+                        "503": error("The billing store is unavailable.")
                     }
                 }
             },
@@ -188,7 +222,7 @@ pub(crate) fn document() -> Value {
                     "requestBody": body(json!({
                         "type": "object",
                         "required": ["customerId", "userId"],
-                        "properties": {"customerId": {"type": "string", "examples": ["cus_stripe_id"]}, "userId": {"type": "string"}}
+                        "properties": {"customerId": {"type": "string", "maxLength": 255, "examples": ["cus_stripe_id"]}, "userId": {"type": "string", "maxLength": 128}}
                     })),
                     "responses": {
                         "200": ok("The subscription.", json!({
@@ -198,8 +232,11 @@ pub(crate) fn document() -> Value {
                         "400": error("A missing or bad field."),
                         "401": error("Missing or invalid API key."),
                         "403": error("A user token: writes take the API key."),
-                        "409": error("The service collects the fixed fee itself (TOKEN_BILLING_FEE_COLLECTION=library)."),
-                        "502": error("The payment gateway failed.")
+                        "409": error("The service collects the fixed fee itself (TOKEN_BILLING_FEE_COLLECTION=library), or the user pays with another customer (change it with /accounts)."),
+                        "413": error("The body is larger than 64 KiB."),
+                        "415": error("The body is not application/json."),
+                        "502": error("The payment gateway failed."),
+                        "503": error("The billing store is unavailable.")
                     }
                 }
             },
@@ -214,6 +251,7 @@ pub(crate) fn document() -> Value {
                         })),
                         "400": error("A bad signature or payload."),
                         "404": error("Stripe is not configured."),
+                        "413": error("The body is larger than 1 MiB."),
                         "502": error("Reading the event needed Stripe, which failed: Stripe delivers it again."),
                         "503": error("The billing store is unavailable: Stripe delivers it again.")
                     }
@@ -227,7 +265,7 @@ pub(crate) fn document() -> Value {
             },
             "/dashboard/{userId}": {
                 "get": {
-                    "summary": "The user's dashboard page for the current month. Open it as /dashboard/{userId}#token=<user token or API key>: the fragment never reaches the server.",
+                    "summary": "The user's dashboard page for the current month. Open it as /dashboard/{userId}#token=<the user's token>: the fragment never reaches the server, and the page removes it from the address at once.",
                     "parameters": [user_path()],
                     "responses": {"200": {"description": "The page.", "content": {"text/html": {"schema": {"type": "string"}}}}}
                 }
