@@ -66,6 +66,7 @@ pub mod clock;
 pub mod domain;
 mod error;
 pub mod gateway;
+mod random;
 mod service;
 pub mod store;
 #[cfg(feature = "testing")]
@@ -85,8 +86,8 @@ pub use service::{
 #[cfg(feature = "postgres")]
 pub use store::PostgresUsageStore;
 pub use store::{
-    Account, AuditEntry, AuditEvent, GatewayEventRecord, InMemoryUsageStore, OperationUsage, PeriodSummary, StoreError,
-    TierChargeReport, UsageStore,
+    Account, AuditEntry, AuditEvent, EventRetention, GatewayEventRecord, InMemoryUsageStore, InMemoryUsageStoreBuilder,
+    OperationUsage, PeriodSummary, StoreError, TierChargeReport, UsageStore,
 };
 
 /// The README's examples, compiled and run as doc tests (they use every feature).

@@ -1,5 +1,6 @@
 //! [`BillingService`]: the only place that sequences the store and the gateway.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -98,7 +99,7 @@ impl Default for DunningSchedule {
 /// The service's settings; see [`BillingServiceBuilder`] for each.
 #[derive(Debug, Clone)]
 struct Settings {
-    plans: HashMap<PlanId, Plan>,
+    plans: foldhash::HashMap<PlanId, Plan>,
     default_plan: PlanId,
     fee: FeeCollection,
     collection: CollectionMode,
@@ -464,6 +465,40 @@ impl BillingServiceBuilder {
     }
 }
 
+/// The operation type named `text`, sharing the text of the last one this thread read when it
+/// is the same: a host reports few operation types (`chat`, `embedding`), and this spares an
+/// allocation per event.
+fn recent_operation_type(text: String) -> Result<OperationType, crate::IdError> {
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<OperationType>> = const { std::cell::RefCell::new(None) };
+    }
+    LAST.with(|last| {
+        if let Some(known) = last.borrow().as_ref().filter(|known| known.as_str() == text) {
+            return Ok(known.clone());
+        }
+        let read = OperationType::new(text)?;
+        *last.borrow_mut() = Some(read.clone());
+        Ok(read)
+    })
+}
+
+/// The period containing `instant` in `zone`, from a per-thread memory of the last one found:
+/// nearly every event falls in the current month, and drawing a month's boundaries in a time
+/// zone is the costliest step of placing an event.
+fn period_containing(instant: DateTime<Utc>, zone: chrono_tz::Tz) -> Period {
+    thread_local! {
+        static LAST: Cell<Option<(chrono_tz::Tz, Period)>> = const { Cell::new(None) };
+    }
+    LAST.with(|last| match last.get() {
+        Some((cached_zone, period)) if cached_zone == zone && period.contains(instant) => period,
+        _ => {
+            let period = Period::containing(instant, zone);
+            last.set(Some((zone, period)));
+            period
+        }
+    })
+}
+
 fn default_plan_id() -> PlanId {
     PlanId::new("default").unwrap_or_else(|_| unreachable!("\"default\" is a valid plan id"))
 }
@@ -478,7 +513,7 @@ impl BillingService {
             gateway,
             clock: Arc::new(SystemClock),
             settings: Settings {
-                plans: HashMap::from([(default_plan.clone(), Plan::default())]),
+                plans: [(default_plan.clone(), Plan::default())].into_iter().collect(),
                 default_plan,
                 fee: FeeCollection::Library,
                 collection: CollectionMode::Immediate,
@@ -656,16 +691,16 @@ impl BillingService {
     /// a bad report is refused even when the store is down.
     fn read_report(report: UsageReport, now: DateTime<Utc>) -> Result<UsageRecord, UsageError> {
         let user_id = UserId::new(report.user_id)?;
-        let operation_type = OperationType::new(report.operation_type)?;
+        let operation_type = recent_operation_type(report.operation_type)?;
         let client_id = report.client_id.map(ClientId::new).transpose()?;
         if report.tokens_used == 0 {
             return Err(UsageError::ZeroTokens);
         }
         check_metadata(&report.metadata)?;
-        let consumption_id = Uuid::new_v4();
+        let consumption_id = crate::random::uuid_v4();
         let event_id = match report.event_id {
             Some(id) => EventId::new(id)?,
-            None => EventId::new(consumption_id.to_string())?,
+            None => EventId::of_consumption(consumption_id),
         };
         // Instants are kept to the microsecond, as SQL timestamps are, so a re-sent event compares
         // equal to its stored original in every store.
@@ -676,7 +711,7 @@ impl BillingService {
             event_id,
             user_id,
             // Set from the plan's zone by `place_in_period`.
-            period: Period::containing(occurred_at, chrono_tz::UTC).key(),
+            period: PeriodKey::UNPLACED,
             tokens: report.tokens_used,
             operation_type,
             client_id,
@@ -697,6 +732,9 @@ impl BillingService {
                 max,
             });
         }
+        if usage.occurred_at <= now {
+            return Ok(());
+        }
         let skew = chrono::Duration::from_std(self.settings.max_future_skew).unwrap_or(chrono::Duration::MAX);
         if usage.occurred_at > now.checked_add_signed(skew).unwrap_or(DateTime::<Utc>::MAX_UTC) {
             return Err(UsageError::InFuture {
@@ -710,7 +748,12 @@ impl BillingService {
     /// Puts a checked event in its period under the user's plan, refusing it when the period's
     /// grace window has passed.
     fn place_in_period(usage: &mut UsageRecord, plan: &Plan, now: DateTime<Utc>) -> Result<(), UsageError> {
-        let period = Period::containing(usage.occurred_at, plan.zone());
+        let period = period_containing(usage.occurred_at, plan.zone());
+        if now < period.end() {
+            // The period is still open: no grace window to work out.
+            usage.period = period.key();
+            return Ok(());
+        }
         let grace = chrono::Duration::from_std(plan.late_usage_grace()).unwrap_or(chrono::Duration::MAX);
         let accepted_until = period
             .end()
@@ -847,7 +890,7 @@ impl BillingService {
                 Err(error) => warn!(error = %error, "no customer: charges stay pending"),
             }
         }
-        Self::outcome(recorded.usage, recorded.total_after, &charges, recorded.replayed, plan)
+        Self::outcome(&recorded.usage, recorded.total_after, &charges, recorded.replayed, plan)
     }
 
     /// The original outcome of an event that was already recorded with the same usage; `None`
@@ -857,7 +900,7 @@ impl BillingService {
         usage: &UsageRecord,
         account: Option<&Account>,
     ) -> Result<Option<UsageOutcome>, BillingError> {
-        if usage.event_id.as_str() == usage.consumption_id.to_string() {
+        if !usage.has_host_event_id() {
             return Ok(None);
         }
         let Some(recorded) = self.store.recorded_event(&usage.user_id, &usage.event_id).await? else {
@@ -870,11 +913,11 @@ impl BillingService {
         }
         let plan = self.period_plan(account, recorded.usage.period)?;
         debug!(event = %usage.event_id, "event replayed: answering the original outcome");
-        Self::outcome(recorded.usage, recorded.total_after, &recorded.charges, true, plan).map(Some)
+        Self::outcome(&recorded.usage, recorded.total_after, &recorded.charges, true, plan).map(Some)
     }
 
     fn outcome(
-        usage: UsageRecord,
+        usage: &UsageRecord,
         total_after: u64,
         charges: &[Charge],
         replayed: bool,
@@ -927,25 +970,10 @@ impl BillingService {
                 return Some(self.settle(charge, Ok(nothing)).await);
             }
             let idempotency_key = charge.idempotency_key();
-            let description = match charge.kind {
-                ChargeKind::FixedFee => format!("Monthly fee, {}", charge.period),
-                _ => format!("Tokens {}, {}", charge.billing_tier, charge.period),
-            };
-            let metadata = Metadata::from([
-                ("user_id".to_owned(), charge.user_id.to_string()),
-                ("period".to_owned(), charge.period.to_string()),
-                ("kind".to_owned(), charge.kind.to_string()),
-                ("block".to_owned(), charge.block.to_string()),
-                ("charge_key".to_owned(), charge.key.to_string()),
-                ("round".to_owned(), charge.round.to_string()),
-            ]);
             let request = PaymentRequest {
-                charge_key: &charge.key,
+                charge: &charge,
                 idempotency_key: &idempotency_key,
                 customer,
-                amount: charge.amount,
-                description: &description,
-                metadata: &metadata,
             };
             let result = self.gateway.collect(&request).await;
             Some(self.settle(charge, result).await)
@@ -1543,7 +1571,7 @@ impl BillingService {
             let account = self.store.account(user).await?;
             let now = self.clock.now();
             let current = self.current_plan(account.as_ref())?;
-            let period = period.unwrap_or_else(|| Period::containing(now, current.zone()).key());
+            let period = period.unwrap_or_else(|| period_containing(now, current.zone()).key());
             tracing::Span::current().record("period", tracing::field::display(period));
             let plan = self.period_plan(account.as_ref(), period)?;
             let customer = self.customer_for(user, account.as_ref()).await?;
@@ -1690,7 +1718,7 @@ impl BillingService {
     async fn period_of(&self, user: &UserId, period: Option<PeriodKey>) -> Result<(PeriodKey, &Plan), BillingError> {
         let account = self.store.account(user).await?;
         let current = self.current_plan(account.as_ref())?;
-        let period = period.unwrap_or_else(|| Period::containing(self.clock.now(), current.zone()).key());
+        let period = period.unwrap_or_else(|| period_containing(self.clock.now(), current.zone()).key());
         Ok((period, self.period_plan(account.as_ref(), period)?))
     }
 

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use token_billing::testing::gateway::SandboxFixture;
-use token_billing::{InMemoryUsageStore, PaymentGateway, SandboxGateway, UsageStore};
+use token_billing::{EventRetention, InMemoryUsageStore, PaymentGateway, SandboxGateway, UsageStore};
 
 token_billing::usage_store_conformance!(in_memory_concrete, async { InMemoryUsageStore::new() });
 token_billing::usage_store_conformance!(in_memory_boxed, async {
@@ -12,6 +12,12 @@ token_billing::usage_store_conformance!(in_memory_boxed, async {
 });
 token_billing::usage_store_conformance!(in_memory_arc, async {
     Arc::new(InMemoryUsageStore::with_shards(1)) as Arc<dyn UsageStore>
+});
+token_billing::usage_store_conformance!(in_memory_keeping_resendable_events, async {
+    InMemoryUsageStore::builder()
+        .events(EventRetention::Resendable)
+        .periods_kept(2)
+        .build()
 });
 
 token_billing::payment_gateway_conformance!(sandbox_concrete, async {

@@ -270,21 +270,17 @@ async fn a_gateway_that_forgets_idempotency_keys_still_never_charges_twice() {
     h.assert_period_consistent(&gabi, november(), &Plan::default()).await;
 
     // Without the look-up, the same key would have paid again: the sandbox really forgot it.
-    let key = h.store.charges(&gabi, november()).await.expect("charges")[1]
-        .key
-        .clone();
+    let charge = h.store.charges(&gabi, november()).await.expect("charges")[1].clone();
+    let key = charge.key.clone();
     let again = h
         .sandbox
         .collect(&token_billing::PaymentRequest {
-            charge_key: &key,
+            charge: &charge,
             idempotency_key: key.as_str(),
             customer: &h
                 .sandbox
                 .customer_of(&gabi)
                 .unwrap_or_else(|| "cus_gabi".parse().expect("valid")),
-            amount: token_billing::Money::from_minor(10_000, token_billing::Currency::BRL),
-            description: "probe",
-            metadata: &token_billing::Metadata::new(),
         })
         .await
         .expect("collect");

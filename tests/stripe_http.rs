@@ -15,8 +15,8 @@ use serde_json::json;
 use support::{Answer, Received, SECRET_KEY, serve};
 use token_billing::gateway::stripe::{StripeConfigError, StripeGateway, WebhookError, sign};
 use token_billing::{
-    ChargeKey, ChargeKind, Currency, CustomerId, GatewayChange, GatewayError, ManualClock, Metadata, Money,
-    PaymentGateway, PaymentRequest, PaymentStatus, PeriodKey, UserId,
+    ChargeKey, ChargeKind, ChargeStatus, Currency, CustomerId, GatewayChange, GatewayError, ManualClock, Metadata,
+    Money, NewCharge, PaymentGateway, PaymentRequest, PaymentStatus, PeriodKey, Plan, UserId,
 };
 
 /// A fake Stripe: a customer `cus_1` with the default payment method `pm_1`, and scripted
@@ -105,18 +105,27 @@ fn metadata() -> Metadata {
 
 async fn collect(gateway: &StripeGateway, amount: Money) -> Result<token_billing::PaymentOutcome, GatewayError> {
     let key = key();
-    let metadata = metadata();
     let customer = customer();
+    let charge = token_billing::Charge {
+        amount,
+        ..NewCharge::block(&Plan::default(), &user(), key_period(), 1, None).into_charge(
+            uuid::Uuid::new_v4(),
+            ChargeStatus::Pending,
+            Utc::now(),
+        )
+    };
+    assert_eq!(charge.key, key);
     gateway
         .collect(&PaymentRequest {
-            charge_key: &key,
+            charge: &charge,
             idempotency_key: key.as_str(),
             customer: &customer,
-            amount,
-            description: "Tokens 8M-16M, 2026-11",
-            metadata: &metadata,
         })
         .await
+}
+
+fn key_period() -> PeriodKey {
+    PeriodKey::new(2026, 11).expect("valid")
 }
 
 fn brl(minor: i64) -> Money {

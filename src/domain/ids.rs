@@ -3,6 +3,7 @@
 use std::borrow::Borrow;
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -66,9 +67,11 @@ pub(crate) fn check_identifier(kind: &'static str, value: &str, max: usize) -> R
 macro_rules! identifier {
     ($(#[$doc:meta])* $name:ident, $kind:literal, $max:expr) => {
         $(#[$doc])*
+        ///
+        /// Cheap to clone: the text is shared, never copied.
         #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
         #[serde(try_from = "String", into = "String")]
-        pub struct $name(String);
+        pub struct $name(Arc<str>);
 
         impl $name {
             /// The longest accepted value, in bytes.
@@ -82,7 +85,7 @@ macro_rules! identifier {
             pub fn new(value: impl Into<String>) -> Result<Self, IdError> {
                 let value = value.into();
                 check_identifier($kind, &value, $max)?;
-                Ok(Self(value))
+                Ok(Self(Arc::from(value)))
             }
 
             /// The identifier as text.
@@ -126,7 +129,7 @@ macro_rules! identifier {
 
         impl From<$name> for String {
             fn from(id: $name) -> String {
-                id.0
+                id.0.to_string()
             }
         }
 
@@ -237,6 +240,23 @@ identifier!(
     64
 );
 
+impl EventId {
+    /// The id standing in for the host's when it gave none: the consumption's id, hyphenated.
+    ///
+    /// # Example
+    /// ```
+    /// use token_billing::EventId;
+    ///
+    /// let consumption = uuid::Uuid::nil();
+    /// assert_eq!(EventId::of_consumption(consumption).as_str(), "00000000-0000-0000-0000-000000000000");
+    /// ```
+    pub fn of_consumption(consumption_id: uuid::Uuid) -> EventId {
+        let mut text = [0; uuid::fmt::Hyphenated::LENGTH];
+        // A hyphenated UUID is 36 bytes of printable ASCII: a valid id, no check needed.
+        EventId(Arc::from(&*consumption_id.hyphenated().encode_lower(&mut text)))
+    }
+}
+
 /// What a charge is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -296,9 +316,20 @@ impl FromStr for ChargeKind {
 /// assert_eq!(key.idempotency_key(2), "tb:test-user-id:2026-11:block:1:r2");
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct ChargeKey(String);
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ChargeKey(Arc<str>);
+
+impl Serialize for ChargeKey {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for ChargeKey {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer).map(|key| ChargeKey(Arc::from(key)))
+    }
+}
 
 impl ChargeKey {
     /// The longest a key can be, in bytes.
@@ -306,13 +337,40 @@ impl ChargeKey {
 
     /// The key of the charge for `block` (0 for the fixed fee) of `kind` in `period`.
     pub fn new(user: &UserId, period: PeriodKey, kind: ChargeKind, block: u64) -> ChargeKey {
-        ChargeKey(format!("tb:{user}:{period}:{kind}:{block}"))
+        let mut number = [0u8; 20];
+        let mut at = number.len();
+        let mut rest = block;
+        loop {
+            at -= 1;
+            number[at] = b'0' + u8::try_from(rest % 10).unwrap_or(0);
+            rest /= 10;
+            if rest == 0 {
+                break;
+            }
+        }
+        let period = period.text();
+        let parts: [&[u8]; 8] = [
+            b"tb:",
+            user.as_str().as_bytes(),
+            b":",
+            &period,
+            b":",
+            kind.as_str().as_bytes(),
+            b":",
+            &number[at..],
+        ];
+        let mut key = String::with_capacity(parts.iter().map(|p| p.len()).sum());
+        for part in parts {
+            // Every part is ASCII: the user id is printable ASCII, the rest digits and letters.
+            key.push_str(std::str::from_utf8(part).unwrap_or_default());
+        }
+        ChargeKey(Arc::from(key))
     }
 
     /// A key read back from storage, as written by [`ChargeKey::new`].
     #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub(crate) fn from_stored(key: String) -> ChargeKey {
-        ChargeKey(key)
+        ChargeKey(Arc::from(key))
     }
 
     /// The key as text.
@@ -324,7 +382,7 @@ impl ChargeKey {
     /// `{key}:r{round}` after. At most 193 bytes, below Stripe's 255.
     pub fn idempotency_key(&self, round: u32) -> String {
         if round == 0 {
-            self.0.clone()
+            self.0.to_string()
         } else {
             format!("{}:r{round}", self.0)
         }

@@ -39,6 +39,9 @@ pub enum PeriodError {
 }
 
 impl PeriodKey {
+    /// A stand-in until an event is placed in its period.
+    pub(crate) const UNPLACED: PeriodKey = PeriodKey { year: 1970, month: 1 };
+
     /// The month `month` (1 to 12) of `year` (1 to 9999).
     ///
     /// # Errors
@@ -96,9 +99,30 @@ impl PeriodKey {
     }
 }
 
+impl PeriodKey {
+    /// The key as `YYYY-MM`, written without the formatting machinery: it is part of every
+    /// charge key.
+    pub(crate) fn text(&self) -> [u8; 7] {
+        let digit = |n: u32| b'0' + u8::try_from(n % 10).unwrap_or(0);
+        // Years are 1 to 9999 and months 1 to 12 by construction.
+        let year = self.year.unsigned_abs();
+        [
+            digit(year / 1000),
+            digit(year / 100),
+            digit(year / 10),
+            digit(year),
+            b'-',
+            digit(self.month / 10),
+            digit(self.month),
+        ]
+    }
+}
+
 impl fmt::Display for PeriodKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:04}-{:02}", self.year, self.month)
+        let text = self.text();
+        // Seven ASCII digits and a dash.
+        f.write_str(std::str::from_utf8(&text).unwrap_or("????-??"))
     }
 }
 

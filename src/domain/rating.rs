@@ -98,7 +98,18 @@ impl Tier {
 
     /// The stable label, as stored with charges (`8M-16M`).
     pub fn label(&self) -> String {
-        self.to_string()
+        // Nearly every event of a thread lands in the tier of the one before: the label is
+        // remembered rather than formatted again (it depends on the bounds alone).
+        thread_local! {
+            static LAST: std::cell::RefCell<(u64, u64, String)> = const { std::cell::RefCell::new((0, 0, String::new())) };
+        }
+        LAST.with(|last| {
+            let mut last = last.borrow_mut();
+            if last.2.is_empty() || (last.0, last.1) != (self.lower, self.upper) {
+                *last = (self.lower, self.upper, self.to_string());
+            }
+            last.2.clone()
+        })
     }
 }
 

@@ -76,18 +76,18 @@ pub fn check_metadata(metadata: &Metadata) -> Result<(), MetadataError> {
     if metadata.len() > MAX_KEYS {
         return Err(MetadataError::TooManyKeys { count: metadata.len() });
     }
+    // A character is at least one byte: a text within a limit in bytes needs no counting.
+    let exceeds = |text: &str, limit: usize| text.len() > limit && text.chars().count() > limit;
     for (key, value) in metadata {
-        let key_chars = key.chars().count();
-        if key_chars == 0 || key_chars > MAX_KEY_CHARS || key.contains(['[', ']']) {
+        if key.is_empty() || exceeds(key, MAX_KEY_CHARS) || key.bytes().any(|b| b == b'[' || b == b']') {
             return Err(MetadataError::BadKey {
                 key: key.chars().take(64).collect(),
             });
         }
-        let chars = value.chars().count();
-        if chars > MAX_VALUE_CHARS {
+        if exceeds(value, MAX_VALUE_CHARS) {
             return Err(MetadataError::ValueTooLong {
                 key: key.clone(),
-                chars,
+                chars: value.chars().count(),
             });
         }
     }
@@ -122,6 +122,29 @@ pub struct UsageRecord {
 }
 
 impl UsageRecord {
+    /// Whether the host gave the event its own id (so that it may send it again), rather than
+    /// the consumption id standing in for one.
+    ///
+    /// # Example
+    /// ```
+    /// # let record = |event_id: &str| {
+    /// #     let consumption_id: uuid::Uuid = "67e55044-10b1-426f-9247-bb680e5fe0c8".parse().unwrap();
+    /// #     token_billing::UsageRecord {
+    /// #         consumption_id, event_id: event_id.parse().unwrap(), user_id: "u".parse().unwrap(),
+    /// #         period: "2026-11".parse().unwrap(), tokens: 1, operation_type: "chat".parse().unwrap(),
+    /// #         client_id: None, metadata: Default::default(), occurred_at: chrono::Utc::now(),
+    /// #         occurred_at_reported: false, recorded_at: chrono::Utc::now(),
+    /// #     }
+    /// # };
+    /// assert!(record("req-42").has_host_event_id());
+    /// assert!(!record("67e55044-10b1-426f-9247-bb680e5fe0c8").has_host_event_id());
+    /// ```
+    pub fn has_host_event_id(&self) -> bool {
+        let id = self.event_id.as_str();
+        let mut standing_in = [0; uuid::fmt::Hyphenated::LENGTH];
+        id.len() != standing_in.len() || id != self.consumption_id.hyphenated().encode_lower(&mut standing_in)
+    }
+
     /// Whether `other`, a re-send under the same event id, reports the same usage: same user,
     /// tokens, operation type, client id and metadata, and the same `occurred_at` when either one
     /// reported it.

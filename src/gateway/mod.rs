@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use chrono::{DateTime, Utc};
 
-use crate::domain::{ChargeKey, CustomerId, Metadata, Money, Plan, PlanId, UserId};
+use crate::domain::{Charge, ChargeKey, ChargeKind, CustomerId, Metadata, Plan, PlanId, UserId};
 use crate::service::PaymentUpdate;
 use crate::store::BoxError;
 
@@ -98,29 +98,54 @@ pub struct PaymentOutcome {
     pub message: Option<String>,
 }
 
-/// One request to collect a charge.
+/// One request to collect a charge: the charge (its key, which the payment must carry, its
+/// amount, user, period, kind, block, tier and round), the round's idempotency key, and the
+/// customer who pays. A gateway that shows the customer a description or attaches metadata
+/// derives them with [`description`](Self::description) and [`metadata`](Self::metadata), so
+/// that gateways that need neither (the sandbox) format nothing.
 #[derive(Clone)]
 pub struct PaymentRequest<'a> {
-    /// The charge's key: travels in the payment's metadata, so the payment can be found again.
-    pub charge_key: &'a ChargeKey,
+    /// The charge to collect.
+    pub charge: &'a Charge,
     /// The idempotency key of this collection round ([`ChargeKey::idempotency_key`]).
     pub idempotency_key: &'a str,
     /// Who pays.
     pub customer: &'a CustomerId,
-    /// How much.
-    pub amount: Money,
-    /// What for, as the customer may see it (`Tokens 8M-16M, 2026-11`).
-    pub description: &'a str,
-    /// Metadata to attach: the user, period, kind, block and charge key.
-    pub metadata: &'a Metadata,
+}
+
+impl PaymentRequest<'_> {
+    /// What the payment is for, as the customer may see it: `Tokens 8M-16M, 2026-11` for a
+    /// block, `Monthly fee, 2026-11` for the fixed fee.
+    pub fn description(&self) -> String {
+        let charge = self.charge;
+        match charge.kind {
+            ChargeKind::FixedFee => format!("Monthly fee, {}", charge.period),
+            _ => format!("Tokens {}, {}", charge.billing_tier, charge.period),
+        }
+    }
+
+    /// The metadata a payment carries so that it can be found and understood later: the user,
+    /// period, kind, block, charge key and collection round.
+    pub fn metadata(&self) -> Metadata {
+        let charge = self.charge;
+        Metadata::from([
+            ("user_id".to_owned(), charge.user_id.to_string()),
+            ("period".to_owned(), charge.period.to_string()),
+            ("kind".to_owned(), charge.kind.to_string()),
+            ("block".to_owned(), charge.block.to_string()),
+            ("charge_key".to_owned(), charge.key.to_string()),
+            ("round".to_owned(), charge.round.to_string()),
+        ])
+    }
 }
 
 impl Debug for PaymentRequest<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PaymentRequest")
+            .field("charge", &self.charge.key)
             .field("idempotency_key", &self.idempotency_key)
             .field("customer", &self.customer)
-            .field("amount", &self.amount)
+            .field("amount", &self.charge.amount)
             .finish_non_exhaustive()
     }
 }
@@ -191,7 +216,7 @@ pub enum GatewayChange {
 ///   [`GatewayError::OutcomeUnknown`] whenever money may have moved without it knowing. It MUST
 ///   NOT report [`PaymentStatus::Declined`] or [`GatewayError::Rejected`] unless nothing was
 ///   collected.
-/// - The payment MUST carry `request.charge_key`, so that [`find_payment`](Self::find_payment)
+/// - The payment MUST carry `request.charge.key`, so that [`find_payment`](Self::find_payment)
 ///   finds every payment made for a charge, in any round, even after the gateway forgot the
 ///   idempotency key. The service calls it before collecting a charge that may have been
 ///   attempted already, and keeps a payment it finds instead of creating another.

@@ -1,6 +1,6 @@
 //! [`SandboxGateway`]: an in-process card processor for demos and tests.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use async_trait::async_trait;
@@ -96,21 +96,16 @@ struct Ledger {
 /// # Example
 /// ```
 /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
-/// use token_billing::{CardBehaviour, ChargeKey, ChargeKind, Currency, Metadata, Money, PaymentGateway,
-///     PaymentRequest, PaymentStatus, SandboxGateway, UserId};
+/// use token_billing::{ChargeStatus, Currency, Money, NewCharge, PaymentGateway, PaymentRequest, PaymentStatus,
+///     Plan, SandboxGateway, UserId};
 ///
 /// let sandbox = SandboxGateway::new();
 /// let user = UserId::new("alice").unwrap();
 /// let customer = sandbox.create_customer(&user).await.unwrap();
-/// let key = ChargeKey::new(&user, "2026-11".parse().unwrap(), ChargeKind::Block, 1);
-/// let request = PaymentRequest {
-///     charge_key: &key,
-///     idempotency_key: key.as_str(),
-///     customer: &customer,
-///     amount: Money::from_minor(10_000, Currency::BRL),
-///     description: "Tokens 8M-16M, 2026-11",
-///     metadata: &Metadata::new(),
-/// };
+/// let charge = NewCharge::block(&Plan::default(), &user, "2026-11".parse().unwrap(), 1, None)
+///     .into_charge(uuid::Uuid::new_v4(), ChargeStatus::Pending, chrono::Utc::now());
+/// let key = charge.key.clone();
+/// let request = PaymentRequest { charge: &charge, idempotency_key: key.as_str(), customer: &customer };
 /// let first = sandbox.collect(&request).await.unwrap();
 /// let again = sandbox.collect(&request).await.unwrap(); // same key: same payment
 /// assert_eq!(first, again);
@@ -282,7 +277,7 @@ impl PaymentGateway for SandboxGateway {
         ledger.calls += 1;
         if let Some(&index) = ledger.by_idempotency_key.get(request.idempotency_key) {
             let payment = &ledger.payments[index];
-            if payment.amount != request.amount || &payment.customer != request.customer {
+            if payment.amount != request.charge.amount || &payment.customer != request.customer {
                 return Err(rejected(
                     "idempotency_error",
                     "Keys for idempotent requests can only be used with the same parameters they were first used with."
@@ -291,7 +286,7 @@ impl PaymentGateway for SandboxGateway {
             }
             return Ok(payment.outcome());
         }
-        if request.amount.minor_units() <= 0 {
+        if request.charge.amount.minor_units() <= 0 {
             return Err(rejected(
                 "parameter_invalid_integer",
                 "amount must be positive".to_owned(),
@@ -326,9 +321,9 @@ impl PaymentGateway for SandboxGateway {
         ledger.payments.push(SandboxPayment {
             payment_id: format!("pi_sandbox_{}", index + 1),
             idempotency_key: request.idempotency_key.to_owned(),
-            charge_key: request.charge_key.clone(),
+            charge_key: request.charge.key.clone(),
             customer: request.customer.clone(),
-            amount: request.amount,
+            amount: request.charge.amount,
             status,
             decline_code,
         });
@@ -339,7 +334,7 @@ impl PaymentGateway for SandboxGateway {
         }
         ledger
             .by_charge
-            .entry(request.charge_key.clone())
+            .entry(request.charge.key.clone())
             .or_default()
             .push(index);
         if lose_response {

@@ -1,12 +1,13 @@
 //! [`InMemoryUsageStore`]: the store of one process, sharded by user.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::collections::{BTreeMap, BTreeSet};
+use std::hash::BuildHasher;
+
+use foldhash::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use uuid::Uuid;
 
 use super::{
     Account, AuditEntry, AuditEvent, EnsureCharge, GatewayEventRecord, OperationUsage, PeriodSummary, RecordUsage,
@@ -38,6 +39,81 @@ const STORE: &str = "in-memory store";
 #[derive(Debug)]
 pub struct InMemoryUsageStore {
     shards: Box<[Mutex<Shard>]>,
+    shard_hasher: foldhash::fast::RandomState,
+    retention: EventRetention,
+    periods_kept: Option<u32>,
+}
+
+/// What [`InMemoryUsageStore`] keeps of each usage event. Summaries, totals by operation,
+/// charges and accounts are always kept; this bounds the part that grows with every event.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum EventRetention {
+    /// Every event with its metadata, and its audit entry (the default): `consumptions` and the
+    /// audit trail list them all.
+    #[default]
+    All,
+    /// Only events the host may send again, those with its own event id, so that a re-send is
+    /// answered with its original outcome. An event without one leaves nothing behind but its
+    /// share of the totals (summary, totals by operation) and its charges, so memory grows with
+    /// charges, not with events. `consumptions` lists the events kept; the audit trail records
+    /// charges and accounts, and only the kept events.
+    Resendable,
+}
+
+/// Builds an [`InMemoryUsageStore`].
+///
+/// # Example
+/// ```
+/// use token_billing::{EventRetention, InMemoryUsageStore};
+///
+/// // Keeps only what dedupe and the reports need, for the current and previous month.
+/// let store = InMemoryUsageStore::builder()
+///     .events(EventRetention::Resendable)
+///     .periods_kept(2)
+///     .build();
+/// # let _ = store;
+/// ```
+#[derive(Debug, Clone)]
+pub struct InMemoryUsageStoreBuilder {
+    shards: usize,
+    retention: EventRetention,
+    periods_kept: Option<u32>,
+}
+
+impl InMemoryUsageStoreBuilder {
+    /// How many shards users are spread over (64 by default, at least one): more shards, less
+    /// contention between users.
+    pub fn shards(mut self, shards: usize) -> Self {
+        self.shards = shards.max(1);
+        self
+    }
+
+    /// What is kept of each event ([`EventRetention::All`] by default).
+    pub fn events(mut self, retention: EventRetention) -> Self {
+        self.retention = retention;
+        self
+    }
+
+    /// Keeps events (their records, ids and usage audit entries) of each user's `periods` most
+    /// recent periods only, at least one; older ones are forgotten when a newer period opens.
+    /// Summaries and charges of every period stay. A re-send of a forgotten event is taken for
+    /// a new one unless its period is closed (the service refuses late usage after the plan's
+    /// grace window), so keep at least the periods your callers retry across. All by default.
+    pub fn periods_kept(mut self, periods: u32) -> Self {
+        self.periods_kept = Some(periods.max(1));
+        self
+    }
+
+    /// The store.
+    pub fn build(self) -> InMemoryUsageStore {
+        InMemoryUsageStore {
+            shards: (0..self.shards).map(|_| Mutex::new(Shard::default())).collect(),
+            shard_hasher: foldhash::fast::RandomState::default(),
+            retention: self.retention,
+            periods_kept: self.periods_kept,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -74,7 +150,7 @@ struct EventEntry {
 #[derive(Debug)]
 struct PeriodBook {
     summary: PeriodSummary,
-    consumptions: Vec<UsageRecord>,
+    consumptions: Vec<Arc<UsageRecord>>,
     by_operation: BTreeMap<OperationType, (u64, u64)>,
     charges: Vec<Charge>,
 }
@@ -97,20 +173,27 @@ impl Default for InMemoryUsageStore {
 }
 
 impl InMemoryUsageStore {
-    /// A store with 64 shards.
+    /// A store with 64 shards that keeps every event.
     pub fn new() -> InMemoryUsageStore {
-        InMemoryUsageStore::with_shards(64)
+        InMemoryUsageStore::builder().build()
     }
 
     /// A store with `shards` shards (at least one): more shards, less contention between users.
     pub fn with_shards(shards: usize) -> InMemoryUsageStore {
-        InMemoryUsageStore {
-            shards: (0..shards.max(1)).map(|_| Mutex::new(Shard::default())).collect(),
+        InMemoryUsageStore::builder().shards(shards).build()
+    }
+
+    /// A builder, to choose the shards and what is kept of each event.
+    pub fn builder() -> InMemoryUsageStoreBuilder {
+        InMemoryUsageStoreBuilder {
+            shards: 64,
+            retention: EventRetention::All,
+            periods_kept: None,
         }
     }
 
     fn shard_of(&self, user: &UserId) -> &Mutex<Shard> {
-        let hash = BuildHasherDefault::<DefaultHasher>::default().hash_one(user.as_str());
+        let hash = self.shard_hasher.hash_one(user.as_str());
         // The remainder is below the shard count, which is a usize.
         let index = usize::try_from(hash % self.shards.len() as u64).unwrap_or(0);
         &self.shards[index]
@@ -252,12 +335,30 @@ impl UserBook {
                     .map(|b| ChargeKey::new(user, entry.period, ChargeKind::Block, b)),
             );
         Ok(Some(Recorded {
-            usage: original.clone(),
+            usage: Arc::clone(original),
             total_before: entry.total_before,
             total_after: entry.total_before + original.tokens,
             charges: keys.filter_map(|k| self.charge(&k).cloned()).collect(),
             replayed: true,
         }))
+    }
+
+    /// Forgets the events (records, ids, usage audit entries) of the periods before the `kept`
+    /// most recent ones, up to `newest`.
+    fn forget_events_before(&mut self, newest: PeriodKey, kept: u32) {
+        let mut cutoff = newest;
+        for _ in 1..kept {
+            cutoff = cutoff.previous();
+        }
+        for (_, book) in self.periods.range_mut(..cutoff) {
+            for usage in book.consumptions.drain(..) {
+                self.events.remove(&usage.event_id);
+            }
+            book.consumptions.shrink_to_fit();
+        }
+        self.audit.retain(|entry| {
+            !(matches!(entry.event, AuditEvent::UsageRecorded { .. }) && entry.period.is_some_and(|p| p < cutoff))
+        });
     }
 
     fn charge_mut(&mut self, key: &ChargeKey) -> Option<&mut Charge> {
@@ -280,6 +381,9 @@ impl UserBook {
         now: DateTime<Utc>,
         lease_until: Option<DateTime<Utc>>,
     ) -> Result<Vec<Charge>, StoreError> {
+        if charges.is_empty() {
+            return Ok(Vec::new());
+        }
         let book = self.periods.get_mut(&period).ok_or_else(|| StoreError::NotFound {
             what: "period",
             key: period.to_string(),
@@ -292,7 +396,7 @@ impl UserBook {
                 continue;
             }
             apply_to_summary(&mut summary, new.kind, new.amount, None, status).map_err(money_error)?;
-            let mut charge = new.into_charge(Uuid::new_v4(), status, now);
+            let mut charge = new.into_charge(crate::random::uuid_v4(), status, now);
             charge.payment_id = payment_id.clone();
             if status == ChargeStatus::Pending && lease_until.is_some() {
                 charge.lease_until = lease_until;
@@ -404,6 +508,11 @@ impl UsageStore for InMemoryUsageStore {
                 return Err(e);
             }
         };
+        let keep = match self.retention {
+            EventRetention::All => true,
+            EventRetention::Resendable => usage.has_host_event_id(),
+        };
+        let usage = Arc::new(usage);
         let period_book = book.periods.get_mut(&period).ok_or_else(|| StoreError::NotFound {
             what: "period",
             key: period.to_string(),
@@ -411,36 +520,45 @@ impl UsageStore for InMemoryUsageStore {
         period_book.summary.total_tokens = after;
         period_book.summary.events += 1;
         period_book.summary.updated_at = now;
-        let op = period_book
-            .by_operation
-            .entry(usage.operation_type.clone())
-            .or_default();
-        op.0 += usage.tokens;
-        op.1 += 1;
-        let index = period_book.consumptions.len();
-        period_book.consumptions.push(usage.clone());
-        book.events.insert(
-            usage.event_id.clone(),
-            EventEntry {
-                period,
-                index,
-                total_before: before,
-                // Charges that existed already are never in `created`.
-                created_fee: created.iter().any(|c| c.kind == ChargeKind::FixedFee),
-                blocks,
-            },
-        );
-        book.audit.push(AuditEntry {
-            at: now,
-            user_id: user.clone(),
-            period: Some(period),
-            event: AuditEvent::UsageRecorded {
-                consumption_id: usage.consumption_id,
-                event_id: usage.event_id.clone(),
-                tokens: usage.tokens,
-                total_after: after,
-            },
-        });
+        match period_book.by_operation.get_mut(&usage.operation_type) {
+            Some(op) => *op = (op.0 + usage.tokens, op.1 + 1),
+            None => {
+                period_book
+                    .by_operation
+                    .insert(usage.operation_type.clone(), (usage.tokens, 1));
+            }
+        }
+        if keep {
+            let index = period_book.consumptions.len();
+            period_book.consumptions.push(Arc::clone(&usage));
+            book.events.insert(
+                usage.event_id.clone(),
+                EventEntry {
+                    period,
+                    index,
+                    total_before: before,
+                    // Charges that existed already are never in `created`.
+                    created_fee: created.iter().any(|c| c.kind == ChargeKind::FixedFee),
+                    blocks,
+                },
+            );
+            book.audit.push(AuditEntry {
+                at: now,
+                user_id: user.clone(),
+                period: Some(period),
+                event: AuditEvent::UsageRecorded {
+                    consumption_id: usage.consumption_id,
+                    event_id: usage.event_id.clone(),
+                    tokens: usage.tokens,
+                    total_after: after,
+                },
+            });
+        }
+        if opened {
+            if let Some(kept) = self.periods_kept {
+                book.forget_events_before(period, kept);
+            }
+        }
         for charge in &created {
             shard.index_charge(charge, None);
         }
@@ -728,7 +846,7 @@ impl UsageStore for InMemoryUsageStore {
             .users
             .get(user)
             .and_then(|b| b.periods.get(&period))
-            .map(|p| p.consumptions.clone())
+            .map(|p| p.consumptions.iter().map(|u| UsageRecord::clone(u)).collect())
             .unwrap_or_default())
     }
 

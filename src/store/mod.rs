@@ -9,6 +9,8 @@ mod postgres;
 
 use std::fmt::Debug;
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -19,7 +21,7 @@ use crate::domain::{
     OperationType, PeriodKey, Plan, PlanId, RatingError, UsageRecord, UserId,
 };
 
-pub use memory::InMemoryUsageStore;
+pub use memory::{EventRetention, InMemoryUsageStore, InMemoryUsageStoreBuilder};
 #[cfg(feature = "postgres")]
 pub use postgres::{MIGRATIONS, PostgresUsageStore};
 
@@ -390,8 +392,9 @@ pub struct RecordUsage<'a> {
 /// What the record operation did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Recorded {
-    /// The event as stored; for a replay, the original.
-    pub usage: UsageRecord,
+    /// The event as stored; for a replay, the original. Shared with the store that keeps it,
+    /// so that recording never copies an event.
+    pub usage: Arc<UsageRecord>,
     /// The period total before the event.
     pub total_before: u64,
     /// The period total after the event.
@@ -546,7 +549,10 @@ impl<'a> Settlement<'a> {
 /// - A charge key MUST be unique: a second charge with the same key can never be stored.
 /// - An event id already recorded for the user MUST change nothing and return the original
 ///   outcome with `replayed = true` when the usage is the same ([`UsageRecord::same_usage`]), and
-///   MUST fail with [`StoreError::EventConflict`] when it differs.
+///   MUST fail with [`StoreError::EventConflict`] when it differs. A store MAY forget events
+///   whose id only stands in for the host's ([`UsageRecord::has_host_event_id`] is false): the
+///   service draws a new consumption id, hence a new id, for every such call, so none is ever
+///   sent again.
 /// - A total that would exceed [`MAX_TOKENS`](crate::MAX_TOKENS) MUST fail with
 ///   [`StoreError::TotalOverflow`] and change nothing.
 ///

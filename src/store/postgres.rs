@@ -1,12 +1,12 @@
 //! [`PostgresUsageStore`] (feature `postgres`): the original product's schema on PostgreSQL.
 
 use std::str::FromStr;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, Transaction};
-use uuid::Uuid;
 
 use super::{
     Account, AuditEntry, AuditEvent, BoxError, EnsureCharge, GatewayEventRecord, OperationUsage, PeriodSummary,
@@ -300,7 +300,7 @@ impl PostgresUsageStore {
         .collect::<Result<Vec<_>, _>>()?;
         Ok(Some(Recorded {
             total_after: total_before + usage.tokens,
-            usage,
+            usage: Arc::new(usage),
             total_before,
             charges,
             replayed: true,
@@ -335,7 +335,7 @@ impl PostgresUsageStore {
                  RETURNING {CHARGE_COLUMNS}"
             ))
             .bind(new.user_id.as_str())
-            .bind(Uuid::new_v4())
+            .bind(crate::random::uuid_v4())
             .bind(new.key.as_str())
             .bind(new.period.to_string())
             .bind(new.kind.as_str())
@@ -593,7 +593,7 @@ impl PostgresUsageStore {
                     attempt: 1,
                 });
             }
-            ids.push(Uuid::new_v4());
+            ids.push(crate::random::uuid_v4());
             keys.push(charge.key.as_str());
             kinds.push(charge.kind.as_str());
             block_numbers.push(to_i64(charge.block)?);
@@ -679,7 +679,7 @@ impl PostgresUsageStore {
         // The audit order in the trail puts the usage after its charges; both are in one
         // transaction, so neither is ever seen without the other.
         Ok(Recorded {
-            usage: usage.clone(),
+            usage: Arc::new(usage.clone()),
             total_before: before,
             total_after: after,
             charges: created,

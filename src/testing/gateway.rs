@@ -7,7 +7,9 @@
 use async_trait::async_trait;
 use uuid::Uuid;
 
-use crate::domain::{ChargeKey, ChargeKind, Currency, CustomerId, Metadata, Money, PeriodKey, Plan, PlanId, UserId};
+use crate::domain::{
+    Charge, ChargeKey, ChargeKind, ChargeStatus, CustomerId, NewCharge, PeriodKey, Plan, PlanId, UserId,
+};
 use crate::gateway::{PaymentGateway, PaymentOutcome, PaymentRequest, PaymentStatus};
 
 /// Customers of each kind for the conformance suite.
@@ -48,6 +50,17 @@ impl GatewayFixture for SandboxFixture {
     }
 }
 
+/// A block charge of a new user, as the service would collect it.
+fn new_charge() -> Charge {
+    let user = UserId::new(format!("gw-{}", Uuid::new_v4().simple())).expect("a valid user id");
+    let period = PeriodKey::new(2026, 11).expect("valid");
+    NewCharge::block(&Plan::default(), &user, period, 1, None).into_charge(
+        Uuid::new_v4(),
+        ChargeStatus::Pending,
+        chrono::Utc::now(),
+    )
+}
+
 fn charge_key() -> ChargeKey {
     let user = UserId::new(format!("gw-{}", Uuid::new_v4().simple())).expect("a valid user id");
     ChargeKey::new(&user, PeriodKey::new(2026, 11).expect("valid"), ChargeKind::Block, 1)
@@ -55,20 +68,20 @@ fn charge_key() -> ChargeKey {
 
 async fn collect(
     gateway: &dyn PaymentGateway,
-    key: &ChargeKey,
+    charge: &Charge,
     round: u32,
     customer: &CustomerId,
 ) -> Result<PaymentOutcome, crate::GatewayError> {
-    let idempotency_key = key.idempotency_key(round);
-    let metadata = Metadata::from([("charge_key".to_owned(), key.to_string())]);
+    let charge = Charge {
+        round,
+        ..charge.clone()
+    };
+    let idempotency_key = charge.idempotency_key();
     gateway
         .collect(&PaymentRequest {
-            charge_key: key,
+            charge: &charge,
             idempotency_key: &idempotency_key,
             customer,
-            amount: Money::from_minor(10_000, Currency::BRL),
-            description: "Tokens 8M-16M, 2026-11",
-            metadata: &metadata,
         })
         .await
 }
@@ -76,10 +89,11 @@ async fn collect(
 /// The same idempotency key never makes a second payment; the payment is found by its charge.
 pub async fn collect_is_idempotent(gateway: &dyn PaymentGateway, fixture: &dyn GatewayFixture) {
     let customer = fixture.paying_customer().await;
-    let key = charge_key();
-    let first = collect(gateway, &key, 0, &customer).await.expect("collect");
+    let charge = new_charge();
+    let key = charge.key.clone();
+    let first = collect(gateway, &charge, 0, &customer).await.expect("collect");
     assert_eq!(first.status, PaymentStatus::Succeeded);
-    let second = collect(gateway, &key, 0, &customer).await.expect("collect again");
+    let second = collect(gateway, &charge, 0, &customer).await.expect("collect again");
     assert_eq!(second.payment_id, first.payment_id, "same key, same payment");
     let found = gateway
         .find_payment(&key)
@@ -95,9 +109,10 @@ pub async fn collect_is_idempotent(gateway: &dyn PaymentGateway, fixture: &dyn G
 /// Each round's key makes its own payment; `find_payment` prefers the one that succeeded.
 pub async fn rounds_are_separate_payments_found_by_charge(gateway: &dyn PaymentGateway, fixture: &dyn GatewayFixture) {
     let customer = fixture.paying_customer().await;
-    let key = charge_key();
-    let round0 = collect(gateway, &key, 0, &customer).await.expect("round 0");
-    let round1 = collect(gateway, &key, 1, &customer).await.expect("round 1");
+    let charge = new_charge();
+    let key = charge.key.clone();
+    let round0 = collect(gateway, &charge, 0, &customer).await.expect("round 0");
+    let round1 = collect(gateway, &charge, 1, &customer).await.expect("round 1");
     assert_ne!(round0.payment_id, round1.payment_id);
     let found = gateway
         .find_payment(&key)
@@ -111,8 +126,9 @@ pub async fn rounds_are_separate_payments_found_by_charge(gateway: &dyn PaymentG
 /// A decline is an `Ok` outcome with a code, and leaves nothing for `find_payment` to keep.
 pub async fn declines_are_reported_with_a_code(gateway: &dyn PaymentGateway, fixture: &dyn GatewayFixture) {
     let customer = fixture.declining_customer().await;
-    let key = charge_key();
-    let outcome = collect(gateway, &key, 0, &customer)
+    let charge = new_charge();
+    let key = charge.key.clone();
+    let outcome = collect(gateway, &charge, 0, &customer)
         .await
         .expect("a decline is an outcome");
     assert_eq!(outcome.status, PaymentStatus::Declined);
@@ -123,8 +139,9 @@ pub async fn declines_are_reported_with_a_code(gateway: &dyn PaymentGateway, fix
 /// A payment that needs the customer is reported as `RequiresAction`, and found.
 pub async fn authentication_is_reported_as_requires_action(gateway: &dyn PaymentGateway, fixture: &dyn GatewayFixture) {
     let customer = fixture.authenticating_customer().await;
-    let key = charge_key();
-    let outcome = collect(gateway, &key, 0, &customer).await.expect("collect");
+    let charge = new_charge();
+    let key = charge.key.clone();
+    let outcome = collect(gateway, &charge, 0, &customer).await.expect("collect");
     assert_eq!(outcome.status, PaymentStatus::RequiresAction);
     let found = gateway
         .find_payment(&key)

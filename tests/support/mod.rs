@@ -266,8 +266,8 @@ static LOCALSTRIPE_URL: OnceLock<String> = OnceLock::new();
 /// stops when the test binary ends.
 pub fn localstripe() -> &'static str {
     LOCALSTRIPE_URL.get_or_init(|| match std::env::var("LOCALSTRIPE_URL") {
-        Ok(url) => url.trim_end_matches('/').to_owned(),
-        Err(_) => start_localstripe(),
+        Ok(url) if !url.trim().is_empty() => url.trim().trim_end_matches('/').to_owned(),
+        _ => start_localstripe(),
     })
 }
 

@@ -852,23 +852,23 @@ impl PaymentGateway for StripeGateway {
     }
 
     async fn collect(&self, request: &PaymentRequest<'_>) -> Result<PaymentOutcome, GatewayError> {
-        if request.amount.minor_units() <= 0 {
+        if request.charge.amount.minor_units() <= 0 {
             return Err(rejected(
                 "amount_too_small",
-                format!("cannot charge {}", request.amount),
+                format!("cannot charge {}", request.charge.amount),
             ));
         }
-        let amount = stripe_amount(request.amount)?;
+        let amount = stripe_amount(request.charge.amount)?;
         let deadline = self.deadline();
         let payment_method = self.default_payment_method(request.customer, deadline).await?;
         let mut form: Form = vec![
             ("amount".to_owned(), amount.to_string()),
-            ("currency".to_owned(), currency_code(request.amount.currency())),
+            ("currency".to_owned(), currency_code(request.charge.amount.currency())),
             ("customer".to_owned(), request.customer.to_string()),
             ("payment_method".to_owned(), payment_method),
             ("confirm".to_owned(), "true".to_owned()),
             ("off_session".to_owned(), "true".to_owned()),
-            ("description".to_owned(), request.description.to_owned()),
+            ("description".to_owned(), request.description()),
         ];
         form.extend(
             self.inner
@@ -879,13 +879,10 @@ impl PaymentGateway for StripeGateway {
         );
         form.extend(
             request
-                .metadata
-                .iter()
-                .map(|(k, v)| (format!("metadata[{k}]"), v.clone())),
+                .metadata()
+                .into_iter()
+                .map(|(k, v)| (format!("metadata[{k}]"), v)),
         );
-        if !request.metadata.contains_key("charge_key") {
-            form.push(("metadata[charge_key]".to_owned(), request.charge_key.to_string()));
-        }
         let reply = self
             .send(
                 Call::post("/v1/payment_intents".to_owned(), form, request.idempotency_key),
@@ -897,15 +894,15 @@ impl PaymentGateway for StripeGateway {
             Reply::Object(intent) => payment_outcome(&intent).map_err(unreadable),
             Reply::Refused { status, error } if status == StatusCode::PAYMENT_REQUIRED => {
                 let outcome = refused_payment(&error);
-                info!(charge = %request.charge_key, status = ?outcome.status, code = ?outcome.decline_code, "Stripe refused the payment");
+                info!(charge = %request.charge.key, status = ?outcome.status, code = ?outcome.decline_code, "Stripe refused the payment");
                 Ok(outcome)
             }
             Reply::Refused { error, .. } if error.kind == "idempotency_error" => {
                 // The key was used with other parameters (the customer changed card since an
                 // attempt whose answer was lost): that attempt may have paid. Keep what it made;
                 // if nothing is found yet, the outcome stays unknown.
-                warn!(charge = %request.charge_key, "idempotency key re-used with other parameters: looking up the charge's payments");
-                match self.payment_for(request.charge_key, deadline).await? {
+                warn!(charge = %request.charge.key, "idempotency key re-used with other parameters: looking up the charge's payments");
+                match self.payment_for(&request.charge.key, deadline).await? {
                     Some(outcome) => Ok(outcome),
                     None => Err(GatewayError::OutcomeUnknown {
                         gateway: GATEWAY,

@@ -1,0 +1,165 @@
+//! What the in-memory store keeps of each event, and how long: everything by default; with
+//! `EventRetention::Resendable`, only events the host may send again; with `periods_kept`, the
+//! events of the most recent periods. Totals, reports and charges are always complete.
+
+mod common;
+
+use std::sync::Arc;
+
+use chrono::{Duration, TimeZone, Utc};
+use common::{Harness, november, user};
+use token_billing::{AuditEvent, EventRetention, InMemoryUsageStore, PeriodKey, SandboxGateway, UsageReport};
+
+fn harness(store: InMemoryUsageStore) -> Harness {
+    let sandbox = SandboxGateway::new();
+    Harness::over(Arc::new(store), Arc::new(sandbox.clone()), sandbox, |b| b)
+}
+
+#[tokio::test]
+async fn keeping_resendable_events_forgets_the_others_but_not_their_totals_or_charges() {
+    let h = harness(InMemoryUsageStore::builder().events(EventRetention::Resendable).build());
+    let ana = user("ana");
+    for (tokens, event) in [(5_000_000, None), (4_000_000, Some("req-1")), (9_000_000, None)] {
+        let mut report = UsageReport::new("ana", tokens, "chat");
+        report.event_id = event.map(str::to_owned);
+        h.service.process_token_usage(report).await.expect("recorded");
+    }
+    let kept = h.store.consumptions(&ana, november()).await.expect("consumptions");
+    assert_eq!(
+        kept.iter().map(|c| c.event_id.as_str()).collect::<Vec<_>>(),
+        ["req-1"],
+        "only the event the host may send again"
+    );
+    let summary = h.service.token_summary(&ana, Some(november())).await.expect("summary");
+    assert_eq!((summary.total_tokens, summary.tier_charges_count), (18_000_000, 2));
+    let by_operation = h
+        .service
+        .usage_by_operation(&ana, Some(november()))
+        .await
+        .expect("report");
+    assert_eq!(
+        (by_operation[0].total_tokens, by_operation[0].operations),
+        (18_000_000, 3)
+    );
+    let charges = h.store.charges(&ana, november()).await.expect("charges");
+    let blocks: Vec<u64> = charges.iter().filter(|c| c.block > 0).map(|c| c.block).collect();
+    assert_eq!(blocks, [1, 2], "each block once");
+    let paid = h.succeeded_payments_by_charge();
+    assert!(
+        charges.iter().all(|c| paid.get(c.key.as_str()) == Some(&1)),
+        "each charge paid once"
+    );
+    // The kept event is still answered with its original outcome, once.
+    let again = h
+        .service
+        .process_token_usage(UsageReport::new("ana", 4_000_000, "chat").event_id("req-1"))
+        .await
+        .expect("replayed");
+    assert!(again.replayed);
+    assert_eq!(
+        h.service
+            .token_summary(&ana, Some(november()))
+            .await
+            .expect("summary")
+            .total_tokens,
+        18_000_000
+    );
+    // The audit trail records charges, and usage only for the kept event.
+    let trail = h.service.audit_trail(&ana, None).await.expect("trail");
+    let usage_entries = trail
+        .iter()
+        .filter(|e| matches!(e.event, AuditEvent::UsageRecorded { .. }))
+        .count();
+    assert_eq!(usage_entries, 1);
+    assert!(
+        trail
+            .iter()
+            .any(|e| matches!(e.event, AuditEvent::ChargeCreated { .. }))
+    );
+}
+
+#[tokio::test]
+async fn periods_kept_forgets_the_events_of_older_periods_only() {
+    let h = harness(InMemoryUsageStore::builder().periods_kept(2).build());
+    let bea = user("bea");
+    let months = [(2026, 9), (2026, 10), (2026, 11)];
+    for (i, (year, month)) in months.into_iter().enumerate() {
+        h.clock
+            .set(Utc.with_ymd_and_hms(year, month, 15, 12, 0, 0).single().expect("valid"));
+        h.service
+            .process_token_usage(UsageReport::new("bea", 9_000_000, "chat").event_id(format!("req-{i}")))
+            .await
+            .expect("recorded");
+    }
+    let period = |y, m| PeriodKey::new(y, m).expect("valid");
+    assert!(
+        h.store
+            .consumptions(&bea, period(2026, 9))
+            .await
+            .expect("read")
+            .is_empty(),
+        "forgotten"
+    );
+    for month in [10, 11] {
+        assert_eq!(
+            h.store
+                .consumptions(&bea, period(2026, month))
+                .await
+                .expect("read")
+                .len(),
+            1
+        );
+    }
+    // September's totals and charges stay.
+    let september = h
+        .service
+        .token_summary(&bea, Some(period(2026, 9)))
+        .await
+        .expect("summary");
+    assert_eq!((september.total_tokens, september.total_charged), (9_000_000, 50_000));
+    let trail = h.service.audit_trail(&bea, Some(period(2026, 9))).await.expect("trail");
+    assert!(
+        !trail
+            .iter()
+            .any(|e| matches!(e.event, AuditEvent::UsageRecorded { .. }))
+    );
+    assert!(
+        trail
+            .iter()
+            .any(|e| matches!(e.event, AuditEvent::ChargeCreated { .. }))
+    );
+    // A re-send of October's event is still recognised.
+    h.clock.advance(Duration::days(1));
+    let late = h
+        .service
+        .process_token_usage(
+            UsageReport::new("bea", 9_000_000, "chat")
+                .event_id("req-1")
+                .occurred_at(Utc.with_ymd_and_hms(2026, 10, 15, 12, 0, 0).single().expect("valid")),
+        )
+        .await;
+    assert!(late.is_ok_and(|o| o.replayed));
+    // September's event is forgotten, and its period closed: a re-send is refused, not counted.
+    let forgotten = h
+        .service
+        .process_token_usage(
+            UsageReport::new("bea", 9_000_000, "chat")
+                .event_id("req-0")
+                .occurred_at(Utc.with_ymd_and_hms(2026, 9, 15, 12, 0, 0).single().expect("valid")),
+        )
+        .await;
+    assert!(matches!(
+        forgotten,
+        Err(token_billing::BillingError::InvalidUsage(
+            token_billing::UsageError::TooLate { .. }
+        ))
+    ));
+    assert_eq!(
+        h.service
+            .token_summary(&bea, Some(period(2026, 9)))
+            .await
+            .expect("summary")
+            .total_tokens,
+        9_000_000
+    );
+}
