@@ -22,8 +22,8 @@ use crate::gateway::{
     SandboxGateway, Subscription,
 };
 use crate::store::{
-    Account, AuditEntry, EnsureCharge, GatewayEventRecord, InMemoryUsageStore, OperationUsage, RecordUsage, Settlement,
-    StoreError, TierChargeReport, UsageStore,
+    Account, AuditEntry, EnsureCharge, GatewayEventRecord, InMemoryUsageStore, OperationUsage, RecordUsage, Recorded,
+    Settlement, StoreError, TierChargeReport, UsageStore,
 };
 
 /// When charges are collected.
@@ -482,6 +482,18 @@ fn recent_operation_type(text: String) -> Result<OperationType, crate::IdError> 
     })
 }
 
+/// What the service decided for an event before recording it.
+enum Placed<'p> {
+    /// Record it under this plan; its charges are leased to the caller until then, to collect
+    /// them at once.
+    Record {
+        plan: &'p Plan,
+        lease_until: Option<DateTime<Utc>>,
+    },
+    /// Refused (unless it is a re-send).
+    Refused(UsageError),
+}
+
 /// The period containing `instant` in `zone`, from a per-thread memory of the last one found:
 /// nearly every event falls in the current month, and drawing a month's boundaries in a time
 /// zone is the costliest step of placing an event.
@@ -837,35 +849,67 @@ impl BillingService {
         let now = self.clock.now();
         let mut usage = Self::read_report(report, now)?;
         let account = self.store.account(&usage.user_id).await?;
-        let current = self.current_plan(account.as_ref())?;
-        let refused = self
-            .check_limits(&usage, now)
-            .and_then(|()| Self::place_in_period(&mut usage, current, now));
-        if let Err(error) = refused {
-            // A re-sent event is answered with its original outcome even when it would now be
-            // refused: its window has passed, or the limits changed since it was recorded.
-            return match self.replay_of(&usage, account.as_ref()).await? {
-                Some(outcome) => Ok(outcome),
-                None => Err(error.into()),
-            };
-        }
-        let plan = self.period_plan(account.as_ref(), usage.period)?;
+        let (plan, lease_until) = match self.place(&mut usage, account.as_ref(), now)? {
+            Placed::Record { plan, lease_until } => (plan, lease_until),
+            Placed::Refused(error) => {
+                // A re-sent event is answered with its original outcome even when it would now be
+                // refused: its window has passed, or the limits changed since it was recorded.
+                return match self.replay_of(&usage, account.as_ref()).await? {
+                    Some(outcome) => Ok(outcome),
+                    None => Err(error.into()),
+                };
+            }
+        };
         let span = tracing::Span::current();
         span.record("period", tracing::field::display(usage.period));
         span.record("consumption", tracing::field::display(usage.consumption_id));
-        let collect_now = self.settings.collection == CollectionMode::Immediate
-            && (account.as_ref().is_some_and(|a| a.customer_id.is_some())
-                || self.settings.unregistered == UnregisteredUsers::OpenCustomer);
-        let user = usage.user_id.clone();
         let recorded = self
             .store
             .record_usage(RecordUsage {
                 usage,
                 plan,
                 fee: self.settings.fee,
-                lease_until: collect_now.then(|| self.lease_until(now, self.settings.lease)),
+                lease_until,
             })
             .await?;
+        self.finish(recorded, lease_until.is_some(), account.as_ref(), plan)
+            .await
+    }
+
+    /// Decides, for a read event, the plan that rates it and whether its charges are collected
+    /// at once (leased to the caller); or why it is refused.
+    fn place<'s>(
+        &'s self,
+        usage: &mut UsageRecord,
+        account: Option<&Account>,
+        now: DateTime<Utc>,
+    ) -> Result<Placed<'s>, BillingError> {
+        let current = self.current_plan(account)?;
+        let refused = self
+            .check_limits(usage, now)
+            .and_then(|()| Self::place_in_period(usage, current, now));
+        if let Err(error) = refused {
+            return Ok(Placed::Refused(error));
+        }
+        let plan = self.period_plan(account, usage.period)?;
+        let collect_now = self.settings.collection == CollectionMode::Immediate
+            && (account.is_some_and(|a| a.customer_id.is_some())
+                || self.settings.unregistered == UnregisteredUsers::OpenCustomer);
+        Ok(Placed::Record {
+            plan,
+            lease_until: collect_now.then(|| self.lease_until(now, self.settings.lease)),
+        })
+    }
+
+    /// Collects the charges an event created (when they were leased to this caller) and answers
+    /// its outcome.
+    async fn finish(
+        &self,
+        recorded: Recorded,
+        collect_now: bool,
+        account: Option<&Account>,
+        plan: &Plan,
+    ) -> Result<UsageOutcome, BillingError> {
         if recorded.replayed {
             debug!(event = %recorded.usage.event_id, "event replayed: answering the original outcome");
         } else {
@@ -878,7 +922,7 @@ impl BillingService {
         }
         let mut charges = recorded.charges;
         if collect_now && !recorded.replayed && !charges.is_empty() {
-            match self.customer_for(&user, account.as_ref()).await {
+            match self.customer_for(&recorded.usage.user_id, account).await {
                 Ok(Some(customer)) => {
                     for charge in &mut charges {
                         if let Some(collected) = self.collect_charge(charge.clone(), &customer).await {
@@ -891,6 +935,117 @@ impl BillingService {
             }
         }
         Self::outcome(&recorded.usage, recorded.total_after, &charges, recorded.replayed, plan)
+    }
+
+    /// Records many usage events in one store operation (one transaction on PostgreSQL), then
+    /// collects the charges they created: for hosts that meter in bulk (a queue consumer, a
+    /// log shipper), where one call per event would cost a round trip each.
+    ///
+    /// Each report is checked and answered on its own, in order: a bad report gets its typed
+    /// error and records nothing, without stopping the others; a re-sent event id answers its
+    /// original outcome; events of one user see the totals of the ones before them, so blocks
+    /// are charged exactly once whatever the batching.
+    ///
+    /// # Errors
+    /// The outer error is the store's: with a store that records a batch atomically
+    /// (PostgreSQL), nothing of the batch was recorded; with one that records an event at a
+    /// time, the events before the failure were. Send the batch again with the same event ids
+    /// and every event is recorded once. Give event ids: a report without one cannot be told
+    /// from a new event.
+    ///
+    /// # Example
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// use token_billing::{BillingError, BillingService, UsageError, UsageReport, UserId};
+    ///
+    /// let billing = BillingService::embedded();
+    /// let outcomes = billing
+    ///     .process_token_usage_batch(vec![
+    ///         UsageReport::new("user-uuid", 5_000_000, "chat").event_id("req-1"),
+    ///         UsageReport::new("user-uuid", 0, "chat").event_id("req-2"), // refused, alone
+    ///         UsageReport::new("user-uuid", 5_000_000, "chat").event_id("req-3"),
+    ///     ])
+    ///     .await?;
+    /// assert_eq!(outcomes[0].as_ref().map(|o| o.total_tokens).ok(), Some(5_000_000));
+    /// assert!(matches!(outcomes[1], Err(BillingError::InvalidUsage(UsageError::ZeroTokens))));
+    /// let third = outcomes[2].as_ref().expect("recorded");
+    /// assert_eq!((third.total_tokens, third.tier_charges.len()), (10_000_000, 1));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
+    pub async fn process_token_usage_batch(
+        &self,
+        reports: Vec<UsageReport>,
+    ) -> Result<Vec<Result<UsageOutcome, BillingError>>, BillingError> {
+        let span = info_span!("process_token_usage_batch", events = reports.len());
+        async {
+            let now = self.clock.now();
+            let mut outcomes: Vec<Option<Result<UsageOutcome, BillingError>>> = Vec::with_capacity(reports.len());
+            let mut read = Vec::with_capacity(reports.len());
+            for report in reports {
+                match Self::read_report(report, now) {
+                    Ok(usage) => {
+                        read.push((outcomes.len(), usage));
+                        outcomes.push(None);
+                    }
+                    Err(error) => outcomes.push(Some(Err(error.into()))),
+                }
+            }
+            let mut users: Vec<UserId> = read.iter().map(|(_, usage)| usage.user_id.clone()).collect();
+            users.sort_unstable();
+            users.dedup();
+            let accounts: HashMap<UserId, Option<Account>> =
+                users.iter().cloned().zip(self.store.accounts(&users).await?).collect();
+            let account_of = |user: &UserId| accounts.get(user).and_then(Option::as_ref);
+
+            // Each event placed in its period, or refused (and perhaps a re-send).
+            let mut requests = Vec::with_capacity(read.len());
+            let mut placed = Vec::with_capacity(read.len());
+            for (position, mut usage) in read {
+                let account = account_of(&usage.user_id);
+                match self.place(&mut usage, account, now) {
+                    Ok(Placed::Record { plan, lease_until }) => {
+                        placed.push((position, plan, lease_until.is_some()));
+                        requests.push(RecordUsage {
+                            usage,
+                            plan,
+                            fee: self.settings.fee,
+                            lease_until,
+                        });
+                    }
+                    Ok(Placed::Refused(error)) => {
+                        let answer = match self.replay_of(&usage, account).await {
+                            Ok(Some(outcome)) => Ok(outcome),
+                            Ok(None) => Err(error.into()),
+                            Err(failure) => Err(failure),
+                        };
+                        outcomes[position] = Some(answer);
+                    }
+                    Err(error) => outcomes[position] = Some(Err(error)),
+                }
+            }
+            let recorded = self.store.record_usage_batch(requests).await?;
+            info!(
+                recorded = recorded.iter().filter(|r| r.is_ok()).count(),
+                "batch recorded"
+            );
+            for ((position, plan, collect_now), result) in placed.into_iter().zip(recorded) {
+                let answer = match result {
+                    Ok(recorded) => {
+                        let account = account_of(&recorded.usage.user_id);
+                        self.finish(recorded, collect_now, account, plan).await
+                    }
+                    Err(refused) => Err(refused.into()),
+                };
+                outcomes[position] = Some(answer);
+            }
+            Ok(outcomes
+                .into_iter()
+                .map(|o| o.unwrap_or_else(|| unreachable!("every report is answered")))
+                .collect())
+        }
+        .instrument(span)
+        .await
     }
 
     /// The original outcome of an event that was already recorded with the same usage; `None`

@@ -228,6 +228,106 @@ mod service {
             }
         }
     }
+    /// Instances recording batches race with instances recording one event at a time, on the
+    /// same users, re-sending some batches: no deadlock, each event counted once, each block
+    /// charged and paid once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn batches_and_single_events_race_and_charge_each_block_once() {
+        let plan = Plan::builder()
+            .included_tokens(10_000)
+            .block_size(10_000)
+            .build()
+            .expect("valid");
+        let sandbox = SandboxGateway::new();
+        let clock = clock();
+        let users: Vec<String> = (0..4).map(|i| fresh(&format!("batch{i}"))).collect();
+        let schema = super::schema().await;
+        let mut tasks = Vec::new();
+        for task in 0..4usize {
+            let store: Arc<dyn UsageStore> = Arc::new(super::store_in(&schema).await);
+            let billing = instance(store, &sandbox, &clock, plan.clone());
+            let users = users.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut sent = vec![0u64; users.len()];
+                for round in 0..12usize {
+                    let size = 1 + (task * 5 + round * 7) % 25;
+                    let reports: Vec<(usize, u64, String)> = (0..size)
+                        .map(|i| {
+                            let who = (task + round + i) % users.len();
+                            let tokens = 1 + ((task * 7_919 + round * 104_729 + i * 31) % 7_000) as u64;
+                            (who, tokens, format!("t{task}-r{round}-e{i}"))
+                        })
+                        .collect();
+                    let build = |(who, tokens, id): &(usize, u64, String)| {
+                        UsageReport::new(&users[*who], *tokens, "chat").event_id(id.clone())
+                    };
+                    if task % 2 == 0 {
+                        let outcomes = billing
+                            .process_token_usage_batch(reports.iter().map(build).collect())
+                            .await
+                            .expect("a batch");
+                        assert!(outcomes.iter().all(|o| o.as_ref().is_ok_and(|o| !o.replayed)));
+                        if round % 3 == 0 {
+                            // The same batch again: every event answered as a replay.
+                            let again = billing
+                                .process_token_usage_batch(reports.iter().map(build).collect())
+                                .await
+                                .expect("a batch");
+                            assert!(again.iter().all(|o| o.as_ref().is_ok_and(|o| o.replayed)));
+                        }
+                    } else {
+                        for report in &reports {
+                            billing.process_token_usage(build(report)).await.expect("recorded");
+                        }
+                    }
+                    for (who, tokens, _) in &reports {
+                        sent[*who] += tokens;
+                    }
+                }
+                sent
+            }));
+        }
+        let mut totals = vec![0u64; users.len()];
+        for task in tasks {
+            for (total, sent) in totals.iter_mut().zip(task.await.expect("task")) {
+                *total += sent;
+            }
+        }
+        let finisher = instance(Arc::new(super::store_in(&schema).await), &sandbox, &clock, plan.clone());
+        clock.advance(Duration::minutes(5));
+        finisher.resume_pending().await.expect("resume");
+        for (name, total) in users.iter().zip(totals) {
+            let user = UserId::new(name).expect("valid");
+            let summary = finisher.token_summary(&user, Some(november())).await.expect("summary");
+            assert_eq!(summary.total_tokens, total);
+            let consumed: u64 = finisher
+                .store()
+                .consumptions(&user, november())
+                .await
+                .expect("consumptions")
+                .iter()
+                .map(|c| c.tokens)
+                .sum();
+            assert_eq!(consumed, total, "each event once");
+            let charges = finisher.store().charges(&user, november()).await.expect("charges");
+            let mut blocks: Vec<u64> = charges
+                .iter()
+                .filter(|c| c.kind == ChargeKind::Block)
+                .map(|c| c.block)
+                .collect();
+            blocks.sort_unstable();
+            assert_eq!(blocks, (1..=plan.blocks_owed(total)).collect::<Vec<_>>());
+            assert_eq!(summary.tier_charges_count, plan.blocks_owed(total));
+            for charge in &charges {
+                let paid = sandbox
+                    .payments_for_charge(&charge.key)
+                    .iter()
+                    .filter(|p| p.status == PaymentStatus::Succeeded)
+                    .count();
+                assert_eq!(paid, 1, "{} paid {paid} times", charge.key);
+            }
+        }
+    }
 }
 
 mod sql {

@@ -195,3 +195,57 @@ proptest! {
         })?;
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// Invariant 4 again, through batches: the same events sent one at a time or in batches of
+    /// any sizes (with some batches sent twice) give the same bill, each block once.
+    #[test]
+    fn batching_does_not_change_the_bill(
+        total in 1u64..=120_000,
+        cuts in proptest::collection::vec(0u64..120_000, 0..30),
+        sizes in proptest::collection::vec(1usize..8, 1..30),
+        resend in proptest::collection::vec(any::<bool>(), 30),
+    ) {
+        let plan = Plan::builder().included_tokens(10_000).block_size(7_000).build().expect("valid");
+        runtime().block_on(async {
+            let parts = split(total, cuts);
+            let reports: Vec<UsageReport> = parts
+                .iter()
+                .enumerate()
+                .map(|(i, tokens)| UsageReport::new("batcher", *tokens, "chat").event_id(format!("e{i}")))
+                .collect();
+            let one_by_one = Harness::with_plan(plan.clone());
+            for report in reports.clone() {
+                one_by_one.service.process_token_usage(report).await.expect("recorded");
+            }
+            let batched = Harness::with_plan(plan.clone());
+            let mut rest = reports.as_slice();
+            let mut size = sizes.iter().cycle();
+            let mut again = resend.iter().cycle();
+            while !rest.is_empty() {
+                let n = (*size.next().unwrap_or(&1)).min(rest.len());
+                let (batch, tail) = rest.split_at(n);
+                let outcomes = batched.service.process_token_usage_batch(batch.to_vec()).await.expect("a batch");
+                prop_assert!(outcomes.iter().all(Result::is_ok));
+                if *again.next().unwrap_or(&false) {
+                    let replays = batched.service.process_token_usage_batch(batch.to_vec()).await.expect("a batch");
+                    prop_assert!(replays.iter().all(|o| o.as_ref().is_ok_and(|o| o.replayed)));
+                }
+                rest = tail;
+            }
+            let bill = |h: &Harness| {
+                let store = h.store.clone();
+                async move {
+                    store.charges(&user("batcher"), november()).await.expect("charges").into_iter()
+                        .map(|c| (c.kind, c.block, c.billing_tier, c.amount.minor_units(), c.status))
+                        .collect::<Bill>()
+                }
+            };
+            prop_assert_eq!(bill(&batched).await, bill(&one_by_one).await);
+            batched.assert_period_consistent(&user("batcher"), november(), &plan).await;
+            Ok(())
+        })?;
+    }
+}

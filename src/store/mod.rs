@@ -591,6 +591,45 @@ pub trait UsageStore: Send + Sync + Debug {
     /// Records one usage event atomically; see the contract.
     async fn record_usage(&self, request: RecordUsage<'_>) -> Result<Recorded, StoreError>;
 
+    /// Records several usage events, in order, as [`record_usage`](Self::record_usage) would
+    /// one after the other: each event sees the totals the ones before it left, and every clause
+    /// of the contract holds for each. The results come in the order of `requests`; an event
+    /// refused on its own merits (an event-id conflict, an overflow, too many blocks) records
+    /// nothing of itself and does not stop the others.
+    ///
+    /// A store SHOULD record the whole batch in one atomic operation (the PostgreSQL store
+    /// uses one transaction), so that `Err` means nothing of it was recorded. This default
+    /// records one event at a time: after an `Err`, the events before the failure are recorded.
+    /// Either way, sending the batch again with the same event ids records each event once.
+    async fn record_usage_batch(
+        &self,
+        requests: Vec<RecordUsage<'_>>,
+    ) -> Result<Vec<Result<Recorded, StoreError>>, StoreError> {
+        let mut results = Vec::with_capacity(requests.len());
+        for request in requests {
+            results.push(match self.record_usage(request).await {
+                Ok(recorded) => Ok(recorded),
+                Err(
+                    refused @ (StoreError::EventConflict { .. }
+                    | StoreError::TotalOverflow { .. }
+                    | StoreError::Rating(_)),
+                ) => Err(refused),
+                Err(failure) => return Err(failure),
+            });
+        }
+        Ok(results)
+    }
+
+    /// The accounts of several users, in the order asked (`None` for a user without one). This
+    /// default reads them one at a time.
+    async fn accounts(&self, users: &[UserId]) -> Result<Vec<Option<Account>>, StoreError> {
+        let mut accounts = Vec::with_capacity(users.len());
+        for user in users {
+            accounts.push(self.account(user).await?);
+        }
+        Ok(accounts)
+    }
+
     /// Creates the charge unless one with its key exists; returns the stored charge and whether
     /// it was created. Updates the summary (creating it for the plan's currency if absent).
     async fn ensure_charge(&self, request: EnsureCharge) -> Result<(Charge, bool), StoreError>;

@@ -114,6 +114,25 @@ fn audit_json(event: &AuditEvent) -> Result<serde_json::Value, StoreError> {
     serde_json::to_value(event).map_err(generic)
 }
 
+const ACCOUNT_COLUMNS: &str = "user_id, customer_id, plan_id, earlier_plans, subscription_id, created_at, updated_at";
+
+fn account_from(row: &PgRow) -> Result<Account, StoreError> {
+    let earlier: serde_json::Value = row.try_get("earlier_plans").map_err(db)?;
+    Ok(Account {
+        user_id: parse(row.try_get::<&str, _>("user_id").map_err(db)?)?,
+        customer_id: row
+            .try_get::<Option<&str>, _>("customer_id")
+            .map_err(db)?
+            .map(parse::<CustomerId>)
+            .transpose()?,
+        plan_id: parse::<PlanId>(row.try_get::<&str, _>("plan_id").map_err(db)?)?,
+        earlier_plans: serde_json::from_value(earlier).map_err(generic)?,
+        subscription_id: row.try_get("subscription_id").map_err(db)?,
+        created_at: row.try_get("created_at").map_err(db)?,
+        updated_at: row.try_get("updated_at").map_err(db)?,
+    })
+}
+
 const CHARGE_COLUMNS: &str = "user_id, id, charge_key, period, kind, block, billing_tier, amount_charged, currency, \
      status, round, attempts, consumption_id, payment_id, failure_code, failure_message, next_retry_at, lease_until, \
      created_at, updated_at";
@@ -687,6 +706,435 @@ impl PostgresUsageStore {
         })
     }
 
+    /// Records a batch in one transaction and a fixed number of round trips: the events already
+    /// recorded, the period rows locked in a fixed order (so that concurrent batches never
+    /// deadlock) with their totals, then every charge, consumption, summary change and audit
+    /// entry in one statement. Events are decided in Rust, in order, by the same rule as one
+    /// event at a time.
+    async fn try_record_batch(
+        &self,
+        requests: &[RecordUsage<'_>],
+    ) -> Result<Vec<Result<Recorded, StoreError>>, RecordFailure> {
+        use std::collections::{BTreeMap, HashMap, HashSet};
+
+        type Group = (UserId, PeriodKey);
+        enum Decision {
+            Existing,
+            Earlier(usize),
+            Refused(StoreError),
+            Accepted { before: u64, after: u64 },
+        }
+
+        let Some(first) = requests.first() else {
+            return Ok(Vec::new());
+        };
+        let now = first.usage.recorded_at;
+        let mut tx = self.begin().await?;
+
+        // Events already recorded: only the host's own ids can have been.
+        let (users, events): (Vec<&str>, Vec<&str>) = requests
+            .iter()
+            .filter(|r| r.usage.has_host_event_id())
+            .map(|r| (r.usage.user_id.as_str(), r.usage.event_id.as_str()))
+            .unzip();
+        let mut existing: HashSet<(String, String)> = HashSet::new();
+        if !users.is_empty() {
+            let rows = sqlx::query(
+                "SELECT c.user_id, c.event_id
+                   FROM token_consumption c
+                   JOIN unnest($1::text[], $2::text[]) AS e(user_id, event_id)
+                     ON c.user_id = e.user_id AND c.event_id = e.event_id",
+            )
+            .bind(&users)
+            .bind(&events)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(RecordFailure::Database)?;
+            for row in rows {
+                existing.insert((row.try_get(0).map_err(db)?, row.try_get(1).map_err(db)?));
+            }
+        }
+        let is_existing =
+            |r: &RecordUsage<'_>| existing.contains(&(r.usage.user_id.to_string(), r.usage.event_id.to_string()));
+
+        // The period rows of the new events, created if missing, locked in key order.
+        let mut groups: BTreeMap<Group, &RecordUsage<'_>> = BTreeMap::new();
+        for request in requests.iter().filter(|r| !is_existing(r)) {
+            groups
+                .entry((request.usage.user_id.clone(), request.usage.period))
+                .or_insert(request);
+        }
+        let mut totals: HashMap<Group, (u64, bool)> = HashMap::new();
+        let mut created_rows: HashSet<Group> = HashSet::new();
+        if !groups.is_empty() {
+            let mut g_users = Vec::new();
+            let mut g_periods = Vec::new();
+            let mut g_currencies = Vec::new();
+            let mut g_included = Vec::new();
+            let mut g_blocks = Vec::new();
+            for ((user, period), request) in &groups {
+                g_users.push(user.as_str());
+                g_periods.push(period.to_string());
+                g_currencies.push(request.plan.currency().code());
+                g_included.push(to_i64(request.plan.included_tokens())?);
+                g_blocks.push(to_i64(request.plan.block_size())?);
+            }
+            let rows = sqlx::query(
+                "INSERT INTO token_usage_summary AS s
+                     (user_id, period, currency, total_tokens, events, updated_at, included_tokens, block_size)
+                 SELECT g.user_id, g.period, g.currency, 0, 0, $6, g.included, g.block
+                   FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[])
+                        WITH ORDINALITY AS g(user_id, period, currency, included, block, n)
+                  ORDER BY g.n
+                 ON CONFLICT (user_id, period) DO UPDATE
+                    SET included_tokens = coalesce(s.included_tokens, EXCLUDED.included_tokens),
+                        block_size = coalesce(s.block_size, EXCLUDED.block_size)
+                 RETURNING s.user_id, s.period, s.total_tokens, s.currency = (
+                     SELECT g.currency FROM unnest($1::text[], $2::text[], $3::text[]) AS g(user_id, period, currency)
+                      WHERE g.user_id = s.user_id AND g.period = s.period) AS same_currency,
+                     (s.xmax = 0) AS inserted",
+            )
+            .bind(&g_users)
+            .bind(&g_periods)
+            .bind(&g_currencies)
+            .bind(&g_included)
+            .bind(&g_blocks)
+            .bind(now)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(RecordFailure::Database)?;
+            for row in rows {
+                let group: Group = (
+                    parse(row.try_get::<&str, _>("user_id").map_err(db)?)?,
+                    parse(row.try_get::<&str, _>("period").map_err(db)?)?,
+                );
+                let total = to_u64(row.try_get("total_tokens").map_err(db)?)?;
+                let same_currency: bool = row.try_get("same_currency").map_err(db)?;
+                if row.try_get::<bool, _>("inserted").map_err(db)? {
+                    created_rows.insert(group.clone());
+                }
+                totals.insert(group, (total, same_currency));
+            }
+        }
+
+        // Each event decided in order, against the totals the ones before it left.
+        let mut decisions = Vec::with_capacity(requests.len());
+        let mut seen: HashMap<(&UserId, &crate::domain::EventId), usize> = HashMap::new();
+        let mut charges_of: Vec<Vec<crate::domain::NewCharge>> = Vec::with_capacity(requests.len());
+        let mut blocks_of = Vec::with_capacity(requests.len());
+        let mut events_per_group: HashMap<Group, i64> = HashMap::new();
+        for (i, request) in requests.iter().enumerate() {
+            let usage = &request.usage;
+            charges_of.push(Vec::new());
+            blocks_of.push(None);
+            if is_existing(request) {
+                decisions.push(Decision::Existing);
+                continue;
+            }
+            if let Some(&earlier) = seen.get(&(&usage.user_id, &usage.event_id)) {
+                decisions.push(Decision::Earlier(earlier));
+                continue;
+            }
+            let group = (usage.user_id.clone(), usage.period);
+            let Some((total, same_currency)) = totals.get_mut(&group) else {
+                decisions.push(Decision::Refused(generic("a period row of the batch is missing")));
+                continue;
+            };
+            if !*same_currency {
+                decisions.push(Decision::Refused(currency_mismatch(request.plan.currency())));
+                continue;
+            }
+            let before = *total;
+            let Some(after) = before.checked_add(usage.tokens).filter(|t| *t <= crate::MAX_TOKENS) else {
+                decisions.push(Decision::Refused(StoreError::TotalOverflow {
+                    total: before,
+                    tokens: usage.tokens,
+                }));
+                continue;
+            };
+            let charges = match charges_for_growth(
+                request.plan,
+                request.fee,
+                &usage.user_id,
+                usage.period,
+                before,
+                after,
+                Some(usage.consumption_id),
+            ) {
+                Ok(charges) => charges,
+                Err(error) => {
+                    decisions.push(Decision::Refused(error.into()));
+                    continue;
+                }
+            };
+            blocks_of[i] = Some(request.plan.blocks_crossed(before, after).map_err(StoreError::from)?);
+            charges_of[i] = charges;
+            *total = after;
+            *events_per_group.entry(group).or_insert(0) += 1;
+            seen.insert((&usage.user_id, &usage.event_id), i);
+            decisions.push(Decision::Accepted { before, after });
+        }
+
+        // Everything written in one statement.
+        let mut c_users = Vec::new();
+        let mut c_ids = Vec::new();
+        let mut c_keys = Vec::new();
+        let mut c_periods = Vec::new();
+        let mut c_kinds = Vec::new();
+        let mut c_blocks = Vec::new();
+        let mut c_tiers = Vec::new();
+        let mut c_amounts = Vec::new();
+        let mut c_currencies = Vec::new();
+        let mut c_consumptions = Vec::new();
+        let mut c_attempts = Vec::new();
+        let mut c_leases = Vec::new();
+        let mut x_users = Vec::new();
+        let mut x_ids = Vec::new();
+        let mut x_events = Vec::new();
+        let mut x_periods = Vec::new();
+        let mut x_tokens = Vec::new();
+        let mut x_operations = Vec::new();
+        let mut x_clients: Vec<Option<&str>> = Vec::new();
+        let mut x_metadata = Vec::new();
+        let mut x_occurred = Vec::new();
+        let mut x_reported = Vec::new();
+        let mut x_before = Vec::new();
+        let mut x_first = Vec::new();
+        let mut x_end = Vec::new();
+        let mut a_users = Vec::new();
+        let mut a_periods = Vec::new();
+        let mut a_charges: Vec<Option<uuid::Uuid>> = Vec::new();
+        let mut a_events = Vec::new();
+        for (i, request) in requests.iter().enumerate() {
+            let Decision::Accepted { before, after } = decisions[i] else {
+                continue;
+            };
+            let usage = &request.usage;
+            let period = usage.period.to_string();
+            let leased = request.lease_until.is_some();
+            for charge in &charges_of[i] {
+                let id = crate::random::uuid_v4();
+                c_users.push(usage.user_id.as_str());
+                c_ids.push(id);
+                c_keys.push(charge.key.as_str());
+                c_periods.push(period.clone());
+                c_kinds.push(charge.kind.as_str());
+                c_blocks.push(to_i64(charge.block)?);
+                c_tiers.push(charge.billing_tier.as_str());
+                c_amounts.push(charge.amount.minor_units());
+                c_currencies.push(charge.amount.currency().code());
+                c_consumptions.push(usage.consumption_id);
+                c_attempts.push(i32::from(leased));
+                c_leases.push(request.lease_until);
+                let mut events = vec![AuditEvent::ChargeCreated {
+                    key: charge.key.clone(),
+                    billing_tier: charge.billing_tier.clone(),
+                    amount: charge.amount,
+                    status: ChargeStatus::Pending,
+                }];
+                if leased {
+                    events.push(AuditEvent::CollectionStarted {
+                        key: charge.key.clone(),
+                        round: 0,
+                        attempt: 1,
+                    });
+                }
+                for event in &events {
+                    a_users.push(usage.user_id.as_str());
+                    a_periods.push(period.clone());
+                    a_charges.push(Some(id));
+                    a_events.push(audit_json(event)?);
+                }
+            }
+            let blocks = blocks_of[i].ok_or_else(|| generic("blocks of an accepted event"))?;
+            x_users.push(usage.user_id.as_str());
+            x_ids.push(usage.consumption_id);
+            x_events.push(usage.event_id.as_str());
+            x_periods.push(period.clone());
+            x_tokens.push(to_i64(usage.tokens)?);
+            x_operations.push(usage.operation_type.as_str());
+            x_clients.push(usage.client_id.as_ref().map(ClientId::as_str));
+            x_metadata.push(serde_json::to_value(&usage.metadata).map_err(generic)?);
+            x_occurred.push(usage.occurred_at);
+            x_reported.push(usage.occurred_at_reported);
+            x_before.push(to_i64(before)?);
+            x_first.push(to_i64(blocks.first())?);
+            x_end.push(to_i64(blocks.end())?);
+            a_users.push(usage.user_id.as_str());
+            a_periods.push(period);
+            a_charges.push(None);
+            a_events.push(audit_json(&AuditEvent::UsageRecorded {
+                consumption_id: usage.consumption_id,
+                event_id: usage.event_id.clone(),
+                tokens: usage.tokens,
+                total_after: after,
+            })?);
+        }
+        let mut g_users = Vec::new();
+        let mut g_periods = Vec::new();
+        let mut g_totals = Vec::new();
+        let mut g_events = Vec::new();
+        let mut e_users = Vec::new();
+        let mut e_periods = Vec::new();
+        for (group, (total, _)) in &totals {
+            match events_per_group.get(group) {
+                Some(count) => {
+                    g_users.push(group.0.as_str());
+                    g_periods.push(group.1.to_string());
+                    g_totals.push(to_i64(*total)?);
+                    g_events.push(*count);
+                }
+                // A row this batch opened for events that were all refused: not kept.
+                None if created_rows.contains(group) => {
+                    e_users.push(group.0.as_str());
+                    e_periods.push(group.1.to_string());
+                }
+                None => {}
+            }
+        }
+        let rows = sqlx::query(&format!(
+            "WITH charge_input AS (
+                 SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::bigint[],
+                                      $7::text[], $8::bigint[], $9::text[], $10::uuid[], $11::int[],
+                                      $12::timestamptz[])
+                      WITH ORDINALITY AS i(user_id, id, charge_key, period, kind, block, billing_tier, amount,
+                                           currency, consumption_id, attempts, lease_until, n)
+             ), created AS (
+                 INSERT INTO token_billing_charges
+                     (user_id, id, charge_key, period, kind, block, billing_tier, amount_charged, currency, status,
+                      round, attempts, consumption_id, lease_until, created_at, updated_at)
+                 SELECT user_id, id, charge_key, period, kind, block, billing_tier, amount, currency, 'pending', 0,
+                        attempts, consumption_id, lease_until, $13, $13
+                   FROM charge_input ORDER BY n
+                 ON CONFLICT DO NOTHING
+                 RETURNING {CHARGE_COLUMNS}
+             ), groups AS (
+                 SELECT * FROM unnest($14::text[], $15::text[], $16::bigint[], $17::bigint[])
+                      AS g(user_id, period, total_after, events)
+             ), outstanding AS (
+                 SELECT user_id, period, count(*) AS charges, sum(amount_charged) AS amount
+                   FROM created GROUP BY user_id, period
+             ), summary AS (
+                 UPDATE token_usage_summary s
+                    SET total_tokens = g.total_after, events = s.events + g.events, updated_at = $13,
+                        outstanding_count = s.outstanding_count + coalesce(o.charges, 0),
+                        outstanding_total = s.outstanding_total + coalesce(o.amount, 0)
+                   FROM groups g LEFT JOIN outstanding o ON o.user_id = g.user_id AND o.period = g.period
+                  WHERE s.user_id = g.user_id AND s.period = g.period
+             ), emptied AS (
+                 DELETE FROM token_usage_summary s
+                  USING unnest($18::text[], $19::text[]) AS e(user_id, period)
+                  WHERE s.user_id = e.user_id AND s.period = e.period AND s.events = 0
+             ), consumption AS (
+                 INSERT INTO token_consumption
+                     (user_id, id, event_id, period, tokens_used, operation_type, client_id, metadata, occurred_at,
+                      occurred_at_reported, created_at, total_before, created_fee, first_block, end_block)
+                 SELECT x.user_id, x.id, x.event_id, x.period, x.tokens, x.operation_type, x.client_id, x.metadata,
+                        x.occurred_at, x.reported, $13, x.before,
+                        EXISTS (SELECT 1 FROM created c WHERE c.consumption_id = x.id AND c.kind = 'fixed_fee'),
+                        x.first_block, x.end_block
+                   FROM unnest($20::text[], $21::uuid[], $22::text[], $23::text[], $24::bigint[], $25::text[],
+                               $26::text[], $27::jsonb[], $28::timestamptz[], $29::bool[], $30::bigint[],
+                               $31::bigint[], $32::bigint[])
+                        AS x(user_id, id, event_id, period, tokens, operation_type, client_id, metadata, occurred_at,
+                             reported, before, first_block, end_block)
+             ), audited AS (
+                 INSERT INTO token_billing_audit (user_id, at, period, event)
+                 SELECT a.user_id, $13, a.period, a.event
+                   FROM unnest($33::text[], $34::text[], $35::uuid[], $36::jsonb[])
+                        WITH ORDINALITY AS a(user_id, period, charge_id, event, n)
+                  WHERE a.charge_id IS NULL OR EXISTS (SELECT 1 FROM created c WHERE c.id = a.charge_id)
+                  ORDER BY a.n
+             )
+             SELECT {CHARGE_COLUMNS} FROM created"
+        ))
+        .bind(&c_users)
+        .bind(&c_ids)
+        .bind(&c_keys)
+        .bind(&c_periods)
+        .bind(&c_kinds)
+        .bind(&c_blocks)
+        .bind(&c_tiers)
+        .bind(&c_amounts)
+        .bind(&c_currencies)
+        .bind(&c_consumptions)
+        .bind(&c_attempts)
+        .bind(&c_leases)
+        .bind(now)
+        .bind(&g_users)
+        .bind(&g_periods)
+        .bind(&g_totals)
+        .bind(&g_events)
+        .bind(&e_users)
+        .bind(&e_periods)
+        .bind(&x_users)
+        .bind(&x_ids)
+        .bind(&x_events)
+        .bind(&x_periods)
+        .bind(&x_tokens)
+        .bind(&x_operations)
+        .bind(&x_clients)
+        .bind(&x_metadata)
+        .bind(&x_occurred)
+        .bind(&x_reported)
+        .bind(&x_before)
+        .bind(&x_first)
+        .bind(&x_end)
+        .bind(&a_users)
+        .bind(&a_periods)
+        .bind(&a_charges)
+        .bind(&a_events)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(|error| {
+            if is_numeric_overflow(&error) {
+                RecordFailure::Overflow
+            } else {
+                RecordFailure::Database(error)
+            }
+        })?;
+        let mut created: HashMap<uuid::Uuid, Vec<Charge>> = HashMap::new();
+        for row in &rows {
+            let charge = charge_from(row)?;
+            if let Some(consumption) = charge.consumption_id {
+                created.entry(consumption).or_default().push(charge);
+            }
+        }
+        tx.commit().await.map_err(RecordFailure::Database)?;
+
+        let mut results: Vec<Result<Recorded, StoreError>> = Vec::with_capacity(requests.len());
+        for (request, decision) in requests.iter().zip(decisions) {
+            let usage = &request.usage;
+            results.push(match decision {
+                Decision::Accepted { before, after } => {
+                    let mut charges = created.remove(&usage.consumption_id).unwrap_or_default();
+                    charges.sort_by_key(|c| (c.kind != ChargeKind::FixedFee, c.block));
+                    Ok(Recorded {
+                        usage: Arc::new(usage.clone()),
+                        total_before: before,
+                        total_after: after,
+                        charges,
+                        replayed: false,
+                    })
+                }
+                Decision::Earlier(earlier) => match &results[earlier] {
+                    Ok(original) => Recorded {
+                        replayed: true,
+                        ..original.clone()
+                    }
+                    .answer_resend(usage),
+                    Err(_) => Err(generic("an earlier event of the batch with the same id was refused")),
+                },
+                Decision::Existing => match self.recorded_event(&usage.user_id, &usage.event_id).await? {
+                    Some(original) => original.answer_resend(usage),
+                    None => Err(generic("an event recorded before the batch is gone")),
+                },
+                Decision::Refused(error) => Err(error),
+            });
+        }
+        Ok(results)
+    }
+
     /// Leases, in one statement, up to `limit` charges that `kind` picks and nobody holds
     /// (`FOR UPDATE SKIP LOCKED`), applies its changes, and audits them.
     async fn claim(
@@ -784,31 +1232,50 @@ impl UsageStore for PostgresUsageStore {
     }
 
     async fn account(&self, user: &UserId) -> Result<Option<Account>, StoreError> {
-        let row = sqlx::query(
-            "SELECT user_id, customer_id, plan_id, earlier_plans, subscription_id, created_at, updated_at
-               FROM token_billing_accounts WHERE user_id = $1",
-        )
+        let row = sqlx::query(&format!(
+            "SELECT {ACCOUNT_COLUMNS} FROM token_billing_accounts WHERE user_id = $1"
+        ))
         .bind(user.as_str())
         .fetch_optional(&self.pool)
         .await
         .map_err(db)?;
-        row.map(|row| {
-            let earlier: serde_json::Value = row.try_get("earlier_plans").map_err(db)?;
-            Ok(Account {
-                user_id: parse(row.try_get::<&str, _>("user_id").map_err(db)?)?,
-                customer_id: row
-                    .try_get::<Option<&str>, _>("customer_id")
-                    .map_err(db)?
-                    .map(parse::<CustomerId>)
-                    .transpose()?,
-                plan_id: parse::<PlanId>(row.try_get::<&str, _>("plan_id").map_err(db)?)?,
-                earlier_plans: serde_json::from_value(earlier).map_err(generic)?,
-                subscription_id: row.try_get("subscription_id").map_err(db)?,
-                created_at: row.try_get("created_at").map_err(db)?,
-                updated_at: row.try_get("updated_at").map_err(db)?,
-            })
-        })
-        .transpose()
+        row.as_ref().map(account_from).transpose()
+    }
+
+    async fn accounts(&self, users: &[UserId]) -> Result<Vec<Option<Account>>, StoreError> {
+        let ids: Vec<&str> = users.iter().map(UserId::as_str).collect();
+        let rows = sqlx::query(&format!(
+            "SELECT {ACCOUNT_COLUMNS} FROM token_billing_accounts WHERE user_id = ANY($1)"
+        ))
+        .bind(&ids)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        let mut found = std::collections::HashMap::with_capacity(rows.len());
+        for row in &rows {
+            let account = account_from(row)?;
+            found.insert(account.user_id.clone(), account);
+        }
+        Ok(users.iter().map(|user| found.get(user).cloned()).collect())
+    }
+
+    async fn record_usage_batch(
+        &self,
+        requests: Vec<RecordUsage<'_>>,
+    ) -> Result<Vec<Result<Recorded, StoreError>>, StoreError> {
+        // As for one event: a concurrent record of an event of the batch fails the transaction on
+        // the event's unique index, and the next attempt answers that event as a replay.
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match self.try_record_batch(&requests).await {
+                Ok(results) => return Ok(results),
+                Err(RecordFailure::Store(error)) => return Err(error),
+                Err(RecordFailure::Database(error)) if is_duplicate_event(&error) && attempts < 3 => continue,
+                Err(RecordFailure::Overflow) => return Err(generic("a period total passed BIGINT")),
+                Err(RecordFailure::Database(error)) => return Err(db(error)),
+            }
+        }
     }
 
     async fn record_usage(&self, request: RecordUsage<'_>) -> Result<Recorded, StoreError> {

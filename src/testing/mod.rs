@@ -89,6 +89,7 @@ macro_rules! usage_store_conformance {
                 account_round_trips,
                 record_creates_usage_charges_and_summary,
                 record_is_idempotent_by_event_id,
+                record_usage_batch_is_record_usage_in_order,
                 event_id_conflict_changes_nothing,
                 event_ids_are_scoped_per_user,
                 overflow_changes_nothing,
