@@ -13,8 +13,8 @@ use super::{
     RecordUsage, Recorded, Settlement, StoreError, SummaryDelta, TierChargeReport, UsageStore,
 };
 use crate::domain::{
-    Charge, ChargeKey, ChargeKind, ChargeStatus, ClientId, Currency, CustomerId, EventId, Metadata, Money, NewCharge,
-    OperationType, PeriodKey, PlanId, UsageRecord, UserId, charges_for_growth,
+    Blocks, Charge, ChargeKey, ChargeKind, ChargeStatus, ClientId, Currency, CustomerId, EventId, Metadata, Money,
+    NewCharge, OperationType, PeriodKey, PlanId, UsageRecord, UserId, charges_for_growth,
 };
 
 const STORE: &str = "PostgreSQL store";
@@ -518,6 +518,14 @@ const CLAIM_AWAITING: ClaimKind = ClaimKind {
     audit: "SELECT NULL::jsonb WHERE false",
 };
 
+/// How an event's write is made safe: inside a transaction that already locked and incremented
+/// the period row, or by a compare-and-set on its total in the write itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gate {
+    Locked,
+    CompareAndSet,
+}
+
 /// Why a record attempt stopped: a database error (perhaps a concurrent duplicate) or a store
 /// error to return as is.
 enum RecordFailure {
@@ -538,25 +546,27 @@ impl PostgresUsageStore {
         let usage = &request.usage;
         let user = &usage.user_id;
         let mut tx = self.begin().await?;
-        if let Some(original) = Self::replay_in(&mut tx, user, &usage.event_id).await? {
-            tx.rollback().await.map_err(db)?;
-            return Ok(original.answer_resend(usage)?);
-        }
         let now = usage.recorded_at;
         let tokens = to_i64(usage.tokens)?;
-        // The increment takes the summary row's lock until commit: concurrent events of this user
-        // and period see disjoint intervals.
-        let after: i64 = sqlx::query_scalar(
-            "INSERT INTO token_usage_summary
-                (user_id, period, currency, total_tokens, events, updated_at, included_tokens, block_size)
-             VALUES ($1, $2, $3, $4, 1, $5, $6, $7)
-             ON CONFLICT (user_id, period) DO UPDATE
-                SET total_tokens = token_usage_summary.total_tokens + EXCLUDED.total_tokens,
-                    events = token_usage_summary.events + 1, updated_at = EXCLUDED.updated_at,
-                    included_tokens = coalesce(token_usage_summary.included_tokens, EXCLUDED.included_tokens),
-                    block_size = coalesce(token_usage_summary.block_size, EXCLUDED.block_size)
-              WHERE token_usage_summary.currency = EXCLUDED.currency
-             RETURNING total_tokens",
+        // The increment, unless the event was recorded before, in one round trip. It takes the
+        // summary row's lock until commit: concurrent events of this user and period see
+        // disjoint intervals.
+        let row = sqlx::query(
+            "WITH recorded AS (
+                 SELECT 1 FROM token_consumption WHERE user_id = $1 AND event_id = $8
+             ), incremented AS (
+                 INSERT INTO token_usage_summary
+                     (user_id, period, currency, total_tokens, events, updated_at, included_tokens, block_size)
+                 SELECT $1, $2, $3, $4, 1, $5, $6, $7 WHERE NOT EXISTS (SELECT 1 FROM recorded)
+                 ON CONFLICT (user_id, period) DO UPDATE
+                    SET total_tokens = token_usage_summary.total_tokens + EXCLUDED.total_tokens,
+                        events = token_usage_summary.events + 1, updated_at = EXCLUDED.updated_at,
+                        included_tokens = coalesce(token_usage_summary.included_tokens, EXCLUDED.included_tokens),
+                        block_size = coalesce(token_usage_summary.block_size, EXCLUDED.block_size)
+                  WHERE token_usage_summary.currency = EXCLUDED.currency
+                 RETURNING total_tokens
+             )
+             SELECT EXISTS (SELECT 1 FROM recorded) AS replayed, (SELECT total_tokens FROM incremented) AS total",
         )
         .bind(user.as_str())
         .bind(usage.period.to_string())
@@ -565,7 +575,8 @@ impl PostgresUsageStore {
         .bind(now)
         .bind(to_i64(request.plan.included_tokens())?)
         .bind(to_i64(request.plan.block_size())?)
-        .fetch_optional(&mut *tx)
+        .bind(usage.event_id.as_str())
+        .fetch_one(&mut *tx)
         .await
         .map_err(|error| {
             if is_numeric_overflow(&error) {
@@ -573,14 +584,104 @@ impl PostgresUsageStore {
             } else {
                 RecordFailure::Database(error)
             }
-        })?
-        .ok_or_else(|| currency_mismatch(request.plan.currency()))?;
+        })?;
+        if row.try_get::<bool, _>("replayed").map_err(db)? {
+            let original = Self::replay_in(&mut tx, user, &usage.event_id)
+                .await?
+                .ok_or_else(|| generic("a recorded event vanished"))?;
+            tx.rollback().await.map_err(db)?;
+            return Ok(original.answer_resend(usage)?);
+        }
+        let after: i64 = row
+            .try_get::<Option<i64>, _>("total")
+            .map_err(db)?
+            .ok_or_else(|| currency_mismatch(request.plan.currency()))?;
         let after = to_u64(after)?;
         let before = after - usage.tokens;
+        let created = Self::write_event(&mut *tx, request, before, after, Gate::Locked)
+            .await?
+            .ok_or_else(|| generic("the locked write did not happen"))?;
+        tx.commit().await.map_err(RecordFailure::Database)?;
+        Ok(Recorded {
+            usage: Arc::new(usage.clone()),
+            total_before: before,
+            total_after: after,
+            charges: created,
+            replayed: false,
+        })
+    }
+
+    /// Records an event in two round trips and no explicit transaction, when its period row
+    /// exists: reads the total (and whether the event was recorded), decides the charges, then
+    /// writes everything in one statement that first locks the row *if its total is still the
+    /// one read* (a compare-and-set). `None` when the period row is missing, or when the total
+    /// moved under every attempt: the caller takes the locking path.
+    async fn try_record_fast(&self, request: &RecordUsage<'_>) -> Result<Option<Recorded>, RecordFailure> {
+        let usage = &request.usage;
+        for _ in 0..3 {
+            let row = sqlx::query(
+                "SELECT s.total_tokens, s.currency,
+                        EXISTS (SELECT 1 FROM token_consumption c WHERE c.user_id = $1 AND c.event_id = $3) AS recorded
+                   FROM (SELECT 1) AS one
+                   LEFT JOIN token_usage_summary s ON s.user_id = $1 AND s.period = $2",
+            )
+            .bind(usage.user_id.as_str())
+            .bind(usage.period.to_string())
+            .bind(usage.event_id.as_str())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(RecordFailure::Database)?;
+            if row.try_get::<bool, _>("recorded").map_err(db)? {
+                let original = self
+                    .recorded_event(&usage.user_id, &usage.event_id)
+                    .await?
+                    .ok_or_else(|| generic("a recorded event vanished"))?;
+                return Ok(Some(original.answer_resend(usage)?));
+            }
+            let Some(total) = row.try_get::<Option<i64>, _>("total_tokens").map_err(db)? else {
+                return Ok(None);
+            };
+            if row.try_get::<Option<&str>, _>("currency").map_err(db)? != Some(request.plan.currency().code()) {
+                return Err(currency_mismatch(request.plan.currency()).into());
+            }
+            let before = to_u64(total)?;
+            let after = before
+                .checked_add(usage.tokens)
+                .filter(|t| *t <= crate::MAX_TOKENS)
+                .ok_or(StoreError::TotalOverflow {
+                    total: before,
+                    tokens: usage.tokens,
+                })?;
+            if let Some(created) = Self::write_event(&self.pool, request, before, after, Gate::CompareAndSet).await? {
+                return Ok(Some(Recorded {
+                    usage: Arc::new(usage.clone()),
+                    total_before: before,
+                    total_after: after,
+                    charges: created,
+                    replayed: false,
+                }));
+            }
+            // Another event of the user moved the total first: read it again.
+        }
+        Ok(None)
+    }
+
+    /// Writes an event whose interval `(before, after]` is decided: its charges (the fixed fee
+    /// may exist already, the rest follows from those created), the summary's figures, the
+    /// consumption and its audit entries, in one statement. `None` when the compare-and-set
+    /// lost (the total is not `before` any more); nothing is written then.
+    async fn write_event<'e>(
+        executor: impl sqlx::Executor<'e, Database = Postgres>,
+        request: &RecordUsage<'_>,
+        before: u64,
+        after: u64,
+        gate: Gate,
+    ) -> Result<Option<Vec<Charge>>, RecordFailure> {
+        let usage = &request.usage;
         let charges = charges_for_growth(
             request.plan,
             request.fee,
-            user,
+            &usage.user_id,
             usage.period,
             before,
             after,
@@ -588,8 +689,16 @@ impl PostgresUsageStore {
         )
         .map_err(StoreError::from)?;
         let blocks = request.plan.blocks_crossed(before, after).map_err(StoreError::from)?;
-        // Charges, the summary's outstanding figures, the consumption and the audit entries in
-        // one statement: the charges created (the fixed fee may exist already) decide the rest.
+        let usage_event = audit_json(&AuditEvent::UsageRecorded {
+            consumption_id: usage.consumption_id,
+            event_id: usage.event_id.clone(),
+            tokens: usage.tokens,
+            total_after: after,
+        })?;
+        if charges.is_empty() {
+            let won = Self::write_usage(executor, request, before, after, &blocks, usage_event, gate).await?;
+            return Ok(won.then(Vec::new));
+        }
         let leased = request.lease_until.is_some();
         let mut ids = Vec::with_capacity(charges.len());
         let mut keys = Vec::with_capacity(charges.len());
@@ -620,14 +729,25 @@ impl PostgresUsageStore {
             amounts.push(charge.amount.minor_units());
             audits.push(serde_json::to_value(&events).map_err(generic)?);
         }
-        let usage_event = audit_json(&AuditEvent::UsageRecorded {
-            consumption_id: usage.consumption_id,
-            event_id: usage.event_id.clone(),
-            tokens: usage.tokens,
-            total_after: after,
-        })?;
-        let rows = sqlx::query(&format!(
-            "WITH input AS (
+        // Under the compare-and-set the row is locked here, if its total is still `before`, and
+        // every write below happens only then; the summary also takes the new total.
+        let (locked, totals) = match gate {
+            Gate::Locked => ("SELECT 1", ""),
+            Gate::CompareAndSet => (
+                "SELECT 1 FROM token_usage_summary
+                  WHERE user_id = $8 AND period = $9 AND total_tokens = $22 FOR UPDATE",
+                "total_tokens = $26, events = events + 1, updated_at = $14,
+                 included_tokens = coalesce(included_tokens, $27), block_size = coalesce(block_size, $28),",
+            ),
+        };
+        let summary_gate = match gate {
+            Gate::Locked => "EXISTS (SELECT 1 FROM created)",
+            Gate::CompareAndSet => "EXISTS (SELECT 1 FROM locked)",
+        };
+        let sql = format!(
+            "WITH locked AS (
+                 {locked}
+             ), input AS (
                  SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::bigint[],
                                       $7::jsonb[]) WITH ORDINALITY AS i(id, charge_key, kind, block, billing_tier,
                                                                          amount, audit, n)
@@ -637,20 +757,22 @@ impl PostgresUsageStore {
                       round, attempts, consumption_id, lease_until, created_at, updated_at)
                  SELECT $8, id, charge_key, $9, kind, block, billing_tier, amount, $10, 'pending', 0, $11, $12, $13,
                         $14, $14
-                   FROM input ORDER BY n
+                   FROM input WHERE EXISTS (SELECT 1 FROM locked) ORDER BY n
                  ON CONFLICT DO NOTHING
                  RETURNING {CHARGE_COLUMNS}
              ), summary AS (
                  UPDATE token_usage_summary
-                    SET outstanding_count = outstanding_count + (SELECT count(*) FROM created),
+                    SET {totals}
+                        outstanding_count = outstanding_count + (SELECT count(*) FROM created),
                         outstanding_total = outstanding_total + (SELECT coalesce(sum(amount_charged), 0) FROM created)
-                  WHERE user_id = $8 AND period = $9
+                  WHERE user_id = $8 AND period = $9 AND {summary_gate}
              ), consumption AS (
                  INSERT INTO token_consumption
                      (user_id, id, event_id, period, tokens_used, operation_type, client_id, metadata, occurred_at,
                       occurred_at_reported, created_at, total_before, created_fee, first_block, end_block)
-                 VALUES ($8, $12, $15, $9, $16, $17, $18, $19, $20, $21, $14, $22,
-                         EXISTS (SELECT 1 FROM created WHERE kind = 'fixed_fee'), $23, $24)
+                 SELECT $8, $12, $15, $9, $16, $17, $18, $19, $20, $21, $14, $22,
+                        EXISTS (SELECT 1 FROM created WHERE kind = 'fixed_fee'), $23, $24
+                  WHERE EXISTS (SELECT 1 FROM locked)
              ), audited AS (
                  INSERT INTO token_billing_audit (user_id, at, period, event)
                  SELECT $8, $14, $9, entries.event FROM (
@@ -660,50 +782,131 @@ impl PostgresUsageStore {
                      UNION ALL
                      SELECT $25::jsonb, 9223372036854775807, 0
                  ) AS entries
+                 WHERE EXISTS (SELECT 1 FROM locked)
                  ORDER BY entries.position, entries.k
              )
-             SELECT {CHARGE_COLUMNS} FROM created"
-        ))
-        .bind(&ids)
-        .bind(&keys)
-        .bind(&kinds)
-        .bind(&block_numbers)
-        .bind(&tiers)
-        .bind(&amounts)
-        .bind(&audits)
-        .bind(user.as_str())
-        .bind(usage.period.to_string())
-        .bind(request.plan.currency().code())
-        .bind(i32::from(leased))
-        .bind(usage.consumption_id)
-        .bind(request.lease_until)
-        .bind(now)
-        .bind(usage.event_id.as_str())
-        .bind(tokens)
-        .bind(usage.operation_type.as_str())
-        .bind(usage.client_id.as_ref().map(ClientId::as_str))
-        .bind(serde_json::to_value(&usage.metadata).map_err(generic)?)
-        .bind(usage.occurred_at)
-        .bind(usage.occurred_at_reported)
-        .bind(to_i64(before)?)
-        .bind(to_i64(blocks.first())?)
-        .bind(to_i64(blocks.end())?)
-        .bind(usage_event)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(RecordFailure::Database)?;
-        let mut created = rows.iter().map(charge_from).collect::<Result<Vec<_>, _>>()?;
+             SELECT EXISTS (SELECT 1 FROM locked) AS won, created.*
+               FROM (SELECT 1) AS one LEFT JOIN created ON true"
+        );
+        let mut query = sqlx::query(&sql)
+            .bind(&ids)
+            .bind(&keys)
+            .bind(&kinds)
+            .bind(&block_numbers)
+            .bind(&tiers)
+            .bind(&amounts)
+            .bind(&audits)
+            .bind(usage.user_id.as_str())
+            .bind(usage.period.to_string())
+            .bind(request.plan.currency().code())
+            .bind(i32::from(leased))
+            .bind(usage.consumption_id)
+            .bind(request.lease_until)
+            .bind(usage.recorded_at)
+            .bind(usage.event_id.as_str())
+            .bind(to_i64(usage.tokens)?)
+            .bind(usage.operation_type.as_str())
+            .bind(usage.client_id.as_ref().map(ClientId::as_str))
+            .bind(serde_json::to_value(&usage.metadata).map_err(generic)?)
+            .bind(usage.occurred_at)
+            .bind(usage.occurred_at_reported)
+            .bind(to_i64(before)?)
+            .bind(to_i64(blocks.first())?)
+            .bind(to_i64(blocks.end())?)
+            .bind(usage_event);
+        if gate == Gate::CompareAndSet {
+            query = query
+                .bind(to_i64(after)?)
+                .bind(to_i64(request.plan.included_tokens())?)
+                .bind(to_i64(request.plan.block_size())?);
+        }
+        let rows = query.fetch_all(executor).await.map_err(RecordFailure::Database)?;
+        let won = match rows.first() {
+            Some(row) => row.try_get::<bool, _>("won").map_err(db)?,
+            None => false,
+        };
+        if !won {
+            return Ok(None);
+        }
+        let mut created = Vec::with_capacity(rows.len());
+        for row in &rows {
+            if row.try_get::<Option<uuid::Uuid>, _>("id").map_err(db)?.is_some() {
+                created.push(charge_from(row)?);
+            }
+        }
         created.sort_by_key(|c| (c.kind != ChargeKind::FixedFee, c.block));
-        tx.commit().await.map_err(RecordFailure::Database)?;
-        // The audit order in the trail puts the usage after its charges; both are in one
-        // transaction, so neither is ever seen without the other.
-        Ok(Recorded {
-            usage: Arc::new(usage.clone()),
-            total_before: before,
-            total_after: after,
-            charges: created,
-            replayed: false,
-        })
+        Ok(Some(created))
+    }
+
+    /// [`Self::write_event`] for an event that creates no charge, the steady state: a statement
+    /// without the charges' arrays, simple enough for PostgreSQL to keep one generic plan for
+    /// it rather than plan it again on every call. `false` when the compare-and-set lost.
+    async fn write_usage<'e>(
+        executor: impl sqlx::Executor<'e, Database = Postgres>,
+        request: &RecordUsage<'_>,
+        before: u64,
+        after: u64,
+        blocks: &Blocks,
+        usage_event: serde_json::Value,
+        gate: Gate,
+    ) -> Result<bool, RecordFailure> {
+        let usage = &request.usage;
+        // Under the compare-and-set the summary moves to the new total only if it is still
+        // `before` (checked again on the newest row version, under its lock), and the rest is
+        // written only then.
+        let moved = match gate {
+            Gate::Locked => "SELECT 1",
+            Gate::CompareAndSet => {
+                "UPDATE token_usage_summary
+                    SET total_tokens = $16, events = events + 1, updated_at = $3,
+                        included_tokens = coalesce(included_tokens, $17), block_size = coalesce(block_size, $18)
+                  WHERE user_id = $1 AND period = $2 AND total_tokens = $11
+                 RETURNING 1"
+            }
+        };
+        let sql = format!(
+            "WITH moved AS (
+                 {moved}
+             ), consumption AS (
+                 INSERT INTO token_consumption
+                     (user_id, id, event_id, period, tokens_used, operation_type, client_id, metadata, occurred_at,
+                      occurred_at_reported, created_at, total_before, created_fee, first_block, end_block)
+                 SELECT $1, $4, $5, $2, $6, $7, $8, $9, $10, $14, $3, $11, false, $12, $13 FROM moved
+             ), audited AS (
+                 INSERT INTO token_billing_audit (user_id, at, period, event)
+                 SELECT $1, $3, $2, $15::jsonb FROM moved
+             )
+             SELECT EXISTS (SELECT 1 FROM moved) AS won"
+        );
+        let mut query = sqlx::query(&sql)
+            .bind(usage.user_id.as_str())
+            .bind(usage.period.to_string())
+            .bind(usage.recorded_at)
+            .bind(usage.consumption_id)
+            .bind(usage.event_id.as_str())
+            .bind(to_i64(usage.tokens)?)
+            .bind(usage.operation_type.as_str())
+            .bind(usage.client_id.as_ref().map(ClientId::as_str))
+            .bind(serde_json::to_value(&usage.metadata).map_err(generic)?)
+            .bind(usage.occurred_at)
+            .bind(to_i64(before)?)
+            .bind(to_i64(blocks.first())?)
+            .bind(to_i64(blocks.end())?)
+            .bind(usage.occurred_at_reported)
+            .bind(usage_event);
+        if gate == Gate::CompareAndSet {
+            query = query
+                .bind(to_i64(after)?)
+                .bind(to_i64(request.plan.included_tokens())?)
+                .bind(to_i64(request.plan.block_size())?);
+        }
+        let won: bool = query
+            .fetch_one(executor)
+            .await
+            .map_err(RecordFailure::Database)?
+            .try_get("won")
+            .map_err(db)?;
+        Ok(won)
     }
 
     /// Records a batch in one transaction and a fixed number of round trips: the events already
@@ -789,10 +992,7 @@ impl PostgresUsageStore {
                  ON CONFLICT (user_id, period) DO UPDATE
                     SET included_tokens = coalesce(s.included_tokens, EXCLUDED.included_tokens),
                         block_size = coalesce(s.block_size, EXCLUDED.block_size)
-                 RETURNING s.user_id, s.period, s.total_tokens, s.currency = (
-                     SELECT g.currency FROM unnest($1::text[], $2::text[], $3::text[]) AS g(user_id, period, currency)
-                      WHERE g.user_id = s.user_id AND g.period = s.period) AS same_currency,
-                     (s.xmax = 0) AS inserted",
+                 RETURNING s.user_id, s.period, s.total_tokens, s.currency, (s.xmax = 0) AS inserted",
             )
             .bind(&g_users)
             .bind(&g_periods)
@@ -809,7 +1009,9 @@ impl PostgresUsageStore {
                     parse(row.try_get::<&str, _>("period").map_err(db)?)?,
                 );
                 let total = to_u64(row.try_get("total_tokens").map_err(db)?)?;
-                let same_currency: bool = row.try_get("same_currency").map_err(db)?;
+                let same_currency = groups
+                    .get(&group)
+                    .is_some_and(|r| r.plan.currency().code() == row.try_get::<&str, _>("currency").unwrap_or(""));
                 if row.try_get::<bool, _>("inserted").map_err(db)? {
                     created_rows.insert(group.clone());
                 }
@@ -1281,6 +1483,16 @@ impl UsageStore for PostgresUsageStore {
     async fn record_usage(&self, request: RecordUsage<'_>) -> Result<Recorded, StoreError> {
         // A concurrent record of the same event makes this one fail on the event's unique index;
         // the next attempt answers it as a replay. Two attempts suffice; the third is a margin.
+        match self.try_record_fast(&request).await {
+            Ok(Some(recorded)) => return Ok(recorded),
+            // A new period, or a total that kept moving: the locking path.
+            Ok(None) => {}
+            Err(RecordFailure::Store(error)) => return Err(error),
+            // A concurrent record of the same event won the unique index: answered below.
+            Err(RecordFailure::Database(error)) if is_duplicate_event(&error) => {}
+            Err(RecordFailure::Overflow) => {}
+            Err(RecordFailure::Database(error)) => return Err(db(error)),
+        }
         let mut attempts = 0;
         loop {
             attempts += 1;

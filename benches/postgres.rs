@@ -1,0 +1,179 @@
+#![allow(missing_docs)] // criterion_group! generates undocumented functions
+// Rates and durations of a benchmark, not money.
+#![allow(clippy::float_arithmetic, clippy::cast_precision_loss)]
+//! The PostgreSQL store under `process_token_usage`: one event per call with one caller
+//! (latency) and with sixteen (throughput), and batches. `benches/compare-with-pgbench.sh`
+//! runs these beside `pgbench -N` on the same server and prints the ratios.
+//!
+//! `DATABASE_URL` names the server (`postgres://postgres@127.0.0.1:5432/test` by default); the
+//! benchmark works in a schema of its own.
+//!
+//! `cargo bench --features postgres --bench postgres`
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use token_billing::{BillingService, Metadata, PostgresUsageStore, SandboxGateway, UnregisteredUsers, UsageReport};
+
+/// Users the events are spread over: each caller has its own, as pgbench's clients update
+/// random rows of their own.
+const USERS: u64 = 1_600;
+
+/// Events in one batch.
+const BATCH: u64 = 1_000;
+
+fn database_url() -> String {
+    std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+/// A service on a fresh schema, and the schema's name (dropped when the benchmark ends).
+async fn service() -> (BillingService, String) {
+    let url = database_url();
+    let schema = format!("tb_bench_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let admin = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&url)
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL at {url} is needed (set DATABASE_URL): {e}"));
+    sqlx::query(&format!("CREATE SCHEMA {schema}"))
+        .execute(&admin)
+        .await
+        .expect("create schema");
+    admin.close().await;
+    let options = PgConnectOptions::from_str(&url)
+        .expect("a valid DATABASE_URL")
+        .options([("search_path", schema.as_str())]);
+    let pool = PgPoolOptions::new()
+        .max_connections(20)
+        .connect_with(options)
+        .await
+        .expect("connect");
+    let store = PostgresUsageStore::from_pool(pool);
+    store.migrate().await.expect("migrate");
+    let billing = BillingService::builder(Arc::new(store), Arc::new(SandboxGateway::new()))
+        .unregistered_users(UnregisteredUsers::OpenCustomer)
+        .build();
+    (billing, schema)
+}
+
+async fn drop_schema(schema: &str) {
+    let admin = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&database_url())
+        .await
+        .expect("connect");
+    sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+        .execute(&admin)
+        .await
+        .expect("drop schema");
+    admin.close().await;
+}
+
+fn metadata() -> Metadata {
+    Metadata::from([
+        ("conversationId".to_owned(), "conv-123".to_owned()),
+        ("agentId".to_owned(), "agent-456".to_owned()),
+        ("model".to_owned(), "gpt-large".to_owned()),
+    ])
+}
+
+/// A new event id for every event of every run.
+static EVENTS: AtomicU64 = AtomicU64::new(0);
+
+fn report(user: u64) -> UsageReport {
+    let n = EVENTS.fetch_add(1, Ordering::Relaxed);
+    UsageReport::new(format!("bench-user-{user}"), 1_000, "chat")
+        .metadata(metadata())
+        .event_id(format!("bench-{n}"))
+}
+
+/// `events` events by `callers` concurrent callers, each on users of its own; the elapsed time.
+fn one_at_a_time(runtime: &tokio::runtime::Runtime, billing: &BillingService, events: u64, callers: u64) -> Duration {
+    runtime.block_on(async {
+        let start = Instant::now();
+        let tasks: Vec<_> = (0..callers)
+            .map(|caller| {
+                let billing = billing.clone();
+                // Exactly `events` events in all, as evenly spread as they go.
+                let own = events / callers + u64::from(caller < events % callers);
+                tokio::spawn(async move {
+                    for i in 0..own {
+                        let user = (caller + i * callers) % USERS;
+                        billing.process_token_usage(report(user)).await.expect("recorded");
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.expect("caller");
+        }
+        start.elapsed()
+    })
+}
+
+/// `batches` batches of `BATCH` events spread over every user, by two concurrent callers.
+fn batched(runtime: &tokio::runtime::Runtime, billing: &BillingService, batches: u64) -> Duration {
+    runtime.block_on(async {
+        let start = Instant::now();
+        let tasks: Vec<_> = (0..2u64)
+            .map(|caller| {
+                let billing = billing.clone();
+                let own = batches / 2 + u64::from(caller < batches % 2);
+                tokio::spawn(async move {
+                    for b in 0..own {
+                        let reports = (0..BATCH).map(|i| report((b * BATCH + i + caller) % USERS)).collect();
+                        let outcomes = billing.process_token_usage_batch(reports).await.expect("a batch");
+                        assert!(outcomes.iter().all(Result::is_ok));
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.expect("caller");
+        }
+        start.elapsed()
+    })
+}
+
+fn postgres(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let (billing, schema) = runtime.block_on(service());
+    // Every user's period is opened (its fee charged) before measuring the steady state.
+    runtime.block_on(async {
+        let reports = (0..USERS).map(report).collect();
+        billing.process_token_usage_batch(reports).await.expect("warm-up");
+    });
+
+    let mut group = c.benchmark_group("postgres_one_event");
+    group.throughput(Throughput::Elements(1));
+    group.sample_size(10);
+    group.measurement_time(Duration::from_secs(10));
+    group.bench_function("one_caller", |b| {
+        b.iter_custom(|iters| one_at_a_time(&runtime, &billing, iters, 1))
+    });
+    group.bench_function("sixteen_callers", |b| {
+        b.iter_custom(|iters| one_at_a_time(&runtime, &billing, iters, 16))
+    });
+    group.finish();
+
+    let mut group = c.benchmark_group("postgres_batch");
+    group.throughput(Throughput::Elements(BATCH));
+    group.sample_size(10);
+    group.measurement_time(Duration::from_secs(10));
+    group.bench_function("batches_of_1000_two_callers", |b| {
+        b.iter_custom(|iters| batched(&runtime, &billing, iters))
+    });
+    group.finish();
+    runtime.block_on(drop_schema(&schema));
+}
+
+criterion_group!(benches, postgres);
+criterion_main!(benches);
