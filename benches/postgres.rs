@@ -115,7 +115,8 @@ fn one_at_a_time(runtime: &tokio::runtime::Runtime, billing: &BillingService, ev
     })
 }
 
-/// `batches` batches of `BATCH` events spread over every user, by two concurrent callers.
+/// `batches` batches of `BATCH` events by two concurrent callers, each over its own half of the
+/// users (as the sixteen callers above), one event per user in a batch.
 fn batched(runtime: &tokio::runtime::Runtime, billing: &BillingService, batches: u64) -> Duration {
     runtime.block_on(async {
         let start = Instant::now();
@@ -125,7 +126,9 @@ fn batched(runtime: &tokio::runtime::Runtime, billing: &BillingService, batches:
                 let own = batches / 2 + u64::from(caller < batches % 2);
                 tokio::spawn(async move {
                     for b in 0..own {
-                        let reports = (0..BATCH).map(|i| report((b * BATCH + i + caller) % USERS)).collect();
+                        let reports = (0..BATCH)
+                            .map(|i| report(caller + 2 * ((b * BATCH + i) % (USERS / 2))))
+                            .collect();
                         let outcomes = billing.process_token_usage_batch(reports).await.expect("a batch");
                         assert!(outcomes.iter().all(Result::is_ok));
                     }

@@ -82,6 +82,12 @@ fn is_duplicate_event(error: &sqlx::Error) -> bool {
             && matches!(e.constraint(), Some("token_consumption_user_id_event_id_key" | "token_consumption_pkey")))
 }
 
+/// Whether PostgreSQL broke a lock cycle by aborting this transaction: nothing of it was
+/// written, and it can run again.
+fn is_deadlock(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(e) if e.code().as_deref() == Some("40P01"))
+}
+
 fn is_numeric_overflow(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(e) if e.code().as_deref() == Some("22003"))
 }
@@ -909,15 +915,22 @@ impl PostgresUsageStore {
         Ok(won)
     }
 
-    /// Records a batch in one transaction and a fixed number of round trips: the events already
-    /// recorded, the period rows locked in a fixed order (so that concurrent batches never
-    /// deadlock) with their totals, then every charge, consumption, summary change and audit
-    /// entry in one statement. Events are decided in Rust, in order, by the same rule as one
-    /// event at a time.
+    /// Records a batch in one transaction and a fixed number of round trips: the period rows'
+    /// totals, then every charge, consumption, summary change and audit entry in one statement.
+    /// Events are decided in Rust, in order, by the same rule as one event at a time.
+    ///
+    /// `optimistic` reads the totals without locks and trusts that no event of the batch was
+    /// recorded before; the write then moves each period row only if its total is still the one
+    /// read, and skips an event id it finds taken. If either happened, the transaction is rolled
+    /// back and the answer is `None`: the careful way, which looks up the events recorded before
+    /// and locks the period rows in a fixed order (so that concurrent batches never deadlock),
+    /// does it again. The careful way answers `None` only when a writer outside those locks
+    /// (the same event id in another period) took an event id meanwhile.
     async fn try_record_batch(
         &self,
         requests: &[RecordUsage<'_>],
-    ) -> Result<Vec<Result<Recorded, StoreError>>, RecordFailure> {
+        optimistic: bool,
+    ) -> Result<Option<Vec<Result<Recorded, StoreError>>>, RecordFailure> {
         use std::collections::{BTreeMap, HashMap, HashSet};
 
         type Group = (UserId, PeriodKey);
@@ -929,7 +942,7 @@ impl PostgresUsageStore {
         }
 
         let Some(first) = requests.first() else {
-            return Ok(Vec::new());
+            return Ok(Some(Vec::new()));
         };
         let now = first.usage.recorded_at;
         let mut tx = self.begin().await?;
@@ -941,7 +954,7 @@ impl PostgresUsageStore {
             .map(|r| (r.usage.user_id.as_str(), r.usage.event_id.as_str()))
             .unzip();
         let mut existing: HashSet<(String, String)> = HashSet::new();
-        if !users.is_empty() {
+        if !users.is_empty() && !optimistic {
             let rows = sqlx::query(
                 "SELECT c.user_id, c.event_id
                    FROM token_consumption c
@@ -957,10 +970,13 @@ impl PostgresUsageStore {
                 existing.insert((row.try_get(0).map_err(db)?, row.try_get(1).map_err(db)?));
             }
         }
-        let is_existing =
-            |r: &RecordUsage<'_>| existing.contains(&(r.usage.user_id.to_string(), r.usage.event_id.to_string()));
+        let is_existing = |r: &RecordUsage<'_>| {
+            !existing.is_empty() && existing.contains(&(r.usage.user_id.to_string(), r.usage.event_id.to_string()))
+        };
 
-        // The period rows of the new events, created if missing, locked in key order.
+        // The period rows of the new events, locked in the batch's key order: those that exist
+        // are locked (not rewritten), the missing ones created in the same order, and a row
+        // another writer created meanwhile is locked after it committed.
         let mut groups: BTreeMap<Group, &RecordUsage<'_>> = BTreeMap::new();
         for request in requests.iter().filter(|r| !is_existing(r)) {
             groups
@@ -969,40 +985,103 @@ impl PostgresUsageStore {
         }
         let mut totals: HashMap<Group, (u64, bool)> = HashMap::new();
         let mut created_rows: HashSet<Group> = HashSet::new();
-        if !groups.is_empty() {
-            let mut g_users = Vec::new();
-            let mut g_periods = Vec::new();
-            let mut g_currencies = Vec::new();
-            let mut g_included = Vec::new();
-            let mut g_blocks = Vec::new();
-            for ((user, period), request) in &groups {
-                g_users.push(user.as_str());
-                g_periods.push(period.to_string());
-                g_currencies.push(request.plan.currency().code());
-                g_included.push(to_i64(request.plan.included_tokens())?);
-                g_blocks.push(to_i64(request.plan.block_size())?);
-            }
+        let mut missing: Vec<(&Group, &RecordUsage<'_>)> =
+            groups.iter().map(|(group, request)| (group, *request)).collect();
+        if optimistic {
+            let (users, periods): (Vec<&str>, Vec<String>) = missing
+                .iter()
+                .map(|((user, period), _)| (user.as_str(), period.to_string()))
+                .unzip();
             let rows = sqlx::query(
-                "INSERT INTO token_usage_summary AS s
-                     (user_id, period, currency, total_tokens, events, updated_at, included_tokens, block_size)
-                 SELECT g.user_id, g.period, g.currency, 0, 0, $6, g.included, g.block
-                   FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[])
-                        WITH ORDINALITY AS g(user_id, period, currency, included, block, n)
-                  ORDER BY g.n
-                 ON CONFLICT (user_id, period) DO UPDATE
-                    SET included_tokens = coalesce(s.included_tokens, EXCLUDED.included_tokens),
-                        block_size = coalesce(s.block_size, EXCLUDED.block_size)
-                 RETURNING s.user_id, s.period, s.total_tokens, s.currency, (s.xmax = 0) AS inserted",
+                "SELECT s.user_id, s.period, s.total_tokens, s.currency
+                   FROM unnest($1::text[], $2::text[]) AS g(user_id, period)
+                   JOIN token_usage_summary s ON s.user_id = g.user_id AND s.period = g.period",
             )
-            .bind(&g_users)
-            .bind(&g_periods)
-            .bind(&g_currencies)
-            .bind(&g_included)
-            .bind(&g_blocks)
-            .bind(now)
+            .bind(&users)
+            .bind(&periods)
             .fetch_all(&mut *tx)
             .await
             .map_err(RecordFailure::Database)?;
+            for row in rows {
+                let group: Group = (
+                    parse(row.try_get::<&str, _>("user_id").map_err(db)?)?,
+                    parse(row.try_get::<&str, _>("period").map_err(db)?)?,
+                );
+                let total = to_u64(row.try_get("total_tokens").map_err(db)?)?;
+                let same_currency = groups
+                    .get(&group)
+                    .is_some_and(|r| r.plan.currency().code() == row.try_get::<&str, _>("currency").unwrap_or(""));
+                totals.insert(group, (total, same_currency));
+            }
+            if totals.len() != groups.len() {
+                // A period opens: the careful way creates its row.
+                tx.rollback().await.map_err(RecordFailure::Database)?;
+                return Ok(None);
+            }
+            missing.clear();
+        }
+        for round in 0..3 {
+            if missing.is_empty() {
+                break;
+            }
+            let (users, periods): (Vec<&str>, Vec<String>) = missing
+                .iter()
+                .map(|((user, period), _)| (user.as_str(), period.to_string()))
+                .unzip();
+            let mut rows = sqlx::query(
+                "SELECT s.user_id, s.period, s.total_tokens, s.currency, false AS inserted
+                   FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS g(user_id, period, n)
+                   JOIN token_usage_summary s ON s.user_id = g.user_id AND s.period = g.period
+                  ORDER BY g.n
+                    FOR UPDATE OF s",
+            )
+            .bind(&users)
+            .bind(&periods)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(RecordFailure::Database)?;
+            let found: HashSet<(&str, &str)> = rows
+                .iter()
+                .map(|row| Ok((row.try_get("user_id").map_err(db)?, row.try_get("period").map_err(db)?)))
+                .collect::<Result<_, StoreError>>()?;
+            let absent: Vec<usize> = (0..users.len())
+                .filter(|&i| !found.contains(&(users[i], periods[i].as_str())))
+                .collect();
+            if !absent.is_empty() && round < 2 {
+                let mut currencies = Vec::with_capacity(absent.len());
+                let mut included = Vec::with_capacity(absent.len());
+                let mut blocks = Vec::with_capacity(absent.len());
+                for &i in &absent {
+                    let plan = missing[i].1.plan;
+                    currencies.push(plan.currency().code());
+                    included.push(to_i64(plan.included_tokens())?);
+                    blocks.push(to_i64(plan.block_size())?);
+                }
+                let absent_users: Vec<&str> = absent.iter().map(|&i| users[i]).collect();
+                let absent_periods: Vec<&str> = absent.iter().map(|&i| periods[i].as_str()).collect();
+                rows.extend(
+                    sqlx::query(
+                        "INSERT INTO token_usage_summary AS s
+                             (user_id, period, currency, total_tokens, events, updated_at, included_tokens,
+                              block_size)
+                         SELECT g.user_id, g.period, g.currency, 0, 0, $6, g.included, g.block
+                           FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[])
+                                WITH ORDINALITY AS g(user_id, period, currency, included, block, n)
+                          ORDER BY g.n
+                         ON CONFLICT (user_id, period) DO NOTHING
+                         RETURNING s.user_id, s.period, s.total_tokens, s.currency, true AS inserted",
+                    )
+                    .bind(&absent_users)
+                    .bind(&absent_periods)
+                    .bind(&currencies)
+                    .bind(&included)
+                    .bind(&blocks)
+                    .bind(now)
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(RecordFailure::Database)?,
+                );
+            }
             for row in rows {
                 let group: Group = (
                     parse(row.try_get::<&str, _>("user_id").map_err(db)?)?,
@@ -1017,7 +1096,15 @@ impl PostgresUsageStore {
                 }
                 totals.insert(group, (total, same_currency));
             }
+            // Rows another writer created between the lock and the insert: locked next round.
+            missing.retain(|(group, _)| !totals.contains_key(*group));
         }
+
+        // The totals as read: the write moves a period row only from these.
+        let read: HashMap<Group, u64> = totals
+            .iter()
+            .map(|(group, (total, _))| (group.clone(), *total))
+            .collect();
 
         // Each event decided in order, against the totals the ones before it left.
         let mut decisions = Vec::with_capacity(requests.len());
@@ -1107,6 +1194,8 @@ impl PostgresUsageStore {
         let mut a_periods = Vec::new();
         let mut a_charges: Vec<Option<uuid::Uuid>> = Vec::new();
         let mut a_events = Vec::new();
+        // The charges each period row will owe, when all of them are created.
+        let mut owed: HashMap<Group, (i64, i64)> = HashMap::new();
         for (i, request) in requests.iter().enumerate() {
             let Decision::Accepted { before, after } = decisions[i] else {
                 continue;
@@ -1115,6 +1204,9 @@ impl PostgresUsageStore {
             let period = usage.period.to_string();
             let leased = request.lease_until.is_some();
             for charge in &charges_of[i] {
+                let owes = owed.entry((usage.user_id.clone(), usage.period)).or_default();
+                owes.0 += 1;
+                owes.1 += charge.amount.minor_units();
                 let id = crate::random::uuid_v4();
                 c_users.push(usage.user_id.as_str());
                 c_ids.push(id);
@@ -1176,6 +1268,11 @@ impl PostgresUsageStore {
         let mut g_periods = Vec::new();
         let mut g_totals = Vec::new();
         let mut g_events = Vec::new();
+        let mut g_before = Vec::new();
+        let mut g_charges = Vec::new();
+        let mut g_amounts = Vec::new();
+        let mut g_included = Vec::new();
+        let mut g_blocks = Vec::new();
         let mut e_users = Vec::new();
         let mut e_periods = Vec::new();
         for (group, (total, _)) in &totals {
@@ -1185,6 +1282,13 @@ impl PostgresUsageStore {
                     g_periods.push(group.1.to_string());
                     g_totals.push(to_i64(*total)?);
                     g_events.push(*count);
+                    g_before.push(to_i64(read.get(group).copied().unwrap_or_default())?);
+                    let (charges, amount) = owed.get(group).copied().unwrap_or_default();
+                    g_charges.push(charges);
+                    g_amounts.push(amount);
+                    let plan = groups.get(group).ok_or_else(|| generic("a group of the batch"))?.plan;
+                    g_included.push(to_i64(plan.included_tokens())?);
+                    g_blocks.push(to_i64(plan.block_size())?);
                 }
                 // A row this batch opened for events that were all refused: not kept.
                 None if created_rows.contains(group) => {
@@ -1194,6 +1298,41 @@ impl PostgresUsageStore {
                 None => {}
             }
         }
+        // The period rows this write moves: optimistically, each one whose total is still the one
+        // read, owing every charge of the batch; carefully, every one, already locked. Nothing
+        // of a period is written before its row is moved, so a batch takes a period's lock
+        // before it writes anything another writer of that period could wait on.
+        let (moved, summary) = if optimistic {
+            (
+                "UPDATE token_usage_summary s
+                    SET total_tokens = g.total_after, events = s.events + g.events, updated_at = $13,
+                        included_tokens = coalesce(s.included_tokens, g.included),
+                        block_size = coalesce(s.block_size, g.block),
+                        outstanding_count = s.outstanding_count + g.charges,
+                        outstanding_total = s.outstanding_total + g.amount
+                   FROM groups g
+                  WHERE s.user_id = g.user_id AND s.period = g.period AND s.total_tokens = g.total_before
+                 RETURNING s.user_id, s.period",
+                "",
+            )
+        } else {
+            (
+                "SELECT user_id, period FROM groups",
+                "outstanding AS (
+                     SELECT user_id, period, count(*) AS charges, sum(amount_charged) AS amount
+                       FROM created GROUP BY user_id, period
+                 ), summary AS (
+                     UPDATE token_usage_summary s
+                        SET total_tokens = g.total_after, events = s.events + g.events, updated_at = $13,
+                            included_tokens = coalesce(s.included_tokens, g.included),
+                            block_size = coalesce(s.block_size, g.block),
+                            outstanding_count = s.outstanding_count + coalesce(o.charges, 0),
+                            outstanding_total = s.outstanding_total + coalesce(o.amount, 0)
+                       FROM groups g LEFT JOIN outstanding o ON o.user_id = g.user_id AND o.period = g.period
+                      WHERE s.user_id = g.user_id AND s.period = g.period
+                 ),",
+            )
+        };
         let rows = sqlx::query(&format!(
             "WITH charge_input AS (
                  SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::bigint[],
@@ -1201,29 +1340,23 @@ impl PostgresUsageStore {
                                       $12::timestamptz[])
                       WITH ORDINALITY AS i(user_id, id, charge_key, period, kind, block, billing_tier, amount,
                                            currency, consumption_id, attempts, lease_until, n)
+             ), groups AS (
+                 SELECT * FROM unnest($14::text[], $15::text[], $16::bigint[], $17::bigint[], $37::bigint[],
+                                      $38::bigint[], $39::bigint[], $40::bigint[], $41::bigint[])
+                      AS g(user_id, period, total_after, events, included, block, total_before, charges, amount)
+             ), moved AS (
+                 {moved}
              ), created AS (
                  INSERT INTO token_billing_charges
                      (user_id, id, charge_key, period, kind, block, billing_tier, amount_charged, currency, status,
                       round, attempts, consumption_id, lease_until, created_at, updated_at)
-                 SELECT user_id, id, charge_key, period, kind, block, billing_tier, amount, currency, 'pending', 0,
-                        attempts, consumption_id, lease_until, $13, $13
-                   FROM charge_input ORDER BY n
+                 SELECT i.user_id, i.id, i.charge_key, i.period, i.kind, i.block, i.billing_tier, i.amount,
+                        i.currency, 'pending', 0, i.attempts, i.consumption_id, i.lease_until, $13, $13
+                   FROM charge_input i JOIN moved m ON m.user_id = i.user_id AND m.period = i.period
+                  ORDER BY i.n
                  ON CONFLICT DO NOTHING
                  RETURNING {CHARGE_COLUMNS}
-             ), groups AS (
-                 SELECT * FROM unnest($14::text[], $15::text[], $16::bigint[], $17::bigint[])
-                      AS g(user_id, period, total_after, events)
-             ), outstanding AS (
-                 SELECT user_id, period, count(*) AS charges, sum(amount_charged) AS amount
-                   FROM created GROUP BY user_id, period
-             ), summary AS (
-                 UPDATE token_usage_summary s
-                    SET total_tokens = g.total_after, events = s.events + g.events, updated_at = $13,
-                        outstanding_count = s.outstanding_count + coalesce(o.charges, 0),
-                        outstanding_total = s.outstanding_total + coalesce(o.amount, 0)
-                   FROM groups g LEFT JOIN outstanding o ON o.user_id = g.user_id AND o.period = g.period
-                  WHERE s.user_id = g.user_id AND s.period = g.period
-             ), emptied AS (
+             ), {summary} emptied AS (
                  DELETE FROM token_usage_summary s
                   USING unnest($18::text[], $19::text[]) AS e(user_id, period)
                   WHERE s.user_id = e.user_id AND s.period = e.period AND s.events = 0
@@ -1233,22 +1366,28 @@ impl PostgresUsageStore {
                       occurred_at_reported, created_at, total_before, created_fee, first_block, end_block)
                  SELECT x.user_id, x.id, x.event_id, x.period, x.tokens, x.operation_type, x.client_id, x.metadata,
                         x.occurred_at, x.reported, $13, x.before,
-                        EXISTS (SELECT 1 FROM created c WHERE c.consumption_id = x.id AND c.kind = 'fixed_fee'),
+                        x.id IN (SELECT c.consumption_id FROM created c WHERE c.kind = 'fixed_fee'),
                         x.first_block, x.end_block
                    FROM unnest($20::text[], $21::uuid[], $22::text[], $23::text[], $24::bigint[], $25::text[],
                                $26::text[], $27::jsonb[], $28::timestamptz[], $29::bool[], $30::bigint[],
                                $31::bigint[], $32::bigint[])
                         AS x(user_id, id, event_id, period, tokens, operation_type, client_id, metadata, occurred_at,
                              reported, before, first_block, end_block)
+                   JOIN moved m ON m.user_id = x.user_id AND m.period = x.period
+                 ON CONFLICT DO NOTHING
+                 RETURNING 1
              ), audited AS (
                  INSERT INTO token_billing_audit (user_id, at, period, event)
                  SELECT a.user_id, $13, a.period, a.event
                    FROM unnest($33::text[], $34::text[], $35::uuid[], $36::jsonb[])
                         WITH ORDINALITY AS a(user_id, period, charge_id, event, n)
-                  WHERE a.charge_id IS NULL OR EXISTS (SELECT 1 FROM created c WHERE c.id = a.charge_id)
+                   JOIN moved m ON m.user_id = a.user_id AND m.period = a.period
+                  WHERE a.charge_id IS NULL OR a.charge_id IN (SELECT c.id FROM created c)
                   ORDER BY a.n
              )
-             SELECT {CHARGE_COLUMNS} FROM created"
+             SELECT (SELECT count(*) FROM moved) AS moved, (SELECT count(*) FROM consumption) AS inserted,
+                    (SELECT count(*) FROM created) AS charged, created.*
+               FROM (SELECT 1) AS one LEFT JOIN created ON true"
         ))
         .bind(&c_users)
         .bind(&c_ids)
@@ -1286,6 +1425,11 @@ impl PostgresUsageStore {
         .bind(&a_periods)
         .bind(&a_charges)
         .bind(&a_events)
+        .bind(&g_included)
+        .bind(&g_blocks)
+        .bind(&g_before)
+        .bind(&g_charges)
+        .bind(&g_amounts)
         .fetch_all(&mut *tx)
         .await
         .map_err(|error| {
@@ -1295,8 +1439,24 @@ impl PostgresUsageStore {
                 RecordFailure::Database(error)
             }
         })?;
+        let counts = |column: &str| -> Result<usize, StoreError> {
+            let count: i64 = rows.first().map_or(Ok(0), |row| row.try_get(column)).map_err(db)?;
+            usize::try_from(count).map_err(generic)
+        };
+        let lost = counts("moved")? != g_users.len()
+            || counts("inserted")? != x_users.len()
+            || (optimistic && counts("charged")? != c_users.len());
+        if lost {
+            // A total moved since it was read, an event id or a charge was taken: nothing of
+            // this stays.
+            tx.rollback().await.map_err(RecordFailure::Database)?;
+            return Ok(None);
+        }
         let mut created: HashMap<uuid::Uuid, Vec<Charge>> = HashMap::new();
         for row in &rows {
+            if row.try_get::<Option<uuid::Uuid>, _>("id").map_err(db)?.is_none() {
+                continue;
+            }
             let charge = charge_from(row)?;
             if let Some(consumption) = charge.consumption_id {
                 created.entry(consumption).or_default().push(charge);
@@ -1334,7 +1494,7 @@ impl PostgresUsageStore {
                 Decision::Refused(error) => Err(error),
             });
         }
-        Ok(results)
+        Ok(Some(results))
     }
 
     /// Leases, in one statement, up to `limit` charges that `kind` picks and nobody holds
@@ -1445,9 +1605,14 @@ impl UsageStore for PostgresUsageStore {
     }
 
     async fn accounts(&self, users: &[UserId]) -> Result<Vec<Option<Account>>, StoreError> {
-        let ids: Vec<&str> = users.iter().map(UserId::as_str).collect();
+        let mut ids: Vec<&str> = users.iter().map(UserId::as_str).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        // A join on the unnested ids probes the primary key once per id; `= ANY($1)` compared
+        // every row it read with every id.
         let rows = sqlx::query(&format!(
-            "SELECT {ACCOUNT_COLUMNS} FROM token_billing_accounts WHERE user_id = ANY($1)"
+            "SELECT {ACCOUNT_COLUMNS} FROM token_billing_accounts
+              WHERE user_id IN (SELECT DISTINCT u FROM unnest($1::text[]) AS u)"
         ))
         .bind(&ids)
         .fetch_all(&self.pool)
@@ -1465,15 +1630,22 @@ impl UsageStore for PostgresUsageStore {
         &self,
         requests: Vec<RecordUsage<'_>>,
     ) -> Result<Vec<Result<Recorded, StoreError>>, StoreError> {
-        // As for one event: a concurrent record of an event of the batch fails the transaction on
-        // the event's unique index, and the next attempt answers that event as a replay.
+        // The first attempt is optimistic; the next ones are careful (see `try_record_batch`). A
+        // concurrent record of an event of the batch makes an attempt give up, and the next one
+        // answers that event as a replay.
         let mut attempts = 0;
         loop {
             attempts += 1;
-            match self.try_record_batch(&requests).await {
-                Ok(results) => return Ok(results),
+            match self.try_record_batch(&requests, attempts == 1).await {
+                Ok(Some(results)) => return Ok(results),
+                Ok(None) if attempts < 4 => continue,
+                Ok(None) => return Err(generic("the batch kept meeting concurrent records of its events")),
                 Err(RecordFailure::Store(error)) => return Err(error),
-                Err(RecordFailure::Database(error)) if is_duplicate_event(&error) && attempts < 3 => continue,
+                Err(RecordFailure::Database(error)) if is_duplicate_event(&error) && attempts < 4 => continue,
+                // An optimistic write updates its period rows in no fixed order, and a careful one
+                // locks rows created by another batch after its own: the rare lock cycle that
+                // makes is broken by PostgreSQL, and the batch runs again, carefully.
+                Err(RecordFailure::Database(error)) if is_deadlock(&error) && attempts < 4 => continue,
                 Err(RecordFailure::Overflow) => return Err(generic("a period total passed BIGINT")),
                 Err(RecordFailure::Database(error)) => return Err(db(error)),
             }
@@ -1489,7 +1661,7 @@ impl UsageStore for PostgresUsageStore {
             Ok(None) => {}
             Err(RecordFailure::Store(error)) => return Err(error),
             // A concurrent record of the same event won the unique index: answered below.
-            Err(RecordFailure::Database(error)) if is_duplicate_event(&error) => {}
+            Err(RecordFailure::Database(error)) if is_duplicate_event(&error) || is_deadlock(&error) => {}
             Err(RecordFailure::Overflow) => {}
             Err(RecordFailure::Database(error)) => return Err(db(error)),
         }
@@ -1500,6 +1672,9 @@ impl UsageStore for PostgresUsageStore {
                 Ok(recorded) => return Ok(recorded),
                 Err(RecordFailure::Store(error)) => return Err(error),
                 Err(RecordFailure::Database(error)) if is_duplicate_event(&error) && attempts < 3 => continue,
+                // The same event id sent concurrently for two periods can meet a batch holding
+                // the other period row: PostgreSQL breaks the cycle, and this runs again.
+                Err(RecordFailure::Database(error)) if is_deadlock(&error) && attempts < 3 => continue,
                 Err(RecordFailure::Overflow) => {
                     let total = self
                         .period_summary(&request.usage.user_id, request.usage.period)
