@@ -12,12 +12,15 @@
 
 use std::str::FromStr;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use token_billing::{BillingService, Metadata, PostgresUsageStore, SandboxGateway, UnregisteredUsers, UsageReport};
+use token_billing::{
+    BillingService, Metadata, PostgresUsageStore, SandboxGateway, UnregisteredUsers, UsageReport, UserId,
+};
 
 /// Users the events are spread over: each caller has its own, as pgbench's clients update
 /// random rows of their own.
@@ -91,6 +94,10 @@ fn report(user: u64) -> UsageReport {
         .event_id(format!("bench-{n}"))
 }
 
+/// How long each event took with one caller, for its median: pgbench reports latencies per
+/// transaction, and criterion's estimates are of means over many events.
+static LATENCIES: Mutex<Vec<Duration>> = Mutex::new(Vec::new());
+
 /// `events` events by `callers` concurrent callers, each on users of its own; the elapsed time.
 fn one_at_a_time(runtime: &tokio::runtime::Runtime, billing: &BillingService, events: u64, callers: u64) -> Duration {
     runtime.block_on(async {
@@ -101,10 +108,20 @@ fn one_at_a_time(runtime: &tokio::runtime::Runtime, billing: &BillingService, ev
                 // Exactly `events` events in all, as evenly spread as they go.
                 let own = events / callers + u64::from(caller < events % callers);
                 tokio::spawn(async move {
+                    let mut latencies = Vec::with_capacity(if callers == 1 {
+                        usize::try_from(own).unwrap_or(0)
+                    } else {
+                        0
+                    });
                     for i in 0..own {
                         let user = (caller + i * callers) % USERS;
+                        let start = Instant::now();
                         billing.process_token_usage(report(user)).await.expect("recorded");
+                        if callers == 1 {
+                            latencies.push(start.elapsed());
+                        }
                     }
+                    LATENCIES.lock().expect("latencies").extend(latencies);
                 })
             })
             .collect();
@@ -142,6 +159,20 @@ fn batched(runtime: &tokio::runtime::Runtime, billing: &BillingService, batches:
     })
 }
 
+/// Records `events` events of 1,000 tokens for `user`, in batches.
+async fn load(billing: &BillingService, user: &UserId, events: u64) {
+    let mut sent = 0;
+    while sent < events {
+        let batch = (events - sent).min(BATCH);
+        let reports = (0..batch)
+            .map(|_| UsageReport::new(user.as_str(), 1_000, "chat"))
+            .collect();
+        let outcomes = billing.process_token_usage_batch(reports).await.expect("a batch");
+        assert!(outcomes.iter().all(Result::is_ok), "every event recorded");
+        sent += batch;
+    }
+}
+
 fn postgres(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -166,6 +197,19 @@ fn postgres(c: &mut Criterion) {
         b.iter_custom(|iters| one_at_a_time(&runtime, &billing, iters, 16))
     });
     group.finish();
+    let mut latencies = std::mem::take(&mut *LATENCIES.lock().expect("latencies"));
+    latencies.sort_unstable();
+    if let (Some(median), Some(p99)) = (
+        latencies.get(latencies.len() / 2),
+        latencies.get(latencies.len() * 99 / 100),
+    ) {
+        println!(
+            "postgres_one_event/one_caller latency per event: median {} us, p99 {} us, {} events",
+            median.as_micros(),
+            p99.as_micros(),
+            latencies.len()
+        );
+    }
 
     let mut group = c.benchmark_group("postgres_batch");
     group.throughput(Throughput::Elements(BATCH));
@@ -174,6 +218,34 @@ fn postgres(c: &mut Criterion) {
     group.bench_function("batches_of_1000_two_callers", |b| {
         b.iter_custom(|iters| batched(&runtime, &billing, iters))
     });
+    group.finish();
+
+    // `token_summary` for a user with 1,000 events in the period and one with 1,000,000, each
+    // loaded only when its benchmark is selected.
+    let heavy_events = if std::env::args().any(|a| a == "--bench") {
+        1_000_000
+    } else {
+        10_000
+    };
+    let mut group = c.benchmark_group("postgres_token_summary");
+    for (name, user, events) in [
+        ("after_1k_events", "summary-light", 1_000u64),
+        ("after_1m_events", "summary-heavy", heavy_events),
+    ] {
+        let user = UserId::new(user).expect("a user id");
+        let mut loaded = false;
+        group.bench_function(name, |b| {
+            if !loaded {
+                runtime.block_on(load(&billing, &user, events));
+                loaded = true;
+            }
+            b.iter(|| {
+                let summary = runtime.block_on(billing.token_summary(&user, None)).expect("a summary");
+                assert_eq!(summary.total_tokens, events * 1_000);
+                summary
+            })
+        });
+    }
     group.finish();
     runtime.block_on(drop_schema(&schema));
 }

@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Runs PostgreSQL's own benchmark beside the PostgreSQL store's, on the same server in the same
+# run, and prints the ratios the performance targets are stated in:
+#
+#   - pgbench -N (simple update) with 16 clients against process_token_usage with 16 callers;
+#   - pgbench -N with one client (median latency per transaction) against one caller (median
+#     latency per event);
+#   - the rows a batch of 1,000 events writes, written by plain SQL from pgbench with two
+#     clients (PostgreSQL's own rate for that work), against process_token_usage_batch.
+#
+# Usage: benches/compare-with-pgbench.sh   (from the repository root)
+# Environment: PGHOST (127.0.0.1), PGPORT (5432), PGUSER (postgres), DATABASE_URL (the test
+# database the store benchmark uses), SECONDS_PER_RUN (20).
+set -euo pipefail
+
+export PGHOST="${PGHOST:-127.0.0.1}" PGPORT="${PGPORT:-5432}" PGUSER="${PGUSER:-postgres}"
+export DATABASE_URL="${DATABASE_URL:-postgres://$PGUSER@$PGHOST:$PGPORT/test}"
+seconds="${SECONDS_PER_RUN:-20}"
+bench_db=token_billing_pgbench
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+cd "$(dirname "$0")/.."
+
+for tool in pgbench psql python3 cargo; do
+    command -v "$tool" >/dev/null || { echo "$tool is needed" >&2; exit 1; }
+done
+
+echo "== pgbench database ($bench_db, scale 10)"
+psql -qAt -d postgres -c "DROP DATABASE IF EXISTS $bench_db" >/dev/null
+psql -qAt -d postgres -c "CREATE DATABASE $bench_db" >/dev/null
+pgbench -q -i -s 10 "$bench_db" >/dev/null 2>&1
+
+echo "== pgbench -N, 16 clients, ${seconds}s"
+pg16=$(pgbench -N -c 16 -j 2 -T "$seconds" "$bench_db" 2>/dev/null | sed -n 's/^tps = \([0-9.]*\).*/\1/p')
+echo "   $pg16 transactions/s"
+
+echo "== pgbench -N, 1 client, ${seconds}s"
+(cd "$work" && pgbench -N -c 1 -T "$seconds" --log --log-prefix=one "$bench_db" >/dev/null 2>&1)
+pg1=$(cat "$work"/one.* | awk '{print $3}' | sort -n | awk '{v[NR]=$1} END {print v[int(NR/2)+1]}')
+echo "   median $pg1 us per transaction"
+
+echo "== plain SQL writing what a batch of 1,000 events writes, 2 clients, ${seconds}s"
+# The store's schema, in a schema of its own, with 1,600 users' periods open.
+psql -qAt -d "$bench_db" -c "DROP SCHEMA IF EXISTS token_billing_floor CASCADE; CREATE SCHEMA token_billing_floor" >/dev/null
+for migration in migrations/*.sql; do
+    PGOPTIONS="-c search_path=token_billing_floor -c client_min_messages=warning" psql -qAt -v ON_ERROR_STOP=1 -d "$bench_db" -f "$migration" >/dev/null
+done
+PGOPTIONS="-c search_path=token_billing_floor" psql -qAt -d "$bench_db" -c "
+    INSERT INTO token_usage_summary (user_id, period, currency, total_tokens, events, updated_at)
+    SELECT 'user-' || u, '2026-11', 'BRL', 8000000, 1, now() FROM generate_series(0, 1599) AS u" >/dev/null
+# Each client writes its own half of the users, as the store benchmark's two callers do:
+# 1,000 consumptions (with the same metadata), their 1,000 audit entries, and the totals of the
+# 800 periods they belong to, in one transaction.
+cat >"$work/batch.sql" <<'SQL'
+\set half :client_id % 2
+BEGIN;
+UPDATE token_usage_summary SET total_tokens = total_tokens + 1000 * (1 + (u.n < 200)::int),
+       events = events + 1 + (u.n < 200)::int, updated_at = now()
+  FROM (SELECT n, 'user-' || (:half + 2 * n) AS user_id FROM generate_series(0, 799) AS n) AS u
+ WHERE token_usage_summary.user_id = u.user_id AND token_usage_summary.period = '2026-11';
+INSERT INTO token_consumption (user_id, id, event_id, period, tokens_used, operation_type, metadata, occurred_at,
+                               occurred_at_reported, created_at, total_before, created_fee, first_block, end_block)
+SELECT 'user-' || (:half + 2 * (i % 800)), gen_random_uuid(), gen_random_uuid()::text, '2026-11', 1000, 'chat',
+       '{"agentId": "agent-456", "conversationId": "conv-123", "model": "gpt-large"}', now(), false, now(),
+       8000000, false, 1, 1
+  FROM generate_series(0, 999) AS i;
+INSERT INTO token_billing_audit (user_id, at, period, event)
+SELECT 'user-' || (:half + 2 * (i % 800)), now(), '2026-11',
+       jsonb_build_object('type', 'usage_recorded', 'consumption_id', gen_random_uuid(), 'event_id',
+                          gen_random_uuid()::text, 'tokens', 1000, 'total_after', 8001000)
+  FROM generate_series(0, 999) AS i;
+COMMIT;
+SQL
+floor_tps=$(PGOPTIONS="-c search_path=token_billing_floor" pgbench -n -c 2 -j 2 -T "$seconds" -f "$work/batch.sql" "$bench_db" 2>/dev/null \
+    | sed -n 's/^tps = \([0-9.]*\).*/\1/p')
+floor=$(python3 -c "print(round($floor_tps * 1000))")
+echo "   $floor events/s"
+psql -qAt -d postgres -c "DROP DATABASE $bench_db" >/dev/null
+
+echo "== the PostgreSQL store (cargo bench --features postgres --bench postgres)"
+cargo bench --features postgres --bench postgres -- 'postgres_one_event|postgres_batch' 2>&1 | tee "$work/store.txt" \
+    | grep -E '^postgres|time:|thrpt:|latency per event' || true
+ours1=$(sed -n 's/.*latency per event: median \([0-9]*\) us.*/\1/p' "$work/store.txt" | tail -1)
+
+python3 - "$pg16" "$pg1" "$floor" "$ours1" <<'PY'
+import json, sys
+pg16, pg1, floor, ours1 = (float(v) for v in sys.argv[1:5])
+def median_ns(name):
+    with open(f"target/criterion/{name}/new/estimates.json") as f:
+        return json.load(f)["median"]["point_estimate"]
+ours16 = 1e9 / median_ns("postgres_one_event/sixteen_callers")
+batch = 1000 * 1e9 / median_ns("postgres_batch/batches_of_1000_two_callers")
+print()
+print(f"16 callers:  {ours16:8.0f} events/s  vs pgbench -N 16 clients {pg16:8.0f} tps   ratio {ours16 / pg16:.2f} (target >= 1.00)")
+print(f"1 caller:    {ours1:8.0f} us median vs pgbench -N 1 client  {pg1:8.0f} us    ratio {ours1 / pg1:.2f} (target <= 1.20)")
+print(f"batches:     {batch:8.0f} events/s  vs plain SQL, same rows  {floor:8.0f} events/s ratio {batch / floor:.2f} (target 50000 events/s)")
+PY
