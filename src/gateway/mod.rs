@@ -220,7 +220,7 @@ pub enum GatewayChange {
 ///   finds every payment made for a charge, in any round, even after the gateway forgot the
 ///   idempotency key. The service calls it before collecting a charge that may have been
 ///   attempted already, and keeps a payment it finds instead of creating another.
-/// - Amounts MUST be sent in the currency's minor units ([`Money::minor_units`]).
+/// - Amounts MUST be sent in the currency's minor units ([`Money::minor_units`](crate::Money::minor_units)).
 /// - [`cancel_payment`](Self::cancel_payment) MUST NOT cancel a succeeded payment; it reports
 ///   it as succeeded.
 #[async_trait]
