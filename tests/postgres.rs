@@ -147,6 +147,63 @@ mod service {
         );
     }
 
+    /// Waits for the racing tasks (each answers the tokens it sent per user), lets a fresh
+    /// instance collect what is left, and checks every user: the total is the sum sent, each
+    /// event is counted once, blocks 1 to the number owed are charged once each, nothing is
+    /// outstanding, and each charge is paid exactly once.
+    async fn settle_and_check_each_block_charged_once(
+        tasks: Vec<tokio::task::JoinHandle<Vec<u64>>>,
+        users: &[String],
+        schema: &str,
+        sandbox: &SandboxGateway,
+        clock: &ManualClock,
+        plan: &Plan,
+    ) {
+        let mut totals = vec![0u64; users.len()];
+        for task in tasks {
+            for (total, sent) in totals.iter_mut().zip(task.await.expect("task")) {
+                *total += sent;
+            }
+        }
+        let finisher = instance(Arc::new(super::store_in(schema).await), sandbox, clock, plan.clone());
+        clock.advance(Duration::minutes(5));
+        finisher.resume_pending().await.expect("resume");
+        for (name, total) in users.iter().zip(totals) {
+            let user = UserId::new(name).expect("valid");
+            let summary = finisher.token_summary(&user, Some(november())).await.expect("summary");
+            assert_eq!(summary.total_tokens, total);
+            assert_eq!(
+                (summary.tier_charges_count, summary.outstanding_count),
+                (plan.blocks_owed(total), 0)
+            );
+            let consumed: u64 = finisher
+                .store()
+                .consumptions(&user, november())
+                .await
+                .expect("consumptions")
+                .iter()
+                .map(|c| c.tokens)
+                .sum();
+            assert_eq!(consumed, total, "each event once");
+            let charges = finisher.store().charges(&user, november()).await.expect("charges");
+            let mut blocks: Vec<u64> = charges
+                .iter()
+                .filter(|c| c.kind == ChargeKind::Block)
+                .map(|c| c.block)
+                .collect();
+            blocks.sort_unstable();
+            assert_eq!(blocks, (1..=plan.blocks_owed(total)).collect::<Vec<_>>());
+            for charge in &charges {
+                let paid = sandbox
+                    .payments_for_charge(&charge.key)
+                    .iter()
+                    .filter(|p| p.status == PaymentStatus::Succeeded)
+                    .count();
+                assert_eq!(paid, 1, "{} paid {paid} times", charge.key);
+            }
+        }
+    }
+
     /// Several service instances with pools of their own race on the same users across many block
     /// boundaries while others resume: each block is charged and paid exactly once, and the totals
     /// are the sums of the accepted events.
@@ -193,40 +250,7 @@ mod service {
                 sent
             }));
         }
-        let mut totals = vec![0u64; users.len()];
-        for task in tasks {
-            for (total, sent) in totals.iter_mut().zip(task.await.expect("task")) {
-                *total += sent;
-            }
-        }
-        let finisher = instance(Arc::new(super::store_in(&schema).await), &sandbox, &clock, plan.clone());
-        clock.advance(Duration::minutes(5));
-        finisher.resume_pending().await.expect("resume");
-        for (name, total) in users.iter().zip(totals) {
-            let user = UserId::new(name).expect("valid");
-            let summary = finisher.token_summary(&user, Some(november())).await.expect("summary");
-            assert_eq!(summary.total_tokens, total);
-            assert_eq!(
-                (summary.tier_charges_count, summary.outstanding_count),
-                (plan.blocks_owed(total), 0)
-            );
-            let charges = finisher.store().charges(&user, november()).await.expect("charges");
-            let mut blocks: Vec<u64> = charges
-                .iter()
-                .filter(|c| c.kind == ChargeKind::Block)
-                .map(|c| c.block)
-                .collect();
-            blocks.sort_unstable();
-            assert_eq!(blocks, (1..=plan.blocks_owed(total)).collect::<Vec<_>>());
-            for charge in &charges {
-                let paid = sandbox
-                    .payments_for_charge(&charge.key)
-                    .iter()
-                    .filter(|p| p.status == PaymentStatus::Succeeded)
-                    .count();
-                assert_eq!(paid, 1, "{} paid {paid} times", charge.key);
-            }
-        }
+        settle_and_check_each_block_charged_once(tasks, &users, &schema, &sandbox, &clock, &plan).await;
     }
     /// Instances recording batches race with instances recording one event at a time, on the
     /// same users, re-sending some batches: no deadlock, each event counted once, each block
@@ -287,46 +311,7 @@ mod service {
                 sent
             }));
         }
-        let mut totals = vec![0u64; users.len()];
-        for task in tasks {
-            for (total, sent) in totals.iter_mut().zip(task.await.expect("task")) {
-                *total += sent;
-            }
-        }
-        let finisher = instance(Arc::new(super::store_in(&schema).await), &sandbox, &clock, plan.clone());
-        clock.advance(Duration::minutes(5));
-        finisher.resume_pending().await.expect("resume");
-        for (name, total) in users.iter().zip(totals) {
-            let user = UserId::new(name).expect("valid");
-            let summary = finisher.token_summary(&user, Some(november())).await.expect("summary");
-            assert_eq!(summary.total_tokens, total);
-            let consumed: u64 = finisher
-                .store()
-                .consumptions(&user, november())
-                .await
-                .expect("consumptions")
-                .iter()
-                .map(|c| c.tokens)
-                .sum();
-            assert_eq!(consumed, total, "each event once");
-            let charges = finisher.store().charges(&user, november()).await.expect("charges");
-            let mut blocks: Vec<u64> = charges
-                .iter()
-                .filter(|c| c.kind == ChargeKind::Block)
-                .map(|c| c.block)
-                .collect();
-            blocks.sort_unstable();
-            assert_eq!(blocks, (1..=plan.blocks_owed(total)).collect::<Vec<_>>());
-            assert_eq!(summary.tier_charges_count, plan.blocks_owed(total));
-            for charge in &charges {
-                let paid = sandbox
-                    .payments_for_charge(&charge.key)
-                    .iter()
-                    .filter(|p| p.status == PaymentStatus::Succeeded)
-                    .count();
-                assert_eq!(paid, 1, "{} paid {paid} times", charge.key);
-            }
-        }
+        settle_and_check_each_block_charged_once(tasks, &users, &schema, &sandbox, &clock, &plan).await;
     }
 }
 

@@ -120,6 +120,76 @@ fn audit_json(event: &AuditEvent) -> Result<serde_json::Value, StoreError> {
     serde_json::to_value(event).map_err(generic)
 }
 
+/// The charges an event whose interval of the period's total is `(before, after]` creates.
+fn charges_between(
+    request: &RecordUsage<'_>,
+    before: u64,
+    after: u64,
+) -> Result<Vec<NewCharge>, crate::domain::RatingError> {
+    let usage = &request.usage;
+    charges_for_growth(
+        request.plan,
+        request.fee,
+        &usage.user_id,
+        usage.period,
+        before,
+        after,
+        Some(usage.consumption_id),
+    )
+}
+
+type PgQuery<'q> = sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>;
+
+/// Binds the columns of an event's consumption row that follow its ids, in this order: event
+/// id, tokens, operation type, client, metadata, occurrence, whether the occurrence was
+/// reported, the total before it, and its first and end block.
+fn bind_consumption<'q>(
+    query: PgQuery<'q>,
+    usage: &'q UsageRecord,
+    before: u64,
+    blocks: &Blocks,
+) -> Result<PgQuery<'q>, StoreError> {
+    Ok(query
+        .bind(usage.event_id.as_str())
+        .bind(to_i64(usage.tokens)?)
+        .bind(usage.operation_type.as_str())
+        .bind(usage.client_id.as_ref().map(ClientId::as_str))
+        .bind(serde_json::to_value(&usage.metadata).map_err(generic)?)
+        .bind(usage.occurred_at)
+        .bind(usage.occurred_at_reported)
+        .bind(to_i64(before)?)
+        .bind(to_i64(blocks.first())?)
+        .bind(to_i64(blocks.end())?))
+}
+
+/// Binds what a compare-and-set writes into the period row: the new total, and the plan's
+/// included tokens and block size.
+fn bind_new_total<'q>(query: PgQuery<'q>, request: &RecordUsage<'_>, after: u64) -> Result<PgQuery<'q>, StoreError> {
+    Ok(query
+        .bind(to_i64(after)?)
+        .bind(to_i64(request.plan.included_tokens())?)
+        .bind(to_i64(request.plan.block_size())?))
+}
+
+/// The audit entries of a charge an event creates: its creation, and the start of its
+/// collection when the charge is leased to the recording caller.
+fn created_charge_audit(charge: &NewCharge, leased: bool) -> Vec<AuditEvent> {
+    let mut events = vec![AuditEvent::ChargeCreated {
+        key: charge.key.clone(),
+        billing_tier: charge.billing_tier.clone(),
+        amount: charge.amount,
+        status: ChargeStatus::Pending,
+    }];
+    if leased {
+        events.push(AuditEvent::CollectionStarted {
+            key: charge.key.clone(),
+            round: 0,
+            attempt: 1,
+        });
+    }
+    events
+}
+
 const ACCOUNT_COLUMNS: &str = "user_id, customer_id, plan_id, earlier_plans, subscription_id, created_at, updated_at";
 
 fn account_from(row: &PgRow) -> Result<Account, StoreError> {
@@ -541,6 +611,17 @@ enum RecordFailure {
     Store(StoreError),
 }
 
+impl RecordFailure {
+    /// A write's error: a total past `BIGINT` is an overflow, anything else the database's.
+    fn from_write(error: sqlx::Error) -> RecordFailure {
+        if is_numeric_overflow(&error) {
+            RecordFailure::Overflow
+        } else {
+            RecordFailure::Database(error)
+        }
+    }
+}
+
 impl From<StoreError> for RecordFailure {
     fn from(error: StoreError) -> Self {
         RecordFailure::Store(error)
@@ -584,13 +665,7 @@ impl PostgresUsageStore {
         .bind(usage.event_id.as_str())
         .fetch_one(&mut *tx)
         .await
-        .map_err(|error| {
-            if is_numeric_overflow(&error) {
-                RecordFailure::Overflow
-            } else {
-                RecordFailure::Database(error)
-            }
-        })?;
+        .map_err(RecordFailure::from_write)?;
         if row.try_get::<bool, _>("replayed").map_err(db)? {
             let original = Self::replay_in(&mut tx, user, &usage.event_id)
                 .await?
@@ -684,16 +759,7 @@ impl PostgresUsageStore {
         gate: Gate,
     ) -> Result<Option<Vec<Charge>>, RecordFailure> {
         let usage = &request.usage;
-        let charges = charges_for_growth(
-            request.plan,
-            request.fee,
-            &usage.user_id,
-            usage.period,
-            before,
-            after,
-            Some(usage.consumption_id),
-        )
-        .map_err(StoreError::from)?;
+        let charges = charges_between(request, before, after).map_err(StoreError::from)?;
         let blocks = request.plan.blocks_crossed(before, after).map_err(StoreError::from)?;
         let usage_event = audit_json(&AuditEvent::UsageRecorded {
             consumption_id: usage.consumption_id,
@@ -714,19 +780,7 @@ impl PostgresUsageStore {
         let mut amounts = Vec::with_capacity(charges.len());
         let mut audits = Vec::with_capacity(charges.len());
         for charge in &charges {
-            let mut events = vec![AuditEvent::ChargeCreated {
-                key: charge.key.clone(),
-                billing_tier: charge.billing_tier.clone(),
-                amount: charge.amount,
-                status: ChargeStatus::Pending,
-            }];
-            if leased {
-                events.push(AuditEvent::CollectionStarted {
-                    key: charge.key.clone(),
-                    round: 0,
-                    attempt: 1,
-                });
-            }
+            let events = created_charge_audit(charge, leased);
             ids.push(crate::random::uuid_v4());
             keys.push(charge.key.as_str());
             kinds.push(charge.kind.as_str());
@@ -808,23 +862,10 @@ impl PostgresUsageStore {
             .bind(i32::from(leased))
             .bind(usage.consumption_id)
             .bind(request.lease_until)
-            .bind(usage.recorded_at)
-            .bind(usage.event_id.as_str())
-            .bind(to_i64(usage.tokens)?)
-            .bind(usage.operation_type.as_str())
-            .bind(usage.client_id.as_ref().map(ClientId::as_str))
-            .bind(serde_json::to_value(&usage.metadata).map_err(generic)?)
-            .bind(usage.occurred_at)
-            .bind(usage.occurred_at_reported)
-            .bind(to_i64(before)?)
-            .bind(to_i64(blocks.first())?)
-            .bind(to_i64(blocks.end())?)
-            .bind(usage_event);
+            .bind(usage.recorded_at);
+        query = bind_consumption(query, usage, before, &blocks)?.bind(usage_event);
         if gate == Gate::CompareAndSet {
-            query = query
-                .bind(to_i64(after)?)
-                .bind(to_i64(request.plan.included_tokens())?)
-                .bind(to_i64(request.plan.block_size())?);
+            query = bind_new_total(query, request, after)?;
         }
         let rows = query.fetch_all(executor).await.map_err(RecordFailure::Database)?;
         let won = match rows.first() {
@@ -866,7 +907,7 @@ impl PostgresUsageStore {
                 "UPDATE token_usage_summary
                     SET total_tokens = $16, events = events + 1, updated_at = $3,
                         included_tokens = coalesce(included_tokens, $17), block_size = coalesce(block_size, $18)
-                  WHERE user_id = $1 AND period = $2 AND total_tokens = $11
+                  WHERE user_id = $1 AND period = $2 AND total_tokens = $12
                  RETURNING 1"
             }
         };
@@ -877,7 +918,7 @@ impl PostgresUsageStore {
                  INSERT INTO token_consumption
                      (user_id, id, event_id, period, tokens_used, operation_type, client_id, metadata, occurred_at,
                       occurred_at_reported, created_at, total_before, created_fee, first_block, end_block)
-                 SELECT $1, $4, $5, $2, $6, $7, $8, $9, $10, $14, $3, $11, false, $12, $13 FROM moved
+                 SELECT $1, $4, $5, $2, $6, $7, $8, $9, $10, $11, $3, $12, false, $13, $14 FROM moved
              ), audited AS (
                  INSERT INTO token_billing_audit (user_id, at, period, event)
                  SELECT $1, $3, $2, $15::jsonb FROM moved
@@ -888,23 +929,10 @@ impl PostgresUsageStore {
             .bind(usage.user_id.as_str())
             .bind(usage.period.to_string())
             .bind(usage.recorded_at)
-            .bind(usage.consumption_id)
-            .bind(usage.event_id.as_str())
-            .bind(to_i64(usage.tokens)?)
-            .bind(usage.operation_type.as_str())
-            .bind(usage.client_id.as_ref().map(ClientId::as_str))
-            .bind(serde_json::to_value(&usage.metadata).map_err(generic)?)
-            .bind(usage.occurred_at)
-            .bind(to_i64(before)?)
-            .bind(to_i64(blocks.first())?)
-            .bind(to_i64(blocks.end())?)
-            .bind(usage.occurred_at_reported)
-            .bind(usage_event);
+            .bind(usage.consumption_id);
+        query = bind_consumption(query, usage, before, blocks)?.bind(usage_event);
         if gate == Gate::CompareAndSet {
-            query = query
-                .bind(to_i64(after)?)
-                .bind(to_i64(request.plan.included_tokens())?)
-                .bind(to_i64(request.plan.block_size())?);
+            query = bind_new_total(query, request, after)?;
         }
         let won: bool = query
             .fetch_one(executor)
@@ -985,6 +1013,18 @@ impl PostgresUsageStore {
         }
         let mut totals: HashMap<Group, (u64, bool)> = HashMap::new();
         let mut created_rows: HashSet<Group> = HashSet::new();
+        // A period row read: its key, its total, and whether it is in the currency of the
+        // batch's events for it.
+        let period_row = |row: &PgRow| -> Result<(Group, u64, bool), StoreError> {
+            let group: Group = (
+                parse(row.try_get::<&str, _>("user_id").map_err(db)?)?,
+                parse(row.try_get::<&str, _>("period").map_err(db)?)?,
+            );
+            let total = to_u64(row.try_get("total_tokens").map_err(db)?)?;
+            let currency: &str = row.try_get("currency").map_err(db)?;
+            let same_currency = groups.get(&group).is_some_and(|r| r.plan.currency().code() == currency);
+            Ok((group, total, same_currency))
+        };
         let mut missing: Vec<(&Group, &RecordUsage<'_>)> =
             groups.iter().map(|(group, request)| (group, *request)).collect();
         if optimistic {
@@ -1002,15 +1042,8 @@ impl PostgresUsageStore {
             .fetch_all(&mut *tx)
             .await
             .map_err(RecordFailure::Database)?;
-            for row in rows {
-                let group: Group = (
-                    parse(row.try_get::<&str, _>("user_id").map_err(db)?)?,
-                    parse(row.try_get::<&str, _>("period").map_err(db)?)?,
-                );
-                let total = to_u64(row.try_get("total_tokens").map_err(db)?)?;
-                let same_currency = groups
-                    .get(&group)
-                    .is_some_and(|r| r.plan.currency().code() == row.try_get::<&str, _>("currency").unwrap_or(""));
+            for row in &rows {
+                let (group, total, same_currency) = period_row(row)?;
                 totals.insert(group, (total, same_currency));
             }
             if totals.len() != groups.len() {
@@ -1082,15 +1115,8 @@ impl PostgresUsageStore {
                     .map_err(RecordFailure::Database)?,
                 );
             }
-            for row in rows {
-                let group: Group = (
-                    parse(row.try_get::<&str, _>("user_id").map_err(db)?)?,
-                    parse(row.try_get::<&str, _>("period").map_err(db)?)?,
-                );
-                let total = to_u64(row.try_get("total_tokens").map_err(db)?)?;
-                let same_currency = groups
-                    .get(&group)
-                    .is_some_and(|r| r.plan.currency().code() == row.try_get::<&str, _>("currency").unwrap_or(""));
+            for row in &rows {
+                let (group, total, same_currency) = period_row(row)?;
                 if row.try_get::<bool, _>("inserted").map_err(db)? {
                     created_rows.insert(group.clone());
                 }
@@ -1141,15 +1167,7 @@ impl PostgresUsageStore {
                 }));
                 continue;
             };
-            let charges = match charges_for_growth(
-                request.plan,
-                request.fee,
-                &usage.user_id,
-                usage.period,
-                before,
-                after,
-                Some(usage.consumption_id),
-            ) {
+            let charges = match charges_between(request, before, after) {
                 Ok(charges) => charges,
                 Err(error) => {
                     decisions.push(Decision::Refused(error.into()));
@@ -1220,20 +1238,7 @@ impl PostgresUsageStore {
                 c_consumptions.push(usage.consumption_id);
                 c_attempts.push(i32::from(leased));
                 c_leases.push(request.lease_until);
-                let mut events = vec![AuditEvent::ChargeCreated {
-                    key: charge.key.clone(),
-                    billing_tier: charge.billing_tier.clone(),
-                    amount: charge.amount,
-                    status: ChargeStatus::Pending,
-                }];
-                if leased {
-                    events.push(AuditEvent::CollectionStarted {
-                        key: charge.key.clone(),
-                        round: 0,
-                        attempt: 1,
-                    });
-                }
-                for event in &events {
+                for event in &created_charge_audit(charge, leased) {
                     a_users.push(usage.user_id.as_str());
                     a_periods.push(period.clone());
                     a_charges.push(Some(id));
@@ -1432,13 +1437,7 @@ impl PostgresUsageStore {
         .bind(&g_amounts)
         .fetch_all(&mut *tx)
         .await
-        .map_err(|error| {
-            if is_numeric_overflow(&error) {
-                RecordFailure::Overflow
-            } else {
-                RecordFailure::Database(error)
-            }
-        })?;
+        .map_err(RecordFailure::from_write)?;
         let counts = |column: &str| -> Result<usize, StoreError> {
             let count: i64 = rows.first().map_or(Ok(0), |row| row.try_get(column)).map_err(db)?;
             usize::try_from(count).map_err(generic)
