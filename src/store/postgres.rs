@@ -13,8 +13,8 @@ use super::{
     RecordUsage, Recorded, Settlement, StoreError, SummaryDelta, TierChargeReport, UsageStore,
 };
 use crate::domain::{
-    Blocks, Charge, ChargeKey, ChargeKind, ChargeStatus, ClientId, Currency, CustomerId, EventId, Metadata, Money,
-    NewCharge, OperationType, PeriodKey, PlanId, UsageRecord, UserId, charges_for_growth,
+    Blocks, Charge, ChargeKey, ChargeKind, ChargeStatus, ClientId, Currency, CustomerId, EventId, FeeCollection,
+    Metadata, Money, NewCharge, OperationType, PeriodKey, PlanId, UsageRecord, UserId, charges_for_growth,
 };
 
 const STORE: &str = "PostgreSQL store";
@@ -29,6 +29,7 @@ pub const MIGRATIONS: &[(i32, &str)] = &[
     ),
     (3, include_str!("../../migrations/0003_record_token_consumption.sql")),
     (4, include_str!("../../migrations/0004_gateway_events.sql")),
+    (5, include_str!("../../migrations/0005_give_up.sql")),
 ];
 
 /// A [`UsageStore`] on PostgreSQL, safe to share between any number of service instances.
@@ -86,6 +87,12 @@ fn is_duplicate_event(error: &sqlx::Error) -> bool {
 /// written, and it can run again.
 fn is_deadlock(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(e) if e.code().as_deref() == Some("40P01"))
+}
+
+/// Whether a one-statement record gave up (`token_billing_give_up`), or could not run because
+/// the schema lacks migration 5: either way it wrote nothing, and another way records the event.
+fn gave_up(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(e) if matches!(e.code().as_deref(), Some("TB001" | "42883")))
 }
 
 fn is_numeric_overflow(error: &sqlx::Error) -> bool {
@@ -690,6 +697,92 @@ impl PostgresUsageStore {
             charges: created,
             replayed: false,
         })
+    }
+
+    /// Records an event that creates no charge in one statement, one round trip and no explicit
+    /// transaction: the period's total moves by the event's tokens (the row's lock orders
+    /// concurrent events, so their intervals are disjoint), the consumption and its audit entry
+    /// are written from the `UPDATE`'s `RETURNING`, and if the interval starts a block or opens
+    /// a period whose fee the library charges, or the event id is taken, the statement calls
+    /// `token_billing_give_up` and everything of it is undone. The rule is the one
+    /// [`charges_for_growth`] applies, in SQL. `None` when nothing was written: no period row
+    /// in this currency, a total that would pass [`crate::MAX_TOKENS`], or the statement gave
+    /// up.
+    async fn try_record_direct(&self, request: &RecordUsage<'_>) -> Result<Option<Recorded>, RecordFailure> {
+        let usage = &request.usage;
+        let placeholder = audit_json(&AuditEvent::UsageRecorded {
+            consumption_id: usage.consumption_id,
+            event_id: usage.event_id.clone(),
+            tokens: usage.tokens,
+            total_after: 0,
+        })?;
+        let result = sqlx::query(
+            "WITH moved AS (
+                 UPDATE token_usage_summary
+                    SET total_tokens = total_tokens + $6, events = events + 1, updated_at = $3,
+                        included_tokens = coalesce(included_tokens, $12), block_size = coalesce(block_size, $13)
+                  WHERE user_id = $1 AND period = $2 AND currency = $14 AND total_tokens <= $15 - $6
+                 RETURNING total_tokens - $6 AS before, total_tokens AS after
+             ), rated AS (
+                 SELECT before, after,
+                        CASE WHEN before <= $12 THEN 0 ELSE (before - $12 - 1) / $13 + 1 END AS owed_before,
+                        CASE WHEN after <= $12 THEN 0 ELSE (after - $12 - 1) / $13 + 1 END AS owed_after
+                   FROM moved
+             ), consumption AS (
+                 INSERT INTO token_consumption
+                     (user_id, id, event_id, period, tokens_used, operation_type, client_id, metadata, occurred_at,
+                      occurred_at_reported, created_at, total_before, created_fee, first_block, end_block)
+                 SELECT $1, $4, $5, $2, $6, $7, $8, $9, $10, $11, $3, r.before, false, r.owed_before + 1,
+                        r.owed_after + 1
+                   FROM rated r
+                 ON CONFLICT DO NOTHING
+                 RETURNING 1
+             ), audited AS (
+                 INSERT INTO token_billing_audit (user_id, at, period, event)
+                 SELECT $1, $3, $2, $16::jsonb || jsonb_build_object('total_after', r.after) FROM rated r
+             )
+             SELECT r.before, r.after,
+                    CASE WHEN r.owed_after > r.owed_before OR ($17 AND r.before = 0)
+                              THEN token_billing_give_up('the event creates charges')
+                         WHEN NOT EXISTS (SELECT 1 FROM consumption)
+                              THEN token_billing_give_up('the event id is recorded')
+                    END AS gave_up
+               FROM rated r",
+        )
+        .bind(usage.user_id.as_str())
+        .bind(usage.period.to_string())
+        .bind(usage.recorded_at)
+        .bind(usage.consumption_id)
+        .bind(usage.event_id.as_str())
+        .bind(to_i64(usage.tokens)?)
+        .bind(usage.operation_type.as_str())
+        .bind(usage.client_id.as_ref().map(ClientId::as_str))
+        .bind(serde_json::to_value(&usage.metadata).map_err(generic)?)
+        .bind(usage.occurred_at)
+        .bind(usage.occurred_at_reported)
+        .bind(to_i64(request.plan.included_tokens())?)
+        .bind(to_i64(request.plan.block_size())?)
+        .bind(request.plan.currency().code())
+        .bind(to_i64(crate::MAX_TOKENS)?)
+        .bind(placeholder)
+        .bind(request.fee == FeeCollection::Library)
+        .fetch_optional(&self.pool)
+        .await;
+        let row = match result {
+            Ok(Some(row)) => row,
+            Ok(None) => return Ok(None),
+            Err(error) if gave_up(&error) => return Ok(None),
+            Err(error) => return Err(RecordFailure::Database(error)),
+        };
+        let before = to_u64(row.try_get("before").map_err(db)?)?;
+        let after = to_u64(row.try_get("after").map_err(db)?)?;
+        Ok(Some(Recorded {
+            usage: Arc::new(usage.clone()),
+            total_before: before,
+            total_after: after,
+            charges: Vec::new(),
+            replayed: false,
+        }))
     }
 
     /// Records an event in two round trips and no explicit transaction, when its period row
@@ -1654,6 +1747,15 @@ impl UsageStore for PostgresUsageStore {
     async fn record_usage(&self, request: RecordUsage<'_>) -> Result<Recorded, StoreError> {
         // A concurrent record of the same event makes this one fail on the event's unique index;
         // the next attempt answers it as a replay. Two attempts suffice; the third is a margin.
+        match self.try_record_direct(&request).await {
+            Ok(Some(recorded)) => return Ok(recorded),
+            // A new period, charges to create, a resend: the ways below.
+            Ok(None) => {}
+            Err(RecordFailure::Store(error)) => return Err(error),
+            Err(RecordFailure::Database(error)) if is_deadlock(&error) => {}
+            Err(RecordFailure::Overflow) => {}
+            Err(RecordFailure::Database(error)) => return Err(db(error)),
+        }
         match self.try_record_fast(&request).await {
             Ok(Some(recorded)) => return Ok(recorded),
             // A new period, or a total that kept moving: the locking path.
