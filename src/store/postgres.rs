@@ -30,6 +30,7 @@ pub const MIGRATIONS: &[(i32, &str)] = &[
     (3, include_str!("../../migrations/0003_record_token_consumption.sql")),
     (4, include_str!("../../migrations/0004_gateway_events.sql")),
     (5, include_str!("../../migrations/0005_give_up.sql")),
+    (6, include_str!("../../migrations/0006_consumption_key.sql")),
 ];
 
 /// A [`UsageStore`] on PostgreSQL, safe to share between any number of service instances.
