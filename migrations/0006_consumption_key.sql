@@ -1,7 +1,9 @@
 -- token-billing schema, version 6: token_consumption's primary key leads with (user_id, period),
 -- which is how every read of it asks (a period's consumptions, usage by operation), so the
 -- separate (user_id, period, created_at) index is dropped: recording an event writes one index
--- entry less. Applying this file twice is harmless.
+-- entry less. Rebuilding the key locks the table: on a large one, apply this in a quiet moment
+-- (or build the new index CONCURRENTLY and attach it with ADD CONSTRAINT ... USING INDEX first).
+-- Applying this file twice is harmless.
 
 DO $$
 BEGIN

@@ -84,16 +84,20 @@ fn is_duplicate_event(error: &sqlx::Error) -> bool {
             && matches!(e.constraint(), Some("token_consumption_user_id_event_id_key" | "token_consumption_pkey")))
 }
 
-/// Whether PostgreSQL broke a lock cycle by aborting this transaction: nothing of it was
-/// written, and it can run again.
+/// Whether PostgreSQL aborted this transaction for a conflict with another: a lock cycle it
+/// broke (40P01), or, where a deployment runs above the READ COMMITTED the store is written
+/// for, a row another transaction changed (40001). Nothing of it was written, and it can run
+/// again.
 fn is_deadlock(error: &sqlx::Error) -> bool {
-    matches!(error, sqlx::Error::Database(e) if e.code().as_deref() == Some("40P01"))
+    matches!(error, sqlx::Error::Database(e) if matches!(e.code().as_deref(), Some("40P01" | "40001")))
 }
 
 /// Whether a one-statement record gave up (`token_billing_give_up`), or could not run because
 /// the schema lacks migration 5: either way it wrote nothing, and another way records the event.
 fn gave_up(error: &sqlx::Error) -> bool {
-    matches!(error, sqlx::Error::Database(e) if matches!(e.code().as_deref(), Some("TB001" | "42883")))
+    matches!(error, sqlx::Error::Database(e)
+        if e.code().as_deref() == Some("TB001")
+            || (e.code().as_deref() == Some("42883") && e.message().contains("token_billing_give_up")))
 }
 
 fn is_numeric_overflow(error: &sqlx::Error) -> bool {
