@@ -161,6 +161,15 @@ fn bind_consumption<'q>(
     before: u64,
     blocks: &Blocks,
 ) -> Result<PgQuery<'q>, StoreError> {
+    Ok(bind_event(query, usage)?
+        .bind(to_i64(before)?)
+        .bind(to_i64(blocks.first())?)
+        .bind(to_i64(blocks.end())?))
+}
+
+/// Binds what the host reported of an event, in this order: event id, tokens, operation type,
+/// client, metadata, occurrence, and whether the occurrence was reported.
+fn bind_event<'q>(query: PgQuery<'q>, usage: &'q UsageRecord) -> Result<PgQuery<'q>, StoreError> {
     Ok(query
         .bind(usage.event_id.as_str())
         .bind(to_i64(usage.tokens)?)
@@ -168,10 +177,7 @@ fn bind_consumption<'q>(
         .bind(usage.client_id.as_ref().map(ClientId::as_str))
         .bind(serde_json::to_value(&usage.metadata).map_err(generic)?)
         .bind(usage.occurred_at)
-        .bind(usage.occurred_at_reported)
-        .bind(to_i64(before)?)
-        .bind(to_i64(blocks.first())?)
-        .bind(to_i64(blocks.end())?))
+        .bind(usage.occurred_at_reported))
 }
 
 /// Binds what a compare-and-set writes into the period row: the new total, and the plan's
@@ -721,7 +727,7 @@ impl PostgresUsageStore {
             tokens: usage.tokens,
             total_after: 0,
         })?;
-        let result = sqlx::query(
+        let query = sqlx::query(
             "WITH moved AS (
                  UPDATE token_usage_summary
                     SET total_tokens = total_tokens + $6, events = events + 1, updated_at = $3,
@@ -757,22 +763,16 @@ impl PostgresUsageStore {
         .bind(usage.user_id.as_str())
         .bind(usage.period.to_string())
         .bind(usage.recorded_at)
-        .bind(usage.consumption_id)
-        .bind(usage.event_id.as_str())
-        .bind(to_i64(usage.tokens)?)
-        .bind(usage.operation_type.as_str())
-        .bind(usage.client_id.as_ref().map(ClientId::as_str))
-        .bind(serde_json::to_value(&usage.metadata).map_err(generic)?)
-        .bind(usage.occurred_at)
-        .bind(usage.occurred_at_reported)
-        .bind(to_i64(request.plan.included_tokens())?)
-        .bind(to_i64(request.plan.block_size())?)
-        .bind(request.plan.currency().code())
-        .bind(to_i64(crate::MAX_TOKENS)?)
-        .bind(placeholder)
-        .bind(request.fee == FeeCollection::Library)
-        .fetch_optional(&self.pool)
-        .await;
+        .bind(usage.consumption_id);
+        let result = bind_event(query, usage)?
+            .bind(to_i64(request.plan.included_tokens())?)
+            .bind(to_i64(request.plan.block_size())?)
+            .bind(request.plan.currency().code())
+            .bind(to_i64(crate::MAX_TOKENS)?)
+            .bind(placeholder)
+            .bind(request.fee == FeeCollection::Library)
+            .fetch_optional(&self.pool)
+            .await;
         let row = match result {
             Ok(Some(row)) => row,
             Ok(None) => return Ok(None),
