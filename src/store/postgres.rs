@@ -865,10 +865,6 @@ impl PostgresUsageStore {
             tokens: usage.tokens,
             total_after: after,
         })?;
-        if charges.is_empty() {
-            let won = Self::write_usage(executor, request, before, after, &blocks, usage_event, gate).await?;
-            return Ok(won.then(Vec::new));
-        }
         let leased = request.lease_until.is_some();
         let mut ids = Vec::with_capacity(charges.len());
         let mut keys = Vec::with_capacity(charges.len());
@@ -983,64 +979,6 @@ impl PostgresUsageStore {
         Ok(Some(created))
     }
 
-    /// [`Self::write_event`] for an event that creates no charge, the steady state: a statement
-    /// without the charges' arrays, simple enough for PostgreSQL to keep one generic plan for
-    /// it rather than plan it again on every call. `false` when the compare-and-set lost.
-    async fn write_usage<'e>(
-        executor: impl sqlx::Executor<'e, Database = Postgres>,
-        request: &RecordUsage<'_>,
-        before: u64,
-        after: u64,
-        blocks: &Blocks,
-        usage_event: serde_json::Value,
-        gate: Gate,
-    ) -> Result<bool, RecordFailure> {
-        let usage = &request.usage;
-        // Under the compare-and-set the summary moves to the new total only if it is still
-        // `before` (checked again on the newest row version, under its lock), and the rest is
-        // written only then.
-        let moved = match gate {
-            Gate::Locked => "SELECT 1",
-            Gate::CompareAndSet => {
-                "UPDATE token_usage_summary
-                    SET total_tokens = $16, events = events + 1, updated_at = $3,
-                        included_tokens = coalesce(included_tokens, $17), block_size = coalesce(block_size, $18)
-                  WHERE user_id = $1 AND period = $2 AND total_tokens = $12
-                 RETURNING 1"
-            }
-        };
-        let sql = format!(
-            "WITH moved AS (
-                 {moved}
-             ), consumption AS (
-                 INSERT INTO token_consumption
-                     (user_id, id, event_id, period, tokens_used, operation_type, client_id, metadata, occurred_at,
-                      occurred_at_reported, created_at, total_before, created_fee, first_block, end_block)
-                 SELECT $1, $4, $5, $2, $6, $7, $8, $9, $10, $11, $3, $12, false, $13, $14 FROM moved
-             ), audited AS (
-                 INSERT INTO token_billing_audit (user_id, at, period, event)
-                 SELECT $1, $3, $2, $15::jsonb FROM moved
-             )
-             SELECT EXISTS (SELECT 1 FROM moved) AS won"
-        );
-        let mut query = sqlx::query(&sql)
-            .bind(usage.user_id.as_str())
-            .bind(usage.period.to_string())
-            .bind(usage.recorded_at)
-            .bind(usage.consumption_id);
-        query = bind_consumption(query, usage, before, blocks)?.bind(usage_event);
-        if gate == Gate::CompareAndSet {
-            query = bind_new_total(query, request, after)?;
-        }
-        let won: bool = query
-            .fetch_one(executor)
-            .await
-            .map_err(RecordFailure::Database)?
-            .try_get("won")
-            .map_err(db)?;
-        Ok(won)
-    }
-
     /// Records a batch in one transaction and a fixed number of round trips: the period rows'
     /// totals, then every charge, consumption, summary change and audit entry in one statement.
     /// Events are decided in Rust, in order, by the same rule as one event at a time.
@@ -1073,14 +1011,15 @@ impl PostgresUsageStore {
         let now = first.usage.recorded_at;
         let mut tx = self.begin().await?;
 
-        // Events already recorded: only the host's own ids can have been.
+        // Events already recorded (only the host's own ids can have been): looked up by the
+        // careful way; the optimistic one finds them taken when it writes.
+        let mut existing: HashSet<(String, String)> = HashSet::new();
         let (users, events): (Vec<&str>, Vec<&str>) = requests
             .iter()
-            .filter(|r| r.usage.has_host_event_id())
+            .filter(|r| !optimistic && r.usage.has_host_event_id())
             .map(|r| (r.usage.user_id.as_str(), r.usage.event_id.as_str()))
             .unzip();
-        let mut existing: HashSet<(String, String)> = HashSet::new();
-        if !users.is_empty() && !optimistic {
+        if !users.is_empty() {
             let rows = sqlx::query(
                 "SELECT c.user_id, c.event_id
                    FROM token_consumption c
@@ -1125,32 +1064,6 @@ impl PostgresUsageStore {
         };
         let mut missing: Vec<(&Group, &RecordUsage<'_>)> =
             groups.iter().map(|(group, request)| (group, *request)).collect();
-        if optimistic {
-            let (users, periods): (Vec<&str>, Vec<String>) = missing
-                .iter()
-                .map(|((user, period), _)| (user.as_str(), period.to_string()))
-                .unzip();
-            let rows = sqlx::query(
-                "SELECT s.user_id, s.period, s.total_tokens, s.currency
-                   FROM unnest($1::text[], $2::text[]) AS g(user_id, period)
-                   JOIN token_usage_summary s ON s.user_id = g.user_id AND s.period = g.period",
-            )
-            .bind(&users)
-            .bind(&periods)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(RecordFailure::Database)?;
-            for row in &rows {
-                let (group, total, same_currency) = period_row(row)?;
-                totals.insert(group, (total, same_currency));
-            }
-            if totals.len() != groups.len() {
-                // A period opens: the careful way creates its row.
-                tx.rollback().await.map_err(RecordFailure::Database)?;
-                return Ok(None);
-            }
-            missing.clear();
-        }
         for round in 0..3 {
             if missing.is_empty() {
                 break;
@@ -1159,13 +1072,14 @@ impl PostgresUsageStore {
                 .iter()
                 .map(|((user, period), _)| (user.as_str(), period.to_string()))
                 .unzip();
-            let mut rows = sqlx::query(
+            // Optimistically read as they are; carefully locked, in the batch's key order.
+            let lock = if optimistic { "" } else { "ORDER BY g.n FOR UPDATE OF s" };
+            let mut rows = sqlx::query(&format!(
                 "SELECT s.user_id, s.period, s.total_tokens, s.currency, false AS inserted
                    FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS g(user_id, period, n)
                    JOIN token_usage_summary s ON s.user_id = g.user_id AND s.period = g.period
-                  ORDER BY g.n
-                    FOR UPDATE OF s",
-            )
+                 {lock}"
+            ))
             .bind(&users)
             .bind(&periods)
             .fetch_all(&mut *tx)
@@ -1178,6 +1092,11 @@ impl PostgresUsageStore {
             let absent: Vec<usize> = (0..users.len())
                 .filter(|&i| !found.contains(&(users[i], periods[i].as_str())))
                 .collect();
+            if optimistic && !absent.is_empty() {
+                // A period opens: the careful way creates its row.
+                tx.rollback().await.map_err(RecordFailure::Database)?;
+                return Ok(None);
+            }
             if !absent.is_empty() && round < 2 {
                 let mut currencies = Vec::with_capacity(absent.len());
                 let mut included = Vec::with_capacity(absent.len());
@@ -1234,12 +1153,10 @@ impl PostgresUsageStore {
         let mut decisions = Vec::with_capacity(requests.len());
         let mut seen: HashMap<(&UserId, &crate::domain::EventId), usize> = HashMap::new();
         let mut charges_of: Vec<Vec<crate::domain::NewCharge>> = Vec::with_capacity(requests.len());
-        let mut blocks_of = Vec::with_capacity(requests.len());
         let mut events_per_group: HashMap<Group, i64> = HashMap::new();
         for (i, request) in requests.iter().enumerate() {
             let usage = &request.usage;
             charges_of.push(Vec::new());
-            blocks_of.push(None);
             if is_existing(request) {
                 decisions.push(Decision::Existing);
                 continue;
@@ -1272,7 +1189,6 @@ impl PostgresUsageStore {
                     continue;
                 }
             };
-            blocks_of[i] = Some(request.plan.blocks_crossed(before, after).map_err(StoreError::from)?);
             charges_of[i] = charges;
             *total = after;
             *events_per_group.entry(group).or_insert(0) += 1;
@@ -1343,7 +1259,7 @@ impl PostgresUsageStore {
                     a_events.push(audit_json(event)?);
                 }
             }
-            let blocks = blocks_of[i].ok_or_else(|| generic("blocks of an accepted event"))?;
+            let blocks = request.plan.blocks_crossed(before, after).map_err(StoreError::from)?;
             x_users.push(usage.user_id.as_str());
             x_ids.push(usage.consumption_id);
             x_events.push(usage.event_id.as_str());
@@ -1750,8 +1666,10 @@ impl UsageStore for PostgresUsageStore {
     }
 
     async fn record_usage(&self, request: RecordUsage<'_>) -> Result<Recorded, StoreError> {
-        // A concurrent record of the same event makes this one fail on the event's unique index;
-        // the next attempt answers it as a replay. Two attempts suffice; the third is a margin.
+        // One statement when the event creates no charge; else a compare-and-set; else the
+        // locking transaction. A concurrent record of the same event makes the locking one fail
+        // on the event's unique index, and the next attempt answers it as a replay: two attempts
+        // suffice, the third is a margin.
         match self.try_record_direct(&request).await {
             Ok(Some(recorded)) => return Ok(recorded),
             // A new period, charges to create, a resend: the ways below.
