@@ -163,3 +163,52 @@ async fn periods_kept_forgets_the_events_of_older_periods_only() {
         9_000_000
     );
 }
+
+/// An older period's events are kept while the period still takes late usage: a re-send inside
+/// the grace window reaches the store and must be answered as the original, not counted again.
+#[tokio::test]
+async fn periods_kept_keeps_a_period_s_events_while_it_takes_late_usage() {
+    let h = harness(InMemoryUsageStore::builder().periods_kept(1).build());
+    let cid = user("cid");
+    let october_event = |tokens| {
+        UsageReport::new("cid", tokens, "chat")
+            .event_id("req-0")
+            .occurred_at(Utc.with_ymd_and_hms(2026, 10, 31, 20, 0, 0).single().expect("valid"))
+    };
+    h.clock
+        .set(Utc.with_ymd_and_hms(2026, 10, 31, 20, 0, 0).single().expect("valid"));
+    h.service
+        .process_token_usage(october_event(9_000_000))
+        .await
+        .expect("recorded");
+    // November opens (with `periods_kept(1)` the older period would be the one to forget).
+    h.clock
+        .set(Utc.with_ymd_and_hms(2026, 11, 1, 12, 0, 0).single().expect("valid"));
+    h.service
+        .process_token_usage(UsageReport::new("cid", 1_000, "chat").event_id("req-1"))
+        .await
+        .expect("recorded");
+    // On 2 November, inside October's grace window, the October event is sent again.
+    h.clock
+        .set(Utc.with_ymd_and_hms(2026, 11, 2, 12, 0, 0).single().expect("valid"));
+    let again = h
+        .service
+        .process_token_usage(october_event(9_000_000))
+        .await
+        .expect("answered");
+    assert!(again.replayed, "answered as the original");
+    let october = PeriodKey::new(2026, 10).expect("valid");
+    let summary = h.service.token_summary(&cid, Some(october)).await.expect("summary");
+    assert_eq!((summary.total_tokens, summary.tier_charges_count), (9_000_000, 1));
+    // Once October takes no more usage, the next period to open forgets its events.
+    h.clock
+        .set(Utc.with_ymd_and_hms(2026, 12, 1, 12, 0, 0).single().expect("valid"));
+    h.service
+        .process_token_usage(UsageReport::new("cid", 1_000, "chat").event_id("req-2"))
+        .await
+        .expect("recorded");
+    assert!(
+        h.store.consumptions(&cid, october).await.expect("read").is_empty(),
+        "forgotten once closed"
+    );
+}

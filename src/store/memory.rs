@@ -15,7 +15,7 @@ use super::{
 };
 use crate::domain::{
     Blocks, Charge, ChargeKey, ChargeKind, ChargeStatus, EventId, MAX_TOKENS, Money, MoneyError, NewCharge,
-    OperationType, PeriodKey, UsageRecord, UserId, charges_for_growth,
+    OperationType, Period, PeriodKey, Plan, UsageRecord, UserId, charges_for_growth,
 };
 
 const STORE: &str = "in-memory store";
@@ -96,10 +96,11 @@ impl InMemoryUsageStoreBuilder {
     }
 
     /// Keeps events (their records, ids and usage audit entries) of each user's `periods` most
-    /// recent periods only, at least one; older ones are forgotten when a newer period opens.
-    /// Summaries and charges of every period stay. A re-send of a forgotten event is taken for
-    /// a new one unless its period is closed (the service refuses late usage after the plan's
-    /// grace window), so keep at least the periods your callers retry across. All by default.
+    /// recent periods only, at least one; an older period's events are forgotten when a newer
+    /// period opens, once the older one no longer takes late usage (its end plus the plan's
+    /// grace window has passed). Summaries and charges of every period stay. An event is thus
+    /// forgotten only when a re-send of it would be refused as too late anyway: the service
+    /// refuses it, never records it twice. All by default.
     pub fn periods_kept(mut self, periods: u32) -> Self {
         self.periods_kept = Some(periods.max(1));
         self
@@ -344,21 +345,32 @@ impl UserBook {
     }
 
     /// Forgets the events (records, ids, usage audit entries) of the periods before the `kept`
-    /// most recent ones, up to `newest`.
-    fn forget_events_before(&mut self, newest: PeriodKey, kept: u32) {
+    /// most recent ones, up to `newest`, that no longer take usage: a period still inside the
+    /// plan's grace window for late usage keeps its events, so that a re-send reaching the
+    /// store is still answered as the original, never recorded twice.
+    fn forget_events_before(&mut self, newest: PeriodKey, kept: u32, plan: &Plan, now: DateTime<Utc>) {
         let mut cutoff = newest;
         for _ in 1..kept {
             cutoff = cutoff.previous();
         }
-        for (_, book) in self.periods.range_mut(..cutoff) {
+        let closed = |key: PeriodKey| Period::new(key, plan.zone()).end() + plan.late_usage_grace() <= now;
+        let mut forgotten = Vec::new();
+        for (key, book) in self.periods.range_mut(..cutoff) {
+            if !closed(*key) || book.consumptions.is_empty() {
+                continue;
+            }
             for usage in book.consumptions.drain(..) {
                 self.events.remove(&usage.event_id);
             }
             book.consumptions.shrink_to_fit();
+            forgotten.push(*key);
         }
-        self.audit.retain(|entry| {
-            !(matches!(entry.event, AuditEvent::UsageRecorded { .. }) && entry.period.is_some_and(|p| p < cutoff))
-        });
+        if !forgotten.is_empty() {
+            self.audit.retain(|entry| {
+                !(matches!(entry.event, AuditEvent::UsageRecorded { .. })
+                    && entry.period.is_some_and(|p| forgotten.contains(&p)))
+            });
+        }
     }
 
     fn charge_mut(&mut self, key: &ChargeKey) -> Option<&mut Charge> {
@@ -556,7 +568,7 @@ impl UsageStore for InMemoryUsageStore {
         }
         if opened {
             if let Some(kept) = self.periods_kept {
-                book.forget_events_before(period, kept);
+                book.forget_events_before(period, kept, plan, now);
             }
         }
         for charge in &created {
