@@ -5,13 +5,19 @@
 //! cost of recording one in memory. These ids name records, they guard nothing: they must not
 //! collide, which 122 random bits from a well-seeded generator ensure, and need not be
 //! unpredictable. Keys that must be deterministic (charge keys) are never random.
+//!
+//! A child process made by `fork` inherits its parent's generator and would draw the parent's
+//! next ids again (and an event sent without an id is known by its consumption id, so a repeat
+//! could be taken for a re-send). Each thread's generator therefore remembers the process it
+//! was seeded in and is seeded again in another.
 
 use std::cell::Cell;
 
 use uuid::Uuid;
 
 thread_local! {
-    static STATE: Cell<[u64; 4]> = Cell::new(seed());
+    /// The process the generator was seeded in, and its state.
+    static STATE: Cell<(u32, [u64; 4])> = Cell::new((std::process::id(), seed()));
 }
 
 /// A seed from the operating system (through `uuid`'s own draw), never all zeros.
@@ -41,16 +47,23 @@ fn next(state: &mut [u64; 4]) -> u64 {
 
 /// A random version 4 UUID.
 pub(crate) fn uuid_v4() -> Uuid {
-    STATE.with(|cell| {
-        let mut state = cell.get();
-        let high = next(&mut state);
-        let low = next(&mut state);
-        cell.set(state);
-        let mut bytes = [0; 16];
-        bytes[..8].copy_from_slice(&high.to_be_bytes());
-        bytes[8..].copy_from_slice(&low.to_be_bytes());
-        uuid::Builder::from_random_bytes(bytes).into_uuid()
-    })
+    STATE.with(|cell| draw(cell, std::process::id()))
+}
+
+/// The next id of a generator, seeded again first if it was seeded in another process than
+/// `current`.
+fn draw(cell: &Cell<(u32, [u64; 4])>, current: u32) -> Uuid {
+    let (mut process, mut state) = cell.get();
+    if process != current {
+        (process, state) = (current, seed());
+    }
+    let high = next(&mut state);
+    let low = next(&mut state);
+    cell.set((process, state));
+    let mut bytes = [0; 16];
+    bytes[..8].copy_from_slice(&high.to_be_bytes());
+    bytes[8..].copy_from_slice(&low.to_be_bytes());
+    uuid::Builder::from_random_bytes(bytes).into_uuid()
 }
 
 #[cfg(test)]
@@ -58,6 +71,18 @@ mod tests {
     use std::collections::HashSet;
 
     use super::*;
+
+    #[test]
+    fn a_generator_copied_into_another_process_is_seeded_again() {
+        let state = (7, [1, 2, 3, 4]);
+        let (parent, child, same) = (Cell::new(state), Cell::new(state), Cell::new(state));
+        let parents = draw(&parent, 7);
+        // In the same process, the same state draws the same id (the generator is
+        // deterministic); in a child with the parent's state, it must not.
+        assert_eq!(draw(&same, 7), parents);
+        assert_ne!(draw(&child, 8), parents);
+        assert_eq!(child.get().0, 8);
+    }
 
     #[test]
     fn ids_are_version_4_and_distinct_across_threads() {
