@@ -348,22 +348,16 @@ impl ChargeKey {
                 break;
             }
         }
-        let period = period.text();
-        let parts: [&[u8]; 8] = [
-            b"tb:",
-            user.as_str().as_bytes(),
-            b":",
-            &period,
-            b":",
-            kind.as_str().as_bytes(),
-            b":",
-            &number[at..],
-        ];
-        let mut key = String::with_capacity(parts.iter().map(|p| p.len()).sum());
-        for part in parts {
-            // Every part is ASCII: the user id is printable ASCII, the rest digits and letters.
-            key.push_str(std::str::from_utf8(part).unwrap_or_default());
-        }
+        let mut key = String::with_capacity(3 + user.as_str().len() + 1 + 7 + 1 + kind.as_str().len() + 1 + (20 - at));
+        key.push_str("tb:");
+        key.push_str(user.as_str());
+        key.push(':');
+        // Digits and a dash: each byte is its own character.
+        key.extend(period.text().iter().map(|&b| char::from(b)));
+        key.push(':');
+        key.push_str(kind.as_str());
+        key.push(':');
+        key.extend(number[at..].iter().map(|&b| char::from(b)));
         ChargeKey(Arc::from(key))
     }
 

@@ -1,6 +1,6 @@
 //! Billing periods: calendar months in the plan's time zone.
 
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::str::FromStr;
 
 use chrono::{DateTime, Datelike, LocalResult, NaiveDate, NaiveDateTime, TimeZone, Utc};
@@ -120,9 +120,8 @@ impl PeriodKey {
 
 impl fmt::Display for PeriodKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let text = self.text();
-        // Seven ASCII digits and a dash.
-        f.write_str(std::str::from_utf8(&text).unwrap_or("????-??"))
+        // Six digits and a dash: each byte is its own character.
+        self.text().iter().try_for_each(|&b| f.write_char(char::from(b)))
     }
 }
 
