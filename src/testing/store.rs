@@ -132,6 +132,89 @@ pub async fn account_round_trips(store: &dyn UsageStore) {
     assert_eq!(store.account(&user).await.expect("account"), Some(changed));
 }
 
+/// `accounts` answers one entry per user asked, in the order asked (repeats included), `None`
+/// for a user without an account, and nothing of users not asked.
+pub async fn accounts_answer_each_user_in_order(store: &dyn UsageStore) {
+    let account = |user: &UserId, customer: &str| Account {
+        user_id: user.clone(),
+        customer_id: Some(customer.parse().expect("valid")),
+        plan_id: PlanId::new("default").expect("valid"),
+        earlier_plans: Vec::new(),
+        subscription_id: None,
+        created_at: base_instant(),
+        updated_at: base_instant(),
+    };
+    let (a, b, nobody, other) = (
+        fresh_user("acc-a"),
+        fresh_user("acc-b"),
+        fresh_user("acc-none"),
+        fresh_user("acc-other"),
+    );
+    for (user, customer) in [(&a, "cus_a"), (&b, "cus_b"), (&other, "cus_other")] {
+        store.put_account(account(user, customer)).await.expect("put_account");
+    }
+    let asked = [b.clone(), nobody.clone(), a.clone(), b.clone()];
+    let answered = store.accounts(&asked).await.expect("accounts");
+    let customers: Vec<Option<String>> = answered
+        .iter()
+        .map(|found| {
+            found
+                .as_ref()
+                .and_then(|a| a.customer_id.as_ref())
+                .map(ToString::to_string)
+        })
+        .collect();
+    assert_eq!(
+        customers,
+        [
+            Some("cus_b".to_owned()),
+            None,
+            Some("cus_a".to_owned()),
+            Some("cus_b".to_owned())
+        ]
+    );
+    let users: Vec<Option<&UserId>> = answered
+        .iter()
+        .map(|found| found.as_ref().map(|a| &a.user_id))
+        .collect();
+    assert_eq!(users, [Some(&b), None, Some(&a), Some(&b)]);
+    assert!(store.accounts(&[]).await.expect("accounts").is_empty());
+}
+
+/// Events the host gave no id for (their event id stands in as the consumption id) are all
+/// counted, whatever a store keeps of them: totals, the by-operation report and each block's
+/// charge, once. A store may forget such events (they cannot be re-sent), never their effects.
+pub async fn events_without_a_host_id_are_all_counted(store: &dyn UsageStore) {
+    let plan = Plan::default();
+    let user = fresh_user("anonymous");
+    let mut total = 0;
+    for tokens in [5_000_000, 4_000_000, 9_000_000] {
+        let mut usage = usage_event(&user, tokens, "chat", period());
+        usage.event_id = EventId::of_consumption(usage.consumption_id);
+        assert!(!usage.has_host_event_id());
+        let recorded = record(store, &plan, usage).await;
+        assert!(!recorded.replayed);
+        assert_eq!((recorded.total_before, recorded.total_after), (total, total + tokens));
+        total += tokens;
+    }
+    let summary = store
+        .period_summary(&user, period())
+        .await
+        .expect("summary")
+        .expect("a summary");
+    assert_eq!((summary.total_tokens, summary.events), (18_000_000, 3));
+    let by_operation = store.usage_by_operation(&user, period()).await.expect("report");
+    assert_eq!(
+        by_operation
+            .iter()
+            .map(|r| (r.operation_type.as_str(), r.total_tokens, r.operations))
+            .collect::<Vec<_>>(),
+        [("chat", 18_000_000, 3)]
+    );
+    let charges = store.charges(&user, period()).await.expect("charges");
+    assert_eq!(charges.iter().map(|c| c.block).collect::<Vec<_>>(), [0, 1, 2]);
+}
+
 /// Recording stores the consumption, the period total, the fee and block charges, and the summary.
 pub async fn record_creates_usage_charges_and_summary(store: &dyn UsageStore) {
     let plan = Plan::default();
