@@ -994,15 +994,21 @@ impl BillingService {
             let mut users: Vec<UserId> = read.iter().map(|(_, usage)| usage.user_id.clone()).collect();
             users.sort_unstable();
             users.dedup();
-            let accounts: HashMap<UserId, Option<Account>> =
-                users.iter().cloned().zip(self.store.accounts(&users).await?).collect();
-            let account_of = |user: &UserId| accounts.get(user).and_then(Option::as_ref);
+            let found = self.store.accounts(&users).await?;
+            if found.len() != users.len() {
+                return Err(store_contract(format!(
+                    "accounts answered {} accounts for {} users",
+                    found.len(),
+                    users.len()
+                )));
+            }
+            let mut accounts: HashMap<UserId, Option<Account>> = users.into_iter().zip(found).collect();
 
             // Each event placed in its period, or refused (and perhaps a re-send).
             let mut requests = Vec::with_capacity(read.len());
             let mut placed = Vec::with_capacity(read.len());
             for (position, mut usage) in read {
-                let account = account_of(&usage.user_id);
+                let account = accounts.get(&usage.user_id).and_then(Option::as_ref);
                 match self.place(&mut usage, account, now) {
                     Ok(Placed::Record { plan, lease_until }) => {
                         placed.push((position, plan, lease_until.is_some()));
@@ -1024,7 +1030,14 @@ impl BillingService {
                     Err(error) => outcomes[position] = Some(Err(error)),
                 }
             }
+            let sent = requests.len();
             let recorded = self.store.record_usage_batch(requests).await?;
+            if recorded.len() != sent {
+                return Err(store_contract(format!(
+                    "record_usage_batch answered {} results for {sent} events",
+                    recorded.len()
+                )));
+            }
             info!(
                 recorded = recorded.iter().filter(|r| r.is_ok()).count(),
                 "batch recorded"
@@ -1032,8 +1045,21 @@ impl BillingService {
             for ((position, plan, collect_now), result) in placed.into_iter().zip(recorded) {
                 let answer = match result {
                     Ok(recorded) => {
-                        let account = account_of(&recorded.usage.user_id);
-                        self.finish(recorded, collect_now, account, plan).await
+                        let user = recorded.usage.user_id.clone();
+                        let account = accounts.get(&user).and_then(Option::as_ref);
+                        // Collecting may open the user's customer: the user's later events in
+                        // the batch must see it, not open another.
+                        let opens = collect_now
+                            && !recorded.replayed
+                            && !recorded.charges.is_empty()
+                            && account.is_none_or(|a| a.customer_id.is_none());
+                        let answer = self.finish(recorded, collect_now, account, plan).await;
+                        if opens {
+                            if let Ok(account) = self.store.account(&user).await {
+                                accounts.insert(user, account);
+                            }
+                        }
+                        answer
                     }
                     Err(refused) => Err(refused.into()),
                 };
@@ -1646,11 +1672,13 @@ impl BillingService {
                     user_id,
                     period_start,
                     payment_id,
+                    amount,
                 } => {
                     let account = self.store.account(&user_id).await?;
                     let zone = self.current_plan(account.as_ref())?.zone();
                     let period = Period::containing(period_start, zone).key();
-                    self.record_fixed_fee_paid(&user_id, period, &payment_id).await?
+                    self.record_fixed_fee_paid(&user_id, period, &payment_id, amount)
+                        .await?
                 }
             };
             self.store
@@ -1766,7 +1794,9 @@ impl BillingService {
     /// # Example
     /// ```
     /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
-    /// use token_billing::{BillingService, FeeCollection, InMemoryUsageStore, SandboxGateway, UnregisteredUsers, UserId};
+    /// use token_billing::{
+    ///     BillingService, Currency, FeeCollection, InMemoryUsageStore, Money, SandboxGateway, UnregisteredUsers, UserId,
+    /// };
     /// use std::sync::Arc;
     ///
     /// let billing = BillingService::builder(Arc::new(InMemoryUsageStore::new()), Arc::new(SandboxGateway::new()))
@@ -1777,10 +1807,12 @@ impl BillingService {
     /// let subscription = billing.create_subscription(&user).await?;
     /// assert_eq!(subscription.status, "active");
     ///
-    /// // Later, the gateway reports the month's invoice paid (a webhook); reporting it twice is harmless.
-    /// billing.record_fixed_fee_paid(&user, "2026-11".parse()?, "in_123").await?;
-    /// billing.record_fixed_fee_paid(&user, "2026-11".parse()?, "in_123").await?;
-    /// assert_eq!(billing.token_summary(&user, Some("2026-11".parse()?)).await?.fixed_fee_charged, 40000);
+    /// // Later, the gateway reports the month's invoice paid (a webhook), here with a 10% coupon;
+    /// // reporting it twice is harmless.
+    /// let paid = Money::from_minor(36_000, Currency::BRL);
+    /// billing.record_fixed_fee_paid(&user, "2026-11".parse()?, "in_123", paid).await?;
+    /// billing.record_fixed_fee_paid(&user, "2026-11".parse()?, "in_123", paid).await?;
+    /// assert_eq!(billing.token_summary(&user, Some("2026-11".parse()?)).await?.fixed_fee_charged, 36000);
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// # }).unwrap();
     /// ```
@@ -1820,26 +1852,44 @@ impl BillingService {
     }
 
     /// Records that the gateway collected the period's fixed fee (its subscription invoice was
-    /// paid). Exactly once per user and period: a repeated report changes nothing, and a fixed-fee
-    /// charge the library had created is marked paid instead of being charged again.
+    /// paid), `amount` being what the invoice collected for it (after a discount, say), so that
+    /// the summary's `fixed_fee_charged` is what was really collected. Exactly once per user and
+    /// period: a repeated report changes nothing, and a fixed-fee charge the library had created
+    /// is marked paid (at its own amount) instead of being charged again.
     ///
     /// # Errors
-    /// Store errors.
+    /// Store errors; [`BillingError::Gateway`] when `amount` is in another currency than the
+    /// plan that rates the period (nothing is recorded: the gateway's report does not fit).
     pub async fn record_fixed_fee_paid(
         &self,
         user: &UserId,
         period: PeriodKey,
         payment_id: &str,
+        amount: Money,
     ) -> Result<Charge, BillingError> {
         let span = info_span!("record_fixed_fee_paid", user = %user, period = %period, payment = %payment_id);
         async {
             let account = self.store.account(user).await?;
             let plan = self.period_plan(account.as_ref(), period)?;
+            if amount.currency() != plan.currency() {
+                return Err(BillingError::Gateway(GatewayError::Generic {
+                    gateway: "fixed fee report",
+                    source: format!(
+                        "the fee was paid in {}, the plan bills {period} in {}",
+                        amount.currency(),
+                        plan.currency()
+                    )
+                    .into(),
+                }));
+            }
             let now = self.clock.now();
             let (charge, created) = self
                 .store
                 .ensure_charge(EnsureCharge {
-                    charge: NewCharge::fixed_fee(plan, user, period, None),
+                    charge: NewCharge {
+                        amount,
+                        ..NewCharge::fixed_fee(plan, user, period, None)
+                    },
                     status: ChargeStatus::Succeeded,
                     payment_id: Some(payment_id.to_owned()),
                     now,
@@ -2051,4 +2101,13 @@ impl BillingService {
     pub async fn audit_trail(&self, user: &UserId, period: Option<PeriodKey>) -> Result<Vec<AuditEntry>, BillingError> {
         Ok(self.store.audit_trail(user, period).await?)
     }
+}
+
+/// A store that answered against its contract (a batch operation with a different number of
+/// answers than questions): nothing can be matched safely, so nothing is answered.
+fn store_contract(what: String) -> BillingError {
+    BillingError::Store(StoreError::Generic {
+        store: "store contract",
+        source: what.into(),
+    })
 }

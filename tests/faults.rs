@@ -829,21 +829,21 @@ async fn an_authenticated_payment_whose_webhook_was_lost_is_settled_by_resume() 
     assert_eq!(h.sandbox.payments().len(), 1);
 }
 
-#[tokio::test]
-async fn a_new_round_cancels_the_previous_rounds_open_payment() {
-    let h = Harness::new();
-    let uli = user("uli");
-    let customer = h.register(&uli, CardBehaviour::RequiresAuthentication).await;
+/// A user whose fixed fee asked for authentication, which the gateway then reported failed
+/// (the payment itself stays open for the customer); the customer's card now pays, and a day
+/// has passed, so the charge is due for its next round. The user, the fee and the open payment.
+async fn failed_authentication(h: &Harness, name: &str) -> (UserId, token_billing::Charge, String) {
+    let who = user(name);
+    let customer = h.register(&who, CardBehaviour::RequiresAuthentication).await;
     h.service
-        .process_token_usage(UsageReport::new("uli", 100, "chat"))
+        .process_token_usage(UsageReport::new(name, 100, "chat"))
         .await
         .expect("recorded");
-    let fee = h.store.charges(&uli, november()).await.expect("charges")[0].clone();
+    let fee = h.store.charges(&who, november()).await.expect("charges")[0].clone();
     let open = fee.payment_id.clone().expect("the payment awaiting authentication");
-    // The gateway reports the authentication failed; the payment itself stays open for the customer.
     h.service
         .apply_payment_update(PaymentUpdate {
-            user_id: uli.clone(),
+            user_id: who.clone(),
             charge_key: fee.key.clone(),
             round: Some(0),
             outcome: token_billing::PaymentOutcome {
@@ -859,6 +859,13 @@ async fn a_new_round_cancels_the_previous_rounds_open_payment() {
         .set_behaviour(&customer, CardBehaviour::Succeeds)
         .expect("customer");
     h.advance(Span::days(1));
+    (who, fee, open)
+}
+
+#[tokio::test]
+async fn a_new_round_cancels_the_previous_rounds_open_payment() {
+    let h = Harness::new();
+    let (_, fee, open) = failed_authentication(&h, "uli").await;
     let report = h.service.retry_failed().await.expect("retry");
     assert_eq!(report.succeeded, 1);
     let payments = h.sandbox.payments_for_charge(&fee.key);
@@ -925,32 +932,7 @@ async fn a_new_round_waits_on_a_previous_payment_that_can_no_longer_be_canceled(
         sandbox,
         |b| b,
     );
-    let vic = user("vic");
-    let customer = h.register(&vic, CardBehaviour::RequiresAuthentication).await;
-    h.service
-        .process_token_usage(UsageReport::new("vic", 100, "chat"))
-        .await
-        .expect("recorded");
-    let fee = h.store.charges(&vic, november()).await.expect("charges")[0].clone();
-    let open = fee.payment_id.clone().expect("the payment awaiting authentication");
-    h.service
-        .apply_payment_update(PaymentUpdate {
-            user_id: vic.clone(),
-            charge_key: fee.key.clone(),
-            round: Some(0),
-            outcome: token_billing::PaymentOutcome {
-                payment_id: open.clone(),
-                status: PaymentStatus::Declined,
-                decline_code: Some("authentication_failed".into()),
-                message: None,
-            },
-        })
-        .await
-        .expect("applied");
-    h.sandbox
-        .set_behaviour(&customer, CardBehaviour::Succeeds)
-        .expect("customer");
-    h.advance(Span::days(1));
+    let (vic, fee, open) = failed_authentication(&h, "vic").await;
     // The old payment is processing: a new one could be paid beside it, so none is made.
     let report = h.service.retry_failed().await.expect("retry");
     assert_eq!((report.claimed, report.succeeded, report.pending), (1, 0, 1));
@@ -959,6 +941,14 @@ async fn a_new_round_waits_on_a_previous_payment_that_can_no_longer_be_canceled(
     assert_eq!(
         (charge.status, charge.payment_id.as_deref()),
         (ChargeStatus::Pending, Some(open.as_str()))
+    );
+    // Its lease runs out and the charge is resumed: it still waits on that payment.
+    h.advance(Span::hours(1));
+    h.service.resume_pending().await.expect("resume");
+    assert_eq!(
+        h.sandbox.payments_for_charge(&fee.key).len(),
+        1,
+        "still no second payment"
     );
     // It completes; its webhook settles the charge with it.
     let outcome = h.sandbox.finish_payment(&open, true).expect("finished");
@@ -1036,4 +1026,69 @@ async fn failures_of_the_other_steps_leave_nothing_lost_or_doubled() {
     assert_eq!(h.service.retry_failed().await.expect("retry").succeeded, 1);
     h.assert_period_consistent(&wil, november(), &Plan::default()).await;
     h.assert_period_consistent(&wil, december, &Plan::default()).await;
+}
+
+/// A paid invoice applied, then the store fails to remember the event (before or after it
+/// writes): Stripe delivers it again, and the fee is recorded once, with no duplicate payment
+/// reported, and the event is remembered from then on.
+#[tokio::test]
+async fn a_fee_event_not_remembered_is_applied_once_when_delivered_again() {
+    for fault in [Fault::FailBefore, Fault::FailAfter] {
+        let store = Arc::new(FaultyStore::new(Arc::new(InMemoryUsageStore::new())));
+        let sandbox = SandboxGateway::new();
+        let h = Harness::over(store.clone(), Arc::new(sandbox.clone()), sandbox, |b| {
+            b.fee_collection(token_billing::FeeCollection::Subscription)
+        });
+        let eva = user("eva");
+        h.register(&eva, CardBehaviour::Succeeds).await;
+        let event = token_billing::GatewayEvent {
+            id: "evt_invoice_paid".to_owned(),
+            event_type: "invoice.paid".to_owned(),
+            change: token_billing::GatewayChange::FixedFeePaid {
+                user_id: eva.clone(),
+                period_start: chrono::TimeZone::with_ymd_and_hms(&chrono::Utc, 2026, 11, 1, 3, 0, 0)
+                    .single()
+                    .expect("valid"),
+                payment_id: "in_1".to_owned(),
+                amount: Plan::default().fixed_fee(),
+            },
+        };
+        store.inject(StoreOp::RecordGatewayEvent, fault, 1);
+        h.service
+            .apply_gateway_event(event.clone())
+            .await
+            .expect_err("the event was not remembered");
+        let again = h
+            .service
+            .apply_gateway_event(event.clone())
+            .await
+            .expect("delivered again");
+        // Lost before the store wrote it, the event is applied now; lost after, it was remembered
+        // and its fee recorded the first time.
+        assert_eq!(again.is_some(), fault == Fault::FailBefore, "{fault:?}");
+        assert!(
+            h.service
+                .apply_gateway_event(event)
+                .await
+                .expect("a third time")
+                .is_none(),
+            "remembered now"
+        );
+        let summary = h.service.token_summary(&eva, Some(november())).await.expect("summary");
+        assert_eq!(summary.fixed_fee_charged, 40_000, "{fault:?}");
+        let fees = h.store.charges(&eva, november()).await.expect("charges");
+        assert_eq!(fees.len(), 1, "{fault:?}");
+        assert_eq!(
+            (fees[0].status, fees[0].payment_id.as_deref()),
+            (ChargeStatus::Succeeded, Some("in_1")),
+            "{fault:?}"
+        );
+        let trail = h.service.audit_trail(&eva, Some(november())).await.expect("trail");
+        assert!(
+            !trail
+                .iter()
+                .any(|e| matches!(e.event, token_billing::AuditEvent::DuplicatePayment { .. })),
+            "{fault:?}"
+        );
+    }
 }

@@ -6,9 +6,9 @@ use std::sync::Arc;
 
 use common::{Harness, november, user};
 use token_billing::{
-    AuditEvent, BillingError, BillingService, CardBehaviour, ChargeKind, ChargeStatus, CollectionMode, CustomerId,
-    FeeCollection, GatewayChange, GatewayEvent, InMemoryUsageStore, ManualClock, PaymentOutcome, PaymentStatus,
-    PaymentUpdate, Plan, PlanId, SandboxGateway, UnregisteredUsers, UsageReport, UsageStore,
+    AuditEvent, BillingError, BillingService, CardBehaviour, ChargeKind, ChargeStatus, CollectionMode, Currency,
+    CustomerId, FeeCollection, GatewayChange, GatewayEvent, InMemoryUsageStore, ManualClock, Money, PaymentOutcome,
+    PaymentStatus, PaymentUpdate, Plan, PlanId, SandboxGateway, UnregisteredUsers, UsageReport, UsageStore,
 };
 
 #[tokio::test]
@@ -66,17 +66,39 @@ async fn subscription_mode_records_the_fee_once_when_the_gateway_reports_it_paid
     assert_eq!(outcome.fixed_fee_charge, None, "the subscription collects the fee");
     assert_eq!(outcome.tier_charges.len(), 1);
 
+    // The invoice had a 10% coupon: what it collected is what the summary reports.
+    let paid = Money::from_minor(36_000, Currency::BRL);
+    // A report in another currency than the plan's does not fit: refused, nothing recorded.
+    let dollars = h
+        .service
+        .record_fixed_fee_paid(
+            &sara,
+            november(),
+            "in_2026_11",
+            Money::from_minor(36_000, Currency::USD),
+        )
+        .await
+        .expect_err("refused");
+    assert!(matches!(dollars, BillingError::Gateway(_)), "{dollars:?}");
+    assert_eq!(
+        h.service
+            .token_summary(&sara, None)
+            .await
+            .expect("summary")
+            .fixed_fee_charged,
+        0
+    );
     for _ in 0..3 {
         let fee = h
             .service
-            .record_fixed_fee_paid(&sara, november(), "in_2026_11")
+            .record_fixed_fee_paid(&sara, november(), "in_2026_11", paid)
             .await
             .expect("recorded");
         assert_eq!((fee.kind, fee.status), (ChargeKind::FixedFee, ChargeStatus::Succeeded));
-        assert_eq!(fee.payment_id.as_deref(), Some("in_2026_11"));
+        assert_eq!((fee.payment_id.as_deref(), fee.amount), (Some("in_2026_11"), paid));
     }
     let summary = h.service.token_summary(&sara, None).await.expect("summary");
-    assert_eq!((summary.fixed_fee_charged, summary.total_charged), (40_000, 50_000));
+    assert_eq!((summary.fixed_fee_charged, summary.total_charged), (36_000, 46_000));
     let fees = h
         .store
         .charges(&sara, november())
@@ -99,7 +121,7 @@ async fn a_library_fee_still_pending_is_marked_paid_not_charged_again() {
         .expect("recorded");
     let fee = h
         .service
-        .record_fixed_fee_paid(&tais, november(), "in_out_of_band")
+        .record_fixed_fee_paid(&tais, november(), "in_out_of_band", Plan::default().fixed_fee())
         .await
         .expect("paid elsewhere");
     assert_eq!(fee.status, ChargeStatus::Succeeded);
@@ -302,12 +324,12 @@ async fn a_second_successful_payment_is_audited_as_a_duplicate_not_absorbed() {
     let abe = user("abe");
     h.register(&abe, CardBehaviour::Succeeds).await;
     h.service
-        .record_fixed_fee_paid(&abe, november(), "in_first")
+        .record_fixed_fee_paid(&abe, november(), "in_first", Plan::default().fixed_fee())
         .await
         .expect("recorded");
     let fee = h
         .service
-        .record_fixed_fee_paid(&abe, november(), "in_second")
+        .record_fixed_fee_paid(&abe, november(), "in_second", Plan::default().fixed_fee())
         .await
         .expect("reported");
     assert_eq!(
