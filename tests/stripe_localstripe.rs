@@ -17,12 +17,13 @@ use support::{
     Received, SECRET_KEY, card, collecting_endpoint, customer_with_card, eventually, forget_idempotency_keys,
     localstripe, payment_intents_for, register_webhook, stripe,
 };
-use token_billing::gateway::stripe::{StripeGateway, WebhookError};
+use token_billing::gateway::stripe::{StripeGateway, WebhookError, sign};
 use token_billing::testing::faults::{Fault, FaultyGateway, FaultyStore, GatewayOp, StoreOp};
 use token_billing::testing::gateway::GatewayFixture;
 use token_billing::{
-    BillingService, Charge, ChargeKind, ChargeStatus, Clock, CustomerId, FeeCollection, GatewayChange, GatewayEvent,
-    InMemoryUsageStore, ManualClock, PaymentGateway, PeriodKey, Standing, UsageReport, UsageStore, UserId,
+    BillingService, Charge, ChargeKind, ChargeStatus, Clock, Currency, CustomerId, FeeCollection, GatewayChange,
+    GatewayEvent, InMemoryUsageStore, ManualClock, Money, PaymentGateway, PeriodKey, Standing, UsageReport, UsageStore,
+    UserId,
 };
 
 const WEBHOOK_SECRET: &str = "whsec_token_billing_tests";
@@ -195,8 +196,8 @@ async fn delivered_event(
     user: &UserId,
     wanted: impl Fn(&GatewayEvent) -> bool,
 ) -> GatewayEvent {
-    let started = std::time::Instant::now();
-    loop {
+    let wanted = &wanted;
+    eventually("such a webhook", move || async move {
         let deliveries = received.lock().expect("lock").clone();
         for request in deliveries {
             let signature = request.header("stripe-signature").expect("every delivery is signed");
@@ -205,15 +206,37 @@ async fn delivered_event(
                 .await
                 .expect("a valid delivery");
             if let Some(event) = event.filter(|e| e.user_id() == user && wanted(e)) {
-                return event;
+                return Some(event);
             }
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(15),
-            "no such webhook was delivered"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        None
+    })
+    .await
+}
+
+/// The first delivery of an event of type `kind` about the subscription `subscription`, as
+/// localstripe sent it (not read by the gateway); waits for it up to 15 s.
+async fn delivery_about(received: &Mutex<Vec<Received>>, kind: &str, subscription: &str) -> Received {
+    eventually(kind, move || async move {
+        received.lock().expect("lock").iter().find_map(|request| {
+            let event: serde_json::Value = serde_json::from_slice(&request.body).ok()?;
+            (event["type"] == kind && event["data"]["object"]["subscription"] == subscription).then(|| request.clone())
+        })
+    })
+    .await
+}
+
+/// The `invoice.paid` event Stripe sends along with an `invoice.payment_succeeded` delivery:
+/// the same invoice under an event id of its own, signed with the endpoint's secret.
+/// localstripe sends only the latter.
+fn as_invoice_paid(delivery: &Received) -> (Vec<u8>, String) {
+    let mut event: serde_json::Value = serde_json::from_slice(&delivery.body).expect("a JSON event");
+    let id = format!("{}_paid", event["id"].as_str().expect("an event id"));
+    event["id"] = id.into();
+    event["type"] = "invoice.paid".into();
+    let payload = event.to_string().into_bytes();
+    let signature = sign(&payload, WEBHOOK_SECRET, Utc::now());
+    (payload, signature)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -300,13 +323,38 @@ async fn a_subscription_collects_the_fixed_fee_reported_by_its_paid_invoice() {
     assert_eq!(listed["data"].as_array().map(Vec::len), Some(1));
     assert_eq!(listed["data"][0]["plan"]["amount"].as_i64(), Some(40_000));
 
-    let event = delivered_event(&stripe_gateway, &received, &user, |e| {
-        matches!(e.change, GatewayChange::FixedFeePaid { .. })
-    })
-    .await;
-    let GatewayChange::FixedFeePaid { ref payment_id, .. } = event.change else {
-        unreachable!()
+    // Stripe reports the paid invoice twice, as `invoice.payment_succeeded` and `invoice.paid`
+    // under two event ids: the gateway reads only the second, so the fee is not applied twice.
+    let succeeded = delivery_about(&received, "invoice.payment_succeeded", &subscription.subscription_id).await;
+    let signature = succeeded.header("stripe-signature").expect("signed");
+    assert_eq!(
+        stripe_gateway
+            .webhook_event(&succeeded.body, signature)
+            .await
+            .expect("a valid delivery"),
+        None
+    );
+    let (paid, signature) = as_invoice_paid(&succeeded);
+    let event = stripe_gateway
+        .webhook_event(&paid, &signature)
+        .await
+        .expect("a valid delivery")
+        .expect("the library's invoice");
+    let GatewayChange::FixedFeePaid {
+        ref user_id,
+        amount,
+        ref payment_id,
+        ..
+    } = event.change
+    else {
+        panic!("a fee paid: {event:?}")
     };
+    assert_eq!(user_id, &user);
+    assert_eq!(
+        amount,
+        Money::from_minor(40_000, Currency::BRL),
+        "what the invoice collected"
+    );
     assert!(payment_id.starts_with("in_"));
     let charge = billing
         .service
@@ -355,7 +403,11 @@ async fn deliveries_with_a_tampered_body_or_another_secret_are_refused() {
     .await;
     // Any object makes localstripe send an event.
     stripe("POST", "/v1/customers", &[("description", "webhook probe")]).await;
-    eventually("a delivery", || !received.lock().expect("lock").is_empty()).await;
+    let deliveries = &*received;
+    eventually("a delivery", move || async move {
+        (!deliveries.lock().expect("lock").is_empty()).then_some(())
+    })
+    .await;
     let delivery = received.lock().expect("lock")[0].clone();
     let signature = delivery.header("stripe-signature").expect("signed");
     let stripe_gateway = gateway();
@@ -383,8 +435,8 @@ async fn deliveries_with_a_tampered_body_or_another_secret_are_refused() {
 async fn crash_when_fired(service: &BillingService, store: &FaultyStore, usage: UsageReport, op: StoreOp) {
     let service = service.clone();
     let task = tokio::spawn(async move { service.process_token_usage(usage).await });
-    eventually("the crash point", || {
-        store.fired().iter().any(|(fired, _)| *fired == op)
+    eventually("the crash point", move || async move {
+        store.fired().iter().any(|(fired, _)| *fired == op).then_some(())
     })
     .await;
     task.abort();

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use chrono::{DateTime, Utc};
 
-use crate::domain::{Charge, ChargeKey, ChargeKind, CustomerId, Metadata, Plan, PlanId, UserId};
+use crate::domain::{Charge, ChargeKey, ChargeKind, CustomerId, Metadata, Money, Plan, PlanId, UserId};
 use crate::service::PaymentUpdate;
 use crate::store::BoxError;
 
@@ -126,17 +126,50 @@ impl PaymentRequest<'_> {
 
     /// The metadata a payment carries so that it can be found and understood later: the user,
     /// period, kind, block, charge key and collection round.
+    ///
+    /// # Example
+    /// ```
+    /// use token_billing::{ChargeStatus, CustomerId, NewCharge, PaymentRequest, Plan, UserId};
+    ///
+    /// let user = UserId::new("alice").unwrap();
+    /// let charge = NewCharge::block(&Plan::default(), &user, "2026-11".parse().unwrap(), 1, None)
+    ///     .into_charge(uuid::Uuid::new_v4(), ChargeStatus::Pending, chrono::Utc::now());
+    /// let customer = CustomerId::new("cus_1").unwrap();
+    /// let key = charge.idempotency_key();
+    /// let request = PaymentRequest { charge: &charge, idempotency_key: &key, customer: &customer };
+    /// let metadata = request.metadata();
+    /// assert_eq!(metadata["charge_key"], charge.key.as_str());
+    /// assert_eq!(metadata["round"], "0");
+    /// ```
     pub fn metadata(&self) -> Metadata {
         let charge = self.charge;
         Metadata::from([
-            ("user_id".to_owned(), charge.user_id.to_string()),
-            ("period".to_owned(), charge.period.to_string()),
-            ("kind".to_owned(), charge.kind.to_string()),
-            ("block".to_owned(), charge.block.to_string()),
-            ("charge_key".to_owned(), charge.key.to_string()),
-            ("round".to_owned(), charge.round.to_string()),
+            (metadata_key::USER_ID.to_owned(), charge.user_id.to_string()),
+            (metadata_key::PERIOD.to_owned(), charge.period.to_string()),
+            (metadata_key::KIND.to_owned(), charge.kind.to_string()),
+            (metadata_key::BLOCK.to_owned(), charge.block.to_string()),
+            (metadata_key::CHARGE_KEY.to_owned(), charge.key.to_string()),
+            (metadata_key::ROUND.to_owned(), charge.round.to_string()),
         ])
     }
+}
+
+/// The keys of the metadata a payment carries ([`PaymentRequest::metadata`]): gateways read
+/// them back from the payments they search and the notifications they receive, so each is
+/// spelled once.
+pub(crate) mod metadata_key {
+    /// The charge's user.
+    pub(crate) const USER_ID: &str = "user_id";
+    /// The charge's period (`2026-11`).
+    pub(crate) const PERIOD: &str = "period";
+    /// The charge's kind (`block`, `fixed_fee`).
+    pub(crate) const KIND: &str = "kind";
+    /// The charge's block number.
+    pub(crate) const BLOCK: &str = "block";
+    /// The charge key, by which every payment made for a charge is found.
+    pub(crate) const CHARGE_KEY: &str = "charge_key";
+    /// The collection round the payment was made in.
+    pub(crate) const ROUND: &str = "round";
 }
 
 impl Debug for PaymentRequest<'_> {
@@ -157,6 +190,8 @@ pub struct Subscription {
     pub subscription_id: String,
     /// The customer.
     pub customer_id: CustomerId,
+    /// The plan whose fixed fee it collects.
+    pub plan_id: PlanId,
     /// The gateway's status for it (`active`, `incomplete`).
     pub status: String,
 }
@@ -188,6 +223,26 @@ impl GatewayEvent {
 }
 
 /// What a [`GatewayEvent`] reports.
+///
+/// # Example
+/// ```
+/// use chrono::{TimeZone, Utc};
+/// use token_billing::{Currency, GatewayChange, GatewayEvent, Money, UserId};
+///
+/// // A subscription invoice that collected BRL 360.00 (the BRL 400.00 fee, 10% off) for the
+/// // period starting on 1 November 2026 in São Paulo.
+/// let event = GatewayEvent {
+///     id: "evt_1".to_owned(),
+///     event_type: "invoice.paid".to_owned(),
+///     change: GatewayChange::FixedFeePaid {
+///         user_id: UserId::new("alice").unwrap(),
+///         period_start: Utc.with_ymd_and_hms(2026, 11, 1, 3, 0, 0).unwrap(),
+///         amount: Money::from_minor(36_000, Currency::BRL),
+///         payment_id: "in_1".to_owned(),
+///     },
+/// };
+/// assert_eq!(event.user_id().as_str(), "alice");
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum GatewayChange {
@@ -200,6 +255,10 @@ pub enum GatewayChange {
         /// The start of the subscription period the invoice pays; the library's period is the
         /// calendar month containing it in the user's plan's zone.
         period_start: DateTime<Utc>,
+        /// The fee the invoice collected, after discounts and before tax, in the invoice's
+        /// currency and that currency's minor units. It is what the invoice collected, not the
+        /// plan's price: the two differ after a discount, a proration or a price change.
+        amount: Money,
         /// The gateway's reference of the payment (the invoice, `in_...`).
         payment_id: String,
     },

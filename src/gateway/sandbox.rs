@@ -190,7 +190,23 @@ impl SandboxGateway {
             .fold(Money::zero(currency), |sum, p| sum.checked_add(p.amount).unwrap_or(sum))
     }
 
-    /// The subscriptions created, with the fee each collects per period.
+    /// The subscriptions created (each names its customer and plan), with the fee each collects
+    /// per period.
+    ///
+    /// # Example
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// use token_billing::{PaymentGateway, Plan, PlanId, SandboxGateway, UserId};
+    ///
+    /// let sandbox = SandboxGateway::new();
+    /// let user = UserId::new("alice").unwrap();
+    /// let customer = sandbox.create_customer(&user).await.unwrap();
+    /// let plan_id = PlanId::new("default").unwrap();
+    /// let subscription = sandbox.create_subscription(&user, &customer, &plan_id, &Plan::default()).await.unwrap();
+    /// assert_eq!(subscription.plan_id, plan_id);
+    /// assert_eq!(sandbox.subscriptions(), [(subscription, Plan::default().fixed_fee())]);
+    /// # });
+    /// ```
     pub fn subscriptions(&self) -> Vec<(Subscription, Money)> {
         self.ledger().subscriptions.clone()
     }
@@ -394,16 +410,18 @@ impl PaymentGateway for SandboxGateway {
         if !ledger.customers.contains_key(customer) {
             return Err(no_such_customer(customer));
         }
+        // Only a subscription to this plan is kept: one to another plan collects another fee.
         if let Some((existing, _)) = ledger
             .subscriptions
             .iter()
-            .find(|(s, _)| &s.customer_id == customer && s.status == "active")
+            .find(|(s, _)| &s.customer_id == customer && &s.plan_id == plan_id && s.status == "active")
         {
             return Ok(existing.clone());
         }
         let subscription = Subscription {
             subscription_id: format!("sub_sandbox_{}_{}", ledger.subscriptions.len() + 1, plan_id),
             customer_id: customer.clone(),
+            plan_id: plan_id.clone(),
             status: "active".to_owned(),
         };
         ledger.subscriptions.push((subscription.clone(), plan.fixed_fee()));

@@ -7,9 +7,7 @@
 use async_trait::async_trait;
 use uuid::Uuid;
 
-use crate::domain::{
-    Charge, ChargeKey, ChargeKind, ChargeStatus, CustomerId, NewCharge, PeriodKey, Plan, PlanId, UserId,
-};
+use crate::domain::{Charge, ChargeStatus, CustomerId, Money, NewCharge, PeriodKey, Plan, PlanId, UserId};
 use crate::gateway::{PaymentGateway, PaymentOutcome, PaymentRequest, PaymentStatus};
 
 /// Customers of each kind for the conformance suite.
@@ -59,11 +57,6 @@ fn new_charge() -> Charge {
         ChargeStatus::Pending,
         chrono::Utc::now(),
     )
-}
-
-fn charge_key() -> ChargeKey {
-    let user = UserId::new(format!("gw-{}", Uuid::new_v4().simple())).expect("a valid user id");
-    ChargeKey::new(&user, PeriodKey::new(2026, 11).expect("valid"), ChargeKind::Block, 1)
 }
 
 async fn collect(
@@ -156,24 +149,44 @@ pub async fn authentication_is_reported_as_requires_action(gateway: &dyn Payment
 
 /// A charge never collected has no payment.
 pub async fn unknown_charges_have_no_payment(gateway: &dyn PaymentGateway, _fixture: &dyn GatewayFixture) {
-    assert_eq!(gateway.find_payment(&charge_key()).await.expect("find_payment"), None);
+    assert_eq!(
+        gateway.find_payment(&new_charge().key).await.expect("find_payment"),
+        None
+    );
 }
 
-/// A subscription for a plan's fixed fee is created for a customer.
+/// A subscription for a plan's fixed fee is created for a customer, and is that plan's: asking
+/// again for the plan keeps it, while another plan gets a subscription of its own.
 pub async fn subscriptions_are_created(gateway: &dyn PaymentGateway, fixture: &dyn GatewayFixture) {
     let customer = fixture.paying_customer().await;
     let user = UserId::new(format!("sub-{}", Uuid::new_v4().simple())).expect("a valid user id");
-    let plan_id = PlanId::new("default").expect("valid");
-    let subscription = gateway
-        .create_subscription(&user, &customer, &plan_id, &Plan::default())
-        .await
-        .expect("create_subscription");
-    assert_eq!(subscription.customer_id, customer);
-    assert!(!subscription.subscription_id.is_empty());
-    // Asking again keeps the subscription the customer has.
-    let again = gateway
-        .create_subscription(&user, &customer, &plan_id, &Plan::default())
-        .await
-        .expect("create_subscription again");
-    assert_eq!(again.subscription_id, subscription.subscription_id);
+    let basic = PlanId::new("default").expect("valid");
+    let premium = PlanId::new("conformance-premium").expect("valid");
+    let premium_plan = Plan::builder()
+        .fixed_fee(Money::from_minor(90_000, Plan::default().currency()))
+        .build()
+        .expect("a valid plan");
+    let mut subscriptions = Vec::new();
+    for (plan_id, plan) in [(&basic, Plan::default()), (&premium, premium_plan)] {
+        let subscription = gateway
+            .create_subscription(&user, &customer, plan_id, &plan)
+            .await
+            .expect("create_subscription");
+        assert_eq!((&subscription.customer_id, &subscription.plan_id), (&customer, plan_id));
+        assert!(!subscription.subscription_id.is_empty());
+        // Asking again keeps the subscription the customer has to the plan.
+        let again = gateway
+            .create_subscription(&user, &customer, plan_id, &plan)
+            .await
+            .expect("create_subscription again");
+        assert_eq!(
+            (&again.subscription_id, &again.plan_id),
+            (&subscription.subscription_id, plan_id)
+        );
+        subscriptions.push(subscription.subscription_id);
+    }
+    assert_ne!(
+        subscriptions[0], subscriptions[1],
+        "a subscription to one plan does not collect another plan's fee"
+    );
 }

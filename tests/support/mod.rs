@@ -76,38 +76,20 @@ impl Answer {
         }
     }
 
-    pub fn with_header(self, name: &'static str, value: &str) -> Answer {
-        match self {
-            Answer::Respond {
-                status,
-                mut headers,
-                body,
-                delay,
-            } => {
-                headers.push((name, value.to_owned()));
-                Answer::Respond {
-                    status,
-                    headers,
-                    body,
-                    delay,
-                }
-            }
-            Answer::HangUp => Answer::HangUp,
+    /// The same answer with one more header (nothing for a hang-up).
+    pub fn with_header(mut self, name: &'static str, value: &str) -> Answer {
+        if let Answer::Respond { headers, .. } = &mut self {
+            headers.push((name, value.to_owned()));
         }
+        self
     }
 
-    pub fn after(self, wait: Duration) -> Answer {
-        match self {
-            Answer::Respond {
-                status, headers, body, ..
-            } => Answer::Respond {
-                status,
-                headers,
-                body,
-                delay: wait,
-            },
-            Answer::HangUp => Answer::HangUp,
+    /// The same answer, sent after `wait` (a hang-up stays immediate).
+    pub fn after(mut self, wait: Duration) -> Answer {
+        if let Answer::Respond { delay, .. } = &mut self {
+            *delay = wait;
         }
+        self
     }
 }
 
@@ -442,10 +424,18 @@ pub async fn collecting_endpoint() -> (SocketAddr, Arc<std::sync::Mutex<Vec<Rece
     (addr, received)
 }
 
-/// Waits (up to 15 s) until `check` holds.
-pub async fn eventually<F: FnMut() -> bool>(what: &str, mut check: F) {
+/// Waits (up to 15 s, looking every 100 ms) until `check` finds what it looks for, and returns
+/// it; a check that only needs to hold answers `Some(())`.
+pub async fn eventually<T, F, Checked>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Checked,
+    Checked: Future<Output = Option<T>>,
+{
     let started = Instant::now();
-    while !check() {
+    loop {
+        if let Some(found) = check().await {
+            return found;
+        }
         assert!(
             started.elapsed() < Duration::from_secs(15),
             "timed out waiting for {what}"

@@ -1,9 +1,10 @@
 //! The HTTP side of the Stripe gateway: one request, its retries, and what came back.
 //!
-//! Retries follow Stripe's official clients: connection errors, timeouts, 409, 429 and 5xx are
-//! retried with the same idempotency key, unless the answer carries `Stripe-Should-Retry: false`;
-//! other 4xx never are. The delay doubles from `initial_delay` up to `max_delay`, and each delay
-//! is jittered down to between half and all of it, so that many clients failing together do not
+//! Retries follow Stripe's official clients, with the same idempotency key: an answer carrying
+//! `Stripe-Should-Retry` is retried exactly when it says `true`, whatever its status; without
+//! it, connection errors, timeouts, 409 and 5xx are retried, a 429 only for a lock timeout, and
+//! other 4xx never. The delay doubles from `initial_delay` up to `max_delay`, and each delay is
+//! jittered down to between half and all of it, so that many clients failing together do not
 //! retry together.
 
 use std::fmt;
@@ -22,7 +23,6 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 use tracing::{debug, warn};
 
-use super::SecretKey;
 use crate::store::BoxError;
 
 /// The largest response body read; Stripe's objects are a few kilobytes.
@@ -138,7 +138,8 @@ impl ApiError {
 pub(super) enum Reply {
     /// A 2xx with a JSON object.
     Object(Value),
-    /// A 4xx that is final: the request was refused, nothing was done (402: declined).
+    /// A 4xx other than 409 and 429, as the last answer: the request was refused, nothing was
+    /// done (402: declined).
     Refused { status: StatusCode, error: ApiError },
 }
 
@@ -147,7 +148,7 @@ pub(super) enum Reply {
 pub(super) enum NoAnswer {
     #[error("no answer from Stripe after {attempts} attempts: {last}")]
     Exhausted { attempts: u32, last: Attempt },
-    #[error("Stripe answered HTTP {status} and asked not to retry: {message}")]
+    #[error("Stripe answered HTTP {status}, not to be retried: {message}")]
     DoNotRetry { status: StatusCode, message: String },
     #[error("Stripe answered HTTP {status} with a body that is not a JSON object")]
     Malformed { status: StatusCode },
@@ -184,12 +185,16 @@ struct Answer {
     body: Bytes,
 }
 
-/// The HTTP client: a pooled hyper client over rustls, the API base, the key and the policy.
+/// The HTTP client: a pooled hyper client over rustls, the API base, the credentials and the
+/// policy.
 pub(super) struct StripeClient {
     http: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     /// `scheme://authority[/prefix]`, without a trailing slash.
     base: String,
-    secret_key: SecretKey,
+    /// The `Authorization` header, made once when the gateway is built and marked sensitive.
+    authorization: HeaderValue,
+    /// What `Debug` shows of the key: its kind (`sk_live_`), nothing of the secret.
+    key_kind: String,
     api_version: Option<String>,
     timeout: Duration,
     retry: RetryPolicy,
@@ -199,7 +204,7 @@ impl fmt::Debug for StripeClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("StripeClient")
             .field("base", &self.base)
-            .field("secret_key", &self.secret_key)
+            .field("secret_key", &format_args!("{}…", self.key_kind))
             .field("api_version", &self.api_version)
             .field("timeout", &self.timeout)
             .field("retry", &self.retry)
@@ -208,10 +213,13 @@ impl fmt::Debug for StripeClient {
 }
 
 impl StripeClient {
-    /// A client for `base` (`scheme://authority[/prefix]`, without a trailing slash).
+    /// A client for `base` (`scheme://authority[/prefix]`, without a trailing slash) that sends
+    /// `authorization` (the secret key's header, already checked) with every request; `key_kind`
+    /// is all `Debug` shows of the key.
     pub(super) fn new(
         base: String,
-        secret_key: SecretKey,
+        authorization: HeaderValue,
+        key_kind: String,
         api_version: Option<String>,
         timeout: Duration,
         retry: RetryPolicy,
@@ -232,11 +240,17 @@ impl StripeClient {
         StripeClient {
             http,
             base,
-            secret_key,
+            authorization,
+            key_kind,
             api_version,
             timeout,
             retry,
         }
+    }
+
+    /// The API base requests go to: `scheme://authority[/prefix]`, without a trailing slash.
+    pub(super) fn base(&self) -> &str {
+        &self.base
     }
 
     /// Sends a call, retrying what may be retried, until `deadline` at the latest.
@@ -249,28 +263,24 @@ impl StripeClient {
                 return Err(NoAnswer::Deadline);
             }
             let request = self.request(call).map_err(NoAnswer::Unsendable)?;
-            let failure = match self.attempt(call, request, self.timeout.min(left)).await {
+            let (failure, refused) = match self.attempt(call, request, self.timeout.min(left)).await {
                 Ok(answer) => match Self::judge(answer) {
                     Judged::Final(result) => return result,
-                    Judged::Retry(failure, false) => {
-                        return Err(match failure {
-                            Attempt::Status { status, message } => NoAnswer::DoNotRetry { status, message },
-                            other => NoAnswer::Exhausted {
-                                attempts: attempt,
-                                last: other,
-                            },
-                        });
-                    }
-                    Judged::Retry(failure, true) => failure,
+                    Judged::Retry { failure, refused } => (failure, refused),
                 },
-                Err(failure) => failure,
+                Err(failure) => (failure, None),
             };
             let delay = self.retry.delay(attempt, random_u64());
             if attempt >= attempts || Instant::now() + delay >= deadline {
-                return Err(NoAnswer::Exhausted {
-                    attempts: attempt,
-                    last: failure,
-                });
+                return match refused {
+                    // Stripe's last word was a refusal it asked to retry: the request was still
+                    // refused, and nothing was done, as Stripe's clients report it.
+                    Some(reply) => Ok(reply),
+                    None => Err(NoAnswer::Exhausted {
+                        attempts: attempt,
+                        last: failure,
+                    }),
+                };
             }
             warn!(method = %call.method, path = %path_only(&call.path), attempt, error = %failure, ?delay, "Stripe request failed: retrying");
             tokio::time::sleep(delay).await;
@@ -278,9 +288,12 @@ impl StripeClient {
         }
     }
 
-    /// Decides what an answer means: final, or worth another attempt (and whether Stripe
-    /// allows it). A 409 or 5xx is retried unless Stripe says not to; a 429 only when Stripe
-    /// says to (or for a lock timeout), as the official clients do.
+    /// Decides what an answer means: final, or worth another attempt. `Stripe-Should-Retry`
+    /// decides when present, for any status, as in Stripe's official clients; without it a 409
+    /// or 5xx is retried, a 429 only for a lock timeout, and any other 4xx is final.
+    ///
+    /// A 4xx other than 409 and 429 is a refusal: nothing was done. A 409 (the key's first
+    /// request still running), a 429 or a 5xx that is not retried leaves the outcome unknown.
     fn judge(answer: Answer) -> Judged {
         let status = answer.status;
         if status.is_success() {
@@ -289,25 +302,28 @@ impl StripeClient {
                 _ => Err(NoAnswer::Malformed { status }),
             });
         }
-        let retryable =
-            status == StatusCode::CONFLICT || status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error();
-        if status.is_client_error() && !retryable {
-            return Judged::Final(Ok(Reply::Refused {
-                status,
-                error: ApiError::read(status, &answer.body),
-            }));
-        }
         let error = ApiError::read(status, &answer.body);
-        let allowed = match answer.should_retry {
-            Some(allowed) => allowed,
+        let refusal =
+            status.is_client_error() && status != StatusCode::CONFLICT && status != StatusCode::TOO_MANY_REQUESTS;
+        let retry = match answer.should_retry {
+            Some(told) => told,
             None if status == StatusCode::TOO_MANY_REQUESTS => error.code.as_deref() == Some("lock_timeout"),
-            None => true,
+            None => !refusal,
         };
+        if !retry && refusal {
+            return Judged::Final(Ok(Reply::Refused { status, error }));
+        }
         let message = match &answer.request_id {
             Some(id) => format!("{} (request {id})", error.message),
-            None => error.message,
+            None => error.message.clone(),
         };
-        Judged::Retry(Attempt::Status { status, message }, allowed)
+        if !retry {
+            return Judged::Final(Err(NoAnswer::DoNotRetry { status, message }));
+        }
+        Judged::Retry {
+            failure: Attempt::Status { status, message },
+            refused: refusal.then_some(Reply::Refused { status, error }),
+        }
     }
 
     async fn attempt(
@@ -355,7 +371,7 @@ impl StripeClient {
         let mut builder = Request::builder()
             .method(call.method.clone())
             .uri(uri)
-            .header(AUTHORIZATION, self.secret_key.bearer()?)
+            .header(AUTHORIZATION, self.authorization.clone())
             .header(USER_AGENT, concat!("token-billing/", env!("CARGO_PKG_VERSION")));
         if let Some(version) = &self.api_version {
             builder = builder.header("stripe-version", HeaderValue::from_str(version)?);
@@ -375,10 +391,13 @@ impl StripeClient {
     }
 }
 
+/// What one answer means.
 enum Judged {
+    /// The call's result: no other attempt is made.
     Final(Result<Reply, NoAnswer>),
-    /// Worth retrying; the flag says whether Stripe allows it.
-    Retry(Attempt, bool),
+    /// Worth another attempt. `refused` is the refusal the answer stands for when no attempt is
+    /// left (a 4xx Stripe asked to retry); without one, running out leaves the outcome unknown.
+    Retry { failure: Attempt, refused: Option<Reply> },
 }
 
 /// The path without its query, for logs (search queries carry charge keys).

@@ -13,10 +13,11 @@
 //!   paid twice. Stripe's search index lags writes by up to a minute; the service only looks up
 //!   charges whose lease (2 minutes by default) has expired, and within 24 hours the idempotency
 //!   key answers first anyway.
-//! - Requests are retried as Stripe's official clients retry them: connection errors, timeouts,
-//!   409, 429 and 5xx, at most [`max_retries`](StripeGatewayBuilder::max_retries) times (2),
-//!   with jittered exponential backoff, never when Stripe answers `Stripe-Should-Retry: false`;
-//!   other 4xx never. A payment whose outcome stays unknown is reported as
+//! - Requests are retried as Stripe's official clients retry them, at most
+//!   [`max_retries`](StripeGatewayBuilder::max_retries) times (2), with jittered exponential
+//!   backoff: any answer Stripe marks `Stripe-Should-Retry: true`, none it marks `false`, and
+//!   without the header connection errors, timeouts, 409, 5xx and 429 lock timeouts; other 4xx
+//!   never. A payment whose outcome stays unknown is reported as
 //!   [`GatewayError::OutcomeUnknown`]: its charge stays pending for
 //!   [`resume_pending`](crate::BillingService::resume_pending), never failed.
 //! - Statuses: `succeeded`; `processing` (pending, settled later by webhook); `requires_action`
@@ -64,12 +65,11 @@ use self::objects::{id_of, payment_outcome, refused_payment, text};
 pub use self::webhook::{DEFAULT_TOLERANCE, WebhookError, WebhookSecret, sign, verify_signature};
 use super::{
     GatewayChange, GatewayError, GatewayEvent, PaymentGateway, PaymentOutcome, PaymentRequest, PaymentStatus,
-    Subscription,
+    Subscription, metadata_key,
 };
 use crate::clock::{Clock, SystemClock};
 use crate::domain::{ChargeKey, Currency, CustomerId, Money, Plan, PlanId, UserId};
 use crate::service::PaymentUpdate;
-use crate::store::BoxError;
 
 const GATEWAY: &str = "stripe";
 
@@ -104,16 +104,28 @@ impl SecretKey {
         SecretKey(key.into())
     }
 
-    fn bearer(&self) -> Result<HeaderValue, BoxError> {
-        let mut value = HeaderValue::from_str(&format!("Bearer {}", self.0))?;
+    /// The `Authorization` header carrying the key, marked sensitive so that hyper never shows
+    /// it; `None` for an empty key or one with characters other than printable ASCII. Made once,
+    /// when the gateway is built, rather than formatted again for every request.
+    fn authorization(&self) -> Option<HeaderValue> {
+        let key = &self.0;
+        if key.is_empty() || !key.bytes().all(|b| b.is_ascii_graphic()) {
+            return None;
+        }
+        let mut value = HeaderValue::from_str(&format!("Bearer {key}")).ok()?;
         value.set_sensitive(true);
-        Ok(value)
+        Some(value)
+    }
+
+    /// What may be shown of the key: its kind (`sk_test_`), nothing of the secret.
+    fn kind(&self) -> String {
+        webhook::prefix_of(&self.0)
     }
 }
 
 impl fmt::Debug for SecretKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "SecretKey({}…)", webhook::prefix_of(&self.0))
+        write!(f, "SecretKey({}…)", self.kind())
     }
 }
 
@@ -262,14 +274,15 @@ impl StripeGatewayBuilder {
     /// # Errors
     /// [`StripeConfigError`] for a bad key or API base.
     pub fn build(self) -> Result<StripeGateway, StripeConfigError> {
-        let key = &self.secret_key.0;
-        if key.is_empty() || !key.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(StripeConfigError::InvalidSecretKey);
-        }
+        let authorization = self
+            .secret_key
+            .authorization()
+            .ok_or(StripeConfigError::InvalidSecretKey)?;
         let api_base = self.checked_base()?.to_string().trim_end_matches('/').to_owned();
         let client = StripeClient::new(
-            api_base.clone(),
-            self.secret_key,
+            api_base,
+            authorization,
+            self.secret_key.kind(),
             self.api_version,
             self.timeout,
             self.retry,
@@ -277,7 +290,6 @@ impl StripeGatewayBuilder {
         Ok(StripeGateway {
             inner: Arc::new(Inner {
                 client,
-                api_base,
                 deadline: self.deadline,
                 webhook_secrets: self.webhook_secrets,
                 webhook_tolerance: self.webhook_tolerance,
@@ -328,7 +340,6 @@ pub struct StripeGateway {
 #[derive(Debug)]
 struct Inner {
     client: StripeClient,
-    api_base: String,
     deadline: Duration,
     webhook_secrets: Vec<WebhookSecret>,
     webhook_tolerance: Duration,
@@ -400,6 +411,47 @@ fn stripe_amount(amount: Money) -> Result<i64, GatewayError> {
     }
 }
 
+/// An amount as Stripe reports it, back in the library's minor units: the inverse of
+/// [`stripe_amount`]. `None` for an ISK amount with decimals, which no charge of the library's
+/// can have.
+fn library_amount(amount: i64, currency: Currency) -> Option<Money> {
+    match currency {
+        Currency::ISK if amount % 100 != 0 => None,
+        Currency::ISK => Some(Money::from_minor(amount / 100, currency)),
+        _ => Some(Money::from_minor(amount, currency)),
+    }
+}
+
+/// A payment made for a charge, as found by search.
+#[derive(Debug)]
+struct Found {
+    /// When it was created (Unix seconds; 0 when Stripe did not say).
+    created: i64,
+    /// The collection round its metadata names.
+    round: Option<u32>,
+    /// Its state.
+    outcome: PaymentOutcome,
+}
+
+/// The payment to keep among a charge's: a succeeded one first, else the latest still in
+/// flight (processing, awaiting the customer); `None` when each was declined or canceled.
+fn payment_to_keep(found: &[Found]) -> Option<PaymentOutcome> {
+    let succeeded = found.iter().find(|f| f.outcome.status == PaymentStatus::Succeeded);
+    succeeded
+        .or_else(|| {
+            found
+                .iter()
+                .filter(|f| {
+                    matches!(
+                        f.outcome.status,
+                        PaymentStatus::Processing | PaymentStatus::RequiresAction
+                    )
+                })
+                .max_by_key(|f| f.created)
+        })
+        .map(|f| f.outcome.clone())
+}
+
 impl StripeGateway {
     /// A builder for a gateway with this secret key.
     pub fn builder(secret_key: impl Into<String>) -> StripeGatewayBuilder {
@@ -467,7 +519,7 @@ impl StripeGateway {
 
     /// The API base requests go to.
     pub fn api_base(&self) -> &str {
-        &self.inner.api_base
+        self.inner.client.base()
     }
 
     /// The deadline of an operation starting now.
@@ -482,6 +534,17 @@ impl StripeGateway {
     /// Sends a call whose answer must be an object.
     async fn fetch(&self, call: Call<'_>, deadline: Instant) -> Result<Value, GatewayError> {
         object(self.send(call, deadline).await)
+    }
+
+    /// Reads an object that may not exist (`GET`): `None` when Stripe answers 404.
+    async fn fetch_if_exists(&self, path: String, deadline: Instant) -> Result<Option<Value>, GatewayError> {
+        match self.send(Call::get(path), deadline).await {
+            Ok(Reply::Refused {
+                status: StatusCode::NOT_FOUND,
+                ..
+            }) => Ok(None),
+            other => object(other).map(Some),
+        }
     }
 
     /// Attaches a payment method to a customer and makes it the default for the customer's
@@ -551,7 +614,7 @@ impl StripeGateway {
     /// Every PaymentIntent whose metadata names the charge, through the search API.
     async fn payments_for(&self, charge_key: &ChargeKey, deadline: Instant) -> Result<Vec<Value>, GatewayError> {
         let escaped = charge_key.as_str().replace('\\', "\\\\").replace('\'', "\\'");
-        let search = format!("metadata['charge_key']:'{escaped}'");
+        let search = format!("metadata['{}']:'{escaped}'", metadata_key::CHARGE_KEY);
         let mut found = Vec::new();
         let mut page: Option<String> = None;
         for _ in 0..MAX_SEARCH_PAGES {
@@ -571,7 +634,9 @@ impl StripeGateway {
                 .ok_or_else(|| unreadable("a search result without data"))?;
             found.extend(
                 data.iter()
-                    .filter(|pi| pi.get("metadata").and_then(|m| text(m, "charge_key")) == Some(charge_key.as_str()))
+                    .filter(|pi| {
+                        pi.get("metadata").and_then(|m| text(m, metadata_key::CHARGE_KEY)) == Some(charge_key.as_str())
+                    })
                     .cloned(),
             );
             let more = result.get("has_more").and_then(Value::as_bool) == Some(true);
@@ -586,26 +651,33 @@ impl StripeGateway {
         )))
     }
 
+    /// Every payment made for a charge, read; an unreadable one makes the answer unknown
+    /// rather than hide a success.
+    async fn found_payments(&self, charge_key: &ChargeKey, deadline: Instant) -> Result<Vec<Found>, GatewayError> {
+        self.payments_for(charge_key, deadline)
+            .await?
+            .iter()
+            .map(|intent| -> Result<Found, GatewayError> {
+                Ok(Found {
+                    created: intent.get("created").and_then(Value::as_i64).unwrap_or(0),
+                    round: intent
+                        .get("metadata")
+                        .and_then(|m| text(m, metadata_key::ROUND))
+                        .and_then(|r| r.parse().ok()),
+                    outcome: payment_outcome(intent).map_err(unreadable)?,
+                })
+            })
+            .collect()
+    }
+
     /// The payment to keep for a charge: a succeeded one first, else the latest still in
-    /// flight; an unreadable one makes the answer unknown rather than hide a success.
+    /// flight.
     async fn payment_for(
         &self,
         charge_key: &ChargeKey,
         deadline: Instant,
     ) -> Result<Option<PaymentOutcome>, GatewayError> {
-        let mut outcomes: Vec<(i64, PaymentOutcome)> = Vec::new();
-        for intent in self.payments_for(charge_key, deadline).await? {
-            let outcome = payment_outcome(&intent).map_err(unreadable)?;
-            outcomes.push((intent.get("created").and_then(Value::as_i64).unwrap_or(0), outcome));
-        }
-        if let Some(index) = outcomes.iter().position(|(_, o)| o.status == PaymentStatus::Succeeded) {
-            return Ok(Some(outcomes.swap_remove(index).1));
-        }
-        Ok(outcomes
-            .into_iter()
-            .filter(|(_, o)| matches!(o.status, PaymentStatus::Processing | PaymentStatus::RequiresAction))
-            .max_by_key(|(created, _)| *created)
-            .map(|(_, o)| o))
+        Ok(payment_to_keep(&self.found_payments(charge_key, deadline).await?))
     }
 
     /// The id of the Stripe plan that bills a plan's fixed fee monthly, created if missing. The
@@ -614,18 +686,12 @@ impl StripeGateway {
         let fee = plan.fixed_fee();
         let currency = currency_code(fee.currency());
         let id = format!("tb-fee-{plan_id}-{}-{currency}", fee.minor_units());
-        match self
-            .send(Call::get(format!("/v1/plans/{}", segment(&id))), deadline)
-            .await
+        if self
+            .fetch_if_exists(format!("/v1/plans/{}", segment(&id)), deadline)
+            .await?
+            .is_some()
         {
-            Ok(Reply::Object(_)) => return Ok(id),
-            Ok(Reply::Refused {
-                status: StatusCode::NOT_FOUND,
-                ..
-            }) => {}
-            other => {
-                object(other)?;
-            }
+            return Ok(id);
         }
         let key = format!("tb:plan:{id}");
         let form: Form = vec![
@@ -681,9 +747,11 @@ impl StripeGateway {
     /// Checks a webhook's signature and reads it as a [`GatewayEvent`]: a PaymentIntent made
     /// for a charge (`payment_intent.succeeded`, `.payment_failed`, `.requires_action`,
     /// `.processing`, `.canceled`), or a paid invoice of a subscription made by
-    /// [`create_subscription`](PaymentGateway::create_subscription) (`invoice.paid`,
-    /// `invoice.payment_succeeded`) that collected money. `None` for any other event, or one
-    /// about objects the library did not make: acknowledge those.
+    /// [`create_subscription`](PaymentGateway::create_subscription) (`invoice.paid`) that
+    /// collected money, with the amount it collected. `None` for any other event (among them
+    /// `invoice.payment_succeeded`, which Stripe sends for the same payment as `invoice.paid`,
+    /// under another event id), or one about objects the library did not make: acknowledge
+    /// those.
     ///
     /// `payload` is the raw request body, exactly as received; `signature` the
     /// `Stripe-Signature` header.
@@ -712,7 +780,9 @@ impl StripeGateway {
             | "payment_intent.requires_action"
             | "payment_intent.processing"
             | "payment_intent.canceled" => payment_update(&event.object)?.map(GatewayChange::Payment),
-            "invoice.paid" | "invoice.payment_succeeded" => self.fee_paid(&event.object).await?,
+            // Stripe also sends `invoice.payment_succeeded` for the same payment, under another
+            // event id: reading both would apply the one payment twice.
+            "invoice.paid" => self.fee_paid(&event.object).await?,
             _ => None,
         };
         Ok(change.map(|change| GatewayEvent {
@@ -723,7 +793,8 @@ impl StripeGateway {
     }
 
     /// A paid invoice of one of the library's subscriptions, as the fee it collected. An
-    /// invoice that collected nothing (a trial, a full discount) is not a fee collected.
+    /// invoice that collected nothing (a trial, a full discount) is not a fee collected; one
+    /// paid from the customer's credit balance is, though no money moved at its payment.
     async fn fee_paid(&self, invoice: &Value) -> Result<Option<GatewayChange>, WebhookError> {
         let details = invoice
             .get("parent")
@@ -734,12 +805,21 @@ impl StripeGateway {
         else {
             return Ok(None);
         };
-        if invoice.get("amount_paid").and_then(Value::as_i64) == Some(0) {
+        // The fee collected is the invoice's total after discounts and before tax (the plan's
+        // price is the fee, tax is added on top of it). `total_excluding_tax` is missing from
+        // older API versions and may be null; `amount_paid` is the last resort only, as it is 0
+        // for an invoice paid from the customer's credit balance.
+        let total = ["total_excluding_tax", "total", "amount_paid"]
+            .into_iter()
+            .find_map(|field| invoice.get(field).filter(|v| !v.is_null()));
+        let stripe_total = total.and_then(Value::as_i64);
+        // Nothing collected, or a credit: no fee. Checked before the invoice is known to be the
+        // library's, so that a trial's invoice costs no request to Stripe.
+        if stripe_total.is_some_and(|t| t <= 0) {
             return Ok(None);
         }
-        let malformed = |what: String| WebhookError::MalformedEvent(what);
         let payment_id = text(invoice, "id")
-            .ok_or_else(|| malformed("an invoice without id".to_owned()))?
+            .ok_or_else(|| WebhookError::MalformedEvent("an invoice without id".to_owned()))?
             .to_owned();
         let lines = invoice
             .get("lines")
@@ -754,32 +834,43 @@ impl StripeGateway {
         };
         // The user: on the subscription's line (its item's metadata), on the subscription's
         // details in the invoice, or on the subscription itself.
-        let line = lines.iter().find(|line| ours(line.get("metadata")).is_some());
-        let user = match line
-            .and_then(|l| ours(l.get("metadata")))
+        let on_line = lines
+            .iter()
+            .find_map(|line| ours(line.get("metadata")).map(|user| (line, user)));
+        let line = on_line.as_ref().map(|&(line, _)| line);
+        let user = match on_line
+            .map(|(_, user)| user)
             .or_else(|| ours(details.and_then(|d| d.get("metadata"))))
         {
             Some(user) => user,
             None => {
                 let path = format!("/v1/subscriptions/{}", segment(subscription));
-                match self.send(Call::get(path), self.deadline()).await {
-                    Ok(Reply::Object(found)) => match ours(found.get("metadata")) {
-                        Some(user) => user,
-                        None => return Ok(None),
-                    },
-                    // Deleted since: not the library's to apply.
-                    Ok(Reply::Refused {
-                        status: StatusCode::NOT_FOUND,
-                        ..
-                    }) => return Ok(None),
-                    other => {
-                        object(other).map_err(WebhookError::Gateway)?;
-                        return Ok(None);
-                    }
+                // Deleted since: not the library's to apply.
+                let Some(found) = self
+                    .fetch_if_exists(path, self.deadline())
+                    .await
+                    .map_err(WebhookError::Gateway)?
+                else {
+                    return Ok(None);
+                };
+                match ours(found.get("metadata")) {
+                    Some(user) => user,
+                    None => return Ok(None),
                 }
             }
         };
-        let user_id = UserId::new(user).map_err(|e| malformed(e.to_string()))?;
+        let user_id = UserId::new(user).map_err(|e| WebhookError::MalformedEvent(e.to_string()))?;
+        // Read only now that the invoice is known to be the library's: an invoice of another
+        // product of the account's, in a currency the library does not know, is not refused.
+        let currency = text(invoice, "currency")
+            .ok_or_else(|| WebhookError::MalformedEvent(format!("invoice {payment_id} has no currency")))?
+            .parse::<Currency>()
+            .map_err(|e: crate::MoneyError| WebhookError::MalformedEvent(format!("invoice {payment_id}: {e}")))?;
+        let amount = stripe_total
+            .and_then(|total| library_amount(total, currency))
+            .ok_or_else(|| {
+                WebhookError::MalformedEvent(format!("invoice {payment_id} has no readable total in {currency}"))
+            })?;
         // The period the invoice pays is its subscription line's: an invoice's own
         // period_start is the previous period's for a renewal.
         let start = line
@@ -787,12 +878,13 @@ impl StripeGateway {
             .and_then(|l| l.get("period"))
             .and_then(|p| p.get("start"))
             .and_then(Value::as_i64)
-            .ok_or_else(|| malformed(format!("invoice {payment_id} has no subscription period")))?;
+            .ok_or_else(|| WebhookError::MalformedEvent(format!("invoice {payment_id} has no subscription period")))?;
         let period_start = DateTime::<Utc>::from_timestamp(start, 0)
-            .ok_or_else(|| malformed(format!("invoice {payment_id} has a bad period")))?;
+            .ok_or_else(|| WebhookError::MalformedEvent(format!("invoice {payment_id} has a bad period")))?;
         Ok(Some(GatewayChange::FixedFeePaid {
             user_id,
             period_start,
+            amount,
             payment_id,
         }))
     }
@@ -801,29 +893,32 @@ impl StripeGateway {
 /// A PaymentIntent made for a charge, as a payment update; `None` for one the library did not
 /// make (no charge key in its metadata).
 fn payment_update(intent: &Value) -> Result<Option<PaymentUpdate>, WebhookError> {
-    let malformed = |what: String| WebhookError::MalformedEvent(what);
-    let Some(metadata) = intent.get("metadata").filter(|m| m.get("charge_key").is_some()) else {
+    use WebhookError::MalformedEvent;
+    let Some(metadata) = intent
+        .get("metadata")
+        .filter(|m| m.get(metadata_key::CHARGE_KEY).is_some())
+    else {
         return Ok(None);
     };
-    let field = |key: &str| text(metadata, key).ok_or_else(|| malformed(format!("no {key} in the metadata")));
-    let user_id = UserId::new(field("user_id")?).map_err(|e| malformed(e.to_string()))?;
+    let field = |key: &str| text(metadata, key).ok_or_else(|| MalformedEvent(format!("no {key} in the metadata")));
+    let user_id = UserId::new(field(metadata_key::USER_ID)?).map_err(|e| MalformedEvent(e.to_string()))?;
     let charge_key = ChargeKey::new(
         &user_id,
-        field("period")?
+        field(metadata_key::PERIOD)?
             .parse()
-            .map_err(|e: crate::PeriodError| malformed(e.to_string()))?,
-        field("kind")?
+            .map_err(|e: crate::PeriodError| MalformedEvent(e.to_string()))?,
+        field(metadata_key::KIND)?
             .parse()
-            .map_err(|e: crate::IdError| malformed(e.to_string()))?,
-        field("block")?
+            .map_err(|e: crate::IdError| MalformedEvent(e.to_string()))?,
+        field(metadata_key::BLOCK)?
             .parse()
-            .map_err(|e: std::num::ParseIntError| malformed(e.to_string()))?,
+            .map_err(|e: std::num::ParseIntError| MalformedEvent(e.to_string()))?,
     );
-    if charge_key.as_str() != field("charge_key")? {
-        return Err(malformed("the charge key does not match its parts".to_owned()));
+    if charge_key.as_str() != field(metadata_key::CHARGE_KEY)? {
+        return Err(MalformedEvent("the charge key does not match its parts".to_owned()));
     }
-    let round = text(metadata, "round").and_then(|r| r.parse().ok());
-    let outcome = payment_outcome(intent).map_err(|e| malformed(e.to_string()))?;
+    let round = text(metadata, metadata_key::ROUND).and_then(|r| r.parse().ok());
+    let outcome = payment_outcome(intent).map_err(|e| MalformedEvent(e.to_string()))?;
     Ok(Some(PaymentUpdate {
         user_id,
         charge_key,
@@ -899,10 +994,23 @@ impl PaymentGateway for StripeGateway {
             }
             Reply::Refused { error, .. } if error.kind == "idempotency_error" => {
                 // The key was used with other parameters (the customer changed card since an
-                // attempt whose answer was lost): that attempt may have paid. Keep what it made;
-                // if nothing is found yet, the outcome stays unknown.
+                // attempt whose answer was lost): that attempt may have paid. Keep what it made.
+                // If it was declined or canceled, that is this round's outcome: nothing was
+                // collected, and the key would only answer the same until Stripe forgets it.
+                // If nothing is found yet, the outcome stays unknown.
                 warn!(charge = %request.charge.key, "idempotency key re-used with other parameters: looking up the charge's payments");
-                match self.payment_for(&request.charge.key, deadline).await? {
+                let found = self.found_payments(&request.charge.key, deadline).await?;
+                let this_round = || {
+                    found
+                        .iter()
+                        .filter(|f| {
+                            f.round == Some(request.charge.round)
+                                && matches!(f.outcome.status, PaymentStatus::Declined | PaymentStatus::Canceled)
+                        })
+                        .max_by_key(|f| f.created)
+                        .map(|f| f.outcome.clone())
+                };
+                match payment_to_keep(&found).or_else(this_round) {
                     Some(outcome) => Ok(outcome),
                     None => Err(GatewayError::OutcomeUnknown {
                         gateway: GATEWAY,
@@ -955,6 +1063,7 @@ impl PaymentGateway for StripeGateway {
                     .ok_or_else(|| unreadable("a subscription without id"))?
                     .to_owned(),
                 customer_id: customer.clone(),
+                plan_id: plan_id.clone(),
                 status: text(sub, "status").unwrap_or("unknown").to_owned(),
             })
         };
@@ -977,5 +1086,64 @@ impl PaymentGateway for StripeGateway {
             .fetch(Call::post("/v1/subscriptions".to_owned(), form, &key), deadline)
             .await?;
         to_subscription(&created)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn amounts_read_back_from_stripe_are_the_amounts_sent() {
+        for amount in [
+            Money::from_minor(40_000, Currency::BRL),
+            Money::from_minor(500, Currency::JPY),
+            Money::from_minor(5, Currency::ISK),
+            Money::from_minor(1_230, Currency::BHD),
+        ] {
+            let sent = stripe_amount(amount).expect("an amount Stripe charges");
+            assert_eq!(library_amount(sent, amount.currency()), Some(amount), "{amount}");
+        }
+        // Stripe's two-decimal krona with decimals left is no amount the library charged.
+        assert_eq!(library_amount(550, Currency::ISK), None);
+    }
+
+    #[test]
+    fn the_payment_kept_is_a_success_else_the_latest_in_flight() {
+        fn found(created: i64, status: PaymentStatus) -> Found {
+            Found {
+                created,
+                round: Some(0),
+                outcome: PaymentOutcome {
+                    payment_id: format!("pi_{created}"),
+                    status,
+                    decline_code: None,
+                    message: None,
+                },
+            }
+        }
+        fn kept(found: &[Found]) -> Option<String> {
+            payment_to_keep(found).map(|o| o.payment_id)
+        }
+        assert_eq!(
+            kept(&[
+                found(1, PaymentStatus::Processing),
+                found(2, PaymentStatus::Succeeded),
+                found(3, PaymentStatus::RequiresAction),
+            ]),
+            Some("pi_2".to_owned())
+        );
+        assert_eq!(
+            kept(&[
+                found(1, PaymentStatus::Processing),
+                found(3, PaymentStatus::RequiresAction),
+                found(2, PaymentStatus::Declined),
+            ]),
+            Some("pi_3".to_owned())
+        );
+        assert_eq!(
+            kept(&[found(1, PaymentStatus::Declined), found(2, PaymentStatus::Canceled)]),
+            None
+        );
     }
 }

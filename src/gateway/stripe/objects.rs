@@ -84,9 +84,7 @@ pub(super) fn refused_payment(error: &ApiError) -> PaymentOutcome {
         .and_then(|pi| text(pi, "id"))
         .unwrap_or_default()
         .to_owned();
-    let authentication = error.code.as_deref() == Some("authentication_required")
-        || error.decline_code.as_deref() == Some("authentication_required");
-    if authentication {
+    if asks_authentication(error.code.as_deref(), error.decline_code.as_deref()) {
         return PaymentOutcome {
             payment_id,
             status: PaymentStatus::RequiresAction,
