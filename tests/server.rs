@@ -381,9 +381,40 @@ async fn configuration_comes_from_the_environment_and_is_logged_without_secrets(
             ("TOKEN_BILLING_API_KEY", "long-enough-key-0123"),
             ("TOKEN_BILLING_FEE_COLLECTION", "sometimes"),
         ]),
+        variables(&[
+            ("TOKEN_BILLING_API_KEY", "long-enough-key-0123"),
+            ("TOKEN_BILLING_GATEWAY", "paypal"),
+        ]),
+        variables(&[
+            ("TOKEN_BILLING_API_KEY", "long-enough-key-0123"),
+            ("TOKEN_BILLING_GATEWAY", "stripe"),
+        ]),
     ] {
         assert!(config::configure(refused).await.is_err());
     }
+    // A durable store with the sandbox, whose customers always pay, would keep charges as paid
+    // that nobody paid: refused unless named, and before connecting (nothing listens here).
+    let Err(error) = config::configure(variables(&[
+        ("TOKEN_BILLING_API_KEY", "long-enough-key-0123"),
+        ("DATABASE_URL", "postgres://postgres@127.0.0.1:1/none"),
+    ]))
+    .await
+    else {
+        panic!("PostgreSQL with the sandbox, not named, is refused");
+    };
+    assert!(error.to_string().contains("TOKEN_BILLING_GATEWAY=sandbox"), "{error}");
+    // Named, the sandbox is what the log says.
+    let named = config::configure(variables(&[
+        ("TOKEN_BILLING_API_KEY", "long-enough-key-0123"),
+        ("TOKEN_BILLING_GATEWAY", "sandbox"),
+    ]))
+    .await
+    .expect("configured");
+    assert!(
+        named.description.contains("TOKEN_BILLING_GATEWAY=sandbox"),
+        "{}",
+        named.description
+    );
     let subscribing = config::configure(variables(&[
         ("TOKEN_BILLING_API_KEY", "long-enough-key-0123"),
         ("TOKEN_BILLING_FEE_COLLECTION", "subscription"),
@@ -393,6 +424,29 @@ async fn configuration_comes_from_the_environment_and_is_logged_without_secrets(
     .expect("configured");
     assert_eq!(subscribing.billing.fee_collection(), FeeCollection::Subscription);
     assert_eq!(subscribing.addr, "127.0.0.1:0");
+}
+
+/// With `DATABASE_URL` and the sandbox named by `TOKEN_BILLING_GATEWAY=sandbox`, the service
+/// runs on PostgreSQL and the sandbox.
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgresql_with_the_sandbox_runs_when_the_sandbox_is_named() {
+    let database =
+        std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+    let configured = config::configure(variables(&[
+        ("TOKEN_BILLING_API_KEY", API_KEY),
+        ("DATABASE_URL", &database),
+        ("TOKEN_BILLING_GATEWAY", "sandbox"),
+    ]))
+    .await
+    .expect("configured");
+    for part in ["PostgreSQL", "sandbox (TOKEN_BILLING_GATEWAY=sandbox)"] {
+        assert!(
+            configured.description.contains(part),
+            "{part}: {}",
+            configured.description
+        );
+    }
 }
 
 /// With `DATABASE_URL` and `STRIPE_SECRET_KEY`, the service runs on PostgreSQL and Stripe
@@ -469,7 +523,6 @@ async fn configured_with_postgresql_and_stripe_it_bills_through_them() {
     }
 }
 
-#[cfg(not(feature = "stripe"))]
 #[tokio::test]
 async fn the_stripe_webhook_endpoint_needs_the_stripe_gateway() {
     let server = start().await;
@@ -545,6 +598,58 @@ async fn stripe_webhooks_are_verified_and_applied_once() {
     );
     let settled = billing.charges(&user, None).await.expect("charges").remove(0);
     assert_eq!(settled.status, token_billing::ChargeStatus::Succeeded);
+}
+
+/// Stripe's events can be larger than the other endpoints' bodies: the webhook endpoint takes
+/// them up to 1 MiB.
+#[cfg(feature = "stripe")]
+#[tokio::test]
+async fn the_stripe_webhook_endpoint_takes_bodies_up_to_a_mebibyte() {
+    use token_billing::gateway::stripe::{StripeGateway, sign};
+
+    let billing = BillingService::builder(Arc::new(InMemoryUsageStore::new()), Arc::new(SandboxGateway::new())).build();
+    let stripe = StripeGateway::builder("sk_test_unused")
+        .api_base("http://127.0.0.1:9")
+        .webhook_secret("whsec_server")
+        .build()
+        .expect("a gateway");
+    let state = AppState::new(
+        billing,
+        Auth::new(API_KEY, None, None),
+        Arc::new(SystemClock),
+        Some(stripe),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("address"));
+    let router = app(state);
+    tokio::spawn(async move { axum::serve(listener, router).await });
+
+    // An event of a type the service ignores, padded to `padding` bytes and signed.
+    let deliver = |padding: usize| {
+        let base = base.clone();
+        let event = json!({"id": "evt_large", "type": "customer.updated", "data": {"object": {
+            "id": "cus_large", "description": "x".repeat(padding)}}})
+        .to_string();
+        async move {
+            let signature = sign(event.as_bytes(), "whsec_server", chrono::Utc::now());
+            let reply = request(
+                &base,
+                "POST",
+                "/api/token-billing/webhooks/stripe",
+                &[("Content-Type", "application/json"), ("Stripe-Signature", &signature)],
+                event.as_bytes(),
+            )
+            .await;
+            (event.len(), reply)
+        }
+    };
+    let (size, large) = deliver(200 * 1024).await;
+    assert!(size > app::MAX_BODY, "{size} bytes");
+    assert_eq!(data(&large), json!({"applied": false}));
+    // Just past the limit, so that the refusal comes with the body all but read.
+    let (size, too_large) = deliver(1024 * 1024 + 1024).await;
+    assert!(size > 1024 * 1024, "{size} bytes");
+    assert_eq!(too_large.status, 413, "{}", too_large.body);
 }
 
 #[tokio::test]
@@ -895,6 +1000,22 @@ async fn bad_requests_are_refused_with_a_clear_error_and_record_nothing() {
             vec![("Authorization", key.as_str())],
             String::new(),
             400,
+        ),
+        (
+            "a bad period without credentials",
+            "GET",
+            "/api/token-billing/user-summary/victim?period=2026-13",
+            Vec::new(),
+            String::new(),
+            401,
+        ),
+        (
+            "a bad period of another user",
+            "GET",
+            "/api/token-billing/usage-by-operation/victim?period=2026-13",
+            vec![("Authorization", other.as_str())],
+            String::new(),
+            403,
         ),
         (
             "an unknown route",

@@ -98,18 +98,6 @@ impl AppState {
             )),
         }
     }
-
-    /// A caller allowed to read `user`'s data, and the user's id checked.
-    fn reader_of(&self, headers: &HeaderMap, user: &str) -> Result<UserId, ApiError> {
-        let caller = self.caller(headers)?;
-        if !caller.may_read(user) {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "a user token reads only its own user's data",
-            ));
-        }
-        checked("userId", user.to_owned())
-    }
 }
 
 /// An error answer.
@@ -264,42 +252,46 @@ pub(crate) fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// The `{userId}` of a path, answered as a JSON error when it cannot be read.
-struct UserPath(String);
-
-impl<S: Send + Sync> FromRequestParts<S> for UserPath {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        let Path(user) = Path::<String>::from_request_parts(parts, state)
-            .await
-            .map_err(|e| ApiError::bad_request(format!("userId: {}", e.body_text())))?;
-        Ok(UserPath(user))
-    }
+/// A read of one user's data: the `{userId}` of the path, which the caller may read, and the
+/// optional `?period=YYYY-MM`.
+///
+/// The credentials are checked first: a caller without them is answered 401 whatever the
+/// path and the query hold, and learns nothing from how they are read.
+struct Reader {
+    user: UserId,
+    period: Option<PeriodKey>,
 }
 
-/// The optional `?period=YYYY-MM` of a read.
-struct PeriodParam(Option<PeriodKey>);
-
-impl<S: Send + Sync> FromRequestParts<S> for PeriodParam {
+impl FromRequestParts<AppState> for Reader {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
         #[derive(Deserialize)]
         struct PeriodQuery {
             period: Option<String>,
         }
+        let caller = state.caller(&parts.headers)?;
+        let Path(user) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::bad_request(format!("userId: {}", e.body_text())))?;
+        if !caller.may_read(&user) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "a user token reads only its own user's data",
+            ));
+        }
+        let user: UserId = checked("userId", user)?;
         let Query(query) = Query::<PeriodQuery>::from_request_parts(parts, state)
             .await
             .map_err(|e| ApiError::bad_request(e.body_text()))?;
-        query
+        let period: Option<PeriodKey> = query
             .period
             .map(|p| {
                 p.parse()
                     .map_err(|e| ApiError::bad_request(format!("period must be YYYY-MM: {e}")))
             })
-            .transpose()
-            .map(PeriodParam)
+            .transpose()?;
+        Ok(Reader { user, period })
     }
 }
 
@@ -349,6 +341,15 @@ where
     E: std::fmt::Display,
 {
     T::try_from(text).map_err(|e| ApiError::bad_request(format!("{field}: {e}")))
+}
+
+/// A required string field that is an identifier, checked by the library's rules.
+fn required_id<T>(body: &Map<String, Value>, field: &str) -> Result<T, ApiError>
+where
+    T: TryFrom<String>,
+    T::Error: std::fmt::Display,
+{
+    checked(field, required_text(body, field)?)
 }
 
 /// The usage report of a process-usage body.
@@ -460,13 +461,7 @@ impl<'a> From<&'a TokenSummary> for SummaryFields<'a> {
 }
 
 /// `GET /api/token-billing/user-summary/{userId}`: the seed's `getUserTokenSummary`.
-async fn user_summary(
-    State(state): State<AppState>,
-    UserPath(user): UserPath,
-    PeriodParam(period): PeriodParam,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    let user = state.reader_of(&headers, &user)?;
+async fn user_summary(State(state): State<AppState>, Reader { user, period }: Reader) -> Result<Response, ApiError> {
     let summary = state.billing().token_summary(&user, period).await?;
     Ok(success(SummaryFields::from(&summary)))
 }
@@ -479,8 +474,8 @@ async fn register_account(
 ) -> Result<Response, ApiError> {
     state.backend(&headers)?;
     let body = json_object(&headers, body)?;
-    let user: UserId = checked("userId", required_text(&body, "userId")?)?;
-    let customer: CustomerId = checked("customerId", required_text(&body, "customerId")?)?;
+    let user: UserId = required_id(&body, "userId")?;
+    let customer: CustomerId = required_id(&body, "customerId")?;
     let plan: Option<PlanId> = optional_text(&body, "planId")?
         .map(|p| checked("planId", p))
         .transpose()?;
@@ -501,11 +496,17 @@ async fn create_subscription(
 ) -> Result<Response, ApiError> {
     state.backend(&headers)?;
     let body = json_object(&headers, body)?;
-    let customer: CustomerId = checked("customerId", required_text(&body, "customerId")?)?;
-    let user = required_text(&body, "userId").map_err(|_| {
-        ApiError::bad_request("userId is required: the fee the subscription collects is recorded for that user")
-    })?;
-    let user: UserId = checked("userId", user)?;
+    let customer: CustomerId = required_id(&body, "customerId")?;
+    // Only a missing userId gets the reason it is needed (the seed's body had none); a
+    // mistyped or invalid one is answered as any other field's.
+    let user: UserId = match body.get("userId") {
+        None | Some(Value::Null) => {
+            return Err(ApiError::bad_request(
+                "userId is required: the fee the subscription collects is recorded for that user",
+            ));
+        }
+        Some(_) => required_id(&body, "userId")?,
+    };
     let billing = state.billing();
     // Nothing is registered for a subscription that cannot be made, and an account that pays
     // with another customer is not changed here.
@@ -537,11 +538,8 @@ async fn create_subscription(
 /// `GET /api/token-billing/usage-by-operation/{userId}`: the seed's first monitoring query.
 async fn usage_by_operation(
     State(state): State<AppState>,
-    UserPath(user): UserPath,
-    PeriodParam(period): PeriodParam,
-    headers: HeaderMap,
+    Reader { user, period }: Reader,
 ) -> Result<Response, ApiError> {
-    let user = state.reader_of(&headers, &user)?;
     let rows = state.billing().usage_by_operation(&user, period).await?;
     Ok(success(Value::Array(
         rows.iter()
@@ -551,13 +549,7 @@ async fn usage_by_operation(
 }
 
 /// `GET /api/token-billing/charges-by-tier/{userId}`: the seed's second monitoring query.
-async fn charges_by_tier(
-    State(state): State<AppState>,
-    UserPath(user): UserPath,
-    PeriodParam(period): PeriodParam,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    let user = state.reader_of(&headers, &user)?;
+async fn charges_by_tier(State(state): State<AppState>, Reader { user, period }: Reader) -> Result<Response, ApiError> {
     let rows = state.billing().charges_by_tier(&user, period).await?;
     Ok(success(Value::Array(
         rows.iter()
@@ -622,12 +614,7 @@ fn timeline(mut events: Vec<(DateTime<Utc>, u64)>, period: &Period) -> Vec<Value
 }
 
 /// `GET /api/token-billing/dashboard/{userId}`: everything the dashboard page draws.
-async fn dashboard_data(
-    State(state): State<AppState>,
-    UserPath(user): UserPath,
-    PeriodParam(period): PeriodParam,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
+async fn dashboard_data(State(state): State<AppState>, Reader { user, period }: Reader) -> Result<Response, ApiError> {
     #[derive(Serialize)]
     struct Summary<'a> {
         #[serde(flatten)]
@@ -635,7 +622,6 @@ async fn dashboard_data(
         outstanding_count: u64,
         outstanding_total: i64,
     }
-    let user = state.reader_of(&headers, &user)?;
     let billing = state.billing();
     let summary = billing.token_summary(&user, period).await?;
     let plan = plan_of(billing, &user, summary.period).await?;

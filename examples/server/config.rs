@@ -28,9 +28,17 @@ pub(crate) struct Configured {
     pub(crate) description: String,
 }
 
+/// Why a database with the sandbox gateway is refused, and how to ask for it.
+const SANDBOX_WITH_DATABASE: &str = "DATABASE_URL is set without STRIPE_SECRET_KEY: the sandbox gateway's customers \
+     always pay, so charges would be stored as succeeded though no money moved. Set STRIPE_SECRET_KEY, or \
+     TOKEN_BILLING_GATEWAY=sandbox to use the sandbox with PostgreSQL on purpose";
+
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
 /// Reads the configuration through `env` (a variable's value, `None` when unset or empty).
+///
+/// `DATABASE_URL` without `STRIPE_SECRET_KEY` is refused unless `TOKEN_BILLING_GATEWAY` is
+/// `sandbox`: the durable store would record the sandbox's charges as paid.
 pub(crate) async fn configure(env: impl Fn(&str) -> Option<String>) -> Result<Configured, Error> {
     let env = |name: &str| env(name).filter(|v| !v.trim().is_empty());
     let api_key = env("TOKEN_BILLING_API_KEY").ok_or("set TOKEN_BILLING_API_KEY: the key the host's backend sends")?;
@@ -49,7 +57,28 @@ pub(crate) async fn configure(env: impl Fn(&str) -> Option<String>) -> Result<Co
         }
     };
 
-    let (store, store_name): (Arc<dyn UsageStore>, &str) = match env("DATABASE_URL") {
+    // The gateway is settled before the store, so that a refused configuration never touches
+    // the database.
+    let chosen_gateway = env("TOKEN_BILLING_GATEWAY");
+    let stripe_key = env("STRIPE_SECRET_KEY").is_some();
+    let use_stripe = match chosen_gateway.as_deref() {
+        None => stripe_key,
+        Some("stripe") if stripe_key => true,
+        Some("stripe") => return Err("TOKEN_BILLING_GATEWAY=stripe needs STRIPE_SECRET_KEY".into()),
+        Some("sandbox") if stripe_key => {
+            return Err("TOKEN_BILLING_GATEWAY=sandbox, but STRIPE_SECRET_KEY is set: unset one of them".into());
+        }
+        Some("sandbox") => false,
+        Some(other) => return Err(format!("TOKEN_BILLING_GATEWAY is sandbox or stripe, not {other}").into()),
+    };
+    let database_url = env("DATABASE_URL");
+    // The sandbox's customers always pay: with a durable store, its charges would be kept as
+    // collected though no money moved. Only an operator who names the sandbox gets that.
+    if database_url.is_some() && !use_stripe && chosen_gateway.is_none() {
+        return Err(SANDBOX_WITH_DATABASE.into());
+    }
+
+    let (store, store_name): (Arc<dyn UsageStore>, &str) = match database_url {
         #[cfg(feature = "postgres")]
         Some(url) => (
             Arc::new(token_billing::PostgresUsageStore::connect(&url).await?),
@@ -67,17 +96,23 @@ pub(crate) async fn configure(env: impl Fn(&str) -> Option<String>) -> Result<Co
 
     // With a real gateway, users wait for an account; the sandbox opens one for everybody, so
     // that the original product's examples run as written.
+    let sandbox_name = if chosen_gateway.is_some() {
+        "the in-process sandbox (TOKEN_BILLING_GATEWAY=sandbox)"
+    } else {
+        "the in-process sandbox (STRIPE_SECRET_KEY is not set)"
+    };
     let sandbox = || -> (Arc<dyn PaymentGateway>, UnregisteredUsers, String) {
         (
             Arc::new(SandboxGateway::new()),
             UnregisteredUsers::OpenCustomer,
-            "the in-process sandbox (STRIPE_SECRET_KEY is not set)".to_owned(),
+            sandbox_name.to_owned(),
         )
     };
     #[cfg(feature = "stripe")]
-    let stripe = match env("STRIPE_SECRET_KEY") {
-        Some(_) => Some(token_billing::gateway::stripe::StripeGateway::from_lookup(env)?),
-        None => None,
+    let stripe = if use_stripe {
+        Some(token_billing::gateway::stripe::StripeGateway::from_lookup(env)?)
+    } else {
+        None
     };
     #[cfg(feature = "stripe")]
     let (gateway, unregistered, gateway_name) = match &stripe {
@@ -89,11 +124,10 @@ pub(crate) async fn configure(env: impl Fn(&str) -> Option<String>) -> Result<Co
         None => sandbox(),
     };
     #[cfg(not(feature = "stripe"))]
-    let (gateway, unregistered, gateway_name) = match env("STRIPE_SECRET_KEY") {
-        Some(_) => {
-            return Err("STRIPE_SECRET_KEY is set but this build has no Stripe gateway: add --features stripe".into());
-        }
-        None => sandbox(),
+    let (gateway, unregistered, gateway_name) = if use_stripe {
+        return Err("STRIPE_SECRET_KEY is set but this build has no Stripe gateway: add --features stripe".into());
+    } else {
+        sandbox()
     };
 
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);

@@ -13,7 +13,12 @@
 //! - `TOKEN_BILLING_ADDR`: where to listen (`127.0.0.1:3000`).
 //! - `DATABASE_URL`: the PostgreSQL store (feature `postgres`); else the in-memory store.
 //! - `STRIPE_SECRET_KEY`, `STRIPE_API_BASE`, `STRIPE_WEBHOOK_SECRET`: the Stripe gateway
-//!   (feature `stripe`); else the sandbox gateway, which opens a customer for every new user.
+//!   (feature `stripe`); else the sandbox gateway, which opens a customer for every new user
+//!   and whose payments always succeed.
+//! - `TOKEN_BILLING_GATEWAY`: `stripe` (which needs `STRIPE_SECRET_KEY`) or `sandbox` (which
+//!   refuses it). With `DATABASE_URL` and no `STRIPE_SECRET_KEY` the service refuses to start
+//!   unless it is `sandbox`: the durable store would keep the sandbox's charges as paid though
+//!   no money moved.
 //! - `TOKEN_BILLING_FEE_COLLECTION`: `library` (default: the fee is charged with the first
 //!   usage of the month) or `subscription` (a Stripe subscription collects it).
 //!

@@ -44,6 +44,25 @@ fn read_errors() -> [(&'static str, Value); 5] {
     ]
 }
 
+/// The errors every write can answer, besides its own.
+fn write_errors() -> [(&'static str, Value); 4] {
+    [
+        ("401", error("Missing or invalid API key.")),
+        ("403", error("A user token: writes take the API key.")),
+        ("413", error("The body is larger than 64 KiB.")),
+        ("415", error("The body is not application/json.")),
+    ]
+}
+
+/// A write's responses: its own (an object by status) and the errors of every write.
+fn write_responses(own: Value) -> Value {
+    let mut responses = own;
+    for (status, answer) in write_errors() {
+        responses[status] = answer;
+    }
+    responses
+}
+
 fn read(summary: &str, description: &str, data: Value) -> Value {
     let mut responses = serde_json::Map::new();
     responses.insert("200".to_owned(), ok(description, data));
@@ -120,7 +139,7 @@ pub(crate) fn document() -> Value {
                             "occurredAt": {"type": ["string", "null"], "format": "date-time"}
                         }
                     })),
-                    "responses": {
+                    "responses": write_responses(json!({
                         "200": ok("The usage was recorded (or had been, for a retried eventId).", json!({
                             "type": "object",
                             "required": ["consumptionId", "totalTokens", "tierCharges"],
@@ -131,14 +150,10 @@ pub(crate) fn document() -> Value {
                             }
                         })),
                         "400": error("Malformed JSON, a missing or mistyped field, zero or too many tokens, bad ids or metadata. Nothing was recorded."),
-                        "401": error("Missing or invalid API key."),
-                        "403": error("A user token: writes take the API key."),
                         "409": error("The eventId was used before for different usage. Nothing was recorded."),
-                        "413": error("The body is larger than 64 KiB."),
-                        "415": error("The body is not application/json."),
                         "502": error("The payment gateway failed."),
                         "503": error("The billing store is unavailable: retry with the same eventId.")
-                    }
+                    }))
                 }
             },
             "/api/token-billing/user-summary/{userId}": {
@@ -199,20 +214,16 @@ pub(crate) fn document() -> Value {
                         "required": ["userId", "customerId"],
                         "properties": {"userId": {"type": "string", "maxLength": 128}, "customerId": {"type": "string", "maxLength": 255}, "planId": {"type": "string", "maxLength": 64}}
                     })),
-                    "responses": {
+                    "responses": write_responses(json!({
                         "200": ok("The account.", json!({
                             "type": "object",
                             "properties": {"userId": {"type": "string"}, "customerId": {"type": "string"}, "planId": {"type": "string"}}
                         })),
                         "400": error("A missing or bad field, or an unknown plan."),
-                        "401": error("Missing or invalid API key."),
-                        "403": error("A user token: writes take the API key."),
                         "409": error("A plan change while the month has usage."),
-                        "413": error("The body is larger than 64 KiB."),
-                        "415": error("The body is not application/json."),
                         "502": error("The payment gateway failed while collecting the charges that waited for the account."),
                         "503": error("The billing store is unavailable.")
-                    }
+                    }))
                 }
             },
             "/api/token-billing/create-subscription": {
@@ -224,20 +235,16 @@ pub(crate) fn document() -> Value {
                         "required": ["customerId", "userId"],
                         "properties": {"customerId": {"type": "string", "maxLength": 255, "examples": ["cus_stripe_id"]}, "userId": {"type": "string", "maxLength": 128}}
                     })),
-                    "responses": {
+                    "responses": write_responses(json!({
                         "200": ok("The subscription.", json!({
                             "type": "object",
                             "properties": {"subscriptionId": {"type": "string"}, "customerId": {"type": "string"}, "status": {"type": "string"}}
                         })),
                         "400": error("A missing or bad field."),
-                        "401": error("Missing or invalid API key."),
-                        "403": error("A user token: writes take the API key."),
                         "409": error("The service collects the fixed fee itself (TOKEN_BILLING_FEE_COLLECTION=library), or the user pays with another customer (change it with /accounts)."),
-                        "413": error("The body is larger than 64 KiB."),
-                        "415": error("The body is not application/json."),
                         "502": error("The payment gateway failed."),
                         "503": error("The billing store is unavailable.")
-                    }
+                    }))
                 }
             },
             "/api/token-billing/webhooks/stripe": {
