@@ -954,6 +954,87 @@ mod record_function {
     }
 }
 
+/// The audit trail's usage entries come from the consumptions themselves (migration 7), except
+/// for those written with an audit row of their own (before it, or by the SQL function): every
+/// way of recording lists each event once, in order.
+#[tokio::test]
+async fn every_way_of_recording_lists_each_event_once_in_the_audit_trail() {
+    use std::sync::Arc;
+    use token_billing::{AuditEvent, BillingService, CollectionMode, SandboxGateway, UnregisteredUsers, UsageReport};
+
+    let store = Arc::new(store().await);
+    let billing = BillingService::builder(store.clone(), Arc::new(SandboxGateway::new()))
+        .collection(CollectionMode::Deferred)
+        .unregistered_users(UnregisteredUsers::OpenCustomer)
+        .build();
+    let user = format!("trail-{}", uuid::Uuid::new_v4().simple());
+    let by_sql = |event: &'static str, tokens: i64| {
+        let (store, user) = (store.clone(), user.clone());
+        async move {
+            sqlx::query("SELECT * FROM record_token_consumption($1, $2, 'chat', NULL, '{}', $3)")
+                .bind(&user)
+                .bind(tokens)
+                .bind(event)
+                .fetch_one(store.pool())
+                .await
+                .expect("recorded in SQL");
+        }
+    };
+    by_sql("s1", 5_000_000).await;
+    let one = billing
+        .process_token_usage(UsageReport::new(&user, 1_000, "chat").event_id("l1"))
+        .await
+        .expect("one event, no charge");
+    billing
+        .process_token_usage(UsageReport::new(&user, 4_000_000, "chat").event_id("l2"))
+        .await
+        .expect("one event starting a block");
+    let batch = billing
+        .process_token_usage_batch(vec![
+            UsageReport::new(&user, 9_000_000, "chat").event_id("b1"),
+            UsageReport::new(&user, 2_000, "chat").event_id("b2"),
+        ])
+        .await
+        .expect("a batch");
+    assert!(batch.iter().all(Result::is_ok));
+    by_sql("s2", 3_000).await;
+    billing
+        .process_token_usage(UsageReport::new(&user, 1_000, "chat").event_id("l1"))
+        .await
+        .expect("a resend records nothing");
+
+    let user_id = token_billing::UserId::new(user.clone()).expect("valid");
+    let trail = billing.audit_trail(&user_id, Some(one.period)).await.expect("trail");
+    let usage: Vec<(String, u64)> = trail
+        .iter()
+        .filter_map(|e| match &e.event {
+            AuditEvent::UsageRecorded { event_id, total_after, .. } => Some((event_id.to_string(), *total_after)),
+            _ => None,
+        })
+        .collect();
+    let expected = [
+        ("s1", 5_000_000),
+        ("l1", 5_001_000),
+        ("l2", 9_001_000),
+        ("b1", 18_001_000),
+        ("b2", 18_003_000),
+        ("s2", 18_006_000),
+    ];
+    assert_eq!(
+        usage,
+        expected.map(|(id, total)| (id.to_owned(), total)).to_vec(),
+        "{trail:#?}"
+    );
+    // A charge sits beside the event that created it (l2 starts block 1, b1 block 2): after
+    // the event before, before the event after.
+    let position = |wanted: &dyn Fn(&AuditEvent) -> bool| trail.iter().position(|e| wanted(&e.event)).expect("in the trail");
+    let event = |id: &'static str| position(&move |e| matches!(e, AuditEvent::UsageRecorded { event_id, .. } if event_id.as_str() == id));
+    let block = |n: &'static str| position(&move |e| matches!(e, AuditEvent::ChargeCreated { key, .. } if key.as_str().ends_with(n)));
+    let (block_1, block_2) = (block(":block:1"), block(":block:2"));
+    assert!(event("l1") < block_1 && block_1 < event("b1"), "{trail:#?}");
+    assert!(event("l2") < block_2 && block_2 < event("b2"), "{trail:#?}");
+}
+
 mod record_paths {
     use std::collections::BTreeSet;
 
@@ -1034,12 +1115,25 @@ mod record_paths {
                 prop_assert_eq!((summary.total_tokens, summary.events), (total, sizes.len() as u64));
                 let consumptions = store.consumptions(&user, period).await.expect("consumptions");
                 prop_assert_eq!(consumptions.len(), sizes.len());
+                // Each event once in the audit trail, in the order recorded, with its total.
                 let trail = store.audit_trail(&user, Some(period)).await.expect("audit");
-                let usage_entries = trail
+                let usage_entries: Vec<_> = trail
                     .iter()
-                    .filter(|e| matches!(e.event, token_billing::AuditEvent::UsageRecorded { .. }))
-                    .count();
-                prop_assert_eq!(usage_entries, sizes.len());
+                    .filter_map(|e| match &e.event {
+                        token_billing::AuditEvent::UsageRecorded { consumption_id, total_after, .. } => {
+                            Some((*consumption_id, *total_after))
+                        }
+                        _ => None,
+                    })
+                    .collect();
+                let expected: Vec<_> = sent
+                    .iter()
+                    .scan(0, |total, usage| {
+                        *total += usage.tokens;
+                        Some((usage.consumption_id, *total))
+                    })
+                    .collect();
+                prop_assert_eq!(usage_entries, expected);
                 Ok(())
             })?;
         }

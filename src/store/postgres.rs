@@ -31,6 +31,10 @@ pub const MIGRATIONS: &[(i32, &str)] = &[
     (4, include_str!("../../migrations/0004_gateway_events.sql")),
     (5, include_str!("../../migrations/0005_give_up.sql")),
     (6, include_str!("../../migrations/0006_consumption_key.sql")),
+    (
+        7,
+        include_str!("../../migrations/0007_usage_audit_from_consumption.sql"),
+    ),
 ];
 
 /// A [`UsageStore`] on PostgreSQL, safe to share between any number of service instances.
@@ -721,12 +725,6 @@ impl PostgresUsageStore {
     /// up.
     async fn try_record_direct(&self, request: &RecordUsage<'_>) -> Result<Option<Recorded>, RecordFailure> {
         let usage = &request.usage;
-        let placeholder = audit_json(&AuditEvent::UsageRecorded {
-            consumption_id: usage.consumption_id,
-            event_id: usage.event_id.clone(),
-            tokens: usage.tokens,
-            total_after: 0,
-        })?;
         let query = sqlx::query(
             "WITH moved AS (
                  UPDATE token_usage_summary
@@ -742,18 +740,16 @@ impl PostgresUsageStore {
              ), consumption AS (
                  INSERT INTO token_consumption
                      (user_id, id, event_id, period, tokens_used, operation_type, client_id, metadata, occurred_at,
-                      occurred_at_reported, created_at, total_before, created_fee, first_block, end_block)
+                      occurred_at_reported, created_at, total_before, created_fee, first_block, end_block,
+                      audit_seq)
                  SELECT $1, $4, $5, $2, $6, $7, $8, $9, $10, $11, $3, r.before, false, r.owed_before + 1,
-                        r.owed_after + 1
+                        r.owed_after + 1, nextval('token_billing_audit_seq_seq')
                    FROM rated r
                  ON CONFLICT DO NOTHING
                  RETURNING 1
-             ), audited AS (
-                 INSERT INTO token_billing_audit (user_id, at, period, event)
-                 SELECT $1, $3, $2, $16::jsonb || jsonb_build_object('total_after', r.after) FROM rated r
              )
              SELECT r.before, r.after,
-                    CASE WHEN r.owed_after > r.owed_before OR ($17 AND r.before = 0)
+                    CASE WHEN r.owed_after > r.owed_before OR ($16 AND r.before = 0)
                               THEN token_billing_give_up('the event creates charges')
                          WHEN NOT EXISTS (SELECT 1 FROM consumption)
                               THEN token_billing_give_up('the event id is recorded')
@@ -769,7 +765,6 @@ impl PostgresUsageStore {
             .bind(to_i64(request.plan.block_size())?)
             .bind(request.plan.currency().code())
             .bind(to_i64(crate::MAX_TOKENS)?)
-            .bind(placeholder)
             .bind(request.fee == FeeCollection::Library)
             .fetch_optional(&self.pool)
             .await;
@@ -859,12 +854,6 @@ impl PostgresUsageStore {
         let usage = &request.usage;
         let charges = charges_between(request, before, after).map_err(StoreError::from)?;
         let blocks = request.plan.blocks_crossed(before, after).map_err(StoreError::from)?;
-        let usage_event = audit_json(&AuditEvent::UsageRecorded {
-            consumption_id: usage.consumption_id,
-            event_id: usage.event_id.clone(),
-            tokens: usage.tokens,
-            total_after: after,
-        })?;
         let leased = request.lease_until.is_some();
         let mut ids = Vec::with_capacity(charges.len());
         let mut keys = Vec::with_capacity(charges.len());
@@ -890,8 +879,8 @@ impl PostgresUsageStore {
             Gate::CompareAndSet => (
                 "SELECT 1 FROM token_usage_summary
                   WHERE user_id = $8 AND period = $9 AND total_tokens = $22 FOR UPDATE",
-                "total_tokens = $26, events = events + 1, updated_at = $14,
-                 included_tokens = coalesce(included_tokens, $27), block_size = coalesce(block_size, $28),",
+                "total_tokens = $25, events = events + 1, updated_at = $14,
+                 included_tokens = coalesce(included_tokens, $26), block_size = coalesce(block_size, $27),",
             ),
         };
         let summary_gate = match gate {
@@ -923,21 +912,18 @@ impl PostgresUsageStore {
              ), consumption AS (
                  INSERT INTO token_consumption
                      (user_id, id, event_id, period, tokens_used, operation_type, client_id, metadata, occurred_at,
-                      occurred_at_reported, created_at, total_before, created_fee, first_block, end_block)
+                      occurred_at_reported, created_at, total_before, created_fee, first_block, end_block,
+                      audit_seq)
                  SELECT $8, $12, $15, $9, $16, $17, $18, $19, $20, $21, $14, $22,
-                        EXISTS (SELECT 1 FROM created WHERE kind = 'fixed_fee'), $23, $24
+                        EXISTS (SELECT 1 FROM created WHERE kind = 'fixed_fee'), $23, $24,
+                        nextval('token_billing_audit_seq_seq')
                   WHERE EXISTS (SELECT 1 FROM locked)
              ), audited AS (
                  INSERT INTO token_billing_audit (user_id, at, period, event)
-                 SELECT $8, $14, $9, entries.event FROM (
-                     SELECT a.event, i.n AS position, a.k
-                       FROM input i JOIN created c ON c.id = i.id,
-                            LATERAL jsonb_array_elements(i.audit) WITH ORDINALITY AS a(event, k)
-                     UNION ALL
-                     SELECT $25::jsonb, 9223372036854775807, 0
-                 ) AS entries
-                 WHERE EXISTS (SELECT 1 FROM locked)
-                 ORDER BY entries.position, entries.k
+                 SELECT $8, $14, $9, a.event
+                   FROM input i JOIN created c ON c.id = i.id,
+                        LATERAL jsonb_array_elements(i.audit) WITH ORDINALITY AS a(event, k)
+                  ORDER BY i.n, a.k
              )
              SELECT EXISTS (SELECT 1 FROM locked) AS won, created.*
                FROM (SELECT 1) AS one LEFT JOIN created ON true"
@@ -957,7 +943,7 @@ impl PostgresUsageStore {
             .bind(usage.consumption_id)
             .bind(request.lease_until)
             .bind(usage.recorded_at);
-        query = bind_consumption(query, usage, before, &blocks)?.bind(usage_event);
+        query = bind_consumption(query, usage, before, &blocks)?;
         if gate == Gate::CompareAndSet {
             query = bind_new_total(query, request, after)?;
         }
@@ -1224,8 +1210,13 @@ impl PostgresUsageStore {
         let mut x_end = Vec::new();
         let mut a_users = Vec::new();
         let mut a_periods = Vec::new();
-        let mut a_charges: Vec<Option<uuid::Uuid>> = Vec::new();
+        let mut a_charges = Vec::new();
         let mut a_events = Vec::new();
+        // Each audit entry's and each consumption's place in the audit trail: an event's
+        // charges, then the event, event after event.
+        let mut a_places = Vec::new();
+        let mut x_places = Vec::new();
+        let mut places = 0i64;
         // The charges each period row will owe, when all of them are created.
         let mut owed: HashMap<Group, (i64, i64)> = HashMap::new();
         for (i, request) in requests.iter().enumerate() {
@@ -1255,15 +1246,17 @@ impl PostgresUsageStore {
                 for event in &created_charge_audit(charge, leased) {
                     a_users.push(usage.user_id.as_str());
                     a_periods.push(period.clone());
-                    a_charges.push(Some(id));
+                    a_charges.push(id);
                     a_events.push(audit_json(event)?);
+                    places += 1;
+                    a_places.push(places);
                 }
             }
             let blocks = request.plan.blocks_crossed(before, after).map_err(StoreError::from)?;
             x_users.push(usage.user_id.as_str());
             x_ids.push(usage.consumption_id);
             x_events.push(usage.event_id.as_str());
-            x_periods.push(period.clone());
+            x_periods.push(period);
             x_tokens.push(to_i64(usage.tokens)?);
             x_operations.push(usage.operation_type.as_str());
             x_clients.push(usage.client_id.as_ref().map(ClientId::as_str));
@@ -1273,15 +1266,8 @@ impl PostgresUsageStore {
             x_before.push(to_i64(before)?);
             x_first.push(to_i64(blocks.first())?);
             x_end.push(to_i64(blocks.end())?);
-            a_users.push(usage.user_id.as_str());
-            a_periods.push(period);
-            a_charges.push(None);
-            a_events.push(audit_json(&AuditEvent::UsageRecorded {
-                consumption_id: usage.consumption_id,
-                event_id: usage.event_id.clone(),
-                tokens: usage.tokens,
-                total_after: after,
-            })?);
+            places += 1;
+            x_places.push(places);
         }
         let mut g_users = Vec::new();
         let mut g_periods = Vec::new();
@@ -1353,7 +1339,9 @@ impl PostgresUsageStore {
             )
         };
         let rows = sqlx::query(&format!(
-            "WITH charge_input AS (
+            "WITH places AS (
+                 SELECT p, nextval('token_billing_audit_seq_seq') AS seq FROM generate_series(1, $44::bigint) AS p
+             ), charge_input AS (
                  SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::bigint[],
                                       $7::text[], $8::bigint[], $9::text[], $10::uuid[], $11::int[],
                                       $12::timestamptz[])
@@ -1382,27 +1370,29 @@ impl PostgresUsageStore {
              ), consumption AS (
                  INSERT INTO token_consumption
                      (user_id, id, event_id, period, tokens_used, operation_type, client_id, metadata, occurred_at,
-                      occurred_at_reported, created_at, total_before, created_fee, first_block, end_block)
+                      occurred_at_reported, created_at, total_before, created_fee, first_block, end_block,
+                      audit_seq)
                  SELECT x.user_id, x.id, x.event_id, x.period, x.tokens, x.operation_type, x.client_id, x.metadata,
                         x.occurred_at, x.reported, $13, x.before,
                         x.id IN (SELECT c.consumption_id FROM created c WHERE c.kind = 'fixed_fee'),
-                        x.first_block, x.end_block
+                        x.first_block, x.end_block, q.seq
                    FROM unnest($20::text[], $21::uuid[], $22::text[], $23::text[], $24::bigint[], $25::text[],
                                $26::text[], $27::jsonb[], $28::timestamptz[], $29::bool[], $30::bigint[],
-                               $31::bigint[], $32::bigint[])
+                               $31::bigint[], $32::bigint[], $43::bigint[])
                         AS x(user_id, id, event_id, period, tokens, operation_type, client_id, metadata, occurred_at,
-                             reported, before, first_block, end_block)
+                             reported, before, first_block, end_block, place)
                    JOIN moved m ON m.user_id = x.user_id AND m.period = x.period
+                   JOIN places q ON q.p = x.place
                  ON CONFLICT DO NOTHING
                  RETURNING 1
              ), audited AS (
-                 INSERT INTO token_billing_audit (user_id, at, period, event)
-                 SELECT a.user_id, $13, a.period, a.event
-                   FROM unnest($33::text[], $34::text[], $35::uuid[], $36::jsonb[])
-                        WITH ORDINALITY AS a(user_id, period, charge_id, event, n)
+                 INSERT INTO token_billing_audit (user_id, seq, at, period, event)
+                 SELECT a.user_id, q.seq, $13, a.period, a.event
+                   FROM unnest($33::text[], $34::text[], $35::uuid[], $36::jsonb[], $42::bigint[])
+                        AS a(user_id, period, charge_id, event, place)
                    JOIN moved m ON m.user_id = a.user_id AND m.period = a.period
-                  WHERE a.charge_id IS NULL OR a.charge_id IN (SELECT c.id FROM created c)
-                  ORDER BY a.n
+                   JOIN places q ON q.p = a.place
+                  WHERE a.charge_id IN (SELECT c.id FROM created c)
              )
              SELECT (SELECT count(*) FROM moved) AS moved, (SELECT count(*) FROM consumption) AS inserted,
                     (SELECT count(*) FROM created) AS charged, created.*
@@ -1449,6 +1439,9 @@ impl PostgresUsageStore {
         .bind(&g_before)
         .bind(&g_charges)
         .bind(&g_amounts)
+        .bind(&a_places)
+        .bind(&x_places)
+        .bind(places)
         .fetch_all(&mut *tx)
         .await
         .map_err(RecordFailure::from_write)?;
@@ -2037,9 +2030,19 @@ impl UsageStore for PostgresUsageStore {
     }
 
     async fn audit_trail(&self, user: &UserId, period: Option<PeriodKey>) -> Result<Vec<AuditEntry>, StoreError> {
+        // Usage entries are the consumptions placed in the trail's order (migration 7); older
+        // ones, and those `record_token_consumption` writes, are audit rows of their own.
         sqlx::query(
-            "SELECT at, period, event FROM token_billing_audit
-              WHERE user_id = $1 AND ($2::text IS NULL OR period = $2) ORDER BY seq",
+            "SELECT at, period, event FROM (
+                 SELECT seq, at, period, event FROM token_billing_audit
+                  WHERE user_id = $1 AND ($2::text IS NULL OR period = $2)
+                 UNION ALL
+                 SELECT audit_seq, created_at, period,
+                        jsonb_build_object('type', 'usage_recorded', 'consumption_id', id, 'event_id', event_id,
+                                           'tokens', tokens_used, 'total_after', total_before + tokens_used)
+                   FROM token_consumption
+                  WHERE user_id = $1 AND ($2::text IS NULL OR period = $2) AND audit_seq IS NOT NULL
+             ) AS trail ORDER BY seq",
         )
         .bind(user.as_str())
         .bind(period.map(|p| p.to_string()))

@@ -1,0 +1,24 @@
+-- token-billing schema, version 7: the audit trail's usage entries are read from
+-- token_consumption instead of being written twice.
+--
+-- Every consumption row holds what its audit entry held (consumption id, event id, tokens, the
+-- total after it, the instant), so the store no longer inserts a `usage_recorded` row into
+-- token_billing_audit for each event: it gives the consumption a place in the audit trail's
+-- order instead, `audit_seq`, drawn from the same sequence as token_billing_audit.seq. The
+-- trail is then the audit rows and the consumptions that have an audit_seq, in seq order:
+--
+--   SELECT at, period, event FROM (
+--       SELECT seq, at, period, event FROM token_billing_audit WHERE user_id = $1
+--       UNION ALL
+--       SELECT audit_seq, created_at, period,
+--              jsonb_build_object('type', 'usage_recorded', 'consumption_id', id, 'event_id', event_id,
+--                                 'tokens', tokens_used, 'total_after', total_before + tokens_used)
+--         FROM token_consumption WHERE user_id = $1 AND audit_seq IS NOT NULL
+--   ) AS trail ORDER BY seq;
+--
+-- Rows written before this version (and by record_token_consumption, which still writes its
+-- audit rows) have no audit_seq: their usage entries stay in token_billing_audit, and nothing
+-- is moved or deleted. The new column is nullable without a default, so adding it does not
+-- rewrite the table. Applying this file twice is harmless.
+
+ALTER TABLE token_consumption ADD COLUMN IF NOT EXISTS audit_seq bigint;
