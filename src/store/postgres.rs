@@ -1340,7 +1340,8 @@ impl PostgresUsageStore {
         };
         let rows = sqlx::query(&format!(
             "WITH places AS (
-                 SELECT p, nextval('token_billing_audit_seq_seq') AS seq FROM generate_series(1, $44::bigint) AS p
+                 SELECT array_agg(nextval('token_billing_audit_seq_seq') ORDER BY p) AS seqs
+                   FROM generate_series(1, $44::bigint) AS p
              ), charge_input AS (
                  SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::bigint[],
                                       $7::text[], $8::bigint[], $9::text[], $10::uuid[], $11::int[],
@@ -1375,23 +1376,22 @@ impl PostgresUsageStore {
                  SELECT x.user_id, x.id, x.event_id, x.period, x.tokens, x.operation_type, x.client_id, x.metadata,
                         x.occurred_at, x.reported, $13, x.before,
                         x.id IN (SELECT c.consumption_id FROM created c WHERE c.kind = 'fixed_fee'),
-                        x.first_block, x.end_block, q.seq
+                        x.first_block, x.end_block, q.seqs[x.place]
                    FROM unnest($20::text[], $21::uuid[], $22::text[], $23::text[], $24::bigint[], $25::text[],
                                $26::text[], $27::jsonb[], $28::timestamptz[], $29::bool[], $30::bigint[],
                                $31::bigint[], $32::bigint[], $43::bigint[])
                         AS x(user_id, id, event_id, period, tokens, operation_type, client_id, metadata, occurred_at,
                              reported, before, first_block, end_block, place)
                    JOIN moved m ON m.user_id = x.user_id AND m.period = x.period
-                   JOIN places q ON q.p = x.place
-                 ON CONFLICT DO NOTHING
+                   CROSS JOIN places q
                  RETURNING 1
              ), audited AS (
                  INSERT INTO token_billing_audit (user_id, seq, at, period, event)
-                 SELECT a.user_id, q.seq, $13, a.period, a.event
+                 SELECT a.user_id, q.seqs[a.place], $13, a.period, a.event
                    FROM unnest($33::text[], $34::text[], $35::uuid[], $36::jsonb[], $42::bigint[])
                         AS a(user_id, period, charge_id, event, place)
                    JOIN moved m ON m.user_id = a.user_id AND m.period = a.period
-                   JOIN places q ON q.p = a.place
+                   CROSS JOIN places q
                   WHERE a.charge_id IN (SELECT c.id FROM created c)
              )
              SELECT (SELECT count(*) FROM moved) AS moved, (SELECT count(*) FROM consumption) AS inserted,

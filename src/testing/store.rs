@@ -377,6 +377,21 @@ pub async fn record_usage_batch_is_record_usage_in_order(store: &dyn UsageStore)
             store.consumptions(user, period()).await.expect("consumptions").len(),
             usize::try_from(events).expect("few")
         );
+        // Each recorded event once in the audit trail, in order; re-sends and refusals not at all.
+        let trail = store.audit_trail(user, Some(period())).await.expect("audit");
+        let totals: Vec<u64> = trail
+            .iter()
+            .filter_map(|e| match e.event {
+                AuditEvent::UsageRecorded { total_after, .. } => Some(total_after),
+                _ => None,
+            })
+            .collect();
+        let expected: &[u64] = if *user == ana {
+            &[5_000_000, 9_000_000, 17_000_000]
+        } else {
+            &[9_000_000]
+        };
+        assert_eq!(totals, expected);
     }
     // A user whose only event is refused is left with nothing, not an empty period.
     let cid = fresh_user("batch-c");
