@@ -10,12 +10,15 @@
 //!
 //! `cargo bench --features postgres --bench postgres`
 
+mod common;
+
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use common::load;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use token_billing::{
@@ -159,20 +162,6 @@ fn batched(runtime: &tokio::runtime::Runtime, billing: &BillingService, batches:
     })
 }
 
-/// Records `events` events of 1,000 tokens for `user`, in batches.
-async fn load(billing: &BillingService, user: &UserId, events: u64) {
-    let mut sent = 0;
-    while sent < events {
-        let batch = (events - sent).min(BATCH);
-        let reports = (0..batch)
-            .map(|_| UsageReport::new(user.as_str(), 1_000, "chat"))
-            .collect();
-        let outcomes = billing.process_token_usage_batch(reports).await.expect("a batch");
-        assert!(outcomes.iter().all(Result::is_ok), "every event recorded");
-        sent += batch;
-    }
-}
-
 fn postgres(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -236,7 +225,7 @@ fn postgres(c: &mut Criterion) {
         let mut loaded = false;
         group.bench_function(name, |b| {
             if !loaded {
-                runtime.block_on(load(&billing, &user, events));
+                runtime.block_on(load(&billing, user.as_str(), events));
                 loaded = true;
             }
             b.iter(|| {

@@ -5,13 +5,14 @@
 //!
 //! `cargo bench --bench summary`
 
+mod common;
+
 use std::sync::Arc;
 
 use chrono::{TimeZone, Utc};
+use common::load;
 use criterion::{Criterion, criterion_group, criterion_main};
-use token_billing::{
-    BillingService, InMemoryUsageStore, ManualClock, SandboxGateway, UnregisteredUsers, UsageReport, UserId,
-};
+use token_billing::{BillingService, InMemoryUsageStore, ManualClock, SandboxGateway, UnregisteredUsers, UserId};
 
 /// Events of the light and the heavy user. Run as a test (`cargo test --benches`), the heavy
 /// user gets fewer, to keep the run short.
@@ -20,18 +21,6 @@ fn sizes() -> (u64, u64) {
         (1_000, 1_000_000)
     } else {
         (1_000, 10_000)
-    }
-}
-
-/// Records `events` events of 1,000 tokens for `user`, in batches.
-async fn load(billing: &BillingService, user: &str, events: u64) {
-    let mut sent = 0;
-    while sent < events {
-        let batch = (events - sent).min(1_000);
-        let reports = (0..batch).map(|_| UsageReport::new(user, 1_000, "chat")).collect();
-        let outcomes = billing.process_token_usage_batch(reports).await.expect("a batch");
-        assert!(outcomes.iter().all(Result::is_ok), "every event recorded");
-        sent += batch;
     }
 }
 

@@ -1,0 +1,15 @@
+//! What the benchmarks share.
+
+use token_billing::{BillingService, UsageReport};
+
+/// Records `events` events of 1,000 tokens for `user`, a thousand per batch.
+pub(crate) async fn load(billing: &BillingService, user: &str, events: u64) {
+    let mut sent = 0;
+    while sent < events {
+        let batch = (events - sent).min(1_000);
+        let reports = (0..batch).map(|_| UsageReport::new(user, 1_000, "chat")).collect();
+        let outcomes = billing.process_token_usage_batch(reports).await.expect("a batch");
+        assert!(outcomes.iter().all(Result::is_ok), "every event recorded");
+        sent += batch;
+    }
+}
