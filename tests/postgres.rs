@@ -1008,7 +1008,9 @@ async fn every_way_of_recording_lists_each_event_once_in_the_audit_trail() {
     let usage: Vec<(String, u64)> = trail
         .iter()
         .filter_map(|e| match &e.event {
-            AuditEvent::UsageRecorded { event_id, total_after, .. } => Some((event_id.to_string(), *total_after)),
+            AuditEvent::UsageRecorded {
+                event_id, total_after, ..
+            } => Some((event_id.to_string(), *total_after)),
             _ => None,
         })
         .collect();
@@ -1027,9 +1029,14 @@ async fn every_way_of_recording_lists_each_event_once_in_the_audit_trail() {
     );
     // A charge sits beside the event that created it (l2 starts block 1, b1 block 2): after
     // the event before, before the event after.
-    let position = |wanted: &dyn Fn(&AuditEvent) -> bool| trail.iter().position(|e| wanted(&e.event)).expect("in the trail");
-    let event = |id: &'static str| position(&move |e| matches!(e, AuditEvent::UsageRecorded { event_id, .. } if event_id.as_str() == id));
-    let block = |n: &'static str| position(&move |e| matches!(e, AuditEvent::ChargeCreated { key, .. } if key.as_str().ends_with(n)));
+    let position =
+        |wanted: &dyn Fn(&AuditEvent) -> bool| trail.iter().position(|e| wanted(&e.event)).expect("in the trail");
+    let event = |id: &'static str| {
+        position(&move |e| matches!(e, AuditEvent::UsageRecorded { event_id, .. } if event_id.as_str() == id))
+    };
+    let block = |n: &'static str| {
+        position(&move |e| matches!(e, AuditEvent::ChargeCreated { key, .. } if key.as_str().ends_with(n)))
+    };
     let (block_1, block_2) = (block(":block:1"), block(":block:2"));
     assert!(event("l1") < block_1 && block_1 < event("b1"), "{trail:#?}");
     assert!(event("l2") < block_2 && block_2 < event("b2"), "{trail:#?}");
