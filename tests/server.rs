@@ -337,6 +337,12 @@ async fn the_monitoring_reports_accounts_and_subscriptions() {
 }
 
 /// A lookup over fixed variables, as the environment would give them.
+/// The PostgreSQL the tests use: `DATABASE_URL`, else the local test database.
+#[cfg(feature = "postgres")]
+fn database_url() -> String {
+    std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
 fn variables(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
     let pairs: Vec<(String, String)> = pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
     move |name| pairs.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
@@ -431,8 +437,7 @@ async fn configuration_comes_from_the_environment_and_is_logged_without_secrets(
 #[cfg(feature = "postgres")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgresql_with_the_sandbox_runs_when_the_sandbox_is_named() {
-    let database =
-        std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+    let database = database_url();
     let configured = config::configure(variables(&[
         ("TOKEN_BILLING_API_KEY", API_KEY),
         ("DATABASE_URL", &database),
@@ -454,8 +459,7 @@ async fn postgresql_with_the_sandbox_runs_when_the_sandbox_is_named() {
 #[cfg(all(feature = "postgres", feature = "stripe"))]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn configured_with_postgresql_and_stripe_it_bills_through_them() {
-    let database =
-        std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+    let database = database_url();
     let configured = config::configure(variables(&[
         ("TOKEN_BILLING_API_KEY", API_KEY),
         ("DATABASE_URL", &database),
