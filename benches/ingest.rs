@@ -5,7 +5,7 @@
 //!
 //! `cargo bench --bench ingest`
 
-use std::sync::Arc;
+use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
@@ -36,61 +36,65 @@ fn metadata() -> Metadata {
 /// reports of a host's requests are.
 const CHUNK: u64 = 512;
 
-/// Runs `events` reports spread over `USERS` users on `tasks` tasks of a multi-threaded runtime
-/// with two workers, and returns the wall-clock time the calls took.
+/// Runs `events` reports spread over `USERS` users on `threads` threads, one core each, and
+/// returns the wall-clock time the calls took.
 ///
-/// The tasks build their reports a chunk at a time (what a host spends building reports is not
-/// the library's), then wait for each other and process their chunks at once; each times every
-/// round from the moment all are ready to the moment all are done, and the longest total is
-/// the answer. If the tasks did not really run in parallel, the rounds take longer: the time
-/// is never flattered.
-fn run(runtime: &tokio::runtime::Runtime, billing: &BillingService, events: u64, tokens: u64, tasks: u64) -> Duration {
-    runtime.block_on(async {
-        let parties = usize::try_from(tasks).expect("a task count");
-        let ready = Arc::new(tokio::sync::Barrier::new(parties));
-        let done = Arc::new(tokio::sync::Barrier::new(parties));
-        let mine = events / tasks;
-        let mut handles = Vec::new();
-        for task in 0..tasks {
-            let (billing, ready, done) = (billing.clone(), ready.clone(), done.clone());
-            handles.push(tokio::spawn(async move {
-                let metadata = metadata();
-                let mut elapsed = Duration::ZERO;
-                let mut sent = 0;
-                while sent < mine {
-                    let chunk: Vec<UsageReport> = (sent..mine.min(sent + CHUNK))
-                        .map(|i| {
-                            let user = format!("user-{}", (i * tasks + task) % USERS);
-                            UsageReport::new(user, tokens, "chat").metadata(metadata.clone())
-                        })
-                        .collect();
-                    sent += chunk.len() as u64;
-                    ready.wait().await;
-                    let start = Instant::now();
-                    for report in chunk {
-                        billing.process_token_usage(report).await.expect("recorded");
+/// Each thread drives its own Tokio runtime (so that the two streams of calls really run on
+/// two cores: on one two-worker runtime, a task woken by the other is often run by the same
+/// worker, and the two take turns). The threads build their reports a chunk at a time (what a
+/// host spends building reports is not the library's), then wait for each other, process
+/// their chunks at once, and wait for each other again; each times every round from the moment
+/// all are ready to the moment all are done, and the longest total is the answer. If the
+/// threads did not really run in parallel, the rounds take longer: the time is never
+/// flattered.
+fn run(billing: &BillingService, events: u64, tokens: u64, threads: u64) -> Duration {
+    let parties = usize::try_from(threads).expect("a thread count");
+    let (ready, done) = (Barrier::new(parties), Barrier::new(parties));
+    let mine = events / threads;
+    let elapsed = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|thread| {
+                let (billing, ready, done) = (billing.clone(), &ready, &done);
+                scope.spawn(move || {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .build()
+                        .expect("a runtime");
+                    let metadata = metadata();
+                    let mut elapsed = Duration::ZERO;
+                    let mut sent = 0;
+                    while sent < mine {
+                        let chunk: Vec<UsageReport> = (sent..mine.min(sent + CHUNK))
+                            .map(|i| {
+                                let user = format!("user-{}", (i * threads + thread) % USERS);
+                                UsageReport::new(user, tokens, "chat").metadata(metadata.clone())
+                            })
+                            .collect();
+                        sent += chunk.len() as u64;
+                        ready.wait();
+                        let start = Instant::now();
+                        runtime.block_on(async {
+                            for report in chunk {
+                                billing.process_token_usage(report).await.expect("recorded");
+                            }
+                        });
+                        done.wait();
+                        elapsed += start.elapsed();
                     }
-                    done.wait().await;
-                    elapsed += start.elapsed();
-                }
-                elapsed
-            }));
-        }
-        let mut elapsed = Duration::ZERO;
-        for handle in handles {
-            // Every task saw the same rounds end; the slowest start is the honest one.
-            elapsed = elapsed.max(handle.await.expect("task"));
-        }
-        // The time for `events`, from the events actually sent (a multiple of `tasks`).
-        elapsed.mul_f64(events as f64 / (mine * tasks).max(1) as f64)
-    })
+                    elapsed
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|handle| handle.join().expect("a thread"))
+            .max()
+            .unwrap_or_default()
+    });
+    // The time for `events`, from the events actually sent (a multiple of `threads`).
+    elapsed.mul_f64(events as f64 / (mine * threads).max(1) as f64)
 }
 
 fn ingest(c: &mut Criterion) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .build()
-        .expect("a runtime");
     let mut group = c.benchmark_group("process_token_usage");
     group.throughput(Throughput::Elements(1));
     group.sample_size(20);
@@ -104,10 +108,8 @@ fn ingest(c: &mut Criterion) {
         ("uncharged_two_tasks_resendable_kept", EventRetention::Resendable),
     ] {
         let billing = service(Plan::default(), retention);
-        run(&runtime, &billing, USERS, 1_000, 2);
-        group.bench_function(name, |b| {
-            b.iter_custom(|iters| run(&runtime, &billing, iters.max(2), 1_000, 2))
-        });
+        run(&billing, USERS, 1_000, 2);
+        group.bench_function(name, |b| b.iter_custom(|iters| run(&billing, iters.max(2), 1_000, 2)));
     }
 
     // Every event crosses a block and is charged through the sandbox.
@@ -124,10 +126,8 @@ fn ingest(c: &mut Criterion) {
         ),
     ] {
         let billing = service(every_event_charged.clone(), retention);
-        run(&runtime, &billing, USERS, 1_000, 2);
-        group.bench_function(name, |b| {
-            b.iter_custom(|iters| run(&runtime, &billing, iters.max(2), 1_000, 2))
-        });
+        run(&billing, USERS, 1_000, 2);
+        group.bench_function(name, |b| b.iter_custom(|iters| run(&billing, iters.max(2), 1_000, 2)));
     }
     group.finish();
 }
