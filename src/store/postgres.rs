@@ -971,11 +971,13 @@ impl PostgresUsageStore {
     ///
     /// `optimistic` reads the totals without locks and trusts that no event of the batch was
     /// recorded before; the write then moves each period row only if its total is still the one
-    /// read, and skips an event id it finds taken. If either happened, the transaction is rolled
-    /// back and the answer is `None`: the careful way, which looks up the events recorded before
-    /// and locks the period rows in a fixed order (so that concurrent batches never deadlock),
-    /// does it again. The careful way answers `None` only when a writer outside those locks
-    /// (the same event id in another period) took an event id meanwhile.
+    /// read, and fails on the event id's unique index if an id is taken (no speculative insert
+    /// per row). Either way nothing stays: a moved total rolls the transaction back and answers
+    /// `None`, a taken id is a unique violation that `record_usage_batch` retries, and the
+    /// careful way, which looks up the events recorded before and locks the period rows in a
+    /// fixed order (so that concurrent batches never deadlock), does it again. The careful way
+    /// meets a taken id only when a writer outside those locks (the same event id in another
+    /// period) took it meanwhile.
     async fn try_record_batch(
         &self,
         requests: &[RecordUsage<'_>],
