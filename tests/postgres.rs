@@ -313,6 +313,73 @@ mod service {
         }
         settle_and_check_each_block_charged_once(tasks, &users, &schema, &sandbox, &clock, &plan).await;
     }
+
+    /// Two instances receive the same events at the same moment (a host's retry racing its
+    /// original), one as a batch and the other as a batch or one at a time: each event is
+    /// recorded once, with the other instance answered by the same consumption as a replay,
+    /// and each block is charged and paid once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn the_same_events_sent_twice_at_once_are_recorded_once() {
+        let plan = Plan::builder()
+            .included_tokens(10_000)
+            .block_size(10_000)
+            .build()
+            .expect("valid");
+        let sandbox = SandboxGateway::new();
+        let clock = clock();
+        let users: Vec<String> = (0..3).map(|i| fresh(&format!("twice{i}"))).collect();
+        let schema = super::schema().await;
+        let first = instance(Arc::new(super::store_in(&schema).await), &sandbox, &clock, plan.clone());
+        let second = instance(Arc::new(super::store_in(&schema).await), &sandbox, &clock, plan.clone());
+        let mut sent = vec![0u64; users.len()];
+        for round in 0..16usize {
+            let events: Vec<(usize, u64, String)> = (0..1 + round % 9)
+                .map(|i| {
+                    (
+                        (round + i) % users.len(),
+                        1 + ((round * 7_919 + i * 104_729) % 9_000) as u64,
+                        format!("r{round}-e{i}"),
+                    )
+                })
+                .collect();
+            let build = |(who, tokens, id): &(usize, u64, String)| {
+                UsageReport::new(&users[*who], *tokens, "chat").event_id(id.clone())
+            };
+            let batch = first.process_token_usage_batch(events.iter().map(build).collect());
+            let answers: Vec<_> = if round % 2 == 0 {
+                let other = second.process_token_usage_batch(events.iter().map(build).collect());
+                let (batch, other) = tokio::join!(batch, other);
+                batch
+                    .expect("a batch")
+                    .into_iter()
+                    .zip(other.expect("a batch"))
+                    .collect()
+            } else {
+                let other = async {
+                    let mut answers = Vec::new();
+                    for event in &events {
+                        answers.push(second.process_token_usage(build(event)).await);
+                    }
+                    answers
+                };
+                let (batch, other) = tokio::join!(batch, other);
+                batch.expect("a batch").into_iter().zip(other).collect()
+            };
+            for (i, (a, b)) in answers.into_iter().enumerate() {
+                let (a, b) = (a.expect("recorded"), b.expect("recorded"));
+                assert_eq!(
+                    (a.consumption_id, a.replayed != b.replayed),
+                    (b.consumption_id, true),
+                    "round {round}, event {i}: one record and one replay of it"
+                );
+            }
+            for (who, tokens, _) in &events {
+                sent[*who] += tokens;
+            }
+        }
+        let task = tokio::spawn(async move { sent });
+        settle_and_check_each_block_charged_once(vec![task], &users, &schema, &sandbox, &clock, &plan).await;
+    }
 }
 
 mod sql {

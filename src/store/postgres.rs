@@ -999,39 +999,11 @@ impl PostgresUsageStore {
         let now = first.usage.recorded_at;
         let mut tx = self.begin().await?;
 
-        // Events already recorded (only the host's own ids can have been): looked up by the
-        // careful way; the optimistic one finds them taken when it writes.
-        let mut existing: HashSet<(String, String)> = HashSet::new();
-        let (users, events): (Vec<&str>, Vec<&str>) = requests
-            .iter()
-            .filter(|r| !optimistic && r.usage.has_host_event_id())
-            .map(|r| (r.usage.user_id.as_str(), r.usage.event_id.as_str()))
-            .unzip();
-        if !users.is_empty() {
-            let rows = sqlx::query(
-                "SELECT c.user_id, c.event_id
-                   FROM token_consumption c
-                   JOIN unnest($1::text[], $2::text[]) AS e(user_id, event_id)
-                     ON c.user_id = e.user_id AND c.event_id = e.event_id",
-            )
-            .bind(&users)
-            .bind(&events)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(RecordFailure::Database)?;
-            for row in rows {
-                existing.insert((row.try_get(0).map_err(db)?, row.try_get(1).map_err(db)?));
-            }
-        }
-        let is_existing = |r: &RecordUsage<'_>| {
-            !existing.is_empty() && existing.contains(&(r.usage.user_id.to_string(), r.usage.event_id.to_string()))
-        };
-
-        // The period rows of the new events, locked in the batch's key order: those that exist
-        // are locked (not rewritten), the missing ones created in the same order, and a row
-        // another writer created meanwhile is locked after it committed.
+        // The period rows of the batch's events, locked in the batch's key order: those that
+        // exist are locked (not rewritten), the missing ones created in the same order, and a
+        // row another writer created meanwhile is locked after it committed.
         let mut groups: BTreeMap<Group, &RecordUsage<'_>> = BTreeMap::new();
-        for request in requests.iter().filter(|r| !is_existing(r)) {
+        for request in requests {
             groups
                 .entry((request.usage.user_id.clone(), request.usage.period))
                 .or_insert(request);
@@ -1130,6 +1102,36 @@ impl PostgresUsageStore {
             // Rows another writer created between the lock and the insert: locked next round.
             missing.retain(|(group, _)| !totals.contains_key(*group));
         }
+
+        // Events already recorded (only the host's own ids can have been): looked up by the
+        // careful way once it holds the period rows, so that no writer of those periods can
+        // record one of them before the write; the optimistic one finds them taken when it
+        // writes.
+        let mut existing: HashSet<(String, String)> = HashSet::new();
+        let (users, events): (Vec<&str>, Vec<&str>) = requests
+            .iter()
+            .filter(|r| !optimistic && r.usage.has_host_event_id())
+            .map(|r| (r.usage.user_id.as_str(), r.usage.event_id.as_str()))
+            .unzip();
+        if !users.is_empty() {
+            let rows = sqlx::query(
+                "SELECT c.user_id, c.event_id
+                   FROM token_consumption c
+                   JOIN unnest($1::text[], $2::text[]) AS e(user_id, event_id)
+                     ON c.user_id = e.user_id AND c.event_id = e.event_id",
+            )
+            .bind(&users)
+            .bind(&events)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(RecordFailure::Database)?;
+            for row in rows {
+                existing.insert((row.try_get(0).map_err(db)?, row.try_get(1).map_err(db)?));
+            }
+        }
+        let is_existing = |r: &RecordUsage<'_>| {
+            !existing.is_empty() && existing.contains(&(r.usage.user_id.to_string(), r.usage.event_id.to_string()))
+        };
 
         // The totals as read: the write moves a period row only from these.
         let read: HashMap<Group, u64> = totals
