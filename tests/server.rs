@@ -1320,3 +1320,99 @@ async fn the_seed_s_frontend_snippet_works_with_the_added_header() {
     assert_eq!(result["tierCharges"][0]["billing_tier"], json!("8M-16M"));
     assert_eq!(server.recorded("node-user").await, (1, 10_000_000));
 }
+
+/// The service as built (`cargo run --example server`) stops on `SIGTERM`, what a container's
+/// orchestrator sends: it answers until then, then exits cleanly.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_built_service_stops_cleanly_on_sigterm() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+
+    // Integration tests run from target/<profile>/deps; cargo builds the examples beside it.
+    let binary = std::env::current_exe()
+        .expect("the test binary")
+        .parent()
+        .and_then(Path::parent)
+        .expect("the target directory")
+        .join("examples/server");
+    // `cargo test` builds every example before it runs a test; `cargo test --test server`
+    // alone does not, and an older build must not stand in for the current source.
+    let built = std::fs::metadata(&binary)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|e| {
+            panic!(
+                "{}: {e} (run `cargo test` or `cargo build --example server`)",
+                binary.display()
+            )
+        });
+    for source in ["main.rs", "app.rs", "auth.rs", "config.rs", "openapi.rs"] {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("examples/server")
+            .join(source);
+        let changed = std::fs::metadata(&path).and_then(|m| m.modified()).expect("the source");
+        assert!(
+            changed <= built,
+            "{} is older than {source}: run `cargo test` or `cargo build --example server`",
+            binary.display()
+        );
+    }
+    let mut child = Command::new(&binary)
+        .env_clear()
+        .env("TOKEN_BILLING_API_KEY", API_KEY)
+        .env("TOKEN_BILLING_ADDR", "127.0.0.1:0")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the service starts");
+    let (lines, log) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().expect("its output");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    let address = loop {
+        let line = log
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the service logs where it listens");
+        let address = line
+            .split_once("address=")
+            .map(|(_, rest)| rest.split_whitespace().next().unwrap_or_default().to_owned());
+        seen.push(line);
+        if let Some(address) = address {
+            break address;
+        }
+    };
+    let base = format!("http://{address}");
+    let reply = request(&base, "GET", "/api/token-billing/openapi.json", &[], b"").await;
+    assert_eq!(reply.status, 200, "it serves before the signal");
+
+    let sent = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(sent.success());
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("its status") {
+            break status;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "still running 20 s after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "exited with {status}");
+    seen.extend(log.try_iter());
+    assert!(
+        seen.iter().any(|line| line.contains("shutting down")) && seen.iter().any(|line| line.contains("stopped")),
+        "{seen:#?}"
+    );
+}

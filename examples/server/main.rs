@@ -52,12 +52,41 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let listener = tokio::net::TcpListener::bind(&configured.addr).await?;
     info!(address = %listener.local_addr()?, "listening");
     axum::serve(listener, app::app(configured.state))
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-            info!("shutting down");
-        })
+        .with_graceful_shutdown(shutdown())
         .await?;
+    info!("stopped");
     Ok(())
+}
+
+/// Resolves on Ctrl-C or `SIGTERM` (what a container's orchestrator sends): requests in flight
+/// are answered, no new one is taken. A job stopped mid-way leaves its charges leased, and the
+/// next instance's `resume_pending` takes them once the lease expires.
+async fn shutdown() {
+    let interrupt = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            error!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                terminate.recv().await;
+            }
+            Err(e) => {
+                error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => {}
+        () = terminate => {}
+    }
+    info!("shutting down");
 }
 
 /// The two jobs a host runs: `resume_pending` every minute, `retry_failed` every hour.
@@ -73,7 +102,8 @@ fn spawn_jobs(billing: BillingService) {
     });
 }
 
-/// Runs `job` every `period`, logging its failures.
+/// Runs `job` every `period`, logging its failures. A run that overruns its period delays the
+/// next one rather than being followed by a burst of catch-up runs.
 fn every<F, Fut>(period: Duration, name: &'static str, billing: BillingService, job: F)
 where
     F: Fn(BillingService) -> Fut + Send + 'static,
@@ -81,6 +111,7 @@ where
 {
     tokio::spawn(async move {
         let mut ticks = tokio::time::interval(period);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticks.tick().await;
             if let Err(e) = job(billing.clone()).await {
