@@ -1393,8 +1393,9 @@ async fn the_built_service_stops_cleanly_on_sigterm() {
     let reply = request(&base, "GET", "/api/token-billing/openapi.json", &[], b"").await;
     assert_eq!(reply.status, 200, "it serves before the signal");
 
-    let sent = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+    // The shell's own `kill`: no other package needed.
+    let sent = Command::new("sh")
+        .args(["-c", &format!("kill -TERM {}", child.id())])
         .status()
         .expect("kill");
     assert!(sent.success());
