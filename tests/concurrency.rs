@@ -140,3 +140,73 @@ async fn concurrent_resumers_and_recorders_never_collect_twice() {
         );
     }
 }
+
+/// Tasks send the same events at once (a host's retry racing its original), some as batches
+/// and some one at a time: each event is recorded once, every other send answered with its
+/// consumption as a replay, and each block paid once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_same_events_sent_at_once_as_batches_and_singly_are_recorded_once() {
+    let plan = small_blocks();
+    let h = Arc::new(Harness::with_plan(plan.clone()));
+    let events: Vec<(usize, u64, String)> = sizes(0, 400)
+        .enumerate()
+        .map(|(i, tokens)| (i % USERS.len(), tokens, format!("event-{i}")))
+        .collect();
+    let events = Arc::new(events);
+    let mut tasks = Vec::new();
+    for task in 0..6usize {
+        let (h, events) = (h.clone(), events.clone());
+        tasks.push(tokio::spawn(async move {
+            let report = |(who, tokens, id): &(usize, u64, String)| {
+                UsageReport::new(USERS[*who], *tokens, "chat").event_id(id.clone())
+            };
+            let mut answers = Vec::with_capacity(events.len());
+            for chunk in events.chunks(1 + task * 7) {
+                if task % 2 == 0 {
+                    let outcomes = h
+                        .service
+                        .process_token_usage_batch(chunk.iter().map(report).collect())
+                        .await
+                        .expect("a batch");
+                    answers.extend(outcomes.into_iter().map(|o| o.expect("recorded")));
+                } else {
+                    for event in chunk {
+                        answers.push(h.service.process_token_usage(report(event)).await.expect("recorded"));
+                    }
+                }
+            }
+            answers
+        }));
+    }
+    let mut answers = Vec::new();
+    for task in tasks {
+        answers.push(task.await.expect("task"));
+    }
+    for i in 0..events.len() {
+        let sends: Vec<_> = answers.iter().map(|a| &a[i]).collect();
+        assert_eq!(
+            sends.iter().filter(|o| !o.replayed).count(),
+            1,
+            "event {i} recorded exactly once"
+        );
+        assert!(
+            sends.iter().all(|o| o.consumption_id == sends[0].consumption_id),
+            "event {i}: every answer names the one consumption"
+        );
+    }
+    let mut totals = [0u64; 3];
+    for (who, tokens, _) in events.iter() {
+        totals[*who] += tokens;
+    }
+    for (name, total) in USERS.iter().zip(totals) {
+        let u = user(name);
+        let summary = h.service.token_summary(&u, None).await.expect("summary");
+        assert_eq!(summary.total_tokens, total, "{name}: each event counted once");
+        assert_eq!(summary.tier_charges_count, plan.blocks_owed(total));
+        h.assert_period_consistent(&u, november(), &plan).await;
+    }
+    assert!(
+        h.succeeded_payments_by_charge().values().all(|&n| n == 1),
+        "nobody paid twice"
+    );
+}
