@@ -114,6 +114,15 @@ mod service {
             .build()
     }
 
+    /// Blocks of 10,000 tokens after 10,000 included: a race crosses many boundaries.
+    fn small_blocks() -> Plan {
+        Plan::builder()
+            .included_tokens(10_000)
+            .block_size(10_000)
+            .build()
+            .expect("valid")
+    }
+
     fn clock() -> ManualClock {
         ManualClock::new(Utc.with_ymd_and_hms(2026, 11, 15, 15, 0, 0).single().expect("valid"))
     }
@@ -239,11 +248,7 @@ mod service {
     /// are the sums of the accepted events.
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn instances_with_separate_pools_race_and_collect_each_block_once() {
-        let plan = Plan::builder()
-            .included_tokens(10_000)
-            .block_size(10_000)
-            .build()
-            .expect("valid");
+        let plan = small_blocks();
         let sandbox = SandboxGateway::new();
         let clock = clock();
         let users: Vec<String> = (0..3).map(|i| fresh(&format!("race{i}"))).collect();
@@ -287,11 +292,7 @@ mod service {
     /// charged and paid once.
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn batches_and_single_events_race_and_charge_each_block_once() {
-        let plan = Plan::builder()
-            .included_tokens(10_000)
-            .block_size(10_000)
-            .build()
-            .expect("valid");
+        let plan = small_blocks();
         let sandbox = SandboxGateway::new();
         let clock = clock();
         let users: Vec<String> = (0..4).map(|i| fresh(&format!("batch{i}"))).collect();
@@ -350,11 +351,7 @@ mod service {
     /// and each block is charged and paid once.
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn the_same_events_sent_twice_at_once_are_recorded_once() {
-        let plan = Plan::builder()
-            .included_tokens(10_000)
-            .block_size(10_000)
-            .build()
-            .expect("valid");
+        let plan = small_blocks();
         let sandbox = SandboxGateway::new();
         let clock = clock();
         let users: Vec<String> = (0..3).map(|i| fresh(&format!("twice{i}"))).collect();
