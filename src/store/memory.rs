@@ -134,8 +134,21 @@ struct UserBook {
     events: HashMap<EventId, EventEntry>,
     periods: BTreeMap<PeriodKey, PeriodBook>,
     charge_index: HashMap<ChargeKey, (PeriodKey, usize)>,
-    audit: Vec<AuditEntry>,
+    audit: Vec<TrailItem>,
     gateway_events: HashSet<String>,
+}
+
+/// A place in a user's audit trail: an entry, or a recorded event, whose entry is read from the
+/// event kept in its period (which holds everything the entry says) rather than kept twice.
+#[derive(Debug)]
+enum TrailItem {
+    Entry(Box<AuditEntry>),
+    Usage {
+        period: PeriodKey,
+        /// The event's place in its period's `consumptions`.
+        index: usize,
+        total_after: u64,
+    },
 }
 
 /// What dedupe needs to answer a replay with the original outcome.
@@ -268,12 +281,12 @@ fn claim_from<'a>(
             };
             let charge = charge.clone();
             for event in events {
-                book.audit.push(AuditEntry {
+                book.audit.push(TrailItem::Entry(Box::new(AuditEntry {
                     at: charge.updated_at,
                     user_id: user_id.clone(),
                     period: Some(charge.period),
                     event,
-                });
+                })));
             }
             shard.index_charge(&charge, Some(previous));
             claimed.push(charge);
@@ -366,10 +379,8 @@ impl UserBook {
             forgotten.push(*key);
         }
         if !forgotten.is_empty() {
-            self.audit.retain(|entry| {
-                !(matches!(entry.event, AuditEvent::UsageRecorded { .. })
-                    && entry.period.is_some_and(|p| forgotten.contains(&p)))
-            });
+            self.audit
+                .retain(|item| !matches!(item, TrailItem::Usage { period, .. } if forgotten.contains(period)));
         }
     }
 
@@ -424,7 +435,7 @@ impl UserBook {
             book.charges.push(charge.clone());
         }
         for charge in &created {
-            self.audit.push(AuditEntry {
+            self.audit.push(TrailItem::Entry(Box::new(AuditEntry {
                 at: now,
                 user_id: charge.user_id.clone(),
                 period: Some(period),
@@ -434,9 +445,9 @@ impl UserBook {
                     amount: charge.amount,
                     status,
                 },
-            });
+            })));
             if charge.attempts == 1 {
-                self.audit.push(AuditEntry {
+                self.audit.push(TrailItem::Entry(Box::new(AuditEntry {
                     at: now,
                     user_id: charge.user_id.clone(),
                     period: Some(period),
@@ -445,7 +456,7 @@ impl UserBook {
                         round: 0,
                         attempt: 1,
                     },
-                });
+                })));
             }
         }
         Ok(created)
@@ -457,7 +468,7 @@ impl UsageStore for InMemoryUsageStore {
     async fn put_account(&self, account: Account) -> Result<(), StoreError> {
         let mut shard = self.shard(&account.user_id);
         let book = shard.users.entry(account.user_id.clone()).or_default();
-        book.audit.push(AuditEntry {
+        book.audit.push(TrailItem::Entry(Box::new(AuditEntry {
             at: account.updated_at,
             user_id: account.user_id.clone(),
             period: None,
@@ -465,7 +476,7 @@ impl UsageStore for InMemoryUsageStore {
                 customer_id: account.customer_id.clone(),
                 plan_id: account.plan_id.clone(),
             },
-        });
+        })));
         book.account = Some(account);
         Ok(())
     }
@@ -554,16 +565,10 @@ impl UsageStore for InMemoryUsageStore {
                     blocks,
                 },
             );
-            book.audit.push(AuditEntry {
-                at: now,
-                user_id: user.clone(),
-                period: Some(period),
-                event: AuditEvent::UsageRecorded {
-                    consumption_id: usage.consumption_id,
-                    event_id: usage.event_id.clone(),
-                    tokens: usage.tokens,
-                    total_after: after,
-                },
+            book.audit.push(TrailItem::Usage {
+                period,
+                index,
+                total_after: after,
             });
         }
         if opened {
@@ -733,7 +738,12 @@ impl UsageStore for InMemoryUsageStore {
 
     async fn append_audit(&self, entry: AuditEntry) -> Result<(), StoreError> {
         let mut shard = self.shard(&entry.user_id);
-        shard.users.entry(entry.user_id.clone()).or_default().audit.push(entry);
+        shard
+            .users
+            .entry(entry.user_id.clone())
+            .or_default()
+            .audit
+            .push(TrailItem::Entry(Box::new(entry)));
         Ok(())
     }
 
@@ -751,12 +761,12 @@ impl UsageStore for InMemoryUsageStore {
         if !book.gateway_events.insert(record.event_id) {
             return Ok(false);
         }
-        book.audit.push(AuditEntry {
+        book.audit.push(TrailItem::Entry(Box::new(AuditEntry {
             at: record.at,
             user_id: record.user_id,
             period: record.period,
             event: record.audit,
-        });
+        })));
         Ok(true)
     }
 
@@ -808,7 +818,7 @@ impl UsageStore for InMemoryUsageStore {
         charge.lease_until = s.lease_until;
         charge.updated_at = s.at;
         let charge = charge.clone();
-        book.audit.push(AuditEntry {
+        book.audit.push(TrailItem::Entry(Box::new(AuditEntry {
             at: s.at,
             user_id: s.user_id.clone(),
             period: Some(period),
@@ -819,7 +829,7 @@ impl UsageStore for InMemoryUsageStore {
                 payment_id: charge.payment_id.clone(),
                 failure_code: charge.failure_code.clone(),
             },
-        });
+        })));
         shard.index_charge(&charge, Some(previous));
         Ok(charge)
     }
@@ -911,17 +921,52 @@ impl UsageStore for InMemoryUsageStore {
     }
 
     async fn audit_trail(&self, user: &UserId, period: Option<PeriodKey>) -> Result<Vec<AuditEntry>, StoreError> {
-        Ok(self
-            .shard(user)
-            .users
-            .get(user)
-            .map(|b| {
-                b.audit
-                    .iter()
-                    .filter(|e| period.is_none() || e.period == period)
-                    .cloned()
-                    .collect()
+        let shard = self.shard(user);
+        let Some(book) = shard.users.get(user) else {
+            return Ok(Vec::new());
+        };
+        Ok(book
+            .audit
+            .iter()
+            .filter_map(|item| match item {
+                TrailItem::Entry(entry) => (period.is_none() || entry.period == period).then(|| AuditEntry::clone(entry)),
+                TrailItem::Usage {
+                    period: of,
+                    index,
+                    total_after,
+                } => {
+                    if period.is_some_and(|p| p != *of) {
+                        return None;
+                    }
+                    // A usage item is dropped with its period's events (`forget_events_before`),
+                    // so its event is there.
+                    let usage = book.periods.get(of)?.consumptions.get(*index)?;
+                    Some(AuditEntry {
+                        at: usage.recorded_at,
+                        user_id: user.clone(),
+                        period: Some(*of),
+                        event: AuditEvent::UsageRecorded {
+                            consumption_id: usage.consumption_id,
+                            event_id: usage.event_id.clone(),
+                            tokens: usage.tokens,
+                            total_after: *total_after,
+                        },
+                    })
+                }
             })
-            .unwrap_or_default())
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A kept event's place in the audit trail is what the memory figures count: a few words,
+    /// not an entry.
+    #[test]
+    fn an_events_place_in_the_trail_is_small() {
+        assert!(std::mem::size_of::<TrailItem>() <= 32, "{}", std::mem::size_of::<TrailItem>());
+        assert!(std::mem::size_of::<TrailItem>() < std::mem::size_of::<AuditEntry>() / 2);
     }
 }
