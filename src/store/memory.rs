@@ -929,7 +929,9 @@ impl UsageStore for InMemoryUsageStore {
             .audit
             .iter()
             .filter_map(|item| match item {
-                TrailItem::Entry(entry) => (period.is_none() || entry.period == period).then(|| AuditEntry::clone(entry)),
+                TrailItem::Entry(entry) => {
+                    (period.is_none() || entry.period == period).then(|| AuditEntry::clone(entry))
+                }
                 TrailItem::Usage {
                     period: of,
                     index,
@@ -966,7 +968,11 @@ mod tests {
     /// not an entry.
     #[test]
     fn an_events_place_in_the_trail_is_small() {
-        assert!(std::mem::size_of::<TrailItem>() <= 32, "{}", std::mem::size_of::<TrailItem>());
+        assert!(
+            std::mem::size_of::<TrailItem>() <= 32,
+            "{}",
+            std::mem::size_of::<TrailItem>()
+        );
         assert!(std::mem::size_of::<TrailItem>() < std::mem::size_of::<AuditEntry>() / 2);
     }
 }
