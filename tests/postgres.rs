@@ -9,6 +9,8 @@ use std::str::FromStr;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use token_billing::PostgresUsageStore;
 
+mod common;
+
 fn database_url() -> String {
     std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
 }
@@ -88,8 +90,8 @@ mod service {
 
     use chrono::{Duration, TimeZone, Utc};
     use token_billing::{
-        BillingService, ChargeKind, ChargeStatus, CollectionMode, ManualClock, PaymentStatus, PeriodKey, Plan,
-        SandboxGateway, UnregisteredUsers, UsageReport, UsageStore, UserId,
+        BillingService, ChargeStatus, CollectionMode, ManualClock, PeriodKey, Plan, SandboxGateway, UnregisteredUsers,
+        UsageReport, UsageStore, UserId,
     };
     use uuid::Uuid;
 
@@ -215,31 +217,8 @@ mod service {
                 (summary.tier_charges_count, summary.outstanding_count),
                 (plan.blocks_owed(total), 0)
             );
-            let consumed: u64 = finisher
-                .store()
-                .consumptions(&user, november())
-                .await
-                .expect("consumptions")
-                .iter()
-                .map(|c| c.tokens)
-                .sum();
-            assert_eq!(consumed, total, "each event once");
-            let charges = finisher.store().charges(&user, november()).await.expect("charges");
-            let mut blocks: Vec<u64> = charges
-                .iter()
-                .filter(|c| c.kind == ChargeKind::Block)
-                .map(|c| c.block)
-                .collect();
-            blocks.sort_unstable();
-            assert_eq!(blocks, (1..=plan.blocks_owed(total)).collect::<Vec<_>>());
-            for charge in &charges {
-                let paid = sandbox
-                    .payments_for_charge(&charge.key)
-                    .iter()
-                    .filter(|p| p.status == PaymentStatus::Succeeded)
-                    .count();
-                assert_eq!(paid, 1, "{} paid {paid} times", charge.key);
-            }
+            // Each event counted once, each block charged once, each (succeeded) charge paid once.
+            crate::common::assert_period_consistent(finisher.store().as_ref(), sandbox, &user, november(), plan).await;
         }
     }
 

@@ -89,61 +89,9 @@ impl Harness {
         self.clock.advance(by);
     }
 
-    /// Asserts every invariant of a settled period: blocks 1..=blocks_owed(total) exist once
-    /// each, every succeeded charge was paid exactly once at the sandbox and no other charge was
-    /// paid, the summary agrees with the charges, and the total is the sum of the consumptions.
+    /// [`assert_period_consistent`] on this harness's store and sandbox.
     pub async fn assert_period_consistent(&self, user: &UserId, period: PeriodKey, plan: &Plan) {
-        let summary = self.store.period_summary(user, period).await.expect("summary");
-        let consumptions = self.store.consumptions(user, period).await.expect("consumptions");
-        let total: u64 = consumptions.iter().map(|c| c.tokens).sum();
-        assert_eq!(
-            summary.as_ref().map_or(0, |s| s.total_tokens),
-            total,
-            "no lost or doubled usage"
-        );
-        let charges = self.store.charges(user, period).await.expect("charges");
-        let mut blocks: Vec<u64> = charges
-            .iter()
-            .filter(|c| c.kind == ChargeKind::Block)
-            .map(|c| c.block)
-            .collect();
-        blocks.sort_unstable();
-        assert_eq!(
-            blocks,
-            (1..=plan.blocks_owed(total)).collect::<Vec<_>>(),
-            "each block exactly once"
-        );
-        for charge in &charges {
-            let paid = self
-                .sandbox
-                .payments_for_charge(&charge.key)
-                .into_iter()
-                .filter(|p| p.status == PaymentStatus::Succeeded)
-                .count();
-            let expected = usize::from(charge.status == ChargeStatus::Succeeded && !charge.amount.is_zero());
-            assert_eq!(
-                paid, expected,
-                "{} is {} and was paid {paid} times",
-                charge.key, charge.status
-            );
-        }
-        if let Some(summary) = summary {
-            let succeeded = |kind| {
-                charges
-                    .iter()
-                    .filter(|c| c.kind == kind && c.status == ChargeStatus::Succeeded)
-                    .map(|c| c.amount.minor_units())
-                    .sum::<i64>()
-            };
-            assert_eq!(summary.fixed_fee_charged.minor_units(), succeeded(ChargeKind::FixedFee));
-            assert_eq!(summary.tier_charges_total.minor_units(), succeeded(ChargeKind::Block));
-            let outstanding: i64 = charges
-                .iter()
-                .filter(|c| c.status != ChargeStatus::Succeeded)
-                .map(|c| c.amount.minor_units())
-                .sum();
-            assert_eq!(summary.outstanding_total.minor_units(), outstanding);
-        }
+        assert_period_consistent(self.store.as_ref(), &self.sandbox, user, period, plan).await;
     }
 
     /// Succeeded payments per charge key, over the whole sandbox.
@@ -155,5 +103,67 @@ impl Harness {
             }
         }
         paid
+    }
+}
+
+/// Asserts every invariant of a settled period: blocks 1..=blocks_owed(total) exist once each,
+/// every succeeded charge was paid exactly once at the sandbox and no other charge was paid, the
+/// summary agrees with the charges, and the total is the sum of the consumptions.
+pub async fn assert_period_consistent(
+    store: &dyn UsageStore,
+    sandbox: &SandboxGateway,
+    user: &UserId,
+    period: PeriodKey,
+    plan: &Plan,
+) {
+    let summary = store.period_summary(user, period).await.expect("summary");
+    let consumptions = store.consumptions(user, period).await.expect("consumptions");
+    let total: u64 = consumptions.iter().map(|c| c.tokens).sum();
+    assert_eq!(
+        summary.as_ref().map_or(0, |s| s.total_tokens),
+        total,
+        "no lost or doubled usage"
+    );
+    let charges = store.charges(user, period).await.expect("charges");
+    let mut blocks: Vec<u64> = charges
+        .iter()
+        .filter(|c| c.kind == ChargeKind::Block)
+        .map(|c| c.block)
+        .collect();
+    blocks.sort_unstable();
+    assert_eq!(
+        blocks,
+        (1..=plan.blocks_owed(total)).collect::<Vec<_>>(),
+        "each block exactly once"
+    );
+    for charge in &charges {
+        let paid = sandbox
+            .payments_for_charge(&charge.key)
+            .into_iter()
+            .filter(|p| p.status == PaymentStatus::Succeeded)
+            .count();
+        let expected = usize::from(charge.status == ChargeStatus::Succeeded && !charge.amount.is_zero());
+        assert_eq!(
+            paid, expected,
+            "{} is {} and was paid {paid} times",
+            charge.key, charge.status
+        );
+    }
+    if let Some(summary) = summary {
+        let succeeded = |kind| {
+            charges
+                .iter()
+                .filter(|c| c.kind == kind && c.status == ChargeStatus::Succeeded)
+                .map(|c| c.amount.minor_units())
+                .sum::<i64>()
+        };
+        assert_eq!(summary.fixed_fee_charged.minor_units(), succeeded(ChargeKind::FixedFee));
+        assert_eq!(summary.tier_charges_total.minor_units(), succeeded(ChargeKind::Block));
+        let outstanding: i64 = charges
+            .iter()
+            .filter(|c| c.status != ChargeStatus::Succeeded)
+            .map(|c| c.amount.minor_units())
+            .sum();
+        assert_eq!(summary.outstanding_total.minor_units(), outstanding);
     }
 }
