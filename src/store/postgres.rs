@@ -1212,8 +1212,6 @@ impl PostgresUsageStore {
         let mut x_before = Vec::new();
         let mut x_first = Vec::new();
         let mut x_end = Vec::new();
-        let mut a_users = Vec::new();
-        let mut a_periods = Vec::new();
         let mut a_charges = Vec::new();
         let mut a_events = Vec::new();
         // Each audit entry's and each consumption's place in the audit trail: an event's
@@ -1248,8 +1246,6 @@ impl PostgresUsageStore {
                 c_attempts.push(i32::from(leased));
                 c_leases.push(request.lease_until);
                 for event in &created_charge_audit(charge, leased) {
-                    a_users.push(usage.user_id.as_str());
-                    a_periods.push(period.clone());
                     a_charges.push(id);
                     a_events.push(audit_json(event)?);
                     places += 1;
@@ -1345,7 +1341,7 @@ impl PostgresUsageStore {
         let rows = sqlx::query(&format!(
             "WITH places AS (
                  SELECT array_agg(nextval('token_billing_audit_seq_seq') ORDER BY p) AS seqs
-                   FROM generate_series(1, $44::bigint) AS p
+                   FROM generate_series(1, $42::bigint) AS p
              ), charge_input AS (
                  SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::bigint[],
                                       $7::text[], $8::bigint[], $9::text[], $10::uuid[], $11::int[],
@@ -1353,8 +1349,8 @@ impl PostgresUsageStore {
                       WITH ORDINALITY AS i(user_id, id, charge_key, period, kind, block, billing_tier, amount,
                                            currency, consumption_id, attempts, lease_until, n)
              ), groups AS (
-                 SELECT * FROM unnest($14::text[], $15::text[], $16::bigint[], $17::bigint[], $37::bigint[],
-                                      $38::bigint[], $39::bigint[], $40::bigint[], $41::bigint[])
+                 SELECT * FROM unnest($14::text[], $15::text[], $16::bigint[], $17::bigint[], $35::bigint[],
+                                      $36::bigint[], $37::bigint[], $38::bigint[], $39::bigint[])
                       AS g(user_id, period, total_after, events, included, block, total_before, charges, amount)
              ), moved AS (
                  {moved}
@@ -1383,7 +1379,7 @@ impl PostgresUsageStore {
                         x.first_block, x.end_block, q.seqs[x.place]
                    FROM unnest($20::text[], $21::uuid[], $22::text[], $23::text[], $24::bigint[], $25::text[],
                                $26::text[], $27::jsonb[], $28::timestamptz[], $29::bool[], $30::bigint[],
-                               $31::bigint[], $32::bigint[], $43::bigint[])
+                               $31::bigint[], $32::bigint[], $41::bigint[])
                         AS x(user_id, id, event_id, period, tokens, operation_type, client_id, metadata, occurred_at,
                              reported, before, first_block, end_block, place)
                    JOIN moved m ON m.user_id = x.user_id AND m.period = x.period
@@ -1391,12 +1387,10 @@ impl PostgresUsageStore {
                  RETURNING 1
              ), audited AS (
                  INSERT INTO token_billing_audit (user_id, seq, at, period, event)
-                 SELECT a.user_id, q.seqs[a.place], $13, a.period, a.event
-                   FROM unnest($33::text[], $34::text[], $35::uuid[], $36::jsonb[], $42::bigint[])
-                        AS a(user_id, period, charge_id, event, place)
-                   JOIN moved m ON m.user_id = a.user_id AND m.period = a.period
+                 SELECT c.user_id, q.seqs[a.place], $13, c.period, a.event
+                   FROM unnest($33::uuid[], $34::jsonb[], $40::bigint[]) AS a(charge_id, event, place)
+                   JOIN created c ON c.id = a.charge_id
                    CROSS JOIN places q
-                  WHERE a.charge_id IN (SELECT c.id FROM created c)
              )
              SELECT (SELECT count(*) FROM moved) AS moved, (SELECT count(*) FROM consumption) AS inserted,
                     (SELECT count(*) FROM created) AS charged, created.*
@@ -1434,8 +1428,6 @@ impl PostgresUsageStore {
         .bind(&x_before)
         .bind(&x_first)
         .bind(&x_end)
-        .bind(&a_users)
-        .bind(&a_periods)
         .bind(&a_charges)
         .bind(&a_events)
         .bind(&g_included)
