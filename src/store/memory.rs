@@ -15,7 +15,7 @@ use super::{
 };
 use crate::domain::{
     Blocks, Charge, ChargeKey, ChargeKind, ChargeStatus, EventId, MAX_TOKENS, Money, MoneyError, NewCharge,
-    OperationType, Period, PeriodKey, Plan, UsageRecord, UserId, charges_for_growth,
+    OperationType, Period, PeriodKey, UsageRecord, UserId, charges_for_growth,
 };
 
 const STORE: &str = "in-memory store";
@@ -167,6 +167,9 @@ struct PeriodBook {
     consumptions: Vec<Arc<UsageRecord>>,
     by_operation: BTreeMap<OperationType, (u64, u64)>,
     charges: Vec<Charge>,
+    /// When the period stops taking late usage, by the plan that rates it: set by its first
+    /// kept event (a period opened by a charge alone has no events to forget).
+    takes_usage_until: Option<DateTime<Utc>>,
 }
 
 impl PeriodBook {
@@ -176,6 +179,7 @@ impl PeriodBook {
             consumptions: Vec::new(),
             by_operation: BTreeMap::new(),
             charges: Vec::new(),
+            takes_usage_until: None,
         }
     }
 }
@@ -359,17 +363,16 @@ impl UserBook {
 
     /// Forgets the events (records, ids, usage audit entries) of the periods before the `kept`
     /// most recent ones, up to `newest`, that no longer take usage: a period still inside the
-    /// plan's grace window for late usage keeps its events, so that a re-send reaching the
-    /// store is still answered as the original, never recorded twice.
-    fn forget_events_before(&mut self, newest: PeriodKey, kept: u32, plan: &Plan, now: DateTime<Utc>) {
+    /// grace window for late usage of the plan that rates it keeps its events, so that a
+    /// re-send reaching the store is still answered as the original, never recorded twice.
+    fn forget_events_before(&mut self, newest: PeriodKey, kept: u32, now: DateTime<Utc>) {
         let mut cutoff = newest;
         for _ in 1..kept {
             cutoff = cutoff.previous();
         }
-        let closed = |key: PeriodKey| Period::new(key, plan.zone()).end() + plan.late_usage_grace() <= now;
         let mut forgotten = Vec::new();
         for (key, book) in self.periods.range_mut(..cutoff) {
-            if !closed(*key) || book.consumptions.is_empty() {
+            if book.takes_usage_until.is_none_or(|until| until > now) || book.consumptions.is_empty() {
                 continue;
             }
             for usage in book.consumptions.drain(..) {
@@ -552,6 +555,9 @@ impl UsageStore for InMemoryUsageStore {
             }
         }
         if keep {
+            period_book
+                .takes_usage_until
+                .get_or_insert_with(|| Period::new(period, plan.zone()).end() + plan.late_usage_grace());
             let index = period_book.consumptions.len();
             period_book.consumptions.push(Arc::clone(&usage));
             book.events.insert(
@@ -573,7 +579,7 @@ impl UsageStore for InMemoryUsageStore {
         }
         if opened {
             if let Some(kept) = self.periods_kept {
-                book.forget_events_before(period, kept, plan, now);
+                book.forget_events_before(period, kept, now);
             }
         }
         for charge in &created {
