@@ -213,60 +213,70 @@ async fn periods_kept_keeps_a_period_s_events_while_it_takes_late_usage() {
     );
 }
 
-/// The store keeps an older period's events for the grace window of the plan that rates that
-/// period, not of the plan of the period that opens: a user moved to a plan with a shorter
-/// window still has a re-send of an October event answered with its original outcome (the
-/// service would refuse a new October event by the current plan's window, and refuses a
-/// re-send the store no longer knows).
+/// The store keeps an older period's events while either the grace window of the plan that
+/// rates that period or that of the user's current plan is open, whichever way the user's plan
+/// changed: a re-send of an October event inside either window is answered with its original
+/// outcome, never counted twice (the service judges a late event by the current plan's window,
+/// and answers a re-send the store still knows as the original).
 #[tokio::test]
-async fn periods_kept_follows_the_grace_of_the_plan_that_rates_the_period() {
+async fn periods_kept_keeps_a_period_s_events_while_either_plan_s_grace_is_open() {
     let short = token_billing::PlanId::new("short-grace").expect("valid");
-    let sandbox = SandboxGateway::new();
-    let h = Harness::over(
-        Arc::new(InMemoryUsageStore::builder().periods_kept(1).build()),
-        Arc::new(sandbox.clone()),
-        sandbox,
-        |b| {
-            b.add_plan(
-                short.clone(),
-                token_billing::Plan::builder()
-                    .late_usage_grace(std::time::Duration::from_secs(3_600))
-                    .build()
-                    .expect("valid"),
-            )
-        },
-    );
-    let cid = user("cid");
-    let october_event = || {
-        UsageReport::new("cid", 9_000_000, "chat")
-            .event_id("req-0")
-            .occurred_at(Utc.with_ymd_and_hms(2026, 10, 31, 20, 0, 0).single().expect("valid"))
-    };
-    h.clock
-        .set(Utc.with_ymd_and_hms(2026, 10, 31, 20, 0, 0).single().expect("valid"));
-    h.service.process_token_usage(october_event()).await.expect("recorded");
-    // From November the user is on a plan whose grace window is one hour; October keeps the
-    // default plan's 72 hours.
-    h.clock
-        .set(Utc.with_ymd_and_hms(2026, 11, 1, 11, 0, 0).single().expect("valid"));
-    h.service
-        .register_account(&cid, None, Some(short))
-        .await
-        .expect("moved to the short-grace plan");
-    h.clock
-        .set(Utc.with_ymd_and_hms(2026, 11, 1, 12, 0, 0).single().expect("valid"));
-    h.service
-        .process_token_usage(UsageReport::new("cid", 1_000, "chat").event_id("req-1"))
-        .await
-        .expect("November opens");
-    h.clock
-        .set(Utc.with_ymd_and_hms(2026, 11, 2, 12, 0, 0).single().expect("valid"));
-    let again = h.service.process_token_usage(october_event()).await.expect("answered");
-    assert!(
-        again.replayed,
-        "answered as the original, inside October's own grace window"
-    );
-    let october = PeriodKey::new(2026, 10).expect("valid");
-    let summary = h.service.token_summary(&cid, Some(october)).await.expect("summary");
-    assert_eq!(summary.total_tokens, 9_000_000, "counted once");
+    let default = token_billing::PlanId::new("default").expect("valid");
+    let at = |day, hour| Utc.with_ymd_and_hms(2026, 11, day, hour, 0, 0).single().expect("valid");
+    // October on the default plan (72 hours), then on the short one (an hour); and the reverse.
+    for (october_plan, november_plan) in [(&default, &short), (&short, &default)] {
+        let sandbox = SandboxGateway::new();
+        let h = Harness::over(
+            Arc::new(InMemoryUsageStore::builder().periods_kept(1).build()),
+            Arc::new(sandbox.clone()),
+            sandbox,
+            |b| {
+                b.add_plan(
+                    short.clone(),
+                    token_billing::Plan::builder()
+                        .late_usage_grace(std::time::Duration::from_secs(3_600))
+                        .build()
+                        .expect("valid"),
+                )
+            },
+        );
+        let cid = user("cid");
+        let october_event = || {
+            UsageReport::new("cid", 9_000_000, "chat")
+                .event_id("req-0")
+                .occurred_at(Utc.with_ymd_and_hms(2026, 10, 31, 20, 0, 0).single().expect("valid"))
+        };
+        h.clock
+            .set(Utc.with_ymd_and_hms(2026, 10, 31, 19, 0, 0).single().expect("valid"));
+        h.service
+            .register_account(&cid, None, Some(october_plan.clone()))
+            .await
+            .expect("October's plan");
+        h.clock
+            .set(Utc.with_ymd_and_hms(2026, 10, 31, 20, 0, 0).single().expect("valid"));
+        h.service.process_token_usage(october_event()).await.expect("recorded");
+        h.clock.set(at(1, 11));
+        h.service
+            .register_account(&cid, None, Some(november_plan.clone()))
+            .await
+            .expect("November's plan");
+        // November opens after the short window closed, inside the 72-hour one.
+        h.clock.set(at(1, 12));
+        h.service
+            .process_token_usage(UsageReport::new("cid", 1_000, "chat").event_id("req-1"))
+            .await
+            .expect("November opens");
+        h.clock.set(at(2, 12));
+        let again = h.service.process_token_usage(october_event()).await.expect("answered");
+        assert!(
+            again.replayed,
+            "{october_plan} then {november_plan}: answered as the original"
+        );
+        let october = PeriodKey::new(2026, 10).expect("valid");
+        let summary = h.service.token_summary(&cid, Some(october)).await.expect("summary");
+        assert_eq!(
+            summary.total_tokens, 9_000_000,
+            "{october_plan} then {november_plan}: counted once"
+        );
+    }
 }

@@ -15,7 +15,7 @@ use super::{
 };
 use crate::domain::{
     Blocks, Charge, ChargeKey, ChargeKind, ChargeStatus, EventId, MAX_TOKENS, Money, MoneyError, NewCharge,
-    OperationType, Period, PeriodKey, UsageRecord, UserId, charges_for_growth,
+    OperationType, Period, PeriodKey, Plan, UsageRecord, UserId, charges_for_growth,
 };
 
 const STORE: &str = "in-memory store";
@@ -97,8 +97,8 @@ impl InMemoryUsageStoreBuilder {
 
     /// Keeps events (their records, ids and usage audit entries) of each user's `periods` most
     /// recent periods only, at least one; an older period's events are forgotten when a newer
-    /// period opens, once the older one no longer takes late usage (its end plus the plan's
-    /// grace window has passed). Summaries and charges of every period stay. An event is thus
+    /// period opens, once the older one no longer takes late usage (its end plus the grace
+    /// window of the plan that rates it, and of the user's current plan, has passed). Summaries and charges of every period stay. An event is thus
     /// forgotten only when a re-send of it would be refused as too late anyway: the service
     /// refuses it, never records it twice. All by default.
     pub fn periods_kept(mut self, periods: u32) -> Self {
@@ -362,17 +362,23 @@ impl UserBook {
     }
 
     /// Forgets the events (records, ids, usage audit entries) of the periods before the `kept`
-    /// most recent ones, up to `newest`, that no longer take usage: a period still inside the
-    /// grace window for late usage of the plan that rates it keeps its events, so that a
-    /// re-send reaching the store is still answered as the original, never recorded twice.
-    fn forget_events_before(&mut self, newest: PeriodKey, kept: u32, now: DateTime<Utc>) {
+    /// most recent ones, up to `newest`, that no longer take usage, so that a re-send reaching
+    /// the store is always answered as the original, never recorded twice. A period takes late
+    /// usage while the grace window of the plan that rates it is open, or that of `current`, the
+    /// plan of the period opening (the service judges lateness by the user's current plan):
+    /// its events are kept until both have closed.
+    fn forget_events_before(&mut self, newest: PeriodKey, kept: u32, current: &Plan, now: DateTime<Utc>) {
         let mut cutoff = newest;
         for _ in 1..kept {
             cutoff = cutoff.previous();
         }
         let mut forgotten = Vec::new();
         for (key, book) in self.periods.range_mut(..cutoff) {
-            if book.takes_usage_until.is_none_or(|until| until > now) || book.consumptions.is_empty() {
+            let open_for_current = Period::new(*key, current.zone()).end() + current.late_usage_grace() > now;
+            if book.consumptions.is_empty()
+                || open_for_current
+                || book.takes_usage_until.is_none_or(|until| until > now)
+            {
                 continue;
             }
             for usage in book.consumptions.drain(..) {
@@ -579,7 +585,7 @@ impl UsageStore for InMemoryUsageStore {
         }
         if opened {
             if let Some(kept) = self.periods_kept {
-                book.forget_events_before(period, kept, now);
+                book.forget_events_before(period, kept, plan, now);
             }
         }
         for charge in &created {
