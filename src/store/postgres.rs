@@ -179,7 +179,7 @@ fn bind_event<'q>(query: PgQuery<'q>, usage: &'q UsageRecord) -> Result<PgQuery<
         .bind(to_i64(usage.tokens)?)
         .bind(usage.operation_type.as_str())
         .bind(usage.client_id.as_ref().map(ClientId::as_str))
-        .bind(serde_json::to_value(&usage.metadata).map_err(generic)?)
+        .bind(sqlx::types::Json(&usage.metadata))
         .bind(usage.occurred_at)
         .bind(usage.occurred_at_reported))
 }
@@ -1260,7 +1260,7 @@ impl PostgresUsageStore {
             x_tokens.push(to_i64(usage.tokens)?);
             x_operations.push(usage.operation_type.as_str());
             x_clients.push(usage.client_id.as_ref().map(ClientId::as_str));
-            x_metadata.push(serde_json::to_value(&usage.metadata).map_err(generic)?);
+            x_metadata.push(sqlx::types::Json(&usage.metadata));
             x_occurred.push(usage.occurred_at);
             x_reported.push(usage.occurred_at_reported);
             x_before.push(to_i64(before)?);
@@ -1376,21 +1376,19 @@ impl PostgresUsageStore {
                  SELECT x.user_id, x.id, x.event_id, x.period, x.tokens, x.operation_type, x.client_id, x.metadata,
                         x.occurred_at, x.reported, $13, x.before,
                         x.id IN (SELECT c.consumption_id FROM created c WHERE c.kind = 'fixed_fee'),
-                        x.first_block, x.end_block, q.seqs[x.place]
+                        x.first_block, x.end_block, (SELECT seqs FROM places)[x.place]
                    FROM unnest($20::text[], $21::uuid[], $22::text[], $23::text[], $24::bigint[], $25::text[],
                                $26::text[], $27::jsonb[], $28::timestamptz[], $29::bool[], $30::bigint[],
                                $31::bigint[], $32::bigint[], $41::bigint[])
                         AS x(user_id, id, event_id, period, tokens, operation_type, client_id, metadata, occurred_at,
                              reported, before, first_block, end_block, place)
                    JOIN moved m ON m.user_id = x.user_id AND m.period = x.period
-                   CROSS JOIN places q
                  RETURNING 1
              ), audited AS (
                  INSERT INTO token_billing_audit (user_id, seq, at, period, event)
-                 SELECT c.user_id, q.seqs[a.place], $13, c.period, a.event
+                 SELECT c.user_id, (SELECT seqs FROM places)[a.place], $13, c.period, a.event
                    FROM unnest($33::uuid[], $34::jsonb[], $40::bigint[]) AS a(charge_id, event, place)
                    JOIN created c ON c.id = a.charge_id
-                   CROSS JOIN places q
              )
              SELECT (SELECT count(*) FROM moved) AS moved, (SELECT count(*) FROM consumption) AS inserted,
                     (SELECT count(*) FROM created) AS charged, created.*
