@@ -136,6 +136,22 @@ fn audit_json(event: &AuditEvent) -> Result<serde_json::Value, StoreError> {
     serde_json::to_value(event).map_err(generic)
 }
 
+/// What a batch decided for one of its events.
+enum Decision {
+    /// Recorded before the batch: answered as a re-send.
+    Existing,
+    /// The same id as the batch's event at this index: answered as its re-send.
+    Earlier(usize),
+    /// Refused, nothing written.
+    Refused(StoreError),
+    /// Recorded: the period's total before and after it, and the charges it created.
+    Accepted {
+        before: u64,
+        after: u64,
+        charges: Vec<Charge>,
+    },
+}
+
 /// The charges an event whose interval of the period's total is `(before, after]` creates.
 fn charges_between(
     request: &RecordUsage<'_>,
@@ -982,16 +998,11 @@ impl PostgresUsageStore {
         &self,
         requests: &[RecordUsage<'_>],
         optimistic: bool,
-    ) -> Result<Option<Vec<Result<Recorded, StoreError>>>, RecordFailure> {
-        use std::collections::{BTreeMap, HashMap, HashSet};
+    ) -> Result<Option<Vec<Decision>>, RecordFailure> {
+        use foldhash::{HashMap, HashSet};
+        use std::collections::BTreeMap;
 
         type Group = (UserId, PeriodKey);
-        enum Decision {
-            Existing,
-            Earlier(usize),
-            Refused(StoreError),
-            Accepted { before: u64, after: u64 },
-        }
 
         let Some(first) = requests.first() else {
             return Ok(Some(Vec::new()));
@@ -1008,8 +1019,8 @@ impl PostgresUsageStore {
                 .entry((request.usage.user_id.clone(), request.usage.period))
                 .or_insert(request);
         }
-        let mut totals: HashMap<Group, (u64, bool)> = HashMap::new();
-        let mut created_rows: HashSet<Group> = HashSet::new();
+        let mut totals: HashMap<Group, (u64, bool)> = HashMap::default();
+        let mut created_rows: HashSet<Group> = HashSet::default();
         // A period row read: its key, its total, and whether it is in the currency of the
         // batch's events for it.
         let period_row = |row: &PgRow| -> Result<(Group, u64, bool), StoreError> {
@@ -1107,7 +1118,7 @@ impl PostgresUsageStore {
         // careful way once it holds the period rows, so that no writer of those periods can
         // record one of them before the write; the optimistic one finds them taken when it
         // writes.
-        let mut existing: HashSet<(String, String)> = HashSet::new();
+        let mut existing: HashSet<(String, String)> = HashSet::default();
         let (users, events): (Vec<&str>, Vec<&str>) = requests
             .iter()
             .filter(|r| !optimistic && r.usage.has_host_event_id())
@@ -1141,9 +1152,9 @@ impl PostgresUsageStore {
 
         // Each event decided in order, against the totals the ones before it left.
         let mut decisions = Vec::with_capacity(requests.len());
-        let mut seen: HashMap<(&UserId, &crate::domain::EventId), usize> = HashMap::new();
+        let mut seen: HashMap<(&UserId, &crate::domain::EventId), usize> = HashMap::default();
         let mut charges_of: Vec<Vec<crate::domain::NewCharge>> = Vec::with_capacity(requests.len());
-        let mut events_per_group: HashMap<Group, i64> = HashMap::new();
+        let mut events_per_group: HashMap<Group, i64> = HashMap::default();
         for (i, request) in requests.iter().enumerate() {
             let usage = &request.usage;
             charges_of.push(Vec::new());
@@ -1183,13 +1194,26 @@ impl PostgresUsageStore {
             *total = after;
             *events_per_group.entry(group).or_insert(0) += 1;
             seen.insert((&usage.user_id, &usage.event_id), i);
-            decisions.push(Decision::Accepted { before, after });
+            decisions.push(Decision::Accepted {
+                before,
+                after,
+                charges: Vec::new(),
+            });
         }
 
         // Everything written in one statement.
         let mut c_users = Vec::new();
         let mut c_ids = Vec::new();
         let mut c_keys = Vec::new();
+        // Each period's name, written once for all its rows.
+        let period_names: HashMap<PeriodKey, String> =
+            groups.keys().map(|(_, period)| (*period, period.to_string())).collect();
+        let name_of = |period: &PeriodKey| {
+            period_names
+                .get(period)
+                .map(String::as_str)
+                .ok_or_else(|| generic("a period of the batch without its name"))
+        };
         let mut c_periods = Vec::new();
         let mut c_kinds = Vec::new();
         let mut c_blocks = Vec::new();
@@ -1220,13 +1244,13 @@ impl PostgresUsageStore {
         let mut x_places = Vec::new();
         let mut places = 0i64;
         // The charges each period row will owe, when all of them are created.
-        let mut owed: HashMap<Group, (i64, i64)> = HashMap::new();
+        let mut owed: HashMap<Group, (i64, i64)> = HashMap::default();
         for (i, request) in requests.iter().enumerate() {
-            let Decision::Accepted { before, after } = decisions[i] else {
+            let Decision::Accepted { before, after, .. } = decisions[i] else {
                 continue;
             };
             let usage = &request.usage;
-            let period = usage.period.to_string();
+            let period = name_of(&usage.period)?;
             let leased = request.lease_until.is_some();
             for charge in &charges_of[i] {
                 let owes = owed.entry((usage.user_id.clone(), usage.period)).or_default();
@@ -1236,7 +1260,7 @@ impl PostgresUsageStore {
                 c_users.push(usage.user_id.as_str());
                 c_ids.push(id);
                 c_keys.push(charge.key.as_str());
-                c_periods.push(period.clone());
+                c_periods.push(period);
                 c_kinds.push(charge.kind.as_str());
                 c_blocks.push(to_i64(charge.block)?);
                 c_tiers.push(charge.billing_tier.as_str());
@@ -1452,7 +1476,7 @@ impl PostgresUsageStore {
             tx.rollback().await.map_err(RecordFailure::Database)?;
             return Ok(None);
         }
-        let mut created: HashMap<uuid::Uuid, Vec<Charge>> = HashMap::new();
+        let mut created: HashMap<uuid::Uuid, Vec<Charge>> = HashMap::default();
         for row in &rows {
             if row.try_get::<Option<uuid::Uuid>, _>("id").map_err(db)?.is_none() {
                 continue;
@@ -1463,38 +1487,48 @@ impl PostgresUsageStore {
             }
         }
         tx.commit().await.map_err(RecordFailure::Database)?;
+        for (decision, request) in decisions.iter_mut().zip(requests) {
+            if let Decision::Accepted { charges, .. } = decision {
+                *charges = created.remove(&request.usage.consumption_id).unwrap_or_default();
+                charges.sort_by_key(|c| (c.kind != ChargeKind::FixedFee, c.block));
+            }
+        }
+        Ok(Some(decisions))
+    }
 
+    /// The answers to a batch whose decisions are committed, each event moved into its answer.
+    async fn batch_answers(
+        &self,
+        requests: Vec<RecordUsage<'_>>,
+        decisions: Vec<Decision>,
+    ) -> Result<Vec<Result<Recorded, StoreError>>, StoreError> {
         let mut results: Vec<Result<Recorded, StoreError>> = Vec::with_capacity(requests.len());
-        for (request, decision) in requests.iter().zip(decisions) {
-            let usage = &request.usage;
+        for (request, decision) in requests.into_iter().zip(decisions) {
+            let usage = request.usage;
             results.push(match decision {
-                Decision::Accepted { before, after } => {
-                    let mut charges = created.remove(&usage.consumption_id).unwrap_or_default();
-                    charges.sort_by_key(|c| (c.kind != ChargeKind::FixedFee, c.block));
-                    Ok(Recorded {
-                        usage: Arc::new(usage.clone()),
-                        total_before: before,
-                        total_after: after,
-                        charges,
-                        replayed: false,
-                    })
-                }
+                Decision::Accepted { before, after, charges } => Ok(Recorded {
+                    usage: Arc::new(usage),
+                    total_before: before,
+                    total_after: after,
+                    charges,
+                    replayed: false,
+                }),
                 Decision::Earlier(earlier) => match &results[earlier] {
                     Ok(original) => Recorded {
                         replayed: true,
                         ..original.clone()
                     }
-                    .answer_resend(usage),
+                    .answer_resend(&usage),
                     Err(_) => Err(generic("an earlier event of the batch with the same id was refused")),
                 },
                 Decision::Existing => match self.recorded_event(&usage.user_id, &usage.event_id).await? {
-                    Some(original) => original.answer_resend(usage),
+                    Some(original) => original.answer_resend(&usage),
                     None => Err(generic("an event recorded before the batch is gone")),
                 },
                 Decision::Refused(error) => Err(error),
             });
         }
-        Ok(Some(results))
+        Ok(results)
     }
 
     /// Leases, in one statement, up to `limit` charges that `kind` picks and nobody holds
@@ -1637,7 +1671,7 @@ impl UsageStore for PostgresUsageStore {
         loop {
             attempts += 1;
             match self.try_record_batch(&requests, attempts == 1).await {
-                Ok(Some(results)) => return Ok(results),
+                Ok(Some(decisions)) => return self.batch_answers(requests, decisions).await,
                 Ok(None) if attempts < 4 => continue,
                 Ok(None) => return Err(generic("the batch kept meeting concurrent records of its events")),
                 Err(RecordFailure::Store(error)) => return Err(error),
