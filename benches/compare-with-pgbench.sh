@@ -6,17 +6,21 @@
 #   - pgbench -N with one client (median latency per transaction) against one caller (median
 #     latency per event);
 #   - the rows a batch of 1,000 events writes, written by plain SQL from pgbench with two
-#     clients (PostgreSQL's own rate for that work), against process_token_usage_batch.
+#     clients (PostgreSQL's own rate for that work), against process_token_usage_batch with
+#     two callers (BATCH_CALLERS changes both).
 #
 # Usage: benches/compare-with-pgbench.sh   (from the repository root)
 # Environment: PGHOST (127.0.0.1), PGPORT (5432), PGUSER (postgres), DATABASE_URL (the test
-# database the store benchmark uses), SECONDS_PER_RUN (20), ROUNDS (3).
+# database the store benchmark uses), SECONDS_PER_RUN (20), ROUNDS (3), BATCH_CALLERS (2: the
+# clients of the plain SQL and the callers of the store's batches, each with 800 users).
 set -euo pipefail
 
 export PGHOST="${PGHOST:-127.0.0.1}" PGPORT="${PGPORT:-5432}" PGUSER="${PGUSER:-postgres}"
 export DATABASE_URL="${DATABASE_URL:-postgres://$PGUSER@$PGHOST:$PGPORT/test}"
 seconds="${SECONDS_PER_RUN:-20}"
 rounds="${ROUNDS:-3}"
+export BATCH_CALLERS="${BATCH_CALLERS:-2}"
+batch_users=$((BATCH_CALLERS * 800 > 1600 ? BATCH_CALLERS * 800 : 1600))
 bench_db=token_billing_pgbench
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
@@ -60,8 +64,8 @@ store_bench 'postgres_one_event/one_caller$'
 ours1=$(sed -n 's/.*latency per event: median \([0-9]*\) us.*/\1/p' "$work/store.txt" | tail -1)
 echo "   pgbench median $pg1 us per transaction, store median $ours1 us per event"
 
-echo "== plain SQL writing what a batch of 1,000 events writes, 2 clients, ${seconds}s"
-# The store's schema, in a schema of its own, with 1,600 users' periods open.
+echo "== plain SQL writing what a batch of 1,000 events writes, $BATCH_CALLERS clients, ${seconds}s"
+# The store's schema, in a schema of its own, with the users' periods open.
 checkpoint
 PGOPTIONS="-c client_min_messages=warning" psql -qAt -d "$bench_db" -c "DROP SCHEMA IF EXISTS token_billing_floor CASCADE; CREATE SCHEMA token_billing_floor" >/dev/null
 for migration in migrations/*.sql; do
@@ -69,34 +73,35 @@ for migration in migrations/*.sql; do
 done
 PGOPTIONS="-c search_path=token_billing_floor" psql -qAt -d "$bench_db" -c "
     INSERT INTO token_usage_summary (user_id, period, currency, total_tokens, events, updated_at)
-    SELECT 'user-' || u, '2026-11', 'BRL', 8000000, 1, now() FROM generate_series(0, 1599) AS u" >/dev/null
-# Each client writes its own half of the users, as the store benchmark's two callers do:
+    SELECT 'user-' || u, '2026-11', 'BRL', 8000000, 1, now() FROM generate_series(0, $((batch_users - 1))) AS u" >/dev/null
+# Each client writes its own 800 users, as each of the store benchmark's callers does:
 # 1,000 consumptions (with the same metadata, each given its place in the audit trail) and the
 # totals of the 800 periods they belong to, in one transaction.
 cat >"$work/batch.sql" <<'SQL'
-\set half :client_id % 2
+\set own :client_id % :callers
 BEGIN;
 UPDATE token_usage_summary SET total_tokens = total_tokens + 1000 * (1 + (u.n < 200)::int),
        events = events + 1 + (u.n < 200)::int, updated_at = now()
-  FROM (SELECT n, 'user-' || (:half + 2 * n) AS user_id FROM generate_series(0, 799) AS n) AS u
+  FROM (SELECT n, 'user-' || (:own + :callers * n) AS user_id FROM generate_series(0, 799) AS n) AS u
  WHERE token_usage_summary.user_id = u.user_id AND token_usage_summary.period = '2026-11';
 INSERT INTO token_consumption (user_id, id, event_id, period, tokens_used, operation_type, metadata, occurred_at,
                                occurred_at_reported, created_at, total_before, created_fee, first_block, end_block,
                                audit_seq)
-SELECT 'user-' || (:half + 2 * (i % 800)), gen_random_uuid(), gen_random_uuid()::text, '2026-11', 1000, 'chat',
+SELECT 'user-' || (:own + :callers * (i % 800)), gen_random_uuid(), gen_random_uuid()::text, '2026-11', 1000, 'chat',
        '{"agentId": "agent-456", "conversationId": "conv-123", "model": "gpt-large"}', now(), false, now(),
        8000000, false, 1, 1, nextval('token_billing_audit_seq_seq')
   FROM generate_series(0, 999) AS i;
 COMMIT;
 SQL
-floor_tps=$(PGOPTIONS="-c search_path=token_billing_floor" pgbench -n -c 2 -j 2 -T "$seconds" -f "$work/batch.sql" "$bench_db" 2>/dev/null \
+floor_tps=$(PGOPTIONS="-c search_path=token_billing_floor" pgbench -n -c "$BATCH_CALLERS" -j "$((BATCH_CALLERS < 2 ? BATCH_CALLERS : 2))" -D callers="$BATCH_CALLERS" -T "$seconds" -f "$work/batch.sql" "$bench_db" 2>/dev/null \
     | sed -n 's/^tps = \([0-9.]*\).*/\1/p')
 floor=$(python3 -c "print(round($floor_tps * 1000))")
 echo "   $floor events/s"
 echo "== the store's batches"
 checkpoint
 store_bench 'postgres_batch'
-batch=$(python3 -c "print(1000 * 1e9 / $(criterion_median_ns postgres_batch/batches_of_1000_two_callers))")
+if [ "$BATCH_CALLERS" = 2 ]; then batch_name=batches_of_1000_two_callers; else batch_name="batches_of_1000_${BATCH_CALLERS}_callers"; fi
+batch=$(python3 -c "print(1000 * 1e9 / $(criterion_median_ns "postgres_batch/$batch_name"))")
 psql -qAt -d postgres -c "DROP DATABASE $bench_db" >/dev/null
 
 python3 - "$pg1" "$ours1" "$floor" "$batch" "${pg16s[*]}" "${ours16s[*]}" <<'PY'

@@ -32,6 +32,18 @@ const USERS: u64 = 1_600;
 /// Events in one batch.
 const BATCH: u64 = 1_000;
 
+/// Users of each caller of the batch benchmark: a batch of 1,000 events moves 800 periods.
+const USERS_PER_BATCH_CALLER: u64 = 800;
+
+/// Callers of the batch benchmark: `BATCH_CALLERS`, two by default.
+fn batch_callers() -> u64 {
+    std::env::var("BATCH_CALLERS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(2)
+}
+
 fn database_url() -> String {
     std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
 }
@@ -135,19 +147,19 @@ fn one_at_a_time(runtime: &tokio::runtime::Runtime, billing: &BillingService, ev
     })
 }
 
-/// `batches` batches of `BATCH` events by two concurrent callers, each over its own half of the
-/// users (as the sixteen callers above), one event per user in a batch.
-fn batched(runtime: &tokio::runtime::Runtime, billing: &BillingService, batches: u64) -> Duration {
+/// `batches` batches of `BATCH` events by `callers` concurrent callers, each over its own 800
+/// users (as the sixteen callers above have their own), so that a batch moves 800 periods.
+fn batched(runtime: &tokio::runtime::Runtime, billing: &BillingService, batches: u64, callers: u64) -> Duration {
     runtime.block_on(async {
         let start = Instant::now();
-        let tasks: Vec<_> = (0..2u64)
+        let tasks: Vec<_> = (0..callers)
             .map(|caller| {
                 let billing = billing.clone();
-                let own = batches / 2 + u64::from(caller < batches % 2);
+                let own = batches / callers + u64::from(caller < batches % callers);
                 tokio::spawn(async move {
                     for b in 0..own {
                         let reports = (0..BATCH)
-                            .map(|i| report(caller + 2 * ((b * BATCH + i) % (USERS / 2))))
+                            .map(|i| report(caller + callers * ((b * BATCH + i) % USERS_PER_BATCH_CALLER)))
                             .collect();
                         let outcomes = billing.process_token_usage_batch(reports).await.expect("a batch");
                         assert!(outcomes.iter().all(Result::is_ok));
@@ -171,7 +183,9 @@ fn postgres(c: &mut Criterion) {
     let (billing, schema) = runtime.block_on(service());
     // Every user's period is opened (its fee charged) before measuring the steady state.
     runtime.block_on(async {
-        let reports = (0..USERS).map(report).collect();
+        let reports = (0..USERS.max(batch_callers() * USERS_PER_BATCH_CALLER))
+            .map(report)
+            .collect();
         billing.process_token_usage_batch(reports).await.expect("warm-up");
     });
 
@@ -204,8 +218,14 @@ fn postgres(c: &mut Criterion) {
     group.throughput(Throughput::Elements(BATCH));
     group.sample_size(10);
     group.measurement_time(Duration::from_secs(10));
-    group.bench_function("batches_of_1000_two_callers", |b| {
-        b.iter_custom(|iters| batched(&runtime, &billing, iters))
+    let callers = batch_callers();
+    let name = if callers == 2 {
+        "batches_of_1000_two_callers".to_owned()
+    } else {
+        format!("batches_of_1000_{callers}_callers")
+    };
+    group.bench_function(name, |b| {
+        b.iter_custom(|iters| batched(&runtime, &billing, iters, callers))
     });
     group.finish();
 
