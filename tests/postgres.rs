@@ -1291,3 +1291,49 @@ mod schema {
         assert_eq!(code.as_deref(), Some("23505"));
     }
 }
+
+#[tokio::test]
+async fn a_batch_whose_earlier_event_cannot_be_read_back_answers_that_event_alone() {
+    use std::sync::Arc;
+    use token_billing::{BillingService, CollectionMode, SandboxGateway, UnregisteredUsers, UsageReport};
+
+    let store = Arc::new(store().await);
+    let billing = BillingService::builder(store.clone(), Arc::new(SandboxGateway::new()))
+        .collection(CollectionMode::Deferred)
+        .unregistered_users(UnregisteredUsers::OpenCustomer)
+        .build();
+    let user = format!("unreadable-{}", uuid::Uuid::new_v4().simple());
+    billing
+        .process_token_usage(UsageReport::new(&user, 1_000, "chat").event_id("old"))
+        .await
+        .expect("recorded");
+    // The stored event no longer reads back as an event (its metadata holds a number).
+    sqlx::query("UPDATE token_consumption SET metadata = '{\"model\": 1}' WHERE user_id = $1 AND event_id = 'old'")
+        .bind(&user)
+        .execute(store.pool())
+        .await
+        .expect("metadata changed behind the store's back");
+
+    // The batch is written before the re-sent event is read back: its failure is that event's
+    // answer, and the new event's answer says it was recorded, so nothing is sent twice.
+    let answers = billing
+        .process_token_usage_batch(vec![
+            UsageReport::new(&user, 1_000, "chat").event_id("old"),
+            UsageReport::new(&user, 2_000, "chat").event_id("new"),
+        ])
+        .await
+        .expect("answered event by event");
+    assert!(answers[0].is_err(), "{answers:?}");
+    let new = answers[1].as_ref().expect("the new event is recorded");
+    assert_eq!(new.total_tokens, 3_000);
+    assert!(!new.replayed);
+    let again = billing
+        .process_token_usage(UsageReport::new(&user, 2_000, "chat").event_id("new"))
+        .await
+        .expect("a re-send");
+    assert!(again.replayed);
+    assert_eq!(again.consumption_id, new.consumption_id);
+    let user_id = token_billing::UserId::new(user).expect("valid");
+    let summary = billing.token_summary(&user_id, None).await.expect("a summary");
+    assert_eq!(summary.total_tokens, 3_000);
+}

@@ -1497,11 +1497,13 @@ impl PostgresUsageStore {
     }
 
     /// The answers to a batch whose decisions are committed, each event moved into its answer.
+    /// The batch is written: a failure here (reading an event recorded before it) is that
+    /// event's answer, never the batch's, so that nothing makes the host send the batch again.
     async fn batch_answers(
         &self,
         requests: Vec<RecordUsage<'_>>,
         decisions: Vec<Decision>,
-    ) -> Result<Vec<Result<Recorded, StoreError>>, StoreError> {
+    ) -> Vec<Result<Recorded, StoreError>> {
         let mut results: Vec<Result<Recorded, StoreError>> = Vec::with_capacity(requests.len());
         for (request, decision) in requests.into_iter().zip(decisions) {
             let usage = request.usage;
@@ -1521,14 +1523,15 @@ impl PostgresUsageStore {
                     .answer_resend(&usage),
                     Err(_) => Err(generic("an earlier event of the batch with the same id was refused")),
                 },
-                Decision::Existing => match self.recorded_event(&usage.user_id, &usage.event_id).await? {
-                    Some(original) => original.answer_resend(&usage),
-                    None => Err(generic("an event recorded before the batch is gone")),
+                Decision::Existing => match self.recorded_event(&usage.user_id, &usage.event_id).await {
+                    Ok(Some(original)) => original.answer_resend(&usage),
+                    Ok(None) => Err(generic("an event recorded before the batch is gone")),
+                    Err(error) => Err(error),
                 },
                 Decision::Refused(error) => Err(error),
             });
         }
-        Ok(results)
+        results
     }
 
     /// Leases, in one statement, up to `limit` charges that `kind` picks and nobody holds
@@ -1671,7 +1674,7 @@ impl UsageStore for PostgresUsageStore {
         loop {
             attempts += 1;
             match self.try_record_batch(&requests, attempts == 1).await {
-                Ok(Some(decisions)) => return self.batch_answers(requests, decisions).await,
+                Ok(Some(decisions)) => return Ok(self.batch_answers(requests, decisions).await),
                 Ok(None) if attempts < 4 => continue,
                 Ok(None) => return Err(generic("the batch kept meeting concurrent records of its events")),
                 Err(RecordFailure::Store(error)) => return Err(error),
