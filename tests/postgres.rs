@@ -1030,16 +1030,25 @@ mod record_function {
 /// The audit trail's usage entries come from the consumptions themselves (migration 7), except
 /// for those written with an audit row of their own (before it, or by the SQL function): every
 /// way of recording lists each event once, in order.
-#[tokio::test]
-async fn every_way_of_recording_lists_each_event_once_in_the_audit_trail() {
+/// A store on a fresh schema and a service over it that opens customers for unknown users and
+/// leaves charges pending (no collection on the recording path).
+async fn deferred_service() -> (std::sync::Arc<PostgresUsageStore>, token_billing::BillingService) {
     use std::sync::Arc;
-    use token_billing::{AuditEvent, BillingService, CollectionMode, SandboxGateway, UnregisteredUsers, UsageReport};
+    use token_billing::{BillingService, CollectionMode, SandboxGateway, UnregisteredUsers};
 
     let store = Arc::new(store().await);
     let billing = BillingService::builder(store.clone(), Arc::new(SandboxGateway::new()))
         .collection(CollectionMode::Deferred)
         .unregistered_users(UnregisteredUsers::OpenCustomer)
         .build();
+    (store, billing)
+}
+
+#[tokio::test]
+async fn every_way_of_recording_lists_each_event_once_in_the_audit_trail() {
+    use token_billing::{AuditEvent, UsageReport};
+
+    let (store, billing) = deferred_service().await;
     let user = format!("trail-{}", uuid::Uuid::new_v4().simple());
     let by_sql = |event: &'static str, tokens: i64| {
         let (store, user) = (store.clone(), user.clone());
@@ -1294,14 +1303,9 @@ mod schema {
 
 #[tokio::test]
 async fn a_batch_whose_earlier_event_cannot_be_read_back_answers_that_event_alone() {
-    use std::sync::Arc;
-    use token_billing::{BillingService, CollectionMode, SandboxGateway, UnregisteredUsers, UsageReport};
+    use token_billing::UsageReport;
 
-    let store = Arc::new(store().await);
-    let billing = BillingService::builder(store.clone(), Arc::new(SandboxGateway::new()))
-        .collection(CollectionMode::Deferred)
-        .unregistered_users(UnregisteredUsers::OpenCustomer)
-        .build();
+    let (store, billing) = deferred_service().await;
     let user = format!("unreadable-{}", uuid::Uuid::new_v4().simple());
     billing
         .process_token_usage(UsageReport::new(&user, 1_000, "chat").event_id("old"))
