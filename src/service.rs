@@ -848,32 +848,51 @@ impl BillingService {
     async fn record_report(&self, report: UsageReport) -> Result<UsageOutcome, BillingError> {
         let now = self.clock.now();
         let mut usage = Self::read_report(report, now)?;
-        let account = self.store.account(&usage.user_id).await?;
-        let (plan, lease_until) = match self.place(&mut usage, account.as_ref(), now)? {
-            Placed::Record { plan, lease_until } => (plan, lease_until),
-            Placed::Refused(error) => {
-                // A re-sent event is answered with its original outcome even when it would now be
-                // refused: its window has passed, or the limits changed since it was recorded.
-                return match self.replay_of(&usage, account.as_ref()).await? {
-                    Some(outcome) => Ok(outcome),
-                    None => Err(error.into()),
-                };
+        // The account may come from the store's cache; a record placed with one that changed
+        // since is refused and the event given back, to be placed with the account read afresh.
+        let mut account = self.store.account_for_usage(&usage.user_id).await?;
+        let mut placings = 0;
+        loop {
+            placings += 1;
+            let (plan, lease_until) = match self.place(&mut usage, account.as_ref(), now)? {
+                Placed::Record { plan, lease_until } => (plan, lease_until),
+                Placed::Refused(error) => {
+                    // A re-sent event is answered with its original outcome even when it would
+                    // now be refused: its window has passed, or the limits changed since it was
+                    // recorded.
+                    return match self.replay_of(&usage, account.as_ref()).await? {
+                        Some(outcome) => Ok(outcome),
+                        None => Err(error.into()),
+                    };
+                }
+            };
+            let span = tracing::Span::current();
+            span.record("period", tracing::field::display(usage.period));
+            span.record("consumption", tracing::field::display(usage.consumption_id));
+            let recorded = self
+                .store
+                .record_usage(RecordUsage {
+                    usage,
+                    plan,
+                    fee: self.settings.fee,
+                    lease_until,
+                    account: account.as_ref(),
+                })
+                .await;
+            match recorded {
+                Ok(recorded) => {
+                    return self
+                        .finish(recorded, lease_until.is_some(), account.as_ref(), plan)
+                        .await;
+                }
+                Err(StoreError::AccountChanged { usage: unrecorded }) if placings < 3 => {
+                    debug!("the account changed since it was read: placing the event again");
+                    usage = *unrecorded;
+                    account = self.store.account(&usage.user_id).await?;
+                }
+                Err(error) => return Err(error.into()),
             }
-        };
-        let span = tracing::Span::current();
-        span.record("period", tracing::field::display(usage.period));
-        span.record("consumption", tracing::field::display(usage.consumption_id));
-        let recorded = self
-            .store
-            .record_usage(RecordUsage {
-                usage,
-                plan,
-                fee: self.settings.fee,
-                lease_until,
-            })
-            .await?;
-        self.finish(recorded, lease_until.is_some(), account.as_ref(), plan)
-            .await
+        }
     }
 
     /// Decides, for a read event, the plan that rates it and whether its charges are collected
@@ -1017,6 +1036,8 @@ impl BillingService {
                             plan,
                             fee: self.settings.fee,
                             lease_until,
+                            // Read afresh by `accounts` above.
+                            account: None,
                         });
                     }
                     Ok(Placed::Refused(error)) => {

@@ -741,6 +741,7 @@ mod crashes {
                         plan: &plan,
                         fee: FeeCollection::Library,
                         lease_until: None,
+                        account: None,
                     })
                     .await
             }
@@ -1178,7 +1179,7 @@ mod record_paths {
                     let usage = usage_event(&user, *tokens, "chat", period);
                     sent.push(usage.clone());
                     let recorded = store
-                        .record_usage(RecordUsage { usage, plan: &plan, fee, lease_until: None })
+                        .record_usage(RecordUsage { usage, plan: &plan, fee, lease_until: None, account: None })
                         .await
                         .expect("recorded");
                     prop_assert!(!recorded.replayed);
@@ -1195,7 +1196,7 @@ mod record_paths {
                 }
                 let original = resend.get(&sent).clone();
                 let again = store
-                    .record_usage(RecordUsage { usage: original.clone(), plan: &plan, fee, lease_until: None })
+                    .record_usage(RecordUsage { usage: original.clone(), plan: &plan, fee, lease_until: None, account: None })
                     .await
                     .expect("answered");
                 prop_assert!(again.replayed);
@@ -1340,4 +1341,138 @@ async fn a_batch_whose_earlier_event_cannot_be_read_back_answers_that_event_alon
     let user_id = token_billing::UserId::new(user).expect("valid");
     let summary = billing.token_summary(&user_id, None).await.expect("a summary");
     assert_eq!(summary.total_tokens, 3_000);
+}
+
+#[tokio::test]
+async fn an_instance_records_with_the_account_another_instance_changed_since_it_cached_it() {
+    use std::sync::Arc;
+    use token_billing::{
+        BillingService, CollectionMode, CustomerId, Plan, PlanId, SandboxGateway, UsageReport, UserId,
+    };
+
+    // Two instances of a host: each its own store (and account cache) on the same database.
+    let schema = schema().await;
+    let small = PlanId::new("small-blocks").expect("a plan id");
+    let small_blocks = Plan::builder()
+        .included_tokens(0)
+        .block_size(1_000)
+        .build()
+        .expect("a plan");
+    let instance = |store: PostgresUsageStore| {
+        BillingService::builder(Arc::new(store), Arc::new(SandboxGateway::new()))
+            .collection(CollectionMode::Deferred)
+            .add_plan(small.clone(), small_blocks.clone())
+            .build()
+    };
+    let (a, b) = (instance(store_in(&schema).await), instance(store_in(&schema).await));
+    let user = UserId::new(format!("cached-{}", uuid::Uuid::new_v4().simple())).expect("a user id");
+    let customer = CustomerId::new("cus_cached").expect("a customer id");
+    // The first instance saves the account, and keeps it, on the default plan.
+    a.register_account(&user, Some(customer.clone()), None)
+        .await
+        .expect("registered on the default plan");
+    // The other instance moves the user to blocks of 1,000 tokens with none included.
+    b.register_account(&user, Some(customer), Some(small.clone()))
+        .await
+        .expect("moved to small blocks before any usage");
+
+    // The first instance records with the account as it is: 2,000 tokens on small blocks owe
+    // two blocks, which the default plan (8,000,000 tokens included) would not.
+    let outcome = a
+        .process_token_usage(UsageReport::new(user.as_str(), 2_000, "chat").event_id("e1"))
+        .await
+        .expect("recorded");
+    assert_eq!(outcome.total_tokens, 2_000);
+    assert_eq!(outcome.tier_charges.len(), 2, "{outcome:?}");
+    let resent = a
+        .process_token_usage(UsageReport::new(user.as_str(), 2_000, "chat").event_id("e1"))
+        .await
+        .expect("a re-send");
+    assert!(resent.replayed);
+    assert_eq!(resent.consumption_id, outcome.consumption_id);
+    let summary = b.token_summary(&user, None).await.expect("a summary");
+    assert_eq!(summary.total_tokens, 2_000, "recorded once");
+}
+
+#[tokio::test]
+async fn a_record_placed_with_an_account_that_changed_since_writes_nothing_and_gives_the_event_back() {
+    use token_billing::store::{Account, RecordUsage, StoreError, UsageStore};
+    use token_billing::testing::store::{base_instant, fresh_user, usage_event};
+    use token_billing::{FeeCollection, PeriodKey, Plan, PlanId};
+
+    let store = store().await;
+    let user = fresh_user("changed");
+    let period = PeriodKey::new(2026, 11).expect("a period");
+    let plan = Plan::default();
+    let read = Account {
+        user_id: user.clone(),
+        customer_id: None,
+        plan_id: PlanId::new("default").expect("a plan id"),
+        earlier_plans: Vec::new(),
+        subscription_id: None,
+        created_at: base_instant(),
+        updated_at: base_instant(),
+    };
+    store.put_account(read.clone()).await.expect("saved");
+    let record = |usage, account| {
+        let store = &store;
+        let plan = &plan;
+        async move {
+            store
+                .record_usage(RecordUsage {
+                    usage,
+                    plan,
+                    fee: FeeCollection::Library,
+                    lease_until: None,
+                    account,
+                })
+                .await
+        }
+    };
+    // The period is open: the next small event would be recorded by the one-statement path.
+    record(usage_event(&user, 1_000, "chat", period), Some(&read))
+        .await
+        .expect("recorded with the account as stored");
+
+    let changed = Account {
+        customer_id: Some(token_billing::CustomerId::new("cus_new").expect("a customer id")),
+        // Finer than the microseconds PostgreSQL keeps: compared as stored all the same.
+        updated_at: base_instant() + chrono::Duration::nanoseconds(1_000_001_234),
+        ..read.clone()
+    };
+    store.put_account(changed.clone()).await.expect("changed");
+    let before = store
+        .period_summary(&user, period)
+        .await
+        .expect("read")
+        .expect("a summary");
+    let charges = store.charges(&user, period).await.expect("read");
+    // One event without charges (the one-statement path), one that starts a block (the
+    // compare-and-set path), one in a period not opened yet (no period row).
+    let later = PeriodKey::new(2026, 12).expect("a period");
+    for usage in [
+        usage_event(&user, 1_000, "chat", period),
+        usage_event(&user, 8_000_000, "chat", period),
+        usage_event(&user, 1_000, "chat", later),
+    ] {
+        match record(usage.clone(), Some(&read)).await {
+            Err(StoreError::AccountChanged { usage: back }) => assert_eq!(*back, usage),
+            other => panic!("expected AccountChanged, got {other:?}"),
+        }
+        assert_eq!(store.recorded_event(&user, &usage.event_id).await.expect("read"), None);
+    }
+    let after = store
+        .period_summary(&user, period)
+        .await
+        .expect("read")
+        .expect("a summary");
+    assert_eq!(after, before, "nothing written");
+    assert_eq!(store.period_summary(&user, later).await.expect("read"), None);
+    assert_eq!(store.charges(&user, period).await.expect("read"), charges);
+
+    // Placed with the account as it is, the same events are recorded.
+    let recorded = record(usage_event(&user, 8_000_000, "chat", period), Some(&changed))
+        .await
+        .expect("recorded with the account as stored");
+    assert!(!recorded.charges.is_empty());
 }

@@ -495,11 +495,14 @@ impl UsageStore for InMemoryUsageStore {
     }
 
     async fn record_usage(&self, request: RecordUsage<'_>) -> Result<Recorded, StoreError> {
+        // Accounts are read afresh from the map: the account an event was placed with needs no
+        // check.
         let RecordUsage {
             usage,
             plan,
             fee,
             lease_until,
+            account: _,
         } = request;
         let user = usage.user_id.clone();
         let mut shard = self.shard(&user);

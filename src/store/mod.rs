@@ -47,6 +47,14 @@ pub enum StoreError {
         /// The event's tokens.
         tokens: u64,
     },
+    /// The account an event was placed with is no longer the stored one (another instance
+    /// changed it since this one read it): nothing was recorded, and the event is given back
+    /// to be placed again with the account as it is now.
+    #[error("the account of user {} changed while its event was being recorded", usage.user_id)]
+    AccountChanged {
+        /// The event, unrecorded.
+        usage: Box<UsageRecord>,
+    },
     /// A compare-and-set lost: the charge is not in the expected status or round any more.
     #[error("charge {} is {} in round {}, not as expected", charge.key, charge.status, charge.round)]
     StatusConflict {
@@ -387,6 +395,12 @@ pub struct RecordUsage<'a> {
     /// When set, the charges created are leased to the caller until then (it collects them at
     /// once), and each counts one collection attempt.
     pub lease_until: Option<DateTime<Utc>>,
+    /// The account the event was placed with (its plan and collection follow from it), when
+    /// it came from [`UsageStore::account_for_usage`]. A store whose `account_for_usage` may
+    /// answer from a cache MUST refuse the record with [`StoreError::AccountChanged`], writing
+    /// nothing, when the stored account is no longer this one; a store that always reads the
+    /// account afresh may ignore it.
+    pub account: Option<&'a Account>,
 }
 
 /// What the record operation did.
@@ -587,6 +601,14 @@ pub trait UsageStore: Send + Sync + Debug {
 
     /// The user's account, if registered.
     async fn account(&self, user: &UserId) -> Result<Option<Account>, StoreError>;
+
+    /// The account to place a new usage event with, passed back in [`RecordUsage::account`]. A
+    /// store MAY answer it from a cache (the PostgreSQL store does, saving a round trip per
+    /// event) if its `record_usage` then refuses a record placed with an account that changed
+    /// since ([`StoreError::AccountChanged`]). The default reads [`account`](Self::account).
+    async fn account_for_usage(&self, user: &UserId) -> Result<Option<Account>, StoreError> {
+        self.account(user).await
+    }
 
     /// Records one usage event atomically; see the contract.
     async fn record_usage(&self, request: RecordUsage<'_>) -> Result<Recorded, StoreError>;

@@ -77,6 +77,7 @@ async fn try_record(
             plan,
             fee: FeeCollection::Library,
             lease_until,
+            account: None,
         })
         .await
 }
@@ -331,6 +332,7 @@ pub async fn record_usage_batch_is_record_usage_in_order(store: &dyn UsageStore)
             plan: &plan,
             fee: FeeCollection::Library,
             lease_until: Some(far_future()),
+            account: None,
         })
         .collect();
     let results = store.record_usage_batch(requests).await.expect("the batch");
@@ -403,6 +405,7 @@ pub async fn record_usage_batch_is_record_usage_in_order(store: &dyn UsageStore)
             plan: &plan,
             fee: FeeCollection::Library,
             lease_until: None,
+            account: None,
         }])
         .await
         .expect("the batch");
