@@ -2284,3 +2284,38 @@ impl UsageStore for PostgresUsageStore {
         .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn account(n: usize) -> Account {
+        let at = DateTime::from_timestamp(1_795_000_000, 0).expect("an instant");
+        Account {
+            user_id: UserId::new(format!("user-{n}")).expect("a user id"),
+            customer_id: None,
+            plan_id: crate::PlanId::new("default").expect("a plan id"),
+            earlier_plans: Vec::new(),
+            subscription_id: None,
+            created_at: at,
+            updated_at: at,
+        }
+    }
+
+    #[test]
+    fn the_account_cache_keeps_what_it_was_given_and_stays_within_its_bound() {
+        let cache = AccountCache::new(32);
+        for n in 0..1_000 {
+            cache.put(account(n));
+            assert_eq!(cache.get(&account(n).user_id), Some(account(n)));
+        }
+        let kept: usize = cache.shards.iter().map(|s| s.lock().expect("a shard").len()).sum();
+        assert!(kept <= 32, "{kept} accounts kept");
+        cache.forget(&account(999).user_id);
+        assert_eq!(cache.get(&account(999).user_id), None);
+
+        let none = AccountCache::new(0);
+        none.put(account(1));
+        assert_eq!(none.get(&account(1).user_id), None);
+    }
+}
