@@ -850,12 +850,20 @@ impl BillingService {
         let mut usage = Self::read_report(report, now)?;
         // The account may come from the store's cache; a record placed with one that changed
         // since is refused and the event given back, to be placed with the account read afresh.
+        // An event refused by a kept account is placed again with the account read afresh too,
+        // so that no event is refused by a plan the user no longer has.
         let mut account = self.store.account_for_usage(&usage.user_id).await?;
+        let mut fresh = false;
         let mut placings = 0;
         loop {
             placings += 1;
             let (plan, lease_until) = match self.place(&mut usage, account.as_ref(), now)? {
                 Placed::Record { plan, lease_until } => (plan, lease_until),
+                Placed::Refused(_) if !fresh => {
+                    account = self.store.account(&usage.user_id).await?;
+                    fresh = true;
+                    continue;
+                }
                 Placed::Refused(error) => {
                     // A re-sent event is answered with its original outcome even when it would
                     // now be refused: its window has passed, or the limits changed since it was
@@ -889,6 +897,7 @@ impl BillingService {
                     debug!("the account changed since it was read: placing the event again");
                     usage = *unrecorded;
                     account = self.store.account(&usage.user_id).await?;
+                    fresh = true;
                 }
                 Err(error) => return Err(error.into()),
             }

@@ -1476,3 +1476,55 @@ async fn a_record_placed_with_an_account_that_changed_since_writes_nothing_and_g
         .expect("recorded with the account as stored");
     assert!(!recorded.charges.is_empty());
 }
+
+#[tokio::test]
+async fn a_late_event_refused_by_a_kept_account_is_placed_again_with_the_account_as_it_is() {
+    use std::sync::Arc;
+    use std::time::Duration;
+    use token_billing::{
+        BillingService, CollectionMode, CustomerId, ManualClock, Plan, PlanId, SandboxGateway, UsageReport, UserId,
+    };
+
+    let at = |s: &str| s.parse::<chrono::DateTime<chrono::Utc>>().expect("an instant");
+    // Two days and a half after November ended, wherever the plan's zone is.
+    let clock = Arc::new(ManualClock::new(at("2026-12-03T12:00:00Z")));
+    let schema = schema().await;
+    let long = PlanId::new("long-grace").expect("a plan id");
+    let instance = |store: PostgresUsageStore| {
+        BillingService::builder(Arc::new(store), Arc::new(SandboxGateway::new()))
+            .clock(clock.clone())
+            .collection(CollectionMode::Deferred)
+            // The default plan takes late usage for an hour after its period; the other for
+            // the library's default three days.
+            .plan(
+                Plan::builder()
+                    .late_usage_grace(Duration::from_secs(3_600))
+                    .build()
+                    .expect("a plan"),
+            )
+            .add_plan(long.clone(), Plan::default())
+            .build()
+    };
+    let (a, b) = (instance(store_in(&schema).await), instance(store_in(&schema).await));
+    let user = UserId::new(format!("late-{}", uuid::Uuid::new_v4().simple())).expect("a user id");
+    let customer = CustomerId::new("cus_late").expect("a customer id");
+    a.register_account(&user, Some(customer.clone()), None)
+        .await
+        .expect("registered on the one-hour plan");
+    b.register_account(&user, Some(customer), Some(long))
+        .await
+        .expect("moved to the three-day plan before any usage in December");
+
+    // The first instance still keeps the one-hour plan, which would refuse this November event;
+    // the user's plan takes it.
+    let outcome = a
+        .process_token_usage(
+            UsageReport::new(user.as_str(), 1_000, "chat")
+                .event_id("late")
+                .occurred_at(at("2026-11-15T12:00:00Z")),
+        )
+        .await
+        .expect("taken within the current plan's grace");
+    assert_eq!(outcome.period.to_string(), "2026-11");
+    assert_eq!(outcome.total_tokens, 1_000);
+}
