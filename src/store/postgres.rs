@@ -137,17 +137,13 @@ fn account_unchanged(first: usize) -> String {
 
 /// Binds the account a record was placed with, for [`account_unchanged`]: nulls when there is
 /// none (the condition is then not asked).
-fn bind_account<'q>(query: PgQuery<'q>, account: Option<&'q Account>) -> Result<PgQuery<'q>, StoreError> {
-    let earlier = account
-        .map(|a| serde_json::to_value(&a.earlier_plans))
-        .transpose()
-        .map_err(generic)?;
-    Ok(query
+fn bind_account<'q>(query: PgQuery<'q>, account: Option<&'q Account>) -> PgQuery<'q> {
+    query
         .bind(account.and_then(|a| a.customer_id.as_ref().map(CustomerId::as_str)))
         .bind(account.map(|a| a.plan_id.as_str()))
-        .bind(earlier)
+        .bind(account.map(|a| sqlx::types::Json(&a.earlier_plans)))
         .bind(account.and_then(|a| a.subscription_id.as_deref()))
-        .bind(account.map(|a| a.updated_at)))
+        .bind(account.map(|a| a.updated_at))
 }
 
 fn generic(source: impl Into<BoxError>) -> StoreError {
@@ -798,7 +794,7 @@ impl PostgresUsageStore {
                 )
             });
             let query = sqlx::query(SQL.as_str()).bind(user.as_str());
-            let unchanged: bool = bind_account(query, request.account)?
+            let unchanged: bool = bind_account(query, request.account)
                 .fetch_one(&mut *tx)
                 .await
                 .map_err(RecordFailure::Database)?
@@ -928,7 +924,7 @@ impl PostgresUsageStore {
             .bind(to_i64(crate::MAX_TOKENS)?)
             .bind(request.fee == FeeCollection::Library)
             .bind(request.account.is_some());
-        let result = bind_account(result, request.account)?.fetch_optional(&self.pool).await;
+        let result = bind_account(result, request.account).fetch_optional(&self.pool).await;
         let row = match result {
             Ok(Some(row)) => row,
             Ok(None) => return Ok(None),
@@ -970,7 +966,7 @@ impl PostgresUsageStore {
                 .bind(usage.period.to_string())
                 .bind(usage.event_id.as_str())
                 .bind(request.account.is_some());
-            let row = bind_account(query, request.account)?
+            let row = bind_account(query, request.account)
                 .fetch_one(&self.pool)
                 .await
                 .map_err(RecordFailure::Database)?;
