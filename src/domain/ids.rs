@@ -372,6 +372,11 @@ impl ChargeKey {
         &self.0
     }
 
+    /// The key's shared text, for a holder that keeps it without copying it.
+    pub(crate) fn text(&self) -> &Arc<str> {
+        &self.0
+    }
+
     /// The idempotency key for collection round `round`: the key itself for the first round (0),
     /// `{key}:r{round}` after. At most 193 bytes, below Stripe's 255.
     pub fn idempotency_key(&self, round: u32) -> String {

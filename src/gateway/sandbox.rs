@@ -60,10 +60,29 @@ pub struct SandboxPayment {
     pub decline_code: Option<String>,
 }
 
-impl SandboxPayment {
-    fn outcome(&self) -> PaymentOutcome {
+/// The prefix of the sandbox's payment references; the number after it is the payment's place in
+/// the ledger, from 1.
+const PAYMENT_PREFIX: &str = "pi_sandbox_";
+
+/// A payment as the ledger keeps it: its reference is its place in the ledger, and its
+/// idempotency key shares the charge key's text in the charge's first round, so that keeping a
+/// payment costs no copy of either.
+#[derive(Debug)]
+struct Payment {
+    idempotency_key: Arc<str>,
+    charge_key: ChargeKey,
+    customer: CustomerId,
+    amount: Money,
+    status: PaymentStatus,
+    decline_code: Option<String>,
+    /// The payment made for the same charge before this one (an earlier round's), if any.
+    earlier_for_charge: Option<usize>,
+}
+
+impl Payment {
+    fn outcome(&self, index: usize) -> PaymentOutcome {
         PaymentOutcome {
-            payment_id: self.payment_id.clone(),
+            payment_id: payment_id(index),
             status: self.status,
             decline_code: self.decline_code.clone(),
             message: self
@@ -72,15 +91,43 @@ impl SandboxPayment {
                 .map(|code| format!("Your card was declined ({code}).")),
         }
     }
+
+    fn public(&self, index: usize) -> SandboxPayment {
+        SandboxPayment {
+            payment_id: payment_id(index),
+            idempotency_key: self.idempotency_key.to_string(),
+            charge_key: self.charge_key.clone(),
+            customer: self.customer.clone(),
+            amount: self.amount,
+            status: self.status,
+            decline_code: self.decline_code.clone(),
+        }
+    }
+}
+
+/// The reference of the payment at `index` in the ledger.
+fn payment_id(index: usize) -> String {
+    format!("{PAYMENT_PREFIX}{}", index + 1)
+}
+
+/// The place in the ledger of the payment `payment_id` names, if it is one of the sandbox's
+/// references (written as [`payment_id`] writes it: no sign, no leading zero).
+fn payment_index(payment_id: &str) -> Option<usize> {
+    let number = payment_id.strip_prefix(PAYMENT_PREFIX)?;
+    if number.is_empty() || number.starts_with('0') || !number.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    number.parse::<usize>().ok()?.checked_sub(1)
 }
 
 #[derive(Debug, Default)]
 struct Ledger {
     customers: HashMap<CustomerId, CardBehaviour>,
     customer_of_user: HashMap<UserId, CustomerId>,
-    payments: Vec<SandboxPayment>,
-    by_idempotency_key: HashMap<String, usize>,
-    by_charge: HashMap<ChargeKey, Vec<usize>>,
+    payments: Vec<Payment>,
+    by_idempotency_key: HashMap<Arc<str>, usize>,
+    /// The latest payment made for each charge; each payment names the one before it.
+    latest_by_charge: HashMap<ChargeKey, usize>,
     subscriptions: Vec<(Subscription, Money)>,
     calls: u64,
     forget_idempotency_keys: bool,
@@ -130,6 +177,13 @@ impl SandboxGateway {
         self.ledger.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// The payment `payment_id` names, with its place in the ledger.
+    fn payment_mut<'l>(ledger: &'l mut Ledger, payment_id: &str) -> Result<(usize, &'l mut Payment), GatewayError> {
+        payment_index(payment_id)
+            .and_then(|index| Some((index, ledger.payments.get_mut(index)?)))
+            .ok_or_else(|| rejected("resource_missing", format!("No such payment: {payment_id}")))
+    }
+
     /// Makes the sandbox ignore idempotency keys from now on, as a card processor does once a
     /// key has expired (Stripe keeps them 24 hours) and as some test servers always do: every
     /// call then makes a new payment, and only the service's look-up of earlier payments
@@ -166,17 +220,24 @@ impl SandboxGateway {
 
     /// Every payment made, in order.
     pub fn payments(&self) -> Vec<SandboxPayment> {
-        self.ledger().payments.clone()
+        let ledger = self.ledger();
+        ledger
+            .payments
+            .iter()
+            .enumerate()
+            .map(|(index, payment)| payment.public(index))
+            .collect()
     }
 
     /// The payments made for one charge, over all its rounds.
     pub fn payments_for_charge(&self, charge_key: &ChargeKey) -> Vec<SandboxPayment> {
         let ledger = self.ledger();
-        ledger
-            .by_charge
-            .get(charge_key)
-            .map(|indices| indices.iter().map(|&i| ledger.payments[i].clone()).collect())
-            .unwrap_or_default()
+        let mut payments: Vec<SandboxPayment> = ledger
+            .made_for(charge_key)
+            .map(|(index, payment)| payment.public(index))
+            .collect();
+        payments.reverse();
+        payments
     }
 
     /// The total a customer paid (succeeded payments) in `currency`.
@@ -224,11 +285,7 @@ impl SandboxGateway {
     /// [`GatewayError::Rejected`] for an unknown payment or one already final.
     pub fn finish_payment(&self, payment_id: &str, succeeded: bool) -> Result<PaymentOutcome, GatewayError> {
         let mut ledger = self.ledger();
-        let payment = ledger
-            .payments
-            .iter_mut()
-            .find(|p| p.payment_id == payment_id)
-            .ok_or_else(|| rejected("resource_missing", format!("No such payment: {payment_id}")))?;
+        let (index, payment) = Self::payment_mut(&mut ledger, payment_id)?;
         if !matches!(
             payment.status,
             PaymentStatus::Processing | PaymentStatus::RequiresAction
@@ -244,7 +301,7 @@ impl SandboxGateway {
             payment.status = PaymentStatus::Declined;
             payment.decline_code = Some("card_declined".to_owned());
         }
-        Ok(payment.outcome())
+        Ok(payment.outcome(index))
     }
 }
 
@@ -258,6 +315,16 @@ fn rejected(code: &str, message: String) -> GatewayError {
 
 fn no_such_customer(customer: &CustomerId) -> GatewayError {
     rejected("resource_missing", format!("No such customer: {customer}"))
+}
+
+impl Ledger {
+    /// The payments made for a charge, latest first, with their places in the ledger.
+    fn made_for<'l>(&'l self, charge_key: &ChargeKey) -> impl Iterator<Item = (usize, &'l Payment)> + 'l {
+        let latest = self.latest_by_charge.get(charge_key).copied();
+        std::iter::successors(latest.map(|index| (index, &self.payments[index])), |(_, payment)| {
+            payment.earlier_for_charge.map(|index| (index, &self.payments[index]))
+        })
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -300,7 +367,7 @@ impl PaymentGateway for SandboxGateway {
                         .to_owned(),
                 ));
             }
-            return Ok(payment.outcome());
+            return Ok(payment.outcome(index));
         }
         if request.charge.amount.minor_units() <= 0 {
             return Err(rejected(
@@ -334,68 +401,60 @@ impl PaymentGateway for SandboxGateway {
             }
         };
         let index = ledger.payments.len();
-        ledger.payments.push(SandboxPayment {
-            payment_id: format!("pi_sandbox_{}", index + 1),
-            idempotency_key: request.idempotency_key.to_owned(),
+        let idempotency_key = if request.idempotency_key == request.charge.key.as_str() {
+            Arc::clone(request.charge.key.text())
+        } else {
+            Arc::from(request.idempotency_key)
+        };
+        let earlier_for_charge = ledger.latest_by_charge.insert(request.charge.key.clone(), index);
+        if !ledger.forget_idempotency_keys {
+            ledger.by_idempotency_key.insert(Arc::clone(&idempotency_key), index);
+        }
+        ledger.payments.push(Payment {
+            idempotency_key,
             charge_key: request.charge.key.clone(),
             customer: request.customer.clone(),
             amount: request.charge.amount,
             status,
             decline_code,
+            earlier_for_charge,
         });
-        if !ledger.forget_idempotency_keys {
-            ledger
-                .by_idempotency_key
-                .insert(request.idempotency_key.to_owned(), index);
-        }
-        ledger
-            .by_charge
-            .entry(request.charge.key.clone())
-            .or_default()
-            .push(index);
         if lose_response {
             return Err(GatewayError::OutcomeUnknown {
                 gateway: GATEWAY,
                 source: Box::new(SandboxFault("connection lost after the payment was made")),
             });
         }
-        Ok(ledger.payments[index].outcome())
+        Ok(ledger.payments[index].outcome(index))
     }
 
     async fn find_payment(&self, charge_key: &ChargeKey) -> Result<Option<PaymentOutcome>, GatewayError> {
         let mut ledger = self.ledger();
         ledger.calls += 1;
-        let Some(indices) = ledger.by_charge.get(charge_key) else {
-            return Ok(None);
-        };
-        let payments: Vec<&SandboxPayment> = indices.iter().map(|&i| &ledger.payments[i]).collect();
-        let best = payments
-            .iter()
-            .find(|p| p.status == PaymentStatus::Succeeded)
+        // The first succeeded payment, else the latest one still in flight.
+        let best = ledger
+            .made_for(charge_key)
+            .filter(|(_, p)| p.status == PaymentStatus::Succeeded)
+            .last()
             .or_else(|| {
-                payments
-                    .iter()
-                    .rev()
-                    .find(|p| matches!(p.status, PaymentStatus::Processing | PaymentStatus::RequiresAction))
+                ledger
+                    .made_for(charge_key)
+                    .find(|(_, p)| matches!(p.status, PaymentStatus::Processing | PaymentStatus::RequiresAction))
             });
-        Ok(best.map(|p| p.outcome()))
+        Ok(best.map(|(index, p)| p.outcome(index)))
     }
 
     async fn cancel_payment(&self, payment_id: &str) -> Result<PaymentOutcome, GatewayError> {
         let mut ledger = self.ledger();
         ledger.calls += 1;
-        let payment = ledger
-            .payments
-            .iter_mut()
-            .find(|p| p.payment_id == payment_id)
-            .ok_or_else(|| rejected("resource_missing", format!("No such payment: {payment_id}")))?;
+        let (index, payment) = Self::payment_mut(&mut ledger, payment_id)?;
         if matches!(
             payment.status,
             PaymentStatus::Processing | PaymentStatus::RequiresAction
         ) {
             payment.status = PaymentStatus::Canceled;
         }
-        Ok(payment.outcome())
+        Ok(payment.outcome(index))
     }
 
     async fn create_subscription(
@@ -426,5 +485,136 @@ impl PaymentGateway for SandboxGateway {
         };
         ledger.subscriptions.push((subscription.clone(), plan.fixed_fee()));
         Ok(subscription)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{Charge, ChargeStatus, NewCharge, UserId};
+
+    fn charge(round: u32) -> Charge {
+        let user = UserId::new("alice").expect("valid");
+        let period = "2026-11".parse().expect("valid");
+        let mut charge = NewCharge::block(&Plan::default(), &user, period, 1, None).into_charge(
+            uuid::Uuid::nil(),
+            ChargeStatus::Pending,
+            chrono::DateTime::UNIX_EPOCH,
+        );
+        charge.round = round;
+        charge
+    }
+
+    async fn collect(sandbox: &SandboxGateway, customer: &CustomerId, round: u32) -> PaymentOutcome {
+        let charge = charge(round);
+        let key = charge.idempotency_key();
+        let request = PaymentRequest {
+            charge: &charge,
+            idempotency_key: &key,
+            customer,
+        };
+        sandbox.collect(&request).await.expect("an outcome")
+    }
+
+    #[tokio::test]
+    async fn a_charges_payments_over_its_rounds_are_listed_in_order_and_the_first_success_is_found() {
+        let sandbox = SandboxGateway::new();
+        let customer = sandbox
+            .create_customer(&UserId::new("alice").expect("valid"))
+            .await
+            .expect("a customer");
+        sandbox
+            .set_behaviour(&customer, CardBehaviour::Processing)
+            .expect("known");
+        let processing = collect(&sandbox, &customer, 0).await;
+        sandbox
+            .set_behaviour(&customer, CardBehaviour::Succeeds)
+            .expect("known");
+        let first_success = collect(&sandbox, &customer, 1).await;
+        let second_success = collect(&sandbox, &customer, 2).await;
+        // A key already used answers its payment again, whatever the card does now.
+        sandbox
+            .set_behaviour(
+                &customer,
+                CardBehaviour::Declines {
+                    code: "card_declined".to_owned(),
+                },
+            )
+            .expect("known");
+        assert_eq!(collect(&sandbox, &customer, 1).await, first_success);
+
+        let key = charge(0).key;
+        let payments = sandbox.payments_for_charge(&key);
+        let listed: Vec<(&str, &str, PaymentStatus)> = payments
+            .iter()
+            .map(|p| (p.payment_id.as_str(), p.idempotency_key.as_str(), p.status))
+            .collect();
+        let round_1 = format!("{key}:r1");
+        let round_2 = format!("{key}:r2");
+        assert_eq!(
+            listed,
+            [
+                ("pi_sandbox_1", key.as_str(), PaymentStatus::Processing),
+                ("pi_sandbox_2", round_1.as_str(), PaymentStatus::Succeeded),
+                ("pi_sandbox_3", round_2.as_str(), PaymentStatus::Succeeded),
+            ]
+        );
+        assert_eq!(sandbox.payments(), payments);
+        assert_eq!(processing.payment_id, "pi_sandbox_1");
+        assert_eq!(second_success.payment_id, "pi_sandbox_3");
+        assert_eq!(
+            sandbox.find_payment(&key).await.expect("an answer"),
+            Some(first_success)
+        );
+
+        // With no success, the latest payment still in flight.
+        let sandbox = SandboxGateway::new();
+        let customer = sandbox
+            .create_customer(&UserId::new("alice").expect("valid"))
+            .await
+            .expect("a customer");
+        sandbox
+            .set_behaviour(&customer, CardBehaviour::Processing)
+            .expect("known");
+        collect(&sandbox, &customer, 0).await;
+        let latest = collect(&sandbox, &customer, 1).await;
+        assert_eq!(sandbox.find_payment(&key).await.expect("an answer"), Some(latest));
+    }
+
+    #[tokio::test]
+    async fn only_the_sandboxs_own_references_name_a_payment() {
+        let sandbox = SandboxGateway::new();
+        let customer = sandbox
+            .create_customer(&UserId::new("alice").expect("valid"))
+            .await
+            .expect("a customer");
+        sandbox
+            .set_behaviour(&customer, CardBehaviour::Processing)
+            .expect("known");
+        let made = collect(&sandbox, &customer, 0).await;
+        for unknown in [
+            "pi_sandbox_0",
+            "pi_sandbox_01",
+            "pi_sandbox_+1",
+            "pi_sandbox_",
+            "pi_sandbox_2",
+            "pi_1",
+            "pi_sandbox_99999999999999999999999",
+        ] {
+            let error = sandbox.finish_payment(unknown, true).expect_err("no such payment");
+            assert!(
+                matches!(&error, GatewayError::Rejected { code, .. } if code == "resource_missing"),
+                "{unknown}: {error:?}"
+            );
+            assert!(sandbox.cancel_payment(unknown).await.is_err(), "{unknown}");
+        }
+        assert_eq!(sandbox.payments()[0].status, PaymentStatus::Processing);
+        let finished = sandbox
+            .finish_payment(&made.payment_id, true)
+            .expect("its own reference");
+        assert_eq!(
+            (finished.payment_id.as_str(), finished.status),
+            ("pi_sandbox_1", PaymentStatus::Succeeded)
+        );
     }
 }
