@@ -14,7 +14,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::domain::check_identifier;
 use crate::domain::{
     Charge, ChargeKey, ChargeKind, ChargeStatus, ClientId, Currency, CustomerId, EventId, FeeCollection, Metadata,
-    Money, NewCharge, OperationType, Period, PeriodKey, Plan, PlanId, UsageRecord, UserId, check_metadata,
+    Money, NewCharge, OperationType, Period, PeriodKey, Plan, PlanId, TierLabel, UsageRecord, UserId, check_metadata,
 };
 use crate::error::{BillingError, UsageError};
 use crate::gateway::{
@@ -196,7 +196,7 @@ pub struct TierCharge {
     /// The charge's id.
     pub id: Uuid,
     /// The tier label (`8M-16M`).
-    pub billing_tier: String,
+    pub billing_tier: TierLabel,
     /// The amount in minor units (`10000` = BRL 100.00).
     pub amount_charged: i64,
     /// `pending`, `succeeded`, `failed` or `requires_action`.
@@ -230,7 +230,7 @@ pub struct UsageOutcome {
     /// The period the event counts in.
     pub period: PeriodKey,
     /// The tier of the period total (`8M-16M`).
-    pub current_tier: String,
+    pub current_tier: TierLabel,
     /// Whether this answers a re-sent event id (nothing changed).
     pub replayed: bool,
 }
@@ -248,7 +248,7 @@ pub struct TokenSummary {
     /// Tokens used in the period.
     pub total_tokens: u64,
     /// The tier of that total (`0-8M`).
-    pub current_tier: String,
+    pub current_tier: TierLabel,
     /// The fixed fee collected.
     pub fixed_fee_charged: i64,
     /// Block charges collected.

@@ -438,7 +438,7 @@ mod sql {
                 .await
                 .expect("query")
             });
-            let rust_labels: Vec<String> = totals.iter().map(|t| plan.tier_of(*t).expect("in range").label()).collect();
+            let rust_labels: Vec<String> = totals.iter().map(|t| plan.tier_of(*t).expect("in range").label().to_string()).collect();
             prop_assert_eq!(sql_labels, rust_labels);
         }
     }
@@ -870,8 +870,8 @@ mod record_function {
     use proptest::prelude::*;
     use sqlx::Row;
     use token_billing::{
-        BillingService, ChargeKind, ChargeStatus, PeriodKey, Plan, SandboxGateway, UnregisteredUsers, UsageReport,
-        UsageStore, UserId,
+        BillingService, ChargeKind, ChargeStatus, PeriodKey, Plan, SandboxGateway, TierLabel, UnregisteredUsers,
+        UsageReport, UsageStore, UserId,
     };
     use uuid::Uuid;
 
@@ -879,7 +879,7 @@ mod record_function {
         format!("pg-{tag}-{}", &Uuid::new_v4().simple().to_string()[..12])
     }
 
-    type Bill = BTreeSet<(ChargeKind, u64, String, i64, ChargeStatus)>;
+    type Bill = BTreeSet<(ChargeKind, u64, TierLabel, i64, ChargeStatus)>;
 
     async fn bill(store: &dyn UsageStore, user: &UserId, period: PeriodKey) -> Bill {
         store

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use common::{Harness, november, user};
 use proptest::prelude::*;
 use rust_decimal::Decimal;
-use token_billing::{ChargeKind, ChargeStatus, Currency, MAX_TOKENS, Money, Plan, UsageReport};
+use token_billing::{ChargeKind, ChargeStatus, Currency, MAX_TOKENS, Money, Plan, TierLabel, UsageReport};
 
 fn currency() -> impl Strategy<Value = Currency> {
     proptest::sample::select(Currency::ALL.to_vec())
@@ -135,7 +135,7 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 /// What a period cost, as a set of (kind, block, tier label, amount, status).
-type Bill = BTreeSet<(ChargeKind, u64, String, i64, ChargeStatus)>;
+type Bill = BTreeSet<(ChargeKind, u64, TierLabel, i64, ChargeStatus)>;
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]

@@ -12,7 +12,7 @@ use super::ids::{ChargeKey, ChargeKind, UserId};
 use super::money::Money;
 use super::period::PeriodKey;
 use super::plan::Plan;
-use super::rating::{MAX_BLOCKS_PER_EVENT, RatingError};
+use super::rating::{MAX_BLOCKS_PER_EVENT, RatingError, TierLabel};
 
 /// Where a charge is in its life.
 ///
@@ -123,7 +123,7 @@ pub struct NewCharge {
     /// The block index (0 for the fixed fee).
     pub block: u64,
     /// The tier label: the block's tier, or the allowance's tier for the fixed fee.
-    pub billing_tier: String,
+    pub billing_tier: TierLabel,
     /// How much.
     pub amount: Money,
     /// The usage event that created it, if any.
@@ -252,7 +252,7 @@ pub struct Charge {
     /// The block index, 0 for the fixed fee.
     pub block: u64,
     /// The tier label (the seed's `billing_tier`).
-    pub billing_tier: String,
+    pub billing_tier: TierLabel,
     /// How much (the seed's `amount_charged`, in minor units at the edges).
     pub amount: Money,
     /// Where it is in its life.

@@ -19,5 +19,5 @@ pub use ids::{ChargeKey, ChargeKind, ClientId, CustomerId, EventId, IdError, Ope
 pub use money::{Currency, Money, MoneyError};
 pub use period::{Period, PeriodError, PeriodKey};
 pub use plan::{Plan, PlanBuilder, PlanError};
-pub use rating::{Blocks, MAX_BLOCKS_PER_EVENT, MAX_TOKENS, RatingError, Tier, calculate_billing_tier};
+pub use rating::{Blocks, MAX_BLOCKS_PER_EVENT, MAX_TOKENS, RatingError, Tier, TierLabel, calculate_billing_tier};
 pub use usage::{Metadata, MetadataError, UsageRecord, check_metadata, metadata_limits};

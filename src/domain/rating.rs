@@ -1,6 +1,9 @@
 //! Rating: which tier a period total is in, and which blocks a growth of the total starts.
 
+use std::borrow::Borrow;
 use std::fmt::{self, Write as _};
+use std::ops::Deref;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -97,18 +100,22 @@ impl Tier {
     }
 
     /// The stable label, as stored with charges (`8M-16M`).
-    pub fn label(&self) -> String {
+    pub fn label(&self) -> TierLabel {
         // Nearly every event of a thread lands in the tier of the one before: the label is
-        // remembered rather than formatted again (it depends on the bounds alone).
+        // remembered rather than formatted again (it depends on the bounds alone), and shared.
         thread_local! {
-            static LAST: std::cell::RefCell<(u64, u64, String)> = const { std::cell::RefCell::new((0, 0, String::new())) };
+            static LAST: std::cell::RefCell<Option<(u64, u64, TierLabel)>> = const { std::cell::RefCell::new(None) };
         }
         LAST.with(|last| {
             let mut last = last.borrow_mut();
-            if last.2.is_empty() || (last.0, last.1) != (self.lower, self.upper) {
-                *last = (self.lower, self.upper, self.to_string());
+            match &*last {
+                Some((lower, upper, label)) if (*lower, *upper) == (self.lower, self.upper) => label.clone(),
+                _ => {
+                    let label = TierLabel::from(self.to_string());
+                    *last = Some((self.lower, self.upper, label.clone()));
+                    label
+                }
             }
-            last.2.clone()
         })
     }
 }
@@ -118,6 +125,131 @@ impl fmt::Display for Tier {
         write_compact(f, self.lower)?;
         f.write_char('-')?;
         write_compact(f, self.upper)
+    }
+}
+
+/// A tier's label (`8M-16M`: the seed's `billing_tier`), as charges, outcomes and summaries carry
+/// it.
+///
+/// Cheap to clone: the text is shared, never copied, so the label every charge and outcome of a
+/// tier carries costs no allocation of its own. It reads as a `&str` ([`as_str`](Self::as_str),
+/// `Deref`), compares with strings, and serializes as one.
+///
+/// # Example
+/// ```
+/// use token_billing::{Plan, TierLabel, calculate_billing_tier};
+///
+/// let label: TierLabel = calculate_billing_tier(&Plan::default(), 9_000_000)?.label();
+/// assert_eq!(label, "8M-16M");
+/// assert!(label.starts_with("8M"));
+/// assert_eq!(serde_json::to_string(&label).unwrap(), r#""8M-16M""#);
+/// assert_eq!(TierLabel::from("8M-16M"), label);
+/// # Ok::<(), token_billing::RatingError>(())
+/// ```
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TierLabel(Arc<str>);
+
+impl TierLabel {
+    /// The label as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Deref for TierLabel {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl AsRef<str> for TierLabel {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Borrow<str> for TierLabel {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for TierLabel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for TierLabel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl From<String> for TierLabel {
+    fn from(label: String) -> Self {
+        TierLabel(Arc::from(label))
+    }
+}
+
+impl From<&str> for TierLabel {
+    fn from(label: &str) -> Self {
+        TierLabel(Arc::from(label))
+    }
+}
+
+impl From<TierLabel> for String {
+    fn from(label: TierLabel) -> Self {
+        label.0.to_string()
+    }
+}
+
+impl PartialEq<str> for TierLabel {
+    fn eq(&self, other: &str) -> bool {
+        &*self.0 == other
+    }
+}
+
+impl PartialEq<&str> for TierLabel {
+    fn eq(&self, other: &&str) -> bool {
+        &*self.0 == *other
+    }
+}
+
+impl PartialEq<String> for TierLabel {
+    fn eq(&self, other: &String) -> bool {
+        *self.0 == **other
+    }
+}
+
+impl PartialEq<TierLabel> for str {
+    fn eq(&self, other: &TierLabel) -> bool {
+        self == &*other.0
+    }
+}
+
+impl PartialEq<TierLabel> for &str {
+    fn eq(&self, other: &TierLabel) -> bool {
+        *self == &*other.0
+    }
+}
+
+impl PartialEq<TierLabel> for String {
+    fn eq(&self, other: &TierLabel) -> bool {
+        **self == *other.0
+    }
+}
+
+impl Serialize for TierLabel {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for TierLabel {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer).map(TierLabel::from)
     }
 }
 
@@ -225,7 +357,7 @@ mod tests {
     #[test]
     fn seed_labels() {
         let p = Plan::default();
-        let labels: Vec<String> = [0, 1_000_000, 8_000_000, 8_000_001, 16_000_000, 16_000_001, 24_000_001]
+        let labels: Vec<TierLabel> = [0, 1_000_000, 8_000_000, 8_000_001, 16_000_000, 16_000_001, 24_000_001]
             .into_iter()
             .map(|t| p.tier_of(t).expect("in range").label())
             .collect();

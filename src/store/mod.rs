@@ -18,7 +18,7 @@ use uuid::Uuid;
 
 use crate::domain::{
     Charge, ChargeKey, ChargeKind, ChargeStatus, Currency, CustomerId, EventId, FeeCollection, Money, NewCharge,
-    OperationType, PeriodKey, Plan, PlanId, RatingError, UsageRecord, UserId,
+    OperationType, PeriodKey, Plan, PlanId, RatingError, TierLabel, UsageRecord, UserId,
 };
 
 pub use memory::{EventRetention, InMemoryUsageStore, InMemoryUsageStoreBuilder};
@@ -283,7 +283,7 @@ pub struct OperationUsage {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TierChargeReport {
     /// The tier label.
-    pub billing_tier: String,
+    pub billing_tier: TierLabel,
     /// Charges created in the tier, whatever their status, as the seed's query counts them.
     pub charges_count: u64,
     /// Their amount.
@@ -337,7 +337,7 @@ pub enum AuditEvent {
         /// The charge.
         key: ChargeKey,
         /// Its tier label.
-        billing_tier: String,
+        billing_tier: TierLabel,
         /// Its amount.
         amount: Money,
         /// Its first status.

@@ -346,7 +346,7 @@ fn charge_from(row: &PgRow) -> Result<Charge, StoreError> {
         period: parse(row.try_get::<&str, _>("period").map_err(db)?)?,
         kind: parse(row.try_get::<&str, _>("kind").map_err(db)?)?,
         block: to_u64(row.try_get("block").map_err(db)?)?,
-        billing_tier: row.try_get("billing_tier").map_err(db)?,
+        billing_tier: row.try_get::<String, _>("billing_tier").map_err(db)?.into(),
         amount: Money::from_minor(row.try_get("amount_charged").map_err(db)?, currency),
         status: parse(row.try_get::<&str, _>("status").map_err(db)?)?,
         round: to_u32(row.try_get("round").map_err(db)?)?,
@@ -586,7 +586,7 @@ impl PostgresUsageStore {
             .bind(new.period.to_string())
             .bind(new.kind.as_str())
             .bind(to_i64(new.block)?)
-            .bind(&new.billing_tier)
+            .bind(new.billing_tier.as_str())
             .bind(new.amount.minor_units())
             .bind(new.amount.currency().code())
             .bind(status.as_str())
@@ -2235,7 +2235,7 @@ impl UsageStore for PostgresUsageStore {
         .map(|row| {
             let currency: Currency = parse(row.try_get::<&str, _>("currency").map_err(db)?)?;
             Ok(TierChargeReport {
-                billing_tier: row.try_get("billing_tier").map_err(db)?,
+                billing_tier: row.try_get::<String, _>("billing_tier").map_err(db)?.into(),
                 charges_count: to_u64(row.try_get("charges_count").map_err(db)?)?,
                 total_charged: Money::from_minor(row.try_get("total_charged").map_err(db)?, currency),
                 collected: Money::from_minor(row.try_get("collected").map_err(db)?, currency),
