@@ -348,17 +348,24 @@ impl ChargeKey {
                 break;
             }
         }
-        let mut key = String::with_capacity(3 + user.as_str().len() + 1 + 7 + 1 + kind.as_str().len() + 1 + (20 - at));
-        key.push_str("tb:");
-        key.push_str(user.as_str());
-        key.push(':');
-        // Digits and a dash: each byte is its own character.
-        key.extend(period.text().iter().map(|&b| char::from(b)));
-        key.push(':');
-        key.push_str(kind.as_str());
-        key.push(':');
-        key.extend(number[at..].iter().map(|&b| char::from(b)));
-        ChargeKey(Arc::from(key))
+        // Written on the stack and copied once into the shared text: one allocation per key.
+        let mut key = [0u8; ChargeKey::MAX_LEN];
+        let mut len = 0;
+        for part in [
+            b"tb:".as_slice(),
+            user.as_str().as_bytes(),
+            b":",
+            period.text().as_slice(),
+            b":",
+            kind.as_str().as_bytes(),
+            b":",
+            &number[at..],
+        ] {
+            key[len..len + part.len()].copy_from_slice(part);
+            len += part.len();
+        }
+        // Text and ASCII digits joined: valid UTF-8, so this borrows rather than replaces.
+        ChargeKey(Arc::from(&*String::from_utf8_lossy(&key[..len])))
     }
 
     /// A key read back from storage, as written by [`ChargeKey::new`].
