@@ -138,8 +138,9 @@ struct UserBook {
     gateway_events: HashSet<String>,
 }
 
-/// A place in a user's audit trail: an entry, or a recorded event, whose entry is read from the
-/// event kept in its period (which holds everything the entry says) rather than kept twice.
+/// A place in a user's audit trail: an entry; or a recorded event or a created charge, whose
+/// entries are read from the event or charge kept in its period (which holds everything they
+/// say) rather than kept twice.
 #[derive(Debug)]
 enum TrailItem {
     Entry(Box<AuditEntry>),
@@ -148,6 +149,15 @@ enum TrailItem {
         /// The event's place in its period's `consumptions`.
         index: usize,
         total_after: u64,
+    },
+    /// A charge's creation (its key, label and amount never change) and, when it was leased to
+    /// its creator, the start of its first collection.
+    ChargeCreated {
+        period: PeriodKey,
+        /// The charge's place in its period's `charges`.
+        index: usize,
+        status: ChargeStatus,
+        collection_started: bool,
     },
 }
 
@@ -439,34 +449,15 @@ impl UserBook {
         summary.updated_at = now;
         book.summary = summary;
         for charge in &created {
-            self.charge_index
-                .insert(charge.key.clone(), (period, book.charges.len()));
+            let index = book.charges.len();
+            self.charge_index.insert(charge.key.clone(), (period, index));
             book.charges.push(charge.clone());
-        }
-        for charge in &created {
-            self.audit.push(TrailItem::Entry(Box::new(AuditEntry {
-                at: now,
-                user_id: charge.user_id.clone(),
-                period: Some(period),
-                event: AuditEvent::ChargeCreated {
-                    key: charge.key.clone(),
-                    billing_tier: charge.billing_tier.clone(),
-                    amount: charge.amount,
-                    status,
-                },
-            })));
-            if charge.attempts == 1 {
-                self.audit.push(TrailItem::Entry(Box::new(AuditEntry {
-                    at: now,
-                    user_id: charge.user_id.clone(),
-                    period: Some(period),
-                    event: AuditEvent::CollectionStarted {
-                        key: charge.key.clone(),
-                        round: 0,
-                        attempt: 1,
-                    },
-                })));
-            }
+            self.audit.push(TrailItem::ChargeCreated {
+                period,
+                index,
+                status,
+                collection_started: charge.attempts == 1,
+            });
         }
         Ok(created)
     }
@@ -940,25 +931,28 @@ impl UsageStore for InMemoryUsageStore {
         let Some(book) = shard.users.get(user) else {
             return Ok(Vec::new());
         };
-        Ok(book
-            .audit
-            .iter()
-            .filter_map(|item| match item {
+        let mut trail = Vec::with_capacity(book.audit.len());
+        for item in &book.audit {
+            match item {
                 TrailItem::Entry(entry) => {
-                    (period.is_none() || entry.period == period).then(|| AuditEntry::clone(entry))
+                    if period.is_none() || entry.period == period {
+                        trail.push(AuditEntry::clone(entry));
+                    }
                 }
                 TrailItem::Usage {
                     period: of,
                     index,
                     total_after,
                 } => {
-                    if period.is_some_and(|p| p != *of) {
-                        return None;
-                    }
                     // A usage item is dropped with its period's events (`forget_events_before`),
                     // so its event is there.
-                    let usage = book.periods.get(of)?.consumptions.get(*index)?;
-                    Some(AuditEntry {
+                    let Some(usage) = book.periods.get(of).and_then(|p| p.consumptions.get(*index)) else {
+                        continue;
+                    };
+                    if period.is_some_and(|p| p != *of) {
+                        continue;
+                    }
+                    trail.push(AuditEntry {
                         at: usage.recorded_at,
                         user_id: user.clone(),
                         period: Some(*of),
@@ -968,10 +962,44 @@ impl UsageStore for InMemoryUsageStore {
                             tokens: usage.tokens,
                             total_after: *total_after,
                         },
-                    })
+                    });
                 }
-            })
-            .collect())
+                TrailItem::ChargeCreated {
+                    period: of,
+                    index,
+                    status,
+                    collection_started,
+                } => {
+                    // Charges are never removed from their period.
+                    let Some(charge) = book.periods.get(of).and_then(|p| p.charges.get(*index)) else {
+                        continue;
+                    };
+                    if period.is_some_and(|p| p != *of) {
+                        continue;
+                    }
+                    let entry = |event| AuditEntry {
+                        at: charge.created_at,
+                        user_id: user.clone(),
+                        period: Some(*of),
+                        event,
+                    };
+                    trail.push(entry(AuditEvent::ChargeCreated {
+                        key: charge.key.clone(),
+                        billing_tier: charge.billing_tier.clone(),
+                        amount: charge.amount,
+                        status: *status,
+                    }));
+                    if *collection_started {
+                        trail.push(entry(AuditEvent::CollectionStarted {
+                            key: charge.key.clone(),
+                            round: 0,
+                            attempt: 1,
+                        }));
+                    }
+                }
+            }
+        }
+        Ok(trail)
     }
 }
 

@@ -1217,13 +1217,11 @@ pub async fn audit_trail_records_every_change(store: &dyn UsageStore) {
     .expect("record");
     let block = &recorded.charges[1];
     store
-        .settle_charge(settlement(
-            &user,
-            &block.key,
-            ChargeStatus::Pending,
-            0,
-            ChargeStatus::Succeeded,
-        ))
+        .settle_charge(Settlement {
+            // Settled a minute after its creation, which its creation entry must not take on.
+            at: now + Duration::minutes(1),
+            ..settlement(&user, &block.key, ChargeStatus::Pending, 0, ChargeStatus::Succeeded)
+        })
         .await
         .expect("settle");
     let trail = store.audit_trail(&user, Some(period())).await.expect("audit");
@@ -1247,4 +1245,55 @@ pub async fn audit_trail_records_every_change(store: &dyn UsageStore) {
         AuditEvent::ChargeStatusChanged { key, from: ChargeStatus::Pending, to: ChargeStatus::Succeeded, .. } if *key == block.key)));
     assert!(trail.iter().any(|e| matches!(&e.event,
         AuditEvent::UsageRecorded { consumption_id, tokens: 8_000_001, .. } if *consumption_id == recorded.usage.consumption_id)));
+    // Each creation says what was created, as it was created, and when; a charge leased to its
+    // creator starts its first collection at once.
+    for charge in &recorded.charges {
+        let created: Vec<&AuditEntry> = trail
+            .iter()
+            .filter(|e| matches!(&e.event, AuditEvent::ChargeCreated { key, .. } if *key == charge.key))
+            .collect();
+        assert_eq!(created.len(), 1, "{}", charge.key);
+        assert_eq!(created[0].at, charge.created_at);
+        assert_eq!(
+            created[0].event,
+            AuditEvent::ChargeCreated {
+                key: charge.key.clone(),
+                billing_tier: charge.billing_tier.clone(),
+                amount: charge.amount,
+                status: ChargeStatus::Pending,
+            }
+        );
+        assert!(trail.iter().any(|e| e.event
+            == AuditEvent::CollectionStarted {
+                key: charge.key.clone(),
+                round: 0,
+                attempt: 1,
+            }));
+    }
+
+    // A charge paid elsewhere is created succeeded, with no collection of its own.
+    let next = period().next();
+    let (paid, created) = store
+        .ensure_charge(EnsureCharge {
+            charge: NewCharge::fixed_fee(&plan, &user, next, None),
+            status: ChargeStatus::Succeeded,
+            payment_id: Some("pi_paid_elsewhere".to_owned()),
+            now: now + Duration::days(40),
+            lease_until: None,
+        })
+        .await
+        .expect("ensure_charge");
+    assert!(created);
+    let trail = store.audit_trail(&user, Some(next)).await.expect("audit");
+    let events: Vec<&AuditEvent> = trail.iter().map(|e| &e.event).collect();
+    assert_eq!(
+        events,
+        [&AuditEvent::ChargeCreated {
+            key: paid.key.clone(),
+            billing_tier: paid.billing_tier.clone(),
+            amount: paid.amount,
+            status: ChargeStatus::Succeeded,
+        }]
+    );
+    assert_eq!(trail[0].at, now + Duration::days(40));
 }
