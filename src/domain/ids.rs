@@ -338,16 +338,7 @@ impl ChargeKey {
     /// The key of the charge for `block` (0 for the fixed fee) of `kind` in `period`.
     pub fn new(user: &UserId, period: PeriodKey, kind: ChargeKind, block: u64) -> ChargeKey {
         let mut number = [0u8; 20];
-        let mut at = number.len();
-        let mut rest = block;
-        loop {
-            at -= 1;
-            number[at] = b'0' + u8::try_from(rest % 10).unwrap_or(0);
-            rest /= 10;
-            if rest == 0 {
-                break;
-            }
-        }
+        let number = decimal(block, &mut number);
         // Written on the stack and copied once into the shared text: one allocation per key.
         let mut key = [0u8; ChargeKey::MAX_LEN];
         let mut len = 0;
@@ -359,7 +350,7 @@ impl ChargeKey {
             b":",
             kind.as_str().as_bytes(),
             b":",
-            &number[at..],
+            number,
         ] {
             key[len..len + part.len()].copy_from_slice(part);
             len += part.len();
@@ -393,6 +384,21 @@ impl ChargeKey {
             format!("{}:r{round}", self.0)
         }
     }
+}
+
+/// `n` in decimal ASCII digits, written at the end of `buf`, without the formatting machinery.
+pub(crate) fn decimal(n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut at = buf.len();
+    let mut rest = n;
+    loop {
+        at -= 1;
+        buf[at] = b'0' + u8::try_from(rest % 10).unwrap_or(0);
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    &buf[at..]
 }
 
 impl fmt::Display for ChargeKey {

@@ -14,7 +14,7 @@ mod rating;
 mod usage;
 
 pub use charge::{Charge, ChargeStatus, FeeCollection, NewCharge, UnknownChargeStatus, charges_for_growth};
-pub(crate) use ids::check_identifier;
+pub(crate) use ids::{check_identifier, decimal};
 pub use ids::{ChargeKey, ChargeKind, ClientId, CustomerId, EventId, IdError, OperationType, PlanId, UserId};
 pub use money::{Currency, Money, MoneyError};
 pub use period::{Period, PeriodError, PeriodKey};

@@ -107,7 +107,12 @@ impl Payment {
 
 /// The reference of the payment at `index` in the ledger.
 fn payment_id(index: usize) -> String {
-    format!("{PAYMENT_PREFIX}{}", index + 1)
+    let mut digits = [0; 20];
+    let number = crate::domain::decimal(index as u64 + 1, &mut digits);
+    let mut id = String::with_capacity(PAYMENT_PREFIX.len() + number.len());
+    id.push_str(PAYMENT_PREFIX);
+    id.extend(number.iter().map(|&digit| char::from(digit)));
+    id
 }
 
 /// The place in the ledger of the payment `payment_id` names, if it is one of the sandbox's

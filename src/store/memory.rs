@@ -230,6 +230,10 @@ impl InMemoryUsageStore {
     fn shard(&self, user: &UserId) -> MutexGuard<'_, Shard> {
         lock(self.shard_of(user))
     }
+
+    fn read_account(&self, user: &UserId) -> Option<Account> {
+        self.shard(user).users.get(user).and_then(|b| b.account.clone())
+    }
 }
 
 /// A poisoned shard only means a thread panicked while holding it; every write below validates
@@ -482,7 +486,12 @@ impl UsageStore for InMemoryUsageStore {
     }
 
     async fn account(&self, user: &UserId) -> Result<Option<Account>, StoreError> {
-        Ok(self.shard(user).users.get(user).and_then(|b| b.account.clone()))
+        Ok(self.read_account(user))
+    }
+
+    async fn account_for_usage(&self, user: &UserId) -> Result<Option<Account>, StoreError> {
+        // Read afresh, as `account` does, without a second call through the trait.
+        Ok(self.read_account(user))
     }
 
     async fn record_usage(&self, request: RecordUsage<'_>) -> Result<Recorded, StoreError> {
