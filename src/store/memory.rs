@@ -509,8 +509,16 @@ impl UsageStore for InMemoryUsageStore {
         let shard = &mut *shard;
         let book = shard.users.entry(user.clone()).or_default();
 
-        if let Some(original) = book.replay(&user, &usage.event_id)? {
-            return original.answer_resend(&usage);
+        let keep = match self.retention {
+            EventRetention::All => true,
+            EventRetention::Resendable => usage.has_host_event_id(),
+        };
+        // An event that would not be kept has no original to find: its id is a fresh
+        // consumption id, and no such event was kept before it.
+        if keep {
+            if let Some(original) = book.replay(&user, &usage.event_id)? {
+                return original.answer_resend(&usage);
+            }
         }
 
         let period = usage.period;
@@ -542,10 +550,6 @@ impl UsageStore for InMemoryUsageStore {
                 }
                 return Err(e);
             }
-        };
-        let keep = match self.retention {
-            EventRetention::All => true,
-            EventRetention::Resendable => usage.has_host_event_id(),
         };
         let usage = Arc::new(usage);
         let period_book = book.periods.get_mut(&period).ok_or_else(|| StoreError::NotFound {
