@@ -868,7 +868,8 @@ impl BillingService {
                     // A re-sent event is answered with its original outcome even when it would
                     // now be refused: its window has passed, or the limits changed since it was
                     // recorded.
-                    return match self.replay_of(&usage, account.as_ref()).await? {
+                    // Boxed: refusals are rare, and other events' futures need not make room.
+                    return match Box::pin(self.replay_of(&usage, account.as_ref())).await? {
                         Some(outcome) => Ok(outcome),
                         None => Err(error.into()),
                     };
@@ -950,19 +951,27 @@ impl BillingService {
         }
         let mut charges = recorded.charges;
         if collect_now && !recorded.replayed && !charges.is_empty() {
-            match self.customer_for(&recorded.usage.user_id, account).await {
-                Ok(Some(customer)) => {
-                    for charge in &mut charges {
-                        if let Some(collected) = self.collect_charge(charge.clone(), &customer).await {
-                            *charge = collected;
-                        }
-                    }
-                }
-                Ok(None) => {}
-                Err(error) => warn!(error = %error, "no customer: charges stay pending"),
-            }
+            // Boxed: most events create no charge, and their futures need not make room for a
+            // collection's.
+            Box::pin(self.collect_created(&mut charges, &recorded.usage.user_id, account)).await;
         }
         Self::outcome(&recorded.usage, recorded.total_after, &charges, recorded.replayed, plan)
+    }
+
+    /// Collects the charges an event just created, leased to this caller, replacing each with
+    /// its state after collection.
+    async fn collect_created(&self, charges: &mut [Charge], user: &UserId, account: Option<&Account>) {
+        match self.customer_for(user, account).await {
+            Ok(Some(customer)) => {
+                for charge in charges {
+                    if let Some(collected) = self.collect_charge(charge.clone(), &customer).await {
+                        *charge = collected;
+                    }
+                }
+            }
+            Ok(None) => {}
+            Err(error) => warn!(error = %error, "no customer: charges stay pending"),
+        }
     }
 
     /// Records many usage events in one store operation (one transaction on PostgreSQL), then
