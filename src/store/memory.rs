@@ -469,7 +469,14 @@ impl UserBook {
 
 #[async_trait]
 impl UsageStore for InMemoryUsageStore {
-    async fn put_account(&self, account: Account) -> Result<(), StoreError> {
+    async fn put_account(&self, mut account: Account) -> Result<(), StoreError> {
+        // Every account read clones its plan id; a copy of its own per account keeps threads
+        // reading different users' accounts from writing one shared reference count (most
+        // accounts name the same plan), which costs each read a cache miss.
+        account.plan_id = account.plan_id.unshared();
+        for (_, plan) in &mut account.earlier_plans {
+            *plan = plan.unshared();
+        }
         let mut shard = self.shard(&account.user_id);
         let book = shard.users.entry(account.user_id.clone()).or_default();
         book.audit.push(TrailItem::Entry(Box::new(AuditEntry {
