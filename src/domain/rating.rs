@@ -355,6 +355,32 @@ mod tests {
     }
 
     #[test]
+    fn a_label_reads_compares_and_travels_as_its_text() {
+        let label = Plan::default().tier_of(9_000_000).expect("in range").label();
+        assert_eq!(label.to_string(), "8M-16M");
+        assert_eq!(format!("{label:?}"), r#""8M-16M""#);
+        assert_eq!(label, "8M-16M");
+        assert_eq!("8M-16M", label);
+        assert_eq!(label, String::from("8M-16M"));
+        assert_ne!(label, "0-8M");
+        let json = serde_json::to_string(&label).expect("serialise");
+        assert_eq!(json, r#""8M-16M""#);
+        assert_eq!(serde_json::from_str::<TierLabel>(&json).expect("deserialise"), label);
+        assert_eq!(String::from(label.clone()), "8M-16M");
+        // The same tier twice on one thread: one shared text, not two.
+        let again = Plan::default().tier_of(10_000_000).expect("in range").label();
+        assert!(std::ptr::eq(label.as_str(), again.as_str()));
+        // Ordered as its text, so a sorted list of labels reads as sorted strings.
+        let mut labels = vec![
+            TierLabel::from("8M-16M"),
+            TierLabel::from("16M-24M"),
+            TierLabel::from("0-8M"),
+        ];
+        labels.sort();
+        assert_eq!(labels, ["0-8M", "16M-24M", "8M-16M"]);
+    }
+
+    #[test]
     fn seed_labels() {
         let p = Plan::default();
         let labels: Vec<TierLabel> = [0, 1_000_000, 8_000_000, 8_000_001, 16_000_000, 16_000_001, 24_000_001]
