@@ -510,6 +510,19 @@ mod tests {
         charge
     }
 
+    /// A sandbox with one customer, whose payments stay processing until finished.
+    async fn processing_customer() -> (SandboxGateway, CustomerId) {
+        let sandbox = SandboxGateway::new();
+        let customer = sandbox
+            .create_customer(&UserId::new("alice").expect("valid"))
+            .await
+            .expect("a customer");
+        sandbox
+            .set_behaviour(&customer, CardBehaviour::Processing)
+            .expect("known");
+        (sandbox, customer)
+    }
+
     async fn collect(sandbox: &SandboxGateway, customer: &CustomerId, round: u32) -> PaymentOutcome {
         let charge = charge(round);
         let key = charge.idempotency_key();
@@ -523,14 +536,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_charges_payments_over_its_rounds_are_listed_in_order_and_the_first_success_is_found() {
-        let sandbox = SandboxGateway::new();
-        let customer = sandbox
-            .create_customer(&UserId::new("alice").expect("valid"))
-            .await
-            .expect("a customer");
-        sandbox
-            .set_behaviour(&customer, CardBehaviour::Processing)
-            .expect("known");
+        let (sandbox, customer) = processing_customer().await;
         let processing = collect(&sandbox, &customer, 0).await;
         sandbox
             .set_behaviour(&customer, CardBehaviour::Succeeds)
@@ -573,14 +579,7 @@ mod tests {
         );
 
         // With no success, the latest payment still in flight.
-        let sandbox = SandboxGateway::new();
-        let customer = sandbox
-            .create_customer(&UserId::new("alice").expect("valid"))
-            .await
-            .expect("a customer");
-        sandbox
-            .set_behaviour(&customer, CardBehaviour::Processing)
-            .expect("known");
+        let (sandbox, customer) = processing_customer().await;
         collect(&sandbox, &customer, 0).await;
         let latest = collect(&sandbox, &customer, 1).await;
         assert_eq!(sandbox.find_payment(&key).await.expect("an answer"), Some(latest));
@@ -588,14 +587,7 @@ mod tests {
 
     #[tokio::test]
     async fn only_the_sandboxs_own_references_name_a_payment() {
-        let sandbox = SandboxGateway::new();
-        let customer = sandbox
-            .create_customer(&UserId::new("alice").expect("valid"))
-            .await
-            .expect("a customer");
-        sandbox
-            .set_behaviour(&customer, CardBehaviour::Processing)
-            .expect("known");
+        let (sandbox, customer) = processing_customer().await;
         let made = collect(&sandbox, &customer, 0).await;
         for unknown in [
             "pi_sandbox_0",

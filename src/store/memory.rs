@@ -951,6 +951,7 @@ impl UsageStore for InMemoryUsageStore {
         let Some(book) = shard.users.get(user) else {
             return Ok(Vec::new());
         };
+        let wanted = |of: PeriodKey| period.is_none_or(|p| p == of);
         let mut trail = Vec::with_capacity(book.audit.len());
         for item in &book.audit {
             match item {
@@ -963,15 +964,12 @@ impl UsageStore for InMemoryUsageStore {
                     period: of,
                     index,
                     total_after,
-                } => {
+                } if wanted(*of) => {
                     // A usage item is dropped with its period's events (`forget_events_before`),
                     // so its event is there.
                     let Some(usage) = book.periods.get(of).and_then(|p| p.consumptions.get(*index)) else {
                         continue;
                     };
-                    if period.is_some_and(|p| p != *of) {
-                        continue;
-                    }
                     trail.push(AuditEntry {
                         at: usage.recorded_at,
                         user_id: user.clone(),
@@ -989,14 +987,11 @@ impl UsageStore for InMemoryUsageStore {
                     index,
                     status,
                     collection_started,
-                } => {
+                } if wanted(*of) => {
                     // Charges are never removed from their period.
                     let Some(charge) = book.periods.get(of).and_then(|p| p.charges.get(*index)) else {
                         continue;
                     };
-                    if period.is_some_and(|p| p != *of) {
-                        continue;
-                    }
                     let entry = |event| AuditEntry {
                         at: charge.created_at,
                         user_id: user.clone(),
@@ -1017,6 +1012,8 @@ impl UsageStore for InMemoryUsageStore {
                         }));
                     }
                 }
+                // Of another period than the one asked for.
+                TrailItem::Usage { .. } | TrailItem::ChargeCreated { .. } => {}
             }
         }
         Ok(trail)
