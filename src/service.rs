@@ -867,8 +867,8 @@ impl BillingService {
                 Placed::Refused(error) => {
                     // A re-sent event is answered with its original outcome even when it would
                     // now be refused: its window has passed, or the limits changed since it was
-                    // recorded.
-                    // Boxed: refusals are rare, and other events' futures need not make room.
+                    // recorded. The look-up is boxed: refusals are rare, and the futures of other
+                    // events need not make room for it.
                     return match Box::pin(self.replay_of(&usage, account.as_ref())).await? {
                         Some(outcome) => Ok(outcome),
                         None => Err(error.into()),

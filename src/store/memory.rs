@@ -98,9 +98,10 @@ impl InMemoryUsageStoreBuilder {
     /// Keeps events (their records, ids and usage audit entries) of each user's `periods` most
     /// recent periods only, at least one; an older period's events are forgotten when a newer
     /// period opens, once the older one no longer takes late usage (its end plus the grace
-    /// window of the plan that rates it, and of the user's current plan, has passed). Summaries and charges of every period stay. An event is thus
-    /// forgotten only when a re-send of it would be refused as too late anyway: the service
-    /// refuses it, never records it twice. All by default.
+    /// window of the plan that rates it, and of the user's current plan, has passed).
+    /// Summaries and charges of every period stay. An event is thus forgotten only when a
+    /// re-send of it would be refused as too late anyway: the service refuses it, never records
+    /// it twice. All by default.
     pub fn periods_kept(mut self, periods: u32) -> Self {
         self.periods_kept = Some(periods.max(1));
         self
@@ -469,14 +470,9 @@ impl UserBook {
 
 #[async_trait]
 impl UsageStore for InMemoryUsageStore {
-    async fn put_account(&self, mut account: Account) -> Result<(), StoreError> {
-        // Every account read clones its plan id; a copy of its own per account keeps threads
-        // reading different users' accounts from writing one shared reference count (most
-        // accounts name the same plan), which costs each read a cache miss.
-        account.plan_id = account.plan_id.unshared();
-        for (_, plan) in &mut account.earlier_plans {
-            *plan = plan.unshared();
-        }
+    async fn put_account(&self, account: Account) -> Result<(), StoreError> {
+        // Read, and so cloned, for every event of the user.
+        let account = account.with_own_plan_ids();
         let mut shard = self.shard(&account.user_id);
         let book = shard.users.entry(account.user_id.clone()).or_default();
         book.audit.push(TrailItem::Entry(Box::new(AuditEntry {
@@ -1023,6 +1019,38 @@ impl UsageStore for InMemoryUsageStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Accounts that name one plan through one shared text are kept with texts of their own,
+    /// so that reading two users' accounts on two threads writes two reference counts, not one.
+    #[tokio::test]
+    async fn kept_accounts_do_not_share_their_plan_ids() {
+        let store = InMemoryUsageStore::new();
+        let plan = crate::PlanId::new("default").expect("valid");
+        let at = DateTime::UNIX_EPOCH;
+        for user in ["ana", "bea"] {
+            let account = Account {
+                user_id: UserId::new(user).expect("valid"),
+                customer_id: None,
+                plan_id: plan.clone(),
+                earlier_plans: vec![(PeriodKey::new(2026, 10).expect("valid"), plan.clone())],
+                subscription_id: None,
+                created_at: at,
+                updated_at: at,
+            };
+            store.put_account(account).await.expect("kept");
+        }
+        let read = |user: &str| {
+            store
+                .read_account(&UserId::new(user).expect("valid"))
+                .expect("an account")
+        };
+        let (ana, bea) = (read("ana"), read("bea"));
+        for id in [&ana.plan_id, &bea.plan_id, &ana.earlier_plans[0].1] {
+            assert_eq!(id, &plan);
+            assert!(!std::ptr::eq(id.as_str(), plan.as_str()), "shares the caller's text");
+        }
+        assert!(!std::ptr::eq(ana.plan_id.as_str(), bea.plan_id.as_str()));
+    }
 
     /// A kept event's place in the audit trail is what the memory figures count: a few words,
     /// not an entry.

@@ -150,6 +150,18 @@ impl Account {
             .find(|(until, _)| period < *until)
             .map_or(&self.plan_id, |(_, plan)| plan)
     }
+
+    /// The account with plan ids of its own, for a store that keeps it and clones it for every
+    /// event: most accounts name the same plan through one shared text, and threads cloning
+    /// different users' accounts would otherwise all write its one reference count (a cache
+    /// line moving between cores on every event).
+    pub(crate) fn with_own_plan_ids(mut self) -> Account {
+        self.plan_id = self.plan_id.unshared();
+        for (_, plan) in &mut self.earlier_plans {
+            *plan = plan.unshared();
+        }
+        self
+    }
 }
 
 /// A user's running figures for one period: the seed's `token_usage_summary` row. Stores keep it

@@ -84,6 +84,8 @@ impl CacheShard {
     /// Keeps `account`, in the place its user already has if any, and lets go of the oldest
     /// accounts beyond `bound`.
     fn put(&mut self, account: Account, bound: usize) {
+        // Read, and so cloned, for every event of the user.
+        let account = account.with_own_plan_ids();
         let user = account.user_id.clone();
         if self.accounts.insert(user.clone(), account).is_some() {
             return;
@@ -2343,6 +2345,13 @@ mod tests {
         assert!(kept <= 32, "{kept} accounts kept");
         cache.forget(&account(999).user_id);
         assert_eq!(cache.get(&account(999).user_id), None);
+
+        // Kept with a plan id of its own (it is cloned for every event of its user).
+        let given = account(1);
+        cache.put(given.clone());
+        let kept = cache.get(&given.user_id).expect("kept");
+        assert_eq!(kept, given);
+        assert!(!std::ptr::eq(kept.plan_id.as_str(), given.plan_id.as_str()));
 
         let none = AccountCache::new(0);
         none.put(account(1));
