@@ -465,23 +465,6 @@ impl BillingServiceBuilder {
     }
 }
 
-/// The operation type named `text`, sharing the text of the last one this thread read when it
-/// is the same: a host reports few operation types (`chat`, `embedding`), and this spares an
-/// allocation per event.
-fn recent_operation_type(text: String) -> Result<OperationType, crate::IdError> {
-    thread_local! {
-        static LAST: std::cell::RefCell<Option<OperationType>> = const { std::cell::RefCell::new(None) };
-    }
-    LAST.with(|last| {
-        if let Some(known) = last.borrow().as_ref().filter(|known| known.as_str() == text) {
-            return Ok(known.clone());
-        }
-        let read = OperationType::new(text)?;
-        *last.borrow_mut() = Some(read.clone());
-        Ok(read)
-    })
-}
-
 /// What the service decided for an event before recording it.
 enum Placed<'p> {
     /// Record it under this plan; its charges are leased to the caller until then, to collect
@@ -703,7 +686,7 @@ impl BillingService {
     /// a bad report is refused even when the store is down.
     fn read_report(report: UsageReport, now: DateTime<Utc>) -> Result<UsageRecord, UsageError> {
         let user_id = UserId::new(report.user_id)?;
-        let operation_type = recent_operation_type(report.operation_type)?;
+        let operation_type = OperationType::new(report.operation_type)?;
         let client_id = report.client_id.map(ClientId::new).transpose()?;
         if report.tokens_used == 0 {
             return Err(UsageError::ZeroTokens);

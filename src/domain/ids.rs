@@ -64,14 +64,85 @@ pub(crate) fn check_identifier(kind: &'static str, value: &str, max: usize) -> R
     Ok(())
 }
 
+/// The text of an identifier: kept in place when it is at most `N` bytes (as most ids are:
+/// `chat`, `default`, a UUID, `cus_...`), shared otherwise.
+///
+/// An id in place costs no allocation to make or free, no reference count to touch when it
+/// is cloned, and no pointer to follow when it is compared or hashed: a user's id found in a
+/// map is compared in the map's own memory. An id of a kept event or of a stored account is
+/// read on every event, and each pointer followed there is a likely cache miss.
+#[derive(Clone)]
+pub(crate) enum IdText<const N: usize> {
+    /// Text of at most `N` bytes, its length first.
+    Inline(u8, [u8; N]),
+    /// Longer text.
+    Shared(Arc<str>),
+}
+
+impl<const N: usize> IdText<N> {
+    pub(crate) fn new(text: &str) -> Self {
+        match u8::try_from(text.len()) {
+            Ok(len) if text.len() <= N => {
+                let mut bytes = [0; N];
+                bytes[..text.len()].copy_from_slice(text.as_bytes());
+                IdText::Inline(len, bytes)
+            }
+            _ => IdText::Shared(Arc::from(text)),
+        }
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        match self {
+            IdText::Inline(len, bytes) => &bytes[..usize::from(*len)],
+            IdText::Shared(text) => text.as_bytes(),
+        }
+    }
+
+    pub(crate) fn as_str(&self) -> &str {
+        match self {
+            // Made from a `&str` and never changed: always UTF-8, so never the empty default.
+            IdText::Inline(len, bytes) => std::str::from_utf8(&bytes[..usize::from(*len)]).unwrap_or_default(),
+            IdText::Shared(text) => text,
+        }
+    }
+}
+
+// Compared, ordered and hashed as their text, as `Borrow<str>` requires (text compares and
+// orders as its bytes).
+impl<const N: usize> PartialEq for IdText<N> {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl<const N: usize> Eq for IdText<N> {}
+
+impl<const N: usize> PartialOrd for IdText<N> {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl<const N: usize> Ord for IdText<N> {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_bytes().cmp(other.as_bytes())
+    }
+}
+
+impl<const N: usize> std::hash::Hash for IdText<N> {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
+    }
+}
+
 macro_rules! identifier {
-    ($(#[$doc:meta])* $name:ident, $kind:literal, $max:expr) => {
+    ($(#[$doc:meta])* $name:ident, $kind:literal, $max:expr, $inline:literal) => {
         $(#[$doc])*
         ///
-        /// Cheap to clone: the text is shared, never copied.
+        #[doc = concat!("Cheap to clone: up to ", stringify!($inline), " bytes are kept in place, longer text is shared.")]
         #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
         #[serde(try_from = "String", into = "String")]
-        pub struct $name(Arc<str>);
+        pub struct $name(IdText<$inline>);
 
         impl $name {
             /// The longest accepted value, in bytes.
@@ -85,24 +156,24 @@ macro_rules! identifier {
             pub fn new(value: impl Into<String>) -> Result<Self, IdError> {
                 let value = value.into();
                 check_identifier($kind, &value, $max)?;
-                Ok(Self(Arc::from(value)))
+                Ok(Self(IdText::new(&value)))
             }
 
             /// The identifier as text.
             pub fn as_str(&self) -> &str {
-                &self.0
+                self.0.as_str()
             }
         }
 
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(&self.0)
+                f.write_str(self.as_str())
             }
         }
 
         impl fmt::Debug for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write!(f, "{}({:?})", stringify!($name), self.0)
+                write!(f, "{}({:?})", stringify!($name), self.as_str())
             }
         }
 
@@ -129,19 +200,19 @@ macro_rules! identifier {
 
         impl From<$name> for String {
             fn from(id: $name) -> String {
-                id.0.to_string()
+                id.as_str().to_owned()
             }
         }
 
         impl AsRef<str> for $name {
             fn as_ref(&self) -> &str {
-                &self.0
+                self.as_str()
             }
         }
 
         impl Borrow<str> for $name {
             fn borrow(&self) -> &str {
-                &self.0
+                self.as_str()
             }
         }
     };
@@ -164,7 +235,8 @@ identifier!(
     /// ```
     UserId,
     "user id",
-    128
+    128,
+    38
 );
 
 identifier!(
@@ -179,7 +251,8 @@ identifier!(
     /// ```
     EventId,
     "event id",
-    128
+    128,
+    38
 );
 
 identifier!(
@@ -193,7 +266,8 @@ identifier!(
     /// ```
     CustomerId,
     "customer id",
-    255
+    255,
+    22
 );
 
 identifier!(
@@ -208,7 +282,8 @@ identifier!(
     /// ```
     OperationType,
     "operation type",
-    64
+    64,
+    22
 );
 
 identifier!(
@@ -223,7 +298,8 @@ identifier!(
     /// ```
     ClientId,
     "client id",
-    128
+    128,
+    38
 );
 
 identifier!(
@@ -237,7 +313,8 @@ identifier!(
     /// ```
     PlanId,
     "plan id",
-    64
+    64,
+    22
 );
 
 impl EventId {
@@ -253,7 +330,7 @@ impl EventId {
     pub fn of_consumption(consumption_id: uuid::Uuid) -> EventId {
         let mut text = [0; uuid::fmt::Hyphenated::LENGTH];
         // A hyphenated UUID is 36 bytes of printable ASCII: a valid id, no check needed.
-        EventId(Arc::from(&*consumption_id.hyphenated().encode_lower(&mut text)))
+        EventId(IdText::new(consumption_id.hyphenated().encode_lower(&mut text)))
     }
 }
 
@@ -335,7 +412,7 @@ impl PlanId {
     /// The same id in text of its own, so that its clones count references apart from those of
     /// the original.
     pub(crate) fn unshared(&self) -> PlanId {
-        PlanId(Arc::from(self.as_str()))
+        PlanId(IdText::new(self.as_str()))
     }
 }
 
@@ -436,6 +513,50 @@ impl Borrow<str> for ChargeKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_kept_in_place_or_shared_compare_hash_and_order_as_their_text() {
+        use std::collections::{BTreeSet, HashMap};
+
+        // Each side of the in-place limit, and the longest id.
+        let texts = [
+            "u".to_owned(),
+            "a".repeat(38),
+            "b".repeat(39),
+            "a".repeat(UserId::MAX_LEN),
+        ];
+        let ids: Vec<UserId> = texts.iter().map(|t| UserId::new(t.as_str()).expect("valid")).collect();
+        assert!(matches!(ids[1].0, IdText::Inline(38, _)));
+        assert!(matches!(ids[2].0, IdText::Shared(_)));
+        let by_id: HashMap<UserId, usize> = ids.iter().cloned().zip(0..).collect();
+        for (i, (id, text)) in ids.iter().zip(&texts).enumerate() {
+            assert_eq!(id.as_str(), text);
+            assert_eq!(id.to_string(), *text);
+            assert_eq!(format!("{id:?}"), format!("UserId({text:?})"));
+            assert_eq!(String::from(id.clone()), *text);
+            assert_eq!(by_id.get(text.as_str()), Some(&i), "found by its text");
+            assert_eq!(*id, UserId::new(text.clone()).expect("valid"));
+            assert_eq!(serde_json::to_string(id).expect("json"), format!("{text:?}"));
+        }
+        // Ordered as text, whichever way each is kept.
+        let ordered: Vec<&str> = ids
+            .iter()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .map(UserId::as_str)
+            .collect();
+        let mut expected: Vec<&str> = texts.iter().map(String::as_str).collect();
+        expected.sort_unstable();
+        assert_eq!(ordered, expected);
+        // A plan id's own copy is equal, and kept the same way.
+        let long_plan = PlanId::new("p".repeat(23)).expect("valid");
+        assert!(matches!(long_plan.0, IdText::Shared(_)));
+        assert_eq!(long_plan.unshared(), long_plan);
+        assert!(matches!(
+            PlanId::new("p".repeat(22)).expect("valid").0,
+            IdText::Inline(22, _)
+        ));
+    }
 
     #[test]
     fn longest_key_fits_stripe() {
