@@ -51,12 +51,19 @@ fn measure(name: &str, events: u64) {
         .unregistered_users(UnregisteredUsers::OpenCustomer)
         .build();
     runtime.block_on(async {
-        // Every user's period opened first: the measurement is of events, not of users.
+        // Every user's period opened first: the measurement is of events, not of users. What
+        // the users took (their accounts and periods, and their customers in the sandbox) is
+        // reported on its own.
+        let empty = resident_bytes();
         for user in 0..USERS {
             let report = UsageReport::new(format!("user-{user}"), 1, "chat");
             billing.process_token_usage(report).await.expect("recorded");
         }
         let before = resident_bytes();
+        println!(
+            "user-bytes {name} {:.1}",
+            before.saturating_sub(empty) as f64 / USERS as f64
+        );
         for i in 0..events {
             let mut report = UsageReport::new(format!("user-{}", i % USERS), 1_000, "chat");
             if event_ids {
@@ -98,7 +105,12 @@ fn main() {
             .find_map(|line| line.strip_prefix(&format!("bytes {name} ")))
             .and_then(|value| value.trim().parse().ok())
             .expect("a figure");
-        println!("memory/{name}: {per_event:.0} bytes per event");
+        let per_user: f64 = stdout
+            .lines()
+            .find_map(|line| line.strip_prefix(&format!("user-bytes {name} ")))
+            .and_then(|value| value.trim().parse().ok())
+            .expect("a figure");
+        println!("memory/{name}: {per_event:.0} bytes per event, {per_user:.0} bytes per user");
         if name == "all" {
             // Keeping every event costs memory for each one.
             assert!(per_event > 0.0, "events kept in full take memory");

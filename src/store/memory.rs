@@ -133,7 +133,7 @@ struct Shard {
 struct UserBook {
     account: Option<Account>,
     events: HashMap<EventId, EventEntry>,
-    periods: BTreeMap<PeriodKey, PeriodBook>,
+    periods: Periods,
     charge_index: HashMap<ChargeKey, (PeriodKey, usize)>,
     audit: Vec<TrailItem>,
     gateway_events: HashSet<String>,
@@ -176,7 +176,7 @@ struct EventEntry {
 struct PeriodBook {
     summary: PeriodSummary,
     consumptions: Vec<Arc<UsageRecord>>,
-    by_operation: BTreeMap<OperationType, (u64, u64)>,
+    by_operation: OperationTotals,
     charges: Vec<Charge>,
     /// When the period stops taking late usage, by the plan that rates it: set by its first
     /// kept event (a period opened by a charge alone has no events to forget).
@@ -188,10 +188,102 @@ impl PeriodBook {
         PeriodBook {
             summary,
             consumptions: Vec::new(),
-            by_operation: BTreeMap::new(),
+            by_operation: OperationTotals::default(),
             charges: Vec::new(),
             takes_usage_until: None,
         }
+    }
+}
+
+/// A user's periods, oldest first, in one allocation.
+///
+/// A user has a period a month, and events go almost always to the latest, which is looked at
+/// first. Its book sits next to its key, where a map's node keeps the key, the node's length and
+/// the book on separate cache lines: each a likely miss on every event once a host has
+/// thousands of users.
+#[derive(Debug, Default)]
+struct Periods(Vec<(PeriodKey, PeriodBook)>);
+
+impl Periods {
+    /// Where `key` is, or where it would go.
+    fn find(&self, key: PeriodKey) -> Result<usize, usize> {
+        match self.0.last() {
+            Some((last, _)) if *last == key => Ok(self.0.len() - 1),
+            Some((last, _)) if *last < key => Err(self.0.len()),
+            _ => self.0.binary_search_by_key(&key, |(k, _)| *k),
+        }
+    }
+
+    fn get(&self, key: &PeriodKey) -> Option<&PeriodBook> {
+        let index = self.find(*key).ok()?;
+        self.0.get(index).map(|(_, book)| book)
+    }
+
+    fn get_mut(&mut self, key: &PeriodKey) -> Option<&mut PeriodBook> {
+        let index = self.find(*key).ok()?;
+        self.0.get_mut(index).map(|(_, book)| book)
+    }
+
+    fn contains_key(&self, key: &PeriodKey) -> bool {
+        self.find(*key).is_ok()
+    }
+
+    /// The book of `key`, made by `make` if the period has none.
+    fn get_or_insert_with(&mut self, key: PeriodKey, make: impl FnOnce() -> PeriodBook) -> &mut PeriodBook {
+        let index = self.find(key).unwrap_or_else(|at| {
+            // One more each time: a user gains a period a month, and most users have few.
+            self.0.reserve_exact(1);
+            self.0.insert(at, (key, make()));
+            at
+        });
+        &mut self.0[index].1
+    }
+
+    fn remove(&mut self, key: &PeriodKey) -> Option<PeriodBook> {
+        let index = self.find(*key).ok()?;
+        Some(self.0.remove(index).1)
+    }
+
+    /// The periods before `end`, oldest first.
+    fn before_mut(&mut self, end: PeriodKey) -> impl Iterator<Item = (PeriodKey, &mut PeriodBook)> {
+        let end = self.find(end).unwrap_or_else(|at| at);
+        self.0[..end].iter_mut().map(|(key, book)| (*key, book))
+    }
+
+    fn values(&self) -> impl Iterator<Item = &PeriodBook> {
+        self.0.iter().map(|(_, book)| book)
+    }
+}
+
+/// A period's tokens and events by operation type.
+///
+/// A host reports few operation types (`chat`, `embedding`), and the first two are counted in
+/// the period's own memory, next to its summary, rather than behind a pointer; more go to a
+/// list of their own.
+#[derive(Debug, Default)]
+struct OperationTotals {
+    first: [Option<(OperationType, u64, u64)>; 2],
+    more: Vec<(OperationType, u64, u64)>,
+}
+
+impl OperationTotals {
+    /// Counts an event of `tokens` of `operation`.
+    fn add(&mut self, operation: &OperationType, tokens: u64) {
+        let counted = self.first.iter_mut().flatten().chain(self.more.iter_mut());
+        if let Some((_, total, events)) = counted.into_iter().find(|(op, ..)| op == operation) {
+            (*total, *events) = (*total + tokens, *events + 1);
+        } else if let Some(free) = self.first.iter_mut().find(|slot| slot.is_none()) {
+            *free = Some((operation.clone(), tokens, 1));
+        } else {
+            self.more.push((operation.clone(), tokens, 1));
+        }
+    }
+
+    /// Each operation type's tokens and events, in the types' order.
+    fn sorted(&self) -> Vec<&(OperationType, u64, u64)> {
+        let mut all: Vec<_> = self.first.iter().flatten().chain(&self.more).collect();
+        all.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        all
     }
 }
 
@@ -388,8 +480,8 @@ impl UserBook {
             cutoff = cutoff.previous();
         }
         let mut forgotten = Vec::new();
-        for (key, book) in self.periods.range_mut(..cutoff) {
-            let open_for_current = Period::new(*key, current.zone()).end() + current.late_usage_grace() > now;
+        for (key, book) in self.periods.before_mut(cutoff) {
+            let open_for_current = Period::new(key, current.zone()).end() + current.late_usage_grace() > now;
             if book.consumptions.is_empty()
                 || open_for_current
                 || book.takes_usage_until.is_none_or(|until| until > now)
@@ -400,7 +492,7 @@ impl UserBook {
                 self.events.remove(&usage.event_id);
             }
             book.consumptions.shrink_to_fit();
-            forgotten.push(*key);
+            forgotten.push(key);
         }
         if !forgotten.is_empty() {
             self.audit
@@ -539,10 +631,9 @@ impl UsageStore for InMemoryUsageStore {
         let now = usage.recorded_at;
         let opened = !book.periods.contains_key(&period);
         if opened {
-            book.periods.insert(
-                period,
-                PeriodBook::new(PeriodSummary::empty(user.clone(), period, plan.currency(), now)),
-            );
+            book.periods.get_or_insert_with(period, || {
+                PeriodBook::new(PeriodSummary::empty(user.clone(), period, plan.currency(), now))
+            });
         }
         // Charges first: it is the only step that can fail, and it changes nothing when it does.
         let created = match book.insert_charges(period, new_charges, ChargeStatus::Pending, None, now, lease_until) {
@@ -562,14 +653,7 @@ impl UsageStore for InMemoryUsageStore {
         period_book.summary.total_tokens = after;
         period_book.summary.events += 1;
         period_book.summary.updated_at = now;
-        match period_book.by_operation.get_mut(&usage.operation_type) {
-            Some(op) => *op = (op.0 + usage.tokens, op.1 + 1),
-            None => {
-                period_book
-                    .by_operation
-                    .insert(usage.operation_type.clone(), (usage.tokens, 1));
-            }
-        }
+        period_book.by_operation.add(&usage.operation_type, usage.tokens);
         if keep {
             period_book
                 .takes_usage_until
@@ -627,9 +711,9 @@ impl UsageStore for InMemoryUsageStore {
             return Ok((existing.clone(), false));
         }
         let currency = charge.amount.currency();
-        book.periods
-            .entry(period)
-            .or_insert_with(|| PeriodBook::new(PeriodSummary::empty(user.clone(), period, currency, now)));
+        book.periods.get_or_insert_with(period, || {
+            PeriodBook::new(PeriodSummary::empty(user.clone(), period, currency, now))
+        });
         let created = book.insert_charges(period, vec![charge], status, payment_id, now, lease_until)?;
         let charge = created.into_iter().next().ok_or_else(|| StoreError::NotFound {
             what: "charge",
@@ -911,8 +995,9 @@ impl UsageStore for InMemoryUsageStore {
             .and_then(|b| b.periods.get(&period))
             .map(|p| {
                 p.by_operation
-                    .iter()
-                    .map(|(op, (tokens, count))| OperationUsage {
+                    .sorted()
+                    .into_iter()
+                    .map(|(op, tokens, count)| OperationUsage {
                         operation_type: op.clone(),
                         total_tokens: *tokens,
                         operations: *count,
@@ -1020,12 +1105,13 @@ impl UsageStore for InMemoryUsageStore {
 mod tests {
     use super::*;
 
-    /// Accounts that name one plan through one shared text are kept with texts of their own,
-    /// so that reading two users' accounts on two threads writes two reference counts, not one.
+    /// Accounts that name one plan through one shared text (a name too long to be kept in
+    /// place) are kept with texts of their own, so that reading two users' accounts on two
+    /// threads writes two reference counts, not one.
     #[tokio::test]
     async fn kept_accounts_do_not_share_their_plan_ids() {
         let store = InMemoryUsageStore::new();
-        let plan = crate::PlanId::new("default").expect("valid");
+        let plan = crate::PlanId::new("a-plan-with-a-long-name-2026").expect("valid");
         let at = DateTime::UNIX_EPOCH;
         for user in ["ana", "bea"] {
             let account = Account {
@@ -1050,6 +1136,73 @@ mod tests {
             assert!(!std::ptr::eq(id.as_str(), plan.as_str()), "shares the caller's text");
         }
         assert!(!std::ptr::eq(ana.plan_id.as_str(), bea.plan_id.as_str()));
+    }
+
+    fn key(month: u32) -> PeriodKey {
+        PeriodKey::new(2026, month).expect("valid")
+    }
+
+    fn book(month: u32) -> PeriodBook {
+        let user = UserId::new("ana").expect("valid");
+        PeriodBook::new(PeriodSummary::empty(
+            user,
+            key(month),
+            crate::Currency::BRL,
+            DateTime::UNIX_EPOCH,
+        ))
+    }
+
+    proptest::proptest! {
+        /// Periods opened in any order are found, kept in order and forgotten as a sorted map
+        /// of them would be.
+        #[test]
+        fn periods_behave_as_a_sorted_map(
+            steps in proptest::collection::vec((1..=12_u32, proptest::bool::ANY), 1..40),
+        ) {
+            let (mut periods, mut model) = (Periods::default(), BTreeMap::new());
+            for (month, remove) in steps {
+                if remove {
+                    let removed = periods.remove(&key(month)).map(|b| b.summary.period);
+                    proptest::prop_assert_eq!(removed, model.remove(&key(month)));
+                } else {
+                    periods.get_or_insert_with(key(month), || book(month)).summary.events += 1;
+                    model.insert(key(month), key(month));
+                }
+                for month in 1..=12 {
+                    let found = periods.get(&key(month)).map(|b| b.summary.period);
+                    proptest::prop_assert_eq!(found, model.get(&key(month)).copied());
+                    proptest::prop_assert_eq!(periods.contains_key(&key(month)), model.contains_key(&key(month)));
+                }
+                let all: Vec<_> = periods.values().map(|b| b.summary.period).collect();
+                proptest::prop_assert_eq!(all, model.keys().copied().collect::<Vec<_>>());
+                for end in 1..=12 {
+                    let before: Vec<_> = periods.before_mut(key(end)).map(|(k, _)| k).collect();
+                    let expected: Vec<_> = model.range(..key(end)).map(|(k, _)| *k).collect();
+                    proptest::prop_assert_eq!(before, expected);
+                }
+            }
+        }
+
+        /// Each operation type is counted once, with its tokens and events, and read back in
+        /// the types' order, however many types a period sees.
+        #[test]
+        fn operation_totals_count_as_a_sorted_map(
+            events in proptest::collection::vec((0..6_usize, 1..1_000_u64), 0..40),
+        ) {
+            const TYPES: [&str; 6] = ["embedding", "chat", "api_call", "zeta", "alpha", "chat-large"];
+            let (mut totals, mut model) = (OperationTotals::default(), BTreeMap::new());
+            for (operation, tokens) in events {
+                totals.add(&OperationType::new(TYPES[operation]).expect("valid"), tokens);
+                let (sum, count) = model.entry(TYPES[operation]).or_insert((0, 0));
+                (*sum, *count) = (*sum + tokens, *count + 1);
+            }
+            let read: Vec<_> = totals
+                .sorted()
+                .into_iter()
+                .map(|(op, tokens, events)| (op.as_str(), (*tokens, *events)))
+                .collect();
+            proptest::prop_assert_eq!(read, model.into_iter().collect::<Vec<_>>());
+        }
     }
 
     /// A kept event's place in the audit trail is what the memory figures count: a few words,

@@ -152,9 +152,9 @@ impl Account {
     }
 
     /// The account with plan ids of its own, for a store that keeps it and clones it for every
-    /// event: most accounts name the same plan through one shared text, and threads cloning
-    /// different users' accounts would otherwise all write its one reference count (a cache
-    /// line moving between cores on every event).
+    /// event. A plan id too long to be kept in place is shared text, which most accounts would
+    /// share, and threads cloning different users' accounts would otherwise all write its one
+    /// reference count (a cache line moving between cores on every event).
     pub(crate) fn with_own_plan_ids(mut self) -> Account {
         self.plan_id = self.plan_id.unshared();
         for (_, plan) in &mut self.earlier_plans {

@@ -2346,8 +2346,10 @@ mod tests {
         cache.forget(&account(999).user_id);
         assert_eq!(cache.get(&account(999).user_id), None);
 
-        // Kept with a plan id of its own (it is cloned for every event of its user).
-        let given = account(1);
+        // Kept with a plan id of its own (it is cloned for every event of its user), when the
+        // id is too long to be kept in place and is shared text.
+        let mut given = account(1);
+        given.plan_id = crate::PlanId::new("a-plan-with-a-long-name-2026").expect("a plan id");
         cache.put(given.clone());
         let kept = cache.get(&given.user_id).expect("kept");
         assert_eq!(kept, given);
