@@ -99,8 +99,12 @@ impl Default for DunningSchedule {
 /// The service's settings; see [`BillingServiceBuilder`] for each.
 #[derive(Debug, Clone)]
 struct Settings {
+    /// The plans other than the default one.
     plans: foldhash::HashMap<PlanId, Plan>,
+    /// The default plan and its id, apart: most accounts name it, and it is found with one
+    /// comparison, without hashing the id, twice for every event.
     default_plan: PlanId,
+    default: Plan,
     fee: FeeCollection,
     collection: CollectionMode,
     unregistered: UnregisteredUsers,
@@ -387,13 +391,36 @@ impl BillingServiceBuilder {
 
     /// The default plan, under the id `default` (the seed's plan unless set).
     pub fn plan(mut self, plan: Plan) -> Self {
-        self.settings.plans.insert(self.settings.default_plan.clone(), plan);
+        self.settings.default = plan;
         self
     }
 
-    /// Adds a plan to the catalogue, for accounts registered on it.
+    /// Adds a plan to the catalogue, for accounts registered on it (under the id `default`, the
+    /// default plan, as [`BillingServiceBuilder::plan`] sets it).
+    ///
+    /// # Example
+    /// ```
+    /// use std::sync::Arc;
+    /// use token_billing::{BillingService, InMemoryUsageStore, Plan, PlanId, SandboxGateway};
+    ///
+    /// let pro = Plan::builder().included_tokens(50_000_000).build()?;
+    /// let small = Plan::builder().included_tokens(1_000_000).build()?;
+    /// let billing = BillingService::builder(Arc::new(InMemoryUsageStore::new()), Arc::new(SandboxGateway::new()))
+    ///     .add_plan(PlanId::new("pro")?, pro.clone())
+    ///     .add_plan(PlanId::new("default")?, small.clone())
+    ///     .build();
+    /// assert_eq!(billing.plan(&PlanId::new("pro")?)?, &pro);
+    /// assert_eq!(billing.plan(&PlanId::new("default")?)?, &small);
+    /// assert_eq!(billing.default_plan(), &small);
+    /// assert!(billing.plan(&PlanId::new("gold")?).is_err());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn add_plan(mut self, id: PlanId, plan: Plan) -> Self {
-        self.settings.plans.insert(id, plan);
+        if id == self.settings.default_plan {
+            self.settings.default = plan;
+        } else {
+            self.settings.plans.insert(id, plan);
+        }
         self
     }
 
@@ -508,8 +535,9 @@ impl BillingService {
             gateway,
             clock: Arc::new(SystemClock),
             settings: Settings {
-                plans: [(default_plan.clone(), Plan::default())].into_iter().collect(),
+                plans: foldhash::HashMap::default(),
                 default_plan,
+                default: Plan::default(),
                 fee: FeeCollection::Library,
                 collection: CollectionMode::Immediate,
                 unregistered: UnregisteredUsers::Wait,
@@ -547,6 +575,9 @@ impl BillingService {
     /// # Errors
     /// [`BillingError::UnknownPlan`].
     pub fn plan(&self, id: &PlanId) -> Result<&Plan, BillingError> {
+        if *id == self.settings.default_plan {
+            return Ok(&self.settings.default);
+        }
         self.settings
             .plans
             .get(id)
@@ -560,11 +591,7 @@ impl BillingService {
 
     /// The default plan.
     pub fn default_plan(&self) -> &Plan {
-        // The builder always holds the default plan.
-        self.settings
-            .plans
-            .get(&self.settings.default_plan)
-            .unwrap_or_else(|| unreachable!("the default plan is always in the catalogue"))
+        &self.settings.default
     }
 
     /// The user's current plan: the one whose zone draws the period boundaries.

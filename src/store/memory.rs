@@ -314,7 +314,7 @@ impl InMemoryUsageStore {
     }
 
     fn shard_of(&self, user: &UserId) -> &Mutex<Shard> {
-        let hash = self.shard_hasher.hash_one(user.as_str());
+        let hash = self.shard_hasher.hash_one(user.as_bytes());
         // The remainder is below the shard count, which is a usize.
         let index = usize::try_from(hash % self.shards.len() as u64).unwrap_or(0);
         &self.shards[index]
