@@ -318,8 +318,8 @@ identifier!(
 );
 
 impl UserId {
-    /// The id's bytes, to pick a shard by: cheaper to hash than its text, which is checked
-    /// for UTF-8 when read as a `&str`.
+    /// The id's bytes, to pick a shard by or to write into a charge key: cheaper than its
+    /// text, which is checked for UTF-8 when read as a `&str`.
     pub(crate) fn as_bytes(&self) -> &[u8] {
         self.0.as_bytes()
     }
@@ -437,7 +437,7 @@ impl ChargeKey {
         let mut len = 0;
         for part in [
             b"tb:".as_slice(),
-            user.as_str().as_bytes(),
+            user.as_bytes(),
             b":",
             period.text().as_slice(),
             b":",
