@@ -73,7 +73,7 @@ pub(crate) fn check_identifier(kind: &'static str, value: &str, max: usize) -> R
 /// read on every event, and each pointer followed there is a likely cache miss.
 #[derive(Clone)]
 pub(crate) enum IdText<const N: usize> {
-    /// Text of at most `N` bytes, its length first.
+    /// Text of at most `N` bytes, its length first; the bytes past it are zeros.
     Inline(u8, [u8; N]),
     /// Longer text.
     Shared(Arc<str>),
@@ -111,7 +111,11 @@ impl<const N: usize> IdText<N> {
 // orders as its bytes).
 impl<const N: usize> PartialEq for IdText<N> {
     fn eq(&self, other: &Self) -> bool {
-        self.as_bytes() == other.as_bytes()
+        match (self, other) {
+            // The bytes past the length are zeros in both: whole arrays compare without a call.
+            (IdText::Inline(a_len, a), IdText::Inline(b_len, b)) => a_len == b_len && a == b,
+            _ => self.as_bytes() == other.as_bytes(),
+        }
     }
 }
 
@@ -546,6 +550,12 @@ mod tests {
             assert_eq!(*id, UserId::new(text.clone()).expect("valid"));
             assert_eq!(serde_json::to_string(id).expect("json"), format!("{text:?}"));
         }
+        // Equal only to the same text: not to a prefix, nor to text of another length.
+        let id = |text: &str| UserId::new(text).expect("valid");
+        assert_eq!(id("ab"), UserId::new(String::from("ab")).expect("valid"));
+        assert_ne!(id("ab"), id("abc"));
+        assert_ne!(id("abc"), id("abd"));
+        assert_ne!(ids[1], ids[2]);
         // Ordered as text, whichever way each is kept.
         let ordered: Vec<&str> = ids
             .iter()
