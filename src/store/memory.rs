@@ -1161,16 +1161,22 @@ mod tests {
         ) {
             let (mut periods, mut model) = (Periods::default(), BTreeMap::new());
             for (month, remove) in steps {
+                // The model counts the events each period was given since it was opened.
                 if remove {
-                    let removed = periods.remove(&key(month)).map(|b| b.summary.period);
+                    let removed = periods.remove(&key(month)).map(|b| b.summary.events);
                     proptest::prop_assert_eq!(removed, model.remove(&key(month)));
                 } else {
                     periods.get_or_insert_with(key(month), || book(month)).summary.events += 1;
-                    model.insert(key(month), key(month));
+                    *model.entry(key(month)).or_insert(0) += 1;
+                    if let Some(book) = periods.get_mut(&key(month)) {
+                        book.summary.events += 1;
+                    }
+                    *model.entry(key(month)).or_insert(0) += 1;
                 }
                 for month in 1..=12 {
-                    let found = periods.get(&key(month)).map(|b| b.summary.period);
-                    proptest::prop_assert_eq!(found, model.get(&key(month)).copied());
+                    let found = periods.get(&key(month)).map(|b| (b.summary.period, b.summary.events));
+                    let expected = model.get(&key(month)).map(|events| (key(month), *events));
+                    proptest::prop_assert_eq!(found, expected);
                     proptest::prop_assert_eq!(periods.contains_key(&key(month)), model.contains_key(&key(month)));
                 }
                 let all: Vec<_> = periods.values().map(|b| b.summary.period).collect();
