@@ -421,8 +421,8 @@ impl<'de> Deserialize<'de> for ChargeKey {
 }
 
 impl PlanId {
-    /// The same id in text of its own, so that its clones count references apart from those of
-    /// the original.
+    /// The same id in text of its own: when the text is too long to be kept in place and so is
+    /// shared, the copy's clones count references apart from the original's.
     pub(crate) fn unshared(&self) -> PlanId {
         PlanId(IdText::new(self.as_str()))
     }

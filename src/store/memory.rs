@@ -1,7 +1,6 @@
 //! [`InMemoryUsageStore`]: the store of one process, sharded by user.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::hash::BuildHasher;
 
 use foldhash::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -11,7 +10,7 @@ use chrono::{DateTime, Utc};
 
 use super::{
     Account, AuditEntry, AuditEvent, EnsureCharge, GatewayEventRecord, OperationUsage, PeriodSummary, RecordUsage,
-    Recorded, Settlement, StoreError, SummaryDelta, TierChargeReport, UsageStore,
+    Recorded, Settlement, StoreError, SummaryDelta, TierChargeReport, UsageStore, shard_index,
 };
 use crate::domain::{
     Blocks, Charge, ChargeKey, ChargeKind, ChargeStatus, EventId, MAX_TOKENS, Money, MoneyError, NewCharge,
@@ -269,8 +268,8 @@ struct OperationTotals {
 impl OperationTotals {
     /// Counts an event of `tokens` of `operation`.
     fn add(&mut self, operation: &OperationType, tokens: u64) {
-        let counted = self.first.iter_mut().flatten().chain(self.more.iter_mut());
-        if let Some((_, total, events)) = counted.into_iter().find(|(op, ..)| op == operation) {
+        let mut counted = self.first.iter_mut().flatten().chain(self.more.iter_mut());
+        if let Some((_, total, events)) = counted.find(|(op, ..)| op == operation) {
             (*total, *events) = (*total + tokens, *events + 1);
         } else if let Some(free) = self.first.iter_mut().find(|slot| slot.is_none()) {
             *free = Some((operation.clone(), tokens, 1));
@@ -314,10 +313,7 @@ impl InMemoryUsageStore {
     }
 
     fn shard_of(&self, user: &UserId) -> &Mutex<Shard> {
-        let hash = self.shard_hasher.hash_one(user.as_bytes());
-        // The remainder is below the shard count, which is a usize.
-        let index = usize::try_from(hash % self.shards.len() as u64).unwrap_or(0);
-        &self.shards[index]
+        &self.shards[shard_index(&self.shard_hasher, user, self.shards.len())]
     }
 
     fn shard(&self, user: &UserId) -> MutexGuard<'_, Shard> {

@@ -25,6 +25,15 @@ pub use memory::{EventRetention, InMemoryUsageStore, InMemoryUsageStoreBuilder};
 #[cfg(feature = "postgres")]
 pub use postgres::{MIGRATIONS, PostgresUsageStore};
 
+/// Which of `shards` shards keeps `user`'s data: a hash of the id's bytes, cheaper than of its
+/// text (which is checked for UTF-8 when read as a `&str`).
+pub(crate) fn shard_index(hasher: &foldhash::fast::RandomState, user: &UserId, shards: usize) -> usize {
+    use std::hash::BuildHasher;
+    let hash = hasher.hash_one(user.as_bytes());
+    // The remainder is below the shard count, which is a usize.
+    usize::try_from(hash % shards as u64).unwrap_or(0)
+}
+
 /// A boxed error from a store's backend, kept as the source of [`StoreError`].
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 

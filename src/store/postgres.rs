@@ -119,10 +119,8 @@ impl AccountCache {
     }
 
     fn shard(&self, user: &UserId) -> std::sync::MutexGuard<'_, CacheShard> {
-        use std::hash::BuildHasher;
-        let index = usize::try_from(self.hasher.hash_one(user.as_bytes()) % Self::SHARDS as u64).unwrap_or(0);
         // A map of copies: one poisoned by a panic elsewhere is still a valid cache.
-        self.shards[index]
+        self.shards[super::shard_index(&self.hasher, user, Self::SHARDS)]
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
