@@ -219,7 +219,21 @@ macro_rules! identifier {
                 self.as_str()
             }
         }
+
+        impl IdBytes for $name {
+            fn id_bytes(&self) -> &[u8] {
+                self.0.as_bytes()
+            }
+        }
     };
+}
+
+/// An identifier's bytes, for what the library hashes and writes itself (its stores' maps and
+/// shards, charge keys): reading them skips the UTF-8 check that reading the text as a `&str`
+/// costs. `Hash` still hashes the text, as `Borrow<str>` requires.
+pub(crate) trait IdBytes {
+    /// The id's bytes: its text's.
+    fn id_bytes(&self) -> &[u8];
 }
 
 identifier!(
@@ -320,14 +334,6 @@ identifier!(
     64,
     22
 );
-
-impl UserId {
-    /// The id's bytes, to pick a shard by or to write into a charge key: cheaper than its
-    /// text, which is checked for UTF-8 when read as a `&str`.
-    pub(crate) fn as_bytes(&self) -> &[u8] {
-        self.0.as_bytes()
-    }
-}
 
 impl EventId {
     /// The id standing in for the host's when it gave none: the consumption's id, hyphenated.
@@ -441,7 +447,7 @@ impl ChargeKey {
         let mut len = 0;
         for part in [
             b"tb:".as_slice(),
-            user.as_bytes(),
+            user.id_bytes(),
             b":",
             period.text().as_slice(),
             b":",

@@ -15,7 +15,7 @@ mod usage;
 
 pub use charge::{Charge, ChargeStatus, FeeCollection, NewCharge, UnknownChargeStatus, charges_for_growth};
 pub use ids::{ChargeKey, ChargeKind, ClientId, CustomerId, EventId, IdError, OperationType, PlanId, UserId};
-pub(crate) use ids::{check_identifier, decimal};
+pub(crate) use ids::{IdBytes, check_identifier, decimal};
 pub use money::{Currency, Money, MoneyError};
 pub use period::{Period, PeriodError, PeriodKey};
 pub use plan::{Plan, PlanBuilder, PlanError};

@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::ids::{ClientId, EventId, OperationType, UserId};
+use super::ids::{ClientId, EventId, IdBytes, OperationType, UserId};
 use super::period::PeriodKey;
 
 /// Free-form key-value pairs attached to a usage event (the seed's `metadata`), kept within
@@ -140,9 +140,15 @@ impl UsageRecord {
     /// assert!(!record("67e55044-10b1-426f-9247-bb680e5fe0c8").has_host_event_id());
     /// ```
     pub fn has_host_event_id(&self) -> bool {
-        let id = self.event_id.as_str();
+        let id = self.event_id.id_bytes();
         let mut standing_in = [0; uuid::fmt::Hyphenated::LENGTH];
-        id.len() != standing_in.len() || id != self.consumption_id.hyphenated().encode_lower(&mut standing_in)
+        id.len() != standing_in.len()
+            || id
+                != self
+                    .consumption_id
+                    .hyphenated()
+                    .encode_lower(&mut standing_in)
+                    .as_bytes()
     }
 
     /// Whether `other`, a re-send under the same event id, reports the same usage: same user,

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
+use super::id_map::IdMap;
 use super::{
     Account, AuditEntry, AuditEvent, EnsureCharge, GatewayEventRecord, OperationUsage, PeriodSummary, RecordUsage,
     Recorded, Settlement, StoreError, SummaryDelta, TierChargeReport, UsageStore, shard_index,
@@ -119,7 +120,7 @@ impl InMemoryUsageStoreBuilder {
 
 #[derive(Debug, Default)]
 struct Shard {
-    users: HashMap<UserId, UserBook>,
+    users: IdMap<UserId, UserBook>,
     /// Pending charges, oldest first, to find the ones to resume without visiting every user.
     pending: BTreeSet<(DateTime<Utc>, UserId, ChargeKey)>,
     /// Failed charges with a retry scheduled, soonest first.
@@ -131,7 +132,7 @@ struct Shard {
 #[derive(Debug, Default)]
 struct UserBook {
     account: Option<Account>,
-    events: HashMap<EventId, EventEntry>,
+    events: IdMap<EventId, EventEntry>,
     periods: Periods,
     charge_index: HashMap<ChargeKey, (PeriodKey, usize)>,
     audit: Vec<TrailItem>,
@@ -562,7 +563,7 @@ impl UsageStore for InMemoryUsageStore {
         // Read, and so cloned, for every event of the user.
         let account = account.with_own_plan_ids();
         let mut shard = self.shard(&account.user_id);
-        let book = shard.users.entry(account.user_id.clone()).or_default();
+        let book = shard.users.get_or_insert_with(&account.user_id, UserBook::default);
         book.audit.push(TrailItem::Entry(Box::new(AuditEntry {
             at: account.updated_at,
             user_id: account.user_id.clone(),
@@ -598,7 +599,7 @@ impl UsageStore for InMemoryUsageStore {
         let user = usage.user_id.clone();
         let mut shard = self.shard(&user);
         let shard = &mut *shard;
-        let book = shard.users.entry(user.clone()).or_default();
+        let book = shard.users.get_or_insert_with(&user, UserBook::default);
 
         let keep = match self.retention {
             EventRetention::All => true,
@@ -702,7 +703,7 @@ impl UsageStore for InMemoryUsageStore {
         let period = charge.period;
         let mut shard = self.shard(&user);
         let shard = &mut *shard;
-        let book = shard.users.entry(user.clone()).or_default();
+        let book = shard.users.get_or_insert_with(&user, UserBook::default);
         if let Some(existing) = book.charge(&charge.key) {
             return Ok((existing.clone(), false));
         }
@@ -842,8 +843,7 @@ impl UsageStore for InMemoryUsageStore {
         let mut shard = self.shard(&entry.user_id);
         shard
             .users
-            .entry(entry.user_id.clone())
-            .or_default()
+            .get_or_insert_with(&entry.user_id, UserBook::default)
             .audit
             .push(TrailItem::Entry(Box::new(entry)));
         Ok(())
@@ -859,7 +859,7 @@ impl UsageStore for InMemoryUsageStore {
 
     async fn record_gateway_event(&self, record: GatewayEventRecord) -> Result<bool, StoreError> {
         let mut shard = self.shard(&record.user_id);
-        let book = shard.users.entry(record.user_id.clone()).or_default();
+        let book = shard.users.get_or_insert_with(&record.user_id, UserBook::default);
         if !book.gateway_events.insert(record.event_id) {
             return Ok(false);
         }

@@ -3,6 +3,7 @@
 //! [`InMemoryUsageStore`] is always built. Every implementation must pass the conformance suite in
 //! `token_billing::testing::store` (feature `testing`), which turns the contract below into tests.
 
+mod id_map;
 mod memory;
 #[cfg(feature = "postgres")]
 mod postgres;
@@ -17,8 +18,8 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::domain::{
-    Charge, ChargeKey, ChargeKind, ChargeStatus, Currency, CustomerId, EventId, FeeCollection, Money, NewCharge,
-    OperationType, PeriodKey, Plan, PlanId, RatingError, TierLabel, UsageRecord, UserId,
+    Charge, ChargeKey, ChargeKind, ChargeStatus, Currency, CustomerId, EventId, FeeCollection, IdBytes, Money,
+    NewCharge, OperationType, PeriodKey, Plan, PlanId, RatingError, TierLabel, UsageRecord, UserId,
 };
 
 pub use memory::{EventRetention, InMemoryUsageStore, InMemoryUsageStoreBuilder};
@@ -29,7 +30,7 @@ pub use postgres::{MIGRATIONS, PostgresUsageStore};
 /// text (which is checked for UTF-8 when read as a `&str`).
 pub(crate) fn shard_index(hasher: &foldhash::fast::RandomState, user: &UserId, shards: usize) -> usize {
     use std::hash::BuildHasher;
-    let hash = hasher.hash_one(user.as_bytes());
+    let hash = hasher.hash_one(user.id_bytes());
     // The remainder is below the shard count, which is a usize.
     usize::try_from(hash % shards as u64).unwrap_or(0)
 }

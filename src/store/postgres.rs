@@ -76,7 +76,7 @@ struct AccountCache {
 /// kept, oldest first (exactly the users of `accounts`).
 #[derive(Debug, Default)]
 struct CacheShard {
-    accounts: foldhash::HashMap<UserId, Account>,
+    accounts: super::id_map::IdMap<UserId, Account>,
     order: std::collections::VecDeque<UserId>,
 }
 
