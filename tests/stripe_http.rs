@@ -191,9 +191,9 @@ async fn a_payment_is_one_confirmed_off_session_intent_in_minor_units_under_the_
     // The library's metadata, the charge key and round among it, each as `metadata[name]`.
     let metadata = metadata();
     assert!(metadata.values().any(|v| v == key().as_str()), "{metadata:?}");
-    for (name, value) in metadata {
+    for (name, value) in &metadata {
         let name = format!("metadata[{name}]");
-        assert_eq!(call.form_value(&name), Some(value), "{name}");
+        assert_eq!(call.form_value(&name).as_deref(), Some(value), "{name}");
     }
 }
 

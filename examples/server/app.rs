@@ -387,7 +387,7 @@ fn usage_report(body: &Map<String, Value>) -> Result<UsageReport, ApiError> {
                 let Value::String(value) = value else {
                     return Err(ApiError::bad_request(format!("metadata.{key} must be a string")));
                 };
-                report.metadata.insert(key.clone(), value.clone());
+                report.metadata.insert(key, value);
             }
         }
         Some(other) => {

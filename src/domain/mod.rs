@@ -7,6 +7,7 @@
 
 mod charge;
 mod ids;
+mod metadata;
 mod money;
 mod period;
 mod plan;
@@ -16,8 +17,9 @@ mod usage;
 pub use charge::{Charge, ChargeStatus, FeeCollection, NewCharge, UnknownChargeStatus, charges_for_growth};
 pub use ids::{ChargeKey, ChargeKind, ClientId, CustomerId, EventId, IdError, OperationType, PlanId, UserId};
 pub(crate) use ids::{IdBytes, check_identifier, decimal};
+pub use metadata::{Metadata, MetadataIter};
 pub use money::{Currency, Money, MoneyError};
 pub use period::{Period, PeriodError, PeriodKey};
 pub use plan::{Plan, PlanBuilder, PlanError};
 pub use rating::{Blocks, MAX_BLOCKS_PER_EVENT, MAX_TOKENS, RatingError, Tier, TierLabel, calculate_billing_tier};
-pub use usage::{Metadata, MetadataError, UsageRecord, check_metadata, metadata_limits};
+pub use usage::{MetadataError, UsageRecord, check_metadata, metadata_limits};

@@ -1,17 +1,12 @@
 //! Usage events: what the host reports, checked, and what is stored of it.
 
-use std::collections::BTreeMap;
-
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::ids::{ClientId, EventId, IdBytes, OperationType, UserId};
+use super::metadata::Metadata;
 use super::period::PeriodKey;
-
-/// Free-form key-value pairs attached to a usage event (the seed's `metadata`), kept within
-/// Stripe's metadata limits so they can travel with a charge: see [`check_metadata`].
-pub type Metadata = BTreeMap<String, String>;
 
 /// Stripe's metadata limits, which the library enforces on every event.
 pub mod metadata_limits {
@@ -66,9 +61,9 @@ pub enum MetadataError {
 /// use token_billing::{Metadata, check_metadata};
 ///
 /// let mut metadata = Metadata::new();
-/// metadata.insert("conversationId".into(), "conv-123".into());
+/// metadata.insert("conversationId", "conv-123");
 /// assert!(check_metadata(&metadata).is_ok());
-/// metadata.insert("k".repeat(41), "v".into());
+/// metadata.insert("k".repeat(41), "v");
 /// assert!(check_metadata(&metadata).is_err());
 /// ```
 pub fn check_metadata(metadata: &Metadata) -> Result<(), MetadataError> {
@@ -86,7 +81,7 @@ pub fn check_metadata(metadata: &Metadata) -> Result<(), MetadataError> {
         }
         if exceeds(value, MAX_VALUE_CHARS) {
             return Err(MetadataError::ValueTooLong {
-                key: key.clone(),
+                key: key.to_owned(),
                 chars: value.chars().count(),
             });
         }

@@ -138,18 +138,18 @@ impl PaymentRequest<'_> {
     /// let key = charge.idempotency_key();
     /// let request = PaymentRequest { charge: &charge, idempotency_key: &key, customer: &customer };
     /// let metadata = request.metadata();
-    /// assert_eq!(metadata["charge_key"], charge.key.as_str());
-    /// assert_eq!(metadata["round"], "0");
+    /// assert_eq!(&metadata["charge_key"], charge.key.as_str());
+    /// assert_eq!(&metadata["round"], "0");
     /// ```
     pub fn metadata(&self) -> Metadata {
         let charge = self.charge;
         Metadata::from([
-            (metadata_key::USER_ID.to_owned(), charge.user_id.to_string()),
-            (metadata_key::PERIOD.to_owned(), charge.period.to_string()),
-            (metadata_key::KIND.to_owned(), charge.kind.to_string()),
-            (metadata_key::BLOCK.to_owned(), charge.block.to_string()),
-            (metadata_key::CHARGE_KEY.to_owned(), charge.key.to_string()),
-            (metadata_key::ROUND.to_owned(), charge.round.to_string()),
+            (metadata_key::USER_ID, charge.user_id.to_string()),
+            (metadata_key::PERIOD, charge.period.to_string()),
+            (metadata_key::KIND, charge.kind.to_string()),
+            (metadata_key::BLOCK, charge.block.to_string()),
+            (metadata_key::CHARGE_KEY, charge.key.to_string()),
+            (metadata_key::ROUND, charge.round.to_string()),
         ])
     }
 }

@@ -975,8 +975,8 @@ impl PaymentGateway for StripeGateway {
         form.extend(
             request
                 .metadata()
-                .into_iter()
-                .map(|(k, v)| (format!("metadata[{k}]"), v)),
+                .iter()
+                .map(|(k, v)| (format!("metadata[{k}]"), v.to_owned())),
         );
         let reply = self
             .send(
