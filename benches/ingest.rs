@@ -26,9 +26,9 @@ fn service(plan: Plan, retention: EventRetention) -> BillingService {
 
 fn metadata() -> Metadata {
     Metadata::from([
-        ("conversationId".to_owned(), "conv-123".to_owned()),
-        ("agentId".to_owned(), "agent-456".to_owned()),
-        ("model".to_owned(), "gpt-large".to_owned()),
+        ("conversationId", "conv-123"),
+        ("agentId", "agent-456"),
+        ("model", "gpt-large"),
     ])
 }
 

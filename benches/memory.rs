@@ -1,7 +1,7 @@
 // Bytes per event are a ratio for a report, not money.
 #![allow(clippy::float_arithmetic, clippy::cast_precision_loss)]
 //! Memory of the in-memory store per recorded event (without metadata), for each
-//! [`EventRetention`]: the growth of the process's resident memory while events are recorded,
+//! [`EventRetention`], and per event kept with the metadata of `benches/ingest.rs`: the growth of the process's resident memory while events are recorded,
 //! divided by their number. Each retention is measured in a fresh process (this program runs
 //! itself again), so that memory freed by one measurement is not reused by the next.
 //!
@@ -11,7 +11,7 @@ use std::process::Command;
 use std::sync::Arc;
 
 use token_billing::{
-    BillingService, EventRetention, InMemoryUsageStore, SandboxGateway, UnregisteredUsers, UsageReport,
+    BillingService, EventRetention, InMemoryUsageStore, Metadata, SandboxGateway, UnregisteredUsers, UsageReport,
 };
 
 /// Users the events are spread over, as in `benches/ingest.rs`.
@@ -28,15 +28,25 @@ fn resident_bytes() -> u64 {
     pages * 4096
 }
 
-/// The retention of a measurement, and whether its events carry the host's own ids (which
-/// `Resendable` keeps, to answer a resend).
-fn retention(name: &str) -> (EventRetention, bool) {
+/// The retention of a measurement, whether its events carry the host's own ids (which
+/// `Resendable` keeps, to answer a resend), and whether they carry metadata.
+fn retention(name: &str) -> (EventRetention, bool, bool) {
     match name {
-        "all" => (EventRetention::All, false),
-        "resendable" => (EventRetention::Resendable, false),
-        "resendable_with_event_ids" => (EventRetention::Resendable, true),
+        "all" => (EventRetention::All, false, false),
+        "resendable" => (EventRetention::Resendable, false, false),
+        "resendable_with_event_ids" => (EventRetention::Resendable, true, false),
+        "all_with_metadata" => (EventRetention::All, false, true),
         other => panic!("unknown measurement {other}"),
     }
+}
+
+/// The metadata of `benches/ingest.rs`: three keys.
+fn metadata() -> Metadata {
+    Metadata::from([
+        ("conversationId", "conv-123"),
+        ("agentId", "agent-456"),
+        ("model", "gpt-large"),
+    ])
 }
 
 /// Records `events` events and prints the bytes each one added: `bytes <retention> <per event>`.
@@ -45,7 +55,7 @@ fn measure(name: &str, events: u64) {
         .enable_all()
         .build()
         .expect("a runtime");
-    let (retention, event_ids) = retention(name);
+    let (retention, event_ids, with_metadata) = retention(name);
     let store = InMemoryUsageStore::builder().events(retention).build();
     let billing = BillingService::builder(Arc::new(store), Arc::new(SandboxGateway::new()))
         .unregistered_users(UnregisteredUsers::OpenCustomer)
@@ -69,6 +79,9 @@ fn measure(name: &str, events: u64) {
             if event_ids {
                 report = report.event_id(format!("ev-{i:012}"));
             }
+            if with_metadata {
+                report = report.metadata(metadata());
+            }
             billing.process_token_usage(report).await.expect("recorded");
         }
         let after = resident_bytes();
@@ -90,8 +103,8 @@ fn main() {
         measure(&args[position + 1], events);
         return;
     }
-    println!("in-memory store, {events} events of {USERS} users without metadata:");
-    for name in ["all", "resendable", "resendable_with_event_ids"] {
+    println!("in-memory store, {events} events of {USERS} users, without metadata but the last:");
+    for name in ["all", "resendable", "resendable_with_event_ids", "all_with_metadata"] {
         let mut command = Command::new(std::env::current_exe().expect("this program"));
         command.args(["--measure", name]);
         if args.iter().any(|a| a == "--bench") {
@@ -111,7 +124,7 @@ fn main() {
             .and_then(|value| value.trim().parse().ok())
             .expect("a figure");
         println!("memory/{name}: {per_event:.0} bytes per event, {per_user:.0} bytes per user");
-        if name == "all" {
+        if name.starts_with("all") {
             // Keeping every event costs memory for each one.
             assert!(per_event > 0.0, "events kept in full take memory");
         }

@@ -18,11 +18,12 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 /// `BTreeMap<String, String>`; it serializes as one (a JSON object). It keeps all its text in one
 /// buffer and where each entry ends in another, so that an event's metadata costs two
 /// allocations to build, clone, keep and free however many entries it has, instead of a node
-/// and two strings per entry. Every event carries it through the hot path, and a kept event
-/// keeps it.
+/// and two strings per entry, and no spare capacity. Every event carries it through the hot
+/// path, and a kept event keeps it.
 ///
-/// Inserting or removing shifts the entries after it: fine for the few keys metadata has (at
-/// most 50 are accepted).
+/// Build it whole (from an array, an iterator, a map or JSON): inserting or removing one entry
+/// writes the map again, which is fine for the few keys metadata has (at most 50 are accepted)
+/// but not for building it key by key.
 ///
 /// # Example
 /// ```
@@ -44,20 +45,57 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 #[derive(Clone, Default, PartialEq, Eq, Hash)]
 pub struct Metadata {
     /// Each entry's key then its value, entries in key order, nothing else: so two maps with
-    /// the same entries are equal field by field.
-    text: String,
+    /// the same entries are equal field by field. Boxed, so that a kept event keeps no spare
+    /// capacity.
+    text: Box<str>,
     /// For each entry, in key order: where its key ends and where its value ends in `text`
     /// (it starts where the entry before ends).
-    ends: Vec<(usize, usize)>,
+    ends: Box<[(usize, usize)]>,
 }
 
 impl Metadata {
     /// An empty map (no allocation).
-    pub const fn new() -> Metadata {
-        Metadata {
-            text: String::new(),
-            ends: Vec::new(),
+    pub fn new() -> Metadata {
+        Metadata::default()
+    }
+
+    /// A map of `entries`, which are in key order, each key once: two allocations.
+    fn of_entries<'e>(entries: impl Iterator<Item = (&'e str, &'e str)> + Clone) -> Metadata {
+        let (count, len) = entries.clone().fold((0, 0), |(count, len), (key, value)| {
+            (count + 1, len + key.len() + value.len())
+        });
+        let mut text = String::with_capacity(len);
+        let mut ends = Vec::with_capacity(count);
+        for (key, value) in entries {
+            text.push_str(key);
+            let key_end = text.len();
+            text.push_str(value);
+            ends.push((key_end, text.len()));
         }
+        // Exactly as long as allocated: boxing them moves nothing.
+        Metadata {
+            text: text.into_boxed_str(),
+            ends: ends.into_boxed_slice(),
+        }
+    }
+
+    /// A map of `pairs`, sorted here; a key given twice keeps its last value, as in a map.
+    fn of_pairs<K: AsRef<str>, V: AsRef<str>>(pairs: &mut [(K, V)]) -> Metadata {
+        // Stable: pairs of one key stay in the order they were given.
+        pairs.sort_by(|(a, _), (b, _)| a.as_ref().cmp(b.as_ref()));
+        let pairs = &*pairs;
+        let last_of_its_key = |index: usize| {
+            pairs
+                .get(index + 1)
+                .is_none_or(|(next, _)| next.as_ref() != pairs[index].0.as_ref())
+        };
+        Metadata::of_entries(
+            pairs
+                .iter()
+                .enumerate()
+                .filter(move |&(index, _)| last_of_its_key(index))
+                .map(|(_, (key, value))| (key.as_ref(), value.as_ref())),
+        )
     }
 
     /// How many entries.
@@ -115,46 +153,43 @@ impl Metadata {
         self.find(key).is_ok()
     }
 
-    /// Sets the value of `key`, answering the value it replaces.
+    /// Sets the value of `key`, answering the value it replaces. The map is written again,
+    /// in two allocations: for the few keys metadata has.
     pub fn insert(&mut self, key: impl AsRef<str>, value: impl AsRef<str>) -> Option<String> {
         let (key, value) = (key.as_ref(), value.as_ref());
-        match self.find(key) {
+        let (rebuilt, old) = match self.find(key) {
             Ok(index) => {
-                let (_, range) = self.ranges(index);
-                let old = self.text[range.clone()].to_owned();
-                self.text.replace_range(range, value);
-                self.ends[index].1 = self.ends[index].1 - old.len() + value.len();
-                self.shift(index + 1, value.len(), old.len());
-                Some(old)
+                let old = self.entry(index).1.to_owned();
+                let entries = self
+                    .iter()
+                    .enumerate()
+                    .map(|(at, (k, v))| if at == index { (k, value) } else { (k, v) });
+                (Metadata::of_entries(entries), Some(old))
             }
             Err(index) => {
-                let start = self.start(index);
-                self.text.insert_str(start, value);
-                self.text.insert_str(start, key);
-                self.ends
-                    .insert(index, (start + key.len(), start + key.len() + value.len()));
-                self.shift(index + 1, key.len() + value.len(), 0);
-                None
+                let entries = self
+                    .iter()
+                    .take(index)
+                    .chain(std::iter::once((key, value)))
+                    .chain(self.iter().skip(index));
+                (Metadata::of_entries(entries), None)
             }
-        }
-    }
-
-    /// Moves the entries from `from` on by `grown` bytes less `shrunk`.
-    fn shift(&mut self, from: usize, grown: usize, shrunk: usize) {
-        for (key_end, value_end) in &mut self.ends[from..] {
-            *key_end = *key_end + grown - shrunk;
-            *value_end = *value_end + grown - shrunk;
-        }
+        };
+        *self = rebuilt;
+        old
     }
 
     /// Removes `key`, answering its value.
     pub fn remove(&mut self, key: &str) -> Option<String> {
         let index = self.find(key).ok()?;
-        let (key_range, value_range) = self.ranges(index);
-        let value = self.text[value_range.clone()].to_owned();
-        self.text.replace_range(key_range.start..value_range.end, "");
-        self.ends.remove(index);
-        self.shift(index, 0, value_range.end - key_range.start);
+        let value = self.entry(index).1.to_owned();
+        let rebuilt = Metadata::of_entries(
+            self.iter()
+                .enumerate()
+                .filter(|&(at, _)| at != index)
+                .map(|(_, entry)| entry),
+        );
+        *self = rebuilt;
         Some(value)
     }
 
@@ -224,43 +259,37 @@ impl<'a> IntoIterator for &'a Metadata {
     }
 }
 
+/// Each entry in turn, as [`Metadata::insert`] would set it.
 impl<K: AsRef<str>, V: AsRef<str>> Extend<(K, V)> for Metadata {
     fn extend<I: IntoIterator<Item = (K, V)>>(&mut self, entries: I) {
-        for (key, value) in entries {
-            self.insert(key, value);
-        }
+        let mut pairs: Vec<(&str, &str)> = self.iter().collect();
+        let added: Vec<(K, V)> = entries.into_iter().collect();
+        // After the map's own entries: a key given again takes its new value.
+        pairs.extend(added.iter().map(|(key, value)| (key.as_ref(), value.as_ref())));
+        let extended = Metadata::of_pairs(&mut pairs);
+        *self = extended;
     }
 }
 
-/// The entries in turn: a key given twice keeps its last value, as in a map.
+/// A key given twice keeps its last value, as in a map.
 impl<K: AsRef<str>, V: AsRef<str>> FromIterator<(K, V)> for Metadata {
     fn from_iter<I: IntoIterator<Item = (K, V)>>(entries: I) -> Metadata {
-        let mut metadata = Metadata::new();
-        metadata.extend(entries);
-        metadata
+        let mut pairs: Vec<(K, V)> = entries.into_iter().collect();
+        Metadata::of_pairs(&mut pairs)
     }
 }
 
+/// A key given twice keeps its last value, as in a map.
 impl<K: AsRef<str>, V: AsRef<str>, const N: usize> From<[(K, V); N]> for Metadata {
-    fn from(entries: [(K, V); N]) -> Metadata {
-        entries.into_iter().collect()
+    fn from(mut entries: [(K, V); N]) -> Metadata {
+        Metadata::of_pairs(&mut entries)
     }
 }
 
 impl From<BTreeMap<String, String>> for Metadata {
     fn from(map: BTreeMap<String, String>) -> Metadata {
-        // Already in key order, each key once: appended without searching.
-        let mut metadata = Metadata {
-            text: String::with_capacity(map.iter().map(|(k, v)| k.len() + v.len()).sum()),
-            ends: Vec::with_capacity(map.len()),
-        };
-        for (key, value) in &map {
-            metadata.text.push_str(key);
-            let key_end = metadata.text.len();
-            metadata.text.push_str(value);
-            metadata.ends.push((key_end, metadata.text.len()));
-        }
-        metadata
+        // Already in key order, each key once.
+        Metadata::of_entries(map.iter().map(|(key, value)| (key.as_str(), value.as_str())))
     }
 }
 
@@ -319,11 +348,12 @@ impl<'de> Deserialize<'de> for Metadata {
             }
 
             fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Metadata, A::Error> {
-                let mut metadata = Metadata::new();
-                while let Some((key, value)) = access.next_entry::<String, String>()? {
-                    metadata.insert(key, value);
+                let mut pairs: Vec<(String, String)> = Vec::with_capacity(access.size_hint().unwrap_or(0).min(64));
+                while let Some(pair) = access.next_entry()? {
+                    pairs.push(pair);
                 }
-                Ok(metadata)
+                // A key given twice keeps its last value.
+                Ok(Metadata::of_pairs(&mut pairs))
             }
         }
 
@@ -344,6 +374,7 @@ mod tests {
     enum Op {
         Insert(String, String),
         Remove(String),
+        Extend(Vec<(String, String)>),
     }
 
     /// Keys that meet each other (prefixes of each other, empty, multi-byte) and any others.
@@ -358,6 +389,7 @@ mod tests {
         prop_oneof![
             3 => (key(), "\\PC{0,6}").prop_map(|(k, v)| Op::Insert(k, v)),
             1 => key().prop_map(Op::Remove),
+            1 => proptest::collection::vec((key(), "\\PC{0,6}"), 0..4).prop_map(Op::Extend),
         ]
     }
 
@@ -387,6 +419,10 @@ mod tests {
                 match op {
                     Op::Insert(k, v) => prop_assert_eq!(metadata.insert(&k, &v), model.insert(k, v)),
                     Op::Remove(k) => prop_assert_eq!(metadata.remove(&k), model.remove(&k)),
+                    Op::Extend(pairs) => {
+                        metadata.extend(pairs.iter().map(|(k, v)| (k, v)));
+                        model.extend(pairs);
+                    }
                 }
                 same(&metadata, &model)?;
             }
@@ -403,6 +439,9 @@ mod tests {
             other in proptest::collection::btree_map(key(), "\\PC{0,6}", 0..8),
         ) {
             let forwards: Metadata = entries.iter().collect();
+            // Given twice, a key keeps its last value.
+            let twice: Metadata = entries.keys().map(|k| (k.as_str(), "earlier")).chain(entries.iter().map(|(k, v)| (k.as_str(), v.as_str()))).collect();
+            prop_assert_eq!(&twice, &forwards);
             let backwards: Metadata = entries.iter().rev().collect();
             let converted = Metadata::from(entries.clone());
             prop_assert_eq!(&forwards, &backwards);
