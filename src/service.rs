@@ -727,7 +727,7 @@ impl BillingService {
         // Instants are kept to the microsecond, as SQL timestamps are, so a re-sent event compares
         // equal to its stored original in every store.
         let now = now.trunc_subsecs(6);
-        let occurred_at = report.occurred_at.unwrap_or(now).trunc_subsecs(6);
+        let occurred_at = report.occurred_at.map_or(now, |at| at.trunc_subsecs(6));
         Ok(UsageRecord {
             consumption_id,
             event_id,

@@ -55,6 +55,15 @@ pub struct Metadata {
 
 impl Metadata {
     /// An empty map (no allocation).
+    ///
+    /// # Example
+    /// ```
+    /// use token_billing::Metadata;
+    ///
+    /// let metadata = Metadata::new();
+    /// assert!(metadata.is_empty() && metadata.len() == 0);
+    /// assert_eq!(metadata, Metadata::default());
+    /// ```
     pub fn new() -> Metadata {
         Metadata::default()
     }
@@ -143,6 +152,16 @@ impl Metadata {
     }
 
     /// The value of `key`.
+    ///
+    /// # Example
+    /// ```
+    /// use token_billing::Metadata;
+    ///
+    /// let metadata = Metadata::from([("model", "gpt-large")]);
+    /// assert_eq!(metadata.get("model"), Some("gpt-large"));
+    /// assert_eq!(metadata.get("agentId"), None);
+    /// assert!(metadata.contains_key("model"));
+    /// ```
     pub fn get(&self, key: &str) -> Option<&str> {
         let index = self.find(key).ok()?;
         Some(self.entry(index).1)
@@ -155,6 +174,16 @@ impl Metadata {
 
     /// Sets the value of `key`, answering the value it replaces. The map is written again,
     /// in two allocations: for the few keys metadata has.
+    ///
+    /// # Example
+    /// ```
+    /// use token_billing::Metadata;
+    ///
+    /// let mut metadata = Metadata::from([("model", "gpt-large")]);
+    /// assert_eq!(metadata.insert("model", "gpt-small"), Some("gpt-large".to_owned()));
+    /// assert_eq!(metadata.insert("agentId", "agent-456"), None);
+    /// assert_eq!(metadata.len(), 2);
+    /// ```
     pub fn insert(&mut self, key: impl AsRef<str>, value: impl AsRef<str>) -> Option<String> {
         let (key, value) = (key.as_ref(), value.as_ref());
         let (rebuilt, old) = match self.find(key) {
@@ -180,6 +209,16 @@ impl Metadata {
     }
 
     /// Removes `key`, answering its value.
+    ///
+    /// # Example
+    /// ```
+    /// use token_billing::Metadata;
+    ///
+    /// let mut metadata = Metadata::from([("model", "gpt-large"), ("agentId", "agent-456")]);
+    /// assert_eq!(metadata.remove("model"), Some("gpt-large".to_owned()));
+    /// assert_eq!(metadata.remove("model"), None);
+    /// assert_eq!(metadata, Metadata::from([("agentId", "agent-456")]));
+    /// ```
     pub fn remove(&mut self, key: &str) -> Option<String> {
         let index = self.find(key).ok()?;
         let value = self.entry(index).1.to_owned();
@@ -194,6 +233,17 @@ impl Metadata {
     }
 
     /// The entries, in key order.
+    ///
+    /// # Example
+    /// ```
+    /// use token_billing::Metadata;
+    ///
+    /// let metadata: Metadata = [("b", "2"), ("a", "1")].into_iter().collect();
+    /// let entries: Vec<(&str, &str)> = metadata.iter().collect();
+    /// assert_eq!(entries, [("a", "1"), ("b", "2")]);
+    /// let values: Vec<&str> = metadata.values().rev().collect();
+    /// assert_eq!(values, ["2", "1"]);
+    /// ```
     pub fn iter(&self) -> MetadataIter<'_> {
         MetadataIter {
             metadata: self,
