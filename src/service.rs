@@ -175,7 +175,8 @@ impl UsageReport {
         self
     }
 
-    /// Adds one metadata entry.
+    /// Adds one metadata entry. The metadata is written again each time (see
+    /// [`Metadata::insert`]): give many entries at once with [`metadata`](Self::metadata).
     pub fn metadata_entry(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.metadata.insert(key.into(), value.into());
         self

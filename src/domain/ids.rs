@@ -64,78 +64,98 @@ pub(crate) fn check_identifier(kind: &'static str, value: &str, max: usize) -> R
     Ok(())
 }
 
-/// The text of an identifier: kept in place when it is at most `N` bytes (as most ids are:
-/// `chat`, `default`, a UUID, `cus_...`), shared otherwise.
-///
-/// An id in place costs no allocation to make or free, no reference count to touch when it
-/// is cloned, and no pointer to follow when it is compared or hashed: a user's id found in a
-/// map is compared in the map's own memory. An id of a kept event or of a stored account is
-/// read on every event, and each pointer followed there is a likely cache miss.
-#[derive(Clone)]
-pub(crate) enum IdText<const N: usize> {
-    /// Text of at most `N` bytes, its length first; the bytes past it are zeros.
-    Inline(u8, [u8; N]),
-    /// Longer text.
-    Shared(Arc<str>),
-}
+use text::IdText;
 
-impl<const N: usize> IdText<N> {
-    pub(crate) fn new(text: &str) -> Self {
-        match u8::try_from(text.len()) {
-            Ok(len) if text.len() <= N => {
-                let mut bytes = [0; N];
-                bytes[..text.len()].copy_from_slice(text.as_bytes());
-                IdText::Inline(len, bytes)
+/// [`IdText`], in a module of its own so that nothing else can make one whose bytes past its
+/// length are not zeros, which its comparison relies on.
+mod text {
+    use std::sync::Arc;
+
+    /// The text of an identifier: kept in place when it is at most `N` bytes (as most ids are:
+    /// `chat`, `default`, a UUID, `cus_...`), shared otherwise.
+    ///
+    /// An id in place costs no allocation to make or free, no reference count to touch when
+    /// it is cloned, and no pointer to follow when it is compared or hashed: a user's id found
+    /// in a map is compared in the map's own memory. An id of a kept event or of a stored
+    /// account is read on every event, and each pointer followed there is a likely cache miss.
+    #[derive(Clone)]
+    pub(crate) struct IdText<const N: usize>(Repr<N>);
+
+    #[derive(Clone)]
+    enum Repr<const N: usize> {
+        /// Text of at most `N` bytes, its length first; the bytes past it are zeros.
+        Inline(u8, [u8; N]),
+        /// Longer text.
+        Shared(Arc<str>),
+    }
+
+    impl<const N: usize> IdText<N> {
+        pub(crate) fn new(text: &str) -> Self {
+            IdText(match u8::try_from(text.len()) {
+                Ok(len) if text.len() <= N => {
+                    let mut bytes = [0; N];
+                    bytes[..text.len()].copy_from_slice(text.as_bytes());
+                    Repr::Inline(len, bytes)
+                }
+                _ => Repr::Shared(Arc::from(text)),
+            })
+        }
+
+        pub(crate) fn as_bytes(&self) -> &[u8] {
+            match &self.0 {
+                Repr::Inline(len, bytes) => &bytes[..usize::from(*len)],
+                Repr::Shared(text) => text.as_bytes(),
             }
-            _ => IdText::Shared(Arc::from(text)),
+        }
+
+        pub(crate) fn as_str(&self) -> &str {
+            match &self.0 {
+                // Made from a `&str` and never changed: always UTF-8, so never the empty default.
+                Repr::Inline(len, bytes) => std::str::from_utf8(&bytes[..usize::from(*len)]).unwrap_or_default(),
+                Repr::Shared(text) => text,
+            }
+        }
+
+        /// The length of text kept in place; `None` for shared text.
+        #[cfg(test)]
+        pub(crate) fn inline_len(&self) -> Option<u8> {
+            match &self.0 {
+                Repr::Inline(len, _) => Some(*len),
+                Repr::Shared(_) => None,
+            }
         }
     }
 
-    fn as_bytes(&self) -> &[u8] {
-        match self {
-            IdText::Inline(len, bytes) => &bytes[..usize::from(*len)],
-            IdText::Shared(text) => text.as_bytes(),
+    // Compared, ordered and hashed as their text, as `Borrow<str>` requires (text compares and
+    // orders as its bytes).
+    impl<const N: usize> PartialEq for IdText<N> {
+        fn eq(&self, other: &Self) -> bool {
+            match (&self.0, &other.0) {
+                // The bytes past the length are zeros in both: whole arrays compare without a call.
+                (Repr::Inline(a_len, a), Repr::Inline(b_len, b)) => a_len == b_len && a == b,
+                _ => self.as_bytes() == other.as_bytes(),
+            }
         }
     }
 
-    pub(crate) fn as_str(&self) -> &str {
-        match self {
-            // Made from a `&str` and never changed: always UTF-8, so never the empty default.
-            IdText::Inline(len, bytes) => std::str::from_utf8(&bytes[..usize::from(*len)]).unwrap_or_default(),
-            IdText::Shared(text) => text,
+    impl<const N: usize> Eq for IdText<N> {}
+
+    impl<const N: usize> PartialOrd for IdText<N> {
+        fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+            Some(self.cmp(other))
         }
     }
-}
 
-// Compared, ordered and hashed as their text, as `Borrow<str>` requires (text compares and
-// orders as its bytes).
-impl<const N: usize> PartialEq for IdText<N> {
-    fn eq(&self, other: &Self) -> bool {
-        match (self, other) {
-            // The bytes past the length are zeros in both: whole arrays compare without a call.
-            (IdText::Inline(a_len, a), IdText::Inline(b_len, b)) => a_len == b_len && a == b,
-            _ => self.as_bytes() == other.as_bytes(),
+    impl<const N: usize> Ord for IdText<N> {
+        fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+            self.as_bytes().cmp(other.as_bytes())
         }
     }
-}
 
-impl<const N: usize> Eq for IdText<N> {}
-
-impl<const N: usize> PartialOrd for IdText<N> {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl<const N: usize> Ord for IdText<N> {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.as_bytes().cmp(other.as_bytes())
-    }
-}
-
-impl<const N: usize> std::hash::Hash for IdText<N> {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.as_str().hash(state);
+    impl<const N: usize> std::hash::Hash for IdText<N> {
+        fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+            self.as_str().hash(state);
+        }
     }
 }
 
@@ -143,7 +163,9 @@ macro_rules! identifier {
     ($(#[$doc:meta])* $name:ident, $kind:literal, $max:expr, $inline:literal) => {
         $(#[$doc])*
         ///
-        #[doc = concat!("Cheap to clone: up to ", stringify!($inline), " bytes are kept in place, longer text is shared.")]
+        #[doc = concat!(
+            "Cheap to clone: up to ", stringify!($inline), " bytes are kept in place, longer text is shared."
+        )]
         #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
         #[serde(try_from = "String", into = "String")]
         pub struct $name(IdText<$inline>);
@@ -231,6 +253,9 @@ macro_rules! identifier {
 /// An identifier's bytes, for what the library hashes and writes itself (its stores' maps and
 /// shards, charge keys): reading them skips the UTF-8 check that reading the text as a `&str`
 /// costs. `Hash` still hashes the text, as `Borrow<str>` requires.
+///
+/// Two ids are equal exactly when their bytes are: maps that hash the bytes and compare the
+/// ids rely on it.
 pub(crate) trait IdBytes {
     /// The id's bytes: its text's.
     fn id_bytes(&self) -> &[u8];
@@ -544,8 +569,8 @@ mod tests {
             "a".repeat(UserId::MAX_LEN),
         ];
         let ids: Vec<UserId> = texts.iter().map(|t| UserId::new(t.as_str()).expect("valid")).collect();
-        assert!(matches!(ids[1].0, IdText::Inline(38, _)));
-        assert!(matches!(ids[2].0, IdText::Shared(_)));
+        assert_eq!(ids[1].0.inline_len(), Some(38));
+        assert_eq!(ids[2].0.inline_len(), None);
         let by_id: HashMap<UserId, usize> = ids.iter().cloned().zip(0..).collect();
         for (i, (id, text)) in ids.iter().zip(&texts).enumerate() {
             assert_eq!(id.as_str(), text);
@@ -574,12 +599,9 @@ mod tests {
         assert_eq!(ordered, expected);
         // A plan id's own copy is equal, and kept the same way.
         let long_plan = PlanId::new("p".repeat(23)).expect("valid");
-        assert!(matches!(long_plan.0, IdText::Shared(_)));
+        assert_eq!(long_plan.0.inline_len(), None);
         assert_eq!(long_plan.unshared(), long_plan);
-        assert!(matches!(
-            PlanId::new("p".repeat(22)).expect("valid").0,
-            IdText::Inline(22, _)
-        ));
+        assert_eq!(PlanId::new("p".repeat(22)).expect("valid").0.inline_len(), Some(22));
     }
 
     #[test]

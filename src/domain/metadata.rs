@@ -4,6 +4,7 @@ use std::cmp::Ordering;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::hash::BuildHasher;
+use std::iter::FusedIterator;
 use std::ops::{Index, Range};
 
 use serde::de::{MapAccess, Visitor};
@@ -74,8 +75,16 @@ impl Metadata {
             (count + 1, len + key.len() + value.len())
         });
         let mut text = String::with_capacity(len);
-        let mut ends = Vec::with_capacity(count);
+        let mut ends: Vec<(usize, usize)> = Vec::with_capacity(count);
         for (key, value) in entries {
+            // Equality and hashing compare the fields: the form must be the one for the entries.
+            debug_assert!(
+                ends.last().is_none_or(|&(key_end, _)| {
+                    let start = ends.len().checked_sub(2).map_or(0, |before| ends[before].1);
+                    &text[start..key_end] < key
+                }),
+                "entries in key order, each key once"
+            );
             text.push_str(key);
             let key_end = text.len();
             text.push_str(value);
@@ -253,12 +262,12 @@ impl Metadata {
     }
 
     /// The keys, in order.
-    pub fn keys(&self) -> impl DoubleEndedIterator<Item = &str> + ExactSizeIterator {
+    pub fn keys(&self) -> impl DoubleEndedIterator<Item = &str> + ExactSizeIterator + FusedIterator + Clone {
         self.iter().map(|(key, _)| key)
     }
 
     /// The values, in key order.
-    pub fn values(&self) -> impl DoubleEndedIterator<Item = &str> + ExactSizeIterator {
+    pub fn values(&self) -> impl DoubleEndedIterator<Item = &str> + ExactSizeIterator + FusedIterator + Clone {
         self.iter().map(|(_, value)| value)
     }
 }
@@ -299,6 +308,8 @@ impl DoubleEndedIterator for MetadataIter<'_> {
 }
 
 impl ExactSizeIterator for MetadataIter<'_> {}
+
+impl FusedIterator for MetadataIter<'_> {}
 
 impl<'a> IntoIterator for &'a Metadata {
     type Item = (&'a str, &'a str);
@@ -367,6 +378,19 @@ impl Index<&str> for Metadata {
             Some(value) => value,
             None => panic!("no metadata key {key:?}"),
         }
+    }
+}
+
+/// Entry by entry, as a map of strings orders.
+impl PartialOrd for Metadata {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Metadata {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.iter().cmp(other.iter())
     }
 }
 
@@ -462,7 +486,10 @@ mod tests {
         /// Whatever the inserts and removals, the map answers as a `BTreeMap<String, String>`
         /// given the same: entries in order, values, previous values, length.
         #[test]
-        fn answers_as_a_btree_map(ops in proptest::collection::vec(op(), 0..40), probes in proptest::collection::vec(key(), 0..8)) {
+        fn answers_as_a_btree_map(
+            ops in proptest::collection::vec(op(), 0..40),
+            probes in proptest::collection::vec(key(), 0..8),
+        ) {
             let mut metadata = Metadata::new();
             let mut model = BTreeMap::new();
             for op in ops {
@@ -490,7 +517,8 @@ mod tests {
         ) {
             let forwards: Metadata = entries.iter().collect();
             // Given twice, a key keeps its last value.
-            let twice: Metadata = entries.keys().map(|k| (k.as_str(), "earlier")).chain(entries.iter().map(|(k, v)| (k.as_str(), v.as_str()))).collect();
+            let earlier = entries.keys().map(|k| (k.as_str(), "earlier"));
+            let twice: Metadata = earlier.chain(entries.iter().map(|(k, v)| (k.as_str(), v.as_str()))).collect();
             prop_assert_eq!(&twice, &forwards);
             let backwards: Metadata = entries.iter().rev().collect();
             let converted = Metadata::from(entries.clone());
@@ -499,6 +527,7 @@ mod tests {
             let hasher = RandomState::new();
             prop_assert_eq!(hasher.hash_one(&forwards), hasher.hash_one(&backwards));
             prop_assert_eq!(forwards == Metadata::from(other.clone()), entries == other);
+            prop_assert_eq!(forwards.cmp(&Metadata::from(other.clone())), entries.cmp(&other));
             same(&forwards, &entries)?;
 
             let json = serde_json::to_string(&forwards).expect("serializable");

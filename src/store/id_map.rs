@@ -8,7 +8,8 @@ use hashbrown::hash_table::Entry;
 
 use crate::domain::IdBytes;
 
-/// A map keyed by an identifier and hashed as its bytes.
+/// A map keyed by an identifier and hashed as its bytes ([`IdBytes`], whose ids are equal
+/// exactly when their bytes are).
 ///
 /// An identifier's `Hash` hashes its text, as `Borrow<str>` requires, and reading the text
 /// checks it for UTF-8; a map that is only ever looked up by the identifier itself need not pay
@@ -38,10 +39,12 @@ impl<K: IdBytes + Eq, V> IdMap<K, V> {
         self.hasher.hash_one(key.id_bytes())
     }
 
+    /// The value of `key`.
     pub(crate) fn get(&self, key: &K) -> Option<&V> {
         self.table.find(self.hash(key), |(k, _)| k == key).map(|(_, v)| v)
     }
 
+    /// The value of `key`, to change.
     pub(crate) fn get_mut(&mut self, key: &K) -> Option<&mut V> {
         let hash = self.hash(key);
         self.table.find_mut(hash, |(k, _)| k == key).map(|(_, v)| v)
@@ -66,24 +69,28 @@ impl<K: IdBytes + Eq, V> IdMap<K, V> {
 
     /// Inserts `value` under `key`, answering the value it replaces.
     pub(crate) fn insert(&mut self, key: K, value: V) -> Option<V> {
-        match self.get_mut(&key) {
-            Some(old) => Some(std::mem::replace(old, value)),
-            None => {
-                let hash = self.hash(&key);
-                let hasher = &self.hasher;
-                self.table
-                    .insert_unique(hash, (key, value), |(k, _)| hasher.hash_one(k.id_bytes()));
+        let hash = self.hash(&key);
+        let hasher = &self.hasher;
+        match self
+            .table
+            .entry(hash, |(k, _)| *k == key, |(k, _)| hasher.hash_one(k.id_bytes()))
+        {
+            Entry::Occupied(mut occupied) => Some(std::mem::replace(&mut occupied.get_mut().1, value)),
+            Entry::Vacant(vacant) => {
+                vacant.insert((key, value));
                 None
             }
         }
     }
 
+    /// Removes `key`, answering its value.
     pub(crate) fn remove(&mut self, key: &K) -> Option<V> {
         let hash = self.hash(key);
         let found = self.table.find_entry(hash, |(k, _)| k == key).ok()?;
         Some(found.remove().0.1)
     }
 
+    /// How many keys.
     #[cfg(any(test, feature = "postgres"))]
     pub(crate) fn len(&self) -> usize {
         self.table.len()
