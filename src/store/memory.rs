@@ -902,15 +902,16 @@ impl UsageStore for InMemoryUsageStore {
         let previous = (charge.status, charge.next_retry_at);
         let from = charge.status;
         charge.status = s.status;
+        // The settlement is this call's: its texts move into the charge.
         if s.payment_id.is_some() {
-            charge.payment_id.clone_from(&s.payment_id);
+            charge.payment_id = s.payment_id;
         }
         if s.status == ChargeStatus::Succeeded {
             charge.failure_code = None;
             charge.failure_message = None;
         } else if s.failure_code.is_some() || s.failure_message.is_some() {
-            charge.failure_code.clone_from(&s.failure_code);
-            charge.failure_message.clone_from(&s.failure_message);
+            charge.failure_code = s.failure_code;
+            charge.failure_message = s.failure_message;
         }
         charge.next_retry_at = if s.status == ChargeStatus::Failed {
             s.next_retry_at
