@@ -125,14 +125,24 @@ fn payment_index(payment_id: &str) -> Option<usize> {
     number.parse::<usize>().ok()?.checked_sub(1)
 }
 
+/// What a key's text names in the ledger.
+#[derive(Debug, Default, Clone, Copy)]
+struct Keyed {
+    /// As an idempotency key, the payment it made.
+    payment: Option<usize>,
+    /// As a charge key, the latest payment made for the charge; each payment names the one
+    /// before it.
+    latest_for_charge: Option<usize>,
+}
+
 #[derive(Debug, Default)]
 struct Ledger {
     customers: HashMap<CustomerId, CardBehaviour>,
     customer_of_user: HashMap<UserId, CustomerId>,
     payments: Vec<Payment>,
-    by_idempotency_key: HashMap<Arc<str>, usize>,
-    /// The latest payment made for each charge; each payment names the one before it.
-    latest_by_charge: HashMap<ChargeKey, usize>,
+    /// Idempotency keys and charge keys, by their text: one map, since a charge's first round
+    /// is made with its key as its idempotency key, so that most payments take one entry.
+    by_key: HashMap<Arc<str>, Keyed>,
     subscriptions: Vec<(Subscription, Money)>,
     calls: u64,
     forget_idempotency_keys: bool,
@@ -196,7 +206,9 @@ impl SandboxGateway {
     pub fn forget_idempotency_keys(&self) {
         let mut ledger = self.ledger();
         ledger.forget_idempotency_keys = true;
-        ledger.by_idempotency_key.clear();
+        for keyed in ledger.by_key.values_mut() {
+            keyed.payment = None;
+        }
     }
 
     /// Adds (or replaces) a customer whose card behaves as `behaviour`.
@@ -325,7 +337,10 @@ fn no_such_customer(customer: &CustomerId) -> GatewayError {
 impl Ledger {
     /// The payments made for a charge, latest first, with their places in the ledger.
     fn made_for<'l>(&'l self, charge_key: &ChargeKey) -> impl Iterator<Item = (usize, &'l Payment)> + 'l {
-        let latest = self.latest_by_charge.get(charge_key).copied();
+        let latest = self
+            .by_key
+            .get(charge_key.as_str())
+            .and_then(|keyed| keyed.latest_for_charge);
         std::iter::successors(latest.map(|index| (index, &self.payments[index])), |(_, payment)| {
             payment.earlier_for_charge.map(|index| (index, &self.payments[index]))
         })
@@ -363,7 +378,11 @@ impl PaymentGateway for SandboxGateway {
         let mut ledger = self.ledger();
         let ledger = &mut *ledger;
         ledger.calls += 1;
-        if let Some(&index) = ledger.by_idempotency_key.get(request.idempotency_key) {
+        if let Some(index) = ledger
+            .by_key
+            .get(request.idempotency_key)
+            .and_then(|keyed| keyed.payment)
+        {
             let payment = &ledger.payments[index];
             if payment.amount != request.charge.amount || &payment.customer != request.customer {
                 return Err(rejected(
@@ -406,14 +425,22 @@ impl PaymentGateway for SandboxGateway {
             }
         };
         let index = ledger.payments.len();
-        let idempotency_key = if request.idempotency_key == request.charge.key.as_str() {
+        let first_round = request.idempotency_key == request.charge.key.as_str();
+        let idempotency_key = if first_round {
             Arc::clone(request.charge.key.text())
         } else {
             Arc::from(request.idempotency_key)
         };
-        let earlier_for_charge = ledger.latest_by_charge.insert(request.charge.key.clone(), index);
-        if !ledger.forget_idempotency_keys {
-            ledger.by_idempotency_key.insert(Arc::clone(&idempotency_key), index);
+        let keep_key = !ledger.forget_idempotency_keys;
+        let earlier_for_charge = {
+            let keyed = ledger.by_key.entry(Arc::clone(request.charge.key.text())).or_default();
+            if first_round && keep_key {
+                keyed.payment = Some(index);
+            }
+            keyed.latest_for_charge.replace(index)
+        };
+        if !first_round && keep_key {
+            ledger.by_key.entry(Arc::clone(&idempotency_key)).or_default().payment = Some(index);
         }
         ledger.payments.push(Payment {
             idempotency_key,
@@ -583,6 +610,26 @@ mod tests {
         collect(&sandbox, &customer, 0).await;
         let latest = collect(&sandbox, &customer, 1).await;
         assert_eq!(sandbox.find_payment(&key).await.expect("an answer"), Some(latest));
+    }
+
+    #[tokio::test]
+    async fn forgetting_idempotency_keys_forgets_those_already_used_but_not_the_charges_payments() {
+        let (sandbox, customer) = processing_customer().await;
+        let first = collect(&sandbox, &customer, 0).await;
+        let retry = collect(&sandbox, &customer, 1).await;
+        assert_eq!(collect(&sandbox, &customer, 0).await, first, "a key is honoured");
+        sandbox.forget_idempotency_keys();
+        // Keys used before, of the first round (the charge's key) and of a later one, and a key
+        // used after: each call makes a payment.
+        let again = collect(&sandbox, &customer, 0).await;
+        let retry_again = collect(&sandbox, &customer, 1).await;
+        assert_ne!(again.payment_id, first.payment_id);
+        assert_ne!(retry_again.payment_id, retry.payment_id);
+        assert_ne!(collect(&sandbox, &customer, 0).await.payment_id, again.payment_id);
+        // The charge still knows all its payments, latest first in the ledger's links.
+        let key = charge(0).key;
+        assert_eq!(sandbox.payments_for_charge(&key).len(), 5);
+        assert_eq!(sandbox.payments(), sandbox.payments_for_charge(&key));
     }
 
     #[tokio::test]
