@@ -1154,12 +1154,12 @@ impl BillingService {
         replayed: bool,
         plan: &Plan,
     ) -> Result<UsageOutcome, BillingError> {
-        let (fees, blocks): (Vec<&Charge>, Vec<&Charge>) = charges.iter().partition(|c| c.kind == ChargeKind::FixedFee);
+        let is_fee = |c: &&Charge| c.kind == ChargeKind::FixedFee;
         Ok(UsageOutcome {
             consumption_id: usage.consumption_id,
             total_tokens: total_after,
-            tier_charges: blocks.into_iter().map(TierCharge::from).collect(),
-            fixed_fee_charge: fees.first().map(|c| TierCharge::from(*c)),
+            tier_charges: charges.iter().filter(|c| !is_fee(c)).map(TierCharge::from).collect(),
+            fixed_fee_charge: charges.iter().find(is_fee).map(TierCharge::from),
             period: usage.period,
             current_tier: plan.tier_of(total_after)?.label(),
             replayed,
