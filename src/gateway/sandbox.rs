@@ -81,15 +81,7 @@ struct Payment {
 
 impl Payment {
     fn outcome(&self, index: usize) -> PaymentOutcome {
-        PaymentOutcome {
-            payment_id: payment_id(index),
-            status: self.status,
-            decline_code: self.decline_code.clone(),
-            message: self
-                .decline_code
-                .as_ref()
-                .map(|code| format!("Your card was declined ({code}).")),
-        }
+        outcome(index, self.status, self.decline_code.clone())
     }
 
     fn public(&self, index: usize) -> SandboxPayment {
@@ -102,6 +94,18 @@ impl Payment {
             status: self.status,
             decline_code: self.decline_code.clone(),
         }
+    }
+}
+
+/// The answer for the payment at `index` in the ledger.
+fn outcome(index: usize, status: PaymentStatus, decline_code: Option<String>) -> PaymentOutcome {
+    PaymentOutcome {
+        payment_id: payment_id(index),
+        status,
+        message: decline_code
+            .as_ref()
+            .map(|code| format!("Your card was declined ({code}).")),
+        decline_code,
     }
 }
 
@@ -375,8 +379,8 @@ impl PaymentGateway for SandboxGateway {
     }
 
     async fn collect(&self, request: &PaymentRequest<'_>) -> Result<PaymentOutcome, GatewayError> {
-        let mut ledger = self.ledger();
-        let ledger = &mut *ledger;
+        let mut guard = self.ledger();
+        let ledger = &mut *guard;
         ledger.calls += 1;
         if let Some(index) = ledger
             .by_key
@@ -442,6 +446,7 @@ impl PaymentGateway for SandboxGateway {
         if !first_round && keep_key {
             ledger.by_key.entry(Arc::clone(&idempotency_key)).or_default().payment = Some(index);
         }
+        let answer = (index, status, decline_code.clone());
         ledger.payments.push(Payment {
             idempotency_key,
             charge_key: request.charge.key.clone(),
@@ -451,13 +456,16 @@ impl PaymentGateway for SandboxGateway {
             decline_code,
             earlier_for_charge,
         });
+        // The answer is written without the ledger: callers on other threads wait less for it.
+        drop(guard);
         if lose_response {
             return Err(GatewayError::OutcomeUnknown {
                 gateway: GATEWAY,
                 source: Box::new(SandboxFault("connection lost after the payment was made")),
             });
         }
-        Ok(ledger.payments[index].outcome(index))
+        let (index, status, decline_code) = answer;
+        Ok(outcome(index, status, decline_code))
     }
 
     async fn find_payment(&self, charge_key: &ChargeKey) -> Result<Option<PaymentOutcome>, GatewayError> {
