@@ -634,7 +634,7 @@ mod tests {
         assert_ne!(again.payment_id, first.payment_id);
         assert_ne!(retry_again.payment_id, retry.payment_id);
         assert_ne!(collect(&sandbox, &customer, 0).await.payment_id, again.payment_id);
-        // The charge still knows all its payments, latest first in the ledger's links.
+        // The charge still knows all five of its payments, in the order they were made.
         let key = charge(0).key;
         assert_eq!(sandbox.payments_for_charge(&key).len(), 5);
         assert_eq!(sandbox.payments(), sandbox.payments_for_charge(&key));
