@@ -5,12 +5,15 @@
 //!
 //! `cargo bench --bench ingest`
 
+mod common;
+
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
+use common::metadata;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use token_billing::{
-    BillingService, EventRetention, InMemoryUsageStore, Metadata, Plan, SandboxGateway, UnregisteredUsers, UsageReport,
+    BillingService, EventRetention, InMemoryUsageStore, Plan, SandboxGateway, UnregisteredUsers, UsageReport,
 };
 
 const USERS: u64 = 10_000;
@@ -22,14 +25,6 @@ fn service(plan: Plan, retention: EventRetention) -> BillingService {
         .unregistered_users(UnregisteredUsers::OpenCustomer)
         .max_tokens_per_event(u64::from(u32::MAX))
         .build()
-}
-
-fn metadata() -> Metadata {
-    Metadata::from([
-        ("conversationId", "conv-123"),
-        ("agentId", "agent-456"),
-        ("model", "gpt-large"),
-    ])
 }
 
 /// Reports built, then timed, this many at a time: small enough to stay in cache, as the

@@ -1,17 +1,21 @@
 // Bytes per event are a ratio for a report, not money.
 #![allow(clippy::float_arithmetic, clippy::cast_precision_loss)]
 //! Memory of the in-memory store per recorded event (without metadata), for each
-//! [`EventRetention`], and per event kept with the metadata of `benches/ingest.rs`: the growth of the process's resident memory while events are recorded,
-//! divided by their number. Each retention is measured in a fresh process (this program runs
-//! itself again), so that memory freed by one measurement is not reused by the next.
+//! [`EventRetention`], and per event kept with the benchmarks' metadata: the growth of the
+//! process's resident memory while events are recorded, divided by their number. Each
+//! retention is measured in a fresh process (this program runs itself again), so that memory
+//! freed by one measurement is not reused by the next.
 //!
 //! `cargo bench --bench memory`
+
+mod common;
 
 use std::process::Command;
 use std::sync::Arc;
 
+use common::metadata;
 use token_billing::{
-    BillingService, EventRetention, InMemoryUsageStore, Metadata, SandboxGateway, UnregisteredUsers, UsageReport,
+    BillingService, EventRetention, InMemoryUsageStore, SandboxGateway, UnregisteredUsers, UsageReport,
 };
 
 /// Users the events are spread over, as in `benches/ingest.rs`.
@@ -38,15 +42,6 @@ fn retention(name: &str) -> (EventRetention, bool, bool) {
         "all_with_metadata" => (EventRetention::All, false, true),
         other => panic!("unknown measurement {other}"),
     }
-}
-
-/// The metadata of `benches/ingest.rs`: three keys.
-fn metadata() -> Metadata {
-    Metadata::from([
-        ("conversationId", "conv-123"),
-        ("agentId", "agent-456"),
-        ("model", "gpt-large"),
-    ])
 }
 
 /// Records `events` events and prints the bytes each one added: `bytes <retention> <per event>`.

@@ -18,12 +18,10 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::load;
+use common::{load, metadata};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use token_billing::{
-    BillingService, Metadata, PostgresUsageStore, SandboxGateway, UnregisteredUsers, UsageReport, UserId,
-};
+use token_billing::{BillingService, PostgresUsageStore, SandboxGateway, UnregisteredUsers, UsageReport, UserId};
 
 /// Users the events are spread over: each caller has its own, as pgbench's clients update
 /// random rows of their own.
@@ -89,14 +87,6 @@ async fn drop_schema(schema: &str) {
         .await
         .expect("drop schema");
     admin.close().await;
-}
-
-fn metadata() -> Metadata {
-    Metadata::from([
-        ("conversationId", "conv-123"),
-        ("agentId", "agent-456"),
-        ("model", "gpt-large"),
-    ])
 }
 
 /// A new event id for every event of every run.
