@@ -177,8 +177,8 @@ impl UsageReport {
 
     /// Adds one metadata entry. The metadata is written again each time (see
     /// [`Metadata::insert`]): give many entries at once with [`metadata`](Self::metadata).
-    pub fn metadata_entry(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
-        self.metadata.insert(key.into(), value.into());
+    pub fn metadata_entry(mut self, key: impl AsRef<str>, value: impl AsRef<str>) -> Self {
+        self.metadata.insert(key, value);
         self
     }
 

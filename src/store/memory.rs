@@ -596,10 +596,10 @@ impl UsageStore for InMemoryUsageStore {
             lease_until,
             account: _,
         } = request;
-        let user = usage.user_id.clone();
-        let mut shard = self.shard(&user);
+        let user = &usage.user_id;
+        let mut shard = self.shard(user);
         let shard = &mut *shard;
-        let book = shard.users.get_or_insert_with(&user, UserBook::default);
+        let book = shard.users.get_or_insert_with(user, UserBook::default);
 
         let keep = match self.retention {
             EventRetention::All => true,
@@ -608,7 +608,7 @@ impl UsageStore for InMemoryUsageStore {
         // An event that would not be kept has no original to find: its id is a fresh
         // consumption id, and no such event was kept before it.
         if keep {
-            if let Some(original) = book.replay(&user, &usage.event_id)? {
+            if let Some(original) = book.replay(user, &usage.event_id)? {
                 return original.answer_resend(&usage);
             }
         }
@@ -622,7 +622,7 @@ impl UsageStore for InMemoryUsageStore {
                 total: before,
                 tokens: usage.tokens,
             })?;
-        let new_charges = charges_for_growth(plan, fee, &user, period, before, after, Some(usage.consumption_id))?;
+        let new_charges = charges_for_growth(plan, fee, user, period, before, after, Some(usage.consumption_id))?;
         let blocks = plan.blocks_crossed(before, after)?;
 
         let now = usage.recorded_at;
