@@ -103,8 +103,8 @@ struct Settings {
     plans: foldhash::HashMap<PlanId, Plan>,
     /// The default plan and its id, apart: most accounts name it, and it is found with one
     /// comparison, without hashing the id, twice for every event.
-    default_plan: PlanId,
-    default: Plan,
+    default_plan_id: PlanId,
+    default_plan: Plan,
     fee: FeeCollection,
     collection: CollectionMode,
     unregistered: UnregisteredUsers,
@@ -392,7 +392,7 @@ impl BillingServiceBuilder {
 
     /// The default plan, under the id `default` (the seed's plan unless set).
     pub fn plan(mut self, plan: Plan) -> Self {
-        self.settings.default = plan;
+        self.settings.default_plan = plan;
         self
     }
 
@@ -417,8 +417,8 @@ impl BillingServiceBuilder {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn add_plan(mut self, id: PlanId, plan: Plan) -> Self {
-        if id == self.settings.default_plan {
-            self.settings.default = plan;
+        if id == self.settings.default_plan_id {
+            self.settings.default_plan = plan;
         } else {
             self.settings.plans.insert(id, plan);
         }
@@ -530,15 +530,14 @@ impl BillingService {
     /// A builder over a store and a gateway, with the seed's plan and the defaults of
     /// [`BillingServiceBuilder`].
     pub fn builder(store: Arc<dyn UsageStore>, gateway: Arc<dyn PaymentGateway>) -> BillingServiceBuilder {
-        let default_plan = default_plan_id();
         BillingServiceBuilder {
             store,
             gateway,
             clock: Arc::new(SystemClock),
             settings: Settings {
                 plans: foldhash::HashMap::default(),
-                default_plan,
-                default: Plan::default(),
+                default_plan_id: default_plan_id(),
+                default_plan: Plan::default(),
                 fee: FeeCollection::Library,
                 collection: CollectionMode::Immediate,
                 unregistered: UnregisteredUsers::Wait,
@@ -576,8 +575,8 @@ impl BillingService {
     /// # Errors
     /// [`BillingError::UnknownPlan`].
     pub fn plan(&self, id: &PlanId) -> Result<&Plan, BillingError> {
-        if *id == self.settings.default_plan {
-            return Ok(&self.settings.default);
+        if *id == self.settings.default_plan_id {
+            return Ok(&self.settings.default_plan);
         }
         self.settings
             .plans
@@ -592,7 +591,7 @@ impl BillingService {
 
     /// The default plan.
     pub fn default_plan(&self) -> &Plan {
-        &self.settings.default
+        &self.settings.default_plan
     }
 
     /// The user's current plan: the one whose zone draws the period boundaries.
@@ -643,11 +642,11 @@ impl BillingService {
     ) -> Result<Account, BillingError> {
         let span = info_span!("register_account", user = %user);
         async {
-            let plan_id = plan_id.unwrap_or_else(|| self.settings.default_plan.clone());
+            let plan_id = plan_id.unwrap_or_else(|| self.settings.default_plan_id.clone());
             let plan = self.plan(&plan_id)?;
             let now = self.clock.now();
             let existing = self.store.account(user).await?;
-            let current_plan = existing.as_ref().map_or(&self.settings.default_plan, |a| &a.plan_id);
+            let current_plan = existing.as_ref().map_or(&self.settings.default_plan_id, |a| &a.plan_id);
             let mut earlier_plans = existing.as_ref().map(|a| a.earlier_plans.clone()).unwrap_or_default();
             if current_plan != &plan_id && self.plan(current_plan).ok() != Some(plan) {
                 let period = Period::containing(now, self.plan(current_plan).map_or(plan.zone(), Plan::zone)).key();
@@ -698,7 +697,7 @@ impl BillingService {
         let account = Account {
             user_id: user.clone(),
             customer_id: Some(customer.clone()),
-            plan_id: account.map_or_else(|| self.settings.default_plan.clone(), |a| a.plan_id.clone()),
+            plan_id: account.map_or_else(|| self.settings.default_plan_id.clone(), |a| a.plan_id.clone()),
             earlier_plans: account.map(|a| a.earlier_plans.clone()).unwrap_or_default(),
             subscription_id: account.and_then(|a| a.subscription_id.clone()),
             created_at: account.map_or(now, |a| a.created_at),
