@@ -22,8 +22,8 @@ use crate::gateway::{
     SandboxGateway, Subscription,
 };
 use crate::store::{
-    Account, AuditEntry, EnsureCharge, GatewayEventRecord, InMemoryUsageStore, OperationUsage, RecordUsage, Recorded,
-    Settlement, StoreError, TierChargeReport, UsageStore,
+    Account, AuditEntry, EnsureCharge, GatewayEventRecord, InMemoryUsageStore, OperationUsage, PlacedUsage, Placement,
+    RecordUsage, Recorded, Settlement, StoreError, TierChargeReport, UsageStore,
 };
 
 /// When charges are collected.
@@ -857,60 +857,56 @@ impl BillingService {
 
     async fn record_report(&self, report: UsageReport) -> Result<UsageOutcome, BillingError> {
         let now = self.clock.now();
-        let mut usage = Self::read_report(report, now)?;
-        // The account may come from the store's cache; a record placed with one that changed
-        // since is refused and the event given back, to be placed with the account read afresh.
-        // An event refused by a kept account is placed again with the account read afresh too,
-        // so that no event is refused by a plan the user no longer has.
-        let mut account = self.store.account_for_usage(&usage.user_id).await?;
-        let mut fresh = false;
-        let mut placings = 0;
-        loop {
-            placings += 1;
-            let (plan, lease_until) = match self.place(&mut usage, account.as_ref(), now)? {
-                Placed::Record { plan, lease_until } => (plan, lease_until),
-                Placed::Refused(_) if !fresh => {
-                    account = self.store.account(&usage.user_id).await?;
-                    fresh = true;
-                    continue;
+        let usage = Self::read_report(report, now)?;
+        // The store places the event with the user's account and records it. Why an event was
+        // not placed is kept here: refused on its merits (`Ok`), or not placeable at all (`Err`:
+        // an account naming an unknown plan).
+        let mut refusal: Option<Result<UsageError, BillingError>> = None;
+        let mut place = |usage: &mut UsageRecord, account: Option<&Account>| {
+            let (placement, why_not) = match self.place(usage, account, now) {
+                Ok(Placed::Record { plan, lease_until }) => {
+                    let fee = self.settings.fee;
+                    (Some(Placement { plan, fee, lease_until }), None)
                 }
-                Placed::Refused(error) => {
-                    // A re-sent event is answered with its original outcome even when it would
-                    // now be refused: its window has passed, or the limits changed since it was
-                    // recorded. The look-up is boxed: refusals are rare, and the futures of other
-                    // events need not make room for it.
-                    return match Box::pin(self.replay_of(&usage, account.as_ref())).await? {
-                        Some(outcome) => Ok(outcome),
-                        None => Err(error.into()),
-                    };
-                }
+                Ok(Placed::Refused(error)) => (None, Some(Ok(error))),
+                Err(error) => (None, Some(Err(error))),
             };
-            let span = tracing::Span::current();
-            span.record("period", tracing::field::display(usage.period));
-            span.record("consumption", tracing::field::display(usage.consumption_id));
-            let recorded = self
-                .store
-                .record_usage(RecordUsage {
-                    usage,
-                    plan,
-                    fee: self.settings.fee,
-                    lease_until,
-                    account: account.as_ref(),
-                })
-                .await;
-            match recorded {
-                Ok(recorded) => {
-                    return self
-                        .finish(recorded, lease_until.is_some(), account.as_ref(), plan)
-                        .await;
+            refusal = why_not;
+            placement
+        };
+        match self.store.place_and_record_usage(usage, &mut place).await? {
+            PlacedUsage::Recorded {
+                recorded,
+                placement,
+                account,
+            } => {
+                let span = tracing::Span::current();
+                span.record("period", tracing::field::display(recorded.usage.period));
+                span.record("consumption", tracing::field::display(recorded.usage.consumption_id));
+                let collect_now = placement.lease_until.is_some();
+                self.finish(recorded, collect_now, account.as_deref(), placement.plan)
+                    .await
+            }
+            PlacedUsage::Refused { usage, account } => {
+                let error = match refusal {
+                    Some(Ok(error)) => error,
+                    Some(Err(error)) => return Err(error),
+                    None => {
+                        return Err(StoreError::Generic {
+                            store: "store",
+                            source: "the store refused an event its placing accepted".into(),
+                        }
+                        .into());
+                    }
+                };
+                // A re-sent event is answered with its original outcome even when it would now
+                // be refused: its window has passed, or the limits changed since it was
+                // recorded. The look-up is boxed: refusals are rare, and the futures of other
+                // events need not make room for it.
+                match Box::pin(self.replay_of(&usage, account.as_deref())).await? {
+                    Some(outcome) => Ok(outcome),
+                    None => Err(error.into()),
                 }
-                Err(StoreError::AccountChanged { usage: unrecorded }) if placings < 3 => {
-                    debug!("the account changed since it was read: placing the event again");
-                    usage = *unrecorded;
-                    account = self.store.account(&usage.user_id).await?;
-                    fresh = true;
-                }
-                Err(error) => return Err(error.into()),
             }
         }
     }

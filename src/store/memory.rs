@@ -10,8 +10,9 @@ use chrono::{DateTime, Utc};
 
 use super::id_map::IdMap;
 use super::{
-    Account, AuditEntry, AuditEvent, EnsureCharge, GatewayEventRecord, OperationUsage, PeriodSummary, RecordUsage,
-    Recorded, Settlement, StoreError, SummaryDelta, TierChargeReport, UsageStore, shard_index,
+    Account, AuditEntry, AuditEvent, EnsureCharge, GatewayEventRecord, OperationUsage, PeriodSummary, PlacedUsage,
+    Placement, Placer, RecordUsage, Recorded, Settlement, StoreError, SummaryDelta, TierChargeReport, UsageStore,
+    shard_index,
 };
 use crate::domain::{
     Blocks, Charge, ChargeKey, ChargeKind, ChargeStatus, EventId, MAX_TOKENS, Money, MoneyError, NewCharge,
@@ -324,6 +325,107 @@ impl InMemoryUsageStore {
     fn read_account(&self, user: &UserId) -> Option<Account> {
         self.shard(user).users.get(user).and_then(|b| b.account.clone())
     }
+
+    /// Records an event in its user's shard, locked by the caller, under `placement`.
+    fn record_in(
+        &self,
+        shard: &mut Shard,
+        usage: UsageRecord,
+        placement: Placement<'_>,
+    ) -> Result<Recorded, StoreError> {
+        let Placement { plan, fee, lease_until } = placement;
+        let user = &usage.user_id;
+        let book = shard.users.get_or_insert_with(user, UserBook::default);
+
+        let keep = match self.retention {
+            EventRetention::All => true,
+            EventRetention::Resendable => usage.has_host_event_id(),
+        };
+        // An event that would not be kept has no original to find: its id is a fresh
+        // consumption id, and no such event was kept before it.
+        if keep {
+            if let Some(original) = book.replay(user, &usage.event_id)? {
+                return original.answer_resend(&usage);
+            }
+        }
+
+        let period = usage.period;
+        let before = book.periods.get(&period).map_or(0, |p| p.summary.total_tokens);
+        let after = before
+            .checked_add(usage.tokens)
+            .filter(|t| *t <= MAX_TOKENS)
+            .ok_or(StoreError::TotalOverflow {
+                total: before,
+                tokens: usage.tokens,
+            })?;
+        let new_charges = charges_for_growth(plan, fee, user, period, before, after, Some(usage.consumption_id))?;
+        let blocks = plan.blocks_crossed(before, after)?;
+
+        let now = usage.recorded_at;
+        let opened = !book.periods.contains_key(&period);
+        if opened {
+            book.periods.get_or_insert_with(period, || {
+                PeriodBook::new(PeriodSummary::empty(user.clone(), period, plan.currency(), now))
+            });
+        }
+        // Charges first: it is the only step that can fail, and it changes nothing when it does.
+        let created = match book.insert_charges(period, new_charges, ChargeStatus::Pending, None, now, lease_until) {
+            Ok(created) => created,
+            Err(e) => {
+                if opened {
+                    book.periods.remove(&period);
+                }
+                return Err(e);
+            }
+        };
+        let usage = Arc::new(usage);
+        let period_book = book.periods.get_mut(&period).ok_or_else(|| StoreError::NotFound {
+            what: "period",
+            key: period.to_string(),
+        })?;
+        period_book.summary.total_tokens = after;
+        period_book.summary.events += 1;
+        period_book.summary.updated_at = now;
+        period_book.by_operation.add(&usage.operation_type, usage.tokens);
+        if keep {
+            period_book
+                .takes_usage_until
+                .get_or_insert_with(|| Period::new(period, plan.zone()).end() + plan.late_usage_grace());
+            let index = period_book.consumptions.len();
+            period_book.consumptions.push(Arc::clone(&usage));
+            book.events.insert(
+                usage.event_id.clone(),
+                EventEntry {
+                    period,
+                    index,
+                    total_before: before,
+                    // Charges that existed already are never in `created`.
+                    created_fee: created.iter().any(|c| c.kind == ChargeKind::FixedFee),
+                    blocks,
+                },
+            );
+            book.audit.push(TrailItem::Usage {
+                period,
+                index,
+                total_after: after,
+            });
+        }
+        if opened {
+            if let Some(kept) = self.periods_kept {
+                book.forget_events_before(period, kept, plan, now);
+            }
+        }
+        for charge in &created {
+            shard.index_charge(charge, None);
+        }
+        Ok(Recorded {
+            usage,
+            total_before: before,
+            total_after: after,
+            charges: created,
+            replayed: false,
+        })
+    }
 }
 
 /// A poisoned shard only means a thread panicked while holding it; every write below validates
@@ -589,105 +691,46 @@ impl UsageStore for InMemoryUsageStore {
     async fn record_usage(&self, request: RecordUsage<'_>) -> Result<Recorded, StoreError> {
         // Accounts are read afresh from the map: the account an event was placed with needs no
         // check.
-        let RecordUsage {
-            usage,
-            plan,
-            fee,
-            lease_until,
-            account: _,
-        } = request;
-        let user = &usage.user_id;
-        let mut shard = self.shard(user);
-        let shard = &mut *shard;
-        let book = shard.users.get_or_insert_with(user, UserBook::default);
-
-        let keep = match self.retention {
-            EventRetention::All => true,
-            EventRetention::Resendable => usage.has_host_event_id(),
+        let placement = Placement {
+            plan: request.plan,
+            fee: request.fee,
+            lease_until: request.lease_until,
         };
-        // An event that would not be kept has no original to find: its id is a fresh
-        // consumption id, and no such event was kept before it.
-        if keep {
-            if let Some(original) = book.replay(user, &usage.event_id)? {
-                return original.answer_resend(&usage);
-            }
-        }
+        let mut shard = self.shard(&request.usage.user_id);
+        self.record_in(&mut shard, request.usage, placement)
+    }
 
-        let period = usage.period;
-        let before = book.periods.get(&period).map_or(0, |p| p.summary.total_tokens);
-        let after = before
-            .checked_add(usage.tokens)
-            .filter(|t| *t <= MAX_TOKENS)
-            .ok_or(StoreError::TotalOverflow {
-                total: before,
-                tokens: usage.tokens,
-            })?;
-        let new_charges = charges_for_growth(plan, fee, user, period, before, after, Some(usage.consumption_id))?;
-        let blocks = plan.blocks_crossed(before, after)?;
-
-        let now = usage.recorded_at;
-        let opened = !book.periods.contains_key(&period);
-        if opened {
-            book.periods.get_or_insert_with(period, || {
-                PeriodBook::new(PeriodSummary::empty(user.clone(), period, plan.currency(), now))
+    async fn place_and_record_usage<'p>(
+        &self,
+        mut usage: UsageRecord,
+        place: &mut Placer<'_, 'p>,
+    ) -> Result<PlacedUsage<'p>, StoreError> {
+        // One look-up of the user: the event is placed with the account as it is under the
+        // shard's lock, which no change can pass, and recorded before the lock is let go.
+        let mut shard = self.shard(&usage.user_id);
+        let account = shard.users.get(&usage.user_id).and_then(|book| book.account.as_ref());
+        let Some(placement) = place(&mut usage, account) else {
+            return Ok(PlacedUsage::Refused {
+                account: account.cloned().map(Box::new),
+                usage: Box::new(usage),
             });
-        }
-        // Charges first: it is the only step that can fail, and it changes nothing when it does.
-        let created = match book.insert_charges(period, new_charges, ChargeStatus::Pending, None, now, lease_until) {
-            Ok(created) => created,
-            Err(e) => {
-                if opened {
-                    book.periods.remove(&period);
-                }
-                return Err(e);
-            }
         };
-        let usage = Arc::new(usage);
-        let period_book = book.periods.get_mut(&period).ok_or_else(|| StoreError::NotFound {
-            what: "period",
-            key: period.to_string(),
-        })?;
-        period_book.summary.total_tokens = after;
-        period_book.summary.events += 1;
-        period_book.summary.updated_at = now;
-        period_book.by_operation.add(&usage.operation_type, usage.tokens);
-        if keep {
-            period_book
-                .takes_usage_until
-                .get_or_insert_with(|| Period::new(period, plan.zone()).end() + plan.late_usage_grace());
-            let index = period_book.consumptions.len();
-            period_book.consumptions.push(Arc::clone(&usage));
-            book.events.insert(
-                usage.event_id.clone(),
-                EventEntry {
-                    period,
-                    index,
-                    total_before: before,
-                    // Charges that existed already are never in `created`.
-                    created_fee: created.iter().any(|c| c.kind == ChargeKind::FixedFee),
-                    blocks,
-                },
-            );
-            book.audit.push(TrailItem::Usage {
-                period,
-                index,
-                total_after: after,
-            });
-        }
-        if opened {
-            if let Some(kept) = self.periods_kept {
-                book.forget_events_before(period, kept, plan, now);
-            }
-        }
-        for charge in &created {
-            shard.index_charge(charge, None);
-        }
-        Ok(Recorded {
-            usage,
-            total_before: before,
-            total_after: after,
-            charges: created,
-            replayed: false,
+        let recorded = self.record_in(&mut shard, usage, placement)?;
+        // The account is copied only for the charges' collection.
+        let account = if recorded.charges.is_empty() {
+            None
+        } else {
+            let user = &recorded.usage.user_id;
+            shard
+                .users
+                .get(user)
+                .and_then(|book| book.account.clone())
+                .map(Box::new)
+        };
+        Ok(PlacedUsage::Recorded {
+            recorded,
+            placement,
+            account,
         })
     }
 

@@ -425,6 +425,48 @@ pub struct RecordUsage<'a> {
     pub account: Option<&'a Account>,
 }
 
+/// How an event is to be recorded, decided by the service from the account the store holds for
+/// its user: what [`UsageStore::place_and_record_usage`] records it with.
+#[derive(Debug, Clone, Copy)]
+pub struct Placement<'p> {
+    /// The plan that rates the event's period.
+    pub plan: &'p Plan,
+    /// Who collects the fixed fee.
+    pub fee: FeeCollection,
+    /// When set, the charges created are leased to the caller until then (it collects them at
+    /// once), as in [`RecordUsage::lease_until`].
+    pub lease_until: Option<DateTime<Utc>>,
+}
+
+/// The service's placing of an event, called by [`UsageStore::place_and_record_usage`] with the
+/// event and its user's account (`None` for a user without one): it sets the event's period and
+/// answers how to record it, or `None` to refuse it. It is quick and never waits, so a store may
+/// call it while it holds the user's data.
+pub type Placer<'a, 'p> = dyn FnMut(&mut UsageRecord, Option<&Account>) -> Option<Placement<'p>> + Send + 'a;
+
+/// What [`UsageStore::place_and_record_usage`] did.
+#[derive(Debug)]
+pub enum PlacedUsage<'p> {
+    /// The event was placed and recorded (or answered as a re-send, see [`Recorded::replayed`]).
+    Recorded {
+        /// What the record operation did.
+        recorded: Recorded,
+        /// How it was placed.
+        placement: Placement<'p>,
+        /// The account it was placed with, when the event created or replayed charges (they are
+        /// collected from its customer); `None` otherwise, or when the user has no account.
+        /// Boxed, so that the answer for most events stays small.
+        account: Option<Box<Account>>,
+    },
+    /// The placer refused the event: nothing was recorded.
+    Refused {
+        /// The event, given back as the placer left it.
+        usage: Box<UsageRecord>,
+        /// The account it was refused with (read afresh).
+        account: Option<Box<Account>>,
+    },
+}
+
 /// What the record operation did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Recorded {
@@ -591,6 +633,11 @@ impl<'a> Settlement<'a> {
 ///   sent again.
 /// - A total that would exceed [`MAX_TOKENS`](crate::MAX_TOKENS) MUST fail with
 ///   [`StoreError::TotalOverflow`] and change nothing.
+/// - [`place_and_record_usage`](Self::place_and_record_usage) MUST record an event as
+///   `record_usage` does, placed with the user's account as stored (a kept copy only if the
+///   record checks it, as [`RecordUsage::account`] says); it MUST record nothing of an event
+///   the placer refuses, and answer the account it placed the event with whenever the event
+///   created or replayed charges.
 ///
 /// Charges:
 /// - [`settle_charge`](Self::settle_charge) MUST be a compare-and-set on (status, round): it
@@ -634,6 +681,89 @@ pub trait UsageStore: Send + Sync + Debug {
 
     /// Records one usage event atomically; see the contract.
     async fn record_usage(&self, request: RecordUsage<'_>) -> Result<Recorded, StoreError>;
+
+    /// Places one usage event with the account the store holds for its user, then records it as
+    /// [`record_usage`](Self::record_usage) does: the service's path for every event. `place`
+    /// decides from the event and the account how to record it, or refuses it; a refused event
+    /// records nothing and is given back.
+    ///
+    /// The default reads the account with [`account_for_usage`](Self::account_for_usage), places
+    /// the event and calls `record_usage`. When the account may have come from a cache, it reads
+    /// it afresh and places the event again, before answering a refusal, and when the record is
+    /// refused with [`StoreError::AccountChanged`] (at most twice), so that no event is placed
+    /// with an account that changed. A store that keeps a user's account beside the rest of the
+    /// user's data may place and record in one step, with the account as it is then (the
+    /// in-memory store does: one look-up of the user, no copy of the account, one call).
+    ///
+    /// # Example
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// use token_billing::store::{Placement, PlacedUsage};
+    /// use token_billing::testing::store::{fresh_user, usage_event};
+    /// use token_billing::{FeeCollection, InMemoryUsageStore, Plan, UsageStore};
+    ///
+    /// let store = InMemoryUsageStore::new();
+    /// let plan = Plan::default();
+    /// let user = fresh_user("placed");
+    /// let event = usage_event(&user, 9_000_000, "chat", "2026-11".parse()?);
+    /// let placed = store
+    ///     .place_and_record_usage(event, &mut |_event, account| {
+    ///         // A user without an account is rated on the default plan.
+    ///         assert!(account.is_none());
+    ///         Some(Placement { plan: &plan, fee: FeeCollection::Library, lease_until: None })
+    ///     })
+    ///     .await?;
+    /// let PlacedUsage::Recorded { recorded, .. } = placed else { panic!("recorded") };
+    /// assert_eq!((recorded.total_after, recorded.charges.len()), (9_000_000, 2));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
+    async fn place_and_record_usage<'p>(
+        &self,
+        mut usage: UsageRecord,
+        place: &mut Placer<'_, 'p>,
+    ) -> Result<PlacedUsage<'p>, StoreError> {
+        let mut account = self.account_for_usage(&usage.user_id).await?;
+        let mut fresh = false;
+        let mut placings = 0;
+        loop {
+            placings += 1;
+            let Some(placement) = place(&mut usage, account.as_ref()) else {
+                if fresh {
+                    return Ok(PlacedUsage::Refused {
+                        usage: Box::new(usage),
+                        account: account.map(Box::new),
+                    });
+                }
+                account = self.account(&usage.user_id).await?;
+                fresh = true;
+                continue;
+            };
+            let request = RecordUsage {
+                usage,
+                plan: placement.plan,
+                fee: placement.fee,
+                lease_until: placement.lease_until,
+                account: account.as_ref(),
+            };
+            match self.record_usage(request).await {
+                Ok(recorded) => {
+                    return Ok(PlacedUsage::Recorded {
+                        account: account.filter(|_| !recorded.charges.is_empty()).map(Box::new),
+                        recorded,
+                        placement,
+                    });
+                }
+                Err(StoreError::AccountChanged { usage: unrecorded }) if placings < 3 => {
+                    tracing::debug!("the account changed since it was read: placing the event again");
+                    usage = *unrecorded;
+                    account = self.account(&usage.user_id).await?;
+                    fresh = true;
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    }
 
     /// Records several usage events, in order, as [`record_usage`](Self::record_usage) would
     /// one after the other: each event sees the totals the ones before it left, and every clause

@@ -90,6 +90,7 @@ macro_rules! usage_store_conformance {
                 record_creates_usage_charges_and_summary,
                 record_is_idempotent_by_event_id,
                 record_usage_batch_is_record_usage_in_order,
+                place_and_record_places_with_the_stored_account,
                 accounts_answer_each_user_in_order,
                 events_without_a_host_id_are_all_counted,
                 event_id_conflict_changes_nothing,

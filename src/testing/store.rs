@@ -16,8 +16,8 @@ use crate::domain::{
     OperationType, PeriodKey, Plan, PlanId, RatingError, UsageRecord, UserId,
 };
 use crate::store::{
-    Account, AuditEntry, AuditEvent, EnsureCharge, GatewayEventRecord, RecordUsage, Recorded, Settlement, StoreError,
-    UsageStore,
+    Account, AuditEntry, AuditEvent, EnsureCharge, GatewayEventRecord, PlacedUsage, Placement, RecordUsage, Recorded,
+    Settlement, StoreError, UsageStore,
 };
 
 /// A user id no other check or run uses.
@@ -131,6 +131,138 @@ pub async fn account_round_trips(store: &dyn UsageStore) {
     };
     store.put_account(changed.clone()).await.expect("put_account");
     assert_eq!(store.account(&user).await.expect("account"), Some(changed));
+}
+
+/// `place_and_record_usage` places each event with the account as stored when it is placed (none
+/// for a user without one), records it under the placement, answers the account when the event
+/// created charges, and records nothing of a refused event, which it gives back as the placer
+/// left it.
+pub async fn place_and_record_places_with_the_stored_account(store: &dyn UsageStore) {
+    let plan = Plan::default();
+    let user = fresh_user("placed");
+    let lease = Some(far_future());
+    let placement = |lease_until| Placement {
+        plan: &plan,
+        fee: FeeCollection::Library,
+        lease_until,
+    };
+    // Places every event with `placement` and says which account it was placed with.
+    async fn place<'p>(
+        store: &dyn UsageStore,
+        usage: UsageRecord,
+        placement: Option<Placement<'p>>,
+    ) -> (PlacedUsage<'p>, Vec<Option<Account>>) {
+        let mut seen = Vec::new();
+        let placed = store
+            .place_and_record_usage(usage, &mut |_, account| {
+                seen.push(account.cloned());
+                placement
+            })
+            .await
+            .expect("place_and_record_usage");
+        (placed, seen)
+    }
+
+    // A user without an account: placed with none, recorded under the placement, charges leased.
+    let first = usage_event(&user, 8_000_001, "chat", period());
+    let (placed, seen) = place(store, first.clone(), Some(placement(lease))).await;
+    assert_eq!(seen, [None]);
+    let PlacedUsage::Recorded {
+        recorded,
+        placement: used,
+        account,
+    } = placed
+    else {
+        panic!("recorded: {placed:?}");
+    };
+    assert_eq!(
+        (recorded.total_after, recorded.replayed, account),
+        (8_000_001, false, None)
+    );
+    assert_eq!(used.lease_until, lease);
+    assert_eq!(recorded.charges.len(), 2);
+    assert!(
+        recorded
+            .charges
+            .iter()
+            .all(|c| c.lease_until == lease && c.attempts == 1)
+    );
+
+    // With an account: placed with it as stored; answered with it only when charges are created.
+    let account = Account {
+        user_id: user.clone(),
+        customer_id: Some("cus_placed".parse().expect("valid")),
+        plan_id: PlanId::new("default").expect("valid"),
+        earlier_plans: Vec::new(),
+        subscription_id: None,
+        created_at: base_instant(),
+        updated_at: base_instant(),
+    };
+    store.put_account(account.clone()).await.expect("put_account");
+    let (placed, seen) = place(store, usage_event(&user, 100, "chat", period()), Some(placement(None))).await;
+    assert_eq!(seen, [Some(account.clone())]);
+    assert!(matches!(placed, PlacedUsage::Recorded { ref recorded, account: None, .. } if recorded.charges.is_empty()));
+
+    // A changed account is the one the next event is placed with.
+    let changed = Account {
+        customer_id: Some("cus_changed".parse().expect("valid")),
+        updated_at: base_instant() + Duration::minutes(1),
+        ..account
+    };
+    store.put_account(changed.clone()).await.expect("put_account");
+    let (placed, seen) = place(
+        store,
+        usage_event(&user, 8_000_000, "chat", period()),
+        Some(placement(None)),
+    )
+    .await;
+    assert_eq!(seen.last(), Some(&Some(changed.clone())));
+    let PlacedUsage::Recorded { recorded, account, .. } = placed else {
+        panic!("recorded: {placed:?}");
+    };
+    assert_eq!((recorded.total_after, recorded.charges.len()), (16_000_101, 1));
+    assert_eq!(account.as_deref(), Some(&changed));
+
+    // Refused: nothing recorded, the event given back as the placer left it.
+    let refused = usage_event(&user, 5_000_000, "chat", period());
+    let mut moved = refused.clone();
+    moved.period = period().next();
+    let placed = store
+        .place_and_record_usage(refused.clone(), &mut |usage, _| {
+            usage.period = period().next();
+            None
+        })
+        .await
+        .expect("place_and_record_usage");
+    let PlacedUsage::Refused { usage, account } = placed else {
+        panic!("refused: {placed:?}");
+    };
+    assert_eq!((*usage, account.as_deref()), (moved, Some(&changed)));
+    assert_eq!(
+        store.recorded_event(&user, &refused.event_id).await.expect("lookup"),
+        None
+    );
+    let summary = store
+        .period_summary(&user, period())
+        .await
+        .expect("summary")
+        .expect("a summary");
+    assert_eq!((summary.total_tokens, summary.events), (16_000_101, 3));
+    assert_eq!(
+        store.period_summary(&user, period().next()).await.expect("summary"),
+        None
+    );
+
+    // A re-sent event is answered with its original outcome.
+    let (placed, _) = place(store, first.clone(), Some(placement(None))).await;
+    let PlacedUsage::Recorded { recorded, .. } = placed else {
+        panic!("replayed: {placed:?}");
+    };
+    assert!(recorded.replayed);
+    assert_eq!(
+        (recorded.usage.consumption_id, recorded.total_after),
+        (first.consumption_id, 8_000_001)
+    );
 }
 
 /// `accounts` answers one entry per user asked, in the order asked (repeats included), `None`
