@@ -688,10 +688,10 @@ pub trait UsageStore: Send + Sync + Debug {
     /// records nothing and is given back.
     ///
     /// The default reads the account with [`account_for_usage`](Self::account_for_usage), places
-    /// the event and calls `record_usage`. When the account may have come from a cache, it reads
-    /// it afresh and places the event again, before answering a refusal, and when the record is
-    /// refused with [`StoreError::AccountChanged`] (at most twice), so that no event is placed
-    /// with an account that changed. A store that keeps a user's account beside the rest of the
+    /// the event and calls `record_usage`. Since that account may come from a cache, it reads
+    /// the account afresh with [`account`](Self::account) and places the event again before it
+    /// answers a refusal, and when the record is refused with [`StoreError::AccountChanged`] (at
+    /// most twice), so that no event is refused or recorded by an account that changed. A store that keeps a user's account beside the rest of the
     /// user's data may place and record in one step, with the account as it is then (the
     /// in-memory store does: one look-up of the user, no copy of the account, one call).
     ///
