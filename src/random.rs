@@ -8,16 +8,43 @@
 //!
 //! A child process made by `fork` inherits its parent's generator and would draw the parent's
 //! next ids again (and an event sent without an id is known by its consumption id, so a repeat
-//! could be taken for a re-send). Each thread's generator therefore remembers the process it
-//! was seeded in and is seeded again in another.
+//! could be taken for a re-send). Each thread's generator therefore learns of a fork before
+//! every draw and is seeded again after one: from a counter that a fork handler
+//! (`pthread_atfork`, registered once per process) moves in the child before `fork` returns
+//! there, which costs a load per draw; or, should the handler not be registered, from the
+//! process id, which costs a system call per draw.
 
-use std::cell::Cell;
+use std::cell::RefCell;
 
 use uuid::Uuid;
 
+/// How a generator learns that its process was forked since its last draw.
+enum Forks {
+    /// The fork handler's counter.
+    Handler(forkguard::Guard),
+    /// The process id, when no handler could be registered.
+    ProcessId(forkguard::pid::Guard),
+}
+
+impl Forks {
+    fn new() -> Forks {
+        match forkguard::Guard::try_new() {
+            Ok(guard) => Forks::Handler(guard),
+            Err(_) => Forks::ProcessId(forkguard::pid::Guard::default()),
+        }
+    }
+
+    fn forked(&mut self) -> bool {
+        match self {
+            Forks::Handler(guard) => guard.detected_fork(),
+            Forks::ProcessId(guard) => guard.detected_fork(),
+        }
+    }
+}
+
 thread_local! {
-    /// The process the generator was seeded in, and its state.
-    static STATE: Cell<(u32, [u64; 4])> = Cell::new((std::process::id(), seed()));
+    /// How the thread learns of forks, and its generator's state.
+    static STATE: RefCell<(Forks, [u64; 4])> = RefCell::new((Forks::new(), seed()));
 }
 
 /// A seed from the operating system (through `uuid`'s own draw), never all zeros.
@@ -47,19 +74,19 @@ fn next(state: &mut [u64; 4]) -> u64 {
 
 /// A random version 4 UUID.
 pub(crate) fn uuid_v4() -> Uuid {
-    STATE.with(|cell| draw(cell, std::process::id()))
+    STATE.with(|cell| {
+        let (forks, state) = &mut *cell.borrow_mut();
+        draw(state, forks.forked())
+    })
 }
 
-/// The next id of a generator, seeded again first if it was seeded in another process than
-/// `current`.
-fn draw(cell: &Cell<(u32, [u64; 4])>, current: u32) -> Uuid {
-    let (mut process, mut state) = cell.get();
-    if process != current {
-        (process, state) = (current, seed());
+/// The next id of a generator, seeded again first if its process was `forked` since the last.
+fn draw(state: &mut [u64; 4], forked: bool) -> Uuid {
+    if forked {
+        *state = seed();
     }
-    let high = next(&mut state);
-    let low = next(&mut state);
-    cell.set((process, state));
+    let high = next(state);
+    let low = next(state);
     let mut bytes = [0; 16];
     bytes[..8].copy_from_slice(&high.to_be_bytes());
     bytes[8..].copy_from_slice(&low.to_be_bytes());
@@ -74,14 +101,22 @@ mod tests {
 
     #[test]
     fn a_generator_copied_into_another_process_is_seeded_again() {
-        let state = (7, [1, 2, 3, 4]);
-        let (parent, child, same) = (Cell::new(state), Cell::new(state), Cell::new(state));
-        let parents = draw(&parent, 7);
+        let state = [1, 2, 3, 4];
+        let (mut parent, mut child, mut same) = (state, state, state);
+        let parents = draw(&mut parent, false);
         // In the same process, the same state draws the same id (the generator is
         // deterministic); in a child with the parent's state, it must not.
-        assert_eq!(draw(&same, 7), parents);
-        assert_ne!(draw(&child, 8), parents);
-        assert_eq!(child.get().0, 8);
+        assert_eq!(draw(&mut same, false), parents);
+        assert_ne!(draw(&mut child, true), parents);
+        assert_ne!(child, parent);
+    }
+
+    #[test]
+    fn the_fork_handler_is_registered_and_reports_no_fork_where_there_was_none() {
+        let mut forks = Forks::new();
+        assert!(matches!(forks, Forks::Handler(_)), "the fork handler is registered");
+        assert!(!forks.forked());
+        assert!(!forks.forked());
     }
 
     #[test]
