@@ -970,9 +970,7 @@ impl BillingService {
         match self.customer_for(user, account).await {
             Ok(Some(customer)) => {
                 for charge in charges {
-                    if let Some(collected) = self.collect_charge(charge.clone(), &customer).await {
-                        *charge = collected;
-                    }
+                    self.collect_charge(charge, &customer).await;
                 }
             }
             Ok(None) => {}
@@ -1161,26 +1159,30 @@ impl BillingService {
         })
     }
 
-    /// Collects one claimed charge and settles it; never fails: whatever goes wrong leaves the
-    /// charge pending (to resume) or failed (to retry), and is logged. `None` when the lease on
-    /// the charge was lost, so that it was left to whoever holds it now.
-    async fn collect_charge(&self, charge: Charge, customer: &CustomerId) -> Option<Charge> {
+    /// Collects one claimed charge and settles it, leaving `charge` as it is then; never fails:
+    /// whatever goes wrong leaves the charge pending (to resume) or failed (to retry), and is
+    /// logged. `false` when the lease on the charge was lost: `charge` is left as it was, and
+    /// the charge to whoever holds it now.
+    async fn collect_charge(&self, charge: &mut Charge, customer: &CustomerId) -> bool {
         let span = info_span!("collect_charge", user = %charge.user_id, period = %charge.period, charge = %charge.key, round = charge.round);
         async {
             // Hold the charge for the whole call: a lease taken for a batch may be running out.
-            let charge = self.hold(charge).await?;
+            if !self.hold(charge).await {
+                return false;
+            }
             // A charge that may have been attempted before is looked up first: the gateway may have
             // forgotten the idempotency key, or this may be a later round of a charge paid out of band.
             if charge.attempts > 1 {
                 match self.gateway.find_payment(&charge.key).await {
                     Ok(Some(outcome)) => {
                         info!(payment = %outcome.payment_id, status = ?outcome.status, "found an earlier payment for the charge");
-                        return Some(self.settle(charge, Ok(outcome)).await);
+                        *charge = self.settle(charge, Ok(outcome)).await;
+                        return true;
                     }
                     Ok(None) => {}
                     Err(error) => {
                         warn!(error = %error, "could not look up earlier payments: charge stays pending");
-                        return Some(charge);
+                        return true;
                     }
                 }
             }
@@ -1193,16 +1195,18 @@ impl BillingService {
                     decline_code: None,
                     message: None,
                 };
-                return Some(self.settle(charge, Ok(nothing)).await);
+                *charge = self.settle(charge, Ok(nothing)).await;
+                return true;
             }
             let idempotency_key = charge.idempotency_key();
             let request = PaymentRequest {
-                charge: &charge,
+                charge,
                 idempotency_key: &idempotency_key,
                 customer,
             };
             let result = self.gateway.collect(&request).await;
-            Some(self.settle(charge, result).await)
+            *charge = self.settle(charge, result).await;
+            true
         }
         .instrument(span)
         .await
@@ -1227,7 +1231,7 @@ impl BillingService {
                 // It succeeded after all, or is still live and could: the charge follows it
                 // instead of a new payment that could be paid beside it.
                 info!(charge = %charge.key, payment = %previous, status = ?outcome.status, "the previous round's payment is not over");
-                Err(self.settle(charge, Ok(outcome)).await)
+                Err(self.settle(&charge, Ok(outcome)).await)
             }
             Ok(_) | Err(GatewayError::Rejected { .. }) => Ok(charge),
             Err(error) => {
@@ -1240,13 +1244,13 @@ impl BillingService {
     }
 
     /// Makes sure the caller holds a pending charge's lease for at least half a lease more,
-    /// renewing it when needed. `None` when the lease was lost (another collector holds the
-    /// charge, or it was settled): the charge must then be left alone.
-    async fn hold(&self, charge: Charge) -> Option<Charge> {
+    /// renewing it (and `charge` with it) when needed. `false` when the lease was lost (another
+    /// collector holds the charge, or it was settled): the charge must then be left alone.
+    async fn hold(&self, charge: &mut Charge) -> bool {
         let now = self.clock.now();
         let half = self.lease_until(now, self.settings.lease / 2);
         if charge.status != ChargeStatus::Pending || charge.lease_until.is_some_and(|until| until >= half) {
-            return Some(charge);
+            return true;
         }
         let renewed = self
             .store
@@ -1258,14 +1262,17 @@ impl BillingService {
             )
             .await;
         match renewed {
-            Ok(Some(charge)) => Some(charge),
+            Ok(Some(renewed)) => {
+                *charge = renewed;
+                true
+            }
             Ok(None) => {
                 debug!("lease lost: another collector holds the charge");
-                None
+                false
             }
             Err(error) => {
                 warn!(error = %error, "could not renew the lease: charge left for a later run");
-                None
+                false
             }
         }
     }
@@ -1273,8 +1280,8 @@ impl BillingService {
     /// Stores a gateway answer with a compare-and-set on the charge's status and round; never
     /// fails: a lost compare-and-set returns the charge as it is now, and a store failure leaves
     /// it pending (to resume), logged.
-    async fn settle(&self, charge: Charge, result: Result<PaymentOutcome, GatewayError>) -> Charge {
-        match self.try_settle(&charge, result).await {
+    async fn settle(&self, charge: &Charge, result: Result<PaymentOutcome, GatewayError>) -> Charge {
+        match self.try_settle(charge, result).await {
             Ok(settled) => {
                 info!(status = %settled.status, payment = ?settled.payment_id, "charge settled");
                 settled
@@ -1285,7 +1292,7 @@ impl BillingService {
             }
             Err(error) => {
                 warn!(error = %error, "could not store the payment outcome: charge stays pending and will be resumed");
-                charge
+                charge.clone()
             }
         }
     }
@@ -1370,7 +1377,7 @@ impl BillingService {
 
     async fn collect_all(&self, claimed: Vec<Charge>, report: &mut CollectionReport) {
         let mut customers: HashMap<UserId, Option<CustomerId>> = HashMap::new();
-        for charge in claimed {
+        for mut charge in claimed {
             let customer = match customers.get(&charge.user_id) {
                 Some(customer) => customer.clone(),
                 None => {
@@ -1394,10 +1401,13 @@ impl BillingService {
                 }
             };
             let status = match customer {
-                Some(customer) => self
-                    .collect_charge(charge, &customer)
-                    .await
-                    .map_or(ChargeStatus::Pending, |c| c.status),
+                Some(customer) => {
+                    if self.collect_charge(&mut charge, &customer).await {
+                        charge.status
+                    } else {
+                        ChargeStatus::Pending
+                    }
+                }
                 None => {
                     debug!(user = %charge.user_id, charge = %charge.key, "no customer yet: charge waits");
                     ChargeStatus::Pending
@@ -1427,7 +1437,7 @@ impl BillingService {
             for charge in claimed {
                 let status = match self.gateway.find_payment(&charge.key).await {
                     Ok(Some(outcome)) if outcome.status == PaymentStatus::Succeeded => {
-                        self.settle(charge, Ok(outcome)).await.status
+                        self.settle(&charge, Ok(outcome)).await.status
                     }
                     Ok(_) => charge.status,
                     Err(error) => {
@@ -1815,9 +1825,11 @@ impl BillingService {
                 })
                 .await?;
             match customer {
-                Some(customer) if created && collect => Ok(Some(
-                    self.collect_charge(charge.clone(), &customer).await.unwrap_or(charge),
-                )),
+                Some(customer) if created && collect => {
+                    let mut charge = charge;
+                    self.collect_charge(&mut charge, &customer).await;
+                    Ok(Some(charge))
+                }
                 _ => Ok(Some(charge)),
             }
         }
