@@ -495,12 +495,9 @@ impl BillingServiceBuilder {
 
 /// What the service decided for an event before recording it.
 enum Placed<'p> {
-    /// Record it under this plan; its charges are leased to the caller until then, to collect
-    /// them at once.
-    Record {
-        plan: &'p Plan,
-        lease_until: Option<DateTime<Utc>>,
-    },
+    /// Record it so: under this plan, its charges leased to the caller (to collect them at
+    /// once) when the placement says until when.
+    Record(Placement<'p>),
     /// Refused (unless it is a re-send).
     Refused(UsageError),
 }
@@ -864,10 +861,7 @@ impl BillingService {
         let mut refusal: Option<Result<UsageError, BillingError>> = None;
         let mut place = |usage: &mut UsageRecord, account: Option<&Account>| {
             let (placement, why_not) = match self.place(usage, account, now) {
-                Ok(Placed::Record { plan, lease_until }) => {
-                    let fee = self.settings.fee;
-                    (Some(Placement { plan, fee, lease_until }), None)
-                }
+                Ok(Placed::Record(placement)) => (Some(placement), None),
                 Ok(Placed::Refused(error)) => (None, Some(Ok(error))),
                 Err(error) => (None, Some(Err(error))),
             };
@@ -930,10 +924,11 @@ impl BillingService {
         let collect_now = self.settings.collection == CollectionMode::Immediate
             && (account.is_some_and(|a| a.customer_id.is_some())
                 || self.settings.unregistered == UnregisteredUsers::OpenCustomer);
-        Ok(Placed::Record {
+        Ok(Placed::Record(Placement {
             plan,
+            fee: self.settings.fee,
             lease_until: collect_now.then(|| self.lease_until(now, self.settings.lease)),
-        })
+        }))
     }
 
     /// Collects the charges an event created (when they were leased to this caller) and answers
@@ -1051,13 +1046,13 @@ impl BillingService {
             for (position, mut usage) in read {
                 let account = accounts.get(&usage.user_id).and_then(Option::as_ref);
                 match self.place(&mut usage, account, now) {
-                    Ok(Placed::Record { plan, lease_until }) => {
-                        placed.push((position, plan, lease_until.is_some()));
+                    Ok(Placed::Record(placement)) => {
+                        placed.push((position, placement.plan, placement.lease_until.is_some()));
                         requests.push(RecordUsage {
                             usage,
-                            plan,
-                            fee: self.settings.fee,
-                            lease_until,
+                            plan: placement.plan,
+                            fee: placement.fee,
+                            lease_until: placement.lease_until,
                             // Read afresh by `accounts` above.
                             account: None,
                         });
