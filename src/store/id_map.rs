@@ -55,16 +55,25 @@ impl<K: IdBytes + Eq, V> IdMap<K, V> {
     where
         K: Clone,
     {
+        self.get_or_insert_with_news(key, make).0
+    }
+
+    /// The value of `key`, inserted as `make()` (with a clone of `key`) when absent, and whether
+    /// it was: one probe, for a caller that may take the insertion back.
+    pub(crate) fn get_or_insert_with_news(&mut self, key: &K, make: impl FnOnce() -> V) -> (&mut V, bool)
+    where
+        K: Clone,
+    {
         let hash = self.hash(key);
         let hasher = &self.hasher;
         let entry = self
             .table
             .entry(hash, |(k, _)| k == key, |(k, _)| hasher.hash_one(k.id_bytes()));
-        let occupied = match entry {
-            Entry::Occupied(occupied) => occupied,
-            Entry::Vacant(vacant) => vacant.insert((key.clone(), make())),
+        let (occupied, inserted) = match entry {
+            Entry::Occupied(occupied) => (occupied, false),
+            Entry::Vacant(vacant) => (vacant.insert((key.clone(), make())), true),
         };
-        &mut occupied.into_mut().1
+        (&mut occupied.into_mut().1, inserted)
     }
 
     /// Inserts `value` under `key`, answering the value it replaces.
@@ -153,8 +162,9 @@ mod tests {
                 match op {
                     Op::Get(k) => prop_assert_eq!(map.get(&user(k)), model.get(&user(k))),
                     Op::GetOrInsert(k, v) => {
-                        let got = *map.get_or_insert_with(&user(k), || v);
-                        prop_assert_eq!(got, *model.entry(user(k)).or_insert(v));
+                        let absent = !model.contains_key(&user(k));
+                        let (got, inserted) = map.get_or_insert_with_news(&user(k), || v);
+                        prop_assert_eq!((*got, inserted), (*model.entry(user(k)).or_insert(v), absent));
                     }
                     Op::Insert(k, v) => prop_assert_eq!(map.insert(user(k), v), model.insert(user(k), v)),
                     Op::Remove(k) => prop_assert_eq!(map.remove(&user(k)), model.remove(&user(k))),

@@ -326,16 +326,17 @@ impl InMemoryUsageStore {
         self.shard(user).users.get(user).and_then(|b| b.account.clone())
     }
 
-    /// Records an event in its user's shard, locked by the caller, under `placement`.
+    /// Records an event in its user's book, in a shard locked by the caller, under
+    /// `placement`. The charges it creates are then indexed in the shard by the caller
+    /// ([`Shard::index_recorded`]).
     fn record_in(
         &self,
-        shard: &mut Shard,
+        book: &mut UserBook,
         usage: UsageRecord,
         placement: Placement<'_>,
     ) -> Result<Recorded, StoreError> {
         let Placement { plan, fee, lease_until } = placement;
         let user = &usage.user_id;
-        let book = shard.users.get_or_insert_with(user, UserBook::default);
 
         let keep = match self.retention {
             EventRetention::All => true,
@@ -414,9 +415,6 @@ impl InMemoryUsageStore {
             if let Some(kept) = self.periods_kept {
                 book.forget_events_before(period, kept, plan, now);
             }
-        }
-        for charge in &created {
-            shard.index_charge(charge, None);
         }
         Ok(Recorded {
             usage,
@@ -506,6 +504,16 @@ fn claim_from<'a>(
 }
 
 impl Shard {
+    /// Indexes the charges an event created (a replay created none: its charges are indexed
+    /// as they are).
+    fn index_recorded(&mut self, recorded: &Recorded) {
+        if !recorded.replayed {
+            for charge in &recorded.charges {
+                self.index_charge(charge, None);
+            }
+        }
+    }
+
     /// Keeps the pending and retry indexes in step with a charge's status.
     fn index_charge(&mut self, charge: &Charge, previous: Option<(ChargeStatus, Option<DateTime<Utc>>)>) {
         let entry = |at: DateTime<Utc>| (at, charge.user_id.clone(), charge.key.clone());
@@ -697,7 +705,13 @@ impl UsageStore for InMemoryUsageStore {
             lease_until: request.lease_until,
         };
         let mut shard = self.shard(&request.usage.user_id);
-        self.record_in(&mut shard, request.usage, placement)
+        let shard = &mut *shard;
+        let book = shard
+            .users
+            .get_or_insert_with(&request.usage.user_id, UserBook::default);
+        let recorded = self.record_in(book, request.usage, placement)?;
+        shard.index_recorded(&recorded);
+        Ok(recorded)
     }
 
     async fn place_and_record_usage<'p>(
@@ -708,25 +722,38 @@ impl UsageStore for InMemoryUsageStore {
         // One look-up of the user: the event is placed with the account as it is under the
         // shard's lock, which no change can pass, and recorded before the lock is let go.
         let mut shard = self.shard(&usage.user_id);
-        let account = shard.users.get(&usage.user_id).and_then(|book| book.account.as_ref());
-        let Some(placement) = place(&mut usage, account) else {
+        let shard = &mut *shard;
+        let (book, new) = shard.users.get_or_insert_with_news(&usage.user_id, UserBook::default);
+        let Some(placement) = place(&mut usage, book.account.as_ref()) else {
+            let account = book.account.clone().map(Box::new);
+            if new {
+                // A refused event leaves nothing behind, not even an empty book; nor does a
+                // failed record (below).
+                shard.users.remove(&usage.user_id);
+            }
             return Ok(PlacedUsage::Refused {
-                account: account.cloned().map(Box::new),
                 usage: Box::new(usage),
+                account,
             });
         };
-        let recorded = self.record_in(&mut shard, usage, placement)?;
+        // Kept only for a new user, whose book a failed record takes back.
+        let new_user = new.then(|| usage.user_id.clone());
+        let recorded = match self.record_in(book, usage, placement) {
+            Ok(recorded) => recorded,
+            Err(error) => {
+                if let Some(user) = new_user {
+                    shard.users.remove(&user);
+                }
+                return Err(error);
+            }
+        };
         // The account is copied only for the charges' collection.
         let account = if recorded.charges.is_empty() {
             None
         } else {
-            let user = &recorded.usage.user_id;
-            shard
-                .users
-                .get(user)
-                .and_then(|book| book.account.clone())
-                .map(Box::new)
+            book.account.clone().map(Box::new)
         };
+        shard.index_recorded(&recorded);
         Ok(PlacedUsage::Recorded {
             recorded,
             placement,
@@ -1176,6 +1203,54 @@ mod tests {
             assert!(!std::ptr::eq(id.as_str(), plan.as_str()), "shares the caller's text");
         }
         assert!(!std::ptr::eq(ana.plan_id.as_str(), bea.plan_id.as_str()));
+    }
+
+    /// An event placed for a user the store has never seen, then refused by the placer or
+    /// failed by the store, leaves no book behind; one recorded does.
+    #[tokio::test]
+    async fn a_new_users_refused_or_failed_event_leaves_no_book() {
+        let store = InMemoryUsageStore::new();
+        let plan = Plan::default();
+        let placement = Placement {
+            plan: &plan,
+            fee: crate::FeeCollection::Library,
+            lease_until: None,
+        };
+        let at = DateTime::UNIX_EPOCH;
+        let event = |tokens| {
+            let consumption_id = uuid::Uuid::new_v4();
+            UsageRecord {
+                consumption_id,
+                event_id: EventId::of_consumption(consumption_id),
+                user_id: UserId::new("newcomer").expect("valid"),
+                period: key(11),
+                tokens,
+                operation_type: OperationType::new("chat").expect("valid"),
+                client_id: None,
+                metadata: crate::Metadata::new(),
+                occurred_at: at,
+                occurred_at_reported: false,
+                recorded_at: at,
+            }
+        };
+        let books = || store.shards.iter().map(|shard| lock(shard).users.len()).sum::<usize>();
+
+        let refused = store.place_and_record_usage(event(1_000), &mut |_, _| None).await;
+        assert!(
+            matches!(refused, Ok(PlacedUsage::Refused { account: None, .. })),
+            "{refused:?}"
+        );
+        assert_eq!(books(), 0);
+        let failed = store
+            .place_and_record_usage(event(MAX_TOKENS + 1), &mut |_, _| Some(placement))
+            .await;
+        assert!(matches!(failed, Err(StoreError::TotalOverflow { .. })), "{failed:?}");
+        assert_eq!(books(), 0);
+        let recorded = store
+            .place_and_record_usage(event(1_000), &mut |_, _| Some(placement))
+            .await;
+        assert!(matches!(recorded, Ok(PlacedUsage::Recorded { .. })), "{recorded:?}");
+        assert_eq!(books(), 1);
     }
 
     fn key(month: u32) -> PeriodKey {
