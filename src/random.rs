@@ -12,7 +12,9 @@
 //! every draw and is seeded again after one: from a counter that a fork handler
 //! (`pthread_atfork`, registered once per process) moves in the child before `fork` returns
 //! there, which costs a load per draw; or, should the handler not be registered, from the
-//! process id, which costs a system call per draw.
+//! process id, which costs a system call per draw. A child made without the C library's `fork`
+//! (a raw `clone` system call, or glibc's `_Fork`, which runs no fork handlers) is not
+//! detected: such a child must `exec`, or draw no ids, before it would repeat its parent's.
 
 use std::cell::RefCell;
 
