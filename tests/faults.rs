@@ -9,10 +9,13 @@ use std::time::Duration;
 
 use chrono::Duration as Span;
 use common::{Harness, november, user};
+use token_billing::store::{PlacedUsage, Placement};
 use token_billing::testing::faults::{Fault, FaultyGateway, FaultyStore, GatewayOp, StoreOp};
+use token_billing::testing::store::{fresh_user, usage_event};
 use token_billing::{
-    BillingError, CardBehaviour, ChargeKind, ChargeStatus, CollectionMode, CustomerId, InMemoryUsageStore,
-    PaymentGateway, PaymentStatus, PaymentUpdate, Plan, SandboxGateway, Standing, UsageReport, UsageStore, UserId,
+    BillingError, CardBehaviour, ChargeKind, ChargeStatus, CollectionMode, CustomerId, FeeCollection,
+    InMemoryUsageStore, PaymentGateway, PaymentStatus, PaymentUpdate, Plan, SandboxGateway, Standing, StoreError,
+    UsageReport, UsageStore, UserId,
 };
 
 /// A harness whose store and gateway are wrapped in fault injectors.
@@ -310,6 +313,65 @@ async fn a_store_failure_before_recording_records_nothing() {
         .expect("recorded");
     assert!(!outcome.replayed);
     h.assert_period_consistent(&hugo, november(), &Plan::default()).await;
+}
+
+#[tokio::test]
+async fn an_event_placed_with_a_changed_account_is_placed_again_twice_at_most() {
+    let (h, store, _) = faulty();
+    let hugo = user("hugo");
+    // Twice refused as placed with a stale account: placed again each time, recorded once.
+    store.refuse_as_account_changed(2);
+    let outcome = h
+        .service
+        .process_token_usage(UsageReport::new("hugo", 9_000_000, "chat").event_id("evt-1"))
+        .await
+        .expect("recorded on the third placing");
+    assert!(!outcome.replayed);
+    assert_eq!(outcome.total_tokens, 9_000_000);
+    assert_eq!(h.store.consumptions(&hugo, november()).await.expect("events").len(), 1);
+    assert_eq!(h.sandbox.payments().len(), 2, "the fee and the block, once each");
+
+    // A third refusal in a row is the caller's error, and nothing of the event is recorded.
+    store.refuse_as_account_changed(3);
+    let error = h
+        .service
+        .process_token_usage(UsageReport::new("hugo", 1_000, "chat").event_id("evt-2"))
+        .await
+        .expect_err("the account kept changing");
+    assert!(
+        matches!(error, BillingError::Store(StoreError::AccountChanged { .. })),
+        "{error:?}"
+    );
+    assert_eq!(h.store.consumptions(&hugo, november()).await.expect("events").len(), 1);
+    let summary = h.store.period_summary(&hugo, november()).await.expect("summary");
+    assert_eq!(summary.expect("the period").total_tokens, 9_000_000);
+    h.assert_period_consistent(&hugo, november(), &Plan::default()).await;
+}
+
+#[tokio::test]
+async fn placing_again_before_a_refusal_leaves_both_account_changes_to_the_record() {
+    let store = FaultyStore::new(Arc::new(InMemoryUsageStore::new()));
+    let plan = Plan::default();
+    let ines = fresh_user("ines");
+    let event = usage_event(&ines, 1_000, "chat", november());
+    store.refuse_as_account_changed(2);
+    let mut placings = 0;
+    let placed = store
+        .place_and_record_usage(event, &mut |_, _| {
+            placings += 1;
+            // The first placing, with the account as first read, refuses the event; the
+            // store reads the account afresh and places it again.
+            (placings > 1).then_some(Placement {
+                plan: &plan,
+                fee: FeeCollection::Library,
+                lease_until: None,
+            })
+        })
+        .await
+        .expect("recorded after the refusal's re-placing and two changed accounts");
+    assert!(matches!(placed, PlacedUsage::Recorded { .. }));
+    assert_eq!(placings, 4);
+    assert_eq!(store.consumptions(&ines, november()).await.expect("events").len(), 1);
 }
 
 #[tokio::test]

@@ -725,9 +725,9 @@ pub trait UsageStore: Send + Sync + Debug {
     ) -> Result<PlacedUsage<'p>, StoreError> {
         let mut account = self.account_for_usage(&usage.user_id).await?;
         let mut fresh = false;
-        let mut placings = 0;
+        // Re-placings after `AccountChanged`, counted apart from the one before a refusal.
+        let mut changes = 0;
         loop {
-            placings += 1;
             let Some(placement) = place(&mut usage, account.as_ref()) else {
                 if fresh {
                     return Ok(PlacedUsage::Refused {
@@ -754,7 +754,8 @@ pub trait UsageStore: Send + Sync + Debug {
                         placement,
                     });
                 }
-                Err(StoreError::AccountChanged { usage: unrecorded }) if placings < 3 => {
+                Err(StoreError::AccountChanged { usage: unrecorded }) if changes < 2 => {
+                    changes += 1;
                     tracing::debug!("the account changed since it was read: placing the event again");
                     usage = *unrecorded;
                     account = self.account(&usage.user_id).await?;

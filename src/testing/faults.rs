@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
@@ -155,6 +156,7 @@ struct Injected(Fault);
 pub struct FaultyStore {
     inner: Arc<dyn UsageStore>,
     schedule: Schedule<StoreOp>,
+    account_changes: AtomicUsize,
 }
 
 impl fmt::Debug for FaultyStore {
@@ -171,7 +173,33 @@ impl FaultyStore {
         FaultyStore {
             inner,
             schedule: Schedule::default(),
+            account_changes: AtomicUsize::new(0),
         }
+    }
+
+    /// Refuses the next `times` records with [`StoreError::AccountChanged`], giving each event
+    /// back unrecorded, as a store that caches accounts does when another instance changed the
+    /// user's account since it was read. This is how a host checks what its service does when
+    /// its own store's cache goes stale.
+    ///
+    /// # Example
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// use std::sync::Arc;
+    /// use token_billing::testing::faults::FaultyStore;
+    /// use token_billing::{BillingService, InMemoryUsageStore, SandboxGateway, UsageReport};
+    ///
+    /// let store = Arc::new(FaultyStore::new(Arc::new(InMemoryUsageStore::new())));
+    /// let billing = BillingService::builder(store.clone(), Arc::new(SandboxGateway::new())).build();
+    /// // The event is placed again with the account read afresh, and recorded once.
+    /// store.refuse_as_account_changed(2);
+    /// let outcome = billing.process_token_usage(UsageReport::new("ana", 1_000, "chat")).await?;
+    /// assert_eq!(outcome.total_tokens, 1_000);
+    /// # Ok::<(), token_billing::BillingError>(())
+    /// # }).unwrap();
+    /// ```
+    pub fn refuse_as_account_changed(&self, times: usize) {
+        self.account_changes.fetch_add(times, Ordering::SeqCst);
     }
 
     /// Makes the next `times` calls of `op` fail with `fault`.
@@ -212,6 +240,14 @@ impl UsageStore for FaultyStore {
         self.run(StoreOp::Account, self.inner.account(user)).await
     }
     async fn record_usage(&self, request: RecordUsage<'_>) -> Result<Recorded, StoreError> {
+        let changed = self
+            .account_changes
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| left.checked_sub(1));
+        if changed.is_ok() {
+            return Err(StoreError::AccountChanged {
+                usage: Box::new(request.usage),
+            });
+        }
         self.run(StoreOp::RecordUsage, self.inner.record_usage(request)).await
     }
     async fn ensure_charge(&self, request: EnsureCharge) -> Result<(Charge, bool), StoreError> {
