@@ -859,6 +859,7 @@ impl BillingService {
         // not placed is kept here: refused on its merits (`Ok`), or not placeable at all (`Err`:
         // an account naming an unknown plan).
         let mut refusal: Option<Result<UsageError, BillingError>> = None;
+        let mut placed_in = None;
         let mut place = |usage: &mut UsageRecord, account: Option<&Account>| {
             let (placement, why_not) = match self.place(usage, account, now) {
                 Ok(Placed::Record(placement)) => (Some(placement), None),
@@ -866,6 +867,7 @@ impl BillingService {
                 Err(error) => (None, Some(Err(error))),
             };
             refusal = why_not;
+            placed_in = Some(usage.period);
             placement
         };
         match self.store.place_and_record_usage(usage, &mut place).await? {
@@ -878,8 +880,16 @@ impl BillingService {
                 span.record("period", tracing::field::display(recorded.usage.period));
                 span.record("consumption", tracing::field::display(recorded.usage.consumption_id));
                 let collect_now = placement.lease_until.is_some();
-                self.finish(recorded, collect_now, account.as_deref(), placement.plan)
-                    .await
+                let plan = if recorded.replayed && placed_in != Some(recorded.usage.period) {
+                    // A re-send placed in another period than its original (sent again without
+                    // `occurred_at` after the month turned) is answered with the tier of the
+                    // original's period, whose plan may not be the one this placing used.
+                    let account = self.store.account(&recorded.usage.user_id).await?;
+                    self.period_plan(account.as_ref(), recorded.usage.period)?
+                } else {
+                    placement.plan
+                };
+                self.finish(recorded, collect_now, account.as_deref(), plan).await
             }
             PlacedUsage::Refused { usage, account } => {
                 let error = match refusal {
@@ -1091,7 +1101,16 @@ impl BillingService {
                             && !recorded.replayed
                             && !recorded.charges.is_empty()
                             && account.is_none_or(|a| a.customer_id.is_none());
-                        let answer = self.finish(recorded, collect_now, account, plan).await;
+                        // A replay is answered with the tier of its original's period, whose
+                        // plan may not be the one this placing used.
+                        let answer = match recorded.replayed {
+                            true => self.period_plan(account, recorded.usage.period),
+                            false => Ok(plan),
+                        };
+                        let answer = match answer {
+                            Ok(plan) => self.finish(recorded, collect_now, account, plan).await,
+                            Err(error) => Err(error),
+                        };
                         if opens {
                             if let Ok(account) = self.store.account(&user).await {
                                 accounts.insert(user, account);

@@ -410,6 +410,50 @@ async fn late_usage_after_a_plan_change_is_rated_under_its_own_periods_plan() {
 }
 
 #[tokio::test]
+async fn a_resend_in_a_later_period_answers_the_tier_of_its_originals_plan() {
+    let pro = PlanId::new("pro").expect("valid");
+    let h = Harness::with(|b| {
+        b.add_plan(
+            pro.clone(),
+            Plan::builder().included_tokens(20_000_000).build().expect("valid"),
+        )
+    });
+    let bia = user("bia");
+    h.register(&bia, CardBehaviour::Succeeds).await;
+    // November, on the default plan: 9M tokens are in its second tier, 8M-16M.
+    let report = UsageReport::new("bia", 9_000_000, "chat").event_id("evt-nov");
+    let original = h.service.process_token_usage(report.clone()).await.expect("recorded");
+    assert_eq!(original.current_tier, "8M-16M");
+    // December, on the pro plan, whose first tier is 0-20M: the host re-sends the event
+    // without `occurred_at`, as it first did, so the re-send is placed in December.
+    h.clock
+        .set(chrono::TimeZone::with_ymd_and_hms(&chrono::Utc, 2026, 12, 2, 12, 0, 0).unwrap());
+    h.service
+        .register_account(&bia, None, Some(pro))
+        .await
+        .expect("registered");
+    let replay = h.service.process_token_usage(report.clone()).await.expect("replayed");
+    assert!(replay.replayed);
+    assert_eq!(
+        (replay.consumption_id, replay.period, replay.current_tier.as_str()),
+        (original.consumption_id, november(), "8M-16M")
+    );
+    assert_eq!(replay.tier_charges, original.tier_charges);
+    // The same in a batch.
+    let batch = h
+        .service
+        .process_token_usage_batch(vec![report])
+        .await
+        .expect("the batch");
+    let replay = batch[0].as_ref().expect("replayed");
+    assert!(replay.replayed);
+    assert_eq!(
+        (replay.consumption_id, replay.period, replay.current_tier.as_str()),
+        (original.consumption_id, november(), "8M-16M")
+    );
+}
+
+#[tokio::test]
 async fn a_resent_event_is_answered_even_once_it_would_be_refused() {
     let h = Harness::new();
     let report = UsageReport::new("cris", 9_000_000, "chat")
