@@ -617,6 +617,10 @@ impl BillingService {
     /// [`BillingError::UnknownPlan`]; [`BillingError::PlanChangeMidPeriod`] when the plan changes
     /// while the current period has usage (change plans between periods); store errors.
     ///
+    /// The check for usage and the change are two store calls: an event of the user recorded
+    /// between them is rated under the old plan while the account then names the new one for
+    /// the same period. Change a plan when none of the user's events is in flight.
+    ///
     /// # Example
     /// ```
     /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
