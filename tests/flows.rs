@@ -8,7 +8,7 @@ use common::{Harness, november, user};
 use token_billing::{
     AuditEvent, BillingError, BillingService, CardBehaviour, ChargeKind, ChargeStatus, CollectionMode, Currency,
     CustomerId, FeeCollection, GatewayChange, GatewayEvent, InMemoryUsageStore, ManualClock, Money, PaymentOutcome,
-    PaymentStatus, PaymentUpdate, Plan, PlanId, SandboxGateway, UnregisteredUsers, UsageReport, UsageStore,
+    PaymentStatus, PaymentUpdate, Plan, PlanId, SandboxGateway, UnregisteredUsers, UsageReport, UsageStore, UserId,
 };
 
 #[tokio::test]
@@ -357,8 +357,9 @@ async fn a_second_successful_payment_is_audited_as_a_duplicate_not_absorbed() {
     assert_eq!(summary.fixed_fee_charged, 40_000, "counted once");
 }
 
-#[tokio::test]
-async fn late_usage_after_a_plan_change_is_rated_under_its_own_periods_plan() {
+/// A harness whose catalogue has a `pro` plan (20M tokens included) beside the default, and
+/// `bia`, registered on the default plan.
+async fn bia_on_the_default_plan_with_a_pro_plan_beside() -> (Harness, PlanId, UserId) {
     let pro = PlanId::new("pro").expect("valid");
     let h = Harness::with(|b| {
         b.add_plan(
@@ -368,6 +369,12 @@ async fn late_usage_after_a_plan_change_is_rated_under_its_own_periods_plan() {
     });
     let bia = user("bia");
     h.register(&bia, CardBehaviour::Succeeds).await;
+    (h, pro, bia)
+}
+
+#[tokio::test]
+async fn late_usage_after_a_plan_change_is_rated_under_its_own_periods_plan() {
+    let (h, pro, bia) = bia_on_the_default_plan_with_a_pro_plan_beside().await;
     h.service
         .process_token_usage(UsageReport::new("bia", 20_000_000, "chat"))
         .await
@@ -411,15 +418,7 @@ async fn late_usage_after_a_plan_change_is_rated_under_its_own_periods_plan() {
 
 #[tokio::test]
 async fn a_resend_in_a_later_period_answers_the_tier_of_its_originals_plan() {
-    let pro = PlanId::new("pro").expect("valid");
-    let h = Harness::with(|b| {
-        b.add_plan(
-            pro.clone(),
-            Plan::builder().included_tokens(20_000_000).build().expect("valid"),
-        )
-    });
-    let bia = user("bia");
-    h.register(&bia, CardBehaviour::Succeeds).await;
+    let (h, pro, bia) = bia_on_the_default_plan_with_a_pro_plan_beside().await;
     // November, on the default plan: 9M tokens are in its second tier, 8M-16M.
     let report = UsageReport::new("bia", 9_000_000, "chat").event_id("evt-nov");
     let original = h.service.process_token_usage(report.clone()).await.expect("recorded");
