@@ -768,28 +768,33 @@ impl BillingService {
         Ok(())
     }
 
-    /// Puts a checked event in its period under the user's plan, refusing it when the period's
-    /// grace window has passed.
-    fn place_in_period(usage: &mut UsageRecord, plan: &Plan, now: DateTime<Utc>) -> Result<(), UsageError> {
-        let period = period_containing(usage.occurred_at, plan.zone());
-        if now < period.end() {
-            // The period is still open: no grace window to work out.
-            usage.period = period.key();
-            return Ok(());
-        }
-        let grace = chrono::Duration::from_std(plan.late_usage_grace()).unwrap_or(chrono::Duration::MAX);
-        let accepted_until = period
-            .end()
-            .checked_add_signed(grace)
-            .unwrap_or(DateTime::<Utc>::MAX_UTC);
-        if now >= accepted_until {
-            return Err(UsageError::TooLate {
-                period: period.key(),
-                accepted_until,
-            });
+    /// Puts a checked event in its period, drawn in the current plan's zone, refusing it when the
+    /// period has ended and the grace window of the plan that rates it has passed.
+    fn place_in_period(
+        &self,
+        usage: &mut UsageRecord,
+        account: Option<&Account>,
+        current: &Plan,
+        now: DateTime<Utc>,
+    ) -> Result<Result<(), UsageError>, BillingError> {
+        let period = period_containing(usage.occurred_at, current.zone());
+        // While the period is open there is no grace window to work out.
+        if now >= period.end() {
+            let plan = self.period_plan(account, period.key())?;
+            let grace = chrono::Duration::from_std(plan.late_usage_grace()).unwrap_or(chrono::Duration::MAX);
+            let accepted_until = period
+                .end()
+                .checked_add_signed(grace)
+                .unwrap_or(DateTime::<Utc>::MAX_UTC);
+            if now >= accepted_until {
+                return Ok(Err(UsageError::TooLate {
+                    period: period.key(),
+                    accepted_until,
+                }));
+            }
         }
         usage.period = period.key();
-        Ok(())
+        Ok(Ok(()))
     }
 
     fn lease_until(&self, now: DateTime<Utc>, lease: Duration) -> DateTime<Utc> {
@@ -928,9 +933,10 @@ impl BillingService {
         now: DateTime<Utc>,
     ) -> Result<Placed<'s>, BillingError> {
         let current = self.current_plan(account)?;
-        let refused = self
-            .check_limits(usage, now)
-            .and_then(|()| Self::place_in_period(usage, current, now));
+        let refused = match self.check_limits(usage, now) {
+            Ok(()) => self.place_in_period(usage, account, current, now)?,
+            Err(error) => Err(error),
+        };
         if let Err(error) = refused {
             return Ok(Placed::Refused(error));
         }

@@ -3,6 +3,7 @@
 mod common;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use common::{Harness, november, user};
 use token_billing::{
@@ -413,6 +414,67 @@ async fn late_usage_after_a_plan_change_is_rated_under_its_own_periods_plan() {
     assert_eq!(
         (december.current_tier.as_str(), december.tier_charges.len()),
         ("0-20M", 0)
+    );
+}
+
+#[tokio::test]
+async fn late_usage_is_taken_for_the_grace_window_of_its_own_periods_plan() {
+    // November on the default plan (72 hours of grace); from December, a plan with none or one
+    // with ten days: neither changes how long November takes late usage.
+    let (strict, lenient) = (
+        PlanId::new("strict").expect("valid"),
+        PlanId::new("lenient").expect("valid"),
+    );
+    let h = Harness::with(|b| {
+        b.add_plan(
+            strict.clone(),
+            Plan::builder().late_usage_grace(Duration::ZERO).build().expect("valid"),
+        )
+        .add_plan(
+            lenient.clone(),
+            Plan::builder()
+                .late_usage_grace(Duration::from_secs(10 * 24 * 3600))
+                .build()
+                .expect("valid"),
+        )
+    });
+    let (bia, caio) = (user("bia"), user("caio"));
+    let late_november = |id: &str| UsageReport::new(id, 1_000, "chat").occurred_at(common::nov15());
+    for (who, plan) in [(&bia, &strict), (&caio, &lenient)] {
+        h.register(who, CardBehaviour::Succeeds).await;
+        h.service
+            .process_token_usage(late_november(who.as_str()))
+            .await
+            .expect("recorded in November");
+        h.clock
+            .set(chrono::TimeZone::with_ymd_and_hms(&chrono::Utc, 2026, 12, 1, 12, 0, 0).unwrap());
+        h.service
+            .register_account(who, None, Some(plan.clone()))
+            .await
+            .expect("a new plan from December");
+        h.clock.set(common::nov15());
+    }
+    // 2 December: within the default plan's 72 hours after November ended (1 December, 03:00
+    // UTC), though the strict plan now rating December has no grace at all.
+    h.clock
+        .set(chrono::TimeZone::with_ymd_and_hms(&chrono::Utc, 2026, 12, 2, 12, 0, 0).unwrap());
+    let late = h
+        .service
+        .process_token_usage(late_november("bia"))
+        .await
+        .expect("taken under November's grace window");
+    assert_eq!((late.period, late.total_tokens), (november(), 2_000));
+    // 5 December: past the default plan's window, though the lenient plan's would still be open.
+    h.clock
+        .set(chrono::TimeZone::with_ymd_and_hms(&chrono::Utc, 2026, 12, 5, 12, 0, 0).unwrap());
+    let error = h
+        .service
+        .process_token_usage(late_november("caio"))
+        .await
+        .expect_err("November's window has passed");
+    assert!(
+        matches!(error, BillingError::InvalidUsage(token_billing::UsageError::TooLate { period, .. }) if period == november()),
+        "{error:?}"
     );
 }
 
