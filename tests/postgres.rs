@@ -1486,8 +1486,7 @@ async fn a_late_event_refused_by_a_kept_account_is_placed_again_with_the_account
     };
 
     let at = |s: &str| s.parse::<chrono::DateTime<chrono::Utc>>().expect("an instant");
-    // Two days and a half after November ended, wherever the plan's zone is.
-    let clock = Arc::new(ManualClock::new(at("2026-12-03T12:00:00Z")));
+    let clock = Arc::new(ManualClock::new(at("2026-11-10T12:00:00Z")));
     let schema = schema().await;
     let long = PlanId::new("long-grace").expect("a plan id");
     let instance = |store: PostgresUsageStore| {
@@ -1511,12 +1510,15 @@ async fn a_late_event_refused_by_a_kept_account_is_placed_again_with_the_account
     a.register_account(&user, Some(customer.clone()), None)
         .await
         .expect("registered on the one-hour plan");
+    clock.set(at("2026-11-20T12:00:00Z"));
     b.register_account(&user, Some(customer), Some(long))
         .await
-        .expect("moved to the three-day plan before any usage in December");
+        .expect("moved to the three-day plan before any usage in November");
 
-    // The first instance still keeps the one-hour plan, which would refuse this November event;
-    // the user's plan takes it.
+    // Two days and a half after November ended, wherever the plan's zone is. The first instance
+    // still keeps the account on the one-hour plan, which would refuse this November event;
+    // November's plan as it is now takes it.
+    clock.set(at("2026-12-03T12:00:00Z"));
     let outcome = a
         .process_token_usage(
             UsageReport::new(user.as_str(), 1_000, "chat")
@@ -1524,7 +1526,7 @@ async fn a_late_event_refused_by_a_kept_account_is_placed_again_with_the_account
                 .occurred_at(at("2026-11-15T12:00:00Z")),
         )
         .await
-        .expect("taken within the current plan's grace");
+        .expect("taken within the grace of November's plan");
     assert_eq!(outcome.period.to_string(), "2026-11");
     assert_eq!(outcome.total_tokens, 1_000);
 }
