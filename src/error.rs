@@ -84,12 +84,13 @@ pub enum BillingError {
     /// A plan is invalid.
     #[error(transparent)]
     Plan(#[from] PlanError),
-    /// A plan change would re-rate a period that already has usage; change plans between periods.
-    #[error("user {user_id} already has usage in {period} under another plan")]
+    /// A plan change would re-rate a period that already has usage or charges (its fixed fee
+    /// collected ahead of usage, say); change plans between periods.
+    #[error("user {user_id} already has usage or charges in {period} under another plan")]
     PlanChangeMidPeriod {
         /// The user.
         user_id: UserId,
-        /// The period with usage.
+        /// The period with usage or charges.
         period: PeriodKey,
     },
     /// A gateway subscription was asked for while the library collects the fixed fee

@@ -608,14 +608,17 @@ impl BillingService {
     }
 
     /// Registers (or updates) a user's account: the gateway customer that pays, and the plan.
-    /// Charges that were waiting for the account and that no collector holds are collected now.
+    /// `None` keeps what the account has (a new account: no customer, the default plan), so that
+    /// changing the customer never changes the plan, nor the reverse. Charges that were waiting
+    /// for the account and that no collector holds are collected now.
     ///
     /// A new plan rates the current period on; earlier periods (late usage, summaries) keep the
     /// plan they had.
     ///
     /// # Errors
     /// [`BillingError::UnknownPlan`]; [`BillingError::PlanChangeMidPeriod`] when the plan changes
-    /// while the current period has usage (change plans between periods); store errors.
+    /// while the current period has usage or charges, a fixed fee collected ahead of usage
+    /// included (change plans between periods, before the new period's fee); store errors.
     ///
     /// The check for usage and the change are two store calls: an event of the user recorded
     /// between them is rated under the old plan while the account then names the new one for
@@ -643,22 +646,24 @@ impl BillingService {
     ) -> Result<Account, BillingError> {
         let span = info_span!("register_account", user = %user);
         async {
-            let plan_id = plan_id.unwrap_or_else(|| self.settings.default_plan_id.clone());
-            let plan = self.plan(&plan_id)?;
             let now = self.clock.now();
             let existing = self.store.account(user).await?;
             let current_plan = existing.as_ref().map_or(&self.settings.default_plan_id, |a| &a.plan_id);
+            let plan_id = plan_id.unwrap_or_else(|| current_plan.clone());
+            let plan = self.plan(&plan_id)?;
             let mut earlier_plans = existing.as_ref().map(|a| a.earlier_plans.clone()).unwrap_or_default();
             if current_plan != &plan_id && self.plan(current_plan).ok() != Some(plan) {
                 let period = Period::containing(now, self.plan(current_plan).map_or(plan.zone(), Plan::zone)).key();
-                earlier_plans.retain(|(until, _)| *until < period);
-                earlier_plans.push((period, current_plan.clone()));
-                let has_usage = self
-                    .store
-                    .period_summary(user, period)
-                    .await?
-                    .is_some_and(|s| s.total_tokens > 0 || s.outstanding_count > 0);
-                if has_usage {
+                // The plan the period had before any change made in it stays the one before it:
+                // a second change in the same period does not make the first one's plan history.
+                earlier_plans.retain(|(until, _)| *until <= period);
+                if earlier_plans.last().is_none_or(|(until, _)| *until != period) {
+                    earlier_plans.push((period, current_plan.clone()));
+                }
+                // Any usage or charge fixes the period's plan: a fee charged ahead of usage
+                // (`open_period`, or a subscription's invoice) was the old plan's.
+                let in_use = self.store.period_summary(user, period).await?.is_some();
+                if in_use {
                     return Err(BillingError::PlanChangeMidPeriod {
                         user_id: user.clone(),
                         period,

@@ -418,6 +418,107 @@ async fn late_usage_after_a_plan_change_is_rated_under_its_own_periods_plan() {
 }
 
 #[tokio::test]
+async fn a_second_plan_change_in_a_period_keeps_the_plan_the_periods_before_had() {
+    let (h, pro, bia) = bia_on_the_default_plan_with_a_pro_plan_beside().await;
+    h.service
+        .process_token_usage(UsageReport::new("bia", 9_000_000, "chat"))
+        .await
+        .expect("November: 9M on the default plan, one block");
+    // December, before any usage: to pro, back to the default plan, and to pro again.
+    h.clock
+        .set(chrono::TimeZone::with_ymd_and_hms(&chrono::Utc, 2026, 12, 2, 12, 0, 0).unwrap());
+    let default = PlanId::new("default").expect("valid");
+    for plan in [pro.clone(), default, pro.clone()] {
+        let account = h
+            .service
+            .register_account(&bia, None, Some(plan))
+            .await
+            .expect("a change before December's usage");
+        assert_eq!(account.plan_for(november()).as_str(), "default");
+    }
+    let summary = h.service.token_summary(&bia, Some(november())).await.expect("summary");
+    assert_eq!(
+        (summary.current_tier.as_str(), summary.tier_charges_count),
+        ("8M-16M", 1)
+    );
+    // Late November usage is rated by November's plan: 17M starts the default plan's block 2,
+    // where pro (20M included) would charge nothing.
+    let late = h
+        .service
+        .process_token_usage(UsageReport::new("bia", 8_000_000, "chat").occurred_at(common::nov15()))
+        .await
+        .expect("within November's grace window");
+    assert_eq!(late.period, november());
+    assert_eq!(late.tier_charges.len(), 1);
+    assert_eq!(late.tier_charges[0].billing_tier, "16M-24M");
+    h.assert_period_consistent(&bia, november(), &Plan::default()).await;
+    // December is pro's.
+    let december = h
+        .service
+        .process_token_usage(UsageReport::new("bia", 19_000_000, "chat"))
+        .await
+        .expect("recorded");
+    assert_eq!(
+        (december.current_tier.as_str(), december.tier_charges.len()),
+        ("0-20M", 0)
+    );
+}
+
+#[tokio::test]
+async fn a_new_customer_keeps_the_accounts_plan_and_a_new_plan_its_customer() {
+    let (h, pro, bia) = bia_on_the_default_plan_with_a_pro_plan_beside().await;
+    let account = h
+        .service
+        .register_account(&bia, None, Some(pro))
+        .await
+        .expect("to pro before any usage");
+    let old_customer = account.customer_id.clone().expect("registered with one");
+    let new_customer = CustomerId::new("cus_bia_new_card").expect("valid");
+    h.sandbox.add_customer(new_customer.clone(), CardBehaviour::Succeeds);
+    let account = h
+        .service
+        .register_account(&bia, Some(new_customer.clone()), None)
+        .await
+        .expect("a new customer");
+    assert_eq!(
+        (account.customer_id.as_ref(), account.plan_id.as_str()),
+        (Some(&new_customer), "pro")
+    );
+    assert_ne!(old_customer, new_customer);
+    let stored = h.store.account(&bia).await.expect("read").expect("an account");
+    assert_eq!(stored.plan_id.as_str(), "pro");
+}
+
+#[tokio::test]
+async fn a_fee_collected_ahead_of_usage_fixes_the_periods_plan() {
+    let (h, pro, bia) = bia_on_the_default_plan_with_a_pro_plan_beside().await;
+    // The monthly job opens December for the user before any usage: the default plan's fee.
+    h.clock
+        .set(chrono::TimeZone::with_ymd_and_hms(&chrono::Utc, 2026, 12, 1, 12, 0, 0).unwrap());
+    let fee = h
+        .service
+        .open_period(&bia, None)
+        .await
+        .expect("opened")
+        .expect("the library collects the fee");
+    assert_eq!(
+        (fee.amount.minor_units(), fee.status),
+        (40_000, ChargeStatus::Succeeded)
+    );
+    let error = h
+        .service
+        .register_account(&bia, None, Some(pro))
+        .await
+        .expect_err("December's fee was the default plan's");
+    assert!(
+        matches!(&error, BillingError::PlanChangeMidPeriod { period, .. } if period.to_string() == "2026-12"),
+        "{error:?}"
+    );
+    let account = h.store.account(&bia).await.expect("read").expect("an account");
+    assert_eq!((account.plan_id.as_str(), account.earlier_plans.len()), ("default", 0));
+}
+
+#[tokio::test]
 async fn late_usage_is_taken_for_the_grace_window_of_its_own_periods_plan() {
     // November on the default plan (72 hours of grace); from December, a plan with none or one
     // with ten days: neither changes how long November takes late usage.

@@ -526,8 +526,7 @@ async fn create_subscription(
             ));
         }
         None => {
-            let plan = account.map(|a| a.plan_id);
-            billing.register_account(&user, Some(customer), plan).await?;
+            billing.register_account(&user, Some(customer), None).await?;
         }
     }
     let subscription = billing.create_subscription(&user).await?;

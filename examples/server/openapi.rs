@@ -207,7 +207,7 @@ pub(crate) fn document() -> Value {
             },
             "/api/token-billing/accounts": {
                 "post": {
-                    "summary": "Links a user to the payment customer who pays (and optionally a plan); charges waiting for it are collected.",
+                    "summary": "Links a user to the payment customer who pays (and optionally a plan: without planId the account keeps its plan, the default for a new one); charges waiting for it are collected.",
                     "security": [{"apiKey": []}],
                     "requestBody": body(json!({
                         "type": "object",
@@ -220,7 +220,7 @@ pub(crate) fn document() -> Value {
                             "properties": {"userId": {"type": "string"}, "customerId": {"type": "string"}, "planId": {"type": "string"}}
                         })),
                         "400": error("A missing or bad field, or an unknown plan."),
-                        "409": error("A plan change while the month has usage."),
+                        "409": error("A plan change while the month has usage or charges."),
                         "502": error("The payment gateway failed while collecting the charges that waited for the account."),
                         "503": error("The billing store is unavailable.")
                     }))
