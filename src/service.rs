@@ -613,7 +613,8 @@ impl BillingService {
     /// for the account and that no collector holds are collected now.
     ///
     /// A new plan rates the current period on; earlier periods (late usage, summaries) keep the
-    /// plan they had.
+    /// plan they had. A gateway subscription for the fixed fee is not changed: cancel it at the
+    /// gateway, and call [`create_subscription`](Self::create_subscription) for the new plan.
     ///
     /// # Errors
     /// [`BillingError::UnknownPlan`]; [`BillingError::PlanChangeMidPeriod`] when the plan changes

@@ -578,9 +578,11 @@ impl UserBook {
     /// Forgets the events (records, ids, usage audit entries) of the periods before the `kept`
     /// most recent ones, up to `newest`, that no longer take usage, so that a re-send reaching
     /// the store is always answered as the original, never recorded twice. A period takes late
-    /// usage while the grace window of the plan that rates it is open, or that of `current`, the
-    /// plan of the period opening (the service judges lateness by the user's current plan):
-    /// its events are kept until both have closed.
+    /// usage while the grace window of the plan that rates it is open (the service judges
+    /// lateness by that plan); the window of `current`, the plan of the period opening, whose
+    /// zone draws the periods' boundaries, is waited for as well, so that a store never forgets
+    /// what a caller judging by the current plan could still send: its events are kept until
+    /// both have closed.
     fn forget_events_before(&mut self, newest: PeriodKey, kept: u32, current: &Plan, now: DateTime<Utc>) {
         let mut cutoff = newest;
         for _ in 1..kept {
