@@ -502,6 +502,19 @@ enum Placed<'p> {
     Refused(UsageError),
 }
 
+/// How many times an account change is made again over the account as it is, when another
+/// caller changed it first, before giving up.
+const ACCOUNT_ATTEMPTS: usize = 5;
+
+/// The error of an account change that lost to other changes every time.
+fn account_kept_changing(user: &UserId) -> BillingError {
+    StoreError::Generic {
+        store: "store",
+        source: format!("the account of user {user} kept changing while it was being changed: try again").into(),
+    }
+    .into()
+}
+
 /// The period containing `instant` in `zone`, from a per-thread memory of the last one found:
 /// nearly every event falls in the current month, and drawing a month's boundaries in a time
 /// zone is the costliest step of placing an event.
@@ -647,48 +660,70 @@ impl BillingService {
     ) -> Result<Account, BillingError> {
         let span = info_span!("register_account", user = %user);
         async {
-            let now = self.clock.now();
-            let existing = self.store.account(user).await?;
-            let current_plan = existing.as_ref().map_or(&self.settings.default_plan_id, |a| &a.plan_id);
-            let plan_id = plan_id.unwrap_or_else(|| current_plan.clone());
-            let plan = self.plan(&plan_id)?;
-            let mut earlier_plans = existing.as_ref().map(|a| a.earlier_plans.clone()).unwrap_or_default();
-            if current_plan != &plan_id && self.plan(current_plan).ok() != Some(plan) {
-                let period = Period::containing(now, self.plan(current_plan).map_or(plan.zone(), Plan::zone)).key();
-                // The plan the period had before any change made in it stays the one before it:
-                // a second change in the same period does not make the first one's plan history.
-                earlier_plans.retain(|(until, _)| *until <= period);
-                if earlier_plans.last().is_none_or(|(until, _)| *until != period) {
-                    earlier_plans.push((period, current_plan.clone()));
+            for _ in 0..ACCOUNT_ATTEMPTS {
+                let now = self.clock.now();
+                let existing = self.store.account(user).await?;
+                let account = self
+                    .registered(user, existing.as_ref(), customer.clone(), plan_id.clone(), now)
+                    .await?;
+                // Saved only over the account it was made from: a change another caller made
+                // meanwhile (a customer opened for the user's charges, another registration) is
+                // read and registered over, never lost.
+                if self.store.replace_account(existing.as_ref(), account.clone()).await? {
+                    info!(customer = ?account.customer_id, plan = %account.plan_id, "account registered");
+                    if account.customer_id.is_some() {
+                        self.collect_claimed_of(Some(user)).await?;
+                    }
+                    return Ok(account);
                 }
-                // Any usage or charge fixes the period's plan: a fee charged ahead of usage
-                // (`open_period`, or a subscription's invoice) was the old plan's.
-                let in_use = self.store.period_summary(user, period).await?.is_some();
-                if in_use {
-                    return Err(BillingError::PlanChangeMidPeriod {
-                        user_id: user.clone(),
-                        period,
-                    });
-                }
+                debug!("the account changed while it was registered: registering again over it");
             }
-            let account = Account {
-                user_id: user.clone(),
-                customer_id: customer.or_else(|| existing.as_ref().and_then(|a| a.customer_id.clone())),
-                plan_id,
-                earlier_plans,
-                subscription_id: existing.as_ref().and_then(|a| a.subscription_id.clone()),
-                created_at: existing.as_ref().map_or(now, |a| a.created_at),
-                updated_at: now,
-            };
-            self.store.put_account(account.clone()).await?;
-            info!(customer = ?account.customer_id, plan = %account.plan_id, "account registered");
-            if account.customer_id.is_some() {
-                self.collect_claimed_of(Some(user)).await?;
-            }
-            Ok(account)
+            Err(account_kept_changing(user))
         }
         .instrument(span)
         .await
+    }
+
+    /// The account `register_account` saves over `existing`, or why it may not.
+    async fn registered(
+        &self,
+        user: &UserId,
+        existing: Option<&Account>,
+        customer: Option<CustomerId>,
+        plan_id: Option<PlanId>,
+        now: DateTime<Utc>,
+    ) -> Result<Account, BillingError> {
+        let current_plan = existing.map_or(&self.settings.default_plan_id, |a| &a.plan_id);
+        let plan_id = plan_id.unwrap_or_else(|| current_plan.clone());
+        let plan = self.plan(&plan_id)?;
+        let mut earlier_plans = existing.map(|a| a.earlier_plans.clone()).unwrap_or_default();
+        if current_plan != &plan_id && self.plan(current_plan).ok() != Some(plan) {
+            let period = Period::containing(now, self.plan(current_plan).map_or(plan.zone(), Plan::zone)).key();
+            // The plan the period had before any change made in it stays the one before it: a
+            // second change in the same period does not make the first one's plan history.
+            earlier_plans.retain(|(until, _)| *until <= period);
+            if earlier_plans.last().is_none_or(|(until, _)| *until != period) {
+                earlier_plans.push((period, current_plan.clone()));
+            }
+            // Any usage or charge fixes the period's plan: a fee charged ahead of usage
+            // (`open_period`, or a subscription's invoice) was the old plan's.
+            let in_use = self.store.period_summary(user, period).await?.is_some();
+            if in_use {
+                return Err(BillingError::PlanChangeMidPeriod {
+                    user_id: user.clone(),
+                    period,
+                });
+            }
+        }
+        Ok(Account {
+            user_id: user.clone(),
+            customer_id: customer.or_else(|| existing.and_then(|a| a.customer_id.clone())),
+            plan_id,
+            earlier_plans,
+            subscription_id: existing.and_then(|a| a.subscription_id.clone()),
+            created_at: existing.map_or(now, |a| a.created_at),
+            updated_at: now,
+        })
     }
 
     /// The user's customer, opening one if the policy says so.
@@ -700,19 +735,39 @@ impl BillingService {
             return Ok(None);
         }
         let customer = self.gateway.create_customer(user).await?;
-        let now = self.clock.now();
-        let account = Account {
-            user_id: user.clone(),
-            customer_id: Some(customer.clone()),
-            plan_id: account.map_or_else(|| self.settings.default_plan_id.clone(), |a| a.plan_id.clone()),
-            earlier_plans: account.map(|a| a.earlier_plans.clone()).unwrap_or_default(),
-            subscription_id: account.and_then(|a| a.subscription_id.clone()),
-            created_at: account.map_or(now, |a| a.created_at),
-            updated_at: now,
-        };
-        self.store.put_account(account).await?;
-        info!(user = %user, customer = %customer, "opened a customer for an unregistered user");
-        Ok(Some(customer))
+        // The account is saved with the new customer only over the one it was read as: a
+        // registration made meanwhile (its own customer, a plan) is kept, and its customer
+        // pays. The account is read again until one or the other holds.
+        let mut expected = account.cloned();
+        for _ in 0..ACCOUNT_ATTEMPTS {
+            if let Some(registered) = expected.as_ref().and_then(|a| a.customer_id.clone()) {
+                info!(user = %user, opened = %customer, customer = %registered, "the user was registered meanwhile: its customer pays");
+                return Ok(Some(registered));
+            }
+            let now = self.clock.now();
+            let opened = match &expected {
+                Some(account) => Account {
+                    customer_id: Some(customer.clone()),
+                    updated_at: now,
+                    ..account.clone()
+                },
+                None => Account {
+                    user_id: user.clone(),
+                    customer_id: Some(customer.clone()),
+                    plan_id: self.settings.default_plan_id.clone(),
+                    earlier_plans: Vec::new(),
+                    subscription_id: None,
+                    created_at: now,
+                    updated_at: now,
+                },
+            };
+            if self.store.replace_account(expected.as_ref(), opened).await? {
+                info!(user = %user, customer = %customer, "opened a customer for an unregistered user");
+                return Ok(Some(customer));
+            }
+            expected = self.store.account(user).await?;
+        }
+        Err(account_kept_changing(user))
     }
 
     /// Reads a report into the record to store, refusing malformed content: bad identifiers,
@@ -1924,15 +1979,25 @@ impl BillingService {
                 .gateway
                 .create_subscription(user, &customer, &account.plan_id, plan)
                 .await?;
-            self.store
-                .put_account(Account {
+            // Saved over the account as it is then, whatever else changed in it meanwhile.
+            let mut expected = account;
+            for _ in 0..ACCOUNT_ATTEMPTS {
+                let subscribed = Account {
                     subscription_id: Some(subscription.subscription_id.clone()),
                     updated_at: self.clock.now(),
-                    ..account
-                })
-                .await?;
-            info!(subscription = %subscription.subscription_id, "subscription created");
-            Ok(subscription)
+                    ..expected.clone()
+                };
+                if self.store.replace_account(Some(&expected), subscribed).await? {
+                    info!(subscription = %subscription.subscription_id, "subscription created");
+                    return Ok(subscription);
+                }
+                expected = self
+                    .store
+                    .account(user)
+                    .await?
+                    .ok_or_else(|| BillingError::NoCustomer { user_id: user.clone() })?;
+            }
+            Err(account_kept_changing(user))
         }
         .instrument(span)
         .await

@@ -1154,3 +1154,95 @@ async fn a_fee_event_not_remembered_is_applied_once_when_delivered_again() {
         );
     }
 }
+
+/// A sandbox whose `create_customer` lets the host's registration of the user land while it
+/// opens the customer, as a registration reaching another instance during that gateway call.
+#[derive(Debug)]
+struct RegisteredMeanwhile {
+    sandbox: SandboxGateway,
+    store: Arc<dyn UsageStore>,
+    registration: std::sync::Mutex<Option<token_billing::Account>>,
+}
+
+#[async_trait::async_trait]
+impl PaymentGateway for RegisteredMeanwhile {
+    fn name(&self) -> &'static str {
+        "sandbox, registered meanwhile"
+    }
+    async fn create_customer(&self, user: &UserId) -> Result<CustomerId, token_billing::GatewayError> {
+        let registration = self.registration.lock().expect("not poisoned").take();
+        if let Some(account) = registration {
+            self.store
+                .put_account(account)
+                .await
+                .expect("the registration is saved");
+        }
+        self.sandbox.create_customer(user).await
+    }
+    async fn collect(
+        &self,
+        request: &token_billing::PaymentRequest<'_>,
+    ) -> Result<token_billing::PaymentOutcome, token_billing::GatewayError> {
+        self.sandbox.collect(request).await
+    }
+    async fn find_payment(
+        &self,
+        charge_key: &token_billing::ChargeKey,
+    ) -> Result<Option<token_billing::PaymentOutcome>, token_billing::GatewayError> {
+        self.sandbox.find_payment(charge_key).await
+    }
+    async fn cancel_payment(
+        &self,
+        payment_id: &str,
+    ) -> Result<token_billing::PaymentOutcome, token_billing::GatewayError> {
+        self.sandbox.cancel_payment(payment_id).await
+    }
+    async fn create_subscription(
+        &self,
+        user: &UserId,
+        customer: &CustomerId,
+        plan_id: &token_billing::PlanId,
+        plan: &Plan,
+    ) -> Result<token_billing::Subscription, token_billing::GatewayError> {
+        self.sandbox.create_subscription(user, customer, plan_id, plan).await
+    }
+}
+
+#[tokio::test]
+async fn a_registration_made_while_a_customer_is_opened_is_kept_and_its_customer_pays() {
+    let store: Arc<dyn UsageStore> = Arc::new(InMemoryUsageStore::new());
+    let sandbox = SandboxGateway::new();
+    let gil = user("gil");
+    let theirs = CustomerId::new("cus_gil_registered").expect("valid");
+    sandbox.add_customer(theirs.clone(), CardBehaviour::Succeeds);
+    let pro = token_billing::PlanId::new("pro").expect("valid");
+    let registration = token_billing::Account {
+        user_id: gil.clone(),
+        customer_id: Some(theirs.clone()),
+        plan_id: pro.clone(),
+        earlier_plans: Vec::new(),
+        subscription_id: None,
+        created_at: common::nov15(),
+        updated_at: common::nov15(),
+    };
+    let gateway = Arc::new(RegisteredMeanwhile {
+        sandbox: sandbox.clone(),
+        store: store.clone(),
+        registration: std::sync::Mutex::new(Some(registration.clone())),
+    });
+    let h = Harness::over(store, gateway, sandbox, |b| b.add_plan(pro.clone(), Plan::default()));
+    // Gil's first event is charged; opening a customer for it, the registration lands.
+    let outcome = h
+        .service
+        .process_token_usage(UsageReport::new("gil", 9_000_000, "chat"))
+        .await
+        .expect("recorded");
+    assert!(outcome.tier_charges.iter().all(|c| c.status == ChargeStatus::Succeeded));
+    assert_eq!(h.store.account(&gil).await.expect("read"), Some(registration));
+    let payers: Vec<CustomerId> = h.sandbox.payments().into_iter().map(|p| p.customer).collect();
+    assert_eq!(
+        payers,
+        [theirs.clone(), theirs],
+        "the fee and the block, by the registered customer"
+    );
+}

@@ -1530,3 +1530,45 @@ async fn a_late_event_refused_by_a_kept_account_is_placed_again_with_the_account
     assert_eq!(outcome.period.to_string(), "2026-11");
     assert_eq!(outcome.total_tokens, 1_000);
 }
+
+/// Two instances changing one account at once (one its customer, the other its plan) both
+/// take effect: each saves over the account it read, and registers again over the other's
+/// change when it lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_registrations_of_one_account_lose_neither_change() {
+    use std::sync::Arc;
+    use token_billing::{BillingService, CustomerId, ManualClock, Plan, PlanId, SandboxGateway, UserId};
+
+    let clock = Arc::new(ManualClock::new("2026-11-10T12:00:00Z".parse().expect("an instant")));
+    let schema = schema().await;
+    let pro = PlanId::new("pro").expect("a plan id");
+    let instance = |store: PostgresUsageStore| {
+        BillingService::builder(Arc::new(store), Arc::new(SandboxGateway::new()))
+            .clock(clock.clone())
+            .add_plan(
+                pro.clone(),
+                Plan::builder().included_tokens(20_000_000).build().expect("a plan"),
+            )
+            .build()
+    };
+    let (a, b) = (instance(store_in(&schema).await), instance(store_in(&schema).await));
+    for n in 0..20 {
+        let user = UserId::new(format!("both-{n}-{}", uuid::Uuid::new_v4().simple())).expect("a user id");
+        a.register_account(&user, Some(CustomerId::new("cus_first").expect("valid")), None)
+            .await
+            .expect("registered");
+        let card = CustomerId::new("cus_new_card").expect("valid");
+        let (customer, plan) = tokio::join!(
+            a.register_account(&user, Some(card.clone()), None),
+            b.register_account(&user, None, Some(pro.clone())),
+        );
+        customer.expect("the new customer");
+        plan.expect("the new plan");
+        let stored = a.store().account(&user).await.expect("read").expect("an account");
+        assert_eq!(
+            (stored.customer_id.as_ref(), stored.plan_id.as_str()),
+            (Some(&card), "pro"),
+            "round {n}"
+        );
+    }
+}

@@ -543,6 +543,22 @@ impl Shard {
 }
 
 impl UserBook {
+    /// Saves the user's account, with its audit entry.
+    fn save_account(&mut self, account: Account) {
+        // Read, and so cloned, for every event of the user.
+        let account = account.with_own_plan_ids();
+        self.audit.push(TrailItem::Entry(Box::new(AuditEntry {
+            at: account.updated_at,
+            user_id: account.user_id.clone(),
+            period: None,
+            event: AuditEvent::AccountSaved {
+                customer_id: account.customer_id.clone(),
+                plan_id: account.plan_id.clone(),
+            },
+        })));
+        self.account = Some(account);
+    }
+
     /// The outcome of an event already recorded, as a replay.
     fn replay(&self, user: &UserId, event_id: &EventId) -> Result<Option<Recorded>, StoreError> {
         let Some(entry) = self.events.get(event_id) else {
@@ -672,21 +688,25 @@ impl UserBook {
 #[async_trait]
 impl UsageStore for InMemoryUsageStore {
     async fn put_account(&self, account: Account) -> Result<(), StoreError> {
-        // Read, and so cloned, for every event of the user.
-        let account = account.with_own_plan_ids();
         let mut shard = self.shard(&account.user_id);
-        let book = shard.users.get_or_insert_with(&account.user_id, UserBook::default);
-        book.audit.push(TrailItem::Entry(Box::new(AuditEntry {
-            at: account.updated_at,
-            user_id: account.user_id.clone(),
-            period: None,
-            event: AuditEvent::AccountSaved {
-                customer_id: account.customer_id.clone(),
-                plan_id: account.plan_id.clone(),
-            },
-        })));
-        book.account = Some(account);
+        shard
+            .users
+            .get_or_insert_with(&account.user_id, UserBook::default)
+            .save_account(account);
         Ok(())
+    }
+
+    async fn replace_account(&self, expected: Option<&Account>, account: Account) -> Result<bool, StoreError> {
+        let mut shard = self.shard(&account.user_id);
+        let stored = shard.users.get(&account.user_id).and_then(|book| book.account.as_ref());
+        if stored != expected {
+            return Ok(false);
+        }
+        shard
+            .users
+            .get_or_insert_with(&account.user_id, UserBook::default)
+            .save_account(account);
+        Ok(true)
     }
 
     async fn account(&self, user: &UserId) -> Result<Option<Account>, StoreError> {

@@ -653,6 +653,12 @@ impl<'a> Settlement<'a> {
 /// - Summaries MUST always agree with the charges: `fixed_fee_charged` and `tier_charges_*` sum
 ///   the succeeded fixed-fee and block charges, `outstanding_*` the others.
 ///
+/// Accounts: [`replace_account`](Self::replace_account) MUST be a compare-and-set on the whole
+/// account, atomic with the store's other writes of it, so that two callers changing one account
+/// (a registration and a customer opened for the user's charges, two instances) never lose
+/// either change. The default reads and then writes: it is atomic only for a store whose calls
+/// never wait between the two (a map in the process's memory); any other store overrides it.
+///
 /// Gateway events: [`record_gateway_event`](Self::record_gateway_event) MUST record an event id
 /// once per user, append the record's audit entry in the same atomic step only when the id is
 /// new, and report whether it was; [`gateway_event_applied`](Self::gateway_event_applied) MUST
@@ -667,6 +673,50 @@ impl<'a> Settlement<'a> {
 pub trait UsageStore: Send + Sync + Debug {
     /// Saves an account (insert or replace), with an audit entry.
     async fn put_account(&self, account: Account) -> Result<(), StoreError>;
+
+    /// Saves `account` (as [`put_account`](Self::put_account) does) only if the user's account
+    /// is still `expected` (none, for `None`), and answers whether it did; nothing is written
+    /// when it is not. The service changes accounts through this, reading the account again and
+    /// redoing its change when another caller changed it first.
+    ///
+    /// The default reads the account and then saves, which is atomic only where the two calls
+    /// never wait (see the contract); a store reached over a connection overrides it with one
+    /// atomic step, as both stores of this crate do.
+    ///
+    /// # Example
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// use token_billing::testing::store::fresh_user;
+    /// use token_billing::{Account, CustomerId, InMemoryUsageStore, PlanId, UsageStore};
+    ///
+    /// let store = InMemoryUsageStore::new();
+    /// let user = fresh_user("replaced");
+    /// let now = chrono::Utc::now();
+    /// let first = Account {
+    ///     user_id: user.clone(),
+    ///     customer_id: None,
+    ///     plan_id: PlanId::new("default")?,
+    ///     earlier_plans: Vec::new(),
+    ///     subscription_id: None,
+    ///     created_at: now,
+    ///     updated_at: now,
+    /// };
+    /// assert!(store.replace_account(None, first.clone()).await?);
+    /// // Another caller read no account: its write would lose this one, and is refused.
+    /// assert!(!store.replace_account(None, first.clone()).await?);
+    /// let paying = Account { customer_id: Some(CustomerId::new("cus_1")?), ..first.clone() };
+    /// assert!(store.replace_account(Some(&first), paying.clone()).await?);
+    /// assert_eq!(store.account(&user).await?, Some(paying));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
+    async fn replace_account(&self, expected: Option<&Account>, account: Account) -> Result<bool, StoreError> {
+        if self.account(&account.user_id).await?.as_ref() != expected {
+            return Ok(false);
+        }
+        self.put_account(account).await?;
+        Ok(true)
+    }
 
     /// The user's account, if registered.
     async fn account(&self, user: &UserId) -> Result<Option<Account>, StoreError>;

@@ -812,6 +812,52 @@ impl From<StoreError> for RecordFailure {
 }
 
 impl PostgresUsageStore {
+    /// Saves `account` by `sql` (binding its columns as `$1` - `$7`, and `expected`, when given,
+    /// as `$8` - `$12` for [`account_unchanged`]) with its audit entry, in one transaction;
+    /// answers whether a row was written. The kept copy follows: the saved account, or none when
+    /// the statement wrote nothing (the kept one may be what changed).
+    async fn save_account(&self, sql: &str, account: Account, expected: Option<&Account>) -> Result<bool, StoreError> {
+        let mut tx = self.begin().await?;
+        let earlier_plans = serde_json::to_value(&account.earlier_plans).map_err(generic)?;
+        let query = sqlx::query(sql)
+            .bind(account.user_id.as_str())
+            .bind(account.customer_id.as_ref().map(CustomerId::as_str))
+            .bind(account.plan_id.as_str())
+            .bind(earlier_plans)
+            .bind(account.subscription_id.as_deref())
+            .bind(account.created_at)
+            .bind(account.updated_at);
+        let query = match expected {
+            Some(expected) => bind_account(query, Some(expected)),
+            None => query,
+        };
+        if query.execute(&mut *tx).await.map_err(db)?.rows_affected() != 1 {
+            self.accounts.forget(&account.user_id);
+            return Ok(false);
+        }
+        Self::audit(
+            &mut tx,
+            &account.user_id,
+            None,
+            account.updated_at,
+            &[AuditEvent::AccountSaved {
+                customer_id: account.customer_id.clone(),
+                plan_id: account.plan_id.clone(),
+            }],
+        )
+        .await?;
+        match tx.commit().await {
+            Ok(()) => {
+                self.accounts.put(account);
+                Ok(true)
+            }
+            Err(error) => {
+                self.accounts.forget(&account.user_id);
+                Err(db(error))
+            }
+        }
+    }
+
     async fn try_record(&self, request: &RecordUsage<'_>) -> Result<Recorded, RecordFailure> {
         let usage = &request.usage;
         let user = &usage.user_id;
@@ -1778,8 +1824,7 @@ impl PostgresUsageStore {
 #[async_trait]
 impl UsageStore for PostgresUsageStore {
     async fn put_account(&self, account: Account) -> Result<(), StoreError> {
-        let mut tx = self.begin().await?;
-        sqlx::query(
+        self.save_account(
             "INSERT INTO token_billing_accounts
                 (user_id, customer_id, plan_id, earlier_plans, subscription_id, created_at, updated_at)
              VALUES ($1, $2, $3, $4, $5, $6, $7)
@@ -1787,38 +1832,34 @@ impl UsageStore for PostgresUsageStore {
                 SET customer_id = EXCLUDED.customer_id, plan_id = EXCLUDED.plan_id,
                     earlier_plans = EXCLUDED.earlier_plans, subscription_id = EXCLUDED.subscription_id,
                     created_at = EXCLUDED.created_at, updated_at = EXCLUDED.updated_at",
-        )
-        .bind(account.user_id.as_str())
-        .bind(account.customer_id.as_ref().map(CustomerId::as_str))
-        .bind(account.plan_id.as_str())
-        .bind(serde_json::to_value(&account.earlier_plans).map_err(generic)?)
-        .bind(account.subscription_id.as_deref())
-        .bind(account.created_at)
-        .bind(account.updated_at)
-        .execute(&mut *tx)
-        .await
-        .map_err(db)?;
-        Self::audit(
-            &mut tx,
-            &account.user_id,
+            account,
             None,
-            account.updated_at,
-            &[AuditEvent::AccountSaved {
-                customer_id: account.customer_id.clone(),
-                plan_id: account.plan_id.clone(),
-            }],
         )
-        .await?;
-        match tx.commit().await {
-            Ok(()) => {
-                self.accounts.put(account);
-                Ok(())
+        .await
+        .map(|_| ())
+    }
+
+    async fn replace_account(&self, expected: Option<&Account>, account: Account) -> Result<bool, StoreError> {
+        static REPLACE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+            format!(
+                "UPDATE token_billing_accounts AS a
+                    SET customer_id = $2, plan_id = $3, earlier_plans = $4, subscription_id = $5, created_at = $6,
+                        updated_at = $7
+                  WHERE a.user_id = $1 AND {}",
+                account_unchanged(8)
+            )
+        });
+        // The update locks the row and checks it as it is then: a compare-and-set.
+        let sql = match expected {
+            None => {
+                "INSERT INTO token_billing_accounts
+                    (user_id, customer_id, plan_id, earlier_plans, subscription_id, created_at, updated_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)
+                 ON CONFLICT (user_id) DO NOTHING"
             }
-            Err(error) => {
-                self.accounts.forget(&account.user_id);
-                Err(db(error))
-            }
-        }
+            Some(_) => REPLACE.as_str(),
+        };
+        self.save_account(sql, account, expected).await
     }
 
     async fn account(&self, user: &UserId) -> Result<Option<Account>, StoreError> {

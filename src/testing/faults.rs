@@ -32,7 +32,7 @@ pub enum Fault {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum StoreOp {
-    /// [`UsageStore::put_account`].
+    /// [`UsageStore::put_account`] and [`UsageStore::replace_account`].
     PutAccount,
     /// [`UsageStore::account`].
     Account,
@@ -235,6 +235,10 @@ impl FaultyStore {
 impl UsageStore for FaultyStore {
     async fn put_account(&self, account: Account) -> Result<(), StoreError> {
         self.run(StoreOp::PutAccount, self.inner.put_account(account)).await
+    }
+    async fn replace_account(&self, expected: Option<&Account>, account: Account) -> Result<bool, StoreError> {
+        self.run(StoreOp::PutAccount, self.inner.replace_account(expected, account))
+            .await
     }
     async fn account(&self, user: &UserId) -> Result<Option<Account>, StoreError> {
         self.run(StoreOp::Account, self.inner.account(user)).await

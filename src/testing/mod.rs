@@ -87,6 +87,8 @@ macro_rules! usage_store_conformance {
 
             $crate::usage_store_conformance!(@tests $make;
                 account_round_trips,
+                replace_account_is_a_compare_and_set,
+                concurrent_account_replacements_lose_no_change,
                 record_creates_usage_charges_and_summary,
                 record_is_idempotent_by_event_id,
                 record_usage_batch_is_record_usage_in_order,

@@ -133,6 +133,126 @@ pub async fn account_round_trips(store: &dyn UsageStore) {
     assert_eq!(store.account(&user).await.expect("account"), Some(changed));
 }
 
+/// Lets the other futures of the task run once (as a runtime's `yield_now` does).
+async fn yield_now() {
+    let mut yielded = false;
+    std::future::poll_fn(|cx| {
+        if yielded {
+            std::task::Poll::Ready(())
+        } else {
+            yielded = true;
+            cx.waker().wake_by_ref();
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+}
+
+/// `replace_account` saves an account only over the one expected, and changes nothing otherwise.
+pub async fn replace_account_is_a_compare_and_set(store: &dyn UsageStore) {
+    let user = fresh_user("replace");
+    let first = Account {
+        user_id: user.clone(),
+        customer_id: None,
+        plan_id: PlanId::new("default").expect("valid"),
+        earlier_plans: Vec::new(),
+        subscription_id: None,
+        created_at: base_instant(),
+        updated_at: base_instant(),
+    };
+    assert!(
+        store.replace_account(None, first.clone()).await.expect("replace"),
+        "no account yet"
+    );
+    let other = Account {
+        customer_id: Some("cus_other".parse().expect("valid")),
+        ..first.clone()
+    };
+    assert!(
+        !store.replace_account(None, other.clone()).await.expect("replace"),
+        "an account exists now"
+    );
+    assert_eq!(store.account(&user).await.expect("account"), Some(first.clone()));
+    let paying = Account {
+        customer_id: Some("cus_paying".parse().expect("valid")),
+        updated_at: base_instant() + Duration::seconds(1),
+        ..first.clone()
+    };
+    assert!(
+        store
+            .replace_account(Some(&first), paying.clone())
+            .await
+            .expect("replace")
+    );
+    assert_eq!(store.account(&user).await.expect("account"), Some(paying.clone()));
+    // `first` is not the account any more: a write made from it would lose `paying`.
+    assert!(!store.replace_account(Some(&first), other).await.expect("replace"));
+    assert_eq!(store.account(&user).await.expect("account"), Some(paying.clone()));
+    let moved = Account {
+        plan_id: PlanId::new("pro").expect("valid"),
+        earlier_plans: vec![(period(), PlanId::new("default").expect("valid"))],
+        ..paying.clone()
+    };
+    assert!(
+        store
+            .replace_account(Some(&paying), moved.clone())
+            .await
+            .expect("replace")
+    );
+    assert_eq!(store.account(&user).await.expect("account"), Some(moved));
+    let saved = store
+        .audit_trail(&user, None)
+        .await
+        .expect("trail")
+        .into_iter()
+        .filter(|e| matches!(e.event, AuditEvent::AccountSaved { .. }))
+        .count();
+    assert_eq!(saved, 3, "an audit entry per account saved, none for a refused write");
+}
+
+/// Concurrent `replace_account` calls, each redoing its change on the account as it is when it
+/// loses, lose no change.
+pub async fn concurrent_account_replacements_lose_no_change(store: &dyn UsageStore) {
+    let user = fresh_user("replacements");
+    let account = Account {
+        user_id: user.clone(),
+        customer_id: Some("cus_0".parse().expect("valid")),
+        plan_id: PlanId::new("default").expect("valid"),
+        earlier_plans: Vec::new(),
+        subscription_id: None,
+        created_at: base_instant(),
+        updated_at: base_instant(),
+    };
+    store.put_account(account).await.expect("put_account");
+    let (callers, changes) = (6, 4);
+    join_all((0..callers).map(|_| async {
+        for _ in 0..changes {
+            loop {
+                let current = store.account(&user).await.expect("account").expect("an account");
+                let count: u32 = current.customer_id.as_ref().expect("a customer").as_str()["cus_".len()..]
+                    .parse()
+                    .expect("a count");
+                let next = Account {
+                    customer_id: Some(format!("cus_{}", count + 1).parse().expect("valid")),
+                    ..current.clone()
+                };
+                // The other callers read the same account meanwhile: all but one lose.
+                yield_now().await;
+                if store.replace_account(Some(&current), next).await.expect("replace") {
+                    break;
+                }
+            }
+        }
+    }))
+    .await;
+    let last = store.account(&user).await.expect("account").expect("an account");
+    assert_eq!(
+        last.customer_id.expect("a customer").as_str(),
+        format!("cus_{}", callers * changes),
+        "every change counted once"
+    );
+}
+
 /// `place_and_record_usage` places each event with the account as stored when it is placed (none
 /// for a user without one), records it under the placement, answers the account when the event
 /// created charges, and records nothing of a refused event, which it gives back as the placer
