@@ -770,32 +770,58 @@ async fn a_failed_account_read_never_resets_the_account() {
     assert_eq!(h.service.resume_pending().await.expect("resume").succeeded, 2);
 }
 
-/// A gateway that takes 90 seconds per payment (on the manual clock), and lets another
-/// instance's resume run in the middle of the first caller's batch.
+/// The sandbox, with another caller's steps landing in the middle of its calls: another
+/// instance's resume in the middle of a batch of slow payments, or the host's registration of a
+/// user saved while a customer is opened for it.
 #[derive(Debug)]
-struct SlowGateway {
+struct Interposing {
     inner: SandboxGateway,
-    clock: token_billing::ManualClock,
-    meanwhile: tokio::sync::Mutex<Option<token_billing::BillingService>>,
+    /// Each payment takes 90 seconds on this clock, and the third lets this instance resume.
+    slow: Option<(
+        token_billing::ManualClock,
+        tokio::sync::Mutex<Option<token_billing::BillingService>>,
+    )>,
     calls: std::sync::atomic::AtomicU32,
+    /// Saved into this store when a customer is opened.
+    registration: Option<(Arc<dyn UsageStore>, std::sync::Mutex<Option<token_billing::Account>>)>,
+}
+
+impl Interposing {
+    fn over(inner: SandboxGateway) -> Interposing {
+        Interposing {
+            inner,
+            slow: None,
+            calls: std::sync::atomic::AtomicU32::new(0),
+            registration: None,
+        }
+    }
 }
 
 #[async_trait::async_trait]
-impl token_billing::PaymentGateway for SlowGateway {
+impl token_billing::PaymentGateway for Interposing {
     fn name(&self) -> &'static str {
-        "slow"
+        "interposing"
     }
     async fn create_customer(&self, user: &token_billing::UserId) -> Result<CustomerId, token_billing::GatewayError> {
+        if let Some((store, registration)) = &self.registration {
+            let account = registration.lock().expect("not poisoned").take();
+            if let Some(account) = account {
+                store.put_account(account).await.expect("the registration is saved");
+            }
+        }
         self.inner.create_customer(user).await
     }
     async fn collect(
         &self,
         request: &token_billing::PaymentRequest<'_>,
     ) -> Result<token_billing::PaymentOutcome, token_billing::GatewayError> {
-        self.clock.advance(Span::seconds(90));
+        let Some((clock, meanwhile)) = &self.slow else {
+            return self.inner.collect(request).await;
+        };
+        clock.advance(Span::seconds(90));
         // By the third call, the leases the first caller took for its whole batch have expired.
         if self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 2 {
-            if let Some(other) = self.meanwhile.lock().await.take() {
+            if let Some(other) = meanwhile.lock().await.take() {
                 let report = other.resume_pending().await.expect("the other instance resumes");
                 assert!(report.claimed > 0, "the other instance found expired leases");
             }
@@ -831,11 +857,9 @@ async fn a_long_batch_renews_its_leases_and_never_collects_what_another_instance
     let other = token_billing::BillingService::builder(store.clone(), Arc::new(sandbox.clone()))
         .clock(Arc::new(clock.clone()))
         .build();
-    let slow = Arc::new(SlowGateway {
-        inner: sandbox.clone(),
-        clock: clock.clone(),
-        meanwhile: tokio::sync::Mutex::new(Some(other)),
-        calls: std::sync::atomic::AtomicU32::new(0),
+    let slow = Arc::new(Interposing {
+        slow: Some((clock.clone(), tokio::sync::Mutex::new(Some(other)))),
+        ..Interposing::over(sandbox.clone())
     });
     let first = token_billing::BillingService::builder(store.clone(), slow)
         .clock(Arc::new(clock.clone()))
@@ -1155,59 +1179,6 @@ async fn a_fee_event_not_remembered_is_applied_once_when_delivered_again() {
     }
 }
 
-/// A sandbox whose `create_customer` lets the host's registration of the user land while it
-/// opens the customer, as a registration reaching another instance during that gateway call.
-#[derive(Debug)]
-struct RegisteredMeanwhile {
-    sandbox: SandboxGateway,
-    store: Arc<dyn UsageStore>,
-    registration: std::sync::Mutex<Option<token_billing::Account>>,
-}
-
-#[async_trait::async_trait]
-impl PaymentGateway for RegisteredMeanwhile {
-    fn name(&self) -> &'static str {
-        "sandbox, registered meanwhile"
-    }
-    async fn create_customer(&self, user: &UserId) -> Result<CustomerId, token_billing::GatewayError> {
-        let registration = self.registration.lock().expect("not poisoned").take();
-        if let Some(account) = registration {
-            self.store
-                .put_account(account)
-                .await
-                .expect("the registration is saved");
-        }
-        self.sandbox.create_customer(user).await
-    }
-    async fn collect(
-        &self,
-        request: &token_billing::PaymentRequest<'_>,
-    ) -> Result<token_billing::PaymentOutcome, token_billing::GatewayError> {
-        self.sandbox.collect(request).await
-    }
-    async fn find_payment(
-        &self,
-        charge_key: &token_billing::ChargeKey,
-    ) -> Result<Option<token_billing::PaymentOutcome>, token_billing::GatewayError> {
-        self.sandbox.find_payment(charge_key).await
-    }
-    async fn cancel_payment(
-        &self,
-        payment_id: &str,
-    ) -> Result<token_billing::PaymentOutcome, token_billing::GatewayError> {
-        self.sandbox.cancel_payment(payment_id).await
-    }
-    async fn create_subscription(
-        &self,
-        user: &UserId,
-        customer: &CustomerId,
-        plan_id: &token_billing::PlanId,
-        plan: &Plan,
-    ) -> Result<token_billing::Subscription, token_billing::GatewayError> {
-        self.sandbox.create_subscription(user, customer, plan_id, plan).await
-    }
-}
-
 #[tokio::test]
 async fn a_registration_made_while_a_customer_is_opened_is_kept_and_its_customer_pays() {
     let store: Arc<dyn UsageStore> = Arc::new(InMemoryUsageStore::new());
@@ -1225,10 +1196,9 @@ async fn a_registration_made_while_a_customer_is_opened_is_kept_and_its_customer
         created_at: common::nov15(),
         updated_at: common::nov15(),
     };
-    let gateway = Arc::new(RegisteredMeanwhile {
-        sandbox: sandbox.clone(),
-        store: store.clone(),
-        registration: std::sync::Mutex::new(Some(registration.clone())),
+    let gateway = Arc::new(Interposing {
+        registration: Some((store.clone(), std::sync::Mutex::new(Some(registration.clone())))),
+        ..Interposing::over(sandbox.clone())
     });
     let h = Harness::over(store, gateway, sandbox, |b| b.add_plan(pro.clone(), Plan::default()));
     // Gil's first event is charged; opening a customer for it, the registration lands.

@@ -373,6 +373,19 @@ async fn bia_on_the_default_plan_with_a_pro_plan_beside() -> (Harness, PlanId, U
     (h, pro, bia)
 }
 
+/// Bia's 19M tokens in December stay in pro's first tier (20M included), uncharged.
+async fn december_is_rated_by_pro(h: &Harness) {
+    let december = h
+        .service
+        .process_token_usage(UsageReport::new("bia", 19_000_000, "chat"))
+        .await
+        .expect("recorded");
+    assert_eq!(
+        (december.current_tier.as_str(), december.tier_charges.len()),
+        ("0-20M", 0)
+    );
+}
+
 #[tokio::test]
 async fn late_usage_after_a_plan_change_is_rated_under_its_own_periods_plan() {
     let (h, pro, bia) = bia_on_the_default_plan_with_a_pro_plan_beside().await;
@@ -405,16 +418,7 @@ async fn late_usage_after_a_plan_change_is_rated_under_its_own_periods_plan() {
         ("24M-32M", 3)
     );
     h.assert_period_consistent(&bia, november(), &Plan::default()).await;
-    // December is rated by the pro plan.
-    let december = h
-        .service
-        .process_token_usage(UsageReport::new("bia", 19_000_000, "chat"))
-        .await
-        .expect("recorded");
-    assert_eq!(
-        (december.current_tier.as_str(), december.tier_charges.len()),
-        ("0-20M", 0)
-    );
+    december_is_rated_by_pro(&h).await;
 }
 
 #[tokio::test]
@@ -452,16 +456,7 @@ async fn a_second_plan_change_in_a_period_keeps_the_plan_the_periods_before_had(
     assert_eq!(late.tier_charges.len(), 1);
     assert_eq!(late.tier_charges[0].billing_tier, "16M-24M");
     h.assert_period_consistent(&bia, november(), &Plan::default()).await;
-    // December is pro's.
-    let december = h
-        .service
-        .process_token_usage(UsageReport::new("bia", 19_000_000, "chat"))
-        .await
-        .expect("recorded");
-    assert_eq!(
-        (december.current_tier.as_str(), december.tier_charges.len()),
-        ("0-20M", 0)
-    );
+    december_is_rated_by_pro(&h).await;
 }
 
 #[tokio::test]
