@@ -777,14 +777,14 @@ async fn a_failed_account_read_never_resets_the_account() {
 struct Interposing {
     inner: SandboxGateway,
     /// Each payment takes 90 seconds on this clock, and the third lets this instance resume.
-    slow: Option<(
-        token_billing::ManualClock,
-        tokio::sync::Mutex<Option<token_billing::BillingService>>,
-    )>,
+    slow: Option<(token_billing::ManualClock, Once<token_billing::BillingService>)>,
     calls: std::sync::atomic::AtomicU32,
     /// Saved into this store when a customer is opened.
-    registration: Option<(Arc<dyn UsageStore>, std::sync::Mutex<Option<token_billing::Account>>)>,
+    registration: Option<(Arc<dyn UsageStore>, Once<token_billing::Account>)>,
 }
+
+/// Something an interposing step takes once.
+type Once<T> = tokio::sync::Mutex<Option<T>>;
 
 impl Interposing {
     fn over(inner: SandboxGateway) -> Interposing {
@@ -804,7 +804,7 @@ impl token_billing::PaymentGateway for Interposing {
     }
     async fn create_customer(&self, user: &token_billing::UserId) -> Result<CustomerId, token_billing::GatewayError> {
         if let Some((store, registration)) = &self.registration {
-            let account = registration.lock().expect("not poisoned").take();
+            let account = registration.lock().await.take();
             if let Some(account) = account {
                 store.put_account(account).await.expect("the registration is saved");
             }
@@ -1197,7 +1197,7 @@ async fn a_registration_made_while_a_customer_is_opened_is_kept_and_its_customer
         updated_at: common::nov15(),
     };
     let gateway = Arc::new(Interposing {
-        registration: Some((store.clone(), std::sync::Mutex::new(Some(registration.clone())))),
+        registration: Some((store.clone(), tokio::sync::Mutex::new(Some(registration.clone())))),
         ..Interposing::over(sandbox.clone())
     });
     let h = Harness::over(store, gateway, sandbox, |b| b.add_plan(pro.clone(), Plan::default()));
