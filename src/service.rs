@@ -1673,10 +1673,15 @@ impl BillingService {
     /// the audit trail ([`AuditEvent::DuplicatePayment`](crate::AuditEvent::DuplicatePayment))
     /// and logged at `error` for the host to refund. A failure or a request for authentication
     /// that names another round, or another payment than the charge's, is stale (the charge was
-    /// retried since) and is ignored.
+    /// retried since) and is ignored. A failed charge's payment reported in flight again
+    /// (processing, or awaiting authentication) is applied only when the gateway's payment is in
+    /// that state now: the update may be an earlier state of the payment, delivered after its
+    /// failure, since gateways do not keep their events in order.
     ///
     /// # Errors
-    /// [`BillingError::ChargeNotFound`]; store errors.
+    /// [`BillingError::ChargeNotFound`]; store errors; gateway errors when a failed payment
+    /// reported in flight again cannot be looked up (answer them so that the event is delivered
+    /// again).
     ///
     /// # Example
     /// ```
@@ -1738,6 +1743,17 @@ impl BillingService {
                     debug!(status = %charge.status, stale, "payment update changes nothing");
                     return Ok(charge);
                 }
+                // A failed payment in flight again (processing, awaiting authentication) is
+                // either the customer trying it again or an earlier state of it delivered after
+                // its failure: gateways do not keep their events in order. Only the gateway's
+                // payment as it is now tells them apart.
+                if charge.status == ChargeStatus::Failed
+                    && target != ChargeStatus::Succeeded
+                    && !self.in_flight_again(&charge, &update.outcome).await?
+                {
+                    debug!("an earlier state of a failed payment, delivered late: changes nothing");
+                    return Ok(charge);
+                }
                 match self.try_settle(&charge, Ok(update.outcome.clone())).await {
                     Ok(settled) => {
                         info!(status = %settled.status, "payment update applied");
@@ -1751,6 +1767,13 @@ impl BillingService {
         }
         .instrument(span)
         .await
+    }
+
+    /// Whether the gateway's payment for `charge` is now the one `reported`, in its state: a
+    /// failed payment reported in flight again really is.
+    async fn in_flight_again(&self, charge: &Charge, reported: &PaymentOutcome) -> Result<bool, BillingError> {
+        let now = self.gateway.find_payment(&charge.key).await?;
+        Ok(now.is_some_and(|now| now.payment_id == reported.payment_id && now.status == reported.status))
     }
 
     /// Applies an event the gateway reported (a verified webhook), once per event id: a payment's

@@ -709,6 +709,94 @@ async fn a_stale_failure_from_an_earlier_round_does_not_override_the_current_rou
 }
 
 #[tokio::test]
+async fn an_earlier_state_of_a_failed_payment_delivered_late_changes_nothing() {
+    let h = Harness::new();
+    let tess = user("tess");
+    let customer = h.register(&tess, CardBehaviour::Processing).await;
+    h.service
+        .process_token_usage(UsageReport::new("tess", 100, "chat"))
+        .await
+        .expect("recorded");
+    let fee = h.store.charges(&tess, november()).await.expect("charges")[0].clone();
+    assert_eq!(fee.status, ChargeStatus::Pending, "processing: the webhook decides");
+    let payment = h.sandbox.payments_for_charge(&fee.key)[0].payment_id.clone();
+    // The payment fails, and its failure is delivered first.
+    let failed = h.sandbox.finish_payment(&payment, false).expect("finish");
+    let update = |outcome| PaymentUpdate {
+        user_id: tess.clone(),
+        charge_key: fee.key.clone(),
+        round: Some(0),
+        outcome,
+    };
+    let charge = h.service.apply_payment_update(update(failed)).await.expect("applied");
+    assert_eq!(charge.status, ChargeStatus::Failed);
+    let retry_at = charge.next_retry_at.expect("dunning scheduled a retry");
+    // Its earlier states arrive late: it was processing, and (for another method) awaiting
+    // authentication. Neither reopens the charge, nor moves its dunning.
+    for status in [PaymentStatus::Processing, PaymentStatus::RequiresAction] {
+        let late = h
+            .service
+            .apply_payment_update(update(token_billing::PaymentOutcome {
+                payment_id: payment.clone(),
+                status,
+                decline_code: None,
+                message: None,
+            }))
+            .await
+            .expect("ignored");
+        assert_eq!(
+            (late.status, late.next_retry_at),
+            (ChargeStatus::Failed, Some(retry_at)),
+            "{status:?}"
+        );
+    }
+    assert_eq!(
+        h.service.account_standing(&tess).await.expect("standing").standing,
+        Standing::PastDue
+    );
+    // Dunning still retries it on schedule.
+    h.sandbox
+        .set_behaviour(&customer, CardBehaviour::Succeeds)
+        .expect("customer");
+    h.clock.set(retry_at);
+    assert_eq!(h.service.retry_failed().await.expect("retry").succeeded, 1);
+}
+
+#[tokio::test]
+async fn a_failed_payment_the_customer_tries_again_is_followed() {
+    let sandbox = SandboxGateway::new();
+    let gateway = Arc::new(Interposing::over(sandbox.clone()));
+    let h = Harness::over(Arc::new(InMemoryUsageStore::new()), gateway.clone(), sandbox, |b| b);
+    let uma = user("uma");
+    h.register(&uma, CardBehaviour::Processing).await;
+    h.service
+        .process_token_usage(UsageReport::new("uma", 100, "chat"))
+        .await
+        .expect("recorded");
+    let fee = h.store.charges(&uma, november()).await.expect("charges")[0].clone();
+    let payment = h.sandbox.payments_for_charge(&fee.key)[0].payment_id.clone();
+    let failed = h.sandbox.finish_payment(&payment, false).expect("finish");
+    let update = |outcome| PaymentUpdate {
+        user_id: uma.clone(),
+        charge_key: fee.key.clone(),
+        round: Some(0),
+        outcome,
+    };
+    h.service.apply_payment_update(update(failed)).await.expect("applied");
+    // The customer confirms the same payment again, on a page of the host's: the gateway has
+    // it awaiting authentication now, and says so.
+    let again = token_billing::PaymentOutcome {
+        payment_id: payment.clone(),
+        status: PaymentStatus::RequiresAction,
+        decline_code: None,
+        message: None,
+    };
+    *gateway.found.lock().expect("not poisoned") = Some(again.clone());
+    let charge = h.service.apply_payment_update(update(again)).await.expect("applied");
+    assert_eq!(charge.status, ChargeStatus::RequiresAction);
+}
+
+#[tokio::test]
 async fn an_update_for_an_unknown_charge_is_an_error() {
     let h = Harness::new();
     let error = h
@@ -781,6 +869,9 @@ struct Interposing {
     calls: std::sync::atomic::AtomicU32,
     /// Saved into this store when a customer is opened.
     registration: Option<(Arc<dyn UsageStore>, Once<token_billing::Account>)>,
+    /// What `find_payment` answers instead of the sandbox (a payment the customer is trying
+    /// again, which the sandbox cannot model).
+    found: std::sync::Mutex<Option<token_billing::PaymentOutcome>>,
 }
 
 /// Something an interposing step takes once.
@@ -793,6 +884,7 @@ impl Interposing {
             slow: None,
             calls: std::sync::atomic::AtomicU32::new(0),
             registration: None,
+            found: std::sync::Mutex::new(None),
         }
     }
 }
@@ -832,7 +924,11 @@ impl token_billing::PaymentGateway for Interposing {
         &self,
         key: &token_billing::ChargeKey,
     ) -> Result<Option<token_billing::PaymentOutcome>, token_billing::GatewayError> {
-        self.inner.find_payment(key).await
+        let found = self.found.lock().expect("not poisoned").clone();
+        match found {
+            Some(found) => Ok(Some(found)),
+            None => self.inner.find_payment(key).await,
+        }
     }
     async fn cancel_payment(&self, id: &str) -> Result<token_billing::PaymentOutcome, token_billing::GatewayError> {
         self.inner.cancel_payment(id).await
