@@ -1255,6 +1255,20 @@ impl BillingService {
             if !self.hold(charge).await {
                 return false;
             }
+            // A later round still names an earlier round's payment until a new one is made:
+            // cancel it first, under this lease (a retry's own run, or a resumed one whose cancel
+            // failed or whose caller stopped), so that it cannot succeed beside the new payment.
+            // A payment of this round that is still processing cannot be cancelled: the charge
+            // follows it.
+            if charge.round > 0 && charge.payment_id.is_some() {
+                match self.close_previous_round(charge.clone()).await {
+                    Ok(open_for_a_new_payment) => *charge = open_for_a_new_payment,
+                    Err(settled) => {
+                        *charge = settled;
+                        return true;
+                    }
+                }
+            }
             // A charge that may have been attempted before is looked up first: the gateway may have
             // forgotten the idempotency key, or this may be a later round of a charge paid out of band.
             if charge.attempts > 1 {
@@ -1297,9 +1311,9 @@ impl BillingService {
         .await
     }
 
-    /// A charge just moved to a new round still names the previous round's payment: cancel it if
-    /// it is open, so that it cannot succeed later beside the new round's payment, nor be found
-    /// by the look-up as the charge's payment. `Err` with the settled charge when that payment
+    /// A charge in a later round still names an earlier round's payment: cancel it if it is
+    /// open, so that it cannot succeed later beside the new round's payment, nor be found by the
+    /// look-up as the charge's payment. `Err` with the settled charge when that payment
     /// turns out to have succeeded after all, or cannot be canceled while it may still succeed
     /// (processing, awaiting the customer): the charge then waits on it.
     async fn close_previous_round(&self, charge: Charge) -> Result<Charge, Charge> {
@@ -1624,14 +1638,8 @@ impl BillingService {
                     return Ok(report);
                 }
                 report.claimed += claimed.len();
-                let mut to_collect = Vec::with_capacity(claimed.len());
-                for charge in claimed {
-                    match self.close_previous_round(charge).await {
-                        Ok(charge) => to_collect.push(charge),
-                        Err(settled) => report.count(settled.status),
-                    }
-                }
-                self.collect_all(to_collect, &mut report).await;
+                // Each new round's collection cancels the previous round's payment first.
+                self.collect_all(claimed, &mut report).await;
             }
         }
         .instrument(info_span!("retry_failed"))
@@ -1723,13 +1731,16 @@ impl BillingService {
                         key: update.charge_key.to_string(),
                     })?;
                 // A failure or authentication request is stale when it names another round, or
-                // another payment than the one the charge is waiting on.
+                // another payment than the one the charge is waiting on. A charge awaiting the
+                // customer waits on the payment it names, whichever round made it: a new round
+                // waits on the previous round's payment when that one could not be cancelled.
+                let names_another_payment = charge
+                    .payment_id
+                    .as_ref()
+                    .is_some_and(|p| *p != update.outcome.payment_id);
+                let waits_on_it = charge.status == ChargeStatus::RequiresAction && !names_another_payment;
                 let stale = target != ChargeStatus::Succeeded
-                    && (update.round.is_some_and(|r| r != charge.round)
-                        || charge
-                            .payment_id
-                            .as_ref()
-                            .is_some_and(|p| *p != update.outcome.payment_id));
+                    && (names_another_payment || (!waits_on_it && update.round.is_some_and(|r| r != charge.round)));
                 if target == ChargeStatus::Succeeded
                     && charge.status == ChargeStatus::Succeeded
                     && !update.outcome.payment_id.is_empty()

@@ -791,7 +791,7 @@ async fn a_failed_payment_the_customer_tries_again_is_followed() {
         decline_code: None,
         message: None,
     };
-    *gateway.found.lock().expect("not poisoned") = Some(again.clone());
+    *gateway.found.lock().expect("not poisoned") = Some(Some(again.clone()));
     let charge = h.service.apply_payment_update(update(again)).await.expect("applied");
     assert_eq!(charge.status, ChargeStatus::RequiresAction);
 }
@@ -869,9 +869,10 @@ struct Interposing {
     calls: std::sync::atomic::AtomicU32,
     /// Saved into this store when a customer is opened.
     registration: Option<(Arc<dyn UsageStore>, Once<token_billing::Account>)>,
-    /// What `find_payment` answers instead of the sandbox (a payment the customer is trying
-    /// again, which the sandbox cannot model).
-    found: std::sync::Mutex<Option<token_billing::PaymentOutcome>>,
+    /// What `find_payment` answers instead of the sandbox, which cannot model a payment the
+    /// customer is trying again, nor Stripe's way of reporting one whose authentication failed
+    /// as declined while the customer can still complete it.
+    found: std::sync::Mutex<Option<Option<token_billing::PaymentOutcome>>>,
 }
 
 /// Something an interposing step takes once.
@@ -926,7 +927,7 @@ impl token_billing::PaymentGateway for Interposing {
     ) -> Result<Option<token_billing::PaymentOutcome>, token_billing::GatewayError> {
         let found = self.found.lock().expect("not poisoned").clone();
         match found {
-            Some(found) => Ok(Some(found)),
+            Some(found) => Ok(found),
             None => self.inner.find_payment(key).await,
         }
     }
@@ -1061,10 +1062,42 @@ async fn a_new_round_cancels_the_previous_rounds_open_payment() {
     assert!(h.sandbox.finish_payment(&open, true).is_err());
 }
 
-/// A sandbox whose payments cannot be canceled once made: they report themselves processing
-/// (a customer who re-confirmed a declined payment with a bank debit, say).
+#[tokio::test]
+async fn a_new_round_whose_cancel_failed_cancels_the_previous_payment_when_resumed() {
+    let sandbox = SandboxGateway::new();
+    let interposing = Arc::new(Interposing::over(sandbox.clone()));
+    let gateway = Arc::new(FaultyGateway::new(interposing.clone()));
+    let h = Harness::over(Arc::new(InMemoryUsageStore::new()), gateway.clone(), sandbox, |b| b);
+    let (wes, fee, open) = failed_authentication(&h, "wes").await;
+    // As Stripe does, the gateway reports the open payment as declined: a look-up finds none.
+    *interposing.found.lock().expect("not poisoned") = Some(None);
+    // The retry claims round 1, but cancelling round 0's payment fails: nothing is collected.
+    gateway.inject(GatewayOp::CancelPayment, Fault::FailBefore, 1);
+    let report = h.service.retry_failed().await.expect("retry");
+    assert_eq!((report.claimed, report.succeeded, report.pending), (1, 0, 1));
+    assert_eq!(h.sandbox.payments_for_charge(&fee.key).len(), 1, "no second payment");
+    // The lease runs out and another run resumes the charge: round 0's payment is cancelled
+    // before round 1's is made.
+    past_lease(&h);
+    assert_eq!(h.service.resume_pending().await.expect("resume").succeeded, 1);
+    let payments = h.sandbox.payments_for_charge(&fee.key);
+    assert_eq!(
+        payments.iter().map(|p| p.status).collect::<Vec<_>>(),
+        [PaymentStatus::Canceled, PaymentStatus::Succeeded]
+    );
+    assert!(
+        h.sandbox.finish_payment(&open, true).is_err(),
+        "the old payment can no longer succeed"
+    );
+    let charge = h.store.charge(&wes, &fee.key).await.expect("read").expect("the fee");
+    assert_eq!((charge.status, charge.round), (ChargeStatus::Succeeded, 1));
+}
+
+/// A sandbox whose payments cannot be canceled once made: they report themselves in the given
+/// state (processing: a customer who re-confirmed a declined payment with a bank debit, say;
+/// awaiting authentication: one who started confirming it again).
 #[derive(Debug)]
-struct Uncancelable(SandboxGateway);
+struct Uncancelable(SandboxGateway, PaymentStatus);
 
 #[async_trait::async_trait]
 impl PaymentGateway for Uncancelable {
@@ -1089,7 +1122,7 @@ impl PaymentGateway for Uncancelable {
     async fn cancel_payment(&self, id: &str) -> Result<token_billing::PaymentOutcome, token_billing::GatewayError> {
         Ok(token_billing::PaymentOutcome {
             payment_id: id.to_owned(),
-            status: PaymentStatus::Processing,
+            status: self.1,
             decline_code: None,
             message: None,
         })
@@ -1106,11 +1139,48 @@ impl PaymentGateway for Uncancelable {
 }
 
 #[tokio::test]
+async fn a_new_round_awaiting_the_previous_payments_customer_follows_its_failure() {
+    let sandbox = SandboxGateway::new();
+    let h = Harness::over(
+        Arc::new(InMemoryUsageStore::new()),
+        Arc::new(Uncancelable(sandbox.clone(), PaymentStatus::RequiresAction)),
+        sandbox,
+        |b| b,
+    );
+    let (xia, fee, open) = failed_authentication(&h, "xia").await;
+    // Round 1 finds round 0's payment awaiting the customer again: the charge waits on it.
+    h.service.retry_failed().await.expect("retry");
+    let waiting = h.store.charge(&xia, &fee.key).await.expect("read").expect("the fee");
+    assert_eq!(
+        (waiting.status, waiting.round, waiting.payment_id.as_deref()),
+        (ChargeStatus::RequiresAction, 1, Some(open.as_str()))
+    );
+    // That payment fails; its webhook names round 0, the round that made it.
+    let failed = h
+        .service
+        .apply_payment_update(PaymentUpdate {
+            user_id: xia.clone(),
+            charge_key: fee.key.clone(),
+            round: Some(0),
+            outcome: token_billing::PaymentOutcome {
+                payment_id: open.clone(),
+                status: PaymentStatus::Declined,
+                decline_code: Some("authentication_failed".into()),
+                message: None,
+            },
+        })
+        .await
+        .expect("applied");
+    assert_eq!((failed.status, failed.round), (ChargeStatus::Failed, 1));
+    assert!(failed.next_retry_at.is_some(), "dunning goes on");
+}
+
+#[tokio::test]
 async fn a_new_round_waits_on_a_previous_payment_that_can_no_longer_be_canceled() {
     let sandbox = SandboxGateway::new();
     let h = Harness::over(
         Arc::new(InMemoryUsageStore::new()),
-        Arc::new(Uncancelable(sandbox.clone())),
+        Arc::new(Uncancelable(sandbox.clone(), PaymentStatus::Processing)),
         sandbox,
         |b| b,
     );
