@@ -574,7 +574,10 @@ impl StripeGateway {
         let id = text(&attached, "id")
             .ok_or_else(|| unreadable("an attached payment method without id"))?
             .to_owned();
-        let key = format!("tb:default-payment-method:{customer}:{id}");
+        // Setting a default twice is harmless, but a key that repeats would replay an earlier
+        // setting of this card over a later one of another (A, then B, then A again within the
+        // day Stripe keeps keys, would leave B): each setting has a key of its own.
+        let key = default_payment_method_key(customer, &id);
         self.fetch(
             Call::post(
                 format!("/v1/customers/{}", segment(customer.as_str())),
@@ -1071,9 +1074,11 @@ impl PaymentGateway for StripeGateway {
             return to_subscription(&existing);
         }
         let fee_plan = self.fee_plan(plan_id, plan, deadline).await?;
-        // One key per user, plan, customer and day: concurrent calls make one subscription.
+        // One key per user, plan, fee, customer and day: concurrent calls make one subscription,
+        // and a fee changed that day makes a subscription of its own (a key Stripe kept with the
+        // old fee's parameters would refuse it until the next day).
         let day = self.inner.clock.now().format("%Y-%m-%d");
-        let key = format!("tb:subscription:{user}:{plan_id}:{customer}:{day}");
+        let key = subscription_key(user, plan_id, &fee_plan, customer, &day.to_string());
         let mut form: Form = vec![
             ("customer".to_owned(), customer.to_string()),
             ("items[0][plan]".to_owned(), fee_plan),
@@ -1089,9 +1094,51 @@ impl PaymentGateway for StripeGateway {
     }
 }
 
+/// The idempotency key of one setting of a customer's default payment method: its own, so that
+/// Stripe never replays an earlier setting in its place.
+fn default_payment_method_key(customer: &CustomerId, payment_method: &str) -> String {
+    format!(
+        "tb:default-payment-method:{customer}:{payment_method}:{}",
+        crate::random::uuid_v4().simple()
+    )
+}
+
+/// The idempotency key of a subscription's creation.
+fn subscription_key(user: &UserId, plan_id: &PlanId, fee_plan: &str, customer: &CustomerId, day: &str) -> String {
+    format!("tb:subscription:{user}:{plan_id}:{fee_plan}:{customer}:{day}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_setting_of_a_default_payment_method_has_a_key_of_its_own() {
+        let customer = CustomerId::new("cus_1").expect("valid");
+        let (first, again) = (
+            default_payment_method_key(&customer, "pm_a"),
+            default_payment_method_key(&customer, "pm_a"),
+        );
+        assert_ne!(
+            first, again,
+            "setting card A again after B is not a replay of the first"
+        );
+        assert!(first.len() <= 255, "Stripe's limit on keys: {first}");
+    }
+
+    #[test]
+    fn a_subscriptions_key_changes_with_its_fee_and_its_day() {
+        let (user, plan, customer) = (
+            UserId::new("u").expect("valid"),
+            PlanId::new("default").expect("valid"),
+            CustomerId::new("cus_1").expect("valid"),
+        );
+        let key = |fee: &str, day: &str| subscription_key(&user, &plan, fee, &customer, day);
+        let first = key("tb-fee-default-40000-brl", "2026-11-28");
+        assert_eq!(first, key("tb-fee-default-40000-brl", "2026-11-28"), "a retry replays");
+        assert_ne!(first, key("tb-fee-default-50000-brl", "2026-11-28"), "a new fee");
+        assert_ne!(first, key("tb-fee-default-40000-brl", "2026-11-29"), "another day");
+    }
 
     #[test]
     fn amounts_read_back_from_stripe_are_the_amounts_sent() {
