@@ -1538,7 +1538,21 @@ impl BillingService {
                     Ok(Some(outcome)) if outcome.status == PaymentStatus::Succeeded => {
                         self.settle(&charge, Ok(outcome)).await.status
                     }
-                    Ok(_) => charge.status,
+                    Ok(Some(_)) => charge.status,
+                    Ok(None) => {
+                        // No payment for the charge succeeded or is in flight: the one awaiting
+                        // the customer failed or was cancelled, and its webhook was lost. The
+                        // charge fails, and dunning takes it from there (its next round cancels
+                        // that payment first, should the look-up have been wrong).
+                        let over = PaymentOutcome {
+                            payment_id: charge.payment_id.clone().unwrap_or_default(),
+                            status: PaymentStatus::Declined,
+                            decline_code: None,
+                            message: Some("the payment awaiting the customer ended without collecting".to_owned()),
+                        };
+                        info!(charge = %charge.key, "the payment awaiting the customer is over: the charge fails");
+                        self.settle(&charge, Ok(over)).await.status
+                    }
                     Err(error) => {
                         warn!(charge = %charge.key, error = %error, "could not look up the payment");
                         charge.status
@@ -1552,7 +1566,8 @@ impl BillingService {
     /// Resumes charges left pending: by a crash between record and collect or between collect and
     /// settle, by an unknown gateway outcome, or waiting for an account. Also looks again at
     /// charges awaiting the customer's authentication, so that one whose webhook was lost is
-    /// settled once the customer paid.
+    /// settled once the customer paid, or failed (for the dunning schedule to retry) once no
+    /// payment for it is in flight any more.
     ///
     /// Safe to run on several instances at once and as often as wanted: a charge is held by one
     /// collector at a time (its lease, renewed before each gateway call), and collection reuses

@@ -1046,6 +1046,38 @@ async fn failed_authentication(h: &Harness, name: &str) -> (UserId, token_billin
 }
 
 #[tokio::test]
+async fn an_authentication_that_failed_without_its_webhook_goes_to_dunning() {
+    let h = Harness::new();
+    let yan = user("yan");
+    let customer = h.register(&yan, CardBehaviour::RequiresAuthentication).await;
+    h.service
+        .process_token_usage(UsageReport::new("yan", 100, "chat"))
+        .await
+        .expect("recorded");
+    let fee = h.store.charges(&yan, november()).await.expect("charges")[0].clone();
+    assert_eq!(fee.status, ChargeStatus::RequiresAction);
+    // The customer's authentication fails; its webhook never arrives.
+    let open = fee.payment_id.clone().expect("the payment awaiting the customer");
+    h.sandbox.finish_payment(&open, false).expect("finish");
+    // The next look at charges awaiting their customer finds nothing in flight: the fee fails,
+    // and the dunning schedule retries it.
+    h.advance(Span::minutes(20));
+    h.service.resume_pending().await.expect("resume");
+    let failed = h.store.charge(&yan, &fee.key).await.expect("read").expect("the fee");
+    assert_eq!(failed.status, ChargeStatus::Failed);
+    let retry_at = failed.next_retry_at.expect("a retry scheduled");
+    h.sandbox
+        .set_behaviour(&customer, CardBehaviour::Succeeds)
+        .expect("customer");
+    h.clock.set(retry_at);
+    assert_eq!(h.service.retry_failed().await.expect("retry").succeeded, 1);
+    assert_eq!(
+        h.service.account_standing(&yan).await.expect("standing").standing,
+        Standing::GoodStanding
+    );
+}
+
+#[tokio::test]
 async fn a_new_round_cancels_the_previous_rounds_open_payment() {
     let h = Harness::new();
     let (_, fee, open) = failed_authentication(&h, "uli").await;
