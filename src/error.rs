@@ -81,6 +81,16 @@ pub enum BillingError {
         /// The plan id.
         plan_id: PlanId,
     },
+    /// The user's account names a plan this service's catalogue does not have (a plan retired
+    /// from it, or an account registered by a service with another catalogue): the service's
+    /// configuration is at fault, not the request, which may succeed once the plan is back.
+    #[error("the account of user {user_id} names plan {plan_id}, which is not in this service's catalogue")]
+    AccountPlanMissing {
+        /// The user.
+        user_id: UserId,
+        /// The plan the account names.
+        plan_id: PlanId,
+    },
     /// A plan is invalid.
     #[error(transparent)]
     Plan(#[from] PlanError),
@@ -133,8 +143,12 @@ impl From<StoreError> for BillingError {
 
 impl BillingError {
     /// Whether the error is the caller's (bad input, unknown ids), as opposed to a failure of the
-    /// store or gateway. An HTTP service answers the first with 4xx and the second with 5xx.
+    /// store or gateway, or of the service's configuration ([`BillingError::AccountPlanMissing`]).
+    /// An HTTP service answers the first with 4xx and the others with 5xx.
     pub fn is_client_error(&self) -> bool {
-        !matches!(self, BillingError::Store(_) | BillingError::Gateway(_))
+        !matches!(
+            self,
+            BillingError::Store(_) | BillingError::Gateway(_) | BillingError::AccountPlanMissing { .. }
+        )
     }
 }

@@ -607,15 +607,24 @@ impl BillingService {
     /// The user's current plan: the one whose zone draws the period boundaries.
     fn current_plan(&self, account: Option<&Account>) -> Result<&Plan, BillingError> {
         match account {
-            Some(account) => self.plan(&account.plan_id),
+            Some(account) => self.plan_of(account, &account.plan_id),
             None => Ok(self.default_plan()),
         }
+    }
+
+    /// A plan an account names: one missing from the catalogue is the service's configuration
+    /// at fault, not the caller's request.
+    fn plan_of(&self, account: &Account, id: &PlanId) -> Result<&Plan, BillingError> {
+        self.plan(id).map_err(|_| BillingError::AccountPlanMissing {
+            user_id: account.user_id.clone(),
+            plan_id: id.clone(),
+        })
     }
 
     /// The plan that rates `period` for the user: the plan the account had then.
     fn period_plan(&self, account: Option<&Account>, period: PeriodKey) -> Result<&Plan, BillingError> {
         match account {
-            Some(account) => self.plan(account.plan_for(period)),
+            Some(account) => self.plan_of(account, account.plan_for(period)),
             None => Ok(self.default_plan()),
         }
     }

@@ -422,6 +422,45 @@ async fn late_usage_after_a_plan_change_is_rated_under_its_own_periods_plan() {
 }
 
 #[tokio::test]
+async fn an_account_on_a_plan_missing_from_the_catalogue_is_the_services_error() {
+    let h = Harness::new();
+    let zoe = user("zoe");
+    let account = token_billing::Account {
+        user_id: zoe.clone(),
+        customer_id: None,
+        plan_id: PlanId::new("retired").expect("valid"),
+        earlier_plans: Vec::new(),
+        subscription_id: None,
+        created_at: common::nov15(),
+        updated_at: common::nov15(),
+    };
+    h.store.put_account(account).await.expect("saved");
+    let error = h
+        .service
+        .process_token_usage(UsageReport::new("zoe", 1_000, "chat"))
+        .await
+        .expect_err("no plan to rate it");
+    assert!(
+        matches!(&error, BillingError::AccountPlanMissing { user_id, plan_id } if *user_id == zoe && plan_id.as_str() == "retired"),
+        "{error:?}"
+    );
+    assert!(!error.is_client_error(), "the service's configuration, not the request");
+    assert!(h.store.consumptions(&zoe, november()).await.expect("read").is_empty());
+    let summary = h.service.token_summary(&zoe, None).await.expect_err("no plan");
+    assert!(
+        matches!(summary, BillingError::AccountPlanMissing { .. }),
+        "{summary:?}"
+    );
+    // A plan the caller names is still the caller's mistake.
+    let unknown = h
+        .service
+        .register_account(&zoe, None, Some(PlanId::new("gold").expect("valid")))
+        .await
+        .expect_err("unknown plan");
+    assert!(matches!(unknown, BillingError::UnknownPlan { .. }) && unknown.is_client_error());
+}
+
+#[tokio::test]
 async fn a_second_plan_change_in_a_period_keeps_the_plan_the_periods_before_had() {
     let (h, pro, bia) = bia_on_the_default_plan_with_a_pro_plan_beside().await;
     h.service

@@ -95,6 +95,18 @@ impl Server {
             .await
     }
 
+    /// How many events the store holds of a user this month.
+    async fn recorded_events(&self, user: &str) -> usize {
+        let user = UserId::new(user).expect("valid");
+        let period = Period::containing(chrono::Utc::now(), self.billing.default_plan().zone()).key();
+        self.billing
+            .store()
+            .consumptions(&user, period)
+            .await
+            .expect("read")
+            .len()
+    }
+
     /// What the store holds of a user this month: events and tokens.
     async fn recorded(&self, user: &str) -> (usize, u64) {
         let user = UserId::new(user).expect("valid");
@@ -207,6 +219,37 @@ async fn a_retry_with_the_same_event_id_answers_the_original_outcome() {
     assert_eq!(conflict.status, 409);
     assert_eq!(server.recorded("retrier").await, (1, 9_000_000));
     assert_eq!(server.sandbox.payments().len(), 2, "the fee and one block, once");
+}
+
+#[tokio::test]
+async fn an_account_on_a_plan_the_service_lacks_is_a_server_error_and_records_nothing() {
+    let server = start().await;
+    let now = chrono::Utc::now();
+    let account = token_billing::Account {
+        user_id: UserId::new("on-retired-plan").expect("valid"),
+        customer_id: None,
+        plan_id: token_billing::PlanId::new("retired").expect("valid"),
+        earlier_plans: Vec::new(),
+        subscription_id: None,
+        created_at: now,
+        updated_at: now,
+    };
+    server.billing.store().put_account(account).await.expect("saved");
+    // Not the caller's mistake: a 5xx, which a host retries rather than drops.
+    let usage = server
+        .usage(json!({"userId": "on-retired-plan", "tokensUsed": 1_000, "operationType": "chat"}))
+        .await;
+    assert_eq!(usage.status, 500, "{}", usage.body);
+    assert!(
+        !usage.body.contains("retired"),
+        "no internals in the answer: {}",
+        usage.body
+    );
+    assert_eq!(server.recorded_events("on-retired-plan").await, 0);
+    let summary = server
+        .get("/api/token-billing/user-summary/on-retired-plan", Some(API_KEY))
+        .await;
+    assert_eq!(summary.status, 500, "{}", summary.body);
 }
 
 #[tokio::test]
