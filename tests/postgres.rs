@@ -975,6 +975,51 @@ mod record_function {
         }
     }
 
+    /// The original product's function takes any JSON object as metadata; the library reads
+    /// values that are not texts as their JSON text, and answers a re-send of the event with
+    /// those texts as the original.
+    #[tokio::test]
+    async fn metadata_the_sql_function_took_reads_back_and_replays() {
+        let store = Arc::new(super::store().await);
+        let user = fresh("sqlmeta");
+        let at = chrono::DateTime::<chrono::Utc>::from_timestamp(chrono::Utc::now().timestamp() - 60, 0)
+            .expect("an instant");
+        sqlx::query(
+            "SELECT * FROM record_token_consumption($1, 1000, 'chat', NULL,
+                 '{\"requests\": 3, \"cached\": true, \"conversation\": \"c-1\"}', 'e1', $2)",
+        )
+        .bind(&user)
+        .bind(at)
+        .fetch_one(store.pool())
+        .await
+        .expect("recorded by SQL");
+        let billing = BillingService::builder(store.clone(), Arc::new(SandboxGateway::new())).build();
+        let user_id = UserId::new(user.clone()).expect("valid");
+        let period = token_billing::Period::containing(at, billing.default_plan().zone()).key();
+        let events = store.consumptions(&user_id, period).await.expect("read back");
+        let metadata: Vec<(&str, &str)> = events[0].metadata.iter().collect();
+        assert_eq!(
+            metadata,
+            [("cached", "true"), ("conversation", "c-1"), ("requests", "3")]
+        );
+        let again = billing
+            .process_token_usage(
+                UsageReport::new(user.as_str(), 1000, "chat")
+                    .event_id("e1")
+                    .occurred_at(at)
+                    .metadata_entry("requests", "3")
+                    .metadata_entry("cached", "true")
+                    .metadata_entry("conversation", "c-1"),
+            )
+            .await
+            .expect("answered");
+        assert!(again.replayed);
+        assert_eq!(
+            (again.consumption_id, again.total_tokens),
+            (events[0].consumption_id, 1000)
+        );
+    }
+
     #[tokio::test]
     async fn the_sql_record_function_refuses_bad_input_and_records_nothing() {
         let store = super::store().await;

@@ -406,11 +406,35 @@ fn usage_from(row: &PgRow) -> Result<UsageRecord, StoreError> {
             .map_err(db)?
             .map(parse::<ClientId>)
             .transpose()?,
-        metadata: serde_json::from_value::<Metadata>(metadata).map_err(generic)?,
+        metadata: metadata_from(metadata)?,
         occurred_at: row.try_get("occurred_at").map_err(db)?,
         occurred_at_reported: row.try_get("occurred_at_reported").map_err(db)?,
         recorded_at: row.try_get("created_at").map_err(db)?,
     })
+}
+
+/// An event's metadata as stored. The library writes an object of texts; the original product's
+/// `record_token_consumption`, which hosts may call beside it, takes any object: a value that is
+/// not a text is read as its JSON text (`3`, `true`, `{"a":1}`), so that such an event reads
+/// back, and is answered as the original when the library is sent it again with those texts.
+fn metadata_from(stored: serde_json::Value) -> Result<Metadata, StoreError> {
+    match stored {
+        serde_json::Value::Object(entries) => Ok(entries
+            .into_iter()
+            .map(|(key, value)| match value {
+                serde_json::Value::String(text) => (key, text),
+                other => (key, other.to_string()),
+            })
+            .collect()),
+        serde_json::Value::Null => Ok(Metadata::new()),
+        other => Err(generic(format!(
+            "an event's metadata is a JSON {}, not an object",
+            match other {
+                serde_json::Value::Array(_) => "array",
+                _ => "scalar",
+            }
+        ))),
+    }
 }
 
 fn summary_from(row: &PgRow) -> Result<PeriodSummary, StoreError> {
