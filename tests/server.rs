@@ -426,6 +426,11 @@ async fn configuration_comes_from_the_environment_and_is_logged_without_secrets(
     for refused in [
         variables(&[]),
         variables(&[("TOKEN_BILLING_API_KEY", "too-short")]),
+        variables(&[("TOKEN_BILLING_API_KEY", "long-enough-key-0123\n")]),
+        variables(&[
+            ("TOKEN_BILLING_API_KEY", "long-enough-key-0123"),
+            ("TOKEN_BILLING_JWT_SECRET", " a-jwt-secret"),
+        ]),
         variables(&[
             ("TOKEN_BILLING_API_KEY", "long-enough-key-0123"),
             ("TOKEN_BILLING_FEE_COLLECTION", "sometimes"),

@@ -41,6 +41,13 @@ type Error = Box<dyn std::error::Error + Send + Sync>;
 /// `sandbox`: the durable store would record the sandbox's charges as paid.
 pub(crate) async fn configure(env: impl Fn(&str) -> Option<String>) -> Result<Configured, Error> {
     let env = |name: &str| env(name).filter(|v| !v.trim().is_empty());
+    // Clients' credentials are read without surrounding whitespace: a secret kept with it (the
+    // newline of a file it was read from) would refuse every request.
+    for secret in ["TOKEN_BILLING_API_KEY", "TOKEN_BILLING_JWT_SECRET"] {
+        if env(secret).is_some_and(|value| value.trim() != value) {
+            return Err(format!("{secret} begins or ends with whitespace (a newline from a file?): remove it").into());
+        }
+    }
     let api_key = env("TOKEN_BILLING_API_KEY").ok_or("set TOKEN_BILLING_API_KEY: the key the host's backend sends")?;
     if api_key.len() < MIN_API_KEY_LEN {
         return Err(format!("TOKEN_BILLING_API_KEY must be at least {MIN_API_KEY_LEN} characters").into());
