@@ -806,6 +806,22 @@ async fn bad_requests_are_refused_with_a_clear_error_and_record_nothing() {
             400,
         ),
         (
+            "event_id for eventId: a retry would not be recognised",
+            "POST",
+            "/api/token-billing/process-usage",
+            with_key.to_vec(),
+            usage(json!({"event_id": "req-1"})),
+            400,
+        ),
+        (
+            "occurred_at for occurredAt",
+            "POST",
+            "/api/token-billing/process-usage",
+            with_key.to_vec(),
+            usage(json!({"occurred_at": "2026-11-15T12:00:00Z"})),
+            400,
+        ),
+        (
             "metadata an array",
             "POST",
             "/api/token-billing/process-usage",

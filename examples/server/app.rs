@@ -353,7 +353,24 @@ where
 }
 
 /// The usage report of a process-usage body.
+/// The report's fields as another naming would spell them: a host sending `event_id` instead of
+/// `eventId` would lose the retry's dedupe without a word, so these are refused by name.
+const MISSPELLED_FIELDS: [(&str, &str); 7] = [
+    ("user_id", "userId"),
+    ("tokens_used", "tokensUsed"),
+    ("operation_type", "operationType"),
+    ("client_id", "clientId"),
+    ("event_id", "eventId"),
+    ("occurred_at", "occurredAt"),
+    ("idempotencyKey", "eventId"),
+];
+
 fn usage_report(body: &Map<String, Value>) -> Result<UsageReport, ApiError> {
+    if let Some((field, meant)) = MISSPELLED_FIELDS.iter().find(|(field, _)| body.contains_key(*field)) {
+        return Err(ApiError::bad_request(format!(
+            "unknown field {field}: the API's fields are camelCase ({meant}); nothing was recorded"
+        )));
+    }
     let tokens = match body.get("tokensUsed") {
         None | Some(Value::Null) => return Err(ApiError::bad_request("tokensUsed is required")),
         Some(Value::Number(n)) => n.as_u64().ok_or_else(|| {

@@ -149,7 +149,7 @@ pub(crate) fn document() -> Value {
                                 "tierCharges": {"type": "array", "items": {"$ref": "#/components/schemas/TierCharge"}}
                             }
                         })),
-                        "400": error("Malformed JSON, a missing or mistyped field, zero or too many tokens, bad ids or metadata. Nothing was recorded."),
+                        "400": error("Malformed JSON, a missing or mistyped field (or one spelled snake_case, such as event_id), zero or too many tokens, bad ids or metadata. Nothing was recorded."),
                         "409": error("The eventId was used before for different usage. Nothing was recorded."),
                         "500": error("The user's plan is missing from the service's catalogue. Nothing was recorded: retry with the same eventId once it is back."),
                         "502": error("The payment gateway failed."),
