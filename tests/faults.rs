@@ -1012,6 +1012,29 @@ async fn an_authenticated_payment_whose_webhook_was_lost_is_settled_by_resume() 
     assert_eq!(h.sandbox.payments().len(), 1);
 }
 
+/// Applies the webhook of round 0's `payment` of `fee`: its authentication failed.
+async fn authentication_failed(
+    h: &Harness,
+    who: &UserId,
+    fee: &token_billing::Charge,
+    payment: &str,
+) -> token_billing::Charge {
+    h.service
+        .apply_payment_update(PaymentUpdate {
+            user_id: who.clone(),
+            charge_key: fee.key.clone(),
+            round: Some(0),
+            outcome: token_billing::PaymentOutcome {
+                payment_id: payment.to_owned(),
+                status: PaymentStatus::Declined,
+                decline_code: Some("authentication_failed".into()),
+                message: None,
+            },
+        })
+        .await
+        .expect("applied")
+}
+
 /// A user whose fixed fee asked for authentication, which the gateway then reported failed
 /// (the payment itself stays open for the customer); the customer's card now pays, and a day
 /// has passed, so the charge is due for its next round. The user, the fee and the open payment.
@@ -1024,20 +1047,7 @@ async fn failed_authentication(h: &Harness, name: &str) -> (UserId, token_billin
         .expect("recorded");
     let fee = h.store.charges(&who, november()).await.expect("charges")[0].clone();
     let open = fee.payment_id.clone().expect("the payment awaiting authentication");
-    h.service
-        .apply_payment_update(PaymentUpdate {
-            user_id: who.clone(),
-            charge_key: fee.key.clone(),
-            round: Some(0),
-            outcome: token_billing::PaymentOutcome {
-                payment_id: open.clone(),
-                status: PaymentStatus::Declined,
-                decline_code: Some("authentication_failed".into()),
-                message: None,
-            },
-        })
-        .await
-        .expect("applied");
+    authentication_failed(h, &who, &fee, &open).await;
     h.sandbox
         .set_behaviour(&customer, CardBehaviour::Succeeds)
         .expect("customer");
@@ -1188,21 +1198,7 @@ async fn a_new_round_awaiting_the_previous_payments_customer_follows_its_failure
         (ChargeStatus::RequiresAction, 1, Some(open.as_str()))
     );
     // That payment fails; its webhook names round 0, the round that made it.
-    let failed = h
-        .service
-        .apply_payment_update(PaymentUpdate {
-            user_id: xia.clone(),
-            charge_key: fee.key.clone(),
-            round: Some(0),
-            outcome: token_billing::PaymentOutcome {
-                payment_id: open.clone(),
-                status: PaymentStatus::Declined,
-                decline_code: Some("authentication_failed".into()),
-                message: None,
-            },
-        })
-        .await
-        .expect("applied");
+    let failed = authentication_failed(&h, &xia, &fee, &open).await;
     assert_eq!((failed.status, failed.round), (ChargeStatus::Failed, 1));
     assert!(failed.next_retry_at.is_some(), "dunning goes on");
 }
