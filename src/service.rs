@@ -1965,6 +1965,7 @@ impl BillingService {
                     payment_id: None,
                     now,
                     lease_until: collect.then(|| self.lease_until(now, self.settings.lease)),
+                    plan: Some(plan.clone()),
                 })
                 .await?;
             match customer {
@@ -2104,6 +2105,7 @@ impl BillingService {
                     payment_id: Some(payment_id.to_owned()),
                     now,
                     lease_until: None,
+                    plan: Some(plan.clone()),
                 })
                 .await?;
             if created {

@@ -1020,6 +1020,48 @@ mod record_function {
         );
     }
 
+    /// A period the library opened by charging its fee ahead of usage carries its plan's
+    /// allowance and block size, so the function refuses to rate it under another plan.
+    #[tokio::test]
+    async fn a_period_opened_by_its_fee_is_refused_to_the_sql_function_under_another_plan() {
+        let store = Arc::new(super::store().await);
+        let pro = token_billing::PlanId::new("pro").expect("valid");
+        let billing = BillingService::builder(store.clone(), Arc::new(SandboxGateway::new()))
+            .add_plan(
+                pro.clone(),
+                Plan::builder()
+                    .included_tokens(20_000_000)
+                    .block_size(10_000_000)
+                    .build()
+                    .expect("valid"),
+            )
+            .build();
+        let user = fresh("sqlopened");
+        let user_id = UserId::new(user.clone()).expect("valid");
+        billing
+            .register_account(&user_id, None, Some(pro))
+            .await
+            .expect("on pro");
+        billing
+            .open_period(&user_id, None)
+            .await
+            .expect("opened")
+            .expect("the fee");
+        let default_plan = sqlx::query("SELECT * FROM record_token_consumption($1, 12000000, 'chat')")
+            .bind(&user)
+            .fetch_one(store.pool())
+            .await;
+        assert!(default_plan.is_err(), "the period is pro's, not the default plan's");
+        sqlx::query(
+            "SELECT * FROM record_token_consumption($1, 12000000, 'chat', p_included_tokens => 20000000,
+                 p_block_size => 10000000)",
+        )
+        .bind(&user)
+        .fetch_one(store.pool())
+        .await
+        .expect("pro's own allowance and blocks are taken");
+    }
+
     #[tokio::test]
     async fn the_sql_record_function_refuses_bad_input_and_records_nothing() {
         let store = super::store().await;
@@ -1214,6 +1256,7 @@ mod record_paths {
                             payment_id: None,
                             now: base_instant(),
                             lease_until: None,
+                            plan: Some(plan.clone()),
                         })
                         .await
                         .expect("a period row");

@@ -784,12 +784,15 @@ impl UsageStore for InMemoryUsageStore {
     }
 
     async fn ensure_charge(&self, request: EnsureCharge) -> Result<(Charge, bool), StoreError> {
+        // The plan is kept with its period's summary row by stores that keep its rating; this one
+        // rates each event by the plan it is placed with.
         let EnsureCharge {
             charge,
             status,
             payment_id,
             now,
             lease_until,
+            plan: _,
         } = request;
         let user = charge.user_id.clone();
         let period = charge.period;

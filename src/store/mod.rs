@@ -513,6 +513,10 @@ pub struct EnsureCharge {
     pub now: DateTime<Utc>,
     /// When set, a created charge is leased to the caller until then.
     pub lease_until: Option<DateTime<Utc>>,
+    /// The plan that rates the charge's period, when known. A store that keeps a period's rating
+    /// with it (the PostgreSQL store's summary row, whose allowance and block size the original
+    /// product's SQL functions read and check) records it when this charge opens the period.
+    pub plan: Option<Plan>,
 }
 
 /// A gateway event to remember, so that it is acted on once, with the audit entry that records

@@ -14,7 +14,7 @@ use super::{
 };
 use crate::domain::{
     Blocks, Charge, ChargeKey, ChargeKind, ChargeStatus, ClientId, Currency, CustomerId, EventId, FeeCollection,
-    Metadata, Money, NewCharge, OperationType, PeriodKey, PlanId, UsageRecord, UserId, charges_for_growth,
+    Metadata, Money, NewCharge, OperationType, PeriodKey, Plan, PlanId, UsageRecord, UserId, charges_for_growth,
 };
 
 const STORE: &str = "PostgreSQL store";
@@ -742,21 +742,31 @@ impl PostgresUsageStore {
         Ok(())
     }
 
+    /// Makes sure the period's summary row exists, and locks it (before the charges, the order
+    /// every record path takes). The plan's allowance and block size are recorded with a period
+    /// that has none yet, so that the original product's SQL functions, which read and check
+    /// them, rate it as the library does.
     async fn ensure_summary(
         tx: &mut Transaction<'static, Postgres>,
         user: &UserId,
         period: PeriodKey,
         currency: Currency,
+        plan: Option<&Plan>,
         now: DateTime<Utc>,
     ) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO token_usage_summary (user_id, period, currency, updated_at) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (user_id, period) DO NOTHING",
+            "INSERT INTO token_usage_summary AS s (user_id, period, currency, updated_at, included_tokens, block_size)
+             VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (user_id, period) DO UPDATE
+                SET included_tokens = coalesce(s.included_tokens, EXCLUDED.included_tokens),
+                    block_size = coalesce(s.block_size, EXCLUDED.block_size)",
         )
         .bind(user.as_str())
         .bind(period.to_string())
         .bind(currency.code())
         .bind(now)
+        .bind(plan.map(|p| to_i64(p.included_tokens())).transpose()?)
+        .bind(plan.map(|p| to_i64(p.block_size())).transpose()?)
         .execute(&mut **tx)
         .await
         .map_err(db)?;
@@ -2024,10 +2034,19 @@ impl UsageStore for PostgresUsageStore {
             payment_id,
             now,
             lease_until,
+            plan,
         } = request;
         let (user, key) = (charge.user_id.clone(), charge.key.clone());
         let mut tx = self.begin().await?;
-        Self::ensure_summary(&mut tx, &user, charge.period, charge.amount.currency(), now).await?;
+        Self::ensure_summary(
+            &mut tx,
+            &user,
+            charge.period,
+            charge.amount.currency(),
+            plan.as_ref(),
+            now,
+        )
+        .await?;
         let created =
             Self::insert_charges(&mut tx, vec![charge], status, payment_id.as_deref(), now, lease_until).await?;
         tx.commit().await.map_err(db)?;

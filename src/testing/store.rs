@@ -847,6 +847,7 @@ pub async fn existing_fee_charge_is_not_created_again(store: &dyn UsageStore) {
             payment_id: None,
             now: base_instant(),
             lease_until: None,
+            plan: Some(plan.clone()),
         })
         .await
         .expect("ensure_charge");
@@ -871,6 +872,7 @@ pub async fn ensure_charge_is_idempotent(store: &dyn UsageStore) {
         payment_id: Some("in_1".to_owned()),
         now: base_instant(),
         lease_until: None,
+        plan: Some(plan.clone()),
     };
     let calls = join_all((0..8).map(|_| store.ensure_charge(request.clone()))).await;
     let created = calls.iter().filter(|r| r.as_ref().expect("ensure_charge").1).count();
@@ -1532,6 +1534,7 @@ pub async fn audit_trail_records_every_change(store: &dyn UsageStore) {
             payment_id: Some("pi_paid_elsewhere".to_owned()),
             now: now + Duration::days(40),
             lease_until: None,
+            plan: Some(plan.clone()),
         })
         .await
         .expect("ensure_charge");
