@@ -1264,20 +1264,6 @@ impl BillingService {
             if !self.hold(charge).await {
                 return false;
             }
-            // A later round still names an earlier round's payment until a new one is made:
-            // cancel it first, under this lease (a retry's own run, or a resumed one whose cancel
-            // failed or whose caller stopped), so that it cannot succeed beside the new payment.
-            // A payment of this round that is still processing cannot be cancelled: the charge
-            // follows it.
-            if charge.round > 0 && charge.payment_id.is_some() {
-                match self.close_previous_round(charge.clone()).await {
-                    Ok(open_for_a_new_payment) => *charge = open_for_a_new_payment,
-                    Err(settled) => {
-                        *charge = settled;
-                        return true;
-                    }
-                }
-            }
             // A charge that may have been attempted before is looked up first: the gateway may have
             // forgotten the idempotency key, or this may be a later round of a charge paid out of band.
             if charge.attempts > 1 {
@@ -1290,6 +1276,18 @@ impl BillingService {
                     Ok(None) => {}
                     Err(error) => {
                         warn!(error = %error, "could not look up earlier payments: charge stays pending");
+                        return true;
+                    }
+                }
+            }
+            // Nothing of the charge is paid or in flight. A later round may still name an earlier
+            // round's payment (a retry whose cancel failed, or whose collector stopped after its
+            // claim): cancel it, under this lease, so that it cannot succeed beside the new one.
+            if charge.round > 0 && charge.payment_id.is_some() {
+                match self.close_previous_round(charge.clone()).await {
+                    Ok(open_for_a_new_payment) => *charge = open_for_a_new_payment,
+                    Err(settled) => {
+                        *charge = settled;
                         return true;
                     }
                 }
@@ -1662,8 +1660,18 @@ impl BillingService {
                     return Ok(report);
                 }
                 report.claimed += claimed.len();
-                // Each new round's collection cancels the previous round's payment first.
-                self.collect_all(claimed, &mut report).await;
+                let mut to_collect = Vec::with_capacity(claimed.len());
+                for charge in claimed {
+                    match self.close_previous_round(charge).await {
+                        // Closed: the collection need not close it again.
+                        Ok(mut charge) => {
+                            charge.payment_id = None;
+                            to_collect.push(charge);
+                        }
+                        Err(settled) => report.count(settled.status),
+                    }
+                }
+                self.collect_all(to_collect, &mut report).await;
             }
         }
         .instrument(info_span!("retry_failed"))

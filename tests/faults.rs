@@ -797,6 +797,57 @@ async fn a_failed_payment_the_customer_tries_again_is_followed() {
 }
 
 #[tokio::test]
+async fn a_later_rounds_own_processing_payment_is_followed_when_resumed_not_cancelled() {
+    let h = Harness::new();
+    let zed = user("zed");
+    let customer = h
+        .register(
+            &zed,
+            CardBehaviour::Declines {
+                code: "card_declined".into(),
+            },
+        )
+        .await;
+    h.service
+        .process_token_usage(UsageReport::new("zed", 100, "chat"))
+        .await
+        .expect("recorded");
+    let fee = h.store.charges(&zed, november()).await.expect("charges")[0].clone();
+    // Round 1's payment is processing: the charge waits for its outcome.
+    h.sandbox
+        .set_behaviour(&customer, CardBehaviour::Processing)
+        .expect("customer");
+    h.advance(Span::days(1));
+    h.service.retry_failed().await.expect("retry");
+    let waiting = h.store.charge(&zed, &fee.key).await.expect("read").expect("the fee");
+    let own = waiting.payment_id.clone().expect("round 1's payment");
+    assert_eq!((waiting.status, waiting.round), (ChargeStatus::Pending, 1));
+    // Its webhook is lost; the next run resumes the charge and finds its payment still in flight.
+    h.advance(Span::minutes(20));
+    h.service.resume_pending().await.expect("resume");
+    let payments = h.sandbox.payments_for_charge(&fee.key);
+    assert_eq!(payments.len(), 2, "no third payment");
+    assert_eq!(
+        payments[1].status,
+        PaymentStatus::Processing,
+        "round 1's own payment is not cancelled"
+    );
+    // It completes, and the charge is paid by it.
+    let outcome = h.sandbox.finish_payment(&own, true).expect("finish");
+    let paid = h
+        .service
+        .apply_payment_update(PaymentUpdate {
+            user_id: zed.clone(),
+            charge_key: fee.key.clone(),
+            round: Some(1),
+            outcome,
+        })
+        .await
+        .expect("applied");
+    assert_eq!(paid.status, ChargeStatus::Succeeded);
+}
+
+#[tokio::test]
 async fn an_update_for_an_unknown_charge_is_an_error() {
     let h = Harness::new();
     let error = h

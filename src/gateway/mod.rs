@@ -300,8 +300,9 @@ pub trait PaymentGateway: Send + Sync + Debug {
 
     /// Cancels a payment that has not succeeded, so that it cannot succeed later (a customer
     /// completing an old authentication) once a new round has been started. Returns the
-    /// payment's state after the attempt: `Canceled`, or its final state when it could not be
-    /// canceled (it had succeeded or was already declined).
+    /// payment's state after the attempt: `Canceled`, or its state when it could not be
+    /// canceled (it had succeeded or was already declined, or it is past cancelling while it may
+    /// still succeed: processing, or awaiting the customer).
     async fn cancel_payment(&self, payment_id: &str) -> Result<PaymentOutcome, GatewayError>;
 
     /// Subscribes a user's customer to a plan's fixed fee (the seed's create-subscription). The
