@@ -639,7 +639,9 @@ impl BillingService {
     /// gateway, and call [`create_subscription`](Self::create_subscription) for the new plan.
     ///
     /// # Errors
-    /// [`BillingError::UnknownPlan`]; [`BillingError::PlanChangeMidPeriod`] when the plan changes
+    /// [`BillingError::UnknownPlan`] for a plan the caller names; [`BillingError::AccountPlanMissing`]
+    /// when it names none and the account's own plan is missing from the catalogue;
+    /// [`BillingError::PlanChangeMidPeriod`] when the plan changes
     /// while the current period has usage or charges, a fixed fee collected ahead of usage
     /// included (change plans between periods, before the new period's fee); store errors.
     ///
@@ -703,8 +705,14 @@ impl BillingService {
         now: DateTime<Utc>,
     ) -> Result<Account, BillingError> {
         let current_plan = existing.map_or(&self.settings.default_plan_id, |a| &a.plan_id);
+        let plan = match (&plan_id, existing) {
+            // The caller's plan: unknown is the caller's mistake.
+            (Some(named), _) => self.plan(named)?,
+            // The account's own, kept: missing is the service's configuration.
+            (None, Some(account)) => self.plan_of(account, current_plan)?,
+            (None, None) => self.default_plan(),
+        };
         let plan_id = plan_id.unwrap_or_else(|| current_plan.clone());
-        let plan = self.plan(&plan_id)?;
         let mut earlier_plans = existing.map(|a| a.earlier_plans.clone()).unwrap_or_default();
         if current_plan != &plan_id && self.plan(current_plan).ok() != Some(plan) {
             let period = Period::containing(now, self.plan(current_plan).map_or(plan.zone(), Plan::zone)).key();
@@ -883,7 +891,8 @@ impl BillingService {
     ///
     /// # Errors
     /// [`BillingError::InvalidUsage`] for a bad report; [`BillingError::EventConflict`] for an
-    /// event id re-used with different usage; [`BillingError::TotalOverflow`]; store errors. A
+    /// event id re-used with different usage; [`BillingError::TotalOverflow`];
+    /// [`BillingError::AccountPlanMissing`] when the user's account names a plan the catalogue lacks; store errors. A
     /// refused report records nothing. After a store error the event may or may not have been
     /// recorded (the store's answer may be what was lost): send it again with the same event id,
     /// and it is recorded once either way.
@@ -1713,7 +1722,8 @@ impl BillingService {
     /// the audit trail ([`AuditEvent::DuplicatePayment`](crate::AuditEvent::DuplicatePayment))
     /// and logged at `error` for the host to refund. A failure or a request for authentication
     /// that names another round, or another payment than the charge's, is stale (the charge was
-    /// retried since) and is ignored. A failed charge's payment reported in flight again
+    /// retried since) and is ignored; a charge awaiting the customer follows the payment it
+    /// names, whichever round made it. A failed charge's payment reported in flight again
     /// (processing, or awaiting authentication) is applied only when the gateway's payment is in
     /// that state now: the update may be an earlier state of the payment, delivered after its
     /// failure, since gateways do not keep their events in order.
@@ -1834,7 +1844,9 @@ impl BillingService {
     /// [`BillingError::InvalidId`] for an event id that is empty, longer than 255 bytes or not
     /// printable ASCII; [`BillingError::ChargeNotFound`] for a payment of a charge this store
     /// does not know (another environment sharing the gateway account, say: acknowledge it);
-    /// store errors (answer them so that the gateway delivers the event again).
+    /// [`BillingError::Gateway`] for a paid invoice in another currency than the plan's;
+    /// [`BillingError::AccountPlanMissing`] when the user's account names a plan the catalogue lacks; gateway errors when a failed payment reported in flight again cannot be looked
+    /// up, and store errors (answer these so that the gateway delivers the event again).
     ///
     /// # Example
     /// ```
@@ -1935,7 +1947,7 @@ impl BillingService {
     /// creates and collects the fixed-fee charge unless it exists. Idempotent.
     ///
     /// # Errors
-    /// Store errors.
+    /// Store errors; [`BillingError::AccountPlanMissing`] when the user's account names a plan the catalogue lacks.
     ///
     /// # Example
     /// ```
@@ -1998,7 +2010,7 @@ impl BillingService {
     /// [`BillingError::FeeCollectedByLibrary`] unless the service runs with
     /// [`FeeCollection::Subscription`]: otherwise the fee would be collected twice, by the library
     /// and by the subscription. [`BillingError::NoCustomer`] when the user has no customer (and
-    /// the policy opens none); gateway and store errors.
+    /// the policy opens none); [`BillingError::AccountPlanMissing`] when the user's account names a plan the catalogue lacks; gateway and store errors.
     ///
     /// # Example
     /// ```
@@ -2078,7 +2090,8 @@ impl BillingService {
     ///
     /// # Errors
     /// Store errors; [`BillingError::Gateway`] when `amount` is in another currency than the
-    /// plan that rates the period (nothing is recorded: the gateway's report does not fit).
+    /// plan that rates the period (nothing is recorded: the gateway's report does not fit);
+    /// [`BillingError::AccountPlanMissing`] when the user's account names a plan the catalogue lacks.
     pub async fn record_fixed_fee_paid(
         &self,
         user: &UserId,
@@ -2151,7 +2164,7 @@ impl BillingService {
     /// `getUserTokenSummary`. Constant time: read from the period summary the store keeps.
     ///
     /// # Errors
-    /// Store errors.
+    /// Store errors; [`BillingError::AccountPlanMissing`] when the user's account names a plan the catalogue lacks.
     ///
     /// # Example
     /// ```
@@ -2201,7 +2214,7 @@ impl BillingService {
     /// the seed's "consumo de tokens por operação".
     ///
     /// # Errors
-    /// Store errors.
+    /// Store errors; [`BillingError::AccountPlanMissing`] when the user's account names a plan the catalogue lacks.
     ///
     /// # Example
     /// ```
@@ -2232,7 +2245,7 @@ impl BillingService {
     /// "cobranças por faixas no período".
     ///
     /// # Errors
-    /// Store errors.
+    /// Store errors; [`BillingError::AccountPlanMissing`] when the user's account names a plan the catalogue lacks.
     ///
     /// # Example
     /// ```
@@ -2260,7 +2273,7 @@ impl BillingService {
     /// The user's charges in a period (the current one when `None`).
     ///
     /// # Errors
-    /// Store errors.
+    /// Store errors; [`BillingError::AccountPlanMissing`] when the user's account names a plan the catalogue lacks.
     #[tracing::instrument(level = "debug", skip_all, fields(user = %user, period = ?period))]
     pub async fn charges(&self, user: &UserId, period: Option<PeriodKey>) -> Result<Vec<Charge>, BillingError> {
         let (period, _) = self.period_of(user, period).await?;

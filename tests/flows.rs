@@ -451,6 +451,16 @@ async fn an_account_on_a_plan_missing_from_the_catalogue_is_the_services_error()
         matches!(summary, BillingError::AccountPlanMissing { .. }),
         "{summary:?}"
     );
+    // Keeping the account's own plan, missing, is the service's error too.
+    let kept = h
+        .service
+        .register_account(&zoe, Some(CustomerId::new("cus_zoe").expect("valid")), None)
+        .await
+        .expect_err("the account's plan is missing");
+    assert!(
+        matches!(kept, BillingError::AccountPlanMissing { .. }) && !kept.is_client_error(),
+        "{kept:?}"
+    );
     // A plan the caller names is still the caller's mistake.
     let unknown = h
         .service

@@ -352,7 +352,6 @@ where
     checked(field, required_text(body, field)?)
 }
 
-/// The usage report of a process-usage body.
 /// The report's fields as another naming would spell them: a host sending `event_id` instead of
 /// `eventId` would lose the retry's dedupe without a word, so these are refused by name.
 const MISSPELLED_FIELDS: [(&str, &str); 7] = [
@@ -365,6 +364,7 @@ const MISSPELLED_FIELDS: [(&str, &str); 7] = [
     ("idempotencyKey", "eventId"),
 ];
 
+/// The usage report of a process-usage body.
 fn usage_report(body: &Map<String, Value>) -> Result<UsageReport, ApiError> {
     if let Some((field, meant)) = MISSPELLED_FIELDS.iter().find(|(field, _)| body.contains_key(*field)) {
         return Err(ApiError::bad_request(format!(

@@ -847,7 +847,8 @@ impl From<StoreError> for RecordFailure {
 
 impl PostgresUsageStore {
     /// Saves `account` by `sql` (binding its columns as `$1` - `$7`, and `expected`, when given,
-    /// as `$8` - `$12` for [`account_unchanged`]) with its audit entry, in one transaction;
+    /// as `$8` - `$12` for [`account_unchanged`] and its creation as `$13`) with its audit entry,
+    /// in one transaction;
     /// answers whether a row was written. The kept copy follows: the saved account, or none when
     /// the statement wrote nothing (the kept one may be what changed).
     async fn save_account(&self, sql: &str, account: Account, expected: Option<&Account>) -> Result<bool, StoreError> {
@@ -862,7 +863,7 @@ impl PostgresUsageStore {
             .bind(account.created_at)
             .bind(account.updated_at);
         let query = match expected {
-            Some(expected) => bind_account(query, Some(expected)),
+            Some(expected) => bind_account(query, Some(expected)).bind(expected.created_at),
             None => query,
         };
         if query.execute(&mut *tx).await.map_err(db)?.rows_affected() != 1 {
@@ -1879,7 +1880,7 @@ impl UsageStore for PostgresUsageStore {
                 "UPDATE token_billing_accounts AS a
                     SET customer_id = $2, plan_id = $3, earlier_plans = $4, subscription_id = $5, created_at = $6,
                         updated_at = $7
-                  WHERE a.user_id = $1 AND {}",
+                  WHERE a.user_id = $1 AND {} AND a.created_at = $13",
                 account_unchanged(8)
             )
         });

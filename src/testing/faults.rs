@@ -177,9 +177,10 @@ impl FaultyStore {
         }
     }
 
-    /// Refuses the next `times` records with [`StoreError::AccountChanged`], giving each event
-    /// back unrecorded, as a store that caches accounts does when another instance changed the
-    /// user's account since it was read. This is how a host checks what its service does when
+    /// Refuses the next `times` calls of `record_usage` with [`StoreError::AccountChanged`],
+    /// giving each event back unrecorded, as a store that caches accounts does when another
+    /// instance changed the user's account since it was read (this hook refuses records placed
+    /// without an account too, which such a store would not check). This is how a host checks what its service does when
     /// its own store's cache goes stale.
     ///
     /// # Example
