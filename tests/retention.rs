@@ -280,3 +280,91 @@ async fn periods_kept_keeps_a_period_s_events_while_either_plan_s_grace_is_open(
         );
     }
 }
+
+/// A period opened by its fee ahead of usage (a monthly `open_period` job) is a new period as
+/// much as one opened by an event: older periods' events are forgotten then too, so memory does
+/// not grow month after month.
+#[tokio::test]
+async fn periods_kept_forgets_when_the_monthly_job_opens_each_period() {
+    let h = harness(InMemoryUsageStore::builder().periods_kept(1).build());
+    let cid = user("cid");
+    let months = [(2026, 8), (2026, 9), (2026, 10), (2026, 11)];
+    for (i, (year, month)) in months.into_iter().enumerate() {
+        // The job runs on the 5th, past the previous month's grace window, before any usage.
+        h.clock
+            .set(Utc.with_ymd_and_hms(year, month, 5, 12, 0, 0).single().expect("valid"));
+        h.service
+            .open_period(&cid, None)
+            .await
+            .expect("opened")
+            .expect("the fee");
+        h.service
+            .process_token_usage(UsageReport::new("cid", 1_000, "chat").event_id(format!("req-{i}")))
+            .await
+            .expect("recorded");
+    }
+    let period = |y, m| PeriodKey::new(y, m).expect("valid");
+    for month in [8, 9, 10] {
+        assert!(
+            h.store
+                .consumptions(&cid, period(2026, month))
+                .await
+                .expect("read")
+                .is_empty(),
+            "2026-{month} forgotten"
+        );
+    }
+    assert_eq!(
+        h.store.consumptions(&cid, period(2026, 11)).await.expect("read").len(),
+        1
+    );
+    // Totals stay.
+    let august = h
+        .service
+        .token_summary(&cid, Some(period(2026, 8)))
+        .await
+        .expect("summary");
+    assert_eq!(august.total_tokens, 1_000);
+}
+
+/// A plan whose grace window has no end takes late usage for ever: the store keeps its events,
+/// and recording under it never fails.
+#[tokio::test]
+async fn a_grace_window_without_end_keeps_its_events() {
+    let forever = token_billing::Plan::builder()
+        .late_usage_grace(std::time::Duration::MAX)
+        .build()
+        .expect("valid");
+    let sandbox = SandboxGateway::new();
+    let h = Harness::over(
+        Arc::new(InMemoryUsageStore::builder().periods_kept(1).build()),
+        Arc::new(sandbox.clone()),
+        sandbox,
+        |b| b.plan(forever),
+    );
+    let dee = user("dee");
+    for (i, month) in [9, 10, 11].into_iter().enumerate() {
+        h.clock
+            .set(Utc.with_ymd_and_hms(2026, month, 15, 12, 0, 0).single().expect("valid"));
+        h.service
+            .process_token_usage(UsageReport::new("dee", 1_000, "chat").event_id(format!("req-{i}")))
+            .await
+            .expect("recorded");
+    }
+    let september = PeriodKey::new(2026, 9).expect("valid");
+    assert_eq!(
+        h.store.consumptions(&dee, september).await.expect("read").len(),
+        1,
+        "September still takes late usage: its event is kept"
+    );
+    let again = h
+        .service
+        .process_token_usage(
+            UsageReport::new("dee", 1_000, "chat")
+                .event_id("req-0")
+                .occurred_at(Utc.with_ymd_and_hms(2026, 9, 15, 12, 0, 0).single().expect("valid")),
+        )
+        .await
+        .expect("answered");
+    assert!(again.replayed);
+}

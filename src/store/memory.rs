@@ -391,7 +391,7 @@ impl InMemoryUsageStore {
         if keep {
             period_book
                 .takes_usage_until
-                .get_or_insert_with(|| Period::new(period, plan.zone()).end() + plan.late_usage_grace());
+                .get_or_insert_with(|| takes_usage_until(period, plan));
             let index = period_book.consumptions.len();
             period_book.consumptions.push(Arc::clone(&usage));
             book.events.insert(
@@ -542,6 +542,15 @@ impl Shard {
     }
 }
 
+/// Until when `plan` takes late usage for `period`: its end plus the plan's grace window, or
+/// for ever when that is past the last instant there is.
+fn takes_usage_until(period: PeriodKey, plan: &Plan) -> DateTime<Utc> {
+    chrono::Duration::from_std(plan.late_usage_grace())
+        .ok()
+        .and_then(|grace| Period::new(period, plan.zone()).end().checked_add_signed(grace))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
 impl UserBook {
     /// Saves the user's account, with its audit entry.
     fn save_account(&mut self, account: Account) {
@@ -600,13 +609,21 @@ impl UserBook {
     /// what a caller judging by the current plan could still send: its events are kept until
     /// both have closed.
     fn forget_events_before(&mut self, newest: PeriodKey, kept: u32, current: &Plan, now: DateTime<Utc>) {
+        // Walks back no further than the oldest period (a large `kept` costs nothing): none is
+        // before a cutoff that reached it.
+        let Some(oldest) = self.periods.0.first().map(|(key, _)| *key) else {
+            return;
+        };
         let mut cutoff = newest;
         for _ in 1..kept {
+            if cutoff <= oldest {
+                return;
+            }
             cutoff = cutoff.previous();
         }
         let mut forgotten = Vec::new();
         for (key, book) in self.periods.before_mut(cutoff) {
-            let open_for_current = Period::new(key, current.zone()).end() + current.late_usage_grace() > now;
+            let open_for_current = takes_usage_until(key, current) > now;
             if book.consumptions.is_empty()
                 || open_for_current
                 || book.takes_usage_until.is_none_or(|until| until > now)
@@ -784,15 +801,13 @@ impl UsageStore for InMemoryUsageStore {
     }
 
     async fn ensure_charge(&self, request: EnsureCharge) -> Result<(Charge, bool), StoreError> {
-        // The plan is kept with its period's summary row by stores that keep its rating; this one
-        // rates each event by the plan it is placed with.
         let EnsureCharge {
             charge,
             status,
             payment_id,
             now,
             lease_until,
-            plan: _,
+            plan,
         } = request;
         let user = charge.user_id.clone();
         let period = charge.period;
@@ -803,10 +818,17 @@ impl UsageStore for InMemoryUsageStore {
             return Ok((existing.clone(), false));
         }
         let currency = charge.amount.currency();
+        let opened = book.periods.get(&period).is_none();
         book.periods.get_or_insert_with(period, || {
             PeriodBook::new(PeriodSummary::empty(user.clone(), period, currency, now))
         });
         let created = book.insert_charges(period, vec![charge], status, payment_id, now, lease_until)?;
+        // A period opened by its fee (a monthly job, a subscription's invoice) is a new period as
+        // much as one opened by an event: older periods' events may be forgotten now, by the
+        // plan that rates it.
+        if let (true, Some(kept), Some(plan)) = (opened, self.periods_kept, plan.as_ref()) {
+            book.forget_events_before(period, kept, plan, now);
+        }
         let charge = created.into_iter().next().ok_or_else(|| StoreError::NotFound {
             what: "charge",
             key: user.to_string(),
