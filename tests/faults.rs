@@ -642,32 +642,62 @@ async fn a_card_update_retries_unpaid_charges_even_after_the_schedule_ran_out() 
     h.assert_period_consistent(&paulo, november(), &Plan::default()).await;
 }
 
-#[tokio::test]
-async fn a_stale_failure_from_an_earlier_round_does_not_override_the_current_round() {
-    let h = Harness::new();
-    let rita = user("rita");
+/// A user whose fixed fee was declined in round 0 and whose retry, a day later, is processing:
+/// the user, the fee, round 0's declined payment and the fee in round 1, waiting.
+async fn round_one_processing(
+    h: &Harness,
+    name: &str,
+) -> (
+    UserId,
+    token_billing::Charge,
+    token_billing::SandboxPayment,
+    token_billing::Charge,
+) {
+    let who = user(name);
     let customer = h
         .register(
-            &rita,
+            &who,
             CardBehaviour::Declines {
                 code: "card_declined".into(),
             },
         )
         .await;
     h.service
-        .process_token_usage(UsageReport::new("rita", 100, "chat"))
+        .process_token_usage(UsageReport::new(name, 100, "chat"))
         .await
         .expect("recorded");
-    let fee = h.store.charges(&rita, november()).await.expect("charges")[0].clone();
+    let fee = h.store.charges(&who, november()).await.expect("charges")[0].clone();
     let declined = h.sandbox.payments_for_charge(&fee.key)[0].clone();
-    // Round 1 is in flight: its payment is processing.
     h.sandbox
         .set_behaviour(&customer, CardBehaviour::Processing)
         .expect("customer");
     h.advance(Span::days(1));
     h.service.retry_failed().await.expect("retry");
-    let in_flight = h.store.charge(&rita, &fee.key).await.expect("charge").expect("exists");
+    let in_flight = h.store.charge(&who, &fee.key).await.expect("charge").expect("exists");
     assert_eq!((in_flight.status, in_flight.round), (ChargeStatus::Pending, 1));
+    (who, fee, declined, in_flight)
+}
+
+/// Round 1's `payment` of `fee` succeeds, and its webhook pays the charge.
+async fn round_one_completes(h: &Harness, who: &UserId, fee: &token_billing::Charge, payment: &str) {
+    let outcome = h.sandbox.finish_payment(payment, true).expect("finish");
+    let paid = h
+        .service
+        .apply_payment_update(PaymentUpdate {
+            user_id: who.clone(),
+            charge_key: fee.key.clone(),
+            round: Some(1),
+            outcome,
+        })
+        .await
+        .expect("applied");
+    assert_eq!(paid.status, ChargeStatus::Succeeded);
+}
+
+#[tokio::test]
+async fn a_stale_failure_from_an_earlier_round_does_not_override_the_current_round() {
+    let h = Harness::new();
+    let (rita, fee, declined, in_flight) = round_one_processing(&h, "rita").await;
 
     // Round 0's decline arrives late, as webhooks may, with and without its round.
     for round in [Some(0), None] {
@@ -690,18 +720,7 @@ async fn a_stale_failure_from_an_earlier_round_does_not_override_the_current_rou
     }
     // Round 1's own outcome still lands.
     let current = in_flight.payment_id.clone().expect("round 1's payment");
-    let outcome = h.sandbox.finish_payment(&current, true).expect("finish");
-    let paid = h
-        .service
-        .apply_payment_update(PaymentUpdate {
-            user_id: rita.clone(),
-            charge_key: fee.key.clone(),
-            round: Some(1),
-            outcome,
-        })
-        .await
-        .expect("applied");
-    assert_eq!(paid.status, ChargeStatus::Succeeded);
+    round_one_completes(&h, &rita, &fee, &current).await;
     assert_eq!(
         h.service.account_standing(&rita).await.expect("standing").standing,
         Standing::GoodStanding
@@ -799,29 +818,8 @@ async fn a_failed_payment_the_customer_tries_again_is_followed() {
 #[tokio::test]
 async fn a_later_rounds_own_processing_payment_is_followed_when_resumed_not_cancelled() {
     let h = Harness::new();
-    let zed = user("zed");
-    let customer = h
-        .register(
-            &zed,
-            CardBehaviour::Declines {
-                code: "card_declined".into(),
-            },
-        )
-        .await;
-    h.service
-        .process_token_usage(UsageReport::new("zed", 100, "chat"))
-        .await
-        .expect("recorded");
-    let fee = h.store.charges(&zed, november()).await.expect("charges")[0].clone();
-    // Round 1's payment is processing: the charge waits for its outcome.
-    h.sandbox
-        .set_behaviour(&customer, CardBehaviour::Processing)
-        .expect("customer");
-    h.advance(Span::days(1));
-    h.service.retry_failed().await.expect("retry");
-    let waiting = h.store.charge(&zed, &fee.key).await.expect("read").expect("the fee");
+    let (zed, fee, _, waiting) = round_one_processing(&h, "zed").await;
     let own = waiting.payment_id.clone().expect("round 1's payment");
-    assert_eq!((waiting.status, waiting.round), (ChargeStatus::Pending, 1));
     // Its webhook is lost; the next run resumes the charge and finds its payment still in flight.
     h.advance(Span::minutes(20));
     h.service.resume_pending().await.expect("resume");
@@ -833,18 +831,7 @@ async fn a_later_rounds_own_processing_payment_is_followed_when_resumed_not_canc
         "round 1's own payment is not cancelled"
     );
     // It completes, and the charge is paid by it.
-    let outcome = h.sandbox.finish_payment(&own, true).expect("finish");
-    let paid = h
-        .service
-        .apply_payment_update(PaymentUpdate {
-            user_id: zed.clone(),
-            charge_key: fee.key.clone(),
-            round: Some(1),
-            outcome,
-        })
-        .await
-        .expect("applied");
-    assert_eq!(paid.status, ChargeStatus::Succeeded);
+    round_one_completes(&h, &zed, &fee, &own).await;
 }
 
 #[tokio::test]

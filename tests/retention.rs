@@ -10,6 +10,11 @@ use chrono::{Duration, TimeZone, Utc};
 use common::{Harness, november, user};
 use token_billing::{AuditEvent, EventRetention, InMemoryUsageStore, PeriodKey, SandboxGateway, UsageReport};
 
+/// How many of the user's events the store keeps for the period.
+async fn kept_events(h: &Harness, user: &token_billing::UserId, period: PeriodKey) -> usize {
+    h.store.consumptions(user, period).await.expect("read").len()
+}
+
 fn harness(store: InMemoryUsageStore) -> Harness {
     let sandbox = SandboxGateway::new();
     Harness::over(Arc::new(store), Arc::new(sandbox.clone()), sandbox, |b| b)
@@ -92,23 +97,9 @@ async fn periods_kept_forgets_the_events_of_older_periods_only() {
             .expect("recorded");
     }
     let period = |y, m| PeriodKey::new(y, m).expect("valid");
-    assert!(
-        h.store
-            .consumptions(&bea, period(2026, 9))
-            .await
-            .expect("read")
-            .is_empty(),
-        "forgotten"
-    );
+    assert_eq!(kept_events(&h, &bea, period(2026, 9)).await, 0, "forgotten");
     for month in [10, 11] {
-        assert_eq!(
-            h.store
-                .consumptions(&bea, period(2026, month))
-                .await
-                .expect("read")
-                .len(),
-            1
-        );
+        assert_eq!(kept_events(&h, &bea, period(2026, month)).await, 1);
     }
     // September's totals and charges stay.
     let september = h
@@ -305,19 +296,13 @@ async fn periods_kept_forgets_when_the_monthly_job_opens_each_period() {
     }
     let period = |y, m| PeriodKey::new(y, m).expect("valid");
     for month in [8, 9, 10] {
-        assert!(
-            h.store
-                .consumptions(&cid, period(2026, month))
-                .await
-                .expect("read")
-                .is_empty(),
+        assert_eq!(
+            kept_events(&h, &cid, period(2026, month)).await,
+            0,
             "2026-{month} forgotten"
         );
     }
-    assert_eq!(
-        h.store.consumptions(&cid, period(2026, 11)).await.expect("read").len(),
-        1
-    );
+    assert_eq!(kept_events(&h, &cid, period(2026, 11)).await, 1);
     // Totals stay.
     let august = h
         .service
@@ -353,7 +338,7 @@ async fn a_grace_window_without_end_keeps_its_events() {
     }
     let september = PeriodKey::new(2026, 9).expect("valid");
     assert_eq!(
-        h.store.consumptions(&dee, september).await.expect("read").len(),
+        kept_events(&h, &dee, september).await,
         1,
         "September still takes late usage: its event is kept"
     );
