@@ -743,14 +743,23 @@ impl UsageStore for InMemoryUsageStore {
             fee: request.fee,
             lease_until: request.lease_until,
         };
-        let mut shard = self.shard(&request.usage.user_id);
+        let user = request.usage.user_id.clone();
+        let mut shard = self.shard(&user);
         let shard = &mut *shard;
-        let book = shard
-            .users
-            .get_or_insert_with(&request.usage.user_id, UserBook::default);
-        let recorded = self.record_in(book, request.usage, placement)?;
-        shard.index_recorded(&recorded);
-        Ok(recorded)
+        let (book, new) = shard.users.get_or_insert_with_news(&user, UserBook::default);
+        match self.record_in(book, request.usage, placement) {
+            Ok(recorded) => {
+                shard.index_recorded(&recorded);
+                Ok(recorded)
+            }
+            Err(error) => {
+                // A new user whose only event failed leaves nothing behind.
+                if new {
+                    shard.users.remove(&user);
+                }
+                Err(error)
+            }
+        }
     }
 
     async fn place_and_record_usage<'p>(
@@ -1297,6 +1306,23 @@ mod tests {
             .place_and_record_usage(event(1_000), &mut |_, _| Some(placement))
             .await;
         assert!(matches!(recorded, Ok(PlacedUsage::Recorded { .. })), "{recorded:?}");
+        assert_eq!(books(), 1);
+
+        // Recorded directly (a batch, a store caller): a failure leaves no book either.
+        let other = UsageRecord {
+            user_id: UserId::new("another-newcomer").expect("valid"),
+            ..event(MAX_TOKENS + 1)
+        };
+        let failed = store
+            .record_usage(RecordUsage {
+                usage: other,
+                plan: &plan,
+                fee: crate::FeeCollection::Library,
+                lease_until: None,
+                account: None,
+            })
+            .await;
+        assert!(matches!(failed, Err(StoreError::TotalOverflow { .. })), "{failed:?}");
         assert_eq!(books(), 1);
     }
 
