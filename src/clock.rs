@@ -6,6 +6,15 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use chrono::{DateTime, Utc};
 
+/// The instant `by` after `instant`, or the last instant there is when that is later still
+/// (a grace window or a lease configured to last for ever).
+pub(crate) fn later(instant: DateTime<Utc>, by: std::time::Duration) -> DateTime<Utc> {
+    chrono::Duration::from_std(by)
+        .ok()
+        .and_then(|by| instant.checked_add_signed(by))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
 /// A source of the current instant.
 ///
 /// # Contract
@@ -75,5 +84,23 @@ impl ManualClock {
 impl Clock for ManualClock {
     fn now(&self) -> DateTime<Utc> {
         *self.now.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+#[cfg(test)]
+mod later_tests {
+    use super::later;
+    use chrono::{DateTime, Utc};
+    use std::time::Duration;
+
+    #[test]
+    fn later_adds_and_saturates_at_the_last_instant() {
+        let now = DateTime::<Utc>::UNIX_EPOCH;
+        assert_eq!(later(now, Duration::from_secs(90)), now + chrono::Duration::seconds(90));
+        assert_eq!(later(now, Duration::MAX), DateTime::<Utc>::MAX_UTC);
+        assert_eq!(
+            later(DateTime::<Utc>::MAX_UTC, Duration::from_secs(1)),
+            DateTime::<Utc>::MAX_UTC
+        );
     }
 }

@@ -836,8 +836,7 @@ impl BillingService {
         if usage.occurred_at <= now {
             return Ok(());
         }
-        let skew = chrono::Duration::from_std(self.settings.max_future_skew).unwrap_or(chrono::Duration::MAX);
-        if usage.occurred_at > now.checked_add_signed(skew).unwrap_or(DateTime::<Utc>::MAX_UTC) {
+        if usage.occurred_at > crate::clock::later(now, self.settings.max_future_skew) {
             return Err(UsageError::InFuture {
                 occurred_at: usage.occurred_at,
                 now,
@@ -859,11 +858,7 @@ impl BillingService {
         // While the period is open there is no grace window to work out.
         if now >= period.end() {
             let plan = self.period_plan(account, period.key())?;
-            let grace = chrono::Duration::from_std(plan.late_usage_grace()).unwrap_or(chrono::Duration::MAX);
-            let accepted_until = period
-                .end()
-                .checked_add_signed(grace)
-                .unwrap_or(DateTime::<Utc>::MAX_UTC);
+            let accepted_until = crate::clock::later(period.end(), plan.late_usage_grace());
             if now >= accepted_until {
                 return Ok(Err(UsageError::TooLate {
                     period: period.key(),
@@ -876,8 +871,7 @@ impl BillingService {
     }
 
     fn lease_until(&self, now: DateTime<Utc>, lease: Duration) -> DateTime<Utc> {
-        now.checked_add_signed(chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX))
-            .unwrap_or(DateTime::<Utc>::MAX_UTC)
+        crate::clock::later(now, lease)
     }
 
     /// Records a usage event and collects the charges it creates: the seed's
@@ -1192,9 +1186,10 @@ impl BillingService {
                             && account.is_none_or(|a| a.customer_id.is_none());
                         // A replay is answered with the tier of its original's period, whose
                         // plan may not be the one this placing used.
-                        let answer = match recorded.replayed {
-                            true => self.period_plan(account, recorded.usage.period),
-                            false => Ok(plan),
+                        let answer = if recorded.replayed {
+                            self.period_plan(account, recorded.usage.period)
+                        } else {
+                            Ok(plan)
                         };
                         let answer = match answer {
                             Ok(plan) => self.finish(recorded, collect_now, account, plan).await,

@@ -545,10 +545,7 @@ impl Shard {
 /// Until when `plan` takes late usage for `period`: its end plus the plan's grace window, or
 /// for ever when that is past the last instant there is.
 fn takes_usage_until(period: PeriodKey, plan: &Plan) -> DateTime<Utc> {
-    chrono::Duration::from_std(plan.late_usage_grace())
-        .ok()
-        .and_then(|grace| Period::new(period, plan.zone()).end().checked_add_signed(grace))
-        .unwrap_or(DateTime::<Utc>::MAX_UTC)
+    crate::clock::later(Period::new(period, plan.zone()).end(), plan.late_usage_grace())
 }
 
 impl UserBook {
@@ -743,18 +740,21 @@ impl UsageStore for InMemoryUsageStore {
             fee: request.fee,
             lease_until: request.lease_until,
         };
-        let user = request.usage.user_id.clone();
-        let mut shard = self.shard(&user);
+        let mut shard = self.shard(&request.usage.user_id);
         let shard = &mut *shard;
-        let (book, new) = shard.users.get_or_insert_with_news(&user, UserBook::default);
+        let (book, new) = shard
+            .users
+            .get_or_insert_with_news(&request.usage.user_id, UserBook::default);
+        // Kept only for a new user, whose book a failed record takes back, as
+        // `place_and_record_usage` does.
+        let new_user = new.then(|| request.usage.user_id.clone());
         match self.record_in(book, request.usage, placement) {
             Ok(recorded) => {
                 shard.index_recorded(&recorded);
                 Ok(recorded)
             }
             Err(error) => {
-                // A new user whose only event failed leaves nothing behind.
-                if new {
+                if let Some(user) = new_user {
                     shard.users.remove(&user);
                 }
                 Err(error)

@@ -165,6 +165,11 @@ fn account_unchanged(first: usize) -> String {
     )
 }
 
+/// An account's row, its columns bound as `$1` - `$7` (see `save_account`).
+const INSERT_ACCOUNT: &str = "INSERT INTO token_billing_accounts
+        (user_id, customer_id, plan_id, earlier_plans, subscription_id, created_at, updated_at)
+     VALUES ($1, $2, $3, $4, $5, $6, $7)";
+
 /// Binds the account a record was placed with, for [`account_unchanged`]: nulls when there is
 /// none (the condition is then not asked).
 fn bind_account<'q>(query: PgQuery<'q>, account: Option<&'q Account>) -> PgQuery<'q> {
@@ -1859,19 +1864,16 @@ impl PostgresUsageStore {
 #[async_trait]
 impl UsageStore for PostgresUsageStore {
     async fn put_account(&self, account: Account) -> Result<(), StoreError> {
-        self.save_account(
-            "INSERT INTO token_billing_accounts
-                (user_id, customer_id, plan_id, earlier_plans, subscription_id, created_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)
-             ON CONFLICT (user_id) DO UPDATE
-                SET customer_id = EXCLUDED.customer_id, plan_id = EXCLUDED.plan_id,
-                    earlier_plans = EXCLUDED.earlier_plans, subscription_id = EXCLUDED.subscription_id,
-                    created_at = EXCLUDED.created_at, updated_at = EXCLUDED.updated_at",
-            account,
-            None,
-        )
-        .await
-        .map(|_| ())
+        static PUT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+            format!(
+                "{INSERT_ACCOUNT}
+                 ON CONFLICT (user_id) DO UPDATE
+                    SET customer_id = EXCLUDED.customer_id, plan_id = EXCLUDED.plan_id,
+                        earlier_plans = EXCLUDED.earlier_plans, subscription_id = EXCLUDED.subscription_id,
+                        created_at = EXCLUDED.created_at, updated_at = EXCLUDED.updated_at"
+            )
+        });
+        self.save_account(&PUT, account, None).await.map(|_| ())
     }
 
     async fn replace_account(&self, expected: Option<&Account>, account: Account) -> Result<bool, StoreError> {
@@ -1884,14 +1886,11 @@ impl UsageStore for PostgresUsageStore {
                 account_unchanged(8)
             )
         });
+        static CREATE: std::sync::LazyLock<String> =
+            std::sync::LazyLock::new(|| format!("{INSERT_ACCOUNT} ON CONFLICT (user_id) DO NOTHING"));
         // The update locks the row and checks it as it is then: a compare-and-set.
         let sql = match expected {
-            None => {
-                "INSERT INTO token_billing_accounts
-                    (user_id, customer_id, plan_id, earlier_plans, subscription_id, created_at, updated_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)
-                 ON CONFLICT (user_id) DO NOTHING"
-            }
+            None => CREATE.as_str(),
             Some(_) => REPLACE.as_str(),
         };
         self.save_account(sql, account, expected).await
