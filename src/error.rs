@@ -66,6 +66,17 @@ pub enum BillingError {
         /// The re-used event id.
         event_id: EventId,
     },
+    /// The event id was recorded before, in a period whose events the store no longer keeps
+    /// (bounded retention, [`InMemoryUsageStoreBuilder::periods_kept`](crate::InMemoryUsageStoreBuilder::periods_kept)):
+    /// a re-send, not recorded again, whose original outcome can no longer be told. Nothing was
+    /// recorded.
+    #[error("event id {event_id} was recorded in {period}, whose events are no longer kept")]
+    EventForgotten {
+        /// The re-sent id.
+        event_id: EventId,
+        /// The period the original was recorded in.
+        period: PeriodKey,
+    },
     /// The event would take the period total above [`MAX_TOKENS`](crate::MAX_TOKENS); nothing was
     /// recorded.
     #[error("adding {tokens} tokens to a period total of {total} would overflow")]
@@ -134,6 +145,7 @@ impl From<StoreError> for BillingError {
     fn from(error: StoreError) -> Self {
         match error {
             StoreError::EventConflict { event_id } => BillingError::EventConflict { event_id },
+            StoreError::EventForgotten { event_id, period } => BillingError::EventForgotten { event_id, period },
             StoreError::TotalOverflow { total, tokens } => BillingError::TotalOverflow { total, tokens },
             StoreError::Rating(e) => BillingError::Rating(e),
             other => BillingError::Store(other),

@@ -353,3 +353,65 @@ async fn a_grace_window_without_end_keeps_its_events() {
         .expect("answered");
     assert!(again.replayed);
 }
+
+/// An event sent without `occurred_at` is placed when it arrives, so its re-send can come in any
+/// later period, long after the store forgot the original's details: it is refused there, with
+/// the period it was recorded in, and never recorded or charged again. With either retention.
+#[tokio::test]
+async fn a_forgotten_event_sent_again_in_a_later_period_is_refused_not_billed_twice() {
+    for retention in [EventRetention::All, EventRetention::Resendable] {
+        let h = harness(InMemoryUsageStore::builder().events(retention).periods_kept(1).build());
+        let dan = user("dan");
+        let event = || UsageReport::new("dan", 9_000_000, "chat").event_id("req-nov");
+        h.service
+            .process_token_usage(event())
+            .await
+            .expect("recorded in November");
+        // December and January open; November's events are forgotten once it takes no usage.
+        for (month, day) in [(2026, 12), (2027, 1)].into_iter().zip([10, 10]) {
+            h.clock.set(
+                Utc.with_ymd_and_hms(month.0, month.1, day, 12, 0, 0)
+                    .single()
+                    .expect("valid"),
+            );
+            h.service
+                .process_token_usage(UsageReport::new("dan", 1_000, "chat"))
+                .await
+                .expect("recorded");
+        }
+        assert_eq!(kept_events(&h, &dan, november()).await, 0, "{retention:?}: forgotten");
+        let paid_before = h.succeeded_payments_by_charge();
+
+        // The same event, unchanged, arrives again in January.
+        let again = h.service.process_token_usage(event()).await;
+        assert!(
+            matches!(
+                &again,
+                Err(token_billing::BillingError::EventForgotten { event_id, period })
+                    if event_id.as_str() == "req-nov" && *period == november()
+            ),
+            "{retention:?}: {again:?}"
+        );
+        let january = PeriodKey::new(2027, 1).expect("valid");
+        let summary = h.service.token_summary(&dan, Some(january)).await.expect("summary");
+        assert_eq!(
+            (summary.total_tokens, summary.tier_charges_count),
+            (1_000, 0),
+            "{retention:?}: nothing recorded again"
+        );
+        assert_eq!(
+            h.succeeded_payments_by_charge(),
+            paid_before,
+            "{retention:?}: nothing paid again"
+        );
+        // In a batch too.
+        let batch = h.service.process_token_usage_batch(vec![event()]).await.expect("batch");
+        assert!(
+            matches!(batch[0], Err(token_billing::BillingError::EventForgotten { .. })),
+            "{retention:?}: {:?}",
+            batch[0]
+        );
+        let summary = h.service.token_summary(&dan, Some(january)).await.expect("summary");
+        assert_eq!(summary.total_tokens, 1_000, "{retention:?}");
+    }
+}

@@ -96,13 +96,17 @@ impl InMemoryUsageStoreBuilder {
         self
     }
 
-    /// Keeps events (their records, ids and usage audit entries) of each user's `periods` most
+    /// Keeps events (their records and usage audit entries) of each user's `periods` most
     /// recent periods only, at least one; an older period's events are forgotten when a newer
     /// period opens, once the older one no longer takes late usage (its end plus the grace
     /// window of the plan that rates it, and of the user's current plan, has passed).
-    /// Summaries and charges of every period stay. An event is thus forgotten only when a
-    /// re-send of it would be refused as too late anyway: the service refuses it, never records
-    /// it twice. All by default.
+    /// Summaries and charges of every period stay. All by default.
+    ///
+    /// The ids of forgotten events the host gave are remembered (the id and its period, a few
+    /// dozen bytes, against the hundreds an event's record takes): an event sent without
+    /// `occurred_at` is placed when it arrives, so its re-send may come in any later period, and
+    /// it is refused there with [`StoreError::EventForgotten`], never recorded twice. A re-send
+    /// with its `occurred_at` is refused as too late by the service first.
     pub fn periods_kept(mut self, periods: u32) -> Self {
         self.periods_kept = Some(periods.max(1));
         self
@@ -134,6 +138,9 @@ struct Shard {
 struct UserBook {
     account: Option<Account>,
     events: IdMap<EventId, EventEntry>,
+    /// The host's ids of events forgotten with their period (bounded retention), with that
+    /// period: a re-send of one is refused, never recorded again.
+    forgotten: IdMap<EventId, PeriodKey>,
     periods: Periods,
     charge_index: HashMap<ChargeKey, (PeriodKey, usize)>,
     audit: Vec<TrailItem>,
@@ -347,6 +354,12 @@ impl InMemoryUsageStore {
         if keep {
             if let Some(original) = book.replay(user, &usage.event_id)? {
                 return original.answer_resend(&usage);
+            }
+            if let Some(period) = book.forgotten.get(&usage.event_id) {
+                return Err(StoreError::EventForgotten {
+                    event_id: usage.event_id.clone(),
+                    period: *period,
+                });
             }
         }
 
@@ -629,6 +642,10 @@ impl UserBook {
             }
             for usage in book.consumptions.drain(..) {
                 self.events.remove(&usage.event_id);
+                // An id the service drew can never be sent again; the host's can, in any period.
+                if usage.has_host_event_id() {
+                    self.forgotten.insert(usage.event_id.clone(), key);
+                }
             }
             book.consumptions.shrink_to_fit();
             forgotten.push(key);

@@ -48,6 +48,16 @@ pub enum StoreError {
         /// The re-used id.
         event_id: EventId,
     },
+    /// The event id was recorded before, in a period whose events the store no longer keeps
+    /// (bounded retention): it is not recorded again, and its original outcome can no longer be
+    /// told. Nothing was recorded.
+    #[error("event id {event_id} was recorded in {period}, whose events are no longer kept")]
+    EventForgotten {
+        /// The re-sent id.
+        event_id: EventId,
+        /// The period the original was recorded in.
+        period: PeriodKey,
+    },
     /// Adding the event would take the period total above [`MAX_TOKENS`](crate::MAX_TOKENS);
     /// nothing was recorded.
     #[error("adding {tokens} tokens to a period total of {total} would overflow")]
@@ -635,6 +645,11 @@ impl<'a> Settlement<'a> {
 ///   whose id only stands in for the host's ([`UsageRecord::has_host_event_id`] is false): the
 ///   service draws a new consumption id, hence a new id, for every such call, so none is ever
 ///   sent again.
+/// - An event id the store ever accepted for the user MUST NOT be recorded again, however long
+///   ago: an event sent without `occurred_at` is placed when it arrives, so a re-send can come
+///   in any later period. A store that forgets the details of old events (to bound its memory)
+///   MUST still remember their ids, and refuse a re-send of one with
+///   [`StoreError::EventForgotten`], changing nothing.
 /// - A total that would exceed [`MAX_TOKENS`](crate::MAX_TOKENS) MUST fail with
 ///   [`StoreError::TotalOverflow`] and change nothing.
 /// - [`place_and_record_usage`](Self::place_and_record_usage) MUST record an event as
@@ -823,7 +838,7 @@ pub trait UsageStore: Send + Sync + Debug {
     /// Records several usage events, in order, as [`record_usage`](Self::record_usage) would
     /// one after the other: each event sees the totals the ones before it left, and every clause
     /// of the contract holds for each. The results come in the order of `requests`; an event
-    /// refused on its own merits (an event-id conflict, an overflow, too many blocks) records
+    /// refused on its own merits (an event-id conflict, a forgotten event sent again, an overflow, too many blocks) records
     /// nothing of itself and does not stop the others.
     ///
     /// A store SHOULD record the whole batch in one atomic operation (the PostgreSQL store
@@ -840,6 +855,7 @@ pub trait UsageStore: Send + Sync + Debug {
                 Ok(recorded) => Ok(recorded),
                 Err(
                     refused @ (StoreError::EventConflict { .. }
+                    | StoreError::EventForgotten { .. }
                     | StoreError::TotalOverflow { .. }
                     | StoreError::Rating(_)),
                 ) => Err(refused),
