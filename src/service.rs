@@ -1466,6 +1466,7 @@ impl BillingService {
     async fn collect_claimed_of(&self, user: Option<&UserId>) -> Result<CollectionReport, BillingError> {
         let mut report = CollectionReport::default();
         let started = self.clock.now();
+        let mut waiting = Vec::new();
         loop {
             let now = self.clock.now().max(started);
             let claimed = self
@@ -1478,14 +1479,18 @@ impl BillingService {
                 )
                 .await?;
             if claimed.is_empty() {
+                self.give_up_leases(waiting, started).await;
                 return Ok(report);
             }
             report.claimed += claimed.len();
-            self.collect_all(claimed, &mut report).await;
+            self.collect_all(claimed, &mut report, &mut waiting).await;
         }
     }
 
-    async fn collect_all(&self, claimed: Vec<Charge>, report: &mut CollectionReport) {
+    /// Collects claimed charges, counting each outcome in `report`. A charge whose user has no
+    /// customer to charge is put in `waiting`, still leased, for the run to give up its lease
+    /// once it has claimed everything ([`give_up_leases`](Self::give_up_leases)).
+    async fn collect_all(&self, claimed: Vec<Charge>, report: &mut CollectionReport, waiting: &mut Vec<Charge>) {
         let mut customers: HashMap<UserId, Option<CustomerId>> = HashMap::new();
         for mut charge in claimed {
             let customer = match customers.get(&charge.user_id) {
@@ -1520,10 +1525,33 @@ impl BillingService {
                 }
                 None => {
                     debug!(user = %charge.user_id, charge = %charge.key, "no customer yet: charge waits");
+                    waiting.push(charge);
                     ChargeStatus::Pending
                 }
             };
             report.count(status);
+        }
+    }
+
+    /// Gives up the leases a run holds on charges it could not collect for want of a customer,
+    /// as of `at` (the run's start), so that a registration or a run from then on collects them
+    /// at once instead of after the lease. Given up only at the end of a run, which claims
+    /// only charges whose lease expired before it started: a charge given up earlier would be
+    /// claimed again by the same run, over and over. A lease another collector holds now is
+    /// left as it is (the give-up is a compare-and-set), and one that cannot be given up
+    /// expires as usual.
+    async fn give_up_leases(&self, waiting: Vec<Charge>, at: DateTime<Utc>) {
+        for charge in waiting {
+            match self
+                .store
+                .renew_lease(&charge.user_id, &charge.key, charge.lease_until, at)
+                .await
+            {
+                Ok(_) => {}
+                Err(error) => {
+                    warn!(charge = %charge.key, error = %error, "could not give up the lease: the charge waits for it to expire");
+                }
+            }
         }
     }
 
@@ -1650,6 +1678,7 @@ impl BillingService {
             // Claims are made as of the run's start, so the run ends even if its own retries fail
             // again with a short delay.
             let started = self.clock.now();
+            let mut waiting = Vec::new();
             loop {
                 let now = self.clock.now().max(started);
                 let claimed = self
@@ -1661,6 +1690,7 @@ impl BillingService {
                     )
                     .await?;
                 if claimed.is_empty() {
+                    self.give_up_leases(waiting, started).await;
                     return Ok(report);
                 }
                 report.claimed += claimed.len();
@@ -1675,7 +1705,7 @@ impl BillingService {
                         Err(settled) => report.count(settled.status),
                     }
                 }
-                self.collect_all(to_collect, &mut report).await;
+                self.collect_all(to_collect, &mut report, &mut waiting).await;
             }
         }
         .instrument(info_span!("retry_failed"))

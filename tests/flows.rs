@@ -44,6 +44,39 @@ async fn with_a_real_gateway_unregistered_users_wait_until_their_account_exists(
         .await;
 }
 
+/// A run that finds no customer for a user's charges gives their leases up: the registration
+/// that follows at once collects them, not a run after the lease expires.
+#[tokio::test]
+async fn a_registration_right_after_a_run_collects_the_charges_the_run_could_not() {
+    let h = Harness::with(|b| {
+        b.unregistered_users(UnregisteredUsers::Wait)
+            .collection(CollectionMode::Deferred)
+    });
+    let rui = user("rui");
+    h.service
+        .process_token_usage(UsageReport::new("rui", 9_000_000, "chat"))
+        .await
+        .expect("recorded");
+    let report = h.service.resume_pending().await.expect("resume");
+    assert_eq!((report.claimed, report.pending), (2, 2), "nobody to charge yet");
+    // Claimable at once: a second run at the same instant takes them (and ends, giving them up).
+    let again = h.service.resume_pending().await.expect("resume");
+    assert_eq!((again.claimed, again.pending), (2, 2));
+    let customer = CustomerId::new("cus_rui").expect("valid");
+    h.sandbox.add_customer(customer.clone(), CardBehaviour::Succeeds);
+    h.service
+        .register_account(&rui, Some(customer), None)
+        .await
+        .expect("registered");
+    let summary = h.service.token_summary(&rui, None).await.expect("summary");
+    assert_eq!(
+        (summary.total_charged, summary.outstanding_count),
+        (50_000, 0),
+        "collected on registration, with no time passed"
+    );
+    h.assert_period_consistent(&rui, november(), &Plan::default()).await;
+}
+
 #[tokio::test]
 async fn subscription_mode_records_the_fee_once_when_the_gateway_reports_it_paid() {
     let h = Harness::with(|b| b.fee_collection(FeeCollection::Subscription));

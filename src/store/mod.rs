@@ -909,7 +909,8 @@ pub trait UsageStore: Send + Sync + Debug {
         limit: usize,
     ) -> Result<Vec<Charge>, StoreError>;
 
-    /// Extends a lease the caller holds: when the charge is `Pending` and its lease is still
+    /// Extends a lease the caller holds, or gives it up (a `lease_until` not after now makes the
+    /// charge claimable at once): when the charge is `Pending` and its lease is still
     /// `held_until`, sets it to `lease_until` and returns the charge; otherwise (someone else
     /// took it, or it was settled) returns `None` and changes nothing.
     async fn renew_lease(
