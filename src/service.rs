@@ -629,13 +629,60 @@ impl BillingService {
         }
     }
 
+    /// The period `instant` falls in for the user, and the plan that rates it.
+    ///
+    /// A period belongs to the plan that rates it: it ends where its month ends in that plan's
+    /// zone, and starts where the period before it ended. When every plan the account had keeps
+    /// one zone, that is the calendar month in it. When they differ (a user moved from a São
+    /// Paulo plan to a Tokyo one), the periods still follow one another without gap or overlap:
+    /// November under the São Paulo plan ends at midnight in São Paulo, and December under the
+    /// Tokyo plan starts there, so an instant of 30 November in São Paulo is November's
+    /// (reported late, it is rated and placed by November's plan), and December's end is drawn
+    /// in Tokyo.
+    fn period_at(&self, account: Option<&Account>, instant: DateTime<Utc>) -> Result<(Period, &Plan), BillingError> {
+        let current = self.current_plan(account)?;
+        let candidate = period_containing(instant, current.zone());
+        let one_zone = |account: &Account| {
+            account
+                .earlier_plans
+                .iter()
+                .all(|(_, id)| self.plan(id).is_ok_and(|plan| plan.zone() == current.zone()))
+        };
+        let Some(account) = account.filter(|account| !one_zone(account)) else {
+            return Ok((candidate, self.period_plan(account, candidate.key())?));
+        };
+        let period = |key: PeriodKey| -> Result<(Period, &Plan), BillingError> {
+            let plan = self.period_plan(Some(account), key)?;
+            let before = self.period_plan(Some(account), key.previous())?;
+            let start = Period::new(key.previous(), before.zone()).end();
+            let end = Period::new(key, plan.zone()).end();
+            Ok((Period::from_bounds(key, start, end), plan))
+        };
+        // Zones move a month's ends by about a day, and each period starts where the one before
+        // it ends: the walk from the current plan's month takes a step at most.
+        let mut key = candidate.key();
+        for _ in 0..4 {
+            let (found, plan) = period(key)?;
+            if instant < found.start() {
+                key = key.previous();
+            } else if instant >= found.end() {
+                key = key.next();
+            } else {
+                return Ok((found, plan));
+            }
+        }
+        Ok((candidate, self.period_plan(Some(account), candidate.key())?))
+    }
+
     /// Registers (or updates) a user's account: the gateway customer that pays, and the plan.
     /// `None` keeps what the account has (a new account: no customer, the default plan), so that
     /// changing the customer never changes the plan, nor the reverse. Charges that were waiting
     /// for the account and that no collector holds are collected now.
     ///
     /// A new plan rates the current period on; earlier periods (late usage, summaries) keep the
-    /// plan they had. A gateway subscription for the fixed fee is not changed: cancel it at the
+    /// plan they had. A period's end is drawn in the zone of the plan that rates it, and the
+    /// next period starts there: after a move to a plan in another zone, late usage of the last
+    /// period under the old plan is placed by the old plan's calendar. A gateway subscription for the fixed fee is not changed: cancel it at the
     /// gateway, and call [`create_subscription`](Self::create_subscription) for the new plan.
     ///
     /// # Errors
@@ -715,7 +762,8 @@ impl BillingService {
         let plan_id = plan_id.unwrap_or_else(|| current_plan.clone());
         let mut earlier_plans = existing.map(|a| a.earlier_plans.clone()).unwrap_or_default();
         if current_plan != &plan_id && self.plan(current_plan).ok() != Some(plan) {
-            let period = Period::containing(now, self.plan(current_plan).map_or(plan.zone(), Plan::zone)).key();
+            // The period under way, by the plan being left.
+            let period = self.period_at(existing, now)?.0.key();
             // The plan the period had before any change made in it stays the one before it: a
             // second change in the same period does not make the first one's plan history.
             earlier_plans.retain(|(until, _)| *until <= period);
@@ -845,19 +893,18 @@ impl BillingService {
         Ok(())
     }
 
-    /// Puts a checked event in its period, drawn in the current plan's zone, refusing it when the
-    /// period has ended and the grace window of the plan that rates it has passed.
+    /// Puts a checked event in its period ([`period_at`](Self::period_at)), refusing it when the
+    /// period has ended and the grace window of the plan that rates it has passed: the window is
+    /// half-open, so an event arriving at exactly the period's end plus the grace is refused.
     fn place_in_period(
         &self,
         usage: &mut UsageRecord,
         account: Option<&Account>,
-        current: &Plan,
         now: DateTime<Utc>,
     ) -> Result<Result<(), UsageError>, BillingError> {
-        let period = period_containing(usage.occurred_at, current.zone());
+        let (period, plan) = self.period_at(account, usage.occurred_at)?;
         // While the period is open there is no grace window to work out.
         if now >= period.end() {
-            let plan = self.period_plan(account, period.key())?;
             let accepted_until = crate::clock::later(period.end(), plan.late_usage_grace());
             if now >= accepted_until {
                 return Ok(Err(UsageError::TooLate {
@@ -1005,9 +1052,8 @@ impl BillingService {
         account: Option<&Account>,
         now: DateTime<Utc>,
     ) -> Result<Placed<'s>, BillingError> {
-        let current = self.current_plan(account)?;
         let refused = match self.check_limits(usage, now) {
-            Ok(()) => self.place_in_period(usage, account, current, now)?,
+            Ok(()) => self.place_in_period(usage, account, now)?,
             Err(error) => Err(error),
         };
         if let Err(error) = refused {
@@ -1918,8 +1964,7 @@ impl BillingService {
                     amount,
                 } => {
                     let account = self.store.account(&user_id).await?;
-                    let zone = self.current_plan(account.as_ref())?.zone();
-                    let period = Period::containing(period_start, zone).key();
+                    let period = self.period_at(account.as_ref(), period_start)?.0.key();
                     self.record_fixed_fee_paid(&user_id, period, &payment_id, amount)
                         .await?
                 }
@@ -1996,8 +2041,10 @@ impl BillingService {
             }
             let account = self.store.account(user).await?;
             let now = self.clock.now();
-            let current = self.current_plan(account.as_ref())?;
-            let period = period.unwrap_or_else(|| period_containing(now, current.zone()).key());
+            let period = match period {
+                Some(period) => period,
+                None => self.period_at(account.as_ref(), now)?.0.key(),
+            };
             tracing::Span::current().record("period", tracing::field::display(period));
             let plan = self.period_plan(account.as_ref(), period)?;
             let customer = self.customer_for(user, account.as_ref()).await?;
@@ -2180,8 +2227,10 @@ impl BillingService {
     /// The period asked for (the user's current one when `None`) and the plan that rates it.
     async fn period_of(&self, user: &UserId, period: Option<PeriodKey>) -> Result<(PeriodKey, &Plan), BillingError> {
         let account = self.store.account(user).await?;
-        let current = self.current_plan(account.as_ref())?;
-        let period = period.unwrap_or_else(|| period_containing(self.clock.now(), current.zone()).key());
+        let period = match period {
+            Some(period) => period,
+            None => self.period_at(account.as_ref(), self.clock.now())?.0.key(),
+        };
         Ok((period, self.period_plan(account.as_ref(), period)?))
     }
 

@@ -9,7 +9,8 @@ use common::{Harness, november, user};
 use token_billing::{
     AuditEvent, BillingError, BillingService, CardBehaviour, ChargeKind, ChargeStatus, CollectionMode, Currency,
     CustomerId, FeeCollection, GatewayChange, GatewayEvent, InMemoryUsageStore, ManualClock, Money, PaymentOutcome,
-    PaymentStatus, PaymentUpdate, Plan, PlanId, SandboxGateway, UnregisteredUsers, UsageReport, UsageStore, UserId,
+    PaymentStatus, PaymentUpdate, PeriodKey, Plan, PlanId, SandboxGateway, UnregisteredUsers, UsageReport, UsageStore,
+    UserId,
 };
 
 #[tokio::test]
@@ -787,4 +788,121 @@ async fn a_duplicate_payment_is_reported_once_however_often_and_concurrently_it_
     assert_eq!(charge.payment_id, fee.payment_id, "the charge keeps its payment");
     let summary = h.service.token_summary(&bea, Some(november())).await.expect("summary");
     assert_eq!(summary.fixed_fee_charged, 40_000, "counted once");
+}
+
+/// A period belongs to the plan that rates it: when a user moves from a São Paulo plan to a
+/// Tokyo one on 1 December, November ends at midnight in São Paulo and December starts there.
+/// Late November usage (17:00 on 30 November in São Paulo, already 1 December in Tokyo) is
+/// November's, rated by November's plan; December ends at midnight in Tokyo.
+#[tokio::test]
+async fn late_usage_after_a_move_to_a_plan_in_another_zone_is_placed_by_its_own_periods_plan() {
+    let tokyo = PlanId::new("tokyo").expect("valid");
+    let h = Harness::with(|b| {
+        b.add_plan(
+            tokyo.clone(),
+            Plan::builder()
+                .included_tokens(20_000_000)
+                .zone(chrono_tz::Asia::Tokyo)
+                .build()
+                .expect("valid"),
+        )
+    });
+    let ivo = user("ivo");
+    h.register(&ivo, CardBehaviour::Succeeds).await;
+    h.service
+        .process_token_usage(UsageReport::new("ivo", 9_000_000, "chat"))
+        .await
+        .expect("recorded");
+    let at = |month, day, hour| {
+        chrono::TimeZone::with_ymd_and_hms(&chrono::Utc, 2026, month, day, hour, 0, 0)
+            .single()
+            .expect("valid")
+    };
+    h.clock.set(at(12, 1, 12));
+    h.service
+        .register_account(&ivo, None, Some(tokyo))
+        .await
+        .expect("moved to the Tokyo plan between periods");
+
+    let late = h
+        .service
+        .process_token_usage(UsageReport::new("ivo", 8_000_000, "chat").occurred_at(at(11, 30, 20)))
+        .await
+        .expect("taken in November's grace window");
+    assert_eq!(late.period, november(), "17:00 on 30 November in São Paulo");
+    assert_eq!(
+        (late.current_tier.as_str(), late.tier_charges.len()),
+        ("16M-24M", 1),
+        "rated by November's plan: its block 2"
+    );
+    // Between midnight in Tokyo and midnight in São Paulo: still November.
+    let overlap = h
+        .service
+        .process_token_usage(UsageReport::new("ivo", 1_000, "chat").occurred_at(at(11, 30, 16)))
+        .await
+        .expect("recorded");
+    assert_eq!(overlap.period, november());
+    // From midnight in São Paulo: December, under the Tokyo plan.
+    let december = PeriodKey::new(2026, 12).expect("valid");
+    let first = h
+        .service
+        .process_token_usage(UsageReport::new("ivo", 19_000_000, "chat").occurred_at(at(12, 1, 3)))
+        .await
+        .expect("recorded");
+    assert_eq!((first.period, first.current_tier.as_str()), (december, "0-20M"));
+    let summary = h.service.token_summary(&ivo, None).await.expect("summary");
+    assert_eq!((summary.period, summary.total_tokens), (december, 19_000_000));
+    // December ends at midnight in Tokyo: 1 January 01:00 there is January's.
+    h.clock.set(at(12, 31, 16));
+    let january = h
+        .service
+        .process_token_usage(UsageReport::new("ivo", 1_000, "chat"))
+        .await
+        .expect("recorded");
+    assert_eq!(january.period, PeriodKey::new(2027, 1).expect("valid"));
+    h.assert_period_consistent(&ivo, november(), &Plan::default()).await;
+}
+
+/// The other way round: from a Tokyo plan to a São Paulo one. November ends at midnight in
+/// Tokyo, so 13:00 on 30 November in São Paulo (1 December in Tokyo) is December's, and no
+/// instant falls between the two periods.
+#[tokio::test]
+async fn usage_after_a_move_from_a_plan_further_east_starts_the_next_period_where_the_last_ended() {
+    let tokyo = PlanId::new("tokyo").expect("valid");
+    let default = PlanId::new("default").expect("valid");
+    let h = Harness::with(|b| {
+        b.add_plan(
+            tokyo.clone(),
+            Plan::builder().zone(chrono_tz::Asia::Tokyo).build().expect("valid"),
+        )
+    });
+    let eva = user("eva");
+    h.register(&eva, CardBehaviour::Succeeds).await;
+    h.service
+        .register_account(&eva, None, Some(tokyo))
+        .await
+        .expect("on the Tokyo plan before any usage");
+    h.service
+        .process_token_usage(UsageReport::new("eva", 1_000, "chat"))
+        .await
+        .expect("recorded");
+    let at = |month, day, hour| {
+        chrono::TimeZone::with_ymd_and_hms(&chrono::Utc, 2026, month, day, hour, 0, 0)
+            .single()
+            .expect("valid")
+    };
+    h.clock.set(at(12, 1, 12));
+    h.service
+        .register_account(&eva, None, Some(default))
+        .await
+        .expect("moved to the São Paulo plan between periods");
+    let december = PeriodKey::new(2026, 12).expect("valid");
+    for (hour, period) in [(14, november()), (15, december), (16, december)] {
+        let outcome = h
+            .service
+            .process_token_usage(UsageReport::new("eva", 1_000, "chat").occurred_at(at(11, 30, hour)))
+            .await
+            .expect("recorded");
+        assert_eq!(outcome.period, period, "30 November {hour}:00 UTC");
+    }
 }

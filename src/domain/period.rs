@@ -194,6 +194,12 @@ impl Period {
         }
     }
 
+    /// The period named `key` from `start` to `end`: a month whose two ends are drawn in
+    /// different zones, the first period under a plan whose zone is not the one before's.
+    pub(crate) fn from_bounds(key: PeriodKey, start: DateTime<Utc>, end: DateTime<Utc>) -> Period {
+        Period { key, start, end }
+    }
+
     /// The period that contains `instant` in `zone`.
     pub fn containing(instant: DateTime<Utc>, zone: Tz) -> Period {
         let local = instant.with_timezone(&zone);
