@@ -1182,6 +1182,9 @@ impl BillingService {
             // Each event placed in its period, or refused (and perhaps a re-send).
             let mut requests = Vec::with_capacity(read.len());
             let mut placed = Vec::with_capacity(read.len());
+            // Events refused on their own that may re-send an event recorded earlier in the
+            // batch: answered once that one is, as they would be one by one.
+            let mut refused_resends = Vec::new();
             for (position, mut usage) in read {
                 let account = accounts.get(&usage.user_id).and_then(Option::as_ref);
                 match self.place(&mut usage, account, now) {
@@ -1199,6 +1202,10 @@ impl BillingService {
                     Ok(Placed::Refused(error)) => {
                         let answer = match self.replay_of(&usage, account).await {
                             Ok(Some(outcome)) => Ok(outcome),
+                            Ok(None) if usage.has_host_event_id() => {
+                                refused_resends.push((position, usage, error));
+                                continue;
+                            }
                             Ok(None) => Err(error.into()),
                             Err(failure) => Err(failure),
                         };
@@ -1219,9 +1226,26 @@ impl BillingService {
                 recorded = recorded.iter().filter(|r| r.is_ok()).count(),
                 "batch recorded"
             );
+            // The events this batch recorded, by the host's id: the position of each and what it
+            // was recorded as, for the re-sends of it later in the batch.
+            let mut recorded_here: HashMap<(UserId, EventId), (usize, Arc<UsageRecord>)> = HashMap::new();
+            let mut replays_of_recorded_here = Vec::new();
             for ((position, plan, collect_now), result) in placed.into_iter().zip(recorded) {
                 let answer = match result {
                     Ok(recorded) => {
+                        if recorded.usage.has_host_event_id() {
+                            let id = (recorded.usage.user_id.clone(), recorded.usage.event_id.clone());
+                            match recorded_here.get(&id) {
+                                Some((original, _)) if recorded.replayed => {
+                                    replays_of_recorded_here.push((position, *original));
+                                }
+                                Some(_) => {}
+                                None if recorded.replayed => {}
+                                None => {
+                                    recorded_here.insert(id, (position, Arc::clone(&recorded.usage)));
+                                }
+                            }
+                        }
                         let user = recorded.usage.user_id.clone();
                         let account = accounts.get(&user).and_then(Option::as_ref);
                         // Collecting may open the user's customer: the user's later events in
@@ -1249,6 +1273,35 @@ impl BillingService {
                         answer
                     }
                     Err(refused) => Err(refused.into()),
+                };
+                outcomes[position] = Some(answer);
+            }
+            // A re-send of an event of this batch is answered as it would be after that event
+            // alone: with the original's outcome once its charges were collected, or refused for
+            // other usage, or refused on its own merits when the original was not recorded.
+            let replay_of_position =
+                |outcomes: &[Option<Result<UsageOutcome, BillingError>>], original: usize| match outcomes.get(original)
+                {
+                    Some(Some(Ok(outcome))) => Some(UsageOutcome {
+                        replayed: true,
+                        ..outcome.clone()
+                    }),
+                    _ => None,
+                };
+            for (position, original) in replays_of_recorded_here {
+                if let Some(replay) = replay_of_position(&outcomes, original) {
+                    outcomes[position] = Some(Ok(replay));
+                }
+            }
+            for (position, usage, error) in refused_resends {
+                let id = (usage.user_id.clone(), usage.event_id.clone());
+                let answer = match recorded_here.get(&id) {
+                    Some((original, _)) if *original > position => Err(error.into()),
+                    Some((_, recorded)) if !recorded.same_usage(&usage) => Err(BillingError::EventConflict {
+                        event_id: usage.event_id.clone(),
+                    }),
+                    Some((original, _)) => replay_of_position(&outcomes, *original).ok_or_else(|| error.into()),
+                    None => Err(error.into()),
                 };
                 outcomes[position] = Some(answer);
             }

@@ -906,3 +906,36 @@ async fn usage_after_a_move_from_a_plan_further_east_starts_the_next_period_wher
         assert_eq!(outcome.period, period, "30 November {hour}:00 UTC");
     }
 }
+
+/// The review's two cases: a re-send with other usage later in the batch is a conflict, as a
+/// single call answers it, not too late; and a replay within the batch shows the original's
+/// charges as collected.
+#[tokio::test]
+async fn a_batch_answers_re_sends_of_its_own_events_as_single_calls_would() {
+    let h = Harness::new();
+    let september = chrono::TimeZone::with_ymd_and_hms(&chrono::Utc, 2026, 9, 1, 12, 0, 0).unwrap();
+    let answers = h
+        .service
+        .process_token_usage_batch(vec![
+            UsageReport::new("ada", 100, "chat").event_id("dup"),
+            UsageReport::new("ada", 100, "chat")
+                .event_id("dup")
+                .occurred_at(september),
+            UsageReport::new("ada", 9_000_000, "chat").event_id("big"),
+            UsageReport::new("ada", 9_000_000, "chat").event_id("big"),
+        ])
+        .await
+        .expect("the batch");
+    assert!(
+        matches!(&answers[1], Err(BillingError::EventConflict { event_id }) if event_id.as_str() == "dup"),
+        "{:?}",
+        answers[1]
+    );
+    let (original, replay) = (
+        answers[2].as_ref().expect("recorded"),
+        answers[3].as_ref().expect("replayed"),
+    );
+    assert!(replay.replayed);
+    assert_eq!(replay.tier_charges, original.tier_charges);
+    assert_eq!(replay.tier_charges[0].status, ChargeStatus::Succeeded);
+}

@@ -249,3 +249,77 @@ proptest! {
         })?;
     }
 }
+
+/// An answer with what two services cannot share left out: the consumption id, drawn at
+/// random for each event.
+fn comparable(answer: &Result<token_billing::UsageOutcome, token_billing::BillingError>) -> Result<String, String> {
+    match answer {
+        Ok(outcome) => {
+            let charge =
+                |c: &token_billing::TierCharge| format!("{} {} {:?}", c.billing_tier, c.amount_charged, c.status);
+            Ok(format!(
+                "{} {} {} replayed={} fee={:?} blocks={:?}",
+                outcome.period,
+                outcome.total_tokens,
+                outcome.current_tier,
+                outcome.replayed,
+                outcome.fixed_fee_charge.as_ref().map(charge),
+                outcome.tier_charges.iter().map(charge).collect::<Vec<_>>()
+            ))
+        }
+        Err(error) => Err(error.to_string()),
+    }
+}
+
+/// One report of a batch: a user, tokens, an event id from a small set (so that ids repeat,
+/// with the same usage or another), and perhaps an instant: in November, or in a period whose
+/// grace window has passed.
+fn batch_report() -> impl Strategy<Value = UsageReport> {
+    (
+        0usize..2,
+        proptest::sample::select(vec![1_000u64, 3_000_000, 8_000_000, 9_000_000]),
+        proptest::option::of(0usize..4),
+        0usize..4,
+    )
+        .prop_map(|(who, tokens, event, when)| {
+            let mut report = UsageReport::new(["ana", "bob"][who], tokens, "chat");
+            if let Some(event) = event {
+                report = report.event_id(format!("evt-{event}"));
+            }
+            let day =
+                |month, day| chrono::TimeZone::with_ymd_and_hms(&chrono::Utc, 2026, month, day, 12, 0, 0).unwrap();
+            match when {
+                1 => report.occurred_at(day(11, 2)),
+                2 => report.occurred_at(day(9, 1)),
+                _ => report,
+            }
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+
+    /// A batch answers each event as the same events sent one by one would be answered: the
+    /// same totals, tiers, charges and statuses, the same replays, the same refusals (a
+    /// conflicting re-send of an event earlier in the batch is a conflict, not too late).
+    #[test]
+    fn a_batch_answers_each_event_as_single_calls_would(
+        reports in proptest::collection::vec(batch_report(), 1..12),
+    ) {
+        runtime().block_on(async {
+            let one_by_one = Harness::new();
+            let mut expected = Vec::new();
+            for report in reports.clone() {
+                expected.push(comparable(&one_by_one.service.process_token_usage(report).await));
+            }
+            let batched = Harness::new();
+            let answers = batched.service.process_token_usage_batch(reports).await.expect("a batch");
+            let answers: Vec<_> = answers.iter().map(comparable).collect();
+            prop_assert_eq!(answers, expected);
+            for name in ["ana", "bob"] {
+                batched.assert_period_consistent(&user(name), november(), &Plan::default()).await;
+            }
+            Ok(())
+        })?;
+    }
+}
