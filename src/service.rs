@@ -188,7 +188,11 @@ impl UsageReport {
         self
     }
 
-    /// Sets when the usage happened.
+    /// Sets when the usage happened; without it, the usage happened when the report arrives.
+    ///
+    /// The instant is cut to the microsecond (as SQL timestamps keep it) before anything is
+    /// checked: the future check compares the cut instant with the service's clock, and a
+    /// re-send compares equal to its stored original in every store.
     pub fn occurred_at(mut self, at: DateTime<Utc>) -> Self {
         self.occurred_at = Some(at);
         self
@@ -450,6 +454,7 @@ impl BillingServiceBuilder {
     }
 
     /// How far in the future an event's instant may be, for clock skew (5 minutes by default).
+    /// The event's instant is cut to the microsecond first; one exactly `skew` ahead is taken.
     pub fn max_future_skew(mut self, skew: Duration) -> Self {
         self.settings.max_future_skew = skew;
         self

@@ -218,6 +218,47 @@ async fn late_usage_within_the_grace_window_counts_in_its_own_period() {
     assert!(matches!(error, BillingError::InvalidUsage(UsageError::TooLate { period, .. }) if period == november()));
 }
 
+/// The grace window is half-open, as `Plan::late_usage_grace` says: a microsecond before
+/// `end + grace` late usage is taken, at exactly `end + grace` it is refused. And an instant is
+/// cut to the microsecond before the future check, as `UsageReport::occurred_at` says.
+#[tokio::test]
+async fn the_grace_window_is_half_open_and_instants_are_cut_to_the_microsecond() {
+    let h = Harness::new();
+    let november_end = chrono::TimeZone::with_ymd_and_hms(&chrono::Utc, 2026, 12, 1, 3, 0, 0).unwrap();
+    let closes = november_end + Duration::hours(72);
+    let late = || UsageReport::new("vera", 1_000, "chat").occurred_at(november_end - Duration::hours(1));
+    h.clock.set(closes - Duration::microseconds(1));
+    let taken = h.service.process_token_usage(late()).await.expect("inside the window");
+    assert_eq!(taken.period, november());
+    h.clock.set(closes);
+    let error = h.service.process_token_usage(late()).await.expect_err("at its end");
+    assert!(
+        matches!(error, BillingError::InvalidUsage(UsageError::TooLate { accepted_until, .. }) if accepted_until == closes),
+        "{error:?}"
+    );
+
+    // 999 nanoseconds beyond the skew are cut away; a whole microsecond is not.
+    h.clock.set(nov15());
+    let skew = Duration::minutes(5);
+    h.service
+        .process_token_usage(
+            UsageReport::new("vera", 1_000, "chat").occurred_at(nov15() + skew + Duration::nanoseconds(999)),
+        )
+        .await
+        .expect("cut to the skew itself");
+    let error = h
+        .service
+        .process_token_usage(
+            UsageReport::new("vera", 1_000, "chat").occurred_at(nov15() + skew + Duration::microseconds(1)),
+        )
+        .await
+        .expect_err("beyond the skew");
+    assert!(
+        matches!(error, BillingError::InvalidUsage(UsageError::InFuture { .. })),
+        "{error:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_reused_event_id_with_different_content_is_refused() {
     let h = Harness::new();

@@ -136,7 +136,9 @@ impl Plan {
         self.zone
     }
 
-    /// How long after a period's end its usage is still accepted.
+    /// How long after a period's end its usage is still accepted. The window is half-open: usage
+    /// reported before `end + grace` is taken, and usage reported at exactly `end + grace` or
+    /// later is refused ([`UsageError::TooLate`](crate::UsageError::TooLate)).
     pub fn late_usage_grace(&self) -> Duration {
         self.late_usage_grace
     }
@@ -295,7 +297,8 @@ impl PlanBuilder {
         self
     }
 
-    /// How long after a period's end its usage is still accepted.
+    /// How long after a period's end its usage is still accepted, in a half-open window: at
+    /// exactly `end + grace` usage is refused.
     pub fn late_usage_grace(mut self, grace: Duration) -> Self {
         self.late_usage_grace = grace;
         self
