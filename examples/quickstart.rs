@@ -1,4 +1,4 @@
-//! A simulated month of token billing on the embedded defaults: the seed's plan, the in-memory
+//! A simulated month of token billing on the embedded defaults: the original product's plan, the in-memory
 //! store and the sandbox gateway. Run it with `cargo run --example quickstart`.
 //!
 //! Five users report usage through November 2026. One of them has a card that is declined
@@ -18,7 +18,7 @@ const USERS: [(&str, u64, u64); 5] = [
     ("ana", 150_000, 6),          // light: stays inside the allowance
     ("bruno", 1_400_000, 9),      // heavy: several blocks
     ("carla", 700_000, 7),        // crosses into the first block late in the month
-    ("test-user-id", 900_000, 4), // the seed's own test user
+    ("test-user-id", 900_000, 4), // the original product's own test user
     ("dora", 1_100_000, 8),       // card declined until she updates it
 ];
 
@@ -102,12 +102,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .map(|c| format!("fee {}", describe(c)))
                 .collect();
             charges.extend(outcome.tier_charges.iter().map(describe));
-            println!(
+            let line = format!(
                 "2026-11-{day:02}  {name:<12} {operation:<9} {tokens:>9} tokens  total {:>10}  tier {:<8} {}",
                 outcome.total_tokens,
                 outcome.current_tier,
                 charges.join(", ")
             );
+            println!("{}", line.trim_end());
         }
         // The host's hourly jobs, run once a day here.
         let retried = billing.retry_failed().await?;

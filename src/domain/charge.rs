@@ -73,7 +73,7 @@ impl ChargeStatus {
 
 impl fmt::Display for ChargeStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        f.pad(self.as_str())
     }
 }
 

@@ -1,6 +1,6 @@
 //! Billing periods: calendar months in the plan's time zone.
 
-use std::fmt::{self, Write as _};
+use std::fmt;
 use std::str::FromStr;
 
 use chrono::{DateTime, Datelike, LocalResult, NaiveDate, NaiveDateTime, TimeZone, Utc};
@@ -120,8 +120,9 @@ impl PeriodKey {
 
 impl fmt::Display for PeriodKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // Six digits and a dash: each byte is its own character.
-        self.text().iter().try_for_each(|&b| f.write_char(char::from(b)))
+        // Digits and a dash: each byte is its own character.
+        let text = self.text();
+        f.pad(std::str::from_utf8(&text).map_err(|_| fmt::Error)?)
     }
 }
 

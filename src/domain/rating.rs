@@ -1,7 +1,7 @@
 //! Rating: which tier a period total is in, and which blocks a growth of the total starts.
 
 use std::borrow::Borrow;
-use std::fmt::{self, Write as _};
+use std::fmt;
 use std::ops::Deref;
 use std::sync::Arc;
 
@@ -122,9 +122,11 @@ impl Tier {
 
 impl fmt::Display for Tier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write_compact(f, self.lower)?;
-        f.write_char('-')?;
-        write_compact(f, self.upper)
+        super::padded(f, |out| {
+            write_compact(out, self.lower)?;
+            out.write_char('-')?;
+            write_compact(out, self.upper)
+        })
     }
 }
 
@@ -177,7 +179,7 @@ impl Borrow<str> for TierLabel {
 
 impl fmt::Display for TierLabel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.pad(&self.0)
     }
 }
 
@@ -255,7 +257,7 @@ impl<'de> Deserialize<'de> for TierLabel {
 
 /// Writes a token count exactly in compact units: `M` from a million, `K` from a thousand, plain
 /// below, with as many decimals as needed and no trailing zeros (`1.5M`, `750K`, `1.000001M`).
-fn write_compact(out: &mut impl fmt::Write, tokens: u64) -> fmt::Result {
+fn write_compact(out: &mut (impl fmt::Write + ?Sized), tokens: u64) -> fmt::Result {
     let (unit, suffix) = match tokens {
         1_000_000.. => (1_000_000, "M"),
         1_000.. => (1_000, "K"),
