@@ -1087,7 +1087,9 @@ impl BillingService {
         if recorded.replayed {
             debug!(event = %recorded.usage.event_id, "event replayed: answering the original outcome");
         } else {
-            info!(
+            // Per request, as a metering path logs in the crates hosts know (sqlx, tower-http):
+            // what happens to the charges (collected, failed) is logged at `info` and `warn`.
+            debug!(
                 tokens = recorded.usage.tokens,
                 total = recorded.total_after,
                 charges = recorded.charges.len(),
@@ -1227,7 +1229,7 @@ impl BillingService {
                     recorded.len()
                 )));
             }
-            info!(
+            debug!(
                 recorded = recorded.iter().filter(|r| r.is_ok()).count(),
                 "batch recorded"
             );
