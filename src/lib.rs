@@ -8,7 +8,7 @@
 //! # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
 //! use token_billing::{BillingService, ChargeStatus, UsageReport, UserId};
 //!
-//! // The seed's plan (BRL 400.00 covering 8M tokens, BRL 100.00 per started 8M block) on the
+//! // The original product's plan (BRL 400.00 covering 8M tokens, BRL 100.00 per started 8M block) on the
 //! // in-memory store and the sandbox gateway.
 //! let billing = BillingService::embedded();
 //!

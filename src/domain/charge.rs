@@ -41,7 +41,7 @@ pub enum ChargeStatus {
 }
 
 impl ChargeStatus {
-    /// The status as stored and as the seed's API shows it (`succeeded`).
+    /// The status as stored and as the original product's API shows it (`succeeded`).
     pub const fn as_str(self) -> &'static str {
         match self {
             ChargeStatus::Pending => "pending",
@@ -104,7 +104,7 @@ pub enum FeeCollection {
     /// usage in the period, or earlier when the host opens the period.
     #[default]
     Library,
-    /// A gateway subscription collects it (the seed's create-subscription); the library records
+    /// A gateway subscription collects it (the original product's create-subscription); the library records
     /// it when the gateway reports the period's invoice paid.
     Subscription,
 }
@@ -236,10 +236,10 @@ pub fn charges_for_growth(
     Ok(charges)
 }
 
-/// A charge as stored: the seed's `token_billing_charges` row.
+/// A charge as stored: the original product's `token_billing_charges` row.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Charge {
-    /// The charge's id (the seed's `id`).
+    /// The charge's id (the original product's `id`).
     pub id: Uuid,
     /// The deterministic key, unique per charge.
     pub key: ChargeKey,
@@ -251,9 +251,9 @@ pub struct Charge {
     pub kind: ChargeKind,
     /// The block index, 0 for the fixed fee.
     pub block: u64,
-    /// The tier label (the seed's `billing_tier`).
+    /// The tier label (the original product's `billing_tier`).
     pub billing_tier: TierLabel,
-    /// How much (the seed's `amount_charged`, in minor units at the edges).
+    /// How much (the original product's `amount_charged`, in minor units at the edges).
     pub amount: Money,
     /// Where it is in its life.
     pub status: ChargeStatus,

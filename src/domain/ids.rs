@@ -263,7 +263,7 @@ pub(crate) trait IdBytes {
 
 identifier!(
     /// The host's identifier of a user: opaque text, 1 to 128 bytes of printable ASCII (a UUID, an
-    /// email address, the seed's `test-user-id`).
+    /// email address, the original product's `test-user-id`).
     ///
     /// # Example
     /// ```
@@ -314,7 +314,7 @@ identifier!(
 );
 
 identifier!(
-    /// What kind of operation used the tokens (`chat`, `api_call`, `embedding`): the seed's
+    /// What kind of operation used the tokens (`chat`, `api_call`, `embedding`): the original product's
     /// `operation_type`, 1 to 64 bytes of printable ASCII.
     ///
     /// # Example
@@ -330,7 +330,7 @@ identifier!(
 );
 
 identifier!(
-    /// The host's client (an API key, an app) that made the operation: the seed's `client_id`,
+    /// The host's client (an API key, an app) that made the operation: the original product's `client_id`,
     /// 1 to 128 bytes of printable ASCII.
     ///
     /// # Example

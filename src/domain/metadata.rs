@@ -11,7 +11,7 @@ use serde::de::{MapAccess, Visitor};
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-/// Free-form key-value pairs attached to a usage event (the seed's `metadata`), kept within
+/// Free-form key-value pairs attached to a usage event (the original product's `metadata`), kept within
 /// Stripe's metadata limits so they can travel with a charge: see
 /// [`check_metadata`](crate::check_metadata).
 ///

@@ -1,7 +1,7 @@
 //! Currencies and exact money amounts.
 //!
 //! Inside the library an amount is a [`Decimal`] in major units (`400.00` reais); at every edge
-//! (the database, the payment gateway, the seed's JSON) it is an integer count of minor units
+//! (the database, the payment gateway, the original product's JSON) it is an integer count of minor units
 //! (`40000` centavos). The currency's ISO 4217 exponent decides the conversion: never `x100`,
 //! because JPY has no minor unit and BHD has three decimals.
 
@@ -34,7 +34,7 @@ pub enum Currency {
     AUD,
     /// Bahraini dinar (three decimals).
     BHD,
-    /// Brazilian real, the seed's currency.
+    /// Brazilian real, the original product's currency.
     BRL,
     /// Canadian dollar.
     CAD,

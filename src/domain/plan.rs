@@ -35,6 +35,14 @@ pub enum PlanError {
         /// The block price's currency.
         block_price: Currency,
     },
+    /// A plan priced in another currency than the original product's plan (BRL) was built from
+    /// [`Plan::builder`] without naming its time zone: São Paulo's calendar, which the builder
+    /// starts from, is rarely the right one for it.
+    #[error("a plan priced in {currency} must name its time zone (PlanBuilder::zone)")]
+    ZoneRequired {
+        /// The plan's currency.
+        currency: Currency,
+    },
 }
 
 /// A price plan.
@@ -51,14 +59,14 @@ pub enum PlanError {
 /// ```
 /// use token_billing::{Currency, Money, Plan};
 ///
-/// // The seed's plan: BRL 400.00 covering 8M tokens, then BRL 100.00 per started 8M.
+/// // The original product's plan: BRL 400.00 covering 8M tokens, then BRL 100.00 per started 8M.
 /// let plan = Plan::default();
 /// assert_eq!(plan.fixed_fee(), Money::from_minor(40000, Currency::BRL));
 /// assert_eq!(plan.blocks_owed(8_000_000), 0);
 /// assert_eq!(plan.blocks_owed(8_000_001), 1);
 /// assert_eq!(plan.tier_of(10_000_000)?.to_string(), "8M-16M");
 ///
-/// // The seed's API example: 4M included.
+/// // The original product's API example: 4M included.
 /// let plan = Plan::builder().included_tokens(4_000_000).build()?;
 /// assert_eq!(plan.tier_of(5_000_000)?.to_string(), "4M-12M");
 /// # Ok::<(), Box<dyn std::error::Error>>(())
@@ -75,8 +83,8 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// The seed's allowance and block size: 8,000,000 tokens.
-    pub const SEED_BLOCK_TOKENS: u64 = 8_000_000;
+    /// The original product's allowance and block size: 8,000,000 tokens.
+    pub const DEFAULT_BLOCK_TOKENS: u64 = 8_000_000;
     /// How long after a period ends its late usage is still accepted, unless the plan says otherwise.
     pub const DEFAULT_LATE_USAGE_GRACE: Duration = Duration::from_secs(72 * 3600);
 
@@ -101,7 +109,7 @@ impl Plan {
             .build()
     }
 
-    /// A builder that starts from the seed's plan ([`Plan::default`]).
+    /// A builder that starts from the original product's plan ([`Plan::default`]); see [`PlanBuilder`] for what it takes from it.
     pub fn builder() -> PlanBuilder {
         PlanBuilder::default()
     }
@@ -215,13 +223,13 @@ impl Plan {
 }
 
 impl Default for Plan {
-    /// The seed's plan: BRL 400.00 a month covering 8,000,000 tokens, BRL 100.00 per started block
+    /// The original product's plan: BRL 400.00 a month covering 8,000,000 tokens, BRL 100.00 per started block
     /// of 8,000,000 tokens beyond them, months in America/Sao_Paulo.
     fn default() -> Plan {
         Plan {
             fixed_fee: Money::from_minor(40_000, Currency::BRL),
-            included_tokens: Plan::SEED_BLOCK_TOKENS,
-            block_size: Plan::SEED_BLOCK_TOKENS,
+            included_tokens: Plan::DEFAULT_BLOCK_TOKENS,
+            block_size: Plan::DEFAULT_BLOCK_TOKENS,
             block_price: Money::from_minor(10_000, Currency::BRL),
             zone: chrono_tz::America::Sao_Paulo,
             late_usage_grace: Plan::DEFAULT_LATE_USAGE_GRACE,
@@ -229,11 +237,18 @@ impl Default for Plan {
     }
 }
 
-/// Builds a [`Plan`], starting from the seed's plan; also the plan's serialised form.
+/// Builds a [`Plan`]; also the plan's serialised form.
+///
+/// [`Plan::builder`] starts from the original product's plan ([`Plan::default`]): prices in
+/// BRL (400.00 fixed, 100.00 a block), 8,000,000 tokens included and per block, the calendar of
+/// São Paulo and 72 hours of grace for late usage. Each setter replaces one of those. A plan
+/// priced in another currency must name its zone: [`build`](Self::build) refuses it otherwise
+/// ([`PlanError::ZoneRequired`]), rather than bill it by São Paulo's months. A builder made from
+/// a plan (`PlanBuilder::from(plan)`, or deserialised) has its zone named already.
 ///
 /// # Example
 /// ```
-/// use token_billing::{Currency, Money, Plan};
+/// use token_billing::{Currency, Money, Plan, PlanError};
 ///
 /// let plan = Plan::builder()
 ///     .fixed_fee(Money::from_minor(2_000, Currency::USD))
@@ -246,6 +261,16 @@ impl Default for Plan {
 ///
 /// // One currency per plan.
 /// assert!(Plan::builder().block_price(Money::from_minor(500, Currency::USD)).build().is_err());
+///
+/// // A plan in another currency than BRL names its calendar's zone.
+/// let dollars = Plan::builder()
+///     .fixed_fee(Money::from_minor(2_000, Currency::USD))
+///     .block_price(Money::from_minor(500, Currency::USD));
+/// assert_eq!(
+///     dollars.clone().build().unwrap_err(),
+///     PlanError::ZoneRequired { currency: Currency::USD }
+/// );
+/// assert!(dollars.zone(chrono_tz::America::New_York).build().is_ok());
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -258,11 +283,23 @@ pub struct PlanBuilder {
     zone: Tz,
     #[serde(rename = "late_usage_grace_secs", with = "duration_secs")]
     late_usage_grace: Duration,
+    /// Whether `zone` was named (by [`zone`](Self::zone), a plan, or a serialised form) rather
+    /// than taken from the original product's plan.
+    #[serde(skip, default = "named")]
+    zone_named: bool,
+}
+
+fn named() -> bool {
+    true
 }
 
 impl Default for PlanBuilder {
+    /// The original product's plan, whose zone a plan in another currency must replace.
     fn default() -> Self {
-        Plan::default().into()
+        PlanBuilder {
+            zone_named: false,
+            ..Plan::default().into()
+        }
     }
 }
 
@@ -294,6 +331,7 @@ impl PlanBuilder {
     /// The time zone of the billing calendar.
     pub fn zone(mut self, zone: Tz) -> Self {
         self.zone = zone;
+        self.zone_named = true;
         self
     }
 
@@ -332,6 +370,11 @@ impl PlanBuilder {
                 block_price: self.block_price.currency(),
             });
         }
+        if !self.zone_named && self.fixed_fee.currency() != Plan::default().currency() {
+            return Err(PlanError::ZoneRequired {
+                currency: self.fixed_fee.currency(),
+            });
+        }
         Ok(Plan {
             fixed_fee: self.fixed_fee,
             included_tokens: self.included_tokens,
@@ -352,6 +395,7 @@ impl From<Plan> for PlanBuilder {
             block_price: plan.block_price,
             zone: plan.zone,
             late_usage_grace: plan.late_usage_grace,
+            zone_named: true,
         }
     }
 }
@@ -380,6 +424,34 @@ mod duration_secs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A plan in another currency names its zone; one made from a plan, or read back from its
+    /// serialised form, has it named already.
+    #[test]
+    fn a_plan_in_another_currency_names_its_zone() {
+        let yen = || {
+            Plan::builder()
+                .fixed_fee(Money::from_minor(5_000, Currency::JPY))
+                .block_price(Money::from_minor(1_000, Currency::JPY))
+        };
+        assert_eq!(
+            yen().build(),
+            Err(PlanError::ZoneRequired {
+                currency: Currency::JPY
+            })
+        );
+        let tokyo = yen().zone(chrono_tz::Asia::Tokyo).build().expect("named");
+        assert_eq!(tokyo.zone(), chrono_tz::Asia::Tokyo);
+        let changed = PlanBuilder::from(tokyo.clone()).included_tokens(1_000).build();
+        assert_eq!(changed.map(|p| p.zone()), Ok(chrono_tz::Asia::Tokyo));
+        let text = serde_json::to_string(&tokyo).expect("serialised");
+        assert_eq!(serde_json::from_str::<Plan>(&text).expect("read back"), tokyo);
+        // In BRL, the original product's zone is the default it always was.
+        assert_eq!(
+            Plan::builder().included_tokens(1).build().map(|p| p.zone()),
+            Ok(chrono_tz::America::Sao_Paulo)
+        );
+    }
 
     #[test]
     fn validation_refuses_bad_plans() {

@@ -14,7 +14,7 @@ use super::plan::Plan;
 pub const MAX_TOKENS: u64 = i64::MAX as u64;
 
 /// The most blocks one usage event may start, and so the most charges it may create: a bound on
-/// the work and memory of one record operation. With the seed's 8M-token blocks it is 80 billion
+/// the work and memory of one record operation. With the original product's 8M-token blocks it is 80 billion
 /// tokens in one event.
 pub const MAX_BLOCKS_PER_EVENT: u64 = 10_000;
 
@@ -130,7 +130,7 @@ impl fmt::Display for Tier {
     }
 }
 
-/// A tier's label (`8M-16M`: the seed's `billing_tier`), as charges, outcomes and summaries carry
+/// A tier's label (`8M-16M`: the original product's `billing_tier`), as charges, outcomes and summaries carry
 /// it.
 ///
 /// Cheap to clone: the text is shared, never copied, so the label every charge and outcome of a
@@ -276,7 +276,7 @@ fn write_compact(out: &mut (impl fmt::Write + ?Sized), tokens: u64) -> fmt::Resu
     write!(out, "{whole}.{digits}{suffix}")
 }
 
-/// The stable label of the tier a period total is in: the Rust twin of the seed's SQL function
+/// The stable label of the tier a period total is in: the Rust twin of the original product's SQL function
 /// `calculate_billing_tier(tokens_used)`.
 ///
 /// # Errors

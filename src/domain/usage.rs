@@ -89,10 +89,10 @@ pub fn check_metadata(metadata: &Metadata) -> Result<(), MetadataError> {
     Ok(())
 }
 
-/// An accepted usage event as stored: the seed's `token_consumption` row.
+/// An accepted usage event as stored: the original product's `token_consumption` row.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UsageRecord {
-    /// The consumption's id (the seed's `consumptionId`).
+    /// The consumption's id (the original product's `consumptionId`).
     pub consumption_id: Uuid,
     /// The event id that makes retries safe (the host's, or the consumption id when it gave none).
     pub event_id: EventId,
@@ -102,17 +102,17 @@ pub struct UsageRecord {
     pub period: PeriodKey,
     /// How many tokens, at least 1.
     pub tokens: u64,
-    /// The seed's `operation_type`.
+    /// The original product's `operation_type`.
     pub operation_type: OperationType,
-    /// The seed's `client_id`.
+    /// The original product's `client_id`.
     pub client_id: Option<ClientId>,
-    /// The seed's `metadata`.
+    /// The original product's `metadata`.
     pub metadata: Metadata,
     /// When the usage happened: as reported, or when it was recorded.
     pub occurred_at: DateTime<Utc>,
     /// Whether the host reported `occurred_at` (and so a retry must report the same).
     pub occurred_at_reported: bool,
-    /// When it was recorded (the seed's `created_at`).
+    /// When it was recorded (the original product's `created_at`).
     pub recorded_at: DateTime<Utc>,
 }
 
