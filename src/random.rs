@@ -2,7 +2,10 @@
 //! (xoshiro256++) that the operating system seeds once per thread.
 //!
 //! Asking the operating system for every id costs a system call per event, the largest single
-//! cost of recording one in memory. These ids name records, they guard nothing: they must not
+//! cost of recording one in memory (`cargo bench --bench ids`: 381 ns a draw with `getrandom`,
+//! against 13 ns here). The `uuid` crate's fast draws (`fast-rng`: 15 ns for version 4, 86 ns
+//! for version 7) come from `rand`'s thread generator, which rand documents as not seeded again
+//! in a forked child: that is the one thing this module adds, and why it is written here. These ids name records, they guard nothing: they must not
 //! collide, which 122 random bits from a well-seeded generator ensure, and need not be
 //! unpredictable. Keys that must be deterministic (charge keys) are never random.
 //!
