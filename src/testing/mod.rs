@@ -132,13 +132,14 @@ macro_rules! usage_store_conformance {
     };
 }
 
-/// Expands one `#[tokio::test]` per check of the [`PaymentGateway`] conformance suite
-/// ([`gateway::Check::ALL`](crate::testing::gateway::Check::ALL)), named as [`gateway::Check::name`](crate::testing::gateway::Check::name), in a module named `$name`:
-/// `$make` is an async block giving `(gateway, fixture)`, where the gateway is a concrete
-/// gateway, a `Box<dyn PaymentGateway>` or an `Arc<dyn PaymentGateway>` and the fixture a
-/// [`gateway::GatewayFixture`](crate::testing::gateway::GatewayFixture). A check that finds a clause broken panics with its
-/// [`gateway::Violation`](crate::testing::gateway::Violation), which names the clause; a check the fixture cannot support passes
-/// and prints why it was skipped. To get every verdict at once instead, call [`gateway::run`](crate::testing::gateway::run).
+/// Expands one `#[tokio::test]` per check of the [`PaymentGateway`] conformance suite (each of
+/// [`Check::ALL`](gateway::Check::ALL), named as [`Check::name`](gateway::Check::name)), in a
+/// module named `$name`: `$make` is an async block giving `(gateway, fixture)`, where the
+/// gateway is a concrete gateway, a `Box<dyn PaymentGateway>` or an `Arc<dyn PaymentGateway>`
+/// and the fixture a [`GatewayFixture`](gateway::GatewayFixture). A check that finds a clause
+/// broken panics with its [`Violation`](gateway::Violation), which names the clause; a check
+/// the fixture cannot support passes and prints why it was skipped. To get every verdict at
+/// once instead, call [`gateway::run`].
 ///
 /// ```
 /// # #[cfg(any())] {

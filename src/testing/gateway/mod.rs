@@ -1,10 +1,10 @@
 //! The [`PaymentGateway`] conformance suite: one check or more for every clause of the trait's
 //! `# Contract`, each check in the file of the clause it checks.
 //!
-//! | clause ([`Clause`]) | file | checks |
+//! | clauses ([`Clause`]) | file | what it calls |
 //! |---|---|---|
-//! | Known outcomes, Nothing collected on refusal, Minor units | `collect.rs` | the status of each kind of payment, refusals, amounts |
-//! | Idempotency, New rounds | `idempotency.rs` | a key used again, a key of a later round |
+//! | Known outcomes, Nothing collected on refusal, Minor units | `collect.rs` | `collect` |
+//! | Idempotency, New rounds | `idempotency.rs` | `collect` with a key used or new |
 //! | Look-up by charge key | `lookup.rs` | `find_payment` |
 //! | Cancel | `cancel.rs` | `cancel_payment` |
 //! | Customers | `customers.rs` | `create_customer` |
@@ -120,26 +120,33 @@ impl Clause {
     pub fn text(self) -> &'static str {
         match self {
             Clause::Idempotency => {
-                "collect with an idempotency key already used MUST NOT create a second payment: it answers the first payment"
+                "collect with an idempotency key already used MUST NOT create a second payment: it answers the \
+                 first payment"
             }
             Clause::NewRounds => {
-                "a key never used before (a later round) MUST be a new attempt on the customer's current payment method, never a replay"
+                "a key never used before (a later round) MUST be a new attempt on the customer's current payment \
+                 method, never a replay"
             }
             Clause::KnownOutcomes => {
-                "collect MUST return Ok only with the payment's state, reported as it is: Succeeded, Declined with the decline code, RequiresAction, Processing"
+                "collect MUST return Ok only with the payment's state, reported as it is: Succeeded, Declined with \
+                 the decline code, RequiresAction, Processing"
             }
             Clause::NothingCollectedOnRefusal => {
-                "collect MUST NOT report Declined or Rejected unless nothing was collected; an unknown customer is refused"
+                "collect MUST NOT report Declined or Rejected unless nothing was collected; an unknown customer is \
+                 refused"
             }
             Clause::MinorUnits => "the payment MUST be for exactly the charge's amount, in its currency's minor units",
             Clause::LookupByChargeKey => {
-                "find_payment MUST find a charge's payments by its key in any round: a success first, else one in flight; None when there is none to keep; never another charge's"
+                "find_payment MUST find a charge's payments by its key in any round: a success first, else one in \
+                 flight; None when there is none to keep; never another charge's"
             }
             Clause::Cancel => {
-                "cancel_payment MUST cancel a payment awaiting the customer and MUST NOT cancel a succeeded payment, which it reports as Succeeded"
+                "cancel_payment MUST cancel a payment awaiting the customer and MUST NOT cancel a succeeded \
+                 payment, which it reports as Succeeded"
             }
             Clause::Customers => {
-                "create_customer MUST open a customer the gateway accepts, and answer the same customer for the same user"
+                "create_customer MUST open a customer the gateway accepts, and answer the same customer for the \
+                 same user"
             }
             Clause::Subscriptions => {
                 "create_subscription MUST subscribe the customer to the plan for the user, once per user and plan"
