@@ -33,6 +33,8 @@ enum Breach {
     CancelsSucceededPayments,
     /// Opens a new customer on every call (Customers).
     NewCustomerOnEveryCall,
+    /// Answers a customer it never opened (Customers).
+    CustomerNeverOpened,
     /// Has no subscriptions: refuses every one (Subscriptions, unless the fixture says so).
     NoSubscriptions,
 }
@@ -74,6 +76,9 @@ impl PaymentGateway for Broken {
     }
 
     async fn create_customer(&self, user: &UserId) -> Result<CustomerId, GatewayError> {
+        if self.breach == Breach::CustomerNeverOpened {
+            return Ok(CustomerId::new(format!("cus_unopened_{user}")).expect("valid"));
+        }
         if self.breach == Breach::NewCustomerOnEveryCall {
             let user = UserId::new(format!("{user}-{}", self.call())).expect("valid");
             return self.sandbox.create_customer(&user).await;
@@ -288,6 +293,12 @@ async fn a_check_run_alone_panics_in_a_test_naming_its_clause() {
 async fn a_new_customer_on_every_call_fails_customers() {
     let report = report_on(Breach::NewCustomerOnEveryCall).await;
     assert_fails(&report, Check::CustomerIsOpenedOncePerUser, Clause::Customers);
+}
+
+#[tokio::test]
+async fn a_customer_never_opened_fails_customers() {
+    let report = report_on(Breach::CustomerNeverOpened).await;
+    assert_fails(&report, Check::OpenedCustomerIsAccepted, Clause::Customers);
 }
 
 #[tokio::test]
