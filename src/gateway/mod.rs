@@ -267,27 +267,67 @@ pub enum GatewayChange {
 /// Collects money from customers.
 ///
 /// # Contract
-/// Every implementation MUST meet these; the conformance suite (`testing::gateway`) checks each.
-/// - [`collect`](Self::collect) with an idempotency key already used MUST NOT create a second
-///   payment: it returns the first payment's outcome (or, for a gateway that cannot tell, an
-///   error), never a new charge to the customer.
-/// - It MUST return `Ok` only when it knows the payment's state, and
-///   [`GatewayError::OutcomeUnknown`] whenever money may have moved without it knowing. It MUST
-///   NOT report [`PaymentStatus::Declined`] or [`GatewayError::Rejected`] unless nothing was
-///   collected.
-/// - The payment MUST carry `request.charge.key`, so that [`find_payment`](Self::find_payment)
-///   finds every payment made for a charge, in any round, even after the gateway forgot the
-///   idempotency key. The service calls it before collecting a charge that may have been
-///   attempted already, and keeps a payment it finds instead of creating another.
-/// - Amounts MUST be sent in the currency's minor units ([`Money::minor_units`](crate::Money::minor_units)).
-/// - [`cancel_payment`](Self::cancel_payment) MUST NOT cancel a succeeded payment; it reports
-///   it as succeeded.
+/// Every implementation MUST meet these clauses; the conformance suite
+/// (`token_billing::testing::gateway`, feature `testing`) checks each, and a failing check names
+/// the clause it found broken.
+/// - **Idempotency.** [`collect`](Self::collect) with an idempotency key already used MUST NOT
+///   create a second payment: it answers the first payment (the same `payment_id`, and the same
+///   status and decline code while that payment has not changed since), or, for a gateway that
+///   cannot tell, an error; never a new charge to the customer.
+/// - **New rounds.** A key never used before (a later round of the same charge) MUST be a new
+///   attempt on the customer's current payment method: it never replays an earlier round's
+///   outcome, so that a charge declined once is collected once the customer fixes their card.
+/// - **Known outcomes.** `collect` MUST return `Ok` only when it knows the payment's state, and
+///   [`GatewayError::OutcomeUnknown`] whenever money may have moved without it knowing. The
+///   state is reported as it is: [`PaymentStatus::Succeeded`] when the money was collected;
+///   [`PaymentStatus::Declined`] with the issuer's decline code in `decline_code`
+///   (`insufficient_funds`) when it was declined; [`PaymentStatus::RequiresAction`] when the
+///   customer must authenticate it; [`PaymentStatus::Processing`] when its outcome comes later.
+///   An outcome that is succeeded, processing or awaiting the customer carries the gateway's
+///   `payment_id`.
+/// - **Nothing collected on refusal.** `collect` MUST NOT report [`PaymentStatus::Declined`]
+///   or [`GatewayError::Rejected`] unless nothing was collected. A request for a customer the
+///   gateway does not know is refused with an error and collects nothing.
+/// - **Minor units.** The payment MUST be for exactly `request.charge.amount`: its currency,
+///   and its amount in that currency's minor units as the library counts them
+///   ([`Money::minor_units`](crate::Money::minor_units): 40000 is BRL 400.00, 500 is JPY 500,
+///   1230 is BHD 1.230). A gateway whose API counts a currency otherwise converts exactly
+///   (Stripe's ISK), never through a float.
+/// - **Look-up by charge key.** The payment MUST carry `request.charge.key`, so that
+///   [`find_payment`](Self::find_payment) finds every payment made for a charge, in any round,
+///   even after the gateway forgot the idempotency key or its answer was lost. `find_payment`
+///   answers a succeeded payment first, else one still in flight (processing, awaiting the
+///   customer); `None` for a charge never collected, or whose payments were all declined or
+///   canceled; never a payment of another charge, even one whose key begins with this one's.
+///   The service calls it before collecting a charge that may have been attempted already, and
+///   keeps a payment it finds instead of creating another.
+/// - **Cancel.** [`cancel_payment`](Self::cancel_payment) MUST cancel a payment awaiting the
+///   customer: it answers `Canceled`, the payment can no longer succeed, and `find_payment` no
+///   longer answers it. A processing payment is canceled the same way, or, when the gateway is
+///   past cancelling it, reported as `Processing`. It MUST NOT cancel a succeeded payment: it
+///   reports it as `Succeeded`, and the payment stays found. A payment already canceled is
+///   reported `Canceled` again; a payment id the gateway never issued is refused with
+///   [`GatewayError::Rejected`]. The answer always carries the payment's own `payment_id`.
+/// - **Customers.** [`create_customer`](Self::create_customer) MUST open a customer the
+///   gateway then accepts: once the customer has a payment method that pays, its payments
+///   succeed. Calling it again for the same user (a retry after a lost answer or a crash, within
+///   the gateway's idempotency window: 24 hours at Stripe) MUST answer the same customer, not
+///   open a second one; another user gets a customer of its own.
+/// - **Subscriptions.** For a gateway that offers them,
+///   [`create_subscription`](Self::create_subscription) MUST answer a subscription of the
+///   customer to the plan, which the gateway's records tie to the user (its paid invoices are
+///   reported for that user). Asking again for the same user, customer and plan answers the
+///   same subscription; another plan, or another user paid for by the same customer, gets one of
+///   its own, since each collects a fee of its own. A gateway without subscriptions refuses with
+///   [`GatewayError::Rejected`]; its conformance fixture says so, and the suite skips these
+///   checks and reports them skipped.
 #[async_trait]
 pub trait PaymentGateway: Send + Sync + Debug {
     /// A short name for logs (`sandbox`, `stripe`).
     fn name(&self) -> &'static str;
 
-    /// Opens a customer for a user (the embedded default does this for unregistered users).
+    /// Opens a customer for a user (the embedded default does this for unregistered users);
+    /// the same customer again for the same user. See the contract's **Customers**.
     async fn create_customer(&self, user: &UserId) -> Result<CustomerId, GatewayError>;
 
     /// Creates and confirms an off-session payment; see the contract.
@@ -301,14 +341,16 @@ pub trait PaymentGateway: Send + Sync + Debug {
     /// Cancels a payment that has not succeeded, so that it cannot succeed later (a customer
     /// completing an old authentication) once a new round has been started. Returns the
     /// payment's state after the attempt: `Canceled`, or its state when it could not be
-    /// canceled (it had succeeded or was already declined, or it is past cancelling while it may
-    /// still succeed: processing, or awaiting the customer).
+    /// canceled: `Succeeded` (never canceled), `Processing` (a gateway past cancelling it, which
+    /// may still succeed), or, for one already declined, `Declined` (or `Canceled`, at a gateway
+    /// that cancels declined payments too). See the contract's **Cancel**.
     async fn cancel_payment(&self, payment_id: &str) -> Result<PaymentOutcome, GatewayError>;
 
-    /// Subscribes a user's customer to a plan's fixed fee (the seed's create-subscription). The
-    /// subscription MUST name the user, so that its paid invoices can be told apart and
-    /// reported as [`GatewayChange::FixedFeePaid`] for that user. A customer already subscribed
-    /// to the plan keeps its subscription: it is returned, not duplicated.
+    /// Subscribes a user's customer to a plan's fixed fee (the original product's
+    /// create-subscription). The subscription MUST name the user, so that its paid invoices can
+    /// be told apart and reported as [`GatewayChange::FixedFeePaid`] for that user. A user whose
+    /// customer is already subscribed to the plan keeps that subscription: it is returned, not
+    /// duplicated. See the contract's **Subscriptions**.
     async fn create_subscription(
         &self,
         user: &UserId,

@@ -147,7 +147,8 @@ struct Ledger {
     /// Idempotency keys and charge keys, by their text: one map, since a charge's first round
     /// is made with its key as its idempotency key, so that most payments take one entry.
     by_key: HashMap<Arc<str>, Keyed>,
-    subscriptions: Vec<(Subscription, Money)>,
+    /// The subscriptions made, each with the fee it collects and the user it was made for.
+    subscriptions: Vec<(Subscription, Money, UserId)>,
     calls: u64,
     forget_idempotency_keys: bool,
 }
@@ -290,7 +291,36 @@ impl SandboxGateway {
     /// # });
     /// ```
     pub fn subscriptions(&self) -> Vec<(Subscription, Money)> {
-        self.ledger().subscriptions.clone()
+        self.ledger()
+            .subscriptions
+            .iter()
+            .map(|(subscription, fee, _)| (subscription.clone(), *fee))
+            .collect()
+    }
+
+    /// The user a subscription was made for (whose fee it collects), by its reference; `None`
+    /// for a reference the sandbox never issued.
+    ///
+    /// # Example
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// use token_billing::{PaymentGateway, Plan, PlanId, SandboxGateway, UserId};
+    ///
+    /// let sandbox = SandboxGateway::new();
+    /// let user = UserId::new("alice").unwrap();
+    /// let customer = sandbox.create_customer(&user).await.unwrap();
+    /// let plan_id = PlanId::new("default").unwrap();
+    /// let subscription = sandbox.create_subscription(&user, &customer, &plan_id, &Plan::default()).await.unwrap();
+    /// assert_eq!(sandbox.subscriber(&subscription.subscription_id), Some(user));
+    /// assert_eq!(sandbox.subscriber("sub_elsewhere"), None);
+    /// # });
+    /// ```
+    pub fn subscriber(&self, subscription_id: &str) -> Option<UserId> {
+        self.ledger()
+            .subscriptions
+            .iter()
+            .find(|(subscription, _, _)| subscription.subscription_id == subscription_id)
+            .map(|(_, _, user)| user.clone())
     }
 
     /// How many calls reached the sandbox (`collect`, `find_payment`, customers, subscriptions).
@@ -499,7 +529,7 @@ impl PaymentGateway for SandboxGateway {
 
     async fn create_subscription(
         &self,
-        _user: &UserId,
+        user: &UserId,
         customer: &CustomerId,
         plan_id: &PlanId,
         plan: &Plan,
@@ -509,12 +539,11 @@ impl PaymentGateway for SandboxGateway {
         if !ledger.customers.contains_key(customer) {
             return Err(no_such_customer(customer));
         }
-        // Only a subscription to this plan is kept: one to another plan collects another fee.
-        if let Some((existing, _)) = ledger
-            .subscriptions
-            .iter()
-            .find(|(s, _)| &s.customer_id == customer && &s.plan_id == plan_id && s.status == "active")
-        {
+        // Only the user's subscription to this plan is kept: one to another plan, or one the
+        // same customer pays for another user, collects another fee.
+        if let Some((existing, _, _)) = ledger.subscriptions.iter().find(|(s, _, subscriber)| {
+            subscriber == user && &s.customer_id == customer && &s.plan_id == plan_id && s.status == "active"
+        }) {
             return Ok(existing.clone());
         }
         let subscription = Subscription {
@@ -523,7 +552,9 @@ impl PaymentGateway for SandboxGateway {
             plan_id: plan_id.clone(),
             status: "active".to_owned(),
         };
-        ledger.subscriptions.push((subscription.clone(), plan.fixed_fee()));
+        ledger
+            .subscriptions
+            .push((subscription.clone(), plan.fixed_fee(), user.clone()));
         Ok(subscription)
     }
 }

@@ -3,7 +3,9 @@
 //! faults into any store or gateway.
 //!
 //! The suites are plain async functions over `&dyn UsageStore` / `&dyn PaymentGateway`, so an
-//! implementation runs them from its own tests, with any runtime. The macros
+//! implementation runs them from its own tests, with any runtime; [`gateway::run`] runs the
+//! gateway suite at once and reports every check's verdict, naming the contract clause of each
+//! violation. The macros
 //! [`usage_store_conformance!`](crate::usage_store_conformance) and
 //! [`payment_gateway_conformance!`](crate::payment_gateway_conformance) expand one named
 //! `#[tokio::test]` per check (the calling crate needs `tokio` with the `macros` and
@@ -130,9 +132,24 @@ macro_rules! usage_store_conformance {
     };
 }
 
-/// Expands one `#[tokio::test]` per check of the [`PaymentGateway`] conformance suite, in a
-/// module named `$name`: `$make` is an async block giving `(gateway, fixture)`, where the fixture
-/// is a [`gateway::GatewayFixture`].
+/// Expands one `#[tokio::test]` per check of the [`PaymentGateway`] conformance suite (each of
+/// [`Check::ALL`](gateway::Check::ALL), named as [`Check::name`](gateway::Check::name)), in a
+/// module named `$name`: `$make` is an async block giving `(gateway, fixture)`, where the
+/// gateway is a concrete gateway, a `Box<dyn PaymentGateway>` or an `Arc<dyn PaymentGateway>`
+/// and the fixture a [`GatewayFixture`](gateway::GatewayFixture). A check that finds a clause
+/// broken panics with its [`Violation`](gateway::Violation), which names the clause; a check
+/// the fixture cannot support passes and prints why it was skipped. To get every verdict at
+/// once instead, call [`gateway::run`].
+///
+/// ```
+/// # #[cfg(any())] {
+/// // tests/conformance.rs of a crate with its own gateway:
+/// token_billing::payment_gateway_conformance!(my_gateway, async {
+///     let gateway = MyGateway::connect().await;
+///     (gateway.clone(), MyFixture(gateway))
+/// });
+/// # }
+/// ```
 #[macro_export]
 macro_rules! payment_gateway_conformance {
     ($name:ident, $make:expr) => {
@@ -142,22 +159,53 @@ macro_rules! payment_gateway_conformance {
             use $crate::testing::AsDynGateway as _;
 
             $crate::payment_gateway_conformance!(@tests $make;
-                collect_is_idempotent,
-                rounds_are_separate_payments_found_by_charge,
-                declines_are_reported_with_a_code,
-                authentication_is_reported_as_requires_action,
-                unknown_charges_have_no_payment,
-                subscriptions_are_created,
+                a_success_is_reported_succeeded => SucceededIsReportedSucceeded,
+                a_decline_is_reported_with_its_code => DeclineIsReportedWithItsCode,
+                authentication_is_reported_as_requires_action => AuthenticationIsReportedRequiresAction,
+                a_processing_payment_is_reported_processing => ProcessingIsReportedProcessing,
+                an_unknown_customer_is_refused_and_pays_nothing => UnknownCustomerIsRefused,
+                amounts_are_charged_in_minor_units => AmountsAreInMinorUnits,
+                a_reused_key_answers_the_first_payment => ReusedKeyAnswersTheFirstPayment,
+                a_new_round_is_a_new_attempt => NewRoundIsANewAttempt,
+                a_charge_never_collected_has_no_payment => NeverCollectedHasNoPayment,
+                a_payment_is_found_after_its_answer_was_lost => FoundAfterTheAnswerWasLost,
+                a_payment_awaiting_the_customer_is_found => AwaitingCustomerIsFound,
+                a_processing_payment_is_found => ProcessingIsFound,
+                a_declined_charge_has_no_payment_to_keep => DeclinedHasNoPaymentToKeep,
+                a_success_is_found_before_a_payment_in_flight => SuccessIsFoundBeforeOneInFlight,
+                a_payment_awaiting_the_customer_is_canceled => AwaitingCustomerIsCanceled,
+                a_processing_payment_is_canceled_or_reported_processing => ProcessingIsCanceledOrReported,
+                a_succeeded_payment_is_not_canceled => SucceededPaymentIsNotCanceled,
+                an_unknown_payment_is_refused => UnknownPaymentIsRefused,
+                an_opened_customer_is_accepted => OpenedCustomerIsAccepted,
+                a_customer_is_opened_once_per_user => CustomerIsOpenedOncePerUser,
+                a_subscription_names_its_customer_plan_and_user => SubscriptionNamesItsUser,
+                a_subscription_is_made_once_per_user_and_plan => SubscriptionIsMadeOncePerUserAndPlan,
             );
         }
     };
-    (@tests $make:expr; $($test:ident),* $(,)?) => {
+    (@tests $make:expr; $($test:ident => $check:ident),* $(,)?) => {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $test() {
+                let check = $crate::testing::gateway::Check::$check;
+                assert_eq!(check.name(), stringify!($test), "the test is named after its check");
                 let (gateway, fixture) = $make.await;
-                $crate::testing::gateway::$test(gateway.as_dyn_gateway(), &fixture).await;
+                match check.run(gateway.as_dyn_gateway(), &fixture).await {
+                    Ok($crate::testing::gateway::Verdict::Passed) => {}
+                    Ok($crate::testing::gateway::Verdict::Skipped(why)) => {
+                        println!("skipped {}: {why}", check.name());
+                    }
+                    Err(violation) => panic!("{violation}"),
+                }
             }
         )*
+
+        /// Every check of the suite has its test here.
+        #[test]
+        fn every_check_has_a_test() {
+            let listed = [$($crate::testing::gateway::Check::$check),*];
+            assert_eq!(listed, $crate::testing::gateway::Check::ALL);
+        }
     };
 }
