@@ -379,6 +379,66 @@ async fn the_monitoring_reports_accounts_and_subscriptions() {
     assert_eq!(subscribing.sandbox.subscriptions().len(), 1);
 }
 
+/// A real gateway over the in-memory store forgets, on restart, every total and charge: it is
+/// refused unless the operator accepts that with `TOKEN_BILLING_STORE=memory`.
+#[tokio::test]
+async fn a_real_gateway_on_the_in_memory_store_needs_the_operators_consent() {
+    let Err(error) = config::configure(variables(&[
+        ("TOKEN_BILLING_API_KEY", API_KEY),
+        ("STRIPE_SECRET_KEY", "sk_test_unused"),
+        ("STRIPE_API_BASE", "http://127.0.0.1:9"),
+    ]))
+    .await
+    else {
+        panic!("Stripe on the in-memory store, not consented to, is refused");
+    };
+    let error = error.to_string();
+    assert!(
+        error.contains("DATABASE_URL") && error.contains("TOKEN_BILLING_STORE=memory"),
+        "{error}"
+    );
+    #[cfg(feature = "stripe")]
+    {
+        let consented = config::configure(variables(&[
+            ("TOKEN_BILLING_API_KEY", API_KEY),
+            ("STRIPE_SECRET_KEY", "sk_test_unused"),
+            ("STRIPE_API_BASE", "http://127.0.0.1:9"),
+            ("TOKEN_BILLING_STORE", "memory"),
+        ]))
+        .await
+        .expect("consented to");
+        assert!(
+            consented.description.contains("TOKEN_BILLING_STORE=memory"),
+            "{}",
+            consented.description
+        );
+        // What a restart then costs is logged at `warn`.
+        assert!(
+            consented
+                .warnings
+                .iter()
+                .any(|w| w.contains("restart") && w.contains("under-billing") && w.contains("fixed fee")),
+            "{:?}",
+            consented.warnings
+        );
+    }
+    // Named with a database, or naming another store, is a mistake.
+    for refused in [
+        variables(&[
+            ("TOKEN_BILLING_API_KEY", API_KEY),
+            ("TOKEN_BILLING_STORE", "memory"),
+            ("DATABASE_URL", "postgres://postgres@127.0.0.1:1/none"),
+        ]),
+        variables(&[("TOKEN_BILLING_API_KEY", API_KEY), ("TOKEN_BILLING_STORE", "disk")]),
+    ] {
+        assert!(config::configure(refused).await.is_err());
+    }
+    // The defaults (the sandbox) lose nothing that was paid: no warning.
+    let defaults = config::configure(variables(&[("TOKEN_BILLING_API_KEY", API_KEY)]))
+        .await
+        .expect("configured");
+    assert!(defaults.warnings.is_empty(), "{:?}", defaults.warnings);
+}
 /// A lookup over fixed variables, as the environment would give them.
 /// The PostgreSQL the tests use: `DATABASE_URL`, else the local test database.
 #[cfg(feature = "postgres")]
