@@ -142,7 +142,8 @@ pub(crate) async fn configure(env: impl Fn(&str) -> Option<String>) -> Result<Co
         ),
     };
 
-    // With a real gateway, users wait for an account; the sandbox opens one for everybody, so
+    // With a real gateway, users wait for an account; the sandbox opens one for everybody, and
+    // takes the customer ids the host names (create-subscription's) as customers that pay, so
     // that the original product's examples run as written.
     let sandbox_name = if chosen_gateway.is_some() {
         "the in-process sandbox (TOKEN_BILLING_GATEWAY=sandbox)"
@@ -151,7 +152,7 @@ pub(crate) async fn configure(env: impl Fn(&str) -> Option<String>) -> Result<Co
     };
     let sandbox = || -> (Arc<dyn PaymentGateway>, UnregisteredUsers, String) {
         (
-            Arc::new(SandboxGateway::new()),
+            Arc::new(SandboxGateway::accepting_unknown_customers()),
             UnregisteredUsers::OpenCustomer,
             sandbox_name.to_owned(),
         )
@@ -188,7 +189,12 @@ pub(crate) async fn configure(env: impl Fn(&str) -> Option<String>) -> Result<Co
     let stripe = None;
     let state = AppState::new(billing.clone(), auth, clock, stripe);
     let description = format!(
-        "store: {store_name}; gateway: {gateway_name}; fixed fee: {fee:?}; user tokens: {}",
+        "store: {store_name}; gateway: {gateway_name}; fixed fee: {}; user tokens: {}",
+        match fee {
+            FeeCollection::Subscription =>
+                "collected by a gateway subscription (TOKEN_BILLING_FEE_COLLECTION=subscription)",
+            _ => "collected by the library when a period opens (TOKEN_BILLING_FEE_COLLECTION=library)",
+        },
         if jwt_secret.is_some() {
             "accepted (TOKEN_BILLING_JWT_SECRET)"
         } else {

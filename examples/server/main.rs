@@ -13,8 +13,9 @@
 //! - `TOKEN_BILLING_ADDR`: where to listen (`127.0.0.1:3000`).
 //! - `DATABASE_URL`: the PostgreSQL store (feature `postgres`); else the in-memory store.
 //! - `STRIPE_SECRET_KEY`, `STRIPE_API_BASE`, `STRIPE_WEBHOOK_SECRET`: the Stripe gateway
-//!   (feature `stripe`); else the sandbox gateway, which opens a customer for every new user
-//!   and whose payments always succeed.
+//!   (feature `stripe`); else the sandbox gateway, which opens a customer for every new user,
+//!   takes any customer id it is named (create-subscription's `customerId`) as a customer, and
+//!   whose payments always succeed.
 //! - `TOKEN_BILLING_GATEWAY`: `stripe` (which needs `STRIPE_SECRET_KEY`) or `sandbox` (which
 //!   refuses it). With `DATABASE_URL` and no `STRIPE_SECRET_KEY` the service refuses to start
 //!   unless it is `sandbox`: the durable store would keep the sandbox's charges as paid though
@@ -25,7 +26,9 @@
 //!   period's fixed fee is charged again with the same key, which only the gateway's 24-hour
 //!   idempotency window keeps from being paid twice. The service logs that at `warn`.
 //! - `TOKEN_BILLING_FEE_COLLECTION`: `library` (default: the fee is charged with the first
-//!   usage of the month) or `subscription` (a Stripe subscription collects it).
+//!   usage of the month, or by create-subscription, which opens the month) or `subscription`
+//!   (create-subscription makes a gateway subscription, which collects it). The startup log and
+//!   `GET /` say which.
 //!
 //! Every minute it resumes charges left pending; every hour it retries declined ones.
 
