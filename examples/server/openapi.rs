@@ -283,6 +283,7 @@ pub(crate) fn document() -> Value {
                         "400": error("A bad signature or payload."),
                         "404": error("Stripe is not configured."),
                         "413": error("The body is larger than 1 MiB."),
+                        "422": error("Reading the event needed Stripe, which refused the request (an object it does not have), with its reason."),
                         "502": error("Reading the event needed Stripe, which failed: Stripe delivers it again."),
                         "503": error("The billing store is unavailable: Stripe delivers it again.")
                     }
