@@ -124,8 +124,8 @@ impl BillingService {
     /// When the gateway refuses the customer (it does not have it: `resource_missing`), the
     /// registration made here is undone with a compare-and-set (a change made meanwhile by
     /// another caller is kept) and the refusal is returned; the period's fee charge stays,
-    /// failed, and is retried once a customer is registered. A fee that failed before this call
-    /// is retried now with the newly registered customer.
+    /// failed (the period's fee is owed whoever pays it): dunning retries it once the account
+    /// has a customer, and a call of this method registering one retries it at once.
     ///
     /// # Errors
     /// [`BillingError::OtherCustomer`] when the account pays with another customer (nothing is
