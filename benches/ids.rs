@@ -10,7 +10,9 @@ use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 
-/// The generator the crate uses, compiled here as it is.
+/// The generator the crate uses, compiled here as it is (its unit tests, compiled along in test
+/// mode without a test harness, are not run here).
+#[allow(unused_imports)]
 #[path = "../src/random.rs"]
 mod random;
 

@@ -2,7 +2,7 @@
 
 use chrono::{DateTime, Utc};
 
-use crate::domain::{EventId, IdError, MetadataError, PeriodKey, PlanError, PlanId, RatingError, UserId};
+use crate::domain::{CustomerId, EventId, IdError, MetadataError, PeriodKey, PlanError, PlanId, RatingError, UserId};
 use crate::gateway::GatewayError;
 use crate::store::StoreError;
 
@@ -118,6 +118,18 @@ pub enum BillingError {
     /// ([`FeeCollection::Library`](crate::FeeCollection::Library)): both would collect it.
     #[error("the library collects the fixed fee: a subscription would collect it twice")]
     FeeCollectedByLibrary,
+    /// The user's account pays with another gateway customer than the one named: changing who
+    /// pays is a registration ([`BillingService::register_account`](crate::BillingService::register_account)),
+    /// not a side effect of starting the fixed fee. Nothing was changed.
+    #[error("user {user_id} pays with customer {current}, not {named}")]
+    OtherCustomer {
+        /// The user.
+        user_id: UserId,
+        /// The customer the account pays with.
+        current: CustomerId,
+        /// The customer the caller named.
+        named: CustomerId,
+    },
     /// The user has no gateway customer to charge.
     #[error("user {user_id} has no payment customer")]
     NoCustomer {

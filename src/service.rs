@@ -10,6 +10,8 @@ use serde::{Deserialize, Serialize};
 use tracing::{Instrument, debug, info, info_span, warn};
 use uuid::Uuid;
 
+mod fixed_fee_start;
+
 use crate::clock::{Clock, SystemClock};
 use crate::domain::check_identifier;
 use crate::domain::{

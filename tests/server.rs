@@ -316,15 +316,22 @@ async fn the_monitoring_reports_accounts_and_subscriptions() {
         json!({"userId": "acc", "customerId": "cus_known", "planId": "default"})
     );
 
-    // A subscription collects the fee only when the service is configured for it.
-    let refused = server
-        .post(
-            "/api/token-billing/create-subscription",
-            &json!({"customerId": "cus_known", "userId": "acc"}),
-            Some(API_KEY),
-        )
-        .await;
-    assert_eq!(refused.status, 409, "{}", refused.body);
+    // With the library collecting the fee, create-subscription makes no subscription: it opens
+    // the month, whose fee the library charges.
+    let opened = data(
+        &server
+            .post(
+                "/api/token-billing/create-subscription",
+                &json!({"customerId": "cus_known", "userId": "acc"}),
+                Some(API_KEY),
+            )
+            .await,
+    );
+    assert_eq!(
+        (&opened["feeCollection"], &opened["subscriptionId"], &opened["status"]),
+        (&json!("library"), &Value::Null, &json!("succeeded"))
+    );
+    assert!(server.sandbox.subscriptions().is_empty());
     let subscribing = start_with(FeeCollection::Subscription).await;
     // A user who pays with another customer is not moved by a subscription request.
     for id in ["cus_first", "cus_second"] {
@@ -379,6 +386,285 @@ async fn the_monitoring_reports_accounts_and_subscriptions() {
     assert_eq!(subscribing.sandbox.subscriptions().len(), 1);
 }
 
+/// Serves a configured service on 127.0.0.1, as `main` does. The `sandbox` handle is a fresh
+/// one: the configured service's gateway is its own.
+async fn serve(configured: config::Configured) -> Server {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let server = Server {
+        base: format!("http://{}", listener.local_addr().expect("address")),
+        billing: configured.billing.clone(),
+        sandbox: SandboxGateway::new(),
+    };
+    let router = app(configured.state);
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    server
+}
+
+/// On the defaults (the in-memory store and the sandbox, only the API key set), the original
+/// product's three calls all succeed for a new user, in either fee mode; create-subscription
+/// repeated charges the fixed fee once and makes one subscription.
+#[tokio::test]
+async fn on_the_defaults_the_original_products_three_calls_succeed_for_a_new_user() {
+    for mode in ["library", "subscription"] {
+        let mut pairs = vec![("TOKEN_BILLING_API_KEY", API_KEY)];
+        if mode == "subscription" {
+            pairs.push(("TOKEN_BILLING_FEE_COLLECTION", "subscription"));
+        }
+        let server = serve(config::configure(variables(&pairs)).await.expect("configured")).await;
+        let subscribe = json!({"customerId": "cus_new_customer", "userId": "new-user"});
+        let created = data(
+            &server
+                .post("/api/token-billing/create-subscription", &subscribe, Some(API_KEY))
+                .await,
+        );
+        assert_eq!(created["feeCollection"], json!(mode), "{mode}: {created}");
+        assert_eq!(created["customerId"], json!("cus_new_customer"), "{mode}: {created}");
+        if mode == "library" {
+            // No subscription: the library charged the period's fee, now.
+            assert_eq!(created["subscriptionId"], Value::Null, "{created}");
+            let fee = &created["fixedFeeCharge"];
+            assert_eq!(
+                (&fee["billing_tier"], &fee["amount_charged"], &fee["status"]),
+                (&json!("0-8M"), &json!(40_000), &json!("succeeded")),
+                "{created}"
+            );
+            assert_eq!(created["status"], json!("succeeded"), "{created}");
+        } else {
+            assert!(
+                created["subscriptionId"]
+                    .as_str()
+                    .is_some_and(|id| id.starts_with("sub_")),
+                "{created}"
+            );
+            assert_eq!(created["status"], json!("active"), "{created}");
+            assert_eq!(created["fixedFeeCharge"], Value::Null, "{created}");
+        }
+        let usage = data(
+            &server
+                .usage(json!({"userId": "new-user", "tokensUsed": 10_000_000, "operationType": "chat"}))
+                .await,
+        );
+        assert_eq!(
+            (
+                &usage["tierCharges"][0]["billing_tier"],
+                &usage["tierCharges"][0]["status"]
+            ),
+            (&json!("8M-16M"), &json!("succeeded")),
+            "{mode}: {usage}"
+        );
+        let summary = data(
+            &server
+                .get("/api/token-billing/user-summary/new-user", Some(API_KEY))
+                .await,
+        );
+        // The subscription's fee is recorded when its invoice is reported paid, not before.
+        let fee = if mode == "library" { 40_000 } else { 0 };
+        assert_eq!(
+            summary,
+            json!({
+                "total_tokens": 10_000_000, "current_tier": "8M-16M", "fixed_fee_charged": fee,
+                "tier_charges_count": 1, "tier_charges_total": 10_000, "total_charged": fee + 10_000
+            }),
+            "{mode}"
+        );
+
+        // Asked again: the same fee charge, or the same subscription, and nothing charged twice.
+        let again = data(
+            &server
+                .post("/api/token-billing/create-subscription", &subscribe, Some(API_KEY))
+                .await,
+        );
+        assert_eq!(again["fixedFeeCharge"]["id"], created["fixedFeeCharge"]["id"], "{mode}");
+        assert_eq!(again["subscriptionId"], created["subscriptionId"], "{mode}");
+        let charges = server
+            .billing
+            .charges(&UserId::new("new-user").expect("valid"), None)
+            .await
+            .expect("charges");
+        let fees = charges
+            .iter()
+            .filter(|c| c.kind == token_billing::ChargeKind::FixedFee)
+            .count();
+        assert_eq!(fees, usize::from(mode == "library"), "{mode}: {charges:?}");
+        let summary = data(
+            &server
+                .get("/api/token-billing/user-summary/new-user", Some(API_KEY))
+                .await,
+        );
+        assert_eq!(summary["total_charged"], json!(fee + 10_000), "{mode}");
+
+        // The service says which mode collects the fee.
+        let about = data(&server.get("/", None).await);
+        assert_eq!(about["feeCollection"], json!(mode), "{about}");
+    }
+}
+
+/// A customer the gateway does not know: create-subscription answers the caller's error with
+/// the gateway's reason, and leaves the user without that customer, in either fee mode. A
+/// customer the gateway knows then succeeds, and the fee is paid once.
+#[tokio::test]
+async fn a_customer_the_gateway_refuses_is_the_callers_error_and_leaves_the_account_as_it_was() {
+    for fee in [FeeCollection::Subscription, FeeCollection::Library] {
+        // The plain sandbox: a customer it was not told of does not exist.
+        let server = start_with(fee).await;
+        let user = UserId::new("refused").expect("valid");
+        let refused = server
+            .post(
+                "/api/token-billing/create-subscription",
+                &json!({"customerId": "cus_missing", "userId": "refused"}),
+                Some(API_KEY),
+            )
+            .await;
+        assert_eq!(refused.status, 422, "{fee:?}: {}", refused.body);
+        let message = refused.json()["error"].as_str().unwrap_or_default().to_owned();
+        assert!(
+            message.contains("resource_missing") && message.contains("No such customer: cus_missing"),
+            "{fee:?}: {message}"
+        );
+        let account = server.billing.store().account(&user).await.expect("read");
+        assert!(
+            account.as_ref().is_none_or(|a| a.customer_id.is_none()),
+            "{fee:?}: {account:?}"
+        );
+        assert!(server.sandbox.subscriptions().is_empty(), "{fee:?}");
+        assert!(server.sandbox.payments().is_empty(), "{fee:?}");
+
+        // With a customer the gateway knows, the same call succeeds, and pays the fee once.
+        let known = token_billing::CustomerId::new("cus_known").expect("valid");
+        server
+            .sandbox
+            .add_customer(known.clone(), token_billing::CardBehaviour::Succeeds);
+        let created = data(
+            &server
+                .post(
+                    "/api/token-billing/create-subscription",
+                    &json!({"customerId": "cus_known", "userId": "refused"}),
+                    Some(API_KEY),
+                )
+                .await,
+        );
+        assert_eq!(created["customerId"], json!("cus_known"), "{fee:?}: {created}");
+        let account = server
+            .billing
+            .store()
+            .account(&user)
+            .await
+            .expect("read")
+            .expect("the account");
+        assert_eq!(account.customer_id.as_ref(), Some(&known), "{fee:?}");
+        if fee == FeeCollection::Library {
+            assert_eq!(created["fixedFeeCharge"]["status"], json!("succeeded"), "{created}");
+            assert_eq!(
+                server
+                    .sandbox
+                    .collected(&known, token_billing::Currency::BRL)
+                    .minor_units(),
+                40_000
+            );
+        } else {
+            assert_eq!(server.sandbox.subscriptions().len(), 1);
+            assert_eq!(account.subscription_id.as_deref(), created["subscriptionId"].as_str());
+        }
+    }
+}
+
+/// The Stripe gateway refusing a customer it does not have (localstripe): the caller's error
+/// with Stripe's reason, and no customer registered.
+#[cfg(feature = "stripe")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_customer_stripe_does_not_have_is_the_callers_error_and_registers_nothing() {
+    let server = serve(
+        config::configure(variables(&[
+            ("TOKEN_BILLING_API_KEY", API_KEY),
+            ("STRIPE_SECRET_KEY", support::SECRET_KEY),
+            ("STRIPE_API_BASE", support::localstripe()),
+            ("TOKEN_BILLING_STORE", "memory"),
+            ("TOKEN_BILLING_FEE_COLLECTION", "subscription"),
+        ]))
+        .await
+        .expect("configured"),
+    )
+    .await;
+    let refused = server
+        .post(
+            "/api/token-billing/create-subscription",
+            &json!({"customerId": "cus_not_at_stripe", "userId": "stripe-refused"}),
+            Some(API_KEY),
+        )
+        .await;
+    assert_eq!(refused.status, 422, "{}", refused.body);
+    // Stripe's reason (localstripe's is a bare "Not Found"), not a "retry later".
+    let message = refused.json()["error"].as_str().unwrap_or_default().to_owned();
+    assert!(message.contains("stripe rejected the request"), "{message}");
+    let account = server
+        .billing
+        .store()
+        .account(&UserId::new("stripe-refused").expect("valid"))
+        .await
+        .expect("read");
+    assert_eq!(account, None);
+}
+
+/// A real gateway over the in-memory store forgets, on restart, every total and charge: it is
+/// refused unless the operator accepts that with `TOKEN_BILLING_STORE=memory`.
+#[tokio::test]
+async fn a_real_gateway_on_the_in_memory_store_needs_the_operators_consent() {
+    let Err(error) = config::configure(variables(&[
+        ("TOKEN_BILLING_API_KEY", API_KEY),
+        ("STRIPE_SECRET_KEY", "sk_test_unused"),
+        ("STRIPE_API_BASE", "http://127.0.0.1:9"),
+    ]))
+    .await
+    else {
+        panic!("Stripe on the in-memory store, not consented to, is refused");
+    };
+    let error = error.to_string();
+    assert!(
+        error.contains("DATABASE_URL") && error.contains("TOKEN_BILLING_STORE=memory"),
+        "{error}"
+    );
+    #[cfg(feature = "stripe")]
+    {
+        let consented = config::configure(variables(&[
+            ("TOKEN_BILLING_API_KEY", API_KEY),
+            ("STRIPE_SECRET_KEY", "sk_test_unused"),
+            ("STRIPE_API_BASE", "http://127.0.0.1:9"),
+            ("TOKEN_BILLING_STORE", "memory"),
+        ]))
+        .await
+        .expect("consented to");
+        assert!(
+            consented.description.contains("TOKEN_BILLING_STORE=memory"),
+            "{}",
+            consented.description
+        );
+        // What a restart then costs is logged at `warn`.
+        assert!(
+            consented
+                .warnings
+                .iter()
+                .any(|w| w.contains("restart") && w.contains("under-billing") && w.contains("fixed fee")),
+            "{:?}",
+            consented.warnings
+        );
+    }
+    // Named with a database, or naming another store, is a mistake.
+    for refused in [
+        variables(&[
+            ("TOKEN_BILLING_API_KEY", API_KEY),
+            ("TOKEN_BILLING_STORE", "memory"),
+            ("DATABASE_URL", "postgres://postgres@127.0.0.1:1/none"),
+        ]),
+        variables(&[("TOKEN_BILLING_API_KEY", API_KEY), ("TOKEN_BILLING_STORE", "disk")]),
+    ] {
+        assert!(config::configure(refused).await.is_err());
+    }
+    // The defaults (the sandbox) lose nothing that was paid: no warning.
+    let defaults = config::configure(variables(&[("TOKEN_BILLING_API_KEY", API_KEY)]))
+        .await
+        .expect("configured");
+    assert!(defaults.warnings.is_empty(), "{:?}", defaults.warnings);
+}
 /// A lookup over fixed variables, as the environment would give them.
 /// The PostgreSQL the tests use: `DATABASE_URL`, else the local test database.
 #[cfg(feature = "postgres")]

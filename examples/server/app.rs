@@ -19,8 +19,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use token_billing::{
-    BillingError, BillingService, Charge, Clock, CustomerId, FeeCollection, Period, PeriodKey, Plan, PlanId,
-    TokenSummary, UsageReport, UserId,
+    BillingError, BillingService, Charge, Clock, CustomerId, FeeCollection, GatewayError, Period, PeriodKey, Plan,
+    PlanId, TierCharge, TokenSummary, UsageReport, UserId,
 };
 
 use crate::auth::{Auth, AuthError, Caller};
@@ -151,8 +151,18 @@ impl From<BillingError> for ApiError {
             BillingError::EventConflict { .. }
             | BillingError::PlanChangeMidPeriod { .. }
             | BillingError::FeeCollectedByLibrary
+            | BillingError::OtherCustomer { .. }
             | BillingError::NoCustomer { .. } => StatusCode::CONFLICT,
             BillingError::ChargeNotFound { .. } => StatusCode::NOT_FOUND,
+            // The gateway refused the request itself (a customer it does not have, a bad
+            // parameter): the same request would be refused again, so it is the caller's to
+            // change, with the gateway's reason; not a failure to retry later.
+            BillingError::Gateway(refusal @ GatewayError::Rejected { .. }) => {
+                return ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    format!("the payment gateway refused the request: {refusal}"),
+                );
+            }
             BillingError::Gateway(_) => StatusCode::BAD_GATEWAY,
             BillingError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
             _ if error.is_client_error() => StatusCode::BAD_REQUEST,
@@ -205,6 +215,7 @@ fn success<T: Serialize>(data: T) -> Response {
 /// document is checked against this table by the tests.
 fn table() -> Vec<(&'static str, &'static str, MethodRouter<AppState>)> {
     vec![
+        ("GET", "/", get(about)),
         ("POST", "/api/token-billing/process-usage", post(process_usage)),
         ("GET", "/api/token-billing/user-summary/{userId}", get(user_summary)),
         (
@@ -507,8 +518,25 @@ async fn register_account(
     })))
 }
 
-/// `POST /api/token-billing/create-subscription`: the seed's monthly subscription for the fixed
-/// fee, for the user whose customer is named.
+/// The answer to create-subscription: the original product's subscription, and which mode
+/// collects the fixed fee. With the library collecting it there is no subscription
+/// (`subscriptionId` is null): `status` is the period's fixed-fee charge's, and
+/// `fixedFeeCharge` that charge, as `tierCharges` show charges.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Subscribed {
+    subscription_id: Option<String>,
+    customer_id: CustomerId,
+    status: Value,
+    fee_collection: FeeCollection,
+    fixed_fee_charge: Option<TierCharge>,
+}
+
+/// `POST /api/token-billing/create-subscription`: the original product's monthly fee for the
+/// user whose customer is named. With a gateway subscription collecting the fee, the gateway
+/// subscribes the customer; with the library collecting it, the current period is opened and
+/// its fee charged now, once. Either way the customer is registered for the user only once the
+/// gateway has accepted it.
 async fn create_subscription(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -517,41 +545,53 @@ async fn create_subscription(
     state.backend(&headers)?;
     let body = json_object(&headers, body)?;
     let customer: CustomerId = required_id(&body, "customerId")?;
-    // Only a missing userId gets the reason it is needed (the seed's body had none); a
-    // mistyped or invalid one is answered as any other field's.
+    // Only a missing userId gets the reason it is needed (the original product's body had
+    // none); a mistyped or invalid one is answered as any other field's.
     let user: UserId = match body.get("userId") {
         None | Some(Value::Null) => {
             return Err(ApiError::bad_request(
-                "userId is required: the fee the subscription collects is recorded for that user",
+                "userId is required: the fixed fee is collected and recorded for that user",
             ));
         }
         Some(_) => required_id(&body, "userId")?,
     };
     let billing = state.billing();
-    // Nothing is registered for a subscription that cannot be made, and an account that pays
-    // with another customer is not changed here.
-    if billing.fee_collection() != FeeCollection::Subscription {
-        return Err(BillingError::FeeCollectedByLibrary.into());
-    }
-    let account = billing.store().account(&user).await.map_err(BillingError::from)?;
-    match account.as_ref().and_then(|a| a.customer_id.as_ref()) {
-        Some(current) if *current == customer => {}
-        Some(_) => {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "the user pays with another customer: change it with POST /api/token-billing/accounts first",
-            ));
+    let moved = |error: BillingError| match error {
+        error @ BillingError::OtherCustomer { .. } => ApiError::new(
+            StatusCode::CONFLICT,
+            format!("{error}: change it with POST /api/token-billing/accounts first"),
+        ),
+        error => error.into(),
+    };
+    let fee_collection = billing.fee_collection();
+    let subscribed = if fee_collection == FeeCollection::Subscription {
+        let subscription = billing.subscribe_customer(&user, customer).await.map_err(moved)?;
+        Subscribed {
+            subscription_id: Some(subscription.subscription_id),
+            customer_id: subscription.customer_id,
+            status: Value::String(subscription.status),
+            fee_collection,
+            fixed_fee_charge: None,
         }
-        None => {
-            billing.register_account(&user, Some(customer), None).await?;
+    } else {
+        let fee = billing
+            .open_period_for_customer(&user, customer.clone())
+            .await
+            .map_err(moved)?
+            .ok_or_else(|| {
+                tracing::error!("the library collects the fixed fee, yet opened no fee charge");
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
+            })?;
+        let fee = TierCharge::from(&fee);
+        Subscribed {
+            subscription_id: None,
+            customer_id: customer,
+            status: serde_json::to_value(fee.status).unwrap_or(Value::Null),
+            fee_collection,
+            fixed_fee_charge: Some(fee),
         }
-    }
-    let subscription = billing.create_subscription(&user).await?;
-    Ok(success(json!({
-        "subscriptionId": subscription.subscription_id,
-        "customerId": subscription.customer_id,
-        "status": subscription.status,
-    })))
+    };
+    Ok(success(subscribed))
 }
 
 /// `GET /api/token-billing/usage-by-operation/{userId}`: the seed's first monitoring query.
@@ -707,6 +747,16 @@ async fn dashboard_page() -> Response {
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
     response
+}
+
+/// `GET /`: what this service is, and which mode collects the fixed fee.
+async fn about(State(state): State<AppState>) -> Response {
+    success(json!({
+        "service": "token-billing",
+        "version": env!("CARGO_PKG_VERSION"),
+        "feeCollection": state.billing().fee_collection(),
+        "openapi": "/api/token-billing/openapi.json",
+    }))
 }
 
 /// `GET /api/token-billing/openapi.json`.

@@ -26,6 +26,8 @@ pub(crate) struct Configured {
     pub(crate) addr: String,
     /// What was chosen, for the log: no secret in it.
     pub(crate) description: String,
+    /// What the operator accepted that can cost money or data, for the log at `warn`.
+    pub(crate) warnings: Vec<String>,
 }
 
 /// Why a database with the sandbox gateway is refused, and how to ask for it.
@@ -33,12 +35,26 @@ const SANDBOX_WITH_DATABASE: &str = "DATABASE_URL is set without STRIPE_SECRET_K
      always pay, so charges would be stored as succeeded though no money moved. Set STRIPE_SECRET_KEY, or \
      TOKEN_BILLING_GATEWAY=sandbox to use the sandbox with PostgreSQL on purpose";
 
+/// Why a real gateway on the in-memory store is refused, and how to ask for it.
+const GATEWAY_WITHOUT_DATABASE: &str = "STRIPE_SECRET_KEY is set without DATABASE_URL: the in-memory store forgets \
+     every total and charge when the service restarts, so later usage would be under-billed and the period's fixed \
+     fee charged again (only Stripe's 24-hour idempotency window would keep it from being paid twice). Set \
+     DATABASE_URL, or TOKEN_BILLING_STORE=memory to accept losing that state on purpose";
+
+/// What a restart costs on the in-memory store with a real gateway, logged at `warn`.
+const MEMORY_WITH_GATEWAY: &str = "TOKEN_BILLING_STORE=memory with a real gateway: a restart forgets every total \
+     and charge. Usage reported after it is added to a total of zero, so the blocks the forgotten usage had brought \
+     closer are charged late or never (under-billing), and the period's fixed fee is charged again under the same key: only \
+     the gateway (Stripe keeps idempotency keys 24 hours) keeps it from being paid twice";
+
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
 /// Reads the configuration through `env` (a variable's value, `None` when unset or empty).
 ///
 /// `DATABASE_URL` without `STRIPE_SECRET_KEY` is refused unless `TOKEN_BILLING_GATEWAY` is
-/// `sandbox`: the durable store would record the sandbox's charges as paid.
+/// `sandbox`: the durable store would record the sandbox's charges as paid. `STRIPE_SECRET_KEY`
+/// without `DATABASE_URL` is refused unless `TOKEN_BILLING_STORE` is `memory`: a restart would
+/// forget what was charged.
 pub(crate) async fn configure(env: impl Fn(&str) -> Option<String>) -> Result<Configured, Error> {
     let env = |name: &str| env(name).filter(|v| !v.trim().is_empty());
     // Clients' credentials are read without surrounding whitespace: a secret kept with it (the
@@ -84,6 +100,27 @@ pub(crate) async fn configure(env: impl Fn(&str) -> Option<String>) -> Result<Co
     if database_url.is_some() && !use_stripe && chosen_gateway.is_none() {
         return Err(SANDBOX_WITH_DATABASE.into());
     }
+    // A real gateway moves money the in-memory store forgets on restart. Only an operator who
+    // names the in-memory store gets that.
+    let chosen_store = env("TOKEN_BILLING_STORE");
+    match chosen_store.as_deref() {
+        None if use_stripe && database_url.is_none() => return Err(GATEWAY_WITHOUT_DATABASE.into()),
+        None => {}
+        Some("memory") if database_url.is_some() => {
+            return Err("TOKEN_BILLING_STORE=memory, but DATABASE_URL is set: unset one of them".into());
+        }
+        Some("memory") => {}
+        Some(other) => {
+            return Err(format!(
+                "TOKEN_BILLING_STORE is memory (the only store named; DATABASE_URL chooses PostgreSQL), not {other}"
+            )
+            .into());
+        }
+    }
+    let mut warnings = Vec::new();
+    if use_stripe && database_url.is_none() {
+        warnings.push(MEMORY_WITH_GATEWAY.to_owned());
+    }
 
     let (store, store_name): (Arc<dyn UsageStore>, &str) = match database_url {
         #[cfg(feature = "postgres")]
@@ -95,13 +132,18 @@ pub(crate) async fn configure(env: impl Fn(&str) -> Option<String>) -> Result<Co
         Some(_) => {
             return Err("DATABASE_URL is set but this build has no PostgreSQL store: add --features postgres".into());
         }
+        None if chosen_store.is_some() => (
+            Arc::new(InMemoryUsageStore::new()),
+            "in memory (TOKEN_BILLING_STORE=memory)",
+        ),
         None => (
             Arc::new(InMemoryUsageStore::new()),
             "in memory (DATABASE_URL is not set)",
         ),
     };
 
-    // With a real gateway, users wait for an account; the sandbox opens one for everybody, so
+    // With a real gateway, users wait for an account; the sandbox opens one for everybody, and
+    // takes the customer ids the host names (create-subscription's) as customers that pay, so
     // that the original product's examples run as written.
     let sandbox_name = if chosen_gateway.is_some() {
         "the in-process sandbox (TOKEN_BILLING_GATEWAY=sandbox)"
@@ -110,7 +152,7 @@ pub(crate) async fn configure(env: impl Fn(&str) -> Option<String>) -> Result<Co
     };
     let sandbox = || -> (Arc<dyn PaymentGateway>, UnregisteredUsers, String) {
         (
-            Arc::new(SandboxGateway::new()),
+            Arc::new(SandboxGateway::accepting_unknown_customers()),
             UnregisteredUsers::OpenCustomer,
             sandbox_name.to_owned(),
         )
@@ -147,7 +189,12 @@ pub(crate) async fn configure(env: impl Fn(&str) -> Option<String>) -> Result<Co
     let stripe = None;
     let state = AppState::new(billing.clone(), auth, clock, stripe);
     let description = format!(
-        "store: {store_name}; gateway: {gateway_name}; fixed fee: {fee:?}; user tokens: {}",
+        "store: {store_name}; gateway: {gateway_name}; fixed fee: {}; user tokens: {}",
+        match fee {
+            FeeCollection::Subscription =>
+                "collected by a gateway subscription (TOKEN_BILLING_FEE_COLLECTION=subscription)",
+            _ => "collected by the library when a period opens (TOKEN_BILLING_FEE_COLLECTION=library)",
+        },
         if jwt_secret.is_some() {
             "accepted (TOKEN_BILLING_JWT_SECRET)"
         } else {
@@ -159,5 +206,6 @@ pub(crate) async fn configure(env: impl Fn(&str) -> Option<String>) -> Result<Co
         billing,
         addr: env("TOKEN_BILLING_ADDR").unwrap_or_else(|| DEFAULT_ADDR.to_owned()),
         description,
+        warnings,
     })
 }

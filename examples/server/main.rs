@@ -13,14 +13,22 @@
 //! - `TOKEN_BILLING_ADDR`: where to listen (`127.0.0.1:3000`).
 //! - `DATABASE_URL`: the PostgreSQL store (feature `postgres`); else the in-memory store.
 //! - `STRIPE_SECRET_KEY`, `STRIPE_API_BASE`, `STRIPE_WEBHOOK_SECRET`: the Stripe gateway
-//!   (feature `stripe`); else the sandbox gateway, which opens a customer for every new user
-//!   and whose payments always succeed.
+//!   (feature `stripe`); else the sandbox gateway, which opens a customer for every new user,
+//!   takes any customer id it is named (create-subscription's `customerId`) as a customer, and
+//!   whose payments always succeed.
 //! - `TOKEN_BILLING_GATEWAY`: `stripe` (which needs `STRIPE_SECRET_KEY`) or `sandbox` (which
 //!   refuses it). With `DATABASE_URL` and no `STRIPE_SECRET_KEY` the service refuses to start
 //!   unless it is `sandbox`: the durable store would keep the sandbox's charges as paid though
 //!   no money moved.
+//! - `TOKEN_BILLING_STORE`: `memory` (which refuses `DATABASE_URL`). With `STRIPE_SECRET_KEY`
+//!   and no `DATABASE_URL` the service refuses to start unless it is `memory`: a restart then
+//!   forgets every total and charge, so later usage is rated from zero (under-billed) and the
+//!   period's fixed fee is charged again with the same key, which only the gateway's 24-hour
+//!   idempotency window keeps from being paid twice. The service logs that at `warn`.
 //! - `TOKEN_BILLING_FEE_COLLECTION`: `library` (default: the fee is charged with the first
-//!   usage of the month) or `subscription` (a Stripe subscription collects it).
+//!   usage of the month, or by create-subscription, which opens the month) or `subscription`
+//!   (create-subscription makes a gateway subscription, which collects it). The startup log and
+//!   `GET /` say which.
 //!
 //! Every minute it resumes charges left pending; every hour it retries declined ones.
 
@@ -32,7 +40,7 @@ mod openapi;
 use std::time::Duration;
 
 use token_billing::BillingService;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
@@ -45,6 +53,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
 
     let configured = config::configure(|name| std::env::var(name).ok()).await?;
     info!("{}", configured.description);
+    for warning in &configured.warnings {
+        warn!("{warning}");
+    }
     for (method, path) in app::routes() {
         tracing::debug!(%method, %path, "route");
     }

@@ -122,6 +122,21 @@ pub(crate) fn document() -> Value {
             }
         },
         "paths": {
+            "/": {
+                "get": {
+                    "summary": "What this service is, and which mode collects the fixed fee (TOKEN_BILLING_FEE_COLLECTION).",
+                    "responses": {"200": ok("The service.", json!({
+                        "type": "object",
+                        "required": ["service", "version", "feeCollection", "openapi"],
+                        "properties": {
+                            "service": {"const": "token-billing"},
+                            "version": {"type": "string"},
+                            "feeCollection": {"enum": ["library", "subscription"], "description": "library: the service charges the fee when a month opens (first usage, or create-subscription); subscription: a gateway subscription collects it."},
+                            "openapi": {"type": "string", "description": "Where this document is."}
+                        }
+                    }))}
+                }
+            },
             "/api/token-billing/process-usage": {
                 "post": {
                     "summary": "Records a user's token usage and charges every block it starts (the seed's processTokenUsage).",
@@ -229,7 +244,7 @@ pub(crate) fn document() -> Value {
             },
             "/api/token-billing/create-subscription": {
                 "post": {
-                    "summary": "Subscribes the customer to the monthly fixed fee at the payment gateway (the seed's create-subscription). The fee is recorded for userId when the gateway reports the invoice paid.",
+                    "summary": "Starts the monthly fixed fee of userId, paid by customerId (the original product's create-subscription). With TOKEN_BILLING_FEE_COLLECTION=subscription the payment gateway subscribes the customer, and the fee is recorded for userId when the gateway reports the invoice paid. With the library collecting the fee (the default) the current month is opened and its fee charged now, once however often this is called; there is no subscription. Either way the customer is registered for the user only once the gateway has accepted it.",
                     "security": [{"apiKey": []}],
                     "requestBody": body(json!({
                         "type": "object",
@@ -237,13 +252,21 @@ pub(crate) fn document() -> Value {
                         "properties": {"customerId": {"type": "string", "maxLength": 255, "examples": ["cus_stripe_id"]}, "userId": {"type": "string", "maxLength": 128}}
                     })),
                     "responses": write_responses(json!({
-                        "200": ok("The subscription.", json!({
+                        "200": ok("The subscription, or the month's fixed-fee charge; feeCollection says which mode collects the fee.", json!({
                             "type": "object",
-                            "properties": {"subscriptionId": {"type": "string"}, "customerId": {"type": "string"}, "status": {"type": "string"}}
+                            "required": ["subscriptionId", "customerId", "status", "feeCollection", "fixedFeeCharge"],
+                            "properties": {
+                                "subscriptionId": {"type": ["string", "null"], "description": "The gateway's subscription; null when the library collects the fee."},
+                                "customerId": {"type": "string"},
+                                "status": {"type": "string", "description": "The subscription's status (active); with the library collecting the fee, the fixed-fee charge's (succeeded, or failed when the card was declined: it is retried on the dunning schedule)."},
+                                "feeCollection": {"enum": ["library", "subscription"]},
+                                "fixedFeeCharge": {"oneOf": [{"$ref": "#/components/schemas/TierCharge"}, {"type": "null"}], "description": "The month's fixed-fee charge when the library collects the fee; null with a subscription."}
+                            }
                         })),
                         "400": error("A missing or bad field."),
-                        "409": error("The service collects the fixed fee itself (TOKEN_BILLING_FEE_COLLECTION=library), or the user pays with another customer (change it with /accounts)."),
-                        "502": error("The payment gateway failed."),
+                        "409": error("The user pays with another customer (change it with /accounts). Nothing was changed."),
+                        "422": error("The payment gateway refused the request (a customer it does not have: resource_missing), with its reason. Nothing was registered; retrying the same request fails again."),
+                        "502": error("The payment gateway failed: retry later."),
                         "503": error("The billing store is unavailable.")
                     }))
                 }
@@ -260,6 +283,7 @@ pub(crate) fn document() -> Value {
                         "400": error("A bad signature or payload."),
                         "404": error("Stripe is not configured."),
                         "413": error("The body is larger than 1 MiB."),
+                        "422": error("Reading the event needed Stripe, which refused the request (an object it does not have), with its reason."),
                         "502": error("Reading the event needed Stripe, which failed: Stripe delivers it again."),
                         "503": error("The billing store is unavailable: Stripe delivers it again.")
                     }

@@ -151,6 +151,9 @@ struct Ledger {
     subscriptions: Vec<(Subscription, Money, UserId)>,
     calls: u64,
     forget_idempotency_keys: bool,
+    /// How a customer id the sandbox was not told of behaves when first named, if it is opened
+    /// at all: `None` refuses it as Stripe refuses a customer it does not have.
+    unknown_customers: Option<CardBehaviour>,
 }
 
 /// An in-process payment gateway that keeps state like a card processor: customers whose
@@ -190,6 +193,37 @@ impl SandboxGateway {
     /// An empty sandbox.
     pub fn new() -> SandboxGateway {
         SandboxGateway::default()
+    }
+
+    /// A sandbox that opens any customer id it was not told of, the first time a payment or a
+    /// subscription names it, as a customer whose payments succeed: a host's own customer ids
+    /// then work as they are, with no [`add_customer`](Self::add_customer) first. Demos and
+    /// reference services use it; tests that need an unknown customer refused use
+    /// [`new`](Self::new), which answers such a customer [`GatewayError::Rejected`]
+    /// (`resource_missing`).
+    ///
+    /// # Example
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// use token_billing::{CustomerId, PaymentGateway, Plan, PlanId, SandboxGateway, UserId};
+    ///
+    /// let user = UserId::new("alice")?;
+    /// let customer = CustomerId::new("cus_from_the_host")?;
+    /// let plan_id = PlanId::new("default")?;
+    /// // The plain sandbox does not know the customer...
+    /// let refusing = SandboxGateway::new();
+    /// assert!(refusing.create_subscription(&user, &customer, &plan_id, &Plan::default()).await.is_err());
+    /// // ...this one opens it, as a customer who pays.
+    /// let accepting = SandboxGateway::accepting_unknown_customers();
+    /// let subscription = accepting.create_subscription(&user, &customer, &plan_id, &Plan::default()).await?;
+    /// assert_eq!((subscription.customer_id, subscription.status.as_str()), (customer, "active"));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
+    pub fn accepting_unknown_customers() -> SandboxGateway {
+        let sandbox = SandboxGateway::new();
+        sandbox.ledger().unknown_customers = Some(CardBehaviour::Succeeds);
+        sandbox
     }
 
     fn ledger(&self) -> MutexGuard<'_, Ledger> {
@@ -369,6 +403,21 @@ fn no_such_customer(customer: &CustomerId) -> GatewayError {
 }
 
 impl Ledger {
+    /// How a customer's card behaves: one not known is opened if the sandbox accepts unknown
+    /// customers, else refused.
+    fn customer_mut(&mut self, customer: &CustomerId) -> Result<&mut CardBehaviour, GatewayError> {
+        if !self.customers.contains_key(customer) {
+            let behaviour = self
+                .unknown_customers
+                .clone()
+                .ok_or_else(|| no_such_customer(customer))?;
+            self.customers.insert(customer.clone(), behaviour);
+        }
+        self.customers
+            .get_mut(customer)
+            .ok_or_else(|| no_such_customer(customer))
+    }
+
     /// The payments made for a charge, latest first, with their places in the ledger.
     fn made_for<'l>(&'l self, charge_key: &ChargeKey) -> impl Iterator<Item = (usize, &'l Payment)> + 'l {
         let latest = self
@@ -397,12 +446,18 @@ impl PaymentGateway for SandboxGateway {
         if let Some(existing) = ledger.customer_of_user.get(user) {
             return Ok(existing.clone());
         }
-        let id = CustomerId::new(format!("cus_sandbox_{}", ledger.customers.len() + 1)).map_err(|e| {
-            GatewayError::Generic {
+        // The next number not taken: a customer added or opened by its id may hold one.
+        let mut number = ledger.customers.len() + 1;
+        let id = loop {
+            let id = CustomerId::new(format!("cus_sandbox_{number}")).map_err(|e| GatewayError::Generic {
                 gateway: GATEWAY,
                 source: Box::new(e),
+            })?;
+            if !ledger.customers.contains_key(&id) {
+                break id;
             }
-        })?;
+            number += 1;
+        };
         ledger.customers.insert(id.clone(), CardBehaviour::Succeeds);
         ledger.customer_of_user.insert(user.clone(), id.clone());
         Ok(id)
@@ -433,10 +488,7 @@ impl PaymentGateway for SandboxGateway {
                 "amount must be positive".to_owned(),
             ));
         }
-        let behaviour = ledger
-            .customers
-            .get_mut(request.customer)
-            .ok_or_else(|| no_such_customer(request.customer))?;
+        let behaviour = ledger.customer_mut(request.customer)?;
         let (status, decline_code, lose_response) = match behaviour {
             CardBehaviour::Succeeds => (PaymentStatus::Succeeded, None, false),
             CardBehaviour::Declines { code } => (PaymentStatus::Declined, Some(code.clone()), false),
@@ -536,9 +588,7 @@ impl PaymentGateway for SandboxGateway {
     ) -> Result<Subscription, GatewayError> {
         let mut ledger = self.ledger();
         ledger.calls += 1;
-        if !ledger.customers.contains_key(customer) {
-            return Err(no_such_customer(customer));
-        }
+        ledger.customer_mut(customer)?;
         // Only the user's subscription to this plan is kept: one to another plan, or one the
         // same customer pays for another user, collects another fee.
         if let Some((existing, _, _)) = ledger.subscriptions.iter().find(|(s, _, subscriber)| {
@@ -699,5 +749,39 @@ mod tests {
             (finished.payment_id.as_str(), finished.status),
             ("pi_sandbox_1", PaymentStatus::Succeeded)
         );
+    }
+
+    #[tokio::test]
+    async fn unknown_customers_are_refused_unless_the_sandbox_accepts_them() {
+        let named = CustomerId::new("cus_sandbox_1").expect("valid");
+        let refusing = SandboxGateway::new();
+        let charge = charge(0);
+        let key = charge.idempotency_key();
+        let request = PaymentRequest {
+            charge: &charge,
+            idempotency_key: &key,
+            customer: &named,
+        };
+        let error = refusing.collect(&request).await.expect_err("an unknown customer");
+        assert!(
+            matches!(&error, GatewayError::Rejected { code, .. } if code == "resource_missing"),
+            "{error:?}"
+        );
+        assert!(refusing.payments().is_empty());
+
+        let accepting = SandboxGateway::accepting_unknown_customers();
+        let paid = accepting.collect(&request).await.expect("opened and paid");
+        assert_eq!(paid.status, PaymentStatus::Succeeded);
+        assert_eq!(accepting.collected(&named, Currency::BRL), charge.amount);
+        // Opened, it is a customer like any other.
+        accepting
+            .set_behaviour(&named, CardBehaviour::RequiresAuthentication)
+            .expect("known now");
+        // A customer the sandbox opens for a user never takes an id already in use.
+        let opened = accepting
+            .create_customer(&UserId::new("bob").expect("valid"))
+            .await
+            .expect("a customer");
+        assert_ne!(opened, named);
     }
 }
