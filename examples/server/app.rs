@@ -149,6 +149,7 @@ impl From<BillingError> for ApiError {
     fn from(error: BillingError) -> ApiError {
         let status = match &error {
             BillingError::EventConflict { .. }
+            | BillingError::EventForgotten { .. }
             | BillingError::PlanChangeMidPeriod { .. }
             | BillingError::FeeCollectedByLibrary
             | BillingError::OtherCustomer { .. }
