@@ -111,9 +111,9 @@ pub(super) fn account_from(row: &PgRow) -> Result<Account, StoreError> {
     })
 }
 
-pub(super) const CHARGE_COLUMNS: &str = "user_id, id, charge_key, period, kind, block, billing_tier, amount_charged, currency, \
-     status, round, attempts, consumption_id, payment_id, failure_code, failure_message, next_retry_at, lease_until, \
-     created_at, updated_at";
+pub(super) const CHARGE_COLUMNS: &str = "user_id, id, charge_key, period, kind, block, billing_tier, amount_charged, \
+     currency, status, round, attempts, consumption_id, payment_id, failure_code, failure_message, next_retry_at, \
+     lease_until, created_at, updated_at";
 
 pub(super) fn charge_from(row: &PgRow) -> Result<Charge, StoreError> {
     let currency: Currency = parse(row.try_get::<&str, _>("currency").map_err(db)?)?;
