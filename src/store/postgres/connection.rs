@@ -1,0 +1,108 @@
+//! Connecting [`PostgresUsageStore`] to a database: the pool, the schema migrations and applying
+//! them, and the transactions every write runs in.
+
+use std::sync::Arc;
+
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::{Postgres, Transaction};
+
+use super::PostgresUsageStore;
+use super::accounts::{ACCOUNT_CACHE, AccountCache};
+use super::rows::db;
+use crate::store::StoreError;
+
+/// The schema migrations, in order: also shipped as plain SQL under `migrations/` for hosts that
+/// run their own migration tool.
+pub const MIGRATIONS: &[(i32, &str)] = &[
+    (1, include_str!("../../../migrations/0001_token_billing.sql")),
+    (
+        2,
+        include_str!("../../../migrations/0002_functions_and_row_level_security.sql"),
+    ),
+    (3, include_str!("../../../migrations/0003_record_token_consumption.sql")),
+    (4, include_str!("../../../migrations/0004_gateway_events.sql")),
+    (5, include_str!("../../../migrations/0005_give_up.sql")),
+    (6, include_str!("../../../migrations/0006_consumption_key.sql")),
+    (
+        7,
+        include_str!("../../../migrations/0007_usage_audit_from_consumption.sql"),
+    ),
+];
+
+impl PostgresUsageStore {
+    /// Connects to `url` with a pool of up to 16 connections, waiting at most 10 seconds for a
+    /// connection, and applies the migrations. For other pool settings build the pool yourself
+    /// and use [`from_pool`](Self::from_pool).
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the database cannot be reached; other store errors when
+    /// a migration fails.
+    pub async fn connect(url: &str) -> Result<PostgresUsageStore, StoreError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(std::time::Duration::from_secs(10))
+            .connect(url)
+            .await
+            .map_err(db)?;
+        let store = PostgresUsageStore::from_pool(pool);
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// A store over a pool the host already has. Call [`migrate`](Self::migrate) once, or apply
+    /// the files under `migrations/` with your own tool.
+    pub fn from_pool(pool: PgPool) -> PostgresUsageStore {
+        PostgresUsageStore {
+            pool,
+            accounts: Arc::new(AccountCache::new(ACCOUNT_CACHE)),
+        }
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Applies the migrations not applied yet, under an advisory lock so that instances starting
+    /// together apply each once. Safe to call at every start.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        // One transaction under a transaction-scoped advisory lock: instances starting together
+        // apply each migration once, and a cancelled start leaves no lock behind.
+        let mut tx = self.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('token_billing_migrations'))")
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        sqlx::raw_sql(
+            "CREATE TABLE IF NOT EXISTS token_billing_migrations (
+                 version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        for (version, sql) in MIGRATIONS {
+            let applied: Option<i32> =
+                sqlx::query_scalar("SELECT version FROM token_billing_migrations WHERE version = $1")
+                    .bind(version)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(db)?;
+            if applied.is_none() {
+                sqlx::raw_sql(sql).execute(&mut *tx).await.map_err(db)?;
+                sqlx::query("INSERT INTO token_billing_migrations (version) VALUES ($1)")
+                    .bind(version)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db)?;
+            }
+        }
+        tx.commit().await.map_err(db)
+    }
+
+    pub(super) async fn begin(&self) -> Result<Transaction<'static, Postgres>, StoreError> {
+        self.pool.begin().await.map_err(db)
+    }
+}

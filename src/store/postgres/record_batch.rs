@@ -1,0 +1,608 @@
+//! Recording a batch of usage events in [`PostgresUsageStore`]: in one transaction and a fixed
+//! number of round trips, optimistically first and carefully (period rows locked in a fixed
+//! order) when that loses, each event decided by the same rule as one event at a time, and the
+//! answers given as single calls would give them.
+
+use std::sync::Arc;
+
+use sqlx::Row;
+use sqlx::postgres::PgRow;
+
+use super::PostgresUsageStore;
+use super::record::{RecordFailure, charges_between, created_charge_audit};
+use super::rows::{
+    CHARGE_COLUMNS, audit_json, charge_from, currency_mismatch, db, generic, is_deadlock, is_duplicate_event, parse,
+    to_i64, to_u64,
+};
+use crate::domain::{Charge, ChargeKind, ClientId, PeriodKey, UserId};
+use crate::store::{RecordUsage, Recorded, StoreError, UsageStore};
+
+/// What a batch decided for one of its events.
+enum Decision {
+    /// Recorded before the batch: answered as a re-send.
+    Existing,
+    /// The same id as the batch's event at this index: answered as its re-send.
+    Earlier(usize),
+    /// Refused, nothing written.
+    Refused(StoreError),
+    /// Recorded: the period's total before and after it, and the charges it created.
+    Accepted {
+        before: u64,
+        after: u64,
+        charges: Vec<Charge>,
+    },
+}
+
+impl PostgresUsageStore {
+    /// Records a batch in one transaction and a fixed number of round trips: the period rows'
+    /// totals, then every charge, consumption, summary change and audit entry in one statement.
+    /// Events are decided in Rust, in order, by the same rule as one event at a time.
+    ///
+    /// `optimistic` reads the totals without locks and trusts that no event of the batch was
+    /// recorded before; the write then moves each period row only if its total is still the one
+    /// read, and fails on the event id's unique index if an id is taken (no speculative insert
+    /// per row). Either way nothing stays: a moved total rolls the transaction back and answers
+    /// `None`, a taken id is a unique violation that `record_usage_batch` retries, and the
+    /// careful way, which looks up the events recorded before and locks the period rows in a
+    /// fixed order (so that concurrent batches never deadlock), does it again. The careful way
+    /// meets a taken id only when a writer outside those locks (the same event id in another
+    /// period) took it meanwhile.
+    async fn try_record_batch(
+        &self,
+        requests: &[RecordUsage<'_>],
+        optimistic: bool,
+    ) -> Result<Option<Vec<Decision>>, RecordFailure> {
+        use foldhash::{HashMap, HashSet};
+        use std::collections::BTreeMap;
+
+        type Group = (UserId, PeriodKey);
+
+        let Some(first) = requests.first() else {
+            return Ok(Some(Vec::new()));
+        };
+        let now = first.usage.recorded_at;
+        let mut tx = self.begin().await?;
+
+        // The period rows of the batch's events, locked in the batch's key order: those that
+        // exist are locked (not rewritten), the missing ones created in the same order, and a
+        // row another writer created meanwhile is locked after it committed.
+        let mut groups: BTreeMap<Group, &RecordUsage<'_>> = BTreeMap::new();
+        for request in requests {
+            groups
+                .entry((request.usage.user_id.clone(), request.usage.period))
+                .or_insert(request);
+        }
+        let mut totals: HashMap<Group, (u64, bool)> = HashMap::default();
+        let mut created_rows: HashSet<Group> = HashSet::default();
+        // A period row read: its key, its total, and whether it is in the currency of the
+        // batch's events for it.
+        let period_row = |row: &PgRow| -> Result<(Group, u64, bool), StoreError> {
+            let group: Group = (
+                parse(row.try_get::<&str, _>("user_id").map_err(db)?)?,
+                parse(row.try_get::<&str, _>("period").map_err(db)?)?,
+            );
+            let total = to_u64(row.try_get("total_tokens").map_err(db)?)?;
+            let currency: &str = row.try_get("currency").map_err(db)?;
+            let same_currency = groups.get(&group).is_some_and(|r| r.plan.currency().code() == currency);
+            Ok((group, total, same_currency))
+        };
+        let mut missing: Vec<(&Group, &RecordUsage<'_>)> =
+            groups.iter().map(|(group, request)| (group, *request)).collect();
+        for round in 0..3 {
+            if missing.is_empty() {
+                break;
+            }
+            let (users, periods): (Vec<&str>, Vec<String>) = missing
+                .iter()
+                .map(|((user, period), _)| (user.as_str(), period.to_string()))
+                .unzip();
+            // Optimistically read as they are; carefully locked, in the batch's key order.
+            let lock = if optimistic { "" } else { "ORDER BY g.n FOR UPDATE OF s" };
+            let mut rows = sqlx::query(&format!(
+                "SELECT s.user_id, s.period, s.total_tokens, s.currency, false AS inserted
+                   FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS g(user_id, period, n)
+                   JOIN token_usage_summary s ON s.user_id = g.user_id AND s.period = g.period
+                 {lock}"
+            ))
+            .bind(&users)
+            .bind(&periods)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(RecordFailure::Database)?;
+            let found: HashSet<(&str, &str)> = rows
+                .iter()
+                .map(|row| Ok((row.try_get("user_id").map_err(db)?, row.try_get("period").map_err(db)?)))
+                .collect::<Result<_, StoreError>>()?;
+            let absent: Vec<usize> = (0..users.len())
+                .filter(|&i| !found.contains(&(users[i], periods[i].as_str())))
+                .collect();
+            if optimistic && !absent.is_empty() {
+                // A period opens: the careful way creates its row.
+                tx.rollback().await.map_err(RecordFailure::Database)?;
+                return Ok(None);
+            }
+            if !absent.is_empty() && round < 2 {
+                let mut currencies = Vec::with_capacity(absent.len());
+                let mut included = Vec::with_capacity(absent.len());
+                let mut blocks = Vec::with_capacity(absent.len());
+                for &i in &absent {
+                    let plan = missing[i].1.plan;
+                    currencies.push(plan.currency().code());
+                    included.push(to_i64(plan.included_tokens())?);
+                    blocks.push(to_i64(plan.block_size())?);
+                }
+                let absent_users: Vec<&str> = absent.iter().map(|&i| users[i]).collect();
+                let absent_periods: Vec<&str> = absent.iter().map(|&i| periods[i].as_str()).collect();
+                rows.extend(
+                    sqlx::query(include_str!("sql/open_period_rows.sql"))
+                        .bind(&absent_users)
+                        .bind(&absent_periods)
+                        .bind(&currencies)
+                        .bind(&included)
+                        .bind(&blocks)
+                        .bind(now)
+                        .fetch_all(&mut *tx)
+                        .await
+                        .map_err(RecordFailure::Database)?,
+                );
+            }
+            for row in &rows {
+                let (group, total, same_currency) = period_row(row)?;
+                if row.try_get::<bool, _>("inserted").map_err(db)? {
+                    created_rows.insert(group.clone());
+                }
+                totals.insert(group, (total, same_currency));
+            }
+            // Rows another writer created between the lock and the insert: locked next round.
+            missing.retain(|(group, _)| !totals.contains_key(*group));
+        }
+
+        // Events already recorded (only the host's own ids can have been): looked up by the
+        // careful way once it holds the period rows, so that no writer of those periods can
+        // record one of them before the write; the optimistic one finds them taken when it
+        // writes.
+        let mut existing: HashSet<(String, String)> = HashSet::default();
+        let (users, events): (Vec<&str>, Vec<&str>) = requests
+            .iter()
+            .filter(|r| !optimistic && r.usage.has_host_event_id())
+            .map(|r| (r.usage.user_id.as_str(), r.usage.event_id.as_str()))
+            .unzip();
+        if !users.is_empty() {
+            let rows = sqlx::query(
+                "SELECT c.user_id, c.event_id
+                   FROM token_consumption c
+                   JOIN unnest($1::text[], $2::text[]) AS e(user_id, event_id)
+                     ON c.user_id = e.user_id AND c.event_id = e.event_id",
+            )
+            .bind(&users)
+            .bind(&events)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(RecordFailure::Database)?;
+            for row in rows {
+                existing.insert((row.try_get(0).map_err(db)?, row.try_get(1).map_err(db)?));
+            }
+        }
+        let is_existing = |r: &RecordUsage<'_>| {
+            !existing.is_empty() && existing.contains(&(r.usage.user_id.to_string(), r.usage.event_id.to_string()))
+        };
+
+        // The totals as read: the write moves a period row only from these.
+        let read: HashMap<Group, u64> = totals
+            .iter()
+            .map(|(group, (total, _))| (group.clone(), *total))
+            .collect();
+
+        // Each event decided in order, against the totals the ones before it left.
+        let mut decisions = Vec::with_capacity(requests.len());
+        let mut seen: HashMap<(&UserId, &crate::domain::EventId), usize> = HashMap::default();
+        let mut charges_of: Vec<Vec<crate::domain::NewCharge>> = Vec::with_capacity(requests.len());
+        let mut events_per_group: HashMap<Group, i64> = HashMap::default();
+        for (i, request) in requests.iter().enumerate() {
+            let usage = &request.usage;
+            charges_of.push(Vec::new());
+            if is_existing(request) {
+                decisions.push(Decision::Existing);
+                continue;
+            }
+            if let Some(&earlier) = seen.get(&(&usage.user_id, &usage.event_id)) {
+                decisions.push(Decision::Earlier(earlier));
+                continue;
+            }
+            let group = (usage.user_id.clone(), usage.period);
+            let Some((total, same_currency)) = totals.get_mut(&group) else {
+                decisions.push(Decision::Refused(generic("a period row of the batch is missing")));
+                continue;
+            };
+            if !*same_currency {
+                decisions.push(Decision::Refused(currency_mismatch(request.plan.currency())));
+                continue;
+            }
+            let before = *total;
+            let Some(after) = before.checked_add(usage.tokens).filter(|t| *t <= crate::MAX_TOKENS) else {
+                decisions.push(Decision::Refused(StoreError::TotalOverflow {
+                    total: before,
+                    tokens: usage.tokens,
+                }));
+                continue;
+            };
+            let charges = match charges_between(request, before, after) {
+                Ok(charges) => charges,
+                Err(error) => {
+                    decisions.push(Decision::Refused(error.into()));
+                    continue;
+                }
+            };
+            charges_of[i] = charges;
+            *total = after;
+            *events_per_group.entry(group).or_insert(0) += 1;
+            seen.insert((&usage.user_id, &usage.event_id), i);
+            decisions.push(Decision::Accepted {
+                before,
+                after,
+                charges: Vec::new(),
+            });
+        }
+
+        // Everything written in one statement.
+        let mut c_users = Vec::new();
+        let mut c_ids = Vec::new();
+        let mut c_keys = Vec::new();
+        // Each period's name, written once for all its rows.
+        let period_names: HashMap<PeriodKey, String> =
+            groups.keys().map(|(_, period)| (*period, period.to_string())).collect();
+        let name_of = |period: &PeriodKey| {
+            period_names
+                .get(period)
+                .map(String::as_str)
+                .ok_or_else(|| generic("a period of the batch without its name"))
+        };
+        let mut c_periods = Vec::new();
+        let mut c_kinds = Vec::new();
+        let mut c_blocks = Vec::new();
+        let mut c_tiers = Vec::new();
+        let mut c_amounts = Vec::new();
+        let mut c_currencies = Vec::new();
+        let mut c_consumptions = Vec::new();
+        let mut c_attempts = Vec::new();
+        let mut c_leases = Vec::new();
+        let mut x_users = Vec::new();
+        let mut x_ids = Vec::new();
+        let mut x_events = Vec::new();
+        let mut x_periods = Vec::new();
+        let mut x_tokens = Vec::new();
+        let mut x_operations = Vec::new();
+        let mut x_clients: Vec<Option<&str>> = Vec::new();
+        let mut x_metadata = Vec::new();
+        let mut x_occurred = Vec::new();
+        let mut x_reported = Vec::new();
+        let mut x_before = Vec::new();
+        let mut x_first = Vec::new();
+        let mut x_end = Vec::new();
+        let mut a_charges = Vec::new();
+        let mut a_events = Vec::new();
+        // Each audit entry's and each consumption's place in the audit trail: an event's
+        // charges, then the event, event after event.
+        let mut a_places = Vec::new();
+        let mut x_places = Vec::new();
+        let mut places = 0i64;
+        // The charges each period row will owe, when all of them are created.
+        let mut owed: HashMap<Group, (i64, i64)> = HashMap::default();
+        for (i, request) in requests.iter().enumerate() {
+            let Decision::Accepted { before, after, .. } = decisions[i] else {
+                continue;
+            };
+            let usage = &request.usage;
+            let period = name_of(&usage.period)?;
+            let leased = request.lease_until.is_some();
+            for charge in &charges_of[i] {
+                let owes = owed.entry((usage.user_id.clone(), usage.period)).or_default();
+                owes.0 += 1;
+                owes.1 += charge.amount.minor_units();
+                let id = crate::random::uuid_v4();
+                c_users.push(usage.user_id.as_str());
+                c_ids.push(id);
+                c_keys.push(charge.key.as_str());
+                c_periods.push(period);
+                c_kinds.push(charge.kind.as_str());
+                c_blocks.push(to_i64(charge.block)?);
+                c_tiers.push(charge.billing_tier.as_str());
+                c_amounts.push(charge.amount.minor_units());
+                c_currencies.push(charge.amount.currency().code());
+                c_consumptions.push(usage.consumption_id);
+                c_attempts.push(i32::from(leased));
+                c_leases.push(request.lease_until);
+                for event in &created_charge_audit(charge, leased) {
+                    a_charges.push(id);
+                    a_events.push(audit_json(event)?);
+                    places += 1;
+                    a_places.push(places);
+                }
+            }
+            let blocks = request.plan.blocks_crossed(before, after).map_err(StoreError::from)?;
+            x_users.push(usage.user_id.as_str());
+            x_ids.push(usage.consumption_id);
+            x_events.push(usage.event_id.as_str());
+            x_periods.push(period);
+            x_tokens.push(to_i64(usage.tokens)?);
+            x_operations.push(usage.operation_type.as_str());
+            x_clients.push(usage.client_id.as_ref().map(ClientId::as_str));
+            x_metadata.push(sqlx::types::Json(&usage.metadata));
+            x_occurred.push(usage.occurred_at);
+            x_reported.push(usage.occurred_at_reported);
+            x_before.push(to_i64(before)?);
+            x_first.push(to_i64(blocks.first())?);
+            x_end.push(to_i64(blocks.end())?);
+            places += 1;
+            x_places.push(places);
+        }
+        let mut g_users = Vec::new();
+        let mut g_periods = Vec::new();
+        let mut g_totals = Vec::new();
+        let mut g_events = Vec::new();
+        let mut g_before = Vec::new();
+        let mut g_charges = Vec::new();
+        let mut g_amounts = Vec::new();
+        let mut g_included = Vec::new();
+        let mut g_blocks = Vec::new();
+        let mut e_users = Vec::new();
+        let mut e_periods = Vec::new();
+        for (group, (total, _)) in &totals {
+            match events_per_group.get(group) {
+                Some(count) => {
+                    g_users.push(group.0.as_str());
+                    g_periods.push(group.1.to_string());
+                    g_totals.push(to_i64(*total)?);
+                    g_events.push(*count);
+                    g_before.push(to_i64(read.get(group).copied().unwrap_or_default())?);
+                    let (charges, amount) = owed.get(group).copied().unwrap_or_default();
+                    g_charges.push(charges);
+                    g_amounts.push(amount);
+                    let plan = groups.get(group).ok_or_else(|| generic("a group of the batch"))?.plan;
+                    g_included.push(to_i64(plan.included_tokens())?);
+                    g_blocks.push(to_i64(plan.block_size())?);
+                }
+                // A row this batch opened for events that were all refused: not kept.
+                None if created_rows.contains(group) => {
+                    e_users.push(group.0.as_str());
+                    e_periods.push(group.1.to_string());
+                }
+                None => {}
+            }
+        }
+        // The period rows this write moves: optimistically, each one whose total is still the one
+        // read, owing every charge of the batch; carefully, every one, already locked. Nothing
+        // of a period is written before its row is moved, so a batch takes a period's lock
+        // before it writes anything another writer of that period could wait on.
+        let (moved, summary) = if optimistic {
+            (
+                "UPDATE token_usage_summary s
+                    SET total_tokens = g.total_after, events = s.events + g.events, updated_at = $13,
+                        included_tokens = coalesce(s.included_tokens, g.included),
+                        block_size = coalesce(s.block_size, g.block),
+                        outstanding_count = s.outstanding_count + g.charges,
+                        outstanding_total = s.outstanding_total + g.amount
+                   FROM groups g
+                  WHERE s.user_id = g.user_id AND s.period = g.period AND s.total_tokens = g.total_before
+                 RETURNING s.user_id, s.period",
+                "",
+            )
+        } else {
+            (
+                "SELECT user_id, period FROM groups",
+                "outstanding AS (
+                     SELECT user_id, period, count(*) AS charges, sum(amount_charged) AS amount
+                       FROM created GROUP BY user_id, period
+                 ), summary AS (
+                     UPDATE token_usage_summary s
+                        SET total_tokens = g.total_after, events = s.events + g.events, updated_at = $13,
+                            included_tokens = coalesce(s.included_tokens, g.included),
+                            block_size = coalesce(s.block_size, g.block),
+                            outstanding_count = s.outstanding_count + coalesce(o.charges, 0),
+                            outstanding_total = s.outstanding_total + coalesce(o.amount, 0)
+                       FROM groups g LEFT JOIN outstanding o ON o.user_id = g.user_id AND o.period = g.period
+                      WHERE s.user_id = g.user_id AND s.period = g.period
+                 ),",
+            )
+        };
+        let rows = sqlx::query(&format!(
+            "WITH places AS (
+                 SELECT array_agg(nextval('token_billing_audit_seq_seq') ORDER BY p) AS seqs
+                   FROM generate_series(1, $42::bigint) AS p
+             ), charge_input AS (
+                 SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::bigint[],
+                                      $7::text[], $8::bigint[], $9::text[], $10::uuid[], $11::int[],
+                                      $12::timestamptz[])
+                      WITH ORDINALITY AS i(user_id, id, charge_key, period, kind, block, billing_tier, amount,
+                                           currency, consumption_id, attempts, lease_until, n)
+             ), groups AS (
+                 SELECT * FROM unnest($14::text[], $15::text[], $16::bigint[], $17::bigint[], $35::bigint[],
+                                      $36::bigint[], $37::bigint[], $38::bigint[], $39::bigint[])
+                      AS g(user_id, period, total_after, events, included, block, total_before, charges, amount)
+             ), moved AS (
+                 {moved}
+             ), created AS (
+                 INSERT INTO token_billing_charges
+                     (user_id, id, charge_key, period, kind, block, billing_tier, amount_charged, currency, status,
+                      round, attempts, consumption_id, lease_until, created_at, updated_at)
+                 SELECT i.user_id, i.id, i.charge_key, i.period, i.kind, i.block, i.billing_tier, i.amount,
+                        i.currency, 'pending', 0, i.attempts, i.consumption_id, i.lease_until, $13, $13
+                   FROM charge_input i JOIN moved m ON m.user_id = i.user_id AND m.period = i.period
+                  ORDER BY i.n
+                 ON CONFLICT DO NOTHING
+                 RETURNING {CHARGE_COLUMNS}
+             ), {summary} emptied AS (
+                 DELETE FROM token_usage_summary s
+                  USING unnest($18::text[], $19::text[]) AS e(user_id, period)
+                  WHERE s.user_id = e.user_id AND s.period = e.period AND s.events = 0
+             ), consumption AS (
+                 INSERT INTO token_consumption
+                     (user_id, id, event_id, period, tokens_used, operation_type, client_id, metadata, occurred_at,
+                      occurred_at_reported, created_at, total_before, created_fee, first_block, end_block,
+                      audit_seq)
+                 SELECT x.user_id, x.id, x.event_id, x.period, x.tokens, x.operation_type, x.client_id, x.metadata,
+                        x.occurred_at, x.reported, $13, x.before,
+                        x.id IN (SELECT c.consumption_id FROM created c WHERE c.kind = 'fixed_fee'),
+                        x.first_block, x.end_block, (SELECT seqs FROM places)[x.place]
+                   FROM unnest($20::text[], $21::uuid[], $22::text[], $23::text[], $24::bigint[], $25::text[],
+                               $26::text[], $27::jsonb[], $28::timestamptz[], $29::bool[], $30::bigint[],
+                               $31::bigint[], $32::bigint[], $41::bigint[])
+                        AS x(user_id, id, event_id, period, tokens, operation_type, client_id, metadata, occurred_at,
+                             reported, before, first_block, end_block, place)
+                   JOIN moved m ON m.user_id = x.user_id AND m.period = x.period
+                 RETURNING 1
+             ), audited AS (
+                 INSERT INTO token_billing_audit (user_id, seq, at, period, event)
+                 SELECT c.user_id, (SELECT seqs FROM places)[a.place], $13, c.period, a.event
+                   FROM unnest($33::uuid[], $34::jsonb[], $40::bigint[]) AS a(charge_id, event, place)
+                   JOIN created c ON c.id = a.charge_id
+             )
+             SELECT (SELECT count(*) FROM moved) AS moved, (SELECT count(*) FROM consumption) AS inserted,
+                    (SELECT count(*) FROM created) AS charged, created.*
+               FROM (SELECT 1) AS one LEFT JOIN created ON true"
+        ))
+        .bind(&c_users)
+        .bind(&c_ids)
+        .bind(&c_keys)
+        .bind(&c_periods)
+        .bind(&c_kinds)
+        .bind(&c_blocks)
+        .bind(&c_tiers)
+        .bind(&c_amounts)
+        .bind(&c_currencies)
+        .bind(&c_consumptions)
+        .bind(&c_attempts)
+        .bind(&c_leases)
+        .bind(now)
+        .bind(&g_users)
+        .bind(&g_periods)
+        .bind(&g_totals)
+        .bind(&g_events)
+        .bind(&e_users)
+        .bind(&e_periods)
+        .bind(&x_users)
+        .bind(&x_ids)
+        .bind(&x_events)
+        .bind(&x_periods)
+        .bind(&x_tokens)
+        .bind(&x_operations)
+        .bind(&x_clients)
+        .bind(&x_metadata)
+        .bind(&x_occurred)
+        .bind(&x_reported)
+        .bind(&x_before)
+        .bind(&x_first)
+        .bind(&x_end)
+        .bind(&a_charges)
+        .bind(&a_events)
+        .bind(&g_included)
+        .bind(&g_blocks)
+        .bind(&g_before)
+        .bind(&g_charges)
+        .bind(&g_amounts)
+        .bind(&a_places)
+        .bind(&x_places)
+        .bind(places)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(RecordFailure::from_write)?;
+        let counts = |column: &str| -> Result<usize, StoreError> {
+            let count: i64 = rows.first().map_or(Ok(0), |row| row.try_get(column)).map_err(db)?;
+            usize::try_from(count).map_err(generic)
+        };
+        let lost = counts("moved")? != g_users.len()
+            || counts("inserted")? != x_users.len()
+            || (optimistic && counts("charged")? != c_users.len());
+        if lost {
+            // A total moved since it was read, an event id or a charge was taken: nothing of
+            // this stays.
+            tx.rollback().await.map_err(RecordFailure::Database)?;
+            return Ok(None);
+        }
+        let mut created: HashMap<uuid::Uuid, Vec<Charge>> = HashMap::default();
+        for row in &rows {
+            if row.try_get::<Option<uuid::Uuid>, _>("id").map_err(db)?.is_none() {
+                continue;
+            }
+            let charge = charge_from(row)?;
+            if let Some(consumption) = charge.consumption_id {
+                created.entry(consumption).or_default().push(charge);
+            }
+        }
+        tx.commit().await.map_err(RecordFailure::Database)?;
+        for (decision, request) in decisions.iter_mut().zip(requests) {
+            if let Decision::Accepted { charges, .. } = decision {
+                *charges = created.remove(&request.usage.consumption_id).unwrap_or_default();
+                charges.sort_by_key(|c| (c.kind != ChargeKind::FixedFee, c.block));
+            }
+        }
+        Ok(Some(decisions))
+    }
+
+    /// The answers to a batch whose decisions are committed, each event moved into its answer.
+    /// The batch is written: a failure here (reading an event recorded before it) is that
+    /// event's answer, never the batch's, so that nothing makes the host send the batch again.
+    async fn batch_answers(
+        &self,
+        requests: Vec<RecordUsage<'_>>,
+        decisions: Vec<Decision>,
+    ) -> Vec<Result<Recorded, StoreError>> {
+        let mut results: Vec<Result<Recorded, StoreError>> = Vec::with_capacity(requests.len());
+        for (request, decision) in requests.into_iter().zip(decisions) {
+            let usage = request.usage;
+            results.push(match decision {
+                Decision::Accepted { before, after, charges } => Ok(Recorded {
+                    usage: Arc::new(usage),
+                    total_before: before,
+                    total_after: after,
+                    charges,
+                    replayed: false,
+                }),
+                Decision::Earlier(earlier) => match &results[earlier] {
+                    Ok(original) => Recorded {
+                        replayed: true,
+                        ..original.clone()
+                    }
+                    .answer_resend(&usage),
+                    Err(_) => Err(generic("an earlier event of the batch with the same id was refused")),
+                },
+                Decision::Existing => match self.recorded_event(&usage.user_id, &usage.event_id).await {
+                    Ok(Some(original)) => original.answer_resend(&usage),
+                    Ok(None) => Err(generic("an event recorded before the batch is gone")),
+                    Err(error) => Err(error),
+                },
+                Decision::Refused(error) => Err(error),
+            });
+        }
+        results
+    }
+
+    /// [`UsageStore::record_usage_batch`].
+    pub(super) async fn record_batch(
+        &self,
+        requests: Vec<RecordUsage<'_>>,
+    ) -> Result<Vec<Result<Recorded, StoreError>>, StoreError> {
+        // The first attempt is optimistic; the next ones are careful (see `try_record_batch`). A
+        // concurrent record of an event of the batch makes an attempt give up, and the next one
+        // answers that event as a replay.
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match self.try_record_batch(&requests, attempts == 1).await {
+                Ok(Some(decisions)) => return Ok(self.batch_answers(requests, decisions).await),
+                Ok(None) if attempts < 4 => continue,
+                Ok(None) => return Err(generic("the batch kept meeting concurrent records of its events")),
+                Err(RecordFailure::Store(error)) => return Err(error),
+                Err(RecordFailure::Database(error)) if is_duplicate_event(&error) && attempts < 4 => continue,
+                // An optimistic write updates its period rows in no fixed order, and a careful one
+                // locks rows created by another batch after its own: the rare lock cycle that
+                // makes is broken by PostgreSQL, and the batch runs again, carefully.
+                Err(RecordFailure::Database(error)) if is_deadlock(&error) && attempts < 4 => continue,
+                Err(RecordFailure::Overflow) => return Err(generic("a period total passed BIGINT")),
+                // Batches are placed with accounts read afresh, and carry none to check.
+                Err(RecordFailure::AccountChanged) => return Err(generic("a batch checked an account")),
+                Err(RecordFailure::Database(error)) => return Err(db(error)),
+            }
+        }
+    }
+}
