@@ -77,11 +77,11 @@ pub use domain::*;
 pub use error::{BillingError, UsageError};
 pub use gateway::{
     CardBehaviour, GatewayChange, GatewayError, GatewayEvent, PaymentGateway, PaymentOutcome, PaymentRequest,
-    PaymentStatus, SandboxGateway, SandboxPayment, Subscription,
+    PaymentStatus, PaymentUpdate, SandboxGateway, SandboxPayment, Subscription,
 };
 pub use service::{
     AccountStanding, BillingService, BillingServiceBuilder, CollectionMode, CollectionReport, DunningSchedule,
-    PaymentUpdate, Standing, TierCharge, TokenSummary, UnregisteredUsers, UsageOutcome, UsageReport,
+    Standing, TierCharge, TokenSummary, UnregisteredUsers, UsageOutcome, UsageReport,
 };
 #[cfg(feature = "postgres")]
 pub use store::PostgresUsageStore;

@@ -21,10 +21,29 @@ use serde::{Deserialize, Serialize};
 use chrono::{DateTime, Utc};
 
 use crate::domain::{Charge, ChargeKey, ChargeKind, CustomerId, Metadata, Money, Plan, PlanId, UserId};
-use crate::service::PaymentUpdate;
-use crate::store::BoxError;
 
 pub use sandbox::{CardBehaviour, SandboxGateway, SandboxPayment};
+
+/// A boxed error from a gateway's transport or client, kept as the source of [`GatewayError`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// A payment's new state reported by the gateway (a webhook), for the charge it pays: what a
+/// gateway hands to [`BillingService::apply_payment_update`](crate::BillingService::apply_payment_update).
+///
+/// Every payment the service makes carries `user_id`, `charge_key` and `round` in its metadata,
+/// so a webhook handler can build this from the payment alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PaymentUpdate {
+    /// The charge's user.
+    pub user_id: UserId,
+    /// The charge.
+    pub charge_key: ChargeKey,
+    /// The collection round the payment was made in, when known (the payment's `round`
+    /// metadata).
+    pub round: Option<u32>,
+    /// The payment's state.
+    pub outcome: PaymentOutcome,
+}
 
 /// What went wrong at the gateway.
 #[derive(Debug, thiserror::Error)]

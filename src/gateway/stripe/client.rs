@@ -23,7 +23,7 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 use tracing::{debug, warn};
 
-use crate::store::BoxError;
+use crate::gateway::BoxError;
 
 /// The largest response body read; Stripe's objects are a few kilobytes.
 const MAX_BODY: usize = 4 << 20;

@@ -69,7 +69,7 @@ use super::{
 };
 use crate::clock::{Clock, SystemClock};
 use crate::domain::{ChargeKey, Currency, CustomerId, Money, Plan, PlanId, UserId};
-use crate::service::PaymentUpdate;
+use crate::gateway::PaymentUpdate;
 
 const GATEWAY: &str = "stripe";
 
