@@ -94,7 +94,7 @@ fn ingest(c: &mut Criterion) {
     group.throughput(Throughput::Elements(1));
     group.sample_size(20);
 
-    // Events of 1,000 tokens on the seed's plan: after each user's first event opens the period,
+    // Events of 1,000 tokens on the original product's plan: after each user's first event opens the period,
     // nothing is charged for a long time. The service is reused, so users keep accumulating.
     // With every event kept, memory grows with each one; keeping only what dedupe and the
     // reports need (these events carry no event id of the host's) it does not.

@@ -13,7 +13,7 @@
 //!   with a test key only, the example opens a customer and gives it Stripe's test card
 //!   `pm_card_visa`.
 //!
-//! It registers a user, reports the seed's two examples (1M tokens: no charge beyond the fee;
+//! It registers a user, reports the original product's two examples (1M tokens: no charge beyond the fee;
 //! then 9M more: one block), resumes anything left pending, and prints the summary and the
 //! charges with their PaymentIntents.
 

@@ -130,11 +130,11 @@ mod service {
     }
 
     #[tokio::test]
-    async fn the_seed_scenarios_on_postgresql() {
+    async fn the_original_products_scenarios_on_postgresql() {
         let sandbox = SandboxGateway::new();
         let clock = clock();
         let billing = instance(Arc::new(super::store().await), &sandbox, &clock, Plan::default());
-        let user = fresh("seed");
+        let user = fresh("original");
         let small = billing
             .process_token_usage(UsageReport::new(&user, 1_000_000, "chat"))
             .await
@@ -444,7 +444,7 @@ mod sql {
     }
 
     #[tokio::test]
-    async fn the_seed_defaults_and_labels_hold_in_sql() {
+    async fn the_original_products_defaults_and_labels_hold_in_sql() {
         let store = super::store().await;
         for (tokens, label) in [
             (1_000_000, "0-8M"),
@@ -461,10 +461,10 @@ mod sql {
         }
     }
 
-    /// The seed's "Consultas SQL Úteis", verbatim but for the user id, against data recorded by
+    /// The original product's "Consultas SQL Úteis", verbatim but for the user id, against data recorded by
     /// the library now.
     #[tokio::test]
-    async fn the_seed_monitoring_queries_run_verbatim() {
+    async fn the_original_products_monitoring_queries_run_verbatim() {
         let store = Arc::new(super::store().await);
         let billing = BillingService::builder(store.clone(), Arc::new(SandboxGateway::new()))
             .unregistered_users(UnregisteredUsers::OpenCustomer)
@@ -504,7 +504,7 @@ GROUP BY operation_type;"
             .replace("user-uuid", &user);
         // The query runs as written; its SUM (numeric) is read back as text.
         let wrapped = format!(
-            "SELECT operation_type, total_tokens::bigint AS total_tokens, operations FROM ({}) AS seed",
+            "SELECT operation_type, total_tokens::bigint AS total_tokens, operations FROM ({}) AS original",
             by_operation.trim_end_matches(';')
         );
         let mut rows: Vec<(String, i64, i64)> = sqlx::query(&wrapped)
@@ -533,7 +533,7 @@ WHERE user_id = 'user-uuid'
 GROUP BY billing_tier;"
             .replace("user-uuid", &user);
         let wrapped = format!(
-            "SELECT billing_tier, charges_count, total_charged::text AS total_charged FROM ({}) AS seed",
+            "SELECT billing_tier, charges_count, total_charged::text AS total_charged FROM ({}) AS original",
             by_tier.trim_end_matches(';')
         );
         let mut rows: Vec<(String, i64, String)> = sqlx::query(&wrapped)

@@ -142,7 +142,7 @@ fn keys(value: &Value) -> Vec<&str> {
 }
 
 #[tokio::test]
-async fn the_seed_s_flows_answer_the_seed_s_shapes() {
+async fn the_original_products_flows_answer_its_shapes() {
     let server = start().await;
     // 1M tokens: within the 8M allowance, no block charge.
     let first = data(
@@ -192,7 +192,7 @@ async fn the_seed_s_flows_answer_the_seed_s_shapes() {
             })
         );
     }
-    // The envelope in the seed's order: success first.
+    // The envelope in the original product's order: success first.
     let raw = server
         .get("/api/token-billing/user-summary/user-uuid", Some(API_KEY))
         .await
@@ -1620,7 +1620,7 @@ fn tempdir(tag: &str) -> std::path::PathBuf {
 /// The original product's frontend helper, as the README shows it (with the header added), run
 /// by Node.js against the service.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_seed_s_frontend_snippet_works_with_the_added_header() {
+async fn the_original_products_frontend_snippet_works_with_the_added_header() {
     let node = ["/usr/bin/node", "/usr/local/bin/node"]
         .into_iter()
         .find(|p| Path::new(p).exists());
@@ -1713,6 +1713,8 @@ async fn the_built_service_stops_cleanly_on_sigterm() {
         .env("TOKEN_BILLING_API_KEY", API_KEY)
         .env("TOKEN_BILLING_ADDR", "127.0.0.1:0")
         .env("NO_COLOR", "1")
+        // The usual directives: the library's debug lines (one per recorded event) on top.
+        .env("RUST_LOG", "info,token_billing=debug")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -1742,6 +1744,16 @@ async fn the_built_service_stops_cleanly_on_sigterm() {
     let base = format!("http://{address}");
     let reply = request(&base, "GET", "/api/token-billing/openapi.json", &[], b"").await;
     assert_eq!(reply.status, 200, "it serves before the signal");
+    let auth = format!("Bearer {API_KEY}");
+    let reply = request(
+        &base,
+        "POST",
+        "/api/token-billing/process-usage",
+        &[("Authorization", auth.as_str()), ("Content-Type", "application/json")],
+        br#"{"userId":"sig-user","tokensUsed":1000,"operationType":"chat"}"#,
+    )
+    .await;
+    assert_eq!(reply.status, 200);
 
     // The shell's own `kill`: no other package needed.
     let sent = Command::new("sh")
@@ -1765,5 +1777,10 @@ async fn the_built_service_stops_cleanly_on_sigterm() {
     assert!(
         seen.iter().any(|line| line.contains("shutting down")) && seen.iter().any(|line| line.contains("stopped")),
         "{seen:#?}"
+    );
+    assert!(
+        seen.iter()
+            .any(|line| line.contains("DEBUG") && line.contains("usage recorded")),
+        "RUST_LOG's directive for token_billing: {seen:#?}"
     );
 }

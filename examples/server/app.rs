@@ -443,7 +443,7 @@ fn kind_of(value: &Value) -> &'static str {
     }
 }
 
-/// The seed's answer to a usage report, in its order.
+/// The original product's answer to a usage report, in its order.
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct Processed {
@@ -452,7 +452,7 @@ struct Processed {
     tier_charges: Vec<token_billing::TierCharge>,
 }
 
-/// `POST /api/token-billing/process-usage`: the seed's `processTokenUsage`.
+/// `POST /api/token-billing/process-usage`: the original product's `processTokenUsage`.
 async fn process_usage(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -468,7 +468,7 @@ async fn process_usage(
     }))
 }
 
-/// The seed's summary, in its order.
+/// The original product's summary, in its order.
 #[derive(Serialize)]
 struct SummaryFields<'a> {
     total_tokens: u64,
@@ -492,7 +492,7 @@ impl<'a> From<&'a TokenSummary> for SummaryFields<'a> {
     }
 }
 
-/// `GET /api/token-billing/user-summary/{userId}`: the seed's `getUserTokenSummary`.
+/// `GET /api/token-billing/user-summary/{userId}`: the original product's `getUserTokenSummary`.
 async fn user_summary(State(state): State<AppState>, Reader { user, period }: Reader) -> Result<Response, ApiError> {
     let summary = state.billing().token_summary(&user, period).await?;
     Ok(success(SummaryFields::from(&summary)))
@@ -595,7 +595,7 @@ async fn create_subscription(
     Ok(success(subscribed))
 }
 
-/// `GET /api/token-billing/usage-by-operation/{userId}`: the seed's first monitoring query.
+/// `GET /api/token-billing/usage-by-operation/{userId}`: the original product's first monitoring query.
 async fn usage_by_operation(
     State(state): State<AppState>,
     Reader { user, period }: Reader,
@@ -608,7 +608,7 @@ async fn usage_by_operation(
     )))
 }
 
-/// `GET /api/token-billing/charges-by-tier/{userId}`: the seed's second monitoring query.
+/// `GET /api/token-billing/charges-by-tier/{userId}`: the original product's second monitoring query.
 async fn charges_by_tier(State(state): State<AppState>, Reader { user, period }: Reader) -> Result<Response, ApiError> {
     let rows = state.billing().charges_by_tier(&user, period).await?;
     Ok(success(Value::Array(
@@ -678,7 +678,7 @@ async fn dashboard_data(State(state): State<AppState>, Reader { user, period }: 
     #[derive(Serialize)]
     struct Summary<'a> {
         #[serde(flatten)]
-        seed: SummaryFields<'a>,
+        original: SummaryFields<'a>,
         outstanding_count: u64,
         outstanding_total: i64,
     }
@@ -707,7 +707,7 @@ async fn dashboard_data(State(state): State<AppState>, Reader { user, period }: 
             "blockPrice": plan.block_price().minor_units(),
         },
         "summary": Summary {
-            seed: SummaryFields::from(&summary),
+            original: SummaryFields::from(&summary),
             outstanding_count: summary.outstanding_count,
             outstanding_total: summary.outstanding_total,
         },

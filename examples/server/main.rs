@@ -11,6 +11,8 @@
 //!   user's token reads that user's summary, reports and dashboard. Its `aud` must be
 //!   `TOKEN_BILLING_JWT_AUDIENCE` (`authenticated`, as Supabase issues them; `*` for any).
 //! - `TOKEN_BILLING_ADDR`: where to listen (`127.0.0.1:3000`).
+//! - `RUST_LOG`: what to log, as `tracing-subscriber`'s `EnvFilter` directives (`info` by
+//!   default; `info,token_billing=debug` adds one line per recorded event).
 //! - `DATABASE_URL`: the PostgreSQL store (feature `postgres`); else the in-memory store.
 //! - `STRIPE_SECRET_KEY`, `STRIPE_API_BASE`, `STRIPE_WEBHOOK_SECRET`: the Stripe gateway
 //!   (feature `stripe`); else the sandbox gateway, which opens a customer for every new user,
@@ -41,15 +43,17 @@ use std::time::Duration;
 
 use token_billing::BillingService;
 use tracing::{error, info, warn};
+use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    // RUST_LOG names a level (error, warn, info, debug, trace); info by default.
-    let level = std::env::var("RUST_LOG")
-        .ok()
-        .and_then(|level| level.parse().ok())
-        .unwrap_or(tracing::Level::INFO);
-    tracing_subscriber::fmt().with_max_level(level).init();
+    // RUST_LOG takes the usual directives (`info`, `info,token_billing=debug`); `info` when
+    // unset. One that does not parse stops the service rather than log less than was asked.
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(directives) => EnvFilter::try_new(&directives).map_err(|e| format!("RUST_LOG={directives}: {e}"))?,
+        Err(_) => EnvFilter::new("info"),
+    };
+    tracing_subscriber::fmt().with_env_filter(filter).init();
 
     let configured = config::configure(|name| std::env::var(name).ok()).await?;
     info!("{}", configured.description);

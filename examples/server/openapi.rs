@@ -139,7 +139,7 @@ pub(crate) fn document() -> Value {
             },
             "/api/token-billing/process-usage": {
                 "post": {
-                    "summary": "Records a user's token usage and charges every block it starts (the seed's processTokenUsage).",
+                    "summary": "Records a user's token usage and charges every block it starts (the original product's processTokenUsage).",
                     "security": [{"apiKey": []}],
                     "requestBody": body(json!({
                         "type": "object",
@@ -173,10 +173,10 @@ pub(crate) fn document() -> Value {
                 }
             },
             "/api/token-billing/user-summary/{userId}": {
-                "get": read("A user's figures for a month (the seed's getUserTokenSummary).", "The summary.", json!({"$ref": "#/components/schemas/Summary"}))
+                "get": read("A user's figures for a month (the original product's getUserTokenSummary).", "The summary.", json!({"$ref": "#/components/schemas/Summary"}))
             },
             "/api/token-billing/usage-by-operation/{userId}": {
-                "get": read("Tokens and operations by operation type in a month (the seed's monitoring query).", "One row per operation type.", json!({
+                "get": read("Tokens and operations by operation type in a month (the original product's monitoring query).", "One row per operation type.", json!({
                     "type": "array",
                     "items": {"type": "object", "properties": {
                         "operation_type": {"type": "string"}, "total_tokens": {"type": "integer"}, "operations": {"type": "integer"}
@@ -184,7 +184,7 @@ pub(crate) fn document() -> Value {
                 }))
             },
             "/api/token-billing/charges-by-tier/{userId}": {
-                "get": read("Charges by tier in a month (the seed's monitoring query).", "One row per tier.", json!({
+                "get": read("Charges by tier in a month (the original product's monitoring query).", "One row per tier.", json!({
                     "type": "array",
                     "items": {"type": "object", "properties": {
                         "billing_tier": {"type": "string"}, "charges_count": {"type": "integer"},

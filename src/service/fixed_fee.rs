@@ -71,7 +71,7 @@ impl BillingService {
         .await
     }
 
-    /// Subscribes the user's customer to the plan's fixed fee at the gateway (the seed's
+    /// Subscribes the user's customer to the plan's fixed fee at the gateway (the original product's
     /// create-subscription) and keeps the subscription on the account. With
     /// [`FeeCollection::Subscription`], the gateway then collects the fee and the host reports
     /// each paid invoice with [`record_fixed_fee_paid`](Self::record_fixed_fee_paid).

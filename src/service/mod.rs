@@ -42,7 +42,7 @@ pub use usage::{TierCharge, UsageOutcome, UsageReport};
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum CollectionMode {
-    /// In the call that created them, as the seed does: the outcome shows each charge's status.
+    /// In the call that created them, as the original product does: the outcome shows each charge's status.
     #[default]
     Immediate,
     /// Later, by [`BillingService::resume_pending`]: the usage call only records, and returns the
@@ -59,7 +59,7 @@ pub enum UnregisteredUsers {
     #[default]
     Wait,
     /// The service opens a customer at the gateway on first need and registers the user on the
-    /// default plan. What the embedded default does with the sandbox, so that the seed's own
+    /// default plan. What the embedded default does with the sandbox, so that the original product's own
     /// examples run as written.
     OpenCustomer,
 }
@@ -144,7 +144,7 @@ impl BillingServiceBuilder {
         self
     }
 
-    /// The default plan, under the id `default` (the seed's plan unless set).
+    /// The default plan, under the id `default` (the original product's plan unless set).
     pub fn plan(mut self, plan: Plan) -> Self {
         self.settings.default_plan = plan;
         self
@@ -283,7 +283,7 @@ fn default_plan_id() -> PlanId {
 }
 
 impl BillingService {
-    /// A builder over a store and a gateway, with the seed's plan and the defaults of
+    /// A builder over a store and a gateway, with the original product's plan and the defaults of
     /// [`BillingServiceBuilder`].
     pub fn builder(store: Arc<dyn UsageStore>, gateway: Arc<dyn PaymentGateway>) -> BillingServiceBuilder {
         BillingServiceBuilder {
@@ -307,8 +307,8 @@ impl BillingService {
         }
     }
 
-    /// The embedded default: the seed's plan on an [`InMemoryUsageStore`] and a
-    /// [`SandboxGateway`] that opens a customer for every new user, so the seed's examples run
+    /// The embedded default: the original product's plan on an [`InMemoryUsageStore`] and a
+    /// [`SandboxGateway`] that opens a customer for every new user, so the original product's examples run
     /// as written.
     pub fn embedded() -> BillingService {
         BillingService::builder(Arc::new(InMemoryUsageStore::new()), Arc::new(SandboxGateway::new()))

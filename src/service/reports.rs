@@ -9,7 +9,7 @@ use crate::store::{AuditEntry, OperationUsage, StoreError, TierChargeReport};
 
 use super::BillingService;
 
-/// A user's figures for one period: the seed's `getUserTokenSummary`, with amounts in minor
+/// A user's figures for one period: the original product's `getUserTokenSummary`, with amounts in minor
 /// units.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenSummary {
@@ -67,7 +67,7 @@ impl BillingService {
         Ok((period, self.period_plan(account.as_ref(), period)?))
     }
 
-    /// The user's figures for a period (the current one when `None`): the seed's
+    /// The user's figures for a period (the current one when `None`): the original product's
     /// `getUserTokenSummary`. Constant time: read from the period summary the store keeps.
     ///
     /// # Errors
@@ -118,7 +118,7 @@ impl BillingService {
     }
 
     /// Tokens and operation counts by operation type in a period (the current one when `None`):
-    /// the seed's "consumo de tokens por operação".
+    /// the original product's "consumo de tokens por operação".
     ///
     /// # Errors
     /// Store errors; [`BillingError::AccountPlanMissing`] when the user's account names a plan the catalogue lacks.
@@ -148,7 +148,7 @@ impl BillingService {
         Ok(self.store.usage_by_operation(user, period).await?)
     }
 
-    /// Charge counts and amounts by tier in a period (the current one when `None`): the seed's
+    /// Charge counts and amounts by tier in a period (the current one when `None`): the original product's
     /// "cobranças por faixas no período".
     ///
     /// # Errors

@@ -18,7 +18,7 @@ use crate::store::{Account, PlacedUsage, Placement, RecordUsage, Recorded, Store
 
 use super::{BillingService, CollectionMode, UnregisteredUsers, store_contract};
 
-/// A usage report, as the host sends it: the seed's `processTokenUsage(userId, tokensUsed,
+/// A usage report, as the host sends it: the original product's `processTokenUsage(userId, tokensUsed,
 /// operationType, clientId, metadata)`, plus an optional event id for safe retries and an
 /// optional instant.
 ///
@@ -37,15 +37,15 @@ use super::{BillingService, CollectionMode, UnregisteredUsers, store_contract};
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct UsageReport {
-    /// The user (the seed's `userId`).
+    /// The user (the original product's `userId`).
     pub user_id: String,
-    /// Tokens used (the seed's `tokensUsed`).
+    /// Tokens used (the original product's `tokensUsed`).
     pub tokens_used: u64,
-    /// The operation (the seed's `operationType`: `chat`, `api_call`).
+    /// The operation (the original product's `operationType`: `chat`, `api_call`).
     pub operation_type: String,
-    /// The client (the seed's `clientId`).
+    /// The client (the original product's `clientId`).
     pub client_id: Option<String>,
-    /// The seed's `metadata`.
+    /// The original product's `metadata`.
     pub metadata: Metadata,
     /// The host's id of this event; a re-send with the same id is answered with the original
     /// outcome and changes nothing. Without it, every call is a new event.
@@ -101,7 +101,7 @@ impl UsageReport {
     }
 }
 
-/// A charge as the seed's API shows it in `tierCharges`.
+/// A charge as the original product's API shows it in `tierCharges`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TierCharge {
     /// The charge's id.
@@ -125,7 +125,7 @@ impl From<&Charge> for TierCharge {
     }
 }
 
-/// The outcome of a usage report: the seed's `{ consumptionId, totalTokens, tierCharges }`, and a
+/// The outcome of a usage report: the original product's `{ consumptionId, totalTokens, tierCharges }`, and a
 /// little more.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -238,7 +238,7 @@ impl BillingService {
         Ok(Ok(()))
     }
 
-    /// Records a usage event and collects the charges it creates: the seed's
+    /// Records a usage event and collects the charges it creates: the original product's
     /// `processTokenUsage`.
     ///
     /// The event counts in the period of its `occurred_at` in the plan's zone. Recording is one

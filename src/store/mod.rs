@@ -184,7 +184,7 @@ impl Account {
     }
 }
 
-/// A user's running figures for one period: the seed's `token_usage_summary` row. Stores keep it
+/// A user's running figures for one period: the original product's `token_usage_summary` row. Stores keep it
 /// up to date on every write, so a summary is read in constant time, never by scanning events.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeriodSummary {
@@ -300,7 +300,7 @@ impl SummaryDelta {
     }
 }
 
-/// Tokens and operations of one operation type in a period (the seed's "consumo por operação").
+/// Tokens and operations of one operation type in a period (the original product's "consumo por operação").
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OperationUsage {
     /// The operation type.
@@ -311,12 +311,12 @@ pub struct OperationUsage {
     pub operations: u64,
 }
 
-/// Charges of one tier in a period (the seed's "cobranças por faixas").
+/// Charges of one tier in a period (the original product's "cobranças por faixas").
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TierChargeReport {
     /// The tier label.
     pub billing_tier: TierLabel,
-    /// Charges created in the tier, whatever their status, as the seed's query counts them.
+    /// Charges created in the tier, whatever their status, as the original product's query counts them.
     pub charges_count: u64,
     /// Their amount.
     pub total_charged: Money,

@@ -1,4 +1,4 @@
-//! The seed's own examples and tests, on the embedded defaults.
+//! The original product's own examples and tests, on the embedded defaults.
 
 mod common;
 
@@ -7,7 +7,7 @@ use token_billing::{BillingService, ChargeStatus, Plan, UsageReport};
 
 #[tokio::test]
 async fn one_million_tokens_create_no_tier_charge() {
-    // The seed: processTokenUsage('test-user-id', 1000000, 'chat') -> tierCharges: [] (within 8M).
+    // The original product: processTokenUsage('test-user-id', 1000000, 'chat') -> tierCharges: [] (within 8M).
     let h = Harness::new();
     let outcome = h
         .service
@@ -23,7 +23,7 @@ async fn one_million_tokens_create_no_tier_charge() {
 
 #[tokio::test]
 async fn ten_million_tokens_create_exactly_one_charge_of_the_second_tier() {
-    // The seed: processTokenUsage('test-user-id', 10000000, 'chat') -> tierCharges: [charge].
+    // The original product: processTokenUsage('test-user-id', 10000000, 'chat') -> tierCharges: [charge].
     let h = Harness::new();
     let outcome = h
         .service
@@ -41,8 +41,8 @@ async fn ten_million_tokens_create_exactly_one_charge_of_the_second_tier() {
 }
 
 #[tokio::test]
-async fn embedded_default_runs_the_seed_test_as_written() {
-    // BillingService::embedded() with the system clock: the two seed tests in sequence.
+async fn embedded_default_runs_the_original_products_test_as_written() {
+    // BillingService::embedded() with the system clock: the original product's two tests in sequence.
     let billing = BillingService::embedded();
     let first = billing
         .process_token_usage(UsageReport::new("test-user-id", 1_000_000, "chat"))
@@ -92,7 +92,7 @@ async fn api_example_with_four_million_included_is_reproduced_exactly() {
     assert_eq!(summary.period, november());
     h.assert_period_consistent(&user("user-uuid"), november(), &plan).await;
 
-    // The seed's JSON shapes, field for field.
+    // The original product's JSON shapes, field for field.
     let json = serde_json::to_value(&outcome).expect("serialise");
     assert_eq!(json["consumptionId"], outcome.consumption_id.to_string());
     assert_eq!(json["totalTokens"], 5_000_000);
@@ -116,7 +116,7 @@ async fn api_example_with_four_million_included_is_reproduced_exactly() {
 }
 
 #[tokio::test]
-async fn monitoring_reports_answer_the_seed_queries() {
+async fn monitoring_reports_answer_the_original_products_queries() {
     let h = Harness::new();
     for (tokens, op) in [(6_000_000, "chat"), (3_000_000, "api_call"), (9_000_000, "chat")] {
         h.service
