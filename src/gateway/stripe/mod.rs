@@ -1,6 +1,10 @@
 //! [`StripeGateway`] (feature `stripe`): block charges as off-session PaymentIntents, the fixed
 //! fee as a monthly subscription, and signed webhooks turned into [`GatewayEvent`]s.
 //!
+//! This file holds the gateway and its [`PaymentGateway`] operations; `config` the secret key
+//! and the builder; `client` the HTTP client and its retries; `objects` reading Stripe's
+//! objects; `webhook` signatures; `events` turning webhook events into gateway events.
+//!
 //! # How it talks to Stripe
 //! - Each charge is one PaymentIntent, created and confirmed in one call (`confirm=true`,
 //!   `off_session=true`) on the customer's default payment method, in the charge's currency and
@@ -45,6 +49,8 @@
 //! ```
 
 mod client;
+mod config;
+mod events;
 mod objects;
 mod webhook;
 
@@ -53,23 +59,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
-use hyper::header::HeaderValue;
-use hyper::{StatusCode, Uri};
+use hyper::StatusCode;
 use serde_json::Value;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use self::client::{ApiError, Call, Form, NoAnswer, Reply, RetryPolicy, StripeClient, query, segment};
+use self::client::{ApiError, Call, Form, NoAnswer, Reply, StripeClient, query, segment};
+pub use self::config::{SecretKey, StripeConfigError, StripeGatewayBuilder};
 use self::objects::{id_of, payment_outcome, refused_payment, text};
 pub use self::webhook::{DEFAULT_TOLERANCE, WebhookError, WebhookSecret, sign, verify_signature};
-use super::{
-    GatewayChange, GatewayError, GatewayEvent, PaymentGateway, PaymentOutcome, PaymentRequest, PaymentStatus,
-    Subscription, metadata_key,
-};
-use crate::clock::{Clock, SystemClock};
+use super::{GatewayError, PaymentGateway, PaymentOutcome, PaymentRequest, PaymentStatus, Subscription, metadata_key};
+use crate::clock::Clock;
 use crate::domain::{ChargeKey, Currency, CustomerId, Money, Plan, PlanId, UserId};
-use crate::gateway::PaymentUpdate;
 
 const GATEWAY: &str = "stripe";
 
@@ -85,250 +86,6 @@ const PLAN_KEY: &str = "token_billing_plan";
 
 /// The most search pages read for one charge; each holds 100 payments.
 const MAX_SEARCH_PAGES: usize = 10;
-
-/// A Stripe secret (or restricted) API key. `Debug` shows its kind only (`sk_test_…`).
-///
-/// # Example
-/// ```
-/// use token_billing::gateway::stripe::SecretKey;
-///
-/// let key = SecretKey::new("sk_test_51Habcdef");
-/// assert_eq!(format!("{key:?}"), "SecretKey(sk_test_…)");
-/// ```
-#[derive(Clone)]
-pub struct SecretKey(String);
-
-impl SecretKey {
-    /// Wraps a key.
-    pub fn new(key: impl Into<String>) -> SecretKey {
-        SecretKey(key.into())
-    }
-
-    /// The `Authorization` header carrying the key, marked sensitive so that hyper never shows
-    /// it; `None` for an empty key or one with characters other than printable ASCII. Made once,
-    /// when the gateway is built, rather than formatted again for every request.
-    fn authorization(&self) -> Option<HeaderValue> {
-        let key = &self.0;
-        if key.is_empty() || !key.bytes().all(|b| b.is_ascii_graphic()) {
-            return None;
-        }
-        let mut value = HeaderValue::from_str(&format!("Bearer {key}")).ok()?;
-        value.set_sensitive(true);
-        Some(value)
-    }
-
-    /// What may be shown of the key: its kind (`sk_test_`), nothing of the secret.
-    fn kind(&self) -> String {
-        webhook::prefix_of(&self.0)
-    }
-}
-
-impl fmt::Debug for SecretKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "SecretKey({}…)", self.kind())
-    }
-}
-
-/// Why a [`StripeGateway`] could not be built.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum StripeConfigError {
-    /// An environment variable the configuration needs is not set.
-    #[error("{0} is not set")]
-    Missing(&'static str),
-    /// The secret key is empty or has characters an HTTP header cannot carry.
-    #[error("the secret key is empty or not printable ASCII")]
-    InvalidSecretKey,
-    /// The API base is not an `http(s)://host[:port][/path]` URL.
-    #[error("invalid API base {base:?}: {reason}")]
-    InvalidApiBase {
-        /// The base given.
-        base: String,
-        /// What is wrong with it.
-        reason: &'static str,
-    },
-    /// The API base is plain `http://` on a host other than this machine: the secret key would
-    /// cross the network unencrypted. Allow it with
-    /// [`allow_insecure_http`](StripeGatewayBuilder::allow_insecure_http) for a test server on
-    /// a private network.
-    #[error("refusing to send the secret key over plain HTTP to {base}")]
-    InsecureApiBase {
-        /// The base given.
-        base: String,
-    },
-}
-
-/// Builds a [`StripeGateway`].
-///
-/// # Example
-/// ```
-/// use std::time::Duration;
-/// use token_billing::gateway::stripe::StripeGateway;
-///
-/// let stripe = StripeGateway::builder("sk_test_123")
-///     .api_base("http://127.0.0.1:8420") // a local Stripe-compatible server
-///     .webhook_secret("whsec_old")
-///     .webhook_secret("whsec_new") // both accepted while the secret is being rolled
-///     .timeout(Duration::from_secs(10))
-///     .build()?;
-/// assert_eq!(stripe.api_base(), "http://127.0.0.1:8420");
-/// # Ok::<(), token_billing::gateway::stripe::StripeConfigError>(())
-/// ```
-#[derive(Debug)]
-pub struct StripeGatewayBuilder {
-    secret_key: SecretKey,
-    api_base: String,
-    api_version: Option<String>,
-    webhook_secrets: Vec<WebhookSecret>,
-    webhook_tolerance: Duration,
-    timeout: Duration,
-    deadline: Duration,
-    retry: RetryPolicy,
-    payment_method_types: Vec<String>,
-    allow_insecure_http: bool,
-    clock: Arc<dyn Clock>,
-}
-
-impl StripeGatewayBuilder {
-    /// The API base (`https://api.stripe.com` by default).
-    pub fn api_base(mut self, base: impl Into<String>) -> Self {
-        self.api_base = base.into();
-        self
-    }
-
-    /// The `Stripe-Version` sent ([`API_VERSION`] by default); `None` uses the account's.
-    pub fn api_version(mut self, version: Option<String>) -> Self {
-        self.api_version = version;
-        self
-    }
-
-    /// Adds a webhook signing secret; give the old and the new one while rolling it.
-    pub fn webhook_secret(mut self, secret: impl Into<String>) -> Self {
-        self.webhook_secrets.push(WebhookSecret::new(secret));
-        self
-    }
-
-    /// How far a webhook's signed timestamp may be from now ([`DEFAULT_TOLERANCE`], 5 minutes).
-    pub fn webhook_tolerance(mut self, tolerance: Duration) -> Self {
-        self.webhook_tolerance = tolerance;
-        self
-    }
-
-    /// How long one attempt of one request may take, connection included (20 seconds by
-    /// default).
-    pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
-        self
-    }
-
-    /// How long one gateway operation may take, with all its requests and retries (50 seconds
-    /// by default); past it, the outcome is unknown and the charge stays pending. Keep it below
-    /// half the service's lease ([`BillingServiceBuilder::lease`](crate::BillingServiceBuilder::lease),
-    /// 2 minutes by default): a collector is sure to hold a charge that long when it calls the
-    /// gateway, and no other collector may take it meanwhile.
-    pub fn deadline(mut self, deadline: Duration) -> Self {
-        self.deadline = deadline;
-        self
-    }
-
-    /// Retries after the first attempt (2 by default, as Stripe's clients).
-    pub fn max_retries(mut self, retries: u32) -> Self {
-        self.retry.max_retries = retries;
-        self
-    }
-
-    /// The backoff: the first delay and the longest (0.5 and 5 seconds by default), each
-    /// jittered down to between half and all of it.
-    pub fn retry_delays(mut self, initial: Duration, max: Duration) -> Self {
-        self.retry.initial_delay = initial;
-        self.retry.max_delay = max.max(initial);
-        self
-    }
-
-    /// The payment method types a charge may use (`["card"]` by default). Asynchronous ones
-    /// (`sepa_debit`) answer `processing`, and are settled by webhook.
-    pub fn payment_method_types<I, S>(mut self, types: I) -> Self
-    where
-        I: IntoIterator<Item = S>,
-        S: Into<String>,
-    {
-        self.payment_method_types = types.into_iter().map(Into::into).collect();
-        self
-    }
-
-    /// Allows a plain `http://` API base on another host than this machine (a test server on a
-    /// private network). Never for Stripe itself.
-    pub fn allow_insecure_http(mut self, allow: bool) -> Self {
-        self.allow_insecure_http = allow;
-        self
-    }
-
-    /// The clock webhook timestamps are checked against (the system clock by default).
-    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
-        self.clock = clock;
-        self
-    }
-
-    /// The gateway. No request is made until it is used, from within a Tokio runtime.
-    ///
-    /// # Errors
-    /// [`StripeConfigError`] for a bad key or API base.
-    pub fn build(self) -> Result<StripeGateway, StripeConfigError> {
-        let authorization = self
-            .secret_key
-            .authorization()
-            .ok_or(StripeConfigError::InvalidSecretKey)?;
-        let api_base = self.checked_base()?.to_string().trim_end_matches('/').to_owned();
-        let client = StripeClient::new(
-            api_base,
-            authorization,
-            self.secret_key.kind(),
-            self.api_version,
-            self.timeout,
-            self.retry,
-        );
-        Ok(StripeGateway {
-            inner: Arc::new(Inner {
-                client,
-                deadline: self.deadline,
-                webhook_secrets: self.webhook_secrets,
-                webhook_tolerance: self.webhook_tolerance,
-                payment_method_types: self.payment_method_types,
-                clock: self.clock,
-            }),
-        })
-    }
-
-    fn checked_base(&self) -> Result<Uri, StripeConfigError> {
-        let invalid = |reason| StripeConfigError::InvalidApiBase {
-            base: self.api_base.clone(),
-            reason,
-        };
-        let uri: Uri = self.api_base.parse().map_err(|_| invalid("not a URL"))?;
-        let host = uri.host().ok_or_else(|| invalid("no host"))?;
-        if uri.query().is_some() {
-            return Err(invalid("it has a query"));
-        }
-        match uri.scheme_str() {
-            Some("https") => Ok(uri),
-            Some("http") => {
-                let loopback = host == "localhost"
-                    || host
-                        .trim_matches(['[', ']'])
-                        .parse::<std::net::IpAddr>()
-                        .is_ok_and(|ip| ip.is_loopback());
-                if loopback || self.allow_insecure_http {
-                    Ok(uri)
-                } else {
-                    Err(StripeConfigError::InsecureApiBase {
-                        base: self.api_base.clone(),
-                    })
-                }
-            }
-            _ => Err(invalid("the scheme is not http or https")),
-        }
-    }
-}
 
 /// The [`PaymentGateway`] for Stripe; see the [module documentation](self) for what it does.
 /// Cheap to clone: clones share one connection pool.
@@ -453,70 +210,6 @@ fn payment_to_keep(found: &[Found]) -> Option<PaymentOutcome> {
 }
 
 impl StripeGateway {
-    /// A builder for a gateway with this secret key.
-    pub fn builder(secret_key: impl Into<String>) -> StripeGatewayBuilder {
-        StripeGatewayBuilder {
-            secret_key: SecretKey::new(secret_key),
-            api_base: DEFAULT_API_BASE.to_owned(),
-            api_version: Some(API_VERSION.to_owned()),
-            webhook_secrets: Vec::new(),
-            webhook_tolerance: DEFAULT_TOLERANCE,
-            timeout: Duration::from_secs(20),
-            deadline: Duration::from_secs(50),
-            retry: RetryPolicy {
-                max_retries: 2,
-                initial_delay: Duration::from_millis(500),
-                max_delay: Duration::from_secs(5),
-            },
-            payment_method_types: vec!["card".to_owned()],
-            allow_insecure_http: false,
-            clock: Arc::new(SystemClock),
-        }
-    }
-
-    /// A gateway configured from the environment: `STRIPE_SECRET_KEY` (required),
-    /// `STRIPE_API_BASE` (optional) and `STRIPE_WEBHOOK_SECRET` (optional; several separated by
-    /// commas while rolling it).
-    ///
-    /// # Errors
-    /// [`StripeConfigError::Missing`] without a key; what [`StripeGatewayBuilder::build`] refuses.
-    pub fn from_env() -> Result<StripeGateway, StripeConfigError> {
-        StripeGateway::from_lookup(|name| std::env::var(name).ok())
-    }
-
-    /// A gateway configured from the same variables as [`from_env`](Self::from_env), read
-    /// through `lookup` (a configuration file, a secret store).
-    ///
-    /// # Errors
-    /// As [`from_env`](Self::from_env).
-    ///
-    /// # Example
-    /// ```
-    /// use token_billing::gateway::stripe::StripeGateway;
-    ///
-    /// let stripe = StripeGateway::from_lookup(|name| match name {
-    ///     "STRIPE_SECRET_KEY" => Some("sk_test_123".to_owned()),
-    ///     "STRIPE_API_BASE" => Some("http://127.0.0.1:8420".to_owned()),
-    ///     _ => None,
-    /// })?;
-    /// assert_eq!(stripe.api_base(), "http://127.0.0.1:8420");
-    /// # Ok::<(), token_billing::gateway::stripe::StripeConfigError>(())
-    /// ```
-    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<StripeGateway, StripeConfigError> {
-        let present = |name| lookup(name).filter(|v: &String| !v.trim().is_empty());
-        let key = present("STRIPE_SECRET_KEY").ok_or(StripeConfigError::Missing("STRIPE_SECRET_KEY"))?;
-        let mut builder = StripeGateway::builder(key);
-        if let Some(base) = present("STRIPE_API_BASE") {
-            builder = builder.api_base(base);
-        }
-        if let Some(secrets) = present("STRIPE_WEBHOOK_SECRET") {
-            for secret in secrets.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-                builder = builder.webhook_secret(secret);
-            }
-        }
-        builder.build()
-    }
-
     /// The API base requests go to.
     pub fn api_base(&self) -> &str {
         self.inner.client.base()
@@ -746,188 +439,6 @@ impl StripeGateway {
             })
             .cloned())
     }
-
-    /// Checks a webhook's signature and reads it as a [`GatewayEvent`]: a PaymentIntent made
-    /// for a charge (`payment_intent.succeeded`, `.payment_failed`, `.requires_action`,
-    /// `.processing`, `.canceled`), or a paid invoice of a subscription made by
-    /// [`create_subscription`](PaymentGateway::create_subscription) (`invoice.paid`) that
-    /// collected money, with the amount it collected. `None` for any other event (among them
-    /// `invoice.payment_succeeded`, which Stripe sends for the same payment as `invoice.paid`,
-    /// under another event id), or one about objects the library did not make: acknowledge
-    /// those.
-    ///
-    /// `payload` is the raw request body, exactly as received; `signature` the
-    /// `Stripe-Signature` header.
-    ///
-    /// # Errors
-    /// [`WebhookError::NotConfigured`] without a webhook secret; a bad signature
-    /// ([`WebhookError::SignatureMismatch`], [`WebhookError::MalformedSignature`],
-    /// [`WebhookError::OutsideTolerance`]) or payload ([`WebhookError::MalformedEvent`]): answer
-    /// `400`. [`WebhookError::Gateway`] when reading an invoice needed its subscription from
-    /// Stripe and that failed: answer `5xx`, so that Stripe delivers it again.
-    pub async fn webhook_event(&self, payload: &[u8], signature: &str) -> Result<Option<GatewayEvent>, WebhookError> {
-        if self.inner.webhook_secrets.is_empty() {
-            return Err(WebhookError::NotConfigured);
-        }
-        verify_signature(
-            payload,
-            signature,
-            &self.inner.webhook_secrets,
-            self.inner.clock.now(),
-            self.inner.webhook_tolerance,
-        )?;
-        let event = webhook::read_event(payload)?;
-        let change = match event.kind.as_str() {
-            "payment_intent.succeeded"
-            | "payment_intent.payment_failed"
-            | "payment_intent.requires_action"
-            | "payment_intent.processing"
-            | "payment_intent.canceled" => payment_update(&event.object)?.map(GatewayChange::Payment),
-            // Stripe also sends `invoice.payment_succeeded` for the same payment, under another
-            // event id: reading both would apply the one payment twice.
-            "invoice.paid" => self.fee_paid(&event.object).await?,
-            _ => None,
-        };
-        Ok(change.map(|change| GatewayEvent {
-            id: event.id,
-            event_type: event.kind,
-            change,
-        }))
-    }
-
-    /// A paid invoice of one of the library's subscriptions, as the fee it collected. An
-    /// invoice that collected nothing (a trial, a full discount) is not a fee collected; one
-    /// paid from the customer's credit balance is, though no money moved at its payment.
-    async fn fee_paid(&self, invoice: &Value) -> Result<Option<GatewayChange>, WebhookError> {
-        let details = invoice
-            .get("parent")
-            .and_then(|p| p.get("subscription_details"))
-            .or_else(|| invoice.get("subscription_details"));
-        let Some(subscription) =
-            id_of(invoice, "subscription").or_else(|| details.and_then(|d| id_of(d, "subscription")))
-        else {
-            return Ok(None);
-        };
-        // The fee collected is the invoice's total after discounts and before tax (the plan's
-        // price is the fee, tax is added on top of it). `total_excluding_tax` is missing from
-        // older API versions and may be null; `amount_paid` is the last resort only, as it is 0
-        // for an invoice paid from the customer's credit balance.
-        let total = ["total_excluding_tax", "total", "amount_paid"]
-            .into_iter()
-            .find_map(|field| invoice.get(field).filter(|v| !v.is_null()));
-        let stripe_total = total.and_then(Value::as_i64);
-        // Nothing collected, or a credit: no fee. Checked before the invoice is known to be the
-        // library's, so that a trial's invoice costs no request to Stripe.
-        if stripe_total.is_some_and(|t| t <= 0) {
-            return Ok(None);
-        }
-        let payment_id = text(invoice, "id")
-            .ok_or_else(|| WebhookError::MalformedEvent("an invoice without id".to_owned()))?
-            .to_owned();
-        let lines = invoice
-            .get("lines")
-            .and_then(|l| l.get("data"))
-            .and_then(Value::as_array)
-            .map(Vec::as_slice)
-            .unwrap_or_default();
-        let ours = |metadata: Option<&Value>| {
-            let metadata = metadata?;
-            text(metadata, PLAN_KEY)?;
-            text(metadata, USER_KEY).map(str::to_owned)
-        };
-        // The user: on the subscription's line (its item's metadata), on the subscription's
-        // details in the invoice, or on the subscription itself.
-        let on_line = lines
-            .iter()
-            .find_map(|line| ours(line.get("metadata")).map(|user| (line, user)));
-        let line = on_line.as_ref().map(|&(line, _)| line);
-        let user = match on_line
-            .map(|(_, user)| user)
-            .or_else(|| ours(details.and_then(|d| d.get("metadata"))))
-        {
-            Some(user) => user,
-            None => {
-                let path = format!("/v1/subscriptions/{}", segment(subscription));
-                // Deleted since: not the library's to apply.
-                let Some(found) = self
-                    .fetch_if_exists(path, self.deadline())
-                    .await
-                    .map_err(WebhookError::Gateway)?
-                else {
-                    return Ok(None);
-                };
-                match ours(found.get("metadata")) {
-                    Some(user) => user,
-                    None => return Ok(None),
-                }
-            }
-        };
-        let user_id = UserId::new(user).map_err(|e| WebhookError::MalformedEvent(e.to_string()))?;
-        // Read only now that the invoice is known to be the library's: an invoice of another
-        // product of the account's, in a currency the library does not know, is not refused.
-        let currency = text(invoice, "currency")
-            .ok_or_else(|| WebhookError::MalformedEvent(format!("invoice {payment_id} has no currency")))?
-            .parse::<Currency>()
-            .map_err(|e: crate::MoneyError| WebhookError::MalformedEvent(format!("invoice {payment_id}: {e}")))?;
-        let amount = stripe_total
-            .and_then(|total| library_amount(total, currency))
-            .ok_or_else(|| {
-                WebhookError::MalformedEvent(format!("invoice {payment_id} has no readable total in {currency}"))
-            })?;
-        // The period the invoice pays is its subscription line's: an invoice's own
-        // period_start is the previous period's for a renewal.
-        let start = line
-            .or_else(|| lines.iter().find(|l| l.get("period").is_some()))
-            .and_then(|l| l.get("period"))
-            .and_then(|p| p.get("start"))
-            .and_then(Value::as_i64)
-            .ok_or_else(|| WebhookError::MalformedEvent(format!("invoice {payment_id} has no subscription period")))?;
-        let period_start = DateTime::<Utc>::from_timestamp(start, 0)
-            .ok_or_else(|| WebhookError::MalformedEvent(format!("invoice {payment_id} has a bad period")))?;
-        Ok(Some(GatewayChange::FixedFeePaid {
-            user_id,
-            period_start,
-            amount,
-            payment_id,
-        }))
-    }
-}
-
-/// A PaymentIntent made for a charge, as a payment update; `None` for one the library did not
-/// make (no charge key in its metadata).
-fn payment_update(intent: &Value) -> Result<Option<PaymentUpdate>, WebhookError> {
-    use WebhookError::MalformedEvent;
-    let Some(metadata) = intent
-        .get("metadata")
-        .filter(|m| m.get(metadata_key::CHARGE_KEY).is_some())
-    else {
-        return Ok(None);
-    };
-    let field = |key: &str| text(metadata, key).ok_or_else(|| MalformedEvent(format!("no {key} in the metadata")));
-    let user_id = UserId::new(field(metadata_key::USER_ID)?).map_err(|e| MalformedEvent(e.to_string()))?;
-    let charge_key = ChargeKey::new(
-        &user_id,
-        field(metadata_key::PERIOD)?
-            .parse()
-            .map_err(|e: crate::PeriodError| MalformedEvent(e.to_string()))?,
-        field(metadata_key::KIND)?
-            .parse()
-            .map_err(|e: crate::IdError| MalformedEvent(e.to_string()))?,
-        field(metadata_key::BLOCK)?
-            .parse()
-            .map_err(|e: std::num::ParseIntError| MalformedEvent(e.to_string()))?,
-    );
-    if charge_key.as_str() != field(metadata_key::CHARGE_KEY)? {
-        return Err(MalformedEvent("the charge key does not match its parts".to_owned()));
-    }
-    let round = text(metadata, metadata_key::ROUND).and_then(|r| r.parse().ok());
-    let outcome = payment_outcome(intent).map_err(|e| MalformedEvent(e.to_string()))?;
-    Ok(Some(PaymentUpdate {
-        user_id,
-        charge_key,
-        round,
-        outcome,
-    }))
 }
 
 #[async_trait]
