@@ -15,7 +15,7 @@ impl StripeGateway {
     /// Checks a webhook's signature and reads it as a [`GatewayEvent`]: a PaymentIntent made
     /// for a charge (`payment_intent.succeeded`, `.payment_failed`, `.requires_action`,
     /// `.processing`, `.canceled`), or a paid invoice of a subscription made by
-    /// [`create_subscription`](PaymentGateway::create_subscription) (`invoice.paid`) that
+    /// [`create_subscription`](crate::PaymentGateway::create_subscription) (`invoice.paid`) that
     /// collected money, with the amount it collected. `None` for any other event (among them
     /// `invoice.payment_succeeded`, which Stripe sends for the same payment as `invoice.paid`,
     /// under another event id), or one about objects the library did not make: acknowledge

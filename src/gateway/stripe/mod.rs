@@ -1,5 +1,5 @@
 //! [`StripeGateway`] (feature `stripe`): block charges as off-session PaymentIntents, the fixed
-//! fee as a monthly subscription, and signed webhooks turned into [`GatewayEvent`]s.
+//! fee as a monthly subscription, and signed webhooks turned into [`GatewayEvent`](crate::GatewayEvent)s.
 //!
 //! This file holds the gateway and its [`PaymentGateway`] operations; `config` the secret key
 //! and the builder; `client` the HTTP client and its retries; `objects` reading Stripe's
