@@ -7,7 +7,7 @@
 //!
 //! | clauses | file | what it calls |
 //! |---|---|---|
-//! | Recording: atomic, disjoint intervals, replays and conflicts, overflow, placing | `recording.rs` | `record_usage`, `recorded_event`, `place_and_record_usage` |
+//! | Recording: atomic, disjoint intervals, replays and conflicts, never recorded again, overflow, placing | `recording.rs` | `record_usage`, `recorded_event`, `place_and_record_usage` |
 //! | Recording, every clause, in a batch | `batches.rs` | `record_usage_batch` |
 //! | Recording: unique charge keys; Charges: settle compare-and-set, summaries agree | `charges.rs` | `ensure_charge`, `settle_charge`, `period_summary` |
 //! | Charges: claims, renew_lease compare-and-set | `claims.rs` | `claim_pending`, `claim_due_retries`, `claim_awaiting_customer`, `renew_lease` |
@@ -58,7 +58,8 @@ pub use recording::{
     concurrent_records_cross_disjoint_blocks, concurrent_resends_record_once, event_id_conflict_changes_nothing,
     events_without_a_host_id_are_all_counted, overflow_changes_nothing, periods_are_separate,
     place_and_record_places_with_the_stored_account, record_creates_usage_charges_and_summary,
-    record_is_idempotent_by_event_id, recorded_events_are_found_by_id, too_many_blocks_changes_nothing,
+    record_is_idempotent_by_event_id, recorded_events_are_found_by_id, resends_in_later_periods_are_not_recorded_again,
+    too_many_blocks_changes_nothing,
 };
 pub use reports::{audit_trail_records_every_change, reports_group_by_operation_and_tier};
 

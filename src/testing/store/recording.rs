@@ -8,21 +8,26 @@
 //!   nothing and answers the original outcome (`replayed`) for the same usage, and fails with
 //!   `EventConflict` for different usage; events without a host id MAY be forgotten, never
 //!   their effects.
+//! - **Recording: never recorded again**: an event id the store ever accepted for the user is
+//!   not recorded again, however long ago: a re-send placed in any later period is answered as
+//!   a replay or refused with `EventForgotten`, changing nothing.
 //! - **Recording: overflow**: a total past `MAX_TOKENS` fails with `TotalOverflow` and changes
 //!   nothing.
 //! - **Recording: placing**: `place_and_record_usage` records as `record_usage` does, placed
 //!   with the account as stored, and records nothing of a refused event.
 
-use chrono::Duration;
+use chrono::{Duration, TimeZone, Utc};
 use futures_util::future::join_all;
 use uuid::Uuid;
 
 use super::{base_instant, far_future, fresh_user, period, record, try_record, usage_event};
 use crate::domain::{
-    ChargeKey, ChargeKind, ChargeStatus, EventId, FeeCollection, MAX_BLOCKS_PER_EVENT, MAX_TOKENS, Plan, PlanId,
-    RatingError, UsageRecord,
+    Charge, ChargeKey, ChargeKind, ChargeStatus, EventId, FeeCollection, MAX_BLOCKS_PER_EVENT, MAX_TOKENS, PeriodKey,
+    Plan, PlanId, RatingError, UsageRecord, UserId,
 };
-use crate::store::{Account, PlacedUsage, Placement, Recorded, StoreError, UsageStore};
+use crate::store::{
+    Account, AuditEntry, PeriodSummary, PlacedUsage, Placement, RecordUsage, Recorded, StoreError, UsageStore,
+};
 
 /// **Recording: atomic**: recording stores the consumption, the period total, the fee and block
 /// charges, and the summary.
@@ -317,6 +322,185 @@ pub async fn events_without_a_host_id_are_all_counted(store: &dyn UsageStore) {
     );
     let charges = store.charges(&user, period()).await.expect("charges");
     assert_eq!(charges.iter().map(|c| c.block).collect::<Vec<_>>(), [0, 1, 2]);
+}
+
+/// **Recording: never recorded again**: an event id the store ever accepted for the user is not
+/// recorded again, however long ago. An event sent without `occurred_at` is placed when it
+/// arrives, so its re-send can come in any later period: here the same event, recorded in
+/// November 2026, is sent again, unchanged, in December (before and after other usage opened
+/// it) and in April 2027 (after usage opened it, when a store that bounds its memory may have
+/// forgotten November's events), each time through `record_usage`, `record_usage_batch` and
+/// `place_and_record_usage`. Each re-send MUST be answered as a replay of the original
+/// (`replayed`, the original's consumption id, period and total) or refused with
+/// `EventForgotten` naming the original's id and period, and MUST change nothing: the later
+/// period's summary, charges, events and audit trail, and November's, stay as they were.
+pub async fn resends_in_later_periods_are_not_recorded_again(store: &dyn UsageStore) {
+    const CLAUSE: &str = "Recording: never recorded again (an event id the store ever accepted for the user MUST NOT \
+                          be recorded again, however long ago)";
+    let plan = Plan::default();
+    let user = fresh_user("resent-later");
+    let event = usage_event(&user, 9_000_000, "chat", period());
+    let original = record(store, &plan, event.clone()).await;
+    assert!(!original.replayed);
+
+    let december = period().next();
+    let april = PeriodKey::new(2027, 4).expect("a valid period");
+    let in_december = Utc
+        .with_ymd_and_hms(2026, 12, 10, 12, 0, 0)
+        .single()
+        .expect("a valid instant");
+    let in_april = Utc
+        .with_ymd_and_hms(2027, 4, 10, 12, 0, 0)
+        .single()
+        .expect("a valid instant");
+    // Each time: the period the re-send is placed in, when it arrives, and whether other usage
+    // opened that period first.
+    for (later, at, opened_first) in [
+        (december, in_december, false),
+        (december, in_december + Duration::hours(1), true),
+        (april, in_april, true),
+    ] {
+        if opened_first {
+            let mut other = usage_event(&user, 1_000, "chat", later);
+            other.recorded_at = at - Duration::minutes(1);
+            other.occurred_at = other.recorded_at;
+            record(store, &plan, other).await;
+        }
+        for via in [Via::Record, Via::Batch, Via::PlaceAndRecord] {
+            let (november, before) = (
+                period_state(store, &user, period()).await,
+                period_state(store, &user, later).await,
+            );
+            let mut resent = event.clone();
+            // A new call, as the service makes it: a new consumption id, placed on arrival.
+            resent.consumption_id = Uuid::new_v4();
+            resent.period = later;
+            resent.recorded_at = at;
+            resent.occurred_at = at;
+            let answer = via.record(store, &plan, resent).await;
+            let what = format!(
+                "{} of {} (recorded in {}) sent again in {later}",
+                via.name(),
+                event.event_id,
+                period()
+            );
+            match answer {
+                Ok(replay) => {
+                    assert!(replay.replayed, "{CLAUSE}: {what} was recorded again: {replay:?}");
+                    assert_eq!(
+                        (
+                            replay.usage.consumption_id,
+                            replay.usage.period,
+                            replay.total_before,
+                            replay.total_after
+                        ),
+                        (
+                            original.usage.consumption_id,
+                            original.usage.period,
+                            original.total_before,
+                            original.total_after
+                        ),
+                        "{CLAUSE}: {what} was not answered with the original's outcome"
+                    );
+                }
+                Err(StoreError::EventForgotten {
+                    event_id,
+                    period: recorded_in,
+                }) => {
+                    assert_eq!(
+                        (&event_id, recorded_in),
+                        (&event.event_id, period()),
+                        "{CLAUSE}: {what} was refused as forgotten with another id or period"
+                    );
+                }
+                Err(error) => {
+                    panic!("{CLAUSE}: {what} must be answered as a replay or refused with EventForgotten: {error:?}")
+                }
+            }
+            assert_eq!(
+                period_state(store, &user, later).await,
+                before,
+                "{CLAUSE}: {what} changed {later}"
+            );
+            assert_eq!(
+                period_state(store, &user, period()).await,
+                november,
+                "{CLAUSE}: {what} changed {}",
+                period()
+            );
+        }
+    }
+}
+
+/// A store's entry points for recording an event.
+#[derive(Debug, Clone, Copy)]
+enum Via {
+    Record,
+    Batch,
+    PlaceAndRecord,
+}
+
+impl Via {
+    /// The entry point's method.
+    fn name(self) -> &'static str {
+        match self {
+            Via::Record => "record_usage",
+            Via::Batch => "record_usage_batch",
+            Via::PlaceAndRecord => "place_and_record_usage",
+        }
+    }
+
+    /// Records `usage` under `plan` through this entry point, as `record_usage` answers.
+    async fn record(self, store: &dyn UsageStore, plan: &Plan, usage: UsageRecord) -> Result<Recorded, StoreError> {
+        match self {
+            Via::Record => try_record(store, plan, usage, None).await,
+            Via::Batch => {
+                let mut answers = store
+                    .record_usage_batch(vec![RecordUsage {
+                        usage,
+                        plan,
+                        fee: FeeCollection::Library,
+                        lease_until: None,
+                        account: None,
+                    }])
+                    .await
+                    .expect("record_usage_batch");
+                assert_eq!(answers.len(), 1, "one answer per event of the batch");
+                answers.remove(0)
+            }
+            Via::PlaceAndRecord => {
+                let placed = store
+                    .place_and_record_usage(usage, &mut |_, _| {
+                        Some(Placement {
+                            plan,
+                            fee: FeeCollection::Library,
+                            lease_until: None,
+                        })
+                    })
+                    .await?;
+                match placed {
+                    PlacedUsage::Recorded { recorded, .. } => Ok(recorded),
+                    PlacedUsage::Refused { .. } => {
+                        panic!("Recording: placing: an event its placer placed was answered refused: {placed:?}")
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What a store shows of a user's period: its summary, charges, events and audit trail.
+async fn period_state(
+    store: &dyn UsageStore,
+    user: &UserId,
+    period: PeriodKey,
+) -> (Option<PeriodSummary>, Vec<Charge>, Vec<UsageRecord>, Vec<AuditEntry>) {
+    (
+        store.period_summary(user, period).await.expect("period_summary"),
+        store.charges(user, period).await.expect("charges"),
+        store.consumptions(user, period).await.expect("consumptions"),
+        store.audit_trail(user, Some(period)).await.expect("audit_trail"),
+    )
 }
 
 /// **Recording: overflow**: a total above `MAX_TOKENS` fails with `TotalOverflow` and changes
