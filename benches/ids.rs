@@ -19,8 +19,12 @@ mod random;
 fn ids(c: &mut Criterion) {
     c.bench_function("ids/crate_generator_v4", |b| b.iter(|| black_box(random::uuid_v4())));
     // `uuid` with `fast-rng` (enabled for the benches only).
-    c.bench_function("ids/uuid_new_v4_fast_rng", |b| b.iter(|| black_box(uuid::Uuid::new_v4())));
-    c.bench_function("ids/uuid_now_v7_fast_rng", |b| b.iter(|| black_box(uuid::Uuid::now_v7())));
+    c.bench_function("ids/uuid_new_v4_fast_rng", |b| {
+        b.iter(|| black_box(uuid::Uuid::new_v4()))
+    });
+    c.bench_function("ids/uuid_now_v7_fast_rng", |b| {
+        b.iter(|| black_box(uuid::Uuid::now_v7()))
+    });
     // `uuid` without `fast-rng`: a system call per id.
     c.bench_function("ids/getrandom_per_id", |b| {
         b.iter(|| {
