@@ -113,6 +113,7 @@ macro_rules! usage_store_conformance {
                 renew_lease_is_a_compare_and_set,
                 recorded_events_are_found_by_id,
                 concurrent_resends_record_once,
+                resends_in_later_periods_are_not_recorded_again,
                 audit_entries_can_be_appended,
                 gateway_events_are_recorded_once,
                 reports_group_by_operation_and_tier,
