@@ -790,6 +790,13 @@ async fn a_duplicate_payment_is_reported_once_however_often_and_concurrently_it_
     assert_eq!(summary.fixed_fee_charged, 40_000, "counted once");
 }
 
+/// An hour of a day of 2026, UTC.
+fn at_2026(month: u32, day: u32, hour: u32) -> chrono::DateTime<chrono::Utc> {
+    chrono::TimeZone::with_ymd_and_hms(&chrono::Utc, 2026, month, day, hour, 0, 0)
+        .single()
+        .expect("valid")
+}
+
 /// A period belongs to the plan that rates it: when a user moves from a São Paulo plan to a
 /// Tokyo one on 1 December, November ends at midnight in São Paulo and December starts there.
 /// Late November usage (17:00 on 30 November in São Paulo, already 1 December in Tokyo) is
@@ -813,12 +820,7 @@ async fn late_usage_after_a_move_to_a_plan_in_another_zone_is_placed_by_its_own_
         .process_token_usage(UsageReport::new("ivo", 9_000_000, "chat"))
         .await
         .expect("recorded");
-    let at = |month, day, hour| {
-        chrono::TimeZone::with_ymd_and_hms(&chrono::Utc, 2026, month, day, hour, 0, 0)
-            .single()
-            .expect("valid")
-    };
-    h.clock.set(at(12, 1, 12));
+    h.clock.set(at_2026(12, 1, 12));
     h.service
         .register_account(&ivo, None, Some(tokyo))
         .await
@@ -826,7 +828,7 @@ async fn late_usage_after_a_move_to_a_plan_in_another_zone_is_placed_by_its_own_
 
     let late = h
         .service
-        .process_token_usage(UsageReport::new("ivo", 8_000_000, "chat").occurred_at(at(11, 30, 20)))
+        .process_token_usage(UsageReport::new("ivo", 8_000_000, "chat").occurred_at(at_2026(11, 30, 20)))
         .await
         .expect("taken in November's grace window");
     assert_eq!(late.period, november(), "17:00 on 30 November in São Paulo");
@@ -838,7 +840,7 @@ async fn late_usage_after_a_move_to_a_plan_in_another_zone_is_placed_by_its_own_
     // Between midnight in Tokyo and midnight in São Paulo: still November.
     let overlap = h
         .service
-        .process_token_usage(UsageReport::new("ivo", 1_000, "chat").occurred_at(at(11, 30, 16)))
+        .process_token_usage(UsageReport::new("ivo", 1_000, "chat").occurred_at(at_2026(11, 30, 16)))
         .await
         .expect("recorded");
     assert_eq!(overlap.period, november());
@@ -846,14 +848,14 @@ async fn late_usage_after_a_move_to_a_plan_in_another_zone_is_placed_by_its_own_
     let december = PeriodKey::new(2026, 12).expect("valid");
     let first = h
         .service
-        .process_token_usage(UsageReport::new("ivo", 19_000_000, "chat").occurred_at(at(12, 1, 3)))
+        .process_token_usage(UsageReport::new("ivo", 19_000_000, "chat").occurred_at(at_2026(12, 1, 3)))
         .await
         .expect("recorded");
     assert_eq!((first.period, first.current_tier.as_str()), (december, "0-20M"));
     let summary = h.service.token_summary(&ivo, None).await.expect("summary");
     assert_eq!((summary.period, summary.total_tokens), (december, 19_000_000));
     // December ends at midnight in Tokyo: 1 January 01:00 there is January's.
-    h.clock.set(at(12, 31, 16));
+    h.clock.set(at_2026(12, 31, 16));
     let january = h
         .service
         .process_token_usage(UsageReport::new("ivo", 1_000, "chat"))
@@ -886,12 +888,7 @@ async fn usage_after_a_move_from_a_plan_further_east_starts_the_next_period_wher
         .process_token_usage(UsageReport::new("eva", 1_000, "chat"))
         .await
         .expect("recorded");
-    let at = |month, day, hour| {
-        chrono::TimeZone::with_ymd_and_hms(&chrono::Utc, 2026, month, day, hour, 0, 0)
-            .single()
-            .expect("valid")
-    };
-    h.clock.set(at(12, 1, 12));
+    h.clock.set(at_2026(12, 1, 12));
     h.service
         .register_account(&eva, None, Some(default))
         .await
@@ -900,7 +897,7 @@ async fn usage_after_a_move_from_a_plan_further_east_starts_the_next_period_wher
     for (hour, period) in [(14, november()), (15, december), (16, december)] {
         let outcome = h
             .service
-            .process_token_usage(UsageReport::new("eva", 1_000, "chat").occurred_at(at(11, 30, hour)))
+            .process_token_usage(UsageReport::new("eva", 1_000, "chat").occurred_at(at_2026(11, 30, hour)))
             .await
             .expect("recorded");
         assert_eq!(outcome.period, period, "30 November {hour}:00 UTC");
