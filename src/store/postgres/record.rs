@@ -102,6 +102,39 @@ enum Gate {
     CompareAndSet,
 }
 
+/// The statement that writes an event behind `gate` (`sql/write_event.sql`), its fragments
+/// filled in once per gate.
+fn write_event_sql(gate: Gate) -> &'static str {
+    fn fill(gate: Gate) -> String {
+        // Under the compare-and-set the row is locked here, if its total is still `before`, and
+        // every write below happens only then; the summary also takes the new total.
+        let (locked, totals) = match gate {
+            Gate::Locked => ("SELECT 1", ""),
+            Gate::CompareAndSet => (
+                "SELECT 1 FROM token_usage_summary
+                      WHERE user_id = $8 AND period = $9 AND total_tokens = $22 FOR UPDATE",
+                "total_tokens = $25, events = events + 1, updated_at = $14,
+                     included_tokens = coalesce(included_tokens, $26), block_size = coalesce(block_size, $27),",
+            ),
+        };
+        let summary_gate = match gate {
+            Gate::Locked => "EXISTS (SELECT 1 FROM created)",
+            Gate::CompareAndSet => "EXISTS (SELECT 1 FROM locked)",
+        };
+        include_str!("sql/write_event.sql")
+            .replace("{locked}", locked)
+            .replace("{totals}", totals)
+            .replace("{summary_gate}", summary_gate)
+            .replace("{CHARGE_COLUMNS}", CHARGE_COLUMNS)
+    }
+    static LOCKED: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| fill(Gate::Locked));
+    static COMPARE_AND_SET: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| fill(Gate::CompareAndSet));
+    match gate {
+        Gate::Locked => LOCKED.as_str(),
+        Gate::CompareAndSet => COMPARE_AND_SET.as_str(),
+    }
+}
+
 /// Why a record attempt stopped: a database error (perhaps a concurrent duplicate) or a store
 /// error to return as is.
 pub(super) enum RecordFailure {
@@ -259,40 +292,7 @@ impl PostgresUsageStore {
         // An account that changed since the event was placed moves nothing here; the next path
         // tells that apart from the other reasons.
         static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-            format!(
-                "WITH moved AS (
-                 UPDATE token_usage_summary
-                    SET total_tokens = total_tokens + $6, events = events + 1, updated_at = $3,
-                        included_tokens = coalesce(included_tokens, $12), block_size = coalesce(block_size, $13)
-                  WHERE user_id = $1 AND period = $2 AND currency = $14 AND total_tokens <= $15 - $6
-                    AND (NOT $17 OR EXISTS (SELECT 1 FROM token_billing_accounts a
-                                             WHERE a.user_id = $1 AND {account}))
-                 RETURNING total_tokens - $6 AS before, total_tokens AS after
-             ), rated AS (
-                 SELECT before, after,
-                        CASE WHEN before <= $12 THEN 0 ELSE (before - $12 - 1) / $13 + 1 END AS owed_before,
-                        CASE WHEN after <= $12 THEN 0 ELSE (after - $12 - 1) / $13 + 1 END AS owed_after
-                   FROM moved
-             ), consumption AS (
-                 INSERT INTO token_consumption
-                     (user_id, id, event_id, period, tokens_used, operation_type, client_id, metadata, occurred_at,
-                      occurred_at_reported, created_at, total_before, created_fee, first_block, end_block,
-                      audit_seq)
-                 SELECT $1, $4, $5, $2, $6, $7, $8, $9, $10, $11, $3, r.before, false, r.owed_before + 1,
-                        r.owed_after + 1, nextval('token_billing_audit_seq_seq')
-                   FROM rated r
-                 ON CONFLICT DO NOTHING
-                 RETURNING 1
-             )
-             SELECT r.before, r.after,
-                    CASE WHEN r.owed_after > r.owed_before OR ($16 AND r.before = 0)
-                              THEN token_billing_give_up('the event creates charges')
-                         WHEN NOT EXISTS (SELECT 1 FROM consumption)
-                              THEN token_billing_give_up('the event id is recorded')
-                    END AS gave_up
-               FROM rated r",
-                account = account_unchanged(18)
-            )
+            include_str!("sql/record_direct.sql").replace("{account}", &account_unchanged(18))
         });
         let query = sqlx::query(SQL.as_str())
             .bind(usage.user_id.as_str())
@@ -422,63 +422,8 @@ impl PostgresUsageStore {
             amounts.push(charge.amount.minor_units());
             audits.push(serde_json::to_value(&events).map_err(generic)?);
         }
-        // Under the compare-and-set the row is locked here, if its total is still `before`, and
-        // every write below happens only then; the summary also takes the new total.
-        let (locked, totals) = match gate {
-            Gate::Locked => ("SELECT 1", ""),
-            Gate::CompareAndSet => (
-                "SELECT 1 FROM token_usage_summary
-                  WHERE user_id = $8 AND period = $9 AND total_tokens = $22 FOR UPDATE",
-                "total_tokens = $25, events = events + 1, updated_at = $14,
-                 included_tokens = coalesce(included_tokens, $26), block_size = coalesce(block_size, $27),",
-            ),
-        };
-        let summary_gate = match gate {
-            Gate::Locked => "EXISTS (SELECT 1 FROM created)",
-            Gate::CompareAndSet => "EXISTS (SELECT 1 FROM locked)",
-        };
-        let sql = format!(
-            "WITH locked AS (
-                 {locked}
-             ), input AS (
-                 SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::bigint[],
-                                      $7::jsonb[]) WITH ORDINALITY AS i(id, charge_key, kind, block, billing_tier,
-                                                                         amount, audit, n)
-             ), created AS (
-                 INSERT INTO token_billing_charges
-                     (user_id, id, charge_key, period, kind, block, billing_tier, amount_charged, currency, status,
-                      round, attempts, consumption_id, lease_until, created_at, updated_at)
-                 SELECT $8, id, charge_key, $9, kind, block, billing_tier, amount, $10, 'pending', 0, $11, $12, $13,
-                        $14, $14
-                   FROM input WHERE EXISTS (SELECT 1 FROM locked) ORDER BY n
-                 ON CONFLICT DO NOTHING
-                 RETURNING {CHARGE_COLUMNS}
-             ), summary AS (
-                 UPDATE token_usage_summary
-                    SET {totals}
-                        outstanding_count = outstanding_count + (SELECT count(*) FROM created),
-                        outstanding_total = outstanding_total + (SELECT coalesce(sum(amount_charged), 0) FROM created)
-                  WHERE user_id = $8 AND period = $9 AND {summary_gate}
-             ), consumption AS (
-                 INSERT INTO token_consumption
-                     (user_id, id, event_id, period, tokens_used, operation_type, client_id, metadata, occurred_at,
-                      occurred_at_reported, created_at, total_before, created_fee, first_block, end_block,
-                      audit_seq)
-                 SELECT $8, $12, $15, $9, $16, $17, $18, $19, $20, $21, $14, $22,
-                        EXISTS (SELECT 1 FROM created WHERE kind = 'fixed_fee'), $23, $24,
-                        nextval('token_billing_audit_seq_seq')
-                  WHERE EXISTS (SELECT 1 FROM locked)
-             ), audited AS (
-                 INSERT INTO token_billing_audit (user_id, at, period, event)
-                 SELECT $8, $14, $9, a.event
-                   FROM input i JOIN created c ON c.id = i.id,
-                        LATERAL jsonb_array_elements(i.audit) WITH ORDINALITY AS a(event, k)
-                  ORDER BY i.n, a.k
-             )
-             SELECT EXISTS (SELECT 1 FROM locked) AS won, created.*
-               FROM (SELECT 1) AS one LEFT JOIN created ON true"
-        );
-        let mut query = sqlx::query(&sql)
+        let sql = write_event_sql(gate);
+        let mut query = sqlx::query(sql)
             .bind(&ids)
             .bind(&keys)
             .bind(&kinds)

@@ -370,142 +370,52 @@ impl PostgresUsageStore {
                 None => {}
             }
         }
-        // The period rows this write moves: optimistically, each one whose total is still the one
-        // read, owing every charge of the batch; carefully, every one, already locked. Nothing
-        // of a period is written before its row is moved, so a batch takes a period's lock
-        // before it writes anything another writer of that period could wait on.
-        let (moved, summary) = if optimistic {
-            (
-                "UPDATE token_usage_summary s
-                    SET total_tokens = g.total_after, events = s.events + g.events, updated_at = $13,
-                        included_tokens = coalesce(s.included_tokens, g.included),
-                        block_size = coalesce(s.block_size, g.block),
-                        outstanding_count = s.outstanding_count + g.charges,
-                        outstanding_total = s.outstanding_total + g.amount
-                   FROM groups g
-                  WHERE s.user_id = g.user_id AND s.period = g.period AND s.total_tokens = g.total_before
-                 RETURNING s.user_id, s.period",
-                "",
-            )
-        } else {
-            (
-                "SELECT user_id, period FROM groups",
-                "outstanding AS (
-                     SELECT user_id, period, count(*) AS charges, sum(amount_charged) AS amount
-                       FROM created GROUP BY user_id, period
-                 ), summary AS (
-                     UPDATE token_usage_summary s
-                        SET total_tokens = g.total_after, events = s.events + g.events, updated_at = $13,
-                            included_tokens = coalesce(s.included_tokens, g.included),
-                            block_size = coalesce(s.block_size, g.block),
-                            outstanding_count = s.outstanding_count + coalesce(o.charges, 0),
-                            outstanding_total = s.outstanding_total + coalesce(o.amount, 0)
-                       FROM groups g LEFT JOIN outstanding o ON o.user_id = g.user_id AND o.period = g.period
-                      WHERE s.user_id = g.user_id AND s.period = g.period
-                 ),",
-            )
-        };
-        let rows = sqlx::query(&format!(
-            "WITH places AS (
-                 SELECT array_agg(nextval('token_billing_audit_seq_seq') ORDER BY p) AS seqs
-                   FROM generate_series(1, $42::bigint) AS p
-             ), charge_input AS (
-                 SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::bigint[],
-                                      $7::text[], $8::bigint[], $9::text[], $10::uuid[], $11::int[],
-                                      $12::timestamptz[])
-                      WITH ORDINALITY AS i(user_id, id, charge_key, period, kind, block, billing_tier, amount,
-                                           currency, consumption_id, attempts, lease_until, n)
-             ), groups AS (
-                 SELECT * FROM unnest($14::text[], $15::text[], $16::bigint[], $17::bigint[], $35::bigint[],
-                                      $36::bigint[], $37::bigint[], $38::bigint[], $39::bigint[])
-                      AS g(user_id, period, total_after, events, included, block, total_before, charges, amount)
-             ), moved AS (
-                 {moved}
-             ), created AS (
-                 INSERT INTO token_billing_charges
-                     (user_id, id, charge_key, period, kind, block, billing_tier, amount_charged, currency, status,
-                      round, attempts, consumption_id, lease_until, created_at, updated_at)
-                 SELECT i.user_id, i.id, i.charge_key, i.period, i.kind, i.block, i.billing_tier, i.amount,
-                        i.currency, 'pending', 0, i.attempts, i.consumption_id, i.lease_until, $13, $13
-                   FROM charge_input i JOIN moved m ON m.user_id = i.user_id AND m.period = i.period
-                  ORDER BY i.n
-                 ON CONFLICT DO NOTHING
-                 RETURNING {CHARGE_COLUMNS}
-             ), {summary} emptied AS (
-                 DELETE FROM token_usage_summary s
-                  USING unnest($18::text[], $19::text[]) AS e(user_id, period)
-                  WHERE s.user_id = e.user_id AND s.period = e.period AND s.events = 0
-             ), consumption AS (
-                 INSERT INTO token_consumption
-                     (user_id, id, event_id, period, tokens_used, operation_type, client_id, metadata, occurred_at,
-                      occurred_at_reported, created_at, total_before, created_fee, first_block, end_block,
-                      audit_seq)
-                 SELECT x.user_id, x.id, x.event_id, x.period, x.tokens, x.operation_type, x.client_id, x.metadata,
-                        x.occurred_at, x.reported, $13, x.before,
-                        x.id IN (SELECT c.consumption_id FROM created c WHERE c.kind = 'fixed_fee'),
-                        x.first_block, x.end_block, (SELECT seqs FROM places)[x.place]
-                   FROM unnest($20::text[], $21::uuid[], $22::text[], $23::text[], $24::bigint[], $25::text[],
-                               $26::text[], $27::jsonb[], $28::timestamptz[], $29::bool[], $30::bigint[],
-                               $31::bigint[], $32::bigint[], $41::bigint[])
-                        AS x(user_id, id, event_id, period, tokens, operation_type, client_id, metadata, occurred_at,
-                             reported, before, first_block, end_block, place)
-                   JOIN moved m ON m.user_id = x.user_id AND m.period = x.period
-                 RETURNING 1
-             ), audited AS (
-                 INSERT INTO token_billing_audit (user_id, seq, at, period, event)
-                 SELECT c.user_id, (SELECT seqs FROM places)[a.place], $13, c.period, a.event
-                   FROM unnest($33::uuid[], $34::jsonb[], $40::bigint[]) AS a(charge_id, event, place)
-                   JOIN created c ON c.id = a.charge_id
-             )
-             SELECT (SELECT count(*) FROM moved) AS moved, (SELECT count(*) FROM consumption) AS inserted,
-                    (SELECT count(*) FROM created) AS charged, created.*
-               FROM (SELECT 1) AS one LEFT JOIN created ON true"
-        ))
-        .bind(&c_users)
-        .bind(&c_ids)
-        .bind(&c_keys)
-        .bind(&c_periods)
-        .bind(&c_kinds)
-        .bind(&c_blocks)
-        .bind(&c_tiers)
-        .bind(&c_amounts)
-        .bind(&c_currencies)
-        .bind(&c_consumptions)
-        .bind(&c_attempts)
-        .bind(&c_leases)
-        .bind(now)
-        .bind(&g_users)
-        .bind(&g_periods)
-        .bind(&g_totals)
-        .bind(&g_events)
-        .bind(&e_users)
-        .bind(&e_periods)
-        .bind(&x_users)
-        .bind(&x_ids)
-        .bind(&x_events)
-        .bind(&x_periods)
-        .bind(&x_tokens)
-        .bind(&x_operations)
-        .bind(&x_clients)
-        .bind(&x_metadata)
-        .bind(&x_occurred)
-        .bind(&x_reported)
-        .bind(&x_before)
-        .bind(&x_first)
-        .bind(&x_end)
-        .bind(&a_charges)
-        .bind(&a_events)
-        .bind(&g_included)
-        .bind(&g_blocks)
-        .bind(&g_before)
-        .bind(&g_charges)
-        .bind(&g_amounts)
-        .bind(&a_places)
-        .bind(&x_places)
-        .bind(places)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(RecordFailure::from_write)?;
+        let rows = sqlx::query(batch_sql(optimistic))
+            .bind(&c_users)
+            .bind(&c_ids)
+            .bind(&c_keys)
+            .bind(&c_periods)
+            .bind(&c_kinds)
+            .bind(&c_blocks)
+            .bind(&c_tiers)
+            .bind(&c_amounts)
+            .bind(&c_currencies)
+            .bind(&c_consumptions)
+            .bind(&c_attempts)
+            .bind(&c_leases)
+            .bind(now)
+            .bind(&g_users)
+            .bind(&g_periods)
+            .bind(&g_totals)
+            .bind(&g_events)
+            .bind(&e_users)
+            .bind(&e_periods)
+            .bind(&x_users)
+            .bind(&x_ids)
+            .bind(&x_events)
+            .bind(&x_periods)
+            .bind(&x_tokens)
+            .bind(&x_operations)
+            .bind(&x_clients)
+            .bind(&x_metadata)
+            .bind(&x_occurred)
+            .bind(&x_reported)
+            .bind(&x_before)
+            .bind(&x_first)
+            .bind(&x_end)
+            .bind(&a_charges)
+            .bind(&a_events)
+            .bind(&g_included)
+            .bind(&g_blocks)
+            .bind(&g_before)
+            .bind(&g_charges)
+            .bind(&g_amounts)
+            .bind(&a_places)
+            .bind(&x_places)
+            .bind(places)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(RecordFailure::from_write)?;
         let counts = |column: &str| -> Result<usize, StoreError> {
             let count: i64 = rows.first().map_or(Ok(0), |row| row.try_get(column)).map_err(db)?;
             usize::try_from(count).map_err(generic)
@@ -604,5 +514,58 @@ impl PostgresUsageStore {
                 Err(RecordFailure::Database(error)) => return Err(db(error)),
             }
         }
+    }
+}
+
+/// The statement that writes a batch (`sql/record_batch.sql`), optimistically or carefully, its
+/// fragments filled in once per way.
+fn batch_sql(optimistic: bool) -> &'static str {
+    fn fill(optimistic: bool) -> String {
+        // The period rows this write moves: optimistically, each one whose total is still the one
+        // read, owing every charge of the batch; carefully, every one, already locked. Nothing
+        // of a period is written before its row is moved, so a batch takes a period's lock
+        // before it writes anything another writer of that period could wait on.
+        let (moved, summary) = if optimistic {
+            (
+                "UPDATE token_usage_summary s
+                        SET total_tokens = g.total_after, events = s.events + g.events, updated_at = $13,
+                            included_tokens = coalesce(s.included_tokens, g.included),
+                            block_size = coalesce(s.block_size, g.block),
+                            outstanding_count = s.outstanding_count + g.charges,
+                            outstanding_total = s.outstanding_total + g.amount
+                       FROM groups g
+                      WHERE s.user_id = g.user_id AND s.period = g.period AND s.total_tokens = g.total_before
+                     RETURNING s.user_id, s.period",
+                "",
+            )
+        } else {
+            (
+                "SELECT user_id, period FROM groups",
+                "outstanding AS (
+                         SELECT user_id, period, count(*) AS charges, sum(amount_charged) AS amount
+                           FROM created GROUP BY user_id, period
+                     ), summary AS (
+                         UPDATE token_usage_summary s
+                            SET total_tokens = g.total_after, events = s.events + g.events, updated_at = $13,
+                                included_tokens = coalesce(s.included_tokens, g.included),
+                                block_size = coalesce(s.block_size, g.block),
+                                outstanding_count = s.outstanding_count + coalesce(o.charges, 0),
+                                outstanding_total = s.outstanding_total + coalesce(o.amount, 0)
+                           FROM groups g LEFT JOIN outstanding o ON o.user_id = g.user_id AND o.period = g.period
+                          WHERE s.user_id = g.user_id AND s.period = g.period
+                     ),",
+            )
+        };
+        include_str!("sql/record_batch.sql")
+            .replace("{moved}", moved)
+            .replace("{summary}", summary)
+            .replace("{CHARGE_COLUMNS}", CHARGE_COLUMNS)
+    }
+    static OPTIMISTIC: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| fill(true));
+    static CAREFUL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| fill(false));
+    if optimistic {
+        OPTIMISTIC.as_str()
+    } else {
+        CAREFUL.as_str()
     }
 }
