@@ -11,12 +11,12 @@ use crate::store::{Account, AuditEvent, StoreError, UsageStore};
 
 /// Accounts as this store last read or saved them, for placing new events without a read of
 /// their own: the record then checks, in its own statement, that the account it was placed
-/// with is still the stored one. Bounded: a full shard lets go of the account it has kept
-/// longest.
+/// with is still the stored one. Bounded: the shards' bounds add up to the capacity, and a full
+/// shard lets go of the account it has kept longest.
 #[derive(Debug)]
 pub(super) struct AccountCache {
-    shards: Box<[std::sync::Mutex<CacheShard>]>,
-    per_shard: usize,
+    /// Each shard with the most accounts it keeps.
+    shards: Box<[(std::sync::Mutex<CacheShard>, usize)]>,
     hasher: foldhash::fast::RandomState,
 }
 
@@ -58,38 +58,38 @@ impl CacheShard {
 impl AccountCache {
     const SHARDS: usize = 16;
 
+    /// A cache of at most `capacity` accounts: the shards share it out, the first ones one more
+    /// than the others when it does not divide evenly.
     pub(super) fn new(capacity: usize) -> AccountCache {
+        let (each, more) = (capacity / Self::SHARDS, capacity % Self::SHARDS);
         AccountCache {
-            shards: (0..Self::SHARDS).map(|_| std::sync::Mutex::default()).collect(),
-            per_shard: capacity.div_ceil(Self::SHARDS),
+            shards: (0..Self::SHARDS)
+                .map(|i| (std::sync::Mutex::default(), each + usize::from(i < more)))
+                .collect(),
             hasher: foldhash::fast::RandomState::default(),
         }
     }
 
-    fn shard(&self, user: &UserId) -> std::sync::MutexGuard<'_, CacheShard> {
+    /// The user's shard, locked, with its bound; `None` for a shard that keeps nothing.
+    fn shard(&self, user: &UserId) -> Option<(std::sync::MutexGuard<'_, CacheShard>, usize)> {
+        let (shard, bound) = &self.shards[crate::store::shard_index(&self.hasher, user, Self::SHARDS)];
         // A map of copies: one poisoned by a panic elsewhere is still a valid cache.
-        self.shards[crate::store::shard_index(&self.hasher, user, Self::SHARDS)]
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        (*bound > 0).then(|| (shard.lock().unwrap_or_else(std::sync::PoisonError::into_inner), *bound))
     }
 
     pub(super) fn get(&self, user: &UserId) -> Option<Account> {
-        if self.per_shard == 0 {
-            return None;
-        }
-        self.shard(user).accounts.get(user).cloned()
+        self.shard(user)?.0.accounts.get(user).cloned()
     }
 
     pub(super) fn put(&self, account: Account) {
-        if self.per_shard == 0 {
-            return;
+        if let Some((mut shard, bound)) = self.shard(&account.user_id) {
+            shard.put(account, bound);
         }
-        self.shard(&account.user_id).put(account, self.per_shard);
     }
 
     pub(super) fn forget(&self, user: &UserId) {
-        if self.per_shard > 0 {
-            self.shard(user).forget(user);
+        if let Some((mut shard, _)) = self.shard(user) {
+            shard.forget(user);
         }
     }
 }
@@ -315,12 +315,22 @@ mod tests {
             cache.put(account(n));
             assert_eq!(cache.get(&account(n).user_id), Some(account(n)));
         }
-        let kept: usize = cache
-            .shards
-            .iter()
-            .map(|s| s.lock().expect("a shard").accounts.len())
-            .sum();
-        assert!(kept <= 32, "{kept} accounts kept");
+        let kept = |cache: &AccountCache| -> usize {
+            cache
+                .shards
+                .iter()
+                .map(|(s, _)| s.lock().expect("a shard").accounts.len())
+                .sum()
+        };
+        assert!(kept(&cache) <= 32, "{} accounts kept", kept(&cache));
+        // A capacity the shards do not divide evenly is still the most kept.
+        for capacity in [1, 5, 17, 40] {
+            let small = AccountCache::new(capacity);
+            for n in 0..1_000 {
+                small.put(account(n));
+            }
+            assert_eq!(kept(&small), capacity, "with_account_cache({capacity})");
+        }
         cache.forget(&account(999).user_id);
         assert_eq!(cache.get(&account(999).user_id), None);
 
