@@ -433,3 +433,78 @@ fn store_contract(what: String) -> BillingError {
         source: what.into(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const ZONES: [chrono_tz::Tz; 7] = [
+        chrono_tz::America::Sao_Paulo,
+        chrono_tz::Asia::Tokyo,
+        chrono_tz::UTC,
+        chrono_tz::America::New_York,
+        chrono_tz::Asia::Kathmandu,
+        chrono_tz::Pacific::Chatham,
+        chrono_tz::Pacific::Pago_Pago,
+    ];
+
+    fn plan_id(zone: usize) -> PlanId {
+        PlanId::new(format!("zone-{zone}")).expect("a plan id")
+    }
+
+    /// A service whose catalogue has a plan in each of `ZONES`.
+    fn service() -> BillingService {
+        let builder = BillingService::builder(Arc::new(InMemoryUsageStore::new()), Arc::new(SandboxGateway::new()));
+        ZONES
+            .iter()
+            .enumerate()
+            .fold(builder, |builder, (i, zone)| {
+                builder.add_plan(plan_id(i), Plan::builder().zone(*zone).build().expect("a plan"))
+            })
+            .build()
+    }
+
+    proptest! {
+        /// Whatever zones an account's plans were in, `period_at` places every instant in
+        /// exactly one period: the one that contains it, which ends where its month ends in the
+        /// zone of the plan that rates it and starts where the period before it ends.
+        #[test]
+        fn periods_tile_time_across_plans_in_different_zones(
+            zones in proptest::collection::vec(0..ZONES.len(), 1..6),
+            first_month in 1u32..=12,
+            gaps in proptest::collection::vec(1u32..4, 5),
+            seconds in 0i64..(2 * 366 * 24 * 3600),
+        ) {
+            let billing = service();
+            // Plans changed at the given months: each earlier plan applies before its `until`.
+            let mut until = PeriodKey::new(2026, first_month).expect("a month");
+            let mut earlier_plans = Vec::new();
+            for i in 1..zones.len() {
+                earlier_plans.push((until, plan_id(zones[i - 1])));
+                for _ in 0..gaps[i % gaps.len()] {
+                    until = until.next();
+                }
+            }
+            let now = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).single().expect("an instant");
+            let account = Account {
+                user_id: UserId::new("tiled").expect("a user"),
+                customer_id: None,
+                plan_id: plan_id(*zones.last().expect("one zone at least")),
+                earlier_plans,
+                subscription_id: None,
+                created_at: now,
+                updated_at: now,
+            };
+            let instant = now + chrono::Duration::seconds(seconds);
+            let (period, plan) = billing.period_at(Some(&account), instant).expect("placed");
+            prop_assert!(period.start() <= instant && instant < period.end(), "{period:?} {instant}");
+            prop_assert_eq!(plan, billing.period_plan(Some(&account), period.key()).expect("a plan"));
+            prop_assert_eq!(period.end(), Period::new(period.key(), plan.zone()).end());
+            let before = billing.period_plan(Some(&account), period.key().previous()).expect("a plan");
+            prop_assert_eq!(period.start(), Period::new(period.key().previous(), before.zone()).end());
+        }
+    }
+}
