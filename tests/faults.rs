@@ -1448,3 +1448,26 @@ async fn a_registration_made_while_a_customer_is_opened_is_kept_and_its_customer
         "the fee and the block, by the registered customer"
     );
 }
+
+/// A recording call that cannot open the user's customer (the gateway failed) gives up the
+/// leases it took on the event's charges: the next run collects them at once, not after the
+/// lease.
+#[tokio::test]
+async fn charges_whose_customer_could_not_be_opened_are_not_left_leased() {
+    let (h, _store, gateway) = faulty();
+    gateway.inject(GatewayOp::CreateCustomer, Fault::FailBefore, 1);
+    let outcome = h
+        .service
+        .process_token_usage(UsageReport::new("gus", 9_000_000, "chat"))
+        .await
+        .expect("recorded all the same");
+    assert_eq!(outcome.tier_charges[0].status, ChargeStatus::Pending);
+    let report = h.service.resume_pending().await.expect("resume");
+    assert_eq!(
+        (report.claimed, report.succeeded),
+        (2, 2),
+        "the fee and block 1, with no time passed"
+    );
+    h.assert_period_consistent(&user("gus"), november(), &token_billing::Plan::default())
+        .await;
+}

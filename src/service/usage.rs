@@ -426,8 +426,13 @@ impl BillingService {
                     self.collect_charge(charge, &customer).await;
                 }
             }
-            Ok(None) => {}
-            Err(error) => warn!(error = %error, "no customer: charges stay pending"),
+            Ok(None) => self.give_up_leases(charges.to_vec(), self.clock.now()).await,
+            Err(error) => {
+                warn!(error = %error, "no customer: charges stay pending");
+                // Not left leased to a caller that cannot collect them: the next run, or a
+                // registration, takes them at once.
+                self.give_up_leases(charges.to_vec(), self.clock.now()).await;
+            }
         }
     }
 
