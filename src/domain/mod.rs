@@ -24,21 +24,31 @@ pub use plan::{Plan, PlanBuilder, PlanError};
 pub use rating::{Blocks, MAX_BLOCKS_PER_EVENT, MAX_TOKENS, RatingError, Tier, TierLabel, calculate_billing_tier};
 pub use usage::{MetadataError, UsageRecord, check_metadata, metadata_limits};
 
-use std::fmt;
+use std::fmt::{self, Write as _};
 
-/// Writes what `write` writes, padded to the formatter's width and alignment (`{:<10}`), for a
-/// `Display` that writes its text in pieces: only a whole string can be padded, so one is made
-/// when, and only when, padding is asked for.
+/// Writes what `write` writes, padded to the formatter's width, fill and alignment (`{:<10}`,
+/// left by default), for a `Display` that writes its text in pieces: only a whole string can be
+/// padded, so one is made when, and only when, a width is asked for. A precision is ignored:
+/// `{:.2}` of an amount must not cut its text short, as `Formatter::pad` would.
 pub(crate) fn padded(
     f: &mut fmt::Formatter<'_>,
     write: impl FnOnce(&mut dyn fmt::Write) -> fmt::Result,
 ) -> fmt::Result {
-    if f.width().is_none() && f.precision().is_none() {
+    let Some(width) = f.width() else {
         return write(f);
-    }
+    };
     let mut text = String::new();
     write(&mut text)?;
-    f.pad(&text)
+    let missing = width.saturating_sub(text.chars().count());
+    let (before, after) = match f.align() {
+        Some(fmt::Alignment::Right) => (missing, 0),
+        Some(fmt::Alignment::Center) => (missing / 2, missing - missing / 2),
+        Some(fmt::Alignment::Left) | None => (0, missing),
+    };
+    let fill = f.fill();
+    (0..before).try_for_each(|_| f.write_char(fill))?;
+    f.write_str(&text)?;
+    (0..after).try_for_each(|_| f.write_char(fill))
 }
 
 #[cfg(test)]
@@ -70,6 +80,10 @@ mod tests {
         for (shown, expected) in cases {
             assert_eq!(shown, expected);
         }
+        // A precision does not cut an amount or a tier short.
+        assert_eq!(format!("{:.2}", plan.block_price()), "100.00 BRL");
+        assert_eq!(format!("{:>12.2}|", plan.block_price()), "  100.00 BRL|");
+        assert_eq!(format!("{tier:*^10.1}"), "**8M-16M**");
         assert!(format!("{key:>60}").ends_with(&key.to_string()));
         assert_eq!(format!("{key:>60}").len(), 60);
         // No width: the same text as before.
