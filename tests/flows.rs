@@ -936,3 +936,32 @@ async fn a_batch_answers_re_sends_of_its_own_events_as_single_calls_would() {
     assert_eq!(replay.tier_charges, original.tier_charges);
     assert_eq!(replay.tier_charges[0].status, ChargeStatus::Succeeded);
 }
+
+/// A zero recheck delay is taken as the shortest one (a second): a run that rechecks a payment
+/// awaiting the customer ends, rather than claiming it again for ever.
+#[test]
+fn a_run_ends_whatever_the_recheck_delay() {
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        runtime.block_on(async {
+            let h = Harness::with(|b| b.processing_recheck(Duration::ZERO));
+            let una = user("una");
+            h.register(&una, CardBehaviour::RequiresAuthentication).await;
+            h.service
+                .process_token_usage(UsageReport::new("una", 100, "chat"))
+                .await
+                .expect("recorded");
+            h.advance(chrono::Duration::hours(1));
+            let report = h.service.resume_pending().await.expect("resume");
+            let _ = done.send(report.claimed);
+        });
+    });
+    let claimed = finished
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("the run ends");
+    assert_eq!(claimed, 1, "the fee awaiting the customer, looked at once");
+}

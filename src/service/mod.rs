@@ -219,9 +219,11 @@ impl BillingServiceBuilder {
     }
 
     /// How long a processing payment is left alone before it is checked again (15 minutes by
-    /// default; a webhook usually settles it first).
+    /// default, at least a second; a webhook usually settles it first).
     pub fn processing_recheck(mut self, after: Duration) -> Self {
-        self.settings.processing_recheck = after;
+        // A run claims as of its start what is due then: a recheck due at once would be claimed
+        // again by the run that rechecked it, for ever.
+        self.settings.processing_recheck = after.max(Duration::from_secs(1));
         self
     }
 
