@@ -502,6 +502,48 @@ async fn an_account_on_a_plan_missing_from_the_catalogue_is_the_services_error()
         .await
         .expect_err("unknown plan");
     assert!(matches!(unknown, BillingError::UnknownPlan { .. }) && unknown.is_client_error());
+    // The way out: move the user to a plan of the catalogue; its usage is then recorded.
+    h.service
+        .register_account(&zoe, None, Some(PlanId::new("default").expect("valid")))
+        .await
+        .expect("moved off the retired plan");
+    h.service
+        .process_token_usage(UsageReport::new("zoe", 1_000, "chat"))
+        .await
+        .expect("rated by the default plan");
+}
+
+/// A plan retired from the catalogue after a user left it does not stop the user's usage: only
+/// the periods it rated need it.
+#[tokio::test]
+async fn a_retired_earlier_plan_in_another_zone_does_not_stop_current_usage() {
+    let tokyo = PlanId::new("tokyo").expect("valid");
+    let tokyo_plan = Plan::builder().zone(chrono_tz::Asia::Tokyo).build().expect("valid");
+    let now = at_2026(12, 10, 12);
+    let account = token_billing::Account {
+        user_id: user("rita"),
+        customer_id: None,
+        plan_id: tokyo.clone(),
+        earlier_plans: vec![(
+            PeriodKey::new(2026, 12).expect("valid"),
+            PlanId::new("sao-paulo").expect("valid"),
+        )],
+        subscription_id: None,
+        created_at: now,
+        updated_at: now,
+    };
+    // The catalogue no longer has the São Paulo plan that rated November.
+    let h = Harness::with(|b| b.add_plan(tokyo, tokyo_plan));
+    h.clock.set(now);
+    h.store.put_account(account).await.expect("saved");
+    let outcome = h
+        .service
+        .process_token_usage(UsageReport::new("rita", 1_000, "chat"))
+        .await
+        .expect("December is rated by the Tokyo plan");
+    assert_eq!(outcome.period, PeriodKey::new(2026, 12).expect("valid"));
+    let summary = h.service.token_summary(&user("rita"), None).await.expect("summary");
+    assert_eq!(summary.total_tokens, 1_000);
 }
 
 #[tokio::test]

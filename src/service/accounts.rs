@@ -8,7 +8,7 @@ use crate::domain::{CustomerId, PlanId, UserId};
 use crate::error::BillingError;
 use crate::store::Account;
 
-use super::{ACCOUNT_ATTEMPTS, BillingService, UnregisteredUsers, account_kept_changing};
+use super::{ACCOUNT_ATTEMPTS, BillingService, UnregisteredUsers, account_kept_changing, period_containing};
 
 impl BillingService {
     /// Registers (or updates) a user's account: the gateway customer that pays, and the plan.
@@ -99,8 +99,14 @@ impl BillingService {
         let plan_id = plan_id.unwrap_or_else(|| current_plan.clone());
         let mut earlier_plans = existing.map(|a| a.earlier_plans.clone()).unwrap_or_default();
         if current_plan != &plan_id && self.plan(current_plan).ok() != Some(plan) {
-            // The period under way, by the plan being left.
-            let period = self.period_at(existing, now)?.0.key();
+            // The period under way, by the plan being left; by the new one when the plan being
+            // left is gone from the catalogue (its calendar is unknown, and a user on it could
+            // otherwise never be moved off it).
+            let period = match self.period_at(existing, now) {
+                Ok((period, _)) => period.key(),
+                Err(BillingError::AccountPlanMissing { .. }) => period_containing(now, plan.zone()).key(),
+                Err(error) => return Err(error),
+            };
             // The plan the period had before any change made in it stays the one before it: a
             // second change in the same period does not make the first one's plan history.
             earlier_plans.retain(|(until, _)| *until <= period);

@@ -390,19 +390,23 @@ impl BillingService {
     fn period_at(&self, account: Option<&Account>, instant: DateTime<Utc>) -> Result<(Period, &Plan), BillingError> {
         let current = self.current_plan(account)?;
         let candidate = period_containing(instant, current.zone());
+        // A plan retired from the catalogue draws no boundary: its periods cannot be rated, and
+        // the periods beside them keep their own plans' calendars.
         let one_zone = |account: &Account| {
             account
                 .earlier_plans
                 .iter()
-                .all(|(_, id)| self.plan(id).is_ok_and(|plan| plan.zone() == current.zone()))
+                .all(|(_, id)| self.plan(id).map_or(true, |plan| plan.zone() == current.zone()))
         };
         let Some(account) = account.filter(|account| !one_zone(account)) else {
             return Ok((candidate, self.period_plan(account, candidate.key())?));
         };
         let period = |key: PeriodKey| -> Result<(Period, &Plan), BillingError> {
             let plan = self.period_plan(Some(account), key)?;
-            let before = self.period_plan(Some(account), key.previous())?;
-            let start = Period::new(key.previous(), before.zone()).end();
+            let before = self
+                .period_plan(Some(account), key.previous())
+                .map_or(plan.zone(), Plan::zone);
+            let start = Period::new(key.previous(), before).end();
             let end = Period::new(key, plan.zone()).end();
             Ok((Period::from_bounds(key, start, end), plan))
         };
