@@ -1007,3 +1007,48 @@ fn a_run_ends_whatever_the_recheck_delay() {
         .expect("the run ends");
     assert_eq!(claimed, 1, "the fee awaiting the customer, looked at once");
 }
+
+/// A customer id the gateway does not have, named to start the fee, fails one charge at most:
+/// the user's other waiting charges are not collected with it, and keep waiting.
+#[tokio::test]
+async fn a_customer_the_gateway_does_not_have_fails_one_waiting_charge_at_most() {
+    let h = Harness::with(|b| b.unregistered_users(UnregisteredUsers::Wait));
+    let vic = user("vic");
+    h.service
+        .process_token_usage(UsageReport::new("vic", 17_000_000, "chat"))
+        .await
+        .expect("recorded: the fee and two blocks wait for a customer");
+    let refused = h
+        .service
+        .open_period_for_customer(&vic, CustomerId::new("cus_typo").expect("valid"))
+        .await
+        .expect_err("the sandbox does not have the customer");
+    assert!(
+        matches!(
+            refused,
+            BillingError::Gateway(token_billing::GatewayError::Rejected { .. })
+        ),
+        "{refused:?}"
+    );
+    assert_eq!(
+        h.store.account(&vic).await.expect("read").and_then(|a| a.customer_id),
+        None,
+        "nothing registered"
+    );
+    let statuses: Vec<_> = h
+        .store
+        .charges(&vic, november())
+        .await
+        .expect("charges")
+        .iter()
+        .map(|c| c.status)
+        .collect();
+    let failed = statuses.iter().filter(|s| **s == ChargeStatus::Failed).count();
+    let waiting = statuses.iter().filter(|s| **s == ChargeStatus::Pending).count();
+    assert_eq!((failed, waiting), (1, 2), "{statuses:?}");
+    // The right customer then collects everything.
+    h.register(&vic, CardBehaviour::Succeeds).await;
+    h.service.retry_unpaid(&vic).await.expect("retried");
+    let summary = h.service.token_summary(&vic, None).await.expect("summary");
+    assert_eq!((summary.total_charged, summary.outstanding_count), (60_000, 0));
+}

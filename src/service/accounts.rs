@@ -55,28 +55,39 @@ impl BillingService {
     ) -> Result<Account, BillingError> {
         let span = info_span!("register_account", user = %user);
         async {
-            for _ in 0..ACCOUNT_ATTEMPTS {
-                let now = self.clock.now();
-                let existing = self.store.account(user).await?;
-                let account = self
-                    .registered(user, existing.as_ref(), customer.clone(), plan_id.clone(), now)
-                    .await?;
-                // Saved only over the account it was made from: a change another caller made
-                // meanwhile (a customer opened for the user's charges, another registration) is
-                // read and registered over, never lost.
-                if self.store.replace_account(existing.as_ref(), account.clone()).await? {
-                    info!(customer = ?account.customer_id, plan = %account.plan_id, "account registered");
-                    if account.customer_id.is_some() {
-                        self.collect_claimed_of(Some(user)).await?;
-                    }
-                    return Ok(account);
-                }
-                debug!("the account changed while it was registered: registering again over it");
+            let account = self.save_registration(user, customer, plan_id).await?;
+            if account.customer_id.is_some() {
+                self.collect_claimed_of(Some(user)).await?;
             }
-            Err(account_kept_changing(user))
+            Ok(account)
         }
         .instrument(span)
         .await
+    }
+
+    /// Saves the account `register_account` registers, collecting nothing.
+    pub(super) async fn save_registration(
+        &self,
+        user: &UserId,
+        customer: Option<CustomerId>,
+        plan_id: Option<PlanId>,
+    ) -> Result<Account, BillingError> {
+        for _ in 0..ACCOUNT_ATTEMPTS {
+            let now = self.clock.now();
+            let existing = self.store.account(user).await?;
+            let account = self
+                .registered(user, existing.as_ref(), customer.clone(), plan_id.clone(), now)
+                .await?;
+            // Saved only over the account it was made from: a change another caller made
+            // meanwhile (a customer opened for the user's charges, another registration) is
+            // read and registered over, never lost.
+            if self.store.replace_account(existing.as_ref(), account.clone()).await? {
+                info!(customer = ?account.customer_id, plan = %account.plan_id, "account registered");
+                return Ok(account);
+            }
+            debug!("the account changed while it was registered: registering again over it");
+        }
+        Err(account_kept_changing(user))
     }
 
     /// The account `register_account` saves over `existing`, or why it may not.

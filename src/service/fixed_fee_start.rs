@@ -121,11 +121,12 @@ impl BillingService {
     /// [`FeeCollection::Subscription`] it changes nothing and returns `None`: use
     /// [`subscribe_customer`](Self::subscribe_customer).
     ///
-    /// When the gateway refuses the customer (it does not have it: `resource_missing`), the
-    /// registration made here is undone with a compare-and-set (a change made meanwhile by
-    /// another caller is kept) and the refusal is returned; the period's fee charge stays,
-    /// failed (the period's fee is owed whoever pays it): dunning retries it once the account
-    /// has a customer, and a call of this method registering one retries it at once.
+    /// Charges that waited for the user's customer are collected with it one at a time. When the gateway refuses the customer (it does not have it: `resource_missing`),
+    /// the registration made here is undone with a compare-and-set (a change made meanwhile by
+    /// another caller is kept) and the refusal is returned; the one charge it was refused for
+    /// stays failed (the period's fee, usually: owed whoever pays it), dunning retries it once
+    /// the account has a customer, and a call of this method registering one retries it at
+    /// once. The charges after it were never tried, and keep waiting.
     ///
     /// # Errors
     /// [`BillingError::OtherCustomer`] when the account pays with another customer (nothing is
@@ -165,9 +166,12 @@ impl BillingService {
             let started = self.clock.now();
             let existing = self.store.account(user).await?;
             same_customer(user, existing.as_ref(), &customer)?;
+            // Saved without collecting what waited for it: those charges are collected below,
+            // one at a time, so that a customer the gateway does not have fails one charge at
+            // most, not all of them.
             let registered = match existing.as_ref().and_then(|a| a.customer_id.as_ref()) {
                 Some(_) => None,
-                None => Some(self.register_account(user, Some(customer.clone()), None).await?),
+                None => Some(self.save_registration(user, Some(customer.clone()), None).await?),
             };
             let Some(mut fee) = self.open_period(user, None).await? else {
                 return Ok(None);
@@ -184,12 +188,22 @@ impl BillingService {
                     fee = retried;
                 }
             }
-            let missing = fee.status == ChargeStatus::Failed && fee.failure_code.as_deref() == Some(RESOURCE_MISSING);
+            let refused = |charge: &Charge| {
+                charge.status == ChargeStatus::Failed && charge.failure_code.as_deref() == Some(RESOURCE_MISSING)
+            };
+            let mut missing = refused(&fee);
+            if !missing && registered.is_some() {
+                missing = self.collect_waiting_one_by_one(user, &customer, refused).await?;
+                if let Some(now) = self.store.charge(user, &fee.key).await? {
+                    fee = now;
+                }
+            }
             if !missing {
                 return Ok(Some(fee));
             }
             if let Some(registered) = registered {
-                // Undone only over the account as registered here: a registration made
+                // Charges still waiting stay pending for the customer the host names next. Undone
+                // only over the account as registered here: a registration made
                 // meanwhile is another caller's, and is kept.
                 let restored = Account {
                     customer_id: None,
@@ -212,5 +226,32 @@ impl BillingService {
         }
         .instrument(span)
         .await
+    }
+
+    /// Collects the user's pending charges one at a time, in the store's order, with `customer`, until
+    /// one is `refused` (the gateway does not have the customer): answers whether one was. The
+    /// charges after it are not claimed, and wait as they were.
+    async fn collect_waiting_one_by_one(
+        &self,
+        user: &UserId,
+        customer: &CustomerId,
+        refused: impl Fn(&Charge) -> bool,
+    ) -> Result<bool, BillingError> {
+        // As of the start, as a run claims: a charge this loop leased is not claimed again.
+        let started = self.clock.now();
+        loop {
+            let now = self.clock.now().max(started);
+            let mut claimed = self
+                .store
+                .claim_pending(Some(user), started, self.lease_until(now, self.settings.lease), 1)
+                .await?;
+            let Some(mut charge) = claimed.pop() else {
+                return Ok(false);
+            };
+            self.collect_charge(&mut charge, customer).await;
+            if refused(&charge) {
+                return Ok(true);
+            }
+        }
     }
 }
