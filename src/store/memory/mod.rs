@@ -111,7 +111,9 @@ impl InMemoryUsageStoreBuilder {
     /// dozen bytes, against the hundreds an event's record takes): an event sent without
     /// `occurred_at` is placed when it arrives, so its re-send may come in any later period, and
     /// it is refused there with [`StoreError::EventForgotten`], never recorded twice. A re-send
-    /// with its `occurred_at` is refused as too late by the service first.
+    /// with its `occurred_at` is refused as too late by the service first. Memory thus still
+    /// grows with every event that carries the host's id, by those few dozen bytes, for as long
+    /// as the process lives: restart it, or use a durable store, before that matters.
     pub fn periods_kept(mut self, periods: u32) -> Self {
         self.periods_kept = Some(periods.max(1));
         self
