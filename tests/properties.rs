@@ -323,3 +323,28 @@ proptest! {
         })?;
     }
 }
+
+/// What a period of `total` tokens is charged under `plan`, in minor units, computed wide.
+fn charged(plan: &Plan, total: u64) -> i128 {
+    if total == 0 {
+        return 0;
+    }
+    i128::from(plan.fixed_fee().minor_units())
+        + i128::from(plan.blocks_owed(total)) * i128::from(plan.block_price().minor_units())
+}
+
+proptest! {
+    /// A spend cap turned into tokens: the most a period may use is charged within the cap, and
+    /// one token more is not.
+    #[test]
+    fn the_tokens_a_spend_cap_allows_are_the_most_it_pays_for(
+        plan in plan(),
+        cap in -1_000i64..=50_000_000,
+    ) {
+        let tokens = plan.tokens_within(Money::from_minor(cap, Currency::BRL)).expect("same currency");
+        prop_assert!(charged(&plan, tokens) <= i128::from(cap.max(0)), "{} tokens", tokens);
+        if tokens < MAX_TOKENS {
+            prop_assert!(charged(&plan, tokens + 1) > i128::from(cap), "{} tokens", tokens);
+        }
+    }
+}

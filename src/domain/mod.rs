@@ -7,6 +7,7 @@
 
 mod charge;
 mod ids;
+mod limits;
 mod metadata;
 mod money;
 mod period;
