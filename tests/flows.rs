@@ -896,6 +896,11 @@ async fn late_usage_after_a_move_to_a_plan_in_another_zone_is_placed_by_its_own_
     assert_eq!((first.period, first.current_tier.as_str()), (december, "0-20M"));
     let summary = h.service.token_summary(&ivo, None).await.expect("summary");
     assert_eq!((summary.period, summary.total_tokens), (december, 19_000_000));
+    // December as the service draws it: from midnight in São Paulo to midnight in Tokyo.
+    let bounds = h.service.period(&ivo, Some(december)).await.expect("bounds");
+    assert_eq!((bounds.start(), bounds.end()), (at_2026(12, 1, 3), at_2026(12, 31, 15)));
+    let current = h.service.period(&ivo, None).await.expect("the current period");
+    assert_eq!(current, bounds);
     // December ends at midnight in Tokyo: 1 January 01:00 there is January's.
     h.clock.set(at_2026(12, 31, 16));
     let january = h

@@ -685,7 +685,7 @@ async fn dashboard_data(State(state): State<AppState>, Reader { user, period }: 
     let billing = state.billing();
     let summary = billing.token_summary(&user, period).await?;
     let plan = plan_of(billing, &user, summary.period).await?;
-    let period = Period::new(summary.period, plan.zone());
+    let period = billing.period(&user, Some(summary.period)).await?;
     let events = billing
         .store()
         .consumptions(&user, summary.period)

@@ -401,20 +401,11 @@ impl BillingService {
         let Some(account) = account.filter(|account| !one_zone(account)) else {
             return Ok((candidate, self.period_plan(account, candidate.key())?));
         };
-        let period = |key: PeriodKey| -> Result<(Period, &Plan), BillingError> {
-            let plan = self.period_plan(Some(account), key)?;
-            let before = self
-                .period_plan(Some(account), key.previous())
-                .map_or(plan.zone(), Plan::zone);
-            let start = Period::new(key.previous(), before).end();
-            let end = Period::new(key, plan.zone()).end();
-            Ok((Period::from_bounds(key, start, end), plan))
-        };
         // Zones move a month's ends by about a day, and each period starts where the one before
         // it ends: the walk from the current plan's month takes a step at most.
         let mut key = candidate.key();
         for _ in 0..4 {
-            let (found, plan) = period(key)?;
+            let (found, plan) = self.period_bounds(Some(account), key)?;
             if instant < found.start() {
                 key = key.previous();
             } else if instant >= found.end() {
@@ -424,6 +415,27 @@ impl BillingService {
             }
         }
         Ok((candidate, self.period_plan(Some(account), candidate.key())?))
+    }
+
+    /// The period `key` of the user as [`period_at`](Self::period_at) draws it, and the plan that
+    /// rates it: it ends where its month ends in that plan's zone, and starts where the period
+    /// before it ends (in the zone of the plan that rated that one, unless that plan is gone
+    /// from the catalogue).
+    pub(super) fn period_bounds(
+        &self,
+        account: Option<&Account>,
+        key: PeriodKey,
+    ) -> Result<(Period, &Plan), BillingError> {
+        let plan = self.period_plan(account, key)?;
+        let before = self
+            .period_plan(account, key.previous())
+            .map_or(plan.zone(), Plan::zone);
+        if before == plan.zone() {
+            return Ok((Period::new(key, plan.zone()), plan));
+        }
+        let start = Period::new(key.previous(), before).end();
+        let end = Period::new(key, plan.zone()).end();
+        Ok((Period::from_bounds(key, start, end), plan))
     }
 
     fn lease_until(&self, now: DateTime<Utc>, lease: Duration) -> DateTime<Utc> {

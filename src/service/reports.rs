@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::domain::{Charge, Currency, Money, PeriodKey, Plan, TierLabel, UserId};
+use crate::domain::{Charge, Currency, Money, Period, PeriodKey, Plan, TierLabel, UserId};
 use crate::error::BillingError;
 use crate::store::{AuditEntry, OperationUsage, StoreError, TierChargeReport};
 
@@ -65,6 +65,36 @@ impl BillingService {
             None => self.period_at(account.as_ref(), self.clock.now())?.0.key(),
         };
         Ok((period, self.period_plan(account.as_ref(), period)?))
+    }
+
+    /// The user's period `period` (the current one when `None`) as the service draws it: a
+    /// calendar month in the zone of the plan that rates it, which, after a move to a plan in
+    /// another zone, starts where the period before it ended.
+    ///
+    /// # Errors
+    /// [`BillingError::AccountPlanMissing`] when the plan that rates the period is gone from the
+    /// catalogue; store errors.
+    ///
+    /// # Example
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// use token_billing::{BillingService, UserId};
+    ///
+    /// let billing = BillingService::embedded();
+    /// let user = UserId::new("user-uuid")?;
+    /// let november = billing.period(&user, Some("2026-11".parse()?)).await?;
+    /// // The original product's plan bills by São Paulo's months (UTC-03:00).
+    /// assert_eq!(november.start().to_rfc3339(), "2026-11-01T03:00:00+00:00");
+    /// assert_eq!(november.end().to_rfc3339(), "2026-12-01T03:00:00+00:00");
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
+    pub async fn period(&self, user: &UserId, period: Option<PeriodKey>) -> Result<Period, BillingError> {
+        let account = self.store.account(user).await?;
+        match period {
+            Some(key) => Ok(self.period_bounds(account.as_ref(), key)?.0),
+            None => Ok(self.period_at(account.as_ref(), self.clock.now())?.0),
+        }
     }
 
     /// The user's figures for a period (the current one when `None`): the original product's
