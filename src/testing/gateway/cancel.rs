@@ -12,12 +12,9 @@ use super::{Clause, Probe, Verdict, Violation, new_charge, shown, shown_found};
 pub(super) async fn awaiting_customer_is_canceled(probe: &Probe<'_>) -> Result<Verdict, Violation> {
     let customer = probe.fixture.authenticating_customer().await;
     let charge = new_charge();
-    let awaiting = probe.collect(&charge, 0, &customer, Clause::KnownOutcomes).await?;
-    probe.ensure(
-        awaiting.status == PaymentStatus::RequiresAction,
-        Clause::KnownOutcomes,
-        || format!("a payment needing authentication was answered {}", shown(&awaiting)),
-    )?;
+    let awaiting = probe
+        .collect_as(&charge, 0, &customer, PaymentStatus::RequiresAction)
+        .await?;
     for attempt in ["the first", "a second"] {
         let canceled = probe.cancel(&awaiting.payment_id).await?;
         probe.ensure(
@@ -50,12 +47,9 @@ pub(super) async fn processing_is_canceled_or_reported(probe: &Probe<'_>) -> Res
         Err(unsupported) => return Ok(Verdict::Skipped(unsupported)),
     };
     let charge = new_charge();
-    let processing = probe.collect(&charge, 0, &customer, Clause::KnownOutcomes).await?;
-    probe.ensure(
-        processing.status == PaymentStatus::Processing,
-        Clause::KnownOutcomes,
-        || format!("a payment still processing was answered {}", shown(&processing)),
-    )?;
+    let processing = probe
+        .collect_as(&charge, 0, &customer, PaymentStatus::Processing)
+        .await?;
     let after = probe.cancel(&processing.payment_id).await?;
     probe.ensure(
         after.payment_id == processing.payment_id
@@ -90,10 +84,9 @@ pub(super) async fn processing_is_canceled_or_reported(probe: &Probe<'_>) -> Res
 pub(super) async fn succeeded_payment_is_not_canceled(probe: &Probe<'_>) -> Result<Verdict, Violation> {
     let customer = probe.fixture.paying_customer().await;
     let charge = new_charge();
-    let paid = probe.collect(&charge, 0, &customer, Clause::KnownOutcomes).await?;
-    probe.ensure(paid.status == PaymentStatus::Succeeded, Clause::KnownOutcomes, || {
-        format!("a paying customer's payment was answered {}", shown(&paid))
-    })?;
+    let paid = probe
+        .collect_as(&charge, 0, &customer, PaymentStatus::Succeeded)
+        .await?;
     for attempt in ["the first", "a second"] {
         let after = probe.cancel(&paid.payment_id).await?;
         probe.ensure(

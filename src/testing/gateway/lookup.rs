@@ -66,10 +66,9 @@ pub(super) async fn found_after_the_answer_was_lost(probe: &Probe<'_>) -> Result
     let charge = new_charge();
     // The caller loses the answer (a crash, a connection lost): only the charge's key is left to
     // find the payment by. The answer is kept here only to name the payment expected.
-    let lost = probe.collect(&charge, 0, &customer, Clause::KnownOutcomes).await?;
-    probe.ensure(lost.status == PaymentStatus::Succeeded, Clause::KnownOutcomes, || {
-        format!("a paying customer's payment was answered {}", shown(&lost))
-    })?;
+    let lost = probe
+        .collect_as(&charge, 0, &customer, PaymentStatus::Succeeded)
+        .await?;
     expect_found(probe, &charge, &lost, "paid, whose answer was lost").await?;
     Ok(Verdict::Passed)
 }
@@ -78,12 +77,9 @@ pub(super) async fn found_after_the_answer_was_lost(probe: &Probe<'_>) -> Result
 pub(super) async fn awaiting_customer_is_found(probe: &Probe<'_>) -> Result<Verdict, Violation> {
     let customer = probe.fixture.authenticating_customer().await;
     let charge = new_charge();
-    let awaiting = probe.collect(&charge, 0, &customer, Clause::KnownOutcomes).await?;
-    probe.ensure(
-        awaiting.status == PaymentStatus::RequiresAction,
-        Clause::KnownOutcomes,
-        || format!("a payment needing authentication was answered {}", shown(&awaiting)),
-    )?;
+    let awaiting = probe
+        .collect_as(&charge, 0, &customer, PaymentStatus::RequiresAction)
+        .await?;
     expect_found(probe, &charge, &awaiting, "awaiting the customer").await?;
     Ok(Verdict::Passed)
 }
@@ -95,12 +91,9 @@ pub(super) async fn processing_is_found(probe: &Probe<'_>) -> Result<Verdict, Vi
         Err(unsupported) => return Ok(Verdict::Skipped(unsupported)),
     };
     let charge = new_charge();
-    let processing = probe.collect(&charge, 0, &customer, Clause::KnownOutcomes).await?;
-    probe.ensure(
-        processing.status == PaymentStatus::Processing,
-        Clause::KnownOutcomes,
-        || format!("a payment still processing was answered {}", shown(&processing)),
-    )?;
+    let processing = probe
+        .collect_as(&charge, 0, &customer, PaymentStatus::Processing)
+        .await?;
     expect_found(probe, &charge, &processing, "processing").await?;
     Ok(Verdict::Passed)
 }
@@ -110,12 +103,9 @@ pub(super) async fn declined_has_no_payment_to_keep(probe: &Probe<'_>) -> Result
     let customer = probe.fixture.declining_customer().await;
     let charge = new_charge();
     for round in [0, 1] {
-        let declined = probe.collect(&charge, round, &customer, Clause::KnownOutcomes).await?;
-        probe.ensure(
-            declined.status == PaymentStatus::Declined,
-            Clause::KnownOutcomes,
-            || format!("a declining customer's payment was answered {}", shown(&declined)),
-        )?;
+        probe
+            .collect_as(&charge, round, &customer, PaymentStatus::Declined)
+            .await?;
         let found = probe.find(&charge).await?;
         probe.ensure(found.is_none(), Clause::LookupByChargeKey, || {
             format!(
@@ -132,12 +122,9 @@ pub(super) async fn declined_has_no_payment_to_keep(probe: &Probe<'_>) -> Result
 pub(super) async fn success_is_found_before_one_in_flight(probe: &Probe<'_>) -> Result<Verdict, Violation> {
     let customer = probe.fixture.authenticating_customer().await;
     let charge = new_charge();
-    let awaiting = probe.collect(&charge, 0, &customer, Clause::KnownOutcomes).await?;
-    probe.ensure(
-        awaiting.status == PaymentStatus::RequiresAction,
-        Clause::KnownOutcomes,
-        || format!("a payment needing authentication was answered {}", shown(&awaiting)),
-    )?;
+    let awaiting = probe
+        .collect_as(&charge, 0, &customer, PaymentStatus::RequiresAction)
+        .await?;
     probe.fixture.give_paying_card(&customer).await;
     let paid = probe.collect(&charge, 1, &customer, Clause::NewRounds).await?;
     probe.ensure(

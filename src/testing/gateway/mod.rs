@@ -51,7 +51,7 @@ use async_trait::async_trait;
 use uuid::Uuid;
 
 use crate::domain::{Charge, ChargeKind, ChargeStatus, CustomerId, Money, NewCharge, PeriodKey, Plan, UserId};
-use crate::gateway::{GatewayError, PaymentGateway, PaymentOutcome, PaymentRequest, Subscription};
+use crate::gateway::{GatewayError, PaymentGateway, PaymentOutcome, PaymentRequest, PaymentStatus, Subscription};
 
 /// A clause of the [`PaymentGateway`] contract, as its `# Contract` names it in bold.
 ///
@@ -731,6 +731,25 @@ impl Probe<'_> {
                 format!("collect of {} round {round} failed: {error} ({error:?})", charge.key),
             )
         })
+    }
+
+    /// `collect`, for a customer the fixture made to answer `expected`: any other answer
+    /// violates [`Clause::KnownOutcomes`].
+    async fn collect_as(
+        &self,
+        charge: &Charge,
+        round: u32,
+        customer: &CustomerId,
+        expected: PaymentStatus,
+    ) -> Result<PaymentOutcome, Violation> {
+        let outcome = self.collect(charge, round, customer, Clause::KnownOutcomes).await?;
+        self.ensure(outcome.status == expected, Clause::KnownOutcomes, || {
+            format!(
+                "a payment its customer makes {expected:?} was answered {}",
+                shown(&outcome)
+            )
+        })?;
+        Ok(outcome)
     }
 
     /// `find_payment` for `charge`; an error is a violation of [`Clause::LookupByChargeKey`].
