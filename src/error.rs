@@ -2,7 +2,9 @@
 
 use chrono::{DateTime, Utc};
 
-use crate::domain::{CustomerId, EventId, IdError, MetadataError, PeriodKey, PlanError, PlanId, RatingError, UserId};
+use crate::domain::{
+    CustomerId, EventId, IdError, LimitKind, MetadataError, PeriodKey, PlanError, PlanId, RatingError, UserId,
+};
 use crate::gateway::GatewayError;
 use crate::store::StoreError;
 
@@ -43,6 +45,14 @@ pub enum UsageError {
         period: PeriodKey,
         /// The end of the grace window.
         accepted_until: DateTime<Utc>,
+    },
+    /// A hold's time to live is zero or longer than the service allows.
+    #[error("a hold's time to live must be between 1 s and {max:?}, not {ttl:?}")]
+    HoldTtl {
+        /// The time to live asked for.
+        ttl: std::time::Duration,
+        /// The longest the service allows.
+        max: std::time::Duration,
     },
 }
 
@@ -135,6 +145,15 @@ pub enum BillingError {
     NoCustomer {
         /// The user.
         user_id: UserId,
+    },
+    /// A limit of the user's account refuses the usage (a reservation, or a report that asked
+    /// for enforcement): nothing was recorded or held.
+    #[error("{limit} reached: {remaining_tokens} more tokens allowed")]
+    LimitExceeded {
+        /// The limit that refuses.
+        limit: LimitKind,
+        /// How many more tokens the period allows now.
+        remaining_tokens: u64,
     },
     /// No such charge.
     #[error("charge {key} not found")]

@@ -81,13 +81,14 @@ pub use gateway::{
 };
 pub use service::{
     AccountStanding, BillingService, BillingServiceBuilder, CollectionMode, CollectionReport, DunningSchedule,
-    Standing, TierCharge, TokenSummary, UnregisteredUsers, UsageOutcome, UsageReport,
+    HoldGrant, Reservation, SettledHold, Standing, TierCharge, TokenSummary, UnregisteredUsers, UsageCheck,
+    UsageOutcome, UsageReport,
 };
 #[cfg(feature = "postgres")]
 pub use store::PostgresUsageStore;
 pub use store::{
-    Account, AuditEntry, AuditEvent, EventRetention, GatewayEventRecord, InMemoryUsageStore, InMemoryUsageStoreBuilder,
-    OperationUsage, PeriodSummary, StoreError, TierChargeReport, UsageStore,
+    Account, AuditEntry, AuditEvent, EventRetention, GatewayEventRecord, Hold, InMemoryUsageStore,
+    InMemoryUsageStoreBuilder, OperationUsage, PeriodSummary, SpendState, StoreError, TierChargeReport, UsageStore,
 };
 
 /// The README's examples, compiled and run as doc tests (they use every feature).

@@ -1425,6 +1425,7 @@ async fn a_registration_made_while_a_customer_is_opened_is_kept_and_its_customer
         plan_id: pro.clone(),
         earlier_plans: Vec::new(),
         subscription_id: None,
+        limits: None,
         created_at: common::nov15(),
         updated_at: common::nov15(),
     };

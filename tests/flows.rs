@@ -465,6 +465,7 @@ async fn an_account_on_a_plan_missing_from_the_catalogue_is_the_services_error()
         plan_id: PlanId::new("retired").expect("valid"),
         earlier_plans: Vec::new(),
         subscription_id: None,
+        limits: None,
         created_at: common::nov15(),
         updated_at: common::nov15(),
     };
@@ -529,6 +530,7 @@ async fn a_retired_earlier_plan_in_another_zone_does_not_stop_current_usage() {
             PlanId::new("sao-paulo").expect("valid"),
         )],
         subscription_id: None,
+        limits: None,
         created_at: now,
         updated_at: now,
     };

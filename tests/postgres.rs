@@ -1498,6 +1498,7 @@ async fn a_record_placed_with_an_account_that_changed_since_writes_nothing_and_g
         plan_id: PlanId::new("default").expect("a plan id"),
         earlier_plans: Vec::new(),
         subscription_id: None,
+        limits: None,
         created_at: base_instant(),
         updated_at: base_instant(),
     };

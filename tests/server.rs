@@ -231,6 +231,7 @@ async fn an_account_on_a_plan_the_service_lacks_is_a_server_error_and_records_no
         plan_id: token_billing::PlanId::new("retired").expect("valid"),
         earlier_plans: Vec::new(),
         subscription_id: None,
+        limits: None,
         created_at: now,
         updated_at: now,
     };

@@ -18,6 +18,7 @@ mod usage;
 pub use charge::{Charge, ChargeStatus, FeeCollection, NewCharge, UnknownChargeStatus, charges_for_growth};
 pub use ids::{ChargeKey, ChargeKind, ClientId, CustomerId, EventId, IdError, OperationType, PlanId, UserId};
 pub(crate) use ids::{IdBytes, check_identifier, decimal};
+pub use limits::{Ceiling, Headroom, LimitKind, Limits};
 pub use metadata::{Metadata, MetadataIter};
 pub use money::{Currency, Money, MoneyError};
 pub use period::{Period, PeriodError, PeriodKey};

@@ -5,6 +5,7 @@ use std::time::Duration;
 use chrono_tz::Tz;
 use serde::{Deserialize, Serialize};
 
+use super::limits::Limits;
 use super::money::{Currency, Money};
 use super::rating::{Blocks, MAX_TOKENS, RatingError, Tier};
 
@@ -43,6 +44,14 @@ pub enum PlanError {
         /// The plan's currency.
         currency: Currency,
     },
+    /// The plan's default spend cap is in another currency than its prices.
+    #[error("the plan is priced in {plan} but its spend cap is in {spend_cap}")]
+    SpendCapCurrency {
+        /// The plan's currency.
+        plan: Currency,
+        /// The spend cap's currency.
+        spend_cap: Currency,
+    },
 }
 
 /// A price plan.
@@ -80,6 +89,7 @@ pub struct Plan {
     block_price: Money,
     zone: Tz,
     late_usage_grace: Duration,
+    limits: Limits,
 }
 
 impl Plan {
@@ -149,6 +159,12 @@ impl Plan {
     /// later is refused ([`UsageError::TooLate`](crate::UsageError::TooLate)).
     pub fn late_usage_grace(&self) -> Duration {
         self.late_usage_grace
+    }
+
+    /// The limits of the plan's accounts that set none of their own ([`Limits::none`] unless
+    /// the plan says otherwise).
+    pub fn limits(&self) -> Limits {
+        self.limits
     }
 
     /// Blocks owed for a period total: `ceil(max(0, total - included) / block_size)`.
@@ -233,6 +249,7 @@ impl Default for Plan {
             block_price: Money::from_minor(10_000, Currency::BRL),
             zone: chrono_tz::America::Sao_Paulo,
             late_usage_grace: Plan::DEFAULT_LATE_USAGE_GRACE,
+            limits: Limits::none(),
         }
     }
 }
@@ -283,6 +300,8 @@ pub struct PlanBuilder {
     zone: Tz,
     #[serde(rename = "late_usage_grace_secs", with = "duration_secs")]
     late_usage_grace: Duration,
+    #[serde(default, skip_serializing_if = "Limits::is_none")]
+    limits: Limits,
     /// Whether `zone` was named (by [`zone`](Self::zone), a plan, or a serialised form) rather
     /// than taken from the original product's plan.
     #[serde(skip, default = "named")]
@@ -342,6 +361,12 @@ impl PlanBuilder {
         self
     }
 
+    /// The limits of the plan's accounts that set none of their own.
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
     /// Checks the plan.
     ///
     /// # Errors
@@ -375,6 +400,14 @@ impl PlanBuilder {
                 currency: self.fixed_fee.currency(),
             });
         }
+        if let Some(cap) = self.limits.spend_cap {
+            if cap.currency() != self.fixed_fee.currency() {
+                return Err(PlanError::SpendCapCurrency {
+                    plan: self.fixed_fee.currency(),
+                    spend_cap: cap.currency(),
+                });
+            }
+        }
         Ok(Plan {
             fixed_fee: self.fixed_fee,
             included_tokens: self.included_tokens,
@@ -382,6 +415,7 @@ impl PlanBuilder {
             block_price: self.block_price,
             zone: self.zone,
             late_usage_grace: self.late_usage_grace,
+            limits: self.limits,
         })
     }
 }
@@ -395,6 +429,7 @@ impl From<Plan> for PlanBuilder {
             block_price: plan.block_price,
             zone: plan.zone,
             late_usage_grace: plan.late_usage_grace,
+            limits: plan.limits,
             zone_named: true,
         }
     }

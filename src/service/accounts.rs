@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 use tracing::{Instrument, debug, info, info_span};
 
-use crate::domain::{CustomerId, PlanId, UserId};
+use crate::domain::{CustomerId, Limits, PlanError, PlanId, UserId};
 use crate::error::BillingError;
 use crate::store::Account;
 
@@ -63,6 +63,57 @@ impl BillingService {
         }
         .instrument(span)
         .await
+    }
+
+    /// Sets the user's own limits, or with `None` clears them so that the plan's apply
+    /// ([`Plan::limits`](crate::Plan::limits)); a user without an account is registered on the
+    /// default plan. The limits apply at once, to the current period included: usage already
+    /// recorded stays, and a period already past a new cap refuses what would go further.
+    ///
+    /// # Errors
+    /// [`BillingError::Plan`] with [`PlanError::SpendCapCurrency`] when the spend cap is not in
+    /// the currency of the user's plan; [`BillingError::AccountPlanMissing`]; store errors.
+    ///
+    /// # Example
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// use token_billing::{BillingService, Currency, Limits, Money};
+    ///
+    /// let billing = BillingService::embedded();
+    /// let user = "user-uuid".parse()?;
+    /// let cap = Limits::none().with_spend_cap(Money::from_minor(100_000, Currency::BRL));
+    /// let account = billing.set_limits(&user, Some(cap)).await?;
+    /// assert_eq!(account.limits, Some(cap));
+    /// // A cap in another currency than the plan's is refused.
+    /// let dollars = Limits::none().with_spend_cap(Money::from_minor(100, Currency::USD));
+    /// assert!(billing.set_limits(&user, Some(dollars)).await.is_err());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
+    pub async fn set_limits(&self, user: &UserId, limits: Option<Limits>) -> Result<Account, BillingError> {
+        for _ in 0..ACCOUNT_ATTEMPTS {
+            let now = self.clock.now();
+            let existing = self.store.account(user).await?;
+            let account = Account {
+                limits,
+                ..self.registered(user, existing.as_ref(), None, None, now).await?
+            };
+            let currency = self.current_plan(Some(&account))?.currency();
+            if let Some(cap) = limits.and_then(|limits| limits.spend_cap) {
+                if cap.currency() != currency {
+                    return Err(PlanError::SpendCapCurrency {
+                        plan: currency,
+                        spend_cap: cap.currency(),
+                    }
+                    .into());
+                }
+            }
+            if self.store.replace_account(existing.as_ref(), account.clone()).await? {
+                info!(user = %user, limits = ?account.limits, "limits set");
+                return Ok(account);
+            }
+        }
+        Err(account_kept_changing(user))
     }
 
     /// Saves the account `register_account` registers, collecting nothing.
@@ -140,6 +191,7 @@ impl BillingService {
             plan_id,
             earlier_plans,
             subscription_id: existing.and_then(|a| a.subscription_id.clone()),
+            limits: existing.and_then(|a| a.limits),
             created_at: existing.map_or(now, |a| a.created_at),
             updated_at: now,
         })
@@ -180,6 +232,7 @@ impl BillingService {
                     plan_id: self.settings.default_plan_id.clone(),
                     earlier_plans: Vec::new(),
                     subscription_id: None,
+                    limits: None,
                     created_at: now,
                     updated_at: now,
                 },

@@ -31,11 +31,13 @@ mod fixed_fee;
 mod fixed_fee_start;
 mod gateway_events;
 mod reports;
+mod spend;
 mod usage;
 
 pub use collection::CollectionReport;
 pub use dunning::DunningSchedule;
 pub use reports::{AccountStanding, Standing, TokenSummary};
+pub use spend::{HoldGrant, Reservation, SettledHold, UsageCheck};
 pub use usage::{TierCharge, UsageOutcome, UsageReport};
 
 /// When charges are collected.
@@ -82,6 +84,9 @@ struct Settings {
     processing_recheck: Duration,
     dunning: DunningSchedule,
     batch_size: usize,
+    payment_gate_grace: Duration,
+    hold_ttl: Duration,
+    max_hold_ttl: Duration,
 }
 
 /// Bills token usage: records it, charges what is owed exactly once, answers summaries.
@@ -239,6 +244,23 @@ impl BillingServiceBuilder {
         self
     }
 
+    /// How long a charge may stay unpaid (failed, or awaiting the customer) before the payment
+    /// gate of an account that has one ([`Limits::payment_gate`](crate::Limits)) lets no usage
+    /// start a new block (zero: at once). Counted from the charge's creation, so that retries
+    /// do not move it.
+    pub fn payment_gate_grace(mut self, grace: Duration) -> Self {
+        self.settings.payment_gate_grace = grace;
+        self
+    }
+
+    /// How long a hold lasts when the reservation names no time to live (five minutes), and the
+    /// longest one may ask for (a day): past it, a hold stops counting by itself.
+    pub fn hold_ttl(mut self, default: Duration, max: Duration) -> Self {
+        self.settings.max_hold_ttl = max.max(Duration::from_secs(1));
+        self.settings.hold_ttl = default.clamp(Duration::from_secs(1), self.settings.max_hold_ttl);
+        self
+    }
+
     /// The service.
     pub fn build(self) -> BillingService {
         BillingService {
@@ -305,6 +327,9 @@ impl BillingService {
                 processing_recheck: Duration::from_secs(900),
                 dunning: DunningSchedule::default(),
                 batch_size: 100,
+                payment_gate_grace: Duration::ZERO,
+                hold_ttl: Duration::from_secs(300),
+                max_hold_ttl: Duration::from_secs(24 * 3600),
             },
         }
     }
@@ -513,6 +538,7 @@ mod tests {
                 plan_id: plan_id(*zones.last().expect("one zone at least")),
                 earlier_plans,
                 subscription_id: None,
+                limits: None,
                 created_at: now,
                 updated_at: now,
             };

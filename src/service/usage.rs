@@ -10,11 +10,11 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use uuid::Uuid;
 
 use crate::domain::{
-    Charge, ChargeKind, ChargeStatus, ClientId, EventId, Metadata, OperationType, PeriodKey, Plan, TierLabel,
-    UsageRecord, UserId, check_metadata,
+    Charge, ChargeKind, ChargeStatus, ClientId, EventId, LimitKind, Limits, Metadata, OperationType, PeriodKey, Plan,
+    TierLabel, UsageRecord, UserId, check_metadata,
 };
 use crate::error::{BillingError, UsageError};
-use crate::store::{Account, PlacedUsage, Placement, RecordUsage, Recorded, StoreError};
+use crate::store::{Account, HoldDecision, PlacedUsage, Placement, RecordUsage, Recorded, StoreError};
 
 use super::{BillingService, CollectionMode, UnregisteredUsers, store_contract};
 
@@ -52,6 +52,9 @@ pub struct UsageReport {
     pub event_id: Option<String>,
     /// When the usage happened; now when absent.
     pub occurred_at: Option<DateTime<Utc>>,
+    /// Whether the user's limits may refuse this report ([`enforce_limits`](Self::enforce_limits)).
+    #[serde(default)]
+    pub enforce_limits: bool,
 }
 
 impl UsageReport {
@@ -87,6 +90,16 @@ impl UsageReport {
     /// Sets the event id.
     pub fn event_id(mut self, event_id: impl Into<String>) -> Self {
         self.event_id = Some(event_id.into());
+        self
+    }
+
+    /// Asks for the user's limits to be enforced on this report: a host that reports a call of
+    /// known size before making it has the report refused, with
+    /// [`BillingError::LimitExceeded`] and nothing recorded, when a limit forbids it. Without it
+    /// (the default) a limit never refuses a report, since the tokens were already consumed: the
+    /// outcome says which limit the user has reached ([`UsageOutcome::limit_exceeded`]).
+    pub fn enforce_limits(mut self) -> Self {
+        self.enforce_limits = true;
         self
     }
 
@@ -144,6 +157,11 @@ pub struct UsageOutcome {
     pub current_tier: TierLabel,
     /// Whether this answers a re-sent event id (nothing changed).
     pub replayed: bool,
+    /// The limit of the user's period that the total has reached, if any: the next
+    /// [`check_usage`](BillingService::check_usage) or [`reserve`](BillingService::reserve)
+    /// of any tokens is refused by it.
+    #[serde(default)]
+    pub limit_exceeded: Option<LimitKind>,
 }
 
 /// What the service decided for an event before recording it.
@@ -300,15 +318,25 @@ impl BillingService {
 
     async fn record_report(&self, report: UsageReport) -> Result<UsageOutcome, BillingError> {
         let now = self.clock.now();
+        let enforce = report.enforce_limits;
         let usage = Self::read_report(report, now)?;
+        if enforce {
+            if let Some(refused) = Box::pin(self.enforce_limits(&usage, now)).await? {
+                return refused;
+            }
+        }
         // The store places the event with the user's account and records it. Why an event was
         // not placed is kept here: refused on its merits (`Ok`), or not placeable at all (`Err`:
         // an account naming an unknown plan).
         let mut refusal: Option<Result<UsageError, BillingError>> = None;
         let mut placed_in = None;
+        let mut limits = Limits::none();
         let mut place = |usage: &mut UsageRecord, account: Option<&Account>| {
             let (placement, why_not) = match self.place(usage, account, now) {
-                Ok(Placed::Record(placement)) => (Some(placement), None),
+                Ok(Placed::Record(placement)) => {
+                    limits = Self::limits_of(account, placement.plan);
+                    (Some(placement), None)
+                }
                 Ok(Placed::Refused(error)) => (None, Some(Ok(error))),
                 Err(error) => (None, Some(Err(error))),
             };
@@ -316,7 +344,20 @@ impl BillingService {
             placed_in = Some(usage.period);
             placement
         };
-        match self.store.place_and_record_usage(usage, &mut place).await? {
+        // An enforced event's hold is given back when recording fails: its retry holds again.
+        let held = enforce.then(|| (usage.user_id.clone(), usage.event_id.clone()));
+        let placed = match self.store.place_and_record_usage(usage, &mut place).await {
+            Ok(placed) => placed,
+            Err(error) => {
+                if let (Some((user, event)), Some(period)) = (held, placed_in) {
+                    if let Err(release) = self.store.release_hold(&user, period, &event).await {
+                        warn!(error = %release, "the hold of an unrecorded event stays until it expires");
+                    }
+                }
+                return Err(error.into());
+            }
+        };
+        match placed {
             PlacedUsage::Recorded {
                 recorded,
                 placement,
@@ -335,7 +376,13 @@ impl BillingService {
                 } else {
                     placement.plan
                 };
-                self.finish(recorded, collect_now, account.as_deref(), plan).await
+                let (user, period) = (recorded.usage.user_id.clone(), recorded.usage.period);
+                let mut outcome = self.finish(recorded, collect_now, account.as_deref(), plan).await?;
+                if !limits.is_none() {
+                    let limits = self.spend_limits(limits, period, plan, now)?;
+                    outcome.limit_exceeded = self.limit_reached(&user, &limits, outcome.total_tokens, now).await?;
+                }
+                Ok(outcome)
             }
             PlacedUsage::Refused { usage, account } => {
                 let error = match refusal {
@@ -358,6 +405,56 @@ impl BillingService {
                     None => Err(error.into()),
                 }
             }
+        }
+    }
+
+    /// Holds an event's tokens under its id before it is recorded, when its report asks for
+    /// the user's limits to be enforced: the hold decides atomically whether the limits allow
+    /// it, and recording the event frees it. Answers the refusal (or, for a re-sent event, its
+    /// original outcome) when a limit refuses; `None` to go on and record.
+    async fn enforce_limits(
+        &self,
+        usage: &UsageRecord,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Result<UsageOutcome, BillingError>>, BillingError> {
+        let account = self.store.account(&usage.user_id).await?;
+        let mut placed = usage.clone();
+        let Placed::Record(placement) = self.place(&mut placed, account.as_ref(), now)? else {
+            // Refused on its own merits: recording answers why.
+            return Ok(None);
+        };
+        self.enforce_on(&placed, placement.plan, account.as_ref(), 0, now).await
+    }
+
+    /// Holds `usage.tokens + ahead` tokens under the event's id if the limits of its placed
+    /// period allow them (`ahead`: tokens of events recorded before it in the same store call).
+    async fn enforce_on(
+        &self,
+        usage: &UsageRecord,
+        plan: &Plan,
+        account: Option<&Account>,
+        ahead: u64,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Result<UsageOutcome, BillingError>>, BillingError> {
+        let limits = Self::limits_of(account, plan);
+        if limits.is_none() {
+            return Ok(None);
+        }
+        let limits = self.spend_limits(limits, usage.period, plan, now)?;
+        let expires_at = crate::clock::later(now, self.settings.lease);
+        let tokens = usage.tokens.saturating_add(ahead);
+        match self
+            .hold_tokens(&usage.user_id, &usage.event_id, tokens, &limits, now, expires_at)
+            .await?
+        {
+            HoldDecision::Granted { .. } | HoldDecision::Settled => Ok(None),
+            HoldDecision::Refused { limit, state } => Ok(Some(match self.replay_of(usage, account).await? {
+                Some(outcome) => Ok(outcome),
+                None => Err(BillingError::LimitExceeded {
+                    limit,
+                    remaining_tokens: state.headroom(&limits.ceiling, limits.plan).remaining,
+                }),
+            })),
         }
     }
 
@@ -482,15 +579,16 @@ impl BillingService {
             let mut outcomes: Vec<Option<Result<UsageOutcome, BillingError>>> = Vec::with_capacity(reports.len());
             let mut read = Vec::with_capacity(reports.len());
             for report in reports {
+                let enforce = report.enforce_limits;
                 match Self::read_report(report, now) {
                     Ok(usage) => {
-                        read.push((outcomes.len(), usage));
+                        read.push((outcomes.len(), usage, enforce));
                         outcomes.push(None);
                     }
                     Err(error) => outcomes.push(Some(Err(error.into()))),
                 }
             }
-            let mut users: Vec<UserId> = read.iter().map(|(_, usage)| usage.user_id.clone()).collect();
+            let mut users: Vec<UserId> = read.iter().map(|(_, usage, _)| usage.user_id.clone()).collect();
             users.sort_unstable();
             users.dedup();
             let found = self.store.accounts(&users).await?;
@@ -509,10 +607,30 @@ impl BillingService {
             // Events refused on their own that may re-send an event recorded earlier in the
             // batch: answered once that one is, as they would be one by one.
             let mut refused_resends = Vec::new();
-            for (position, mut usage) in read {
+            // Tokens of unenforced events placed so far, by user and period: an enforced event
+            // after them is held with them, since they are recorded before it.
+            let mut unheld: HashMap<(UserId, PeriodKey), u64> = HashMap::new();
+            for (position, mut usage, enforce) in read {
                 let account = accounts.get(&usage.user_id).and_then(Option::as_ref);
                 match self.place(&mut usage, account, now) {
                     Ok(Placed::Record(placement)) => {
+                        let key = (usage.user_id.clone(), usage.period);
+                        if enforce {
+                            let ahead = unheld.get(&key).copied().unwrap_or(0);
+                            match self.enforce_on(&usage, placement.plan, account, ahead, now).await {
+                                Ok(None) => {}
+                                Ok(Some(answer)) => {
+                                    outcomes[position] = Some(answer);
+                                    continue;
+                                }
+                                Err(error) => {
+                                    outcomes[position] = Some(Err(error));
+                                    continue;
+                                }
+                            }
+                        } else {
+                            *unheld.entry(key).or_default() += usage.tokens;
+                        }
                         placed.push((position, placement.plan, placement.lease_until.is_some()));
                         requests.push(RecordUsage {
                             usage,
@@ -677,6 +795,7 @@ impl BillingService {
             period: usage.period,
             current_tier: plan.tier_of(total_after)?.label(),
             replayed,
+            limit_exceeded: None,
         })
     }
 }

@@ -3,6 +3,7 @@
 //! [`InMemoryUsageStore`] is always built. Every implementation must pass the conformance suite in
 //! `token_billing::testing::store` (feature `testing`), which turns the contract below into tests.
 
+mod holds;
 mod id_map;
 mod memory;
 #[cfg(feature = "postgres")]
@@ -21,6 +22,7 @@ use crate::domain::{
     UsageRecord, UserId,
 };
 
+pub use holds::{Hold, HoldDecision, HoldRequest, SpendState};
 pub use memory::{EventRetention, InMemoryUsageStore, InMemoryUsageStoreBuilder};
 #[cfg(feature = "postgres")]
 pub use postgres::{MIGRATIONS, PostgresUsageStore};
@@ -390,6 +392,21 @@ impl<'a> Settlement<'a> {
 /// new, and report whether it was; [`gateway_event_applied`](Self::gateway_event_applied) MUST
 /// then find it.
 ///
+/// Spend control ([`reserve`](Self::reserve)):
+/// - A hold MUST be granted in one atomic step with the period's usage: only when the period's
+///   recorded tokens, its holds that have not expired (a hold of the same id aside) and the
+///   request's tokens are within [`HoldRequest::ceiling`] ([`SpendState::headroom`]). Concurrent
+///   reserves and records of one user MUST see each other, so that granted holds and recorded
+///   usage never pass the ceiling together, on any number of instances.
+/// - A hold expired at `now` MUST NOT count, without anyone releasing it.
+/// - A reserve with the id of an open hold MUST change nothing and answer it (`replayed`) when
+///   the tokens are the same, and fail with [`StoreError::EventConflict`] when they differ; a
+///   reserve with the id of a recorded event MUST answer [`HoldDecision::Settled`].
+/// - Recording an event MUST free the hold of its period whose id is the event's id, in the
+///   same atomic step (a replay of the event frees it too).
+/// - With no limit in the ceiling, a reserve past [`MAX_TOKENS`](crate::MAX_TOKENS) fails with
+///   [`StoreError::TotalOverflow`].
+///
 /// Isolation: every operation touches one user's data only, and reads return only the named
 /// user's rows.
 ///
@@ -424,6 +441,7 @@ pub trait UsageStore: Send + Sync + Debug {
     ///     plan_id: PlanId::new("default")?,
     ///     earlier_plans: Vec::new(),
     ///     subscription_id: None,
+    ///     limits: None,
     ///     created_at: now,
     ///     updated_at: now,
     /// };
@@ -666,6 +684,28 @@ pub trait UsageStore: Send + Sync + Debug {
 
     /// Charge counts and amounts by tier label in a period, ordered by tier.
     async fn charges_by_tier(&self, user: &UserId, period: PeriodKey) -> Result<Vec<TierChargeReport>, StoreError>;
+
+    /// Holds `request.tokens` for a call in flight if the period's limits allow them; see the
+    /// contract.
+    async fn reserve(&self, request: HoldRequest<'_>) -> Result<HoldDecision, StoreError>;
+
+    /// Frees an open hold without usage; answers whether there was one (an expired hold is
+    /// freed too). Idempotent.
+    async fn release_hold(&self, user: &UserId, period: PeriodKey, hold_id: &EventId) -> Result<bool, StoreError>;
+
+    /// The period's usage recorded and held at `now`, and, when `overdue_before` is given,
+    /// whether the user has a charge unpaid (failed, or awaiting the customer) created at or
+    /// before it. Reads only; constant time but for the holds and the unpaid charges.
+    async fn spend_state(
+        &self,
+        user: &UserId,
+        period: PeriodKey,
+        now: DateTime<Utc>,
+        overdue_before: Option<DateTime<Utc>>,
+    ) -> Result<SpendState, StoreError>;
+
+    /// The period's holds that have not expired at `now`, oldest first.
+    async fn holds(&self, user: &UserId, period: PeriodKey, now: DateTime<Utc>) -> Result<Vec<Hold>, StoreError>;
 
     /// The user's audit trail (of one period, or all of it), oldest first.
     async fn audit_trail(&self, user: &UserId, period: Option<PeriodKey>) -> Result<Vec<AuditEntry>, StoreError>;

@@ -6,8 +6,8 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::domain::{
-    ChargeKey, ChargeKind, ChargeStatus, Currency, CustomerId, EventId, Money, OperationType, PeriodKey, PlanId,
-    TierLabel, UserId,
+    ChargeKey, ChargeKind, ChargeStatus, Currency, CustomerId, EventId, Limits, Money, OperationType, PeriodKey,
+    PlanId, TierLabel, UserId,
 };
 
 /// The link between a user, the gateway's customer that pays, and the user's plan.
@@ -26,6 +26,9 @@ pub struct Account {
     pub earlier_plans: Vec<(PeriodKey, PlanId)>,
     /// The gateway subscription that collects the fixed fee, when there is one.
     pub subscription_id: Option<String>,
+    /// The account's own limits; `None` takes its plan's ([`Plan::limits`](crate::Plan::limits)).
+    #[serde(default)]
+    pub limits: Option<Limits>,
     /// When the account was registered.
     pub created_at: DateTime<Utc>,
     /// When it last changed.
@@ -46,6 +49,7 @@ impl Account {
     ///     plan_id: PlanId::new("pro")?,
     ///     earlier_plans: vec![("2026-12".parse()?, PlanId::new("default")?)],
     ///     subscription_id: None,
+    ///     limits: None,
     ///     created_at: now,
     ///     updated_at: now,
     /// };

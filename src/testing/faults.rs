@@ -12,8 +12,8 @@ use chrono::{DateTime, Utc};
 use crate::domain::{Charge, ChargeKey, CustomerId, EventId, PeriodKey, Plan, PlanId, UsageRecord, UserId};
 use crate::gateway::{GatewayError, PaymentGateway, PaymentOutcome, PaymentRequest, Subscription};
 use crate::store::{
-    Account, AuditEntry, EnsureCharge, GatewayEventRecord, OperationUsage, PeriodSummary, RecordUsage, Recorded,
-    Settlement, StoreError, TierChargeReport, UsageStore,
+    Account, AuditEntry, EnsureCharge, GatewayEventRecord, Hold, HoldDecision, HoldRequest, OperationUsage,
+    PeriodSummary, RecordUsage, Recorded, Settlement, SpendState, StoreError, TierChargeReport, UsageStore,
 };
 
 /// What an injected fault does to a call.
@@ -58,6 +58,10 @@ pub enum StoreOp {
     GatewayEventApplied,
     /// [`UsageStore::record_gateway_event`].
     RecordGatewayEvent,
+    /// [`UsageStore::reserve`].
+    Reserve,
+    /// [`UsageStore::release_hold`].
+    ReleaseHold,
 }
 
 /// An operation of [`PaymentGateway`] that faults can target.
@@ -353,6 +357,25 @@ impl UsageStore for FaultyStore {
     }
     async fn audit_trail(&self, user: &UserId, period: Option<PeriodKey>) -> Result<Vec<AuditEntry>, StoreError> {
         self.inner.audit_trail(user, period).await
+    }
+    async fn reserve(&self, request: HoldRequest<'_>) -> Result<HoldDecision, StoreError> {
+        self.run(StoreOp::Reserve, self.inner.reserve(request)).await
+    }
+    async fn release_hold(&self, user: &UserId, period: PeriodKey, hold_id: &EventId) -> Result<bool, StoreError> {
+        self.run(StoreOp::ReleaseHold, self.inner.release_hold(user, period, hold_id))
+            .await
+    }
+    async fn spend_state(
+        &self,
+        user: &UserId,
+        period: PeriodKey,
+        now: DateTime<Utc>,
+        overdue_before: Option<DateTime<Utc>>,
+    ) -> Result<SpendState, StoreError> {
+        self.inner.spend_state(user, period, now, overdue_before).await
+    }
+    async fn holds(&self, user: &UserId, period: PeriodKey, now: DateTime<Utc>) -> Result<Vec<Hold>, StoreError> {
+        self.inner.holds(user, period, now).await
     }
 }
 

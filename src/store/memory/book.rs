@@ -15,7 +15,9 @@ use crate::domain::{
     OperationType, PeriodKey, UsageRecord, UserId, charges_for_growth,
 };
 use crate::store::id_map::IdMap;
-use crate::store::{Account, AuditEntry, AuditEvent, PeriodSummary, Placement, Recorded, StoreError, SummaryDelta};
+use crate::store::{
+    Account, AuditEntry, AuditEvent, Hold, PeriodSummary, Placement, Recorded, StoreError, SummaryDelta,
+};
 
 const STORE: &str = "in-memory store";
 
@@ -30,6 +32,9 @@ pub(super) struct UserBook {
     pub(super) charge_index: HashMap<ChargeKey, (PeriodKey, usize)>,
     pub(super) audit: Vec<TrailItem>,
     pub(super) gateway_events: HashSet<String>,
+    /// Holds for calls in flight, of any period, oldest first; expired ones are dropped when
+    /// the next hold is granted.
+    pub(super) holds: Vec<Hold>,
 }
 
 /// A place in a user's audit trail: an entry; or a recorded event or a created charge, whose
@@ -201,7 +206,11 @@ impl InMemoryUsageStore {
         // consumption id, and no such event was kept before it.
         if keep {
             if let Some(original) = book.replay(user, &usage.event_id)? {
-                return original.answer_resend(&usage);
+                let answer = original.answer_resend(&usage)?;
+                if !book.holds.is_empty() {
+                    book.free_hold(answer.usage.period, &usage.event_id);
+                }
+                return Ok(answer);
             }
             if let Some(period) = book.forgotten.get(&usage.event_id) {
                 return Err(StoreError::EventForgotten {
@@ -271,6 +280,9 @@ impl InMemoryUsageStore {
                 index,
                 total_after: after,
             });
+        }
+        if !book.holds.is_empty() {
+            book.free_hold(period, &usage.event_id);
         }
         if opened {
             if let Some(kept) = self.periods_kept {

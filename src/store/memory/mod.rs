@@ -6,9 +6,11 @@
 //!   collect that the claims walk;
 //! - `book`: a user's book (account, events, periods with their summaries, totals by operation
 //!   and charges, audit trail), recording an event into it and inserting charges;
+//! - `holds`: spend control's holds, and the state limits are checked against;
 //! - `retention`: forgetting older periods' events, and the forgotten ids.
 
 mod book;
+mod holds;
 mod retention;
 mod shards;
 
@@ -21,8 +23,9 @@ use chrono::{DateTime, Utc};
 use self::book::{PeriodBook, TrailItem, UserBook, apply_to_summary, money_error};
 use self::shards::{Shard, claim_from};
 use super::{
-    Account, AuditEntry, AuditEvent, EnsureCharge, GatewayEventRecord, OperationUsage, PeriodSummary, PlacedUsage,
-    Placement, Placer, RecordUsage, Recorded, Settlement, StoreError, TierChargeReport, UsageStore,
+    Account, AuditEntry, AuditEvent, EnsureCharge, GatewayEventRecord, Hold, HoldDecision, HoldRequest, OperationUsage,
+    PeriodSummary, PlacedUsage, Placement, Placer, RecordUsage, Recorded, Settlement, SpendState, StoreError,
+    TierChargeReport, UsageStore,
 };
 use crate::domain::{Charge, ChargeKey, ChargeStatus, EventId, Money, PeriodKey, UsageRecord, UserId};
 
@@ -612,6 +615,48 @@ impl UsageStore for InMemoryUsageStore {
         Ok(by_tier.into_values().collect())
     }
 
+    async fn reserve(&self, request: HoldRequest<'_>) -> Result<HoldDecision, StoreError> {
+        let mut shard = self.shard(request.user_id);
+        let (book, new) = shard.users.get_or_insert_with_news(request.user_id, UserBook::default);
+        let decision = book.reserve(&request);
+        if new && !matches!(decision, Ok(HoldDecision::Granted { .. })) {
+            shard.users.remove(request.user_id);
+        }
+        decision
+    }
+
+    async fn release_hold(&self, user: &UserId, period: PeriodKey, hold_id: &EventId) -> Result<bool, StoreError> {
+        Ok(self
+            .shard(user)
+            .users
+            .get_mut(user)
+            .is_some_and(|book| book.free_hold(period, hold_id)))
+    }
+
+    async fn spend_state(
+        &self,
+        user: &UserId,
+        period: PeriodKey,
+        now: DateTime<Utc>,
+        overdue_before: Option<DateTime<Utc>>,
+    ) -> Result<SpendState, StoreError> {
+        Ok(self
+            .shard(user)
+            .users
+            .get(user)
+            .map(|book| book.spend_state(period, now, overdue_before, None))
+            .unwrap_or_default())
+    }
+
+    async fn holds(&self, user: &UserId, period: PeriodKey, now: DateTime<Utc>) -> Result<Vec<Hold>, StoreError> {
+        Ok(self
+            .shard(user)
+            .users
+            .get(user)
+            .map(|book| book.open_holds(period, now).cloned().collect())
+            .unwrap_or_default())
+    }
+
     async fn audit_trail(&self, user: &UserId, period: Option<PeriodKey>) -> Result<Vec<AuditEntry>, StoreError> {
         let shard = self.shard(user);
         let Some(book) = shard.users.get(user) else {
@@ -707,6 +752,7 @@ mod tests {
                 plan_id: plan.clone(),
                 earlier_plans: vec![(PeriodKey::new(2026, 10).expect("valid"), plan.clone())],
                 subscription_id: None,
+                limits: None,
                 created_at: at,
                 updated_at: at,
             };

@@ -113,10 +113,10 @@ pub(super) fn account_unchanged(first: usize) -> String {
     )
 }
 
-/// An account's row, its columns bound as `$1` - `$7` (see `save_account`).
+/// An account's row, its columns bound as `$1` - `$8` (see `save_account`).
 const INSERT_ACCOUNT: &str = "INSERT INTO token_billing_accounts
-        (user_id, customer_id, plan_id, earlier_plans, subscription_id, created_at, updated_at)
-     VALUES ($1, $2, $3, $4, $5, $6, $7)";
+        (user_id, customer_id, plan_id, earlier_plans, subscription_id, created_at, updated_at, limits)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
 
 /// Binds the account a record was placed with, for [`account_unchanged`]: nulls when there is
 /// none (the condition is then not asked).
@@ -154,8 +154,8 @@ impl PostgresUsageStore {
         }
     }
 
-    /// Saves `account` by `sql` (binding its columns as `$1` - `$7`, and `expected`, when given,
-    /// as `$8` - `$12` for [`account_unchanged`] and its creation as `$13`) with its audit entry,
+    /// Saves `account` by `sql` (binding its columns as `$1` - `$8`, and `expected`, when given,
+    /// as `$9` - `$13` for [`account_unchanged`] and its creation as `$14`) with its audit entry,
     /// in one transaction;
     /// answers whether a row was written. The kept copy follows: the saved account, or none when
     /// the statement wrote nothing (the kept one may be what changed).
@@ -169,7 +169,8 @@ impl PostgresUsageStore {
             .bind(earlier_plans)
             .bind(account.subscription_id.as_deref())
             .bind(account.created_at)
-            .bind(account.updated_at);
+            .bind(account.updated_at)
+            .bind(account.limits.map(sqlx::types::Json));
         let query = match expected {
             Some(expected) => bind_account(query, Some(expected)).bind(expected.created_at),
             None => query,
@@ -209,7 +210,8 @@ impl PostgresUsageStore {
                  ON CONFLICT (user_id) DO UPDATE
                     SET customer_id = EXCLUDED.customer_id, plan_id = EXCLUDED.plan_id,
                         earlier_plans = EXCLUDED.earlier_plans, subscription_id = EXCLUDED.subscription_id,
-                        created_at = EXCLUDED.created_at, updated_at = EXCLUDED.updated_at"
+                        created_at = EXCLUDED.created_at, updated_at = EXCLUDED.updated_at,
+                        limits = EXCLUDED.limits"
             )
         });
         self.save_account(&PUT, account, None).await.map(|_| ())
@@ -225,9 +227,9 @@ impl PostgresUsageStore {
             format!(
                 "UPDATE token_billing_accounts AS a
                     SET customer_id = $2, plan_id = $3, earlier_plans = $4, subscription_id = $5, created_at = $6,
-                        updated_at = $7
-                  WHERE a.user_id = $1 AND {} AND a.created_at = $13",
-                account_unchanged(8)
+                        updated_at = $7, limits = $8
+                  WHERE a.user_id = $1 AND {} AND a.created_at = $14",
+                account_unchanged(9)
             )
         });
         static CREATE: std::sync::LazyLock<String> =
@@ -303,6 +305,7 @@ mod tests {
             plan_id: crate::PlanId::new("default").expect("a plan id"),
             earlier_plans: Vec::new(),
             subscription_id: None,
+            limits: None,
             created_at: at,
             updated_at: at,
         }

@@ -27,6 +27,7 @@ pub const MIGRATIONS: &[(i32, &str)] = &[
         7,
         include_str!("../../../migrations/0007_usage_audit_from_consumption.sql"),
     ),
+    (8, include_str!("../../../migrations/0008_spend_control.sql")),
 ];
 
 impl PostgresUsageStore {

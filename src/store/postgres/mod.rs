@@ -8,6 +8,7 @@
 //!   transaction) and replaying a recorded one; `record_batch`: recording a batch;
 //! - `charges`: creating, claiming, leasing and settling charges, the summary figures they
 //!   move, gateway events, and the audit entries of these writes;
+//! - `holds`: spend control's holds, granted in one statement, and a period's spend state;
 //! - `reports`: summaries, consumptions, usage by operation, charges by tier, the audit trail;
 //! - `rows`: reading rows, converting numbers, mapping database errors.
 //!
@@ -17,6 +18,7 @@
 mod accounts;
 mod charges;
 mod connection;
+mod holds;
 mod record;
 mod record_batch;
 mod reports;
@@ -32,8 +34,8 @@ use self::accounts::AccountCache;
 use self::charges::{CLAIM_AWAITING, CLAIM_PENDING, CLAIM_RETRIES};
 pub use self::connection::MIGRATIONS;
 use super::{
-    Account, AuditEntry, EnsureCharge, GatewayEventRecord, OperationUsage, PeriodSummary, RecordUsage, Recorded,
-    Settlement, StoreError, TierChargeReport, UsageStore,
+    Account, AuditEntry, EnsureCharge, GatewayEventRecord, Hold, HoldDecision, HoldRequest, OperationUsage,
+    PeriodSummary, RecordUsage, Recorded, Settlement, SpendState, StoreError, TierChargeReport, UsageStore,
 };
 use crate::domain::{Charge, ChargeKey, EventId, PeriodKey, UsageRecord, UserId};
 
@@ -186,5 +188,27 @@ impl UsageStore for PostgresUsageStore {
 
     async fn audit_trail(&self, user: &UserId, period: Option<PeriodKey>) -> Result<Vec<AuditEntry>, StoreError> {
         self.read_audit_trail(user, period).await
+    }
+
+    async fn reserve(&self, request: HoldRequest<'_>) -> Result<HoldDecision, StoreError> {
+        self.reserve_hold(request).await
+    }
+
+    async fn release_hold(&self, user: &UserId, period: PeriodKey, hold_id: &EventId) -> Result<bool, StoreError> {
+        self.free_hold(user, period, hold_id).await
+    }
+
+    async fn spend_state(
+        &self,
+        user: &UserId,
+        period: PeriodKey,
+        now: DateTime<Utc>,
+        overdue_before: Option<DateTime<Utc>>,
+    ) -> Result<SpendState, StoreError> {
+        self.read_spend_state(user, period, now, overdue_before).await
+    }
+
+    async fn holds(&self, user: &UserId, period: PeriodKey, now: DateTime<Utc>) -> Result<Vec<Hold>, StoreError> {
+        self.open_holds(user, period, now).await
     }
 }

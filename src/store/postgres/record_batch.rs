@@ -439,6 +439,20 @@ impl PostgresUsageStore {
                 created.entry(consumption).or_default().push(charge);
             }
         }
+        // The holds the batch's events settle (their ids are the events') are freed with them.
+        sqlx::query(
+            "UPDATE token_usage_summary s SET holds = s.holds - f.ids
+               FROM (SELECT user_id, period, array_agg(event_id) AS ids
+                       FROM unnest($1::text[], $2::text[], $3::text[]) AS x(user_id, period, event_id)
+                      GROUP BY user_id, period) AS f
+              WHERE s.user_id = f.user_id AND s.period = f.period AND s.holds <> '{}'::jsonb",
+        )
+        .bind(&x_users)
+        .bind(&x_periods)
+        .bind(&x_events)
+        .execute(&mut *tx)
+        .await
+        .map_err(RecordFailure::from_write)?;
         tx.commit().await.map_err(RecordFailure::Database)?;
         for (decision, request) in decisions.iter_mut().zip(requests) {
             if let Decision::Accepted { charges, .. } = decision {

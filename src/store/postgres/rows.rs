@@ -92,7 +92,7 @@ pub(super) fn audit_json(event: &AuditEvent) -> Result<serde_json::Value, StoreE
 pub(super) type PgQuery<'q> = sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>;
 
 pub(super) const ACCOUNT_COLUMNS: &str =
-    "user_id, customer_id, plan_id, earlier_plans, subscription_id, created_at, updated_at";
+    "user_id, customer_id, plan_id, earlier_plans, subscription_id, created_at, updated_at, limits";
 
 pub(super) fn account_from(row: &PgRow) -> Result<Account, StoreError> {
     let earlier: serde_json::Value = row.try_get("earlier_plans").map_err(db)?;
@@ -106,6 +106,10 @@ pub(super) fn account_from(row: &PgRow) -> Result<Account, StoreError> {
         plan_id: parse::<PlanId>(row.try_get::<&str, _>("plan_id").map_err(db)?)?,
         earlier_plans: serde_json::from_value(earlier).map_err(generic)?,
         subscription_id: row.try_get("subscription_id").map_err(db)?,
+        limits: row
+            .try_get::<Option<sqlx::types::Json<crate::domain::Limits>>, _>("limits")
+            .map_err(db)?
+            .map(|limits| limits.0),
         created_at: row.try_get("created_at").map_err(db)?,
         updated_at: row.try_get("updated_at").map_err(db)?,
     })

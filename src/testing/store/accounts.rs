@@ -24,6 +24,7 @@ pub async fn account_round_trips(store: &dyn UsageStore) {
         plan_id: PlanId::new("default").expect("valid"),
         earlier_plans: vec![(period(), PlanId::new("starter").expect("valid"))],
         subscription_id: None,
+        limits: None,
         created_at: base_instant(),
         updated_at: base_instant(),
     };
@@ -47,6 +48,7 @@ pub async fn replace_account_is_a_compare_and_set(store: &dyn UsageStore) {
         plan_id: PlanId::new("default").expect("valid"),
         earlier_plans: Vec::new(),
         subscription_id: None,
+        limits: None,
         created_at: base_instant(),
         updated_at: base_instant(),
     };
@@ -125,6 +127,7 @@ pub async fn concurrent_account_replacements_lose_no_change(store: &dyn UsageSto
         plan_id: PlanId::new("default").expect("valid"),
         earlier_plans: Vec::new(),
         subscription_id: None,
+        limits: None,
         created_at: base_instant(),
         updated_at: base_instant(),
     };
@@ -168,6 +171,7 @@ pub async fn accounts_answer_each_user_in_order(store: &dyn UsageStore) {
         plan_id: PlanId::new("default").expect("valid"),
         earlier_plans: Vec::new(),
         subscription_id: None,
+        limits: None,
         created_at: base_instant(),
         updated_at: base_instant(),
     };

@@ -594,6 +594,7 @@ pub async fn place_and_record_places_with_the_stored_account(store: &dyn UsageSt
         plan_id: PlanId::new("default").expect("valid"),
         earlier_plans: Vec::new(),
         subscription_id: None,
+        limits: None,
         created_at: base_instant(),
         updated_at: base_instant(),
     };

@@ -1,11 +1,13 @@
 -- One event that starts no block, in one statement ($1 user, $2 period, $3 now, $4 consumption id,
 -- $5 event id, $6 tokens, $7-$11 the event's fields, $12 included tokens, $13 block size, $14
 -- currency, $15 MAX_TOKENS, $16 whether the fee is the library's, $17 whether an account is
--- checked, $18... the account's columns). The account check is filled in once.
+-- checked, $18... the account's columns). The account check is filled in once. The hold the event
+-- settles (its id is the event's) is freed with it.
 WITH moved AS (
     UPDATE token_usage_summary
        SET total_tokens = total_tokens + $6, events = events + 1, updated_at = $3,
-           included_tokens = coalesce(included_tokens, $12), block_size = coalesce(block_size, $13)
+           included_tokens = coalesce(included_tokens, $12), block_size = coalesce(block_size, $13),
+           holds = holds - $5
      WHERE user_id = $1 AND period = $2 AND currency = $14 AND total_tokens <= $15 - $6
        AND (NOT $17 OR EXISTS (SELECT 1 FROM token_billing_accounts a
                                 WHERE a.user_id = $1 AND {account}))

@@ -1,0 +1,41 @@
+-- token-billing schema, version 8: spend control.
+--
+-- An account may carry its own limits (spend cap, token cap, payment gate); NULL takes its plan's.
+-- A period's holds (tokens reserved for calls in flight) live in its token_usage_summary row, as
+-- an object {hold id: [tokens, granted at, expires at]} with instants in microseconds since the
+-- epoch: a hold is granted by one statement that locks that row, the row every record of the
+-- period also locks, so grants and records always see each other's latest totals.
+ALTER TABLE token_billing_accounts ADD COLUMN IF NOT EXISTS limits jsonb;
+ALTER TABLE token_usage_summary ADD COLUMN IF NOT EXISTS holds jsonb NOT NULL DEFAULT '{}'::jsonb;
+
+-- The holds of a period after a request for `tokens` under `hold_id`: the holds that have not
+-- expired at `now_us`, with the new hold when the limits allow it. An open hold of the same id is
+-- kept as it is (a re-sent request, or a conflict the caller tells by its tokens); a settled one
+-- (`settled`) is not held again. The limits are the largest totals the spend cap and the token cap
+-- allow (NULL: none), and, with `gate_closed`, the end of the block the usage is in.
+CREATE OR REPLACE FUNCTION token_billing_hold(
+    total bigint, holds jsonb, hold_id text, tokens bigint, now_us bigint, expires_us bigint,
+    spend_cap_tokens bigint, token_cap bigint, gate_closed boolean, included bigint, block bigint,
+    max_tokens bigint, settled boolean
+) RETURNS jsonb
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    WITH open AS (
+        SELECT coalesce(jsonb_object_agg(h.key, h.value), '{}'::jsonb) AS holds,
+               coalesce(sum((h.value->>0)::bigint), 0) AS held
+          FROM jsonb_each(holds) AS h
+         WHERE (h.value->>2)::bigint > now_us
+    ), usage AS (
+        SELECT o.holds, total + o.held AS used FROM open o
+    )
+    SELECT CASE
+               WHEN settled OR u.holds ? hold_id THEN u.holds
+               WHEN u.used + tokens <= least(
+                        coalesce(spend_cap_tokens, max_tokens), coalesce(token_cap, max_tokens), max_tokens,
+                        CASE WHEN NOT gate_closed THEN max_tokens
+                             WHEN u.used <= included THEN included
+                             ELSE included + ((u.used - included - 1) / block + 1) * block END)
+                   THEN u.holds || jsonb_build_object(hold_id, jsonb_build_array(tokens, now_us, expires_us))
+               ELSE u.holds
+           END
+      FROM usage u
+$$;
