@@ -21,7 +21,7 @@ CREATE OR REPLACE FUNCTION token_billing_hold(
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     WITH open AS (
         SELECT coalesce(jsonb_object_agg(h.key, h.value), '{}'::jsonb) AS holds,
-               coalesce(sum((h.value->>0)::bigint), 0) AS held
+               coalesce(sum((h.value->>0)::bigint), 0)::bigint AS held
           FROM jsonb_each(holds) AS h
          WHERE (h.value->>2)::bigint > now_us
     ), usage AS (
@@ -29,7 +29,7 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     )
     SELECT CASE
                WHEN settled OR u.holds ? hold_id THEN u.holds
-               WHEN u.used + tokens <= least(
+               WHEN u.used::numeric + tokens <= least(
                         coalesce(spend_cap_tokens, max_tokens), coalesce(token_cap, max_tokens), max_tokens,
                         CASE WHEN NOT gate_closed THEN max_tokens
                              WHEN u.used <= included THEN included

@@ -119,6 +119,11 @@ macro_rules! usage_store_conformance {
                 reports_group_by_operation_and_tier,
                 reads_are_isolated_per_user,
                 audit_trail_records_every_change,
+                concurrent_holds_never_pass_the_ceiling,
+                expired_holds_stop_counting,
+                reserves_are_idempotent_by_hold_id,
+                recording_frees_the_hold_of_its_id,
+                the_payment_gate_lets_no_hold_start_a_block,
             );
         }
     };

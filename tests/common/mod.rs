@@ -1,6 +1,9 @@
 //! Shared test harness: a service on the in-memory store and the sandbox, with a manual clock.
 #![allow(dead_code, unreachable_pub)]
 
+#[cfg(feature = "postgres")]
+pub mod pg;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 

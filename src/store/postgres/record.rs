@@ -107,14 +107,16 @@ enum Gate {
 fn write_event_sql(gate: Gate) -> &'static str {
     fn fill(gate: Gate) -> String {
         // Under the compare-and-set the row is locked here, if its total is still `before`, and
-        // every write below happens only then; the summary also takes the new total.
+        // every write below happens only then; the summary also takes the new total, and frees
+        // the hold the event settles (the locking way frees it with the increment).
         let (locked, totals) = match gate {
             Gate::Locked => ("SELECT 1", ""),
             Gate::CompareAndSet => (
                 "SELECT 1 FROM token_usage_summary
                       WHERE user_id = $8 AND period = $9 AND total_tokens = $22 FOR UPDATE",
                 "total_tokens = $25, events = events + 1, updated_at = $14,
-                     included_tokens = coalesce(included_tokens, $26), block_size = coalesce(block_size, $27),",
+                     included_tokens = coalesce(included_tokens, $26), block_size = coalesce(block_size, $27),
+                     holds = holds - $15,",
             ),
         };
         let summary_gate = match gate {

@@ -12,6 +12,7 @@
 //! | Recording: unique charge keys; Charges: settle compare-and-set, summaries agree | `charges.rs` | `ensure_charge`, `settle_charge`, `period_summary` |
 //! | Charges: claims, renew_lease compare-and-set | `claims.rs` | `claim_pending`, `claim_due_retries`, `claim_awaiting_customer`, `renew_lease` |
 //! | Accounts: replace_account compare-and-set | `accounts.rs` | `put_account`, `replace_account`, `account`, `accounts` |
+//! | Spend control: atomic grant, expiry, replays and conflicts, settle, overflow | `holds.rs` | `reserve`, `release_hold`, `spend_state`, `holds` |
 //! | Gateway events | `gateway_events.rs` | `record_gateway_event`, `gateway_event_applied` |
 //! | Isolation | `isolation.rs` | every read, with another user's id; `append_audit` |
 //! | Recording: atomic (audit entries); the original product's reports | `reports.rs` | `audit_trail`, `usage_by_operation`, `charges_by_tier` |
@@ -35,6 +36,7 @@ mod batches;
 mod charges;
 mod claims;
 mod gateway_events;
+mod holds;
 mod isolation;
 mod recording;
 mod reports;
@@ -53,6 +55,10 @@ pub use claims::{
     claim_pending_hands_each_charge_to_one_caller, renew_lease_is_a_compare_and_set,
 };
 pub use gateway_events::gateway_events_are_recorded_once;
+pub use holds::{
+    concurrent_holds_never_pass_the_ceiling, expired_holds_stop_counting, recording_frees_the_hold_of_its_id,
+    reserves_are_idempotent_by_hold_id, the_payment_gate_lets_no_hold_start_a_block,
+};
 pub use isolation::{audit_entries_can_be_appended, event_ids_are_scoped_per_user, reads_are_isolated_per_user};
 pub use recording::{
     concurrent_records_cross_disjoint_blocks, concurrent_resends_record_once, event_id_conflict_changes_nothing,
