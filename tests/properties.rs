@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use common::{Harness, november, user};
 use proptest::prelude::*;
 use rust_decimal::Decimal;
-use token_billing::{ChargeKind, ChargeStatus, Currency, MAX_TOKENS, Money, Plan, TierLabel, UsageReport};
+use token_billing::{ChargeKind, ChargeStatus, Currency, Limits, MAX_TOKENS, Money, Plan, TierLabel, UsageReport};
 
 fn currency() -> impl Strategy<Value = Currency> {
     proptest::sample::select(Currency::ALL.to_vec())
@@ -345,6 +345,43 @@ proptest! {
         prop_assert!(charged(&plan, tokens) <= i128::from(cap.max(0)), "{} tokens", tokens);
         if tokens < MAX_TOKENS {
             prop_assert!(charged(&plan, tokens + 1) > i128::from(cap), "{} tokens", tokens);
+        }
+    }
+}
+
+proptest! {
+    /// A period's headroom under its limits: the tokens allowed are exactly those that keep the
+    /// total within every limit that applies (the spend cap's charges, the token cap, and with
+    /// the gate closed no new block), and the limit named is one that allows no more.
+    #[test]
+    fn headroom_allows_exactly_what_every_limit_allows(
+        plan in plan(),
+        used in 0u64..=200_000_000,
+        spend_cap in proptest::option::of(-1_000i64..=50_000_000),
+        token_cap in proptest::option::of(0u64..=200_000_000),
+        payment_gate in any::<bool>(),
+        overdue in any::<bool>(),
+    ) {
+        let mut limits = Limits::none();
+        limits.spend_cap = spend_cap.map(|cap| Money::from_minor(cap, Currency::BRL));
+        limits.token_cap = token_cap;
+        limits.payment_gate = payment_gate;
+        let room = limits.ceiling(&plan).expect("same currency").headroom(&plan, used, overdue);
+        let allowed = |total: u64| {
+            spend_cap.is_none_or(|cap| total <= used || charged(&plan, total) <= i128::from(cap))
+                && token_cap.is_none_or(|cap| total <= cap)
+                && !(payment_gate && overdue && plan.blocks_owed(total) > plan.blocks_owed(used))
+        };
+        let no_limit = limits.is_none() || (payment_gate && !overdue && spend_cap.is_none() && token_cap.is_none());
+        if room.limited_by.is_none() {
+            prop_assert!(no_limit);
+            prop_assert_eq!(room.remaining, MAX_TOKENS - used);
+        } else {
+            let last = used + room.remaining;
+            prop_assert!(room.remaining == 0 || allowed(last), "{} tokens more are allowed", room.remaining);
+            prop_assert!(last >= MAX_TOKENS || !allowed(last + 1), "one more is refused");
+            prop_assert_eq!(room.refuses(room.remaining + 1), room.limited_by);
+            prop_assert_eq!(room.refuses(room.remaining), None);
         }
     }
 }

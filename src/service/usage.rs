@@ -452,7 +452,11 @@ impl BillingService {
                 Some(outcome) => Ok(outcome),
                 None => Err(BillingError::LimitExceeded {
                     limit,
-                    remaining_tokens: state.headroom(&limits.ceiling, limits.plan).remaining,
+                    // What is left once the events ahead of it are recorded.
+                    remaining_tokens: state
+                        .headroom(&limits.ceiling, limits.plan)
+                        .remaining
+                        .saturating_sub(ahead),
                 }),
             })),
         }
