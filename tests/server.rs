@@ -10,6 +10,10 @@ mod auth;
 mod config;
 #[path = "../examples/server/openapi.rs"]
 mod openapi;
+#[path = "../examples/server/spend.rs"]
+mod spend;
+#[path = "server/spend_control.rs"]
+mod spend_control;
 mod support;
 
 use std::path::Path;
@@ -150,7 +154,12 @@ async fn the_original_products_flows_answer_its_shapes() {
             .usage(json!({"userId": "test-user-id", "tokensUsed": 1_000_000, "operationType": "chat"}))
             .await,
     );
-    assert_eq!(keys(&first), ["consumptionId", "tierCharges", "totalTokens"]);
+    // The original product's three fields, and the limit reached (none without limits).
+    assert_eq!(
+        keys(&first),
+        ["consumptionId", "limitExceeded", "tierCharges", "totalTokens"]
+    );
+    assert_eq!(first["limitExceeded"], json!(null));
     assert_eq!(
         (first["totalTokens"].clone(), first["tierCharges"].clone()),
         (json!(1_000_000), json!([]))
@@ -188,7 +197,9 @@ async fn the_original_products_flows_answer_its_shapes() {
             summary,
             json!({
                 "total_tokens": 10_000_000, "current_tier": "8M-16M", "fixed_fee_charged": 40_000,
-                "tier_charges_count": 1, "tier_charges_total": 10_000, "total_charged": 50_000
+                "tier_charges_count": 1, "tier_charges_total": 10_000, "total_charged": 50_000,
+                "limits": {"spendCap": null, "tokenCap": null, "paymentGate": false},
+                "remainingTokens": null, "heldTokens": 0, "openHolds": []
             })
         );
     }
@@ -314,7 +325,10 @@ async fn the_monitoring_reports_accounts_and_subscriptions() {
     );
     assert_eq!(
         account,
-        json!({"userId": "acc", "customerId": "cus_known", "planId": "default"})
+        json!({
+            "userId": "acc", "customerId": "cus_known", "planId": "default",
+            "limits": {"spendCap": null, "tokenCap": null, "paymentGate": false}
+        })
     );
 
     // With the library collecting the fee, create-subscription makes no subscription: it opens
@@ -464,7 +478,10 @@ async fn on_the_defaults_the_original_products_three_calls_succeed_for_a_new_use
             summary,
             json!({
                 "total_tokens": 10_000_000, "current_tier": "8M-16M", "fixed_fee_charged": fee,
-                "tier_charges_count": 1, "tier_charges_total": 10_000, "total_charged": fee + 10_000
+                "tier_charges_count": 1, "tier_charges_total": 10_000, "total_charged": fee + 10_000,
+                // Spend control's fields: no limit, nothing held.
+                "limits": {"spendCap": null, "tokenCap": null, "paymentGate": false},
+                "remainingTokens": null, "heldTokens": 0, "openHolds": []
             }),
             "{mode}"
         );

@@ -19,11 +19,12 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use token_billing::{
-    BillingError, BillingService, Charge, Clock, CustomerId, FeeCollection, GatewayError, Period, PeriodKey, Plan,
-    PlanId, TierCharge, TokenSummary, UsageReport, UserId,
+    BillingError, BillingService, Charge, Clock, CustomerId, FeeCollection, GatewayError, LimitKind, Limits, Money,
+    Period, PeriodKey, Plan, PlanId, TierCharge, TokenSummary, UsageReport, UserId,
 };
 
 use crate::auth::{Auth, AuthError, Caller};
+use crate::spend;
 
 /// The largest request body accepted, in bytes.
 pub(crate) const MAX_BODY: usize = 64 * 1024;
@@ -75,7 +76,7 @@ impl AppState {
         }
     }
 
-    fn billing(&self) -> &BillingService {
+    pub(crate) fn billing(&self) -> &BillingService {
         &self.inner.billing
     }
 
@@ -89,7 +90,7 @@ impl AppState {
     }
 
     /// The host's backend, or 401/403.
-    fn backend(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+    pub(crate) fn backend(&self, headers: &HeaderMap) -> Result<(), ApiError> {
         match self.caller(headers)? {
             Caller::Backend => Ok(()),
             Caller::User(_) => Err(ApiError::new(
@@ -105,17 +106,20 @@ impl AppState {
 pub(crate) struct ApiError {
     status: StatusCode,
     message: String,
+    /// For a refusal by a limit (402): the limit, and the tokens still allowed.
+    limit: Option<(LimitKind, u64)>,
 }
 
 impl ApiError {
-    fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+    pub(crate) fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
         ApiError {
             status,
             message: message.into(),
+            limit: None,
         }
     }
 
-    fn bad_request(message: impl Into<String>) -> ApiError {
+    pub(crate) fn bad_request(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, message)
     }
 
@@ -147,6 +151,16 @@ impl ApiError {
 
 impl From<BillingError> for ApiError {
     fn from(error: BillingError) -> ApiError {
+        if let BillingError::LimitExceeded {
+            limit,
+            remaining_tokens,
+        } = error
+        {
+            return ApiError {
+                limit: Some((limit, remaining_tokens)),
+                ..ApiError::new(StatusCode::PAYMENT_REQUIRED, error.to_string())
+            };
+        }
         let status = match &error {
             BillingError::EventConflict { .. }
             | BillingError::EventForgotten { .. }
@@ -176,14 +190,20 @@ impl From<BillingError> for ApiError {
     }
 }
 
-/// The original product's envelope, its fields in its order.
+/// The original product's envelope, its fields in its order; a refusal by a limit adds the
+/// limit (`reason`) and the tokens still allowed.
 #[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
 struct Envelope<T> {
     success: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     data: Option<T>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<LimitKind>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    remaining_tokens: Option<u64>,
 }
 
 impl IntoResponse for ApiError {
@@ -192,6 +212,8 @@ impl IntoResponse for ApiError {
             success: false,
             data: None,
             error: Some(self.message),
+            reason: self.limit.map(|(limit, _)| limit),
+            remaining_tokens: self.limit.map(|(_, remaining)| remaining),
         };
         let mut response = (self.status, axum::Json(envelope)).into_response();
         if self.status == StatusCode::UNAUTHORIZED {
@@ -203,11 +225,13 @@ impl IntoResponse for ApiError {
     }
 }
 
-fn success<T: Serialize>(data: T) -> Response {
+pub(crate) fn success<T: Serialize>(data: T) -> Response {
     axum::Json(Envelope {
         success: true,
         data: Some(data),
         error: None,
+        reason: None,
+        remaining_tokens: None,
     })
     .into_response()
 }
@@ -225,6 +249,9 @@ fn table() -> Vec<(&'static str, &'static str, MethodRouter<AppState>)> {
             post(create_subscription),
         ),
         ("POST", "/api/token-billing/accounts", post(register_account)),
+        ("POST", "/api/token-billing/reserve", post(spend::reserve)),
+        ("POST", "/api/token-billing/settle", post(spend::settle)),
+        ("POST", "/api/token-billing/release", post(spend::release)),
         (
             "GET",
             "/api/token-billing/usage-by-operation/{userId}",
@@ -308,7 +335,10 @@ impl FromRequestParts<AppState> for Reader {
 }
 
 /// A JSON object body: the body limit, the content type and the syntax checked.
-fn json_object(headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<Map<String, Value>, ApiError> {
+pub(crate) fn json_object(
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Map<String, Value>, ApiError> {
     let body = body.map_err(ApiError::body)?;
     let json_type = headers
         .get(header::CONTENT_TYPE)
@@ -329,7 +359,7 @@ fn json_object(headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Resu
 }
 
 /// A required string field.
-fn required_text(body: &Map<String, Value>, field: &str) -> Result<String, ApiError> {
+pub(crate) fn required_text(body: &Map<String, Value>, field: &str) -> Result<String, ApiError> {
     match body.get(field) {
         Some(Value::String(text)) => Ok(text.clone()),
         None | Some(Value::Null) => Err(ApiError::bad_request(format!("{field} is required"))),
@@ -338,7 +368,7 @@ fn required_text(body: &Map<String, Value>, field: &str) -> Result<String, ApiEr
 }
 
 /// An optional string field.
-fn optional_text(body: &Map<String, Value>, field: &str) -> Result<Option<String>, ApiError> {
+pub(crate) fn optional_text(body: &Map<String, Value>, field: &str) -> Result<Option<String>, ApiError> {
     match body.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(text)) => Ok(Some(text.clone())),
@@ -346,8 +376,37 @@ fn optional_text(body: &Map<String, Value>, field: &str) -> Result<Option<String
     }
 }
 
+/// An optional boolean field.
+pub(crate) fn optional_bool(body: &Map<String, Value>, field: &str) -> Result<Option<bool>, ApiError> {
+    match body.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(value)) => Ok(Some(*value)),
+        Some(other) => Err(ApiError::bad_request(format!(
+            "{field} must be true or false, not {}",
+            kind_of(other)
+        ))),
+    }
+}
+
+/// An optional field that is a whole number (`at_least` or more).
+pub(crate) fn optional_count(body: &Map<String, Value>, field: &str, at_least: u64) -> Result<Option<u64>, ApiError> {
+    match body.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(count) if count >= at_least => Ok(Some(count)),
+            _ => Err(ApiError::bad_request(format!(
+                "{field} must be a whole number of at least {at_least}, not {n}"
+            ))),
+        },
+        Some(other) => Err(ApiError::bad_request(format!(
+            "{field} must be a number, not {}",
+            kind_of(other)
+        ))),
+    }
+}
+
 /// An identifier checked by the library's rules.
-fn checked<T, E>(field: &str, text: String) -> Result<T, ApiError>
+pub(crate) fn checked<T, E>(field: &str, text: String) -> Result<T, ApiError>
 where
     T: TryFrom<String, Error = E>,
     E: std::fmt::Display,
@@ -356,7 +415,7 @@ where
 }
 
 /// A required string field that is an identifier, checked by the library's rules.
-fn required_id<T>(body: &Map<String, Value>, field: &str) -> Result<T, ApiError>
+pub(crate) fn required_id<T>(body: &Map<String, Value>, field: &str) -> Result<T, ApiError>
 where
     T: TryFrom<String>,
     T::Error: std::fmt::Display,
@@ -377,7 +436,7 @@ const MISSPELLED_FIELDS: [(&str, &str); 7] = [
 ];
 
 /// The usage report of a process-usage body.
-fn usage_report(body: &Map<String, Value>) -> Result<UsageReport, ApiError> {
+pub(crate) fn usage_report(body: &Map<String, Value>) -> Result<UsageReport, ApiError> {
     if let Some((field, meant)) = MISSPELLED_FIELDS.iter().find(|(field, _)| body.contains_key(*field)) {
         return Err(ApiError::bad_request(format!(
             "unknown field {field}: the API's fields are camelCase ({meant}); nothing was recorded"
@@ -402,6 +461,7 @@ fn usage_report(body: &Map<String, Value>) -> Result<UsageReport, ApiError> {
     );
     report.client_id = optional_text(body, "clientId")?;
     report.event_id = optional_text(body, "eventId")?;
+    report.enforce_limits = optional_bool(body, "enforceLimits")?.unwrap_or(false);
     if let Some(at) = optional_text(body, "occurredAt")? {
         report.occurred_at = Some(
             DateTime::parse_from_rfc3339(&at)
@@ -432,7 +492,7 @@ fn usage_report(body: &Map<String, Value>) -> Result<UsageReport, ApiError> {
     Ok(report)
 }
 
-fn kind_of(value: &Value) -> &'static str {
+pub(crate) fn kind_of(value: &Value) -> &'static str {
     match value {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -446,10 +506,23 @@ fn kind_of(value: &Value) -> &'static str {
 /// The original product's answer to a usage report, in its order.
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
-struct Processed {
+pub(crate) struct Processed {
     consumption_id: uuid::Uuid,
     total_tokens: u64,
     tier_charges: Vec<token_billing::TierCharge>,
+    /// The limit the user's period has reached, or null.
+    limit_exceeded: Option<LimitKind>,
+}
+
+impl From<token_billing::UsageOutcome> for Processed {
+    fn from(outcome: token_billing::UsageOutcome) -> Self {
+        Processed {
+            consumption_id: outcome.consumption_id,
+            total_tokens: outcome.total_tokens,
+            tier_charges: outcome.tier_charges,
+            limit_exceeded: outcome.limit_exceeded,
+        }
+    }
 }
 
 /// `POST /api/token-billing/process-usage`: the original product's `processTokenUsage`.
@@ -461,11 +534,7 @@ async fn process_usage(
     state.backend(&headers)?;
     let report = usage_report(&json_object(&headers, body)?)?;
     let outcome = state.billing().process_token_usage(report).await?;
-    Ok(success(Processed {
-        consumption_id: outcome.consumption_id,
-        total_tokens: outcome.total_tokens,
-        tier_charges: outcome.tier_charges,
-    }))
+    Ok(success(Processed::from(outcome)))
 }
 
 /// The original product's summary, in its order.
@@ -492,10 +561,30 @@ impl<'a> From<&'a TokenSummary> for SummaryFields<'a> {
     }
 }
 
-/// `GET /api/token-billing/user-summary/{userId}`: the original product's `getUserTokenSummary`.
+/// `GET /api/token-billing/user-summary/{userId}`: the original product's `getUserTokenSummary`,
+/// with the user's limits, the tokens they still allow and the holds open now.
 async fn user_summary(State(state): State<AppState>, Reader { user, period }: Reader) -> Result<Response, ApiError> {
-    let summary = state.billing().token_summary(&user, period).await?;
-    Ok(success(SummaryFields::from(&summary)))
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct UserSummary<'a> {
+        #[serde(flatten)]
+        summary: SummaryFields<'a>,
+        limits: Value,
+        remaining_tokens: Option<u64>,
+        held_tokens: u64,
+        open_holds: Vec<Value>,
+    }
+    let billing = state.billing();
+    let summary = billing.token_summary(&user, period).await?;
+    let check = billing.check_usage(&user, 0).await?;
+    let holds = billing.open_holds(&user).await?;
+    Ok(success(UserSummary {
+        summary: SummaryFields::from(&summary),
+        limits: spend::limits_json(&check.limits),
+        remaining_tokens: check.remaining_tokens,
+        held_tokens: check.held_tokens,
+        open_holds: holds.iter().map(spend::hold_json).collect(),
+    }))
 }
 
 /// `POST /api/token-billing/accounts`: links a user to the customer who pays (and a plan).
@@ -511,11 +600,32 @@ async fn register_account(
     let plan: Option<PlanId> = optional_text(&body, "planId")?
         .map(|p| checked("planId", p))
         .transpose()?;
-    let account = state.billing().register_account(&user, Some(customer), plan).await?;
+    let spend_cap = optional_count(&body, "spendCap", 0)?;
+    let token_cap = optional_count(&body, "tokenCap", 0)?;
+    let payment_gate = optional_bool(&body, "paymentGate")?;
+    let billing = state.billing();
+    let mut account = billing.register_account(&user, Some(customer), plan).await?;
+    if spend_cap.is_some() || token_cap.is_some() || payment_gate.is_some() {
+        // The limits named replace the account's; the spend cap is in the plan's currency.
+        let currency = billing.plan(&account.plan_id)?.currency();
+        let spend_cap = spend_cap
+            .map(|cap| i64::try_from(cap).map_err(|_| ApiError::bad_request("spendCap is too large")))
+            .transpose()?;
+        let limits = Limits {
+            spend_cap: spend_cap.map(|cap| Money::from_minor(cap, currency)),
+            token_cap,
+            payment_gate: payment_gate.unwrap_or(false),
+        };
+        account = billing.set_limits(&user, Some(limits)).await?;
+    }
+    let limits = account
+        .limits
+        .unwrap_or_else(|| billing.plan(&account.plan_id).map(Plan::limits).unwrap_or_default());
     Ok(success(json!({
         "userId": account.user_id,
         "customerId": account.customer_id,
         "planId": account.plan_id,
+        "limits": spend::limits_json(&limits),
     })))
 }
 

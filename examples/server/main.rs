@@ -38,6 +38,7 @@ mod app;
 mod auth;
 mod config;
 mod openapi;
+mod spend;
 
 use std::time::Duration;
 

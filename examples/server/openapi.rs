@@ -29,6 +29,33 @@ fn period_query() -> Value {
            "schema": {"type": "string", "pattern": "^[0-9]{4}-[0-9]{2}$"}})
 }
 
+fn limit_refusal(description: &str) -> Value {
+    json!({"description": description, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/LimitRefusal"}}}})
+}
+
+/// process-usage's answer: the original product's, and the limit reached.
+fn processed() -> Value {
+    json!({
+        "type": "object",
+        "required": ["consumptionId", "totalTokens", "tierCharges", "limitExceeded"],
+        "properties": {
+            "consumptionId": {"type": "string", "format": "uuid"},
+            "totalTokens": {"type": "integer"},
+            "tierCharges": {"type": "array", "items": {"$ref": "#/components/schemas/TierCharge"}},
+            "limitExceeded": {"enum": ["spend_cap", "token_cap", "payment_gate", null], "description": "The limit the month's usage has reached, which refuses the next reservation; null when none."}
+        }
+    })
+}
+
+/// settle's answer: process-usage's, and how the usage compares with the hold.
+fn settled() -> Value {
+    let mut answer = processed();
+    answer["properties"]["heldTokens"] = json!({"type": ["integer", "null"], "description": "The tokens the hold held; null when it had expired or was released."});
+    answer["properties"]["overshootTokens"] =
+        json!({"type": "integer", "minimum": 0, "description": "Tokens used beyond the hold, recorded and charged."});
+    answer
+}
+
 fn body(schema: Value) -> Value {
     json!({"required": true, "content": {"application/json": {"schema": schema}}})
 }
@@ -97,6 +124,35 @@ pub(crate) fn document() -> Value {
                     "required": ["success", "error"],
                     "properties": {"success": {"const": false}, "error": {"type": "string"}}
                 },
+                "LimitRefusal": {
+                    "type": "object",
+                    "required": ["success", "error", "reason", "remainingTokens"],
+                    "properties": {
+                        "success": {"const": false},
+                        "error": {"type": "string"},
+                        "reason": {"enum": ["spend_cap", "token_cap", "payment_gate"], "description": "The limit that refuses: the month's charges would pass the spend cap, its tokens the token cap, or a charge is unpaid past its grace and the usage would start a new block."},
+                        "remainingTokens": {"type": "integer", "minimum": 0, "description": "How many more tokens the month allows now."}
+                    }
+                },
+                "Limits": {
+                    "type": "object",
+                    "required": ["spendCap", "tokenCap", "paymentGate"],
+                    "properties": {
+                        "spendCap": {"type": ["integer", "null"], "minimum": 0, "description": "The most a month may be charged, fixed fee included, in minor units of the plan's currency."},
+                        "tokenCap": {"type": ["integer", "null"], "minimum": 0},
+                        "paymentGate": {"type": "boolean", "description": "Whether a charge unpaid past its grace stops usage from starting a new block."}
+                    }
+                },
+                "Hold": {
+                    "type": "object",
+                    "required": ["holdId", "tokens", "createdAt", "expiresAt"],
+                    "properties": {
+                        "holdId": {"type": "string"},
+                        "tokens": {"type": "integer", "minimum": 1},
+                        "createdAt": {"type": "string", "format": "date-time"},
+                        "expiresAt": {"type": "string", "format": "date-time"}
+                    }
+                },
                 "TierCharge": {
                     "type": "object",
                     "required": ["id", "billing_tier", "amount_charged", "status"],
@@ -116,7 +172,11 @@ pub(crate) fn document() -> Value {
                         "fixed_fee_charged": {"type": "integer"},
                         "tier_charges_count": {"type": "integer", "minimum": 0},
                         "tier_charges_total": {"type": "integer"},
-                        "total_charged": {"type": "integer"}
+                        "total_charged": {"type": "integer"},
+                        "limits": {"$ref": "#/components/schemas/Limits"},
+                        "remainingTokens": {"type": ["integer", "null"], "minimum": 0, "description": "How many more tokens the current month allows under the limits, counting open holds; null when no limit applies."},
+                        "heldTokens": {"type": "integer", "minimum": 0},
+                        "openHolds": {"type": "array", "items": {"$ref": "#/components/schemas/Hold"}}
                     }
                 }
             }
@@ -151,19 +211,13 @@ pub(crate) fn document() -> Value {
                             "clientId": {"type": ["string", "null"], "maxLength": 128},
                             "metadata": {"type": ["object", "null"], "additionalProperties": {"type": "string", "maxLength": 500}, "maxProperties": 50},
                             "eventId": {"type": ["string", "null"], "maxLength": 128, "description": "The caller's id of this event: a retry with the same id answers the original outcome and records nothing."},
-                            "occurredAt": {"type": ["string", "null"], "format": "date-time"}
+                            "occurredAt": {"type": ["string", "null"], "format": "date-time"},
+                            "enforceLimits": {"type": ["boolean", "null"], "description": "Refuse the report (402, nothing recorded) when the user's limits forbid it: for a call of known size reported before it is made. Without it a limit never refuses usage, which was consumed."}
                         }
                     })),
                     "responses": write_responses(json!({
-                        "200": ok("The usage was recorded (or had been, for a retried eventId).", json!({
-                            "type": "object",
-                            "required": ["consumptionId", "totalTokens", "tierCharges"],
-                            "properties": {
-                                "consumptionId": {"type": "string", "format": "uuid"},
-                                "totalTokens": {"type": "integer"},
-                                "tierCharges": {"type": "array", "items": {"$ref": "#/components/schemas/TierCharge"}}
-                            }
-                        })),
+                        "200": ok("The usage was recorded (or had been, for a retried eventId).", processed()),
+                        "402": limit_refusal("enforceLimits was set and a limit forbids the usage. Nothing was recorded."),
                         "400": error("Malformed JSON, a missing or mistyped field (or one spelled snake_case, such as event_id), zero or too many tokens, bad ids or metadata. Nothing was recorded."),
                         "409": error("The eventId was used before for different usage. Nothing was recorded."),
                         "500": error("The user's plan is missing from the service's catalogue. Nothing was recorded: retry with the same eventId once it is back."),
@@ -228,16 +282,104 @@ pub(crate) fn document() -> Value {
                     "requestBody": body(json!({
                         "type": "object",
                         "required": ["userId", "customerId"],
-                        "properties": {"userId": {"type": "string", "maxLength": 128}, "customerId": {"type": "string", "maxLength": 255}, "planId": {"type": "string", "maxLength": 64}}
+                        "properties": {
+                            "userId": {"type": "string", "maxLength": 128},
+                            "customerId": {"type": "string", "maxLength": 255},
+                            "planId": {"type": "string", "maxLength": 64},
+                            "spendCap": {"type": ["integer", "null"], "minimum": 0, "description": "The most a month may be charged, in minor units of the plan's currency. Naming any of spendCap, tokenCap and paymentGate replaces the account's limits with those named; naming none keeps them."},
+                            "tokenCap": {"type": ["integer", "null"], "minimum": 0},
+                            "paymentGate": {"type": ["boolean", "null"]}
+                        }
                     })),
                     "responses": write_responses(json!({
-                        "200": ok("The account.", json!({
+                        "200": ok("The account, with the limits that apply to it (its own, or its plan's).", json!({
                             "type": "object",
-                            "properties": {"userId": {"type": "string"}, "customerId": {"type": "string"}, "planId": {"type": "string"}}
+                            "properties": {"userId": {"type": "string"}, "customerId": {"type": "string"}, "planId": {"type": "string"}, "limits": {"$ref": "#/components/schemas/Limits"}}
                         })),
                         "400": error("A missing or bad field, or an unknown plan."),
                         "409": error("A plan change while the month has usage or charges."),
                         "502": error("The payment gateway failed while collecting the charges that waited for the account."),
+                        "503": error("The billing store is unavailable.")
+                    }))
+                }
+            },
+            "/api/token-billing/reserve": {
+                "post": {
+                    "summary": "Holds tokens for a call whose size is known only at its end (a streamed completion), if the user's limits allow them: usage recorded, holds open and this estimate never pass a limit together, whatever the concurrency. Settle the hold with the real usage, or release it; unsettled, it stops counting after ttlSeconds.",
+                    "security": [{"apiKey": []}],
+                    "requestBody": body(json!({
+                        "type": "object",
+                        "required": ["userId", "estimatedTokens"],
+                        "properties": {
+                            "userId": {"type": "string", "maxLength": 128},
+                            "estimatedTokens": {"type": "integer", "minimum": 1, "maximum": 1_000_000_000u64},
+                            "holdId": {"type": ["string", "null"], "maxLength": 128, "description": "The hold's id, which settle records the usage under; a retry with the same id and estimate answers the same hold. Drawn by the service when absent."},
+                            "ttlSeconds": {"type": ["integer", "null"], "minimum": 1, "maximum": 86_400, "description": "How long the hold lasts unless settled or released (300 by default)."}
+                        }
+                    })),
+                    "responses": write_responses(json!({
+                        "200": ok("The hold.", json!({
+                            "type": "object",
+                            "required": ["holdId", "grantedTokens", "expiresAt", "remainingTokens"],
+                            "properties": {
+                                "holdId": {"type": "string"},
+                                "grantedTokens": {"type": "integer"},
+                                "expiresAt": {"type": "string", "format": "date-time"},
+                                "remainingTokens": {"type": ["integer", "null"], "description": "Tokens the month still allows besides this hold; null when no limit applies."},
+                                "replayed": {"type": "boolean"}
+                            }
+                        })),
+                        "400": error("A missing or bad field, a zero estimate or time to live. Nothing was held."),
+                        "402": limit_refusal("A limit refuses the estimate. Nothing was held."),
+                        "409": error("The holdId is open with another estimate, or was settled already."),
+                        "500": error("The user's plan is missing from the service's catalogue."),
+                        "503": error("The billing store is unavailable: retry with the same holdId.")
+                    }))
+                }
+            },
+            "/api/token-billing/settle": {
+                "post": {
+                    "summary": "Records a held call's real usage, exactly once, under the hold's id, and frees the hold; answers as process-usage does. Never refused by a limit (the tokens were consumed), even after the hold expired; usage beyond the hold is recorded, charged and reported as overshootTokens. A retry answers the same.",
+                    "security": [{"apiKey": []}],
+                    "requestBody": body(json!({
+                        "type": "object",
+                        "required": ["userId", "holdId", "tokensUsed", "operationType"],
+                        "properties": {
+                            "userId": {"type": "string", "maxLength": 128},
+                            "holdId": {"type": "string", "maxLength": 128},
+                            "tokensUsed": {"type": "integer", "minimum": 1, "maximum": 1_000_000_000u64},
+                            "operationType": {"type": "string", "maxLength": 64},
+                            "clientId": {"type": ["string", "null"], "maxLength": 128},
+                            "metadata": {"type": ["object", "null"], "additionalProperties": {"type": "string", "maxLength": 500}, "maxProperties": 50}
+                        }
+                    })),
+                    "responses": write_responses(json!({
+                        "200": ok("The usage was recorded (or had been, for a retry).", settled()),
+                        "400": error("A missing or bad field. Nothing was recorded."),
+                        "409": error("The holdId was settled before with other usage. Nothing was recorded."),
+                        "500": error("The user's plan is missing from the service's catalogue."),
+                        "502": error("The payment gateway failed."),
+                        "503": error("The billing store is unavailable: retry with the same holdId.")
+                    }))
+                }
+            },
+            "/api/token-billing/release": {
+                "post": {
+                    "summary": "Frees a hold without usage (the call was cancelled); idempotent.",
+                    "security": [{"apiKey": []}],
+                    "requestBody": body(json!({
+                        "type": "object",
+                        "required": ["userId", "holdId"],
+                        "properties": {"userId": {"type": "string", "maxLength": 128}, "holdId": {"type": "string", "maxLength": 128}}
+                    })),
+                    "responses": write_responses(json!({
+                        "200": ok("Whether the hold was open.", json!({
+                            "type": "object",
+                            "required": ["holdId", "released"],
+                            "properties": {"holdId": {"type": "string"}, "released": {"type": "boolean"}}
+                        })),
+                        "400": error("A missing or bad field."),
+                        "500": error("The user's plan is missing from the service's catalogue."),
                         "503": error("The billing store is unavailable.")
                     }))
                 }
