@@ -2,15 +2,18 @@
 //! store and the sandbox gateway. Run it with `cargo run --example quickstart`.
 //!
 //! Five users report usage through November 2026. One of them has a card that is declined
-//! until she updates it, so the month also shows dunning and the retry after a card update. At the end: a statement per user and
-//! the sandbox's payment ledger, which shows that every block was paid exactly once.
+//! until she updates it, so the month also shows dunning and the retry after a card update. A
+//! sixth streams her completions under a spend cap: each call holds its estimate first
+//! (`reserve`), is settled with what it really used, and is refused once the cap is reached.
+//! At the end: a statement per user and the sandbox's payment ledger, which shows that every
+//! block was paid exactly once.
 
 use std::sync::Arc;
 
 use chrono::{Duration, TimeZone, Utc};
 use token_billing::{
-    BillingService, CardBehaviour, ChargeStatus, CustomerId, InMemoryUsageStore, ManualClock, Money, PeriodKey,
-    SandboxGateway, Standing, TierCharge, UnregisteredUsers, UsageReport, UserId,
+    BillingError, BillingService, CardBehaviour, ChargeStatus, CustomerId, InMemoryUsageStore, Limits, ManualClock,
+    Money, PeriodKey, Reservation, SandboxGateway, Standing, TierCharge, UnregisteredUsers, UsageReport, UserId,
 };
 
 /// Who uses how much: tokens per active day, and on how many days out of ten.
@@ -65,6 +68,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     billing.register_account(&dora, Some(dora_card.clone()), None).await?;
 
+    // Eva may spend at most R$ 600.00 a month: the fee and two blocks, 24M tokens.
+    let eva = UserId::new("eva")?;
+    let cap = Money::from_minor(60_000, token_billing::Currency::BRL);
+    billing
+        .set_limits(&eva, Some(Limits::none().with_spend_cap(cap)))
+        .await?;
+
+    let mut eva_capped = false;
     let mut seed: u64 = 42;
     let mut random = move |below: u64| {
         seed = seed
@@ -110,6 +121,37 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             );
             println!("{}", line.trim_end());
         }
+        // Eva's streamed completion: its size is known at its end, so it holds an estimate first.
+        if !eva_capped {
+            let call = format!("eva-2026-11-{day:02}");
+            match billing
+                .reserve(Reservation::new("eva", 2_000_000).hold_id(call.as_str()))
+                .await
+            {
+                Ok(hold) => {
+                    let used = 1_000_000 + random(1_200_000);
+                    let settled = billing
+                        .settle_hold(&call, UsageReport::new("eva", used, "chat"))
+                        .await?;
+                    println!(
+                        "2026-11-{day:02}  {:<12} {:<9} {used:>9} tokens  total {:>10}  held {} then settled",
+                        "eva", "stream", settled.outcome.total_tokens, hold.granted_tokens
+                    );
+                }
+                Err(BillingError::LimitExceeded {
+                    limit,
+                    remaining_tokens,
+                }) => {
+                    println!(
+                        "2026-11-{day:02}  {:<12} {:<9} refused: {limit} allows {remaining_tokens} more tokens; no more calls this month",
+                        "eva", "stream"
+                    );
+                    eva_capped = true;
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+
         // The host's hourly jobs, run once a day here.
         let retried = billing.retry_failed().await?;
         if retried.claimed > 0 {
@@ -128,7 +170,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "{:<12} {:>11} {:<9} {:>12} {:>7} {:>13} {:>12} {:>12}  standing",
         "user", "tokens", "tier", "fixed fee", "blocks", "block total", "total", "outstanding"
     );
-    for (name, _, _) in USERS {
+    for name in USERS.iter().map(|(name, _, _)| *name).chain(["eva"]) {
         let user = UserId::new(name)?;
         let summary = billing.token_summary(&user, Some(november)).await?;
         let standing = billing.account_standing(&user).await?;
