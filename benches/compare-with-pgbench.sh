@@ -5,6 +5,8 @@
 #   - pgbench -N (simple update) with 16 clients against process_token_usage with 16 callers;
 #   - pgbench -N with one client (median latency per transaction) against one caller (median
 #     latency per event);
+#   - reserve (a hold for a call in flight) with one caller (median) and with 16 callers, against
+#     pgbench -N with one client and with 16;
 #   - the rows a batch of 1,000 events writes, written by plain SQL from pgbench with two
 #     clients (PostgreSQL's own rate for that work), against process_token_usage_batch with
 #     two callers (BATCH_CALLERS changes both).
@@ -64,6 +66,17 @@ store_bench 'postgres_one_event/one_caller$'
 ours1=$(sed -n 's/.*latency per event: median \([0-9]*\) us.*/\1/p' "$work/store.txt" | tail -1)
 echo "   pgbench median $pg1 us per transaction, store median $ours1 us per event"
 
+echo "== reserve: one caller against pgbench's one client (above), then 16 callers against 16 clients"
+checkpoint
+store_bench 'postgres_reserve/one_caller$'
+reserve1=$(sed -n 's/.*postgres_reserve\/one_caller latency per event: median \([0-9]*\) us.*/\1/p' "$work/store.txt" | tail -1)
+checkpoint
+pg16r=$(pgbench -N -c 16 -j 2 -T "$seconds" "$bench_db" 2>/dev/null | sed -n 's/^tps = \([0-9.]*\).*/\1/p')
+checkpoint
+store_bench 'postgres_reserve/sixteen_callers$'
+reserve16=$(python3 -c "print(1e9 / $(criterion_median_ns postgres_reserve/sixteen_callers))")
+printf '   one caller median %s us; 16 callers %.0f reserves/s against pgbench %.0f tps\n' "$reserve1" "$reserve16" "$pg16r"
+
 echo "== plain SQL writing what a batch of 1,000 events writes, $BATCH_CALLERS clients, ${seconds}s"
 # The store's schema, in a schema of its own, with the users' periods open.
 checkpoint
@@ -104,16 +117,19 @@ if [ "$BATCH_CALLERS" = 2 ]; then batch_name=batches_of_1000_two_callers; else b
 batch=$(python3 -c "print(1000 * 1e9 / $(criterion_median_ns "postgres_batch/$batch_name"))")
 psql -qAt -d postgres -c "DROP DATABASE $bench_db" >/dev/null
 
-python3 - "$pg1" "$ours1" "$floor" "$batch" "${pg16s[*]}" "${ours16s[*]}" <<'PY'
+python3 - "$pg1" "$ours1" "$floor" "$batch" "${pg16s[*]}" "${ours16s[*]}" "$reserve1" "$reserve16" "$pg16r" <<'PY'
 import statistics, sys
 pg1, ours1, floor, batch = (float(v) for v in sys.argv[1:5])
 pg16 = [float(v) for v in sys.argv[5].split()]
 ours16 = [float(v) for v in sys.argv[6].split()]
+reserve1, reserve16, pg16r = (float(v) for v in sys.argv[7:10])
 ratios = [o / p for o, p in zip(ours16, pg16)]
 print()
 print("16 callers:  ratios by round " + ", ".join(f"{r:.2f}" for r in ratios)
       + f"; median {statistics.median(ratios):.2f} (target >= 1.00)")
 print(f"1 caller:    {ours1:8.0f} us median vs pgbench -N 1 client {pg1:8.0f} us: ratio {ours1 / pg1:.2f} (target <= 1.20)")
+print(f"reserve, 1:  {reserve1:8.0f} us median vs pgbench -N 1 client {pg1:8.0f} us: ratio {reserve1 / pg1:.2f} (target <= 1.00)")
+print(f"reserve, 16: {reserve16:8.0f} reserves/s vs pgbench -N 16 clients {pg16r:8.0f} tps: ratio {reserve16 / pg16r:.2f} (target >= 1.00)")
 print(f"batches:     {batch:8.0f} events/s vs plain SQL, same rows {floor:8.0f} events/s: ratio {batch / floor:.2f}"
       " (target 50000 events/s)")
 PY

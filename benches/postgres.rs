@@ -2,7 +2,7 @@
 // Rates and durations of a benchmark, not money.
 #![allow(clippy::float_arithmetic, clippy::cast_precision_loss)]
 //! The PostgreSQL store under `process_token_usage`: one event per call with one caller
-//! (latency) and with sixteen (throughput), and batches. `benches/compare-with-pgbench.sh`
+//! (latency) and with sixteen (throughput), and batches; and `reserve`, one caller and sixteen. `benches/compare-with-pgbench.sh`
 //! runs these beside `pgbench -N` on the same server and prints the ratios.
 //!
 //! `DATABASE_URL` names the server (`postgres://postgres@127.0.0.1:5432/test` by default); the
@@ -21,7 +21,9 @@ use std::time::{Duration, Instant};
 use common::{load, metadata};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use token_billing::{BillingService, PostgresUsageStore, SandboxGateway, UnregisteredUsers, UsageReport, UserId};
+use token_billing::{
+    BillingService, Limits, PostgresUsageStore, Reservation, SandboxGateway, UnregisteredUsers, UsageReport, UserId,
+};
 
 /// Users the events are spread over: each caller has its own, as pgbench's clients update
 /// random rows of their own.
@@ -137,6 +139,60 @@ fn one_at_a_time(runtime: &tokio::runtime::Runtime, billing: &BillingService, ev
     })
 }
 
+/// `holds` reservations by `callers` concurrent callers, each on users of its own, every hold
+/// of one second (so that a user's holds stay few, as calls finish); the elapsed time. With one
+/// caller each reservation's latency is kept, for the median.
+fn reserving(runtime: &tokio::runtime::Runtime, billing: &BillingService, holds: u64, callers: u64) -> Duration {
+    runtime.block_on(async {
+        let start = Instant::now();
+        let tasks: Vec<_> = (0..callers)
+            .map(|caller| {
+                let billing = billing.clone();
+                let own = holds / callers + u64::from(caller < holds % callers);
+                tokio::spawn(async move {
+                    let mut latencies = Vec::new();
+                    for i in 0..own {
+                        let user = (caller + i * callers) % USERS;
+                        let n = EVENTS.fetch_add(1, Ordering::Relaxed);
+                        let reservation = Reservation::new(format!("bench-user-{user}"), 1_000)
+                            .hold_id(format!("hold-{n}"))
+                            .ttl(Duration::from_secs(1));
+                        let start = Instant::now();
+                        billing.reserve(reservation).await.expect("granted");
+                        if callers == 1 {
+                            latencies.push(start.elapsed());
+                        }
+                    }
+                    RESERVE_LATENCIES.lock().expect("latencies").extend(latencies);
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.expect("caller");
+        }
+        start.elapsed()
+    })
+}
+
+/// How long each reservation took with one caller.
+static RESERVE_LATENCIES: Mutex<Vec<Duration>> = Mutex::new(Vec::new());
+
+/// The median and 99th percentile of `latencies`, printed under `name`.
+fn print_latencies(name: &str, mut latencies: Vec<Duration>) {
+    latencies.sort_unstable();
+    if let (Some(median), Some(p99)) = (
+        latencies.get(latencies.len() / 2),
+        latencies.get(latencies.len() * 99 / 100),
+    ) {
+        println!(
+            "{name} latency per event: median {} us, p99 {} us, {} events",
+            median.as_micros(),
+            p99.as_micros(),
+            latencies.len()
+        );
+    }
+}
+
 /// `batches` batches of `BATCH` events by `callers` concurrent callers, each over its own 800
 /// users (as the sixteen callers above have their own), so that a batch moves 800 periods.
 fn batched(runtime: &tokio::runtime::Runtime, billing: &BillingService, batches: u64, callers: u64) -> Duration {
@@ -190,19 +246,36 @@ fn postgres(c: &mut Criterion) {
         b.iter_custom(|iters| one_at_a_time(&runtime, &billing, iters, 16))
     });
     group.finish();
-    let mut latencies = std::mem::take(&mut *LATENCIES.lock().expect("latencies"));
-    latencies.sort_unstable();
-    if let (Some(median), Some(p99)) = (
-        latencies.get(latencies.len() / 2),
-        latencies.get(latencies.len() * 99 / 100),
-    ) {
-        println!(
-            "postgres_one_event/one_caller latency per event: median {} us, p99 {} us, {} events",
-            median.as_micros(),
-            p99.as_micros(),
-            latencies.len()
-        );
-    }
+    print_latencies(
+        "postgres_one_event/one_caller",
+        std::mem::take(&mut *LATENCIES.lock().expect("latencies")),
+    );
+
+    // Holds for calls in flight, for users with a token cap, decided in one statement each.
+    runtime.block_on(async {
+        for user in 0..USERS {
+            let user = UserId::new(format!("bench-user-{user}")).expect("a user id");
+            billing
+                .set_limits(&user, Some(Limits::none().with_token_cap(1_000_000_000_000)))
+                .await
+                .expect("limits");
+        }
+    });
+    let mut group = c.benchmark_group("postgres_reserve");
+    group.throughput(Throughput::Elements(1));
+    group.sample_size(10);
+    group.measurement_time(Duration::from_secs(10));
+    group.bench_function("one_caller", |b| {
+        b.iter_custom(|iters| reserving(&runtime, &billing, iters, 1))
+    });
+    group.bench_function("sixteen_callers", |b| {
+        b.iter_custom(|iters| reserving(&runtime, &billing, iters, 16))
+    });
+    group.finish();
+    print_latencies(
+        "postgres_reserve/one_caller",
+        std::mem::take(&mut *RESERVE_LATENCIES.lock().expect("latencies")),
+    );
 
     let mut group = c.benchmark_group("postgres_batch");
     group.throughput(Throughput::Elements(BATCH));

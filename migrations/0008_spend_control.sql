@@ -39,3 +39,24 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
            END
       FROM usage u
 $$;
+
+-- Threshold alerts: an outbox, one row per (user, period, alert), created in the transaction that
+-- records the event crossing its threshold; hosts read the rows not acknowledged and acknowledge
+-- them once delivered.
+CREATE TABLE IF NOT EXISTS token_billing_alerts (
+    user_id text NOT NULL,
+    period text NOT NULL,
+    alert_key text NOT NULL,
+    id uuid NOT NULL,
+    kind jsonb NOT NULL,
+    total_tokens bigint NOT NULL,
+    created_at timestamptz NOT NULL,
+    acknowledged_at timestamptz,
+    PRIMARY KEY (user_id, period, alert_key)
+);
+CREATE INDEX IF NOT EXISTS token_billing_alerts_pending
+    ON token_billing_alerts (created_at) WHERE acknowledged_at IS NULL;
+ALTER TABLE token_billing_alerts ENABLE ROW LEVEL SECURITY;
+DROP POLICY IF EXISTS token_billing_own_rows ON token_billing_alerts;
+CREATE POLICY token_billing_own_rows ON token_billing_alerts
+    USING (user_id = current_setting('token_billing.user_id', true));

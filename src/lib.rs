@@ -87,7 +87,7 @@ pub use service::{
 #[cfg(feature = "postgres")]
 pub use store::PostgresUsageStore;
 pub use store::{
-    Account, AuditEntry, AuditEvent, EventRetention, GatewayEventRecord, Hold, InMemoryUsageStore,
+    Account, Alert, AuditEntry, AuditEvent, EventRetention, GatewayEventRecord, Hold, InMemoryUsageStore,
     InMemoryUsageStoreBuilder, OperationUsage, PeriodSummary, SpendState, StoreError, TierChargeReport, UsageStore,
 };
 

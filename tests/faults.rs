@@ -365,6 +365,7 @@ async fn placing_again_before_a_refusal_leaves_both_account_changes_to_the_recor
                 plan: &plan,
                 fee: FeeCollection::Library,
                 lease_until: None,
+                alerting: None,
             })
         })
         .await

@@ -667,6 +667,7 @@ mod crashes {
                         plan: &plan,
                         fee: FeeCollection::Library,
                         lease_until: None,
+                        alerting: None,
                         account: None,
                     })
                     .await
@@ -1193,7 +1194,7 @@ mod record_paths {
                     let usage = usage_event(&user, *tokens, "chat", period);
                     sent.push(usage.clone());
                     let recorded = store
-                        .record_usage(RecordUsage { usage, plan: &plan, fee, lease_until: None, account: None })
+                        .record_usage(RecordUsage { usage, plan: &plan, fee, lease_until: None, alerting: None, account: None })
                         .await
                         .expect("recorded");
                     prop_assert!(!recorded.replayed);
@@ -1210,7 +1211,7 @@ mod record_paths {
                 }
                 let original = resend.get(&sent).clone();
                 let again = store
-                    .record_usage(RecordUsage { usage: original.clone(), plan: &plan, fee, lease_until: None, account: None })
+                    .record_usage(RecordUsage { usage: original.clone(), plan: &plan, fee, lease_until: None, alerting: None, account: None })
                     .await
                     .expect("answered");
                 prop_assert!(again.replayed);
@@ -1439,6 +1440,7 @@ async fn a_record_placed_with_an_account_that_changed_since_writes_nothing_and_g
                     plan,
                     fee: FeeCollection::Library,
                     lease_until: None,
+                    alerting: None,
                     account,
                 })
                 .await

@@ -12,8 +12,8 @@ use common::nov15;
 use common::pg::{schema, store_in};
 use futures_util::future::join_all;
 use token_billing::{
-    BillingError, BillingService, LimitKind, Limits, ManualClock, Reservation, SandboxGateway, UnregisteredUsers,
-    UsageReport, UserId,
+    AlertKind, AlertPolicy, BillingError, BillingService, LimitKind, Limits, ManualClock, Reservation, SandboxGateway,
+    UnregisteredUsers, UsageReport, UserId,
 };
 
 /// `count` service instances over one schema, each on its own pool, sharing a manual clock.
@@ -27,6 +27,7 @@ async fn instances(count: usize) -> (Vec<BillingService>, ManualClock) {
             BillingService::builder(Arc::new(store), Arc::new(SandboxGateway::accepting_unknown_customers()))
                 .clock(Arc::new(clock.clone()))
                 .unregistered_users(UnregisteredUsers::OpenCustomer)
+                .alerts(AlertPolicy::standard())
                 .build(),
         );
     }
@@ -127,4 +128,43 @@ async fn enforced_reports_from_four_instances_never_pass_the_cap() {
         (0, Some(0)),
         "every event's hold was freed"
     );
+}
+
+/// Events from four instances that cross thresholds together: exactly one alert per threshold
+/// crossed, each with the total of the event that crossed it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_events_from_four_instances_create_each_alert_once() {
+    let (instances, _clock) = instances(4).await;
+    let user = fresh_user("alert-race");
+    instances[0]
+        .set_limits(&user, Some(Limits::none().with_token_cap(30_000_000)))
+        .await
+        .expect("set_limits");
+    let results = join_all((0..200).map(|i| {
+        let billing = instances[i % instances.len()].clone();
+        let report = UsageReport::new(user.to_string(), 150_000, "chat").event_id(format!("e-{i}"));
+        async move { billing.process_token_usage(report).await }
+    }))
+    .await;
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    let alerts = instances[1].pending_alerts(Some(&user), 100).await.expect("alerts");
+    let mut kinds: Vec<AlertKind> = alerts.iter().map(|a| a.kind).collect();
+    kinds.sort();
+    // 30M tokens: 80% and 100% of the 8M allowance, blocks 1 to 3, 90% of the cap and the cap.
+    let mut expected = vec![
+        AlertKind::Allowance { percent: 80 },
+        AlertKind::Allowance { percent: 100 },
+        AlertKind::Block { block: 1 },
+        AlertKind::Block { block: 2 },
+        AlertKind::Block { block: 3 },
+        AlertKind::Cap { percent: 90 },
+        AlertKind::CapReached,
+    ];
+    expected.sort();
+    assert_eq!(kinds, expected);
+    let cap = alerts
+        .iter()
+        .find(|a| a.kind == AlertKind::CapReached)
+        .expect("the cap");
+    assert_eq!(cap.total_tokens, 30_000_000);
 }

@@ -7,7 +7,9 @@ use std::collections::BTreeSet;
 use common::{Harness, november, user};
 use proptest::prelude::*;
 use rust_decimal::Decimal;
-use token_billing::{ChargeKind, ChargeStatus, Currency, Limits, MAX_TOKENS, Money, Plan, TierLabel, UsageReport};
+use token_billing::{
+    AlertPolicy, Ceiling, ChargeKind, ChargeStatus, Currency, Limits, MAX_TOKENS, Money, Plan, TierLabel, UsageReport,
+};
 
 fn currency() -> impl Strategy<Value = Currency> {
     proptest::sample::select(Currency::ALL.to_vec())
@@ -383,5 +385,39 @@ proptest! {
             prop_assert_eq!(room.refuses(room.remaining + 1), room.limited_by);
             prop_assert_eq!(room.refuses(room.remaining), None);
         }
+    }
+}
+
+proptest! {
+    /// Alerts under any split of usage: the alerts crossed from `a` to `c` are those crossed from
+    /// `a` to `b` and from `b` to `c`, none twice, so events never double or lose an alert.
+    #[test]
+    fn alerts_crossed_split_as_the_usage_splits(
+        plan in plan(),
+        cap in proptest::option::of(0u64..=100_000_000),
+        percents in proptest::collection::vec(0u8..=120, 0..4),
+        a in 0u64..=100_000_000,
+        d1 in 0u64..=50_000_000,
+        d2 in 0u64..=50_000_000,
+    ) {
+        let policy = AlertPolicy {
+            allowance_percent: percents.clone(),
+            blocks: true,
+            cap_percent: percents,
+            cap_reached: true,
+            payment_gate: false,
+        };
+        let ceiling = Ceiling { token_cap: cap, ..Ceiling::default() };
+        let (b, c) = (a + d1, a + d1 + d2);
+        let mut whole = policy.crossed(&plan, &ceiling, a, c);
+        let mut parts = policy.crossed(&plan, &ceiling, a, b);
+        parts.extend(policy.crossed(&plan, &ceiling, b, c));
+        let mut distinct = parts.clone();
+        distinct.sort();
+        distinct.dedup();
+        prop_assert_eq!(distinct.len(), parts.len(), "no alert crossed twice");
+        whole.sort();
+        parts.sort();
+        prop_assert_eq!(whole, parts);
     }
 }

@@ -2,6 +2,12 @@
 //! the original product's flows, retries, a table of bad requests that record nothing, the
 //! OpenAPI document against the routes, and the dashboard in headless Chromium.
 
+#[path = "server/alert_webhooks.rs"]
+mod alert_webhooks;
+// The service's `main` spawns the delivery loop; the tests call one round of it.
+#[allow(dead_code)]
+#[path = "../examples/server/alerts.rs"]
+mod alerts;
 #[path = "../examples/server/app.rs"]
 mod app;
 #[path = "../examples/server/auth.rs"]

@@ -9,7 +9,8 @@ use std::time::Duration;
 use common::{Harness, user};
 use proptest::prelude::*;
 use token_billing::{
-    BillingError, CardBehaviour, Currency, LimitKind, Limits, Money, Plan, Reservation, UsageError, UsageReport,
+    AlertKind, AlertPolicy, BillingError, CardBehaviour, Currency, LimitKind, Limits, Money, Plan, Reservation,
+    UsageError, UsageReport,
 };
 
 /// A small plan, so that a few hundred tokens cross blocks: 100 included, blocks of 100.
@@ -324,6 +325,49 @@ async fn a_declined_block_closes_the_payment_gate_until_it_is_paid() {
         .reserve(reservation("ana", 7_000_001, "next-block"))
         .await
         .expect("the next block may start");
+}
+
+#[tokio::test]
+async fn the_payment_gate_closing_raises_one_alert() {
+    let harness = Harness::with(|b| b.alerts(AlertPolicy::standard()));
+    let ana = user("ana");
+    harness
+        .register(
+            &ana,
+            CardBehaviour::Declines {
+                code: "insufficient_funds".to_owned(),
+            },
+        )
+        .await;
+    harness
+        .service
+        .set_limits(&ana, Some(Limits::none().with_payment_gate()))
+        .await
+        .expect("set_limits");
+    harness
+        .service
+        .process_token_usage(UsageReport::new("ana", 9_000_000, "chat"))
+        .await
+        .expect("recorded");
+    for _ in 0..3 {
+        let refused = harness.service.reserve(reservation("ana", 8_000_000, "next")).await;
+        assert!(matches!(
+            refused,
+            Err(BillingError::LimitExceeded {
+                limit: LimitKind::PaymentGate,
+                ..
+            })
+        ));
+    }
+    let gate: Vec<_> = harness
+        .service
+        .pending_alerts(Some(&ana), 10)
+        .await
+        .expect("alerts")
+        .into_iter()
+        .filter(|a| a.kind == AlertKind::PaymentGate)
+        .collect();
+    assert_eq!(gate.len(), 1, "one alert, however many refusals");
 }
 
 #[tokio::test]

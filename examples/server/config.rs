@@ -3,10 +3,11 @@
 use std::sync::Arc;
 
 use token_billing::{
-    BillingService, Clock, FeeCollection, InMemoryUsageStore, PaymentGateway, SandboxGateway, SystemClock,
+    AlertPolicy, BillingService, Clock, FeeCollection, InMemoryUsageStore, PaymentGateway, SandboxGateway, SystemClock,
     UnregisteredUsers, UsageStore,
 };
 
+use crate::alerts::AlertWebhook;
 use crate::app::AppState;
 use crate::auth::Auth;
 
@@ -28,6 +29,8 @@ pub(crate) struct Configured {
     pub(crate) description: String,
     /// What the operator accepted that can cost money or data, for the log at `warn`.
     pub(crate) warnings: Vec<String>,
+    /// Where threshold alerts are delivered, when configured.
+    pub(crate) alert_webhook: Option<AlertWebhook>,
 }
 
 /// Why a database with the sandbox gateway is refused, and how to ask for it.
@@ -179,17 +182,31 @@ pub(crate) async fn configure(env: impl Fn(&str) -> Option<String>) -> Result<Co
         sandbox()
     };
 
+    let alert_webhook = match (
+        env("TOKEN_BILLING_ALERT_WEBHOOK_URL"),
+        env("TOKEN_BILLING_ALERT_WEBHOOK_SECRET"),
+    ) {
+        (Some(url), Some(secret)) => Some(AlertWebhook::new(&url, &secret)?),
+        (None, None) => None,
+        _ => {
+            return Err(
+                "set both TOKEN_BILLING_ALERT_WEBHOOK_URL and TOKEN_BILLING_ALERT_WEBHOOK_SECRET, or neither".into(),
+            );
+        }
+    };
+
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let billing = BillingService::builder(store, gateway)
         .clock(clock.clone())
         .fee_collection(fee)
         .unregistered_users(unregistered)
+        .alerts(AlertPolicy::standard())
         .build();
     #[cfg(not(feature = "stripe"))]
     let stripe = None;
     let state = AppState::new(billing.clone(), auth, clock, stripe);
     let description = format!(
-        "store: {store_name}; gateway: {gateway_name}; fixed fee: {}; user tokens: {}",
+        "store: {store_name}; gateway: {gateway_name}; fixed fee: {}; user tokens: {}; alerts: {}",
         match fee {
             FeeCollection::Subscription =>
                 "collected by a gateway subscription (TOKEN_BILLING_FEE_COLLECTION=subscription)",
@@ -199,6 +216,10 @@ pub(crate) async fn configure(env: impl Fn(&str) -> Option<String>) -> Result<Co
             "accepted (TOKEN_BILLING_JWT_SECRET)"
         } else {
             "refused (TOKEN_BILLING_JWT_SECRET is not set)"
+        },
+        match &alert_webhook {
+            Some(_) => "delivered to TOKEN_BILLING_ALERT_WEBHOOK_URL",
+            None => "kept for the dashboard (TOKEN_BILLING_ALERT_WEBHOOK_URL is not set)",
         }
     );
     Ok(Configured {
@@ -207,5 +228,6 @@ pub(crate) async fn configure(env: impl Fn(&str) -> Option<String>) -> Result<Co
         addr: env("TOKEN_BILLING_ADDR").unwrap_or_else(|| DEFAULT_ADDR.to_owned()),
         description,
         warnings,
+        alert_webhook,
     })
 }

@@ -27,6 +27,10 @@
 //!   forgets every total and charge, so later usage is rated from zero (under-billed) and the
 //!   period's fixed fee is charged again with the same key, which only the gateway's 24-hour
 //!   idempotency window keeps from being paid twice. The service logs that at `warn`.
+//! - `TOKEN_BILLING_ALERT_WEBHOOK_URL`, `TOKEN_BILLING_ALERT_WEBHOOK_SECRET`: where threshold
+//!   alerts (80% and 100% of the allowance, each block, 90% of the cap, the cap, the payment
+//!   gate) are POSTed, signed with HMAC-SHA256 (`TokenBilling-Signature: t=...,v1=...`), with
+//!   retries; without them alerts are kept for the dashboard only.
 //! - `TOKEN_BILLING_FEE_COLLECTION`: `library` (default: the fee is charged with the first
 //!   usage of the month, or by create-subscription, which opens the month) or `subscription`
 //!   (create-subscription makes a gateway subscription, which collects it). The startup log and
@@ -34,6 +38,7 @@
 //!
 //! Every minute it resumes charges left pending; every hour it retries declined ones.
 
+mod alerts;
 mod app;
 mod auth;
 mod config;
@@ -63,6 +68,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     }
     for (method, path) in app::routes() {
         tracing::debug!(%method, %path, "route");
+    }
+    if let Some(webhook) = configured.alert_webhook {
+        alerts::spawn_delivery(configured.billing.clone(), webhook);
     }
     spawn_jobs(configured.billing);
     let listener = tokio::net::TcpListener::bind(&configured.addr).await?;

@@ -5,6 +5,7 @@
 //! are always arguments. Every amount the library charges comes from a function here, which is
 //! why the property tests can hammer them without any store or gateway.
 
+mod alerts;
 mod charge;
 mod ids;
 mod limits;
@@ -15,6 +16,7 @@ mod plan;
 mod rating;
 mod usage;
 
+pub use alerts::{AlertKind, AlertPolicy};
 pub use charge::{Charge, ChargeStatus, FeeCollection, NewCharge, UnknownChargeStatus, charges_for_growth};
 pub use ids::{ChargeKey, ChargeKind, ClientId, CustomerId, EventId, IdError, OperationType, PlanId, UserId};
 pub(crate) use ids::{IdBytes, check_identifier, decimal};

@@ -19,7 +19,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use crate::clock::{Clock, SystemClock};
-use crate::domain::{FeeCollection, Period, PeriodKey, Plan, PlanId, UserId};
+use crate::domain::{AlertPolicy, FeeCollection, Period, PeriodKey, Plan, PlanId, UserId};
 use crate::error::BillingError;
 use crate::gateway::{PaymentGateway, SandboxGateway};
 use crate::store::{Account, InMemoryUsageStore, StoreError, UsageStore};
@@ -87,6 +87,7 @@ struct Settings {
     payment_gate_grace: Duration,
     hold_ttl: Duration,
     max_hold_ttl: Duration,
+    alerts: AlertPolicy,
 }
 
 /// Bills token usage: records it, charges what is owed exactly once, answers summaries.
@@ -261,6 +262,14 @@ impl BillingServiceBuilder {
         self
     }
 
+    /// The thresholds that create alerts ([`AlertPolicy::none`] by default): each crossing
+    /// creates one alert per user and period, in the step that records the event, for hosts to
+    /// read with [`BillingService::pending_alerts`].
+    pub fn alerts(mut self, policy: AlertPolicy) -> Self {
+        self.settings.alerts = policy;
+        self
+    }
+
     /// The service.
     pub fn build(self) -> BillingService {
         BillingService {
@@ -330,6 +339,7 @@ impl BillingService {
                 payment_gate_grace: Duration::ZERO,
                 hold_ttl: Duration::from_secs(300),
                 max_hold_ttl: Duration::from_secs(24 * 3600),
+                alerts: AlertPolicy::none(),
             },
         }
     }

@@ -10,9 +10,9 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::domain::{Ceiling, EventId, Headroom, LimitKind, Limits, PeriodKey, Plan, UserId};
+use crate::domain::{AlertKind, Ceiling, EventId, Headroom, LimitKind, Limits, PeriodKey, Plan, UserId};
 use crate::error::{BillingError, UsageError};
-use crate::store::{Account, Hold, HoldDecision, HoldRequest};
+use crate::store::{Account, Alert, Hold, HoldDecision, HoldRequest};
 
 use super::BillingService;
 use super::usage::{UsageOutcome, UsageReport};
@@ -329,6 +329,22 @@ impl BillingService {
             })
             .await?;
         match &decision {
+            HoldDecision::Refused {
+                limit: LimitKind::PaymentGate,
+                state,
+            } if self.settings.alerts.payment_gate => {
+                tracing::info!(limit = %LimitKind::PaymentGate, tokens, "hold refused");
+                let alert = Alert::new(
+                    user.clone(),
+                    limits.period,
+                    AlertKind::PaymentGate,
+                    state.total_tokens,
+                    now,
+                );
+                if self.store.raise_alert(alert).await? {
+                    tracing::info!("the payment gate closed: alert raised");
+                }
+            }
             HoldDecision::Refused { limit, .. } => tracing::info!(%limit, tokens, "hold refused"),
             HoldDecision::Granted { replayed: false, .. } => tracing::debug!(tokens, "hold granted"),
             _ => {}
@@ -406,6 +422,43 @@ impl BillingService {
         let account = self.store.account(user).await?;
         let (period, _) = self.period_at(account.as_ref(), now)?;
         Ok(self.store.holds(user, period.key(), now).await?)
+    }
+
+    /// Up to `limit` alerts not acknowledged yet, of one user or of all, oldest first: an
+    /// outbox a host delivers from (at least once: each alert keeps its id), acknowledging each
+    /// delivered with [`ack_alert`](Self::ack_alert).
+    ///
+    /// # Errors
+    /// Store errors.
+    ///
+    /// # Example
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// use std::sync::Arc;
+    /// use token_billing::{AlertKind, AlertPolicy, BillingService, InMemoryUsageStore, SandboxGateway, UsageReport};
+    ///
+    /// let billing = BillingService::builder(Arc::new(InMemoryUsageStore::new()), Arc::new(SandboxGateway::new()))
+    ///     .alerts(AlertPolicy::standard())
+    ///     .build();
+    /// billing.process_token_usage(UsageReport::new("ana", 7_000_000, "chat")).await?;
+    /// let user = "ana".parse()?;
+    /// let alerts = billing.pending_alerts(Some(&user), 10).await?;
+    /// assert_eq!(alerts.iter().map(|a| a.kind).collect::<Vec<_>>(), [AlertKind::Allowance { percent: 80 }]);
+    /// assert!(billing.ack_alert(&user, alerts[0].id).await?);
+    /// assert!(billing.pending_alerts(Some(&user), 10).await?.is_empty());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
+    pub async fn pending_alerts(&self, user: Option<&UserId>, limit: usize) -> Result<Vec<Alert>, BillingError> {
+        Ok(self.store.pending_alerts(user, limit).await?)
+    }
+
+    /// Acknowledges an alert once delivered; answers whether it was pending. Idempotent.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub async fn ack_alert(&self, user: &UserId, alert_id: uuid::Uuid) -> Result<bool, BillingError> {
+        Ok(self.store.ack_alert(user, alert_id).await?)
     }
 
     /// The limit a period total reaches, when one does: the next check or reservation of any

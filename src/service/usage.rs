@@ -14,7 +14,7 @@ use crate::domain::{
     TierLabel, UsageRecord, UserId, check_metadata,
 };
 use crate::error::{BillingError, UsageError};
-use crate::store::{Account, HoldDecision, PlacedUsage, Placement, RecordUsage, Recorded, StoreError};
+use crate::store::{Account, Alerting, HoldDecision, PlacedUsage, Placement, RecordUsage, Recorded, StoreError};
 
 use super::{BillingService, CollectionMode, UnregisteredUsers, store_contract};
 
@@ -481,10 +481,16 @@ impl BillingService {
         let collect_now = self.settings.collection == CollectionMode::Immediate
             && (account.is_some_and(|a| a.customer_id.is_some())
                 || self.settings.unregistered == UnregisteredUsers::OpenCustomer);
+        let alerting = (!self.settings.alerts.is_none()).then(|| Alerting {
+            policy: &self.settings.alerts,
+            // A cap that does not fit the plan (checked when limits are set) has no alerts.
+            ceiling: Self::limits_of(account, plan).ceiling(plan).unwrap_or_default(),
+        });
         Ok(Placed::Record(Placement {
             plan,
             fee: self.settings.fee,
             lease_until: collect_now.then(|| self.lease_until(now, self.settings.lease)),
+            alerting,
         }))
     }
 
@@ -641,6 +647,7 @@ impl BillingService {
                             plan: placement.plan,
                             fee: placement.fee,
                             lease_until: placement.lease_until,
+                            alerting: placement.alerting,
                             // Read afresh by `accounts` above.
                             account: None,
                         });

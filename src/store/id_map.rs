@@ -110,6 +110,11 @@ impl<K: IdBytes + Eq, V> IdMap<K, V> {
     pub(crate) fn keys(&self) -> impl Iterator<Item = &K> {
         self.table.iter().map(|(k, _)| k)
     }
+
+    /// The values, in no particular order.
+    pub(crate) fn values(&self) -> impl Iterator<Item = &V> {
+        self.table.iter().map(|(_, v)| v)
+    }
 }
 
 #[cfg(test)]

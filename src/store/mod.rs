@@ -3,6 +3,7 @@
 //! [`InMemoryUsageStore`] is always built. Every implementation must pass the conformance suite in
 //! `token_billing::testing::store` (feature `testing`), which turns the contract below into tests.
 
+mod alerts;
 mod holds;
 mod id_map;
 mod memory;
@@ -22,6 +23,7 @@ use crate::domain::{
     UsageRecord, UserId,
 };
 
+pub use alerts::{Alert, Alerting};
 pub use holds::{Hold, HoldDecision, HoldRequest, SpendState};
 pub use memory::{EventRetention, InMemoryUsageStore, InMemoryUsageStoreBuilder};
 #[cfg(feature = "postgres")]
@@ -136,6 +138,8 @@ pub struct RecordUsage<'a> {
     /// When set, the charges created are leased to the caller until then (it collects them at
     /// once), and each counts one collection attempt.
     pub lease_until: Option<DateTime<Utc>>,
+    /// The alerts to create when the event crosses their thresholds, in the same atomic step.
+    pub alerting: Option<Alerting<'a>>,
     /// The account the event was placed with (its plan and collection follow from it), when
     /// it came from [`UsageStore::account_for_usage`]. A store whose `account_for_usage` may
     /// answer from a cache MUST refuse the record with [`StoreError::AccountChanged`], writing
@@ -155,6 +159,8 @@ pub struct Placement<'p> {
     /// When set, the charges created are leased to the caller until then (it collects them at
     /// once), as in [`RecordUsage::lease_until`].
     pub lease_until: Option<DateTime<Utc>>,
+    /// The alerts to create, as in [`RecordUsage::alerting`].
+    pub alerting: Option<Alerting<'p>>,
 }
 
 /// The service's placing of an event, called by [`UsageStore::place_and_record_usage`] with the
@@ -407,6 +413,15 @@ impl<'a> Settlement<'a> {
 /// - With no limit in the ceiling, a reserve past [`MAX_TOKENS`](crate::MAX_TOKENS) fails with
 ///   [`StoreError::TotalOverflow`].
 ///
+/// Alerts:
+/// - Recording an event with [`RecordUsage::alerting`] MUST create, in the same atomic step, an
+///   [`Alert`] for each kind [`AlertPolicy::crossed`](crate::AlertPolicy::crossed) gives for its
+///   interval `(before, after]`, and none other; at most one per (user, period, kind), whatever
+///   the concurrency ([`raise_alert`](Self::raise_alert) included).
+/// - [`pending_alerts`](Self::pending_alerts) MUST answer every alert not acknowledged, oldest
+///   first, with the id it was created with; [`ack_alert`](Self::ack_alert) removes one from
+///   them.
+///
 /// Isolation: every operation touches one user's data only, and reads return only the named
 /// user's rows.
 ///
@@ -504,7 +519,7 @@ pub trait UsageStore: Send + Sync + Debug {
     ///     .place_and_record_usage(event, &mut |_event, account| {
     ///         // A user without an account is rated on the default plan.
     ///         assert!(account.is_none());
-    ///         Some(Placement { plan: &plan, fee: FeeCollection::Library, lease_until: None })
+    ///         Some(Placement { plan: &plan, fee: FeeCollection::Library, lease_until: None, alerting: None })
     ///     })
     ///     .await?;
     /// let PlacedUsage::Recorded { recorded, .. } = placed else { panic!("recorded") };
@@ -538,6 +553,7 @@ pub trait UsageStore: Send + Sync + Debug {
                 plan: placement.plan,
                 fee: placement.fee,
                 lease_until: placement.lease_until,
+                alerting: placement.alerting,
                 account: account.as_ref(),
             };
             match self.record_usage(request).await {
@@ -706,6 +722,17 @@ pub trait UsageStore: Send + Sync + Debug {
 
     /// The period's holds that have not expired at `now`, oldest first.
     async fn holds(&self, user: &UserId, period: PeriodKey, now: DateTime<Utc>) -> Result<Vec<Hold>, StoreError>;
+
+    /// Creates `alert` unless its user's period has one of its kind; answers whether it did.
+    async fn raise_alert(&self, alert: Alert) -> Result<bool, StoreError>;
+
+    /// Up to `limit` alerts not acknowledged (of one user, or of all), oldest first (across
+    /// users, oldest first within each store shard or database scan: no global order is
+    /// promised).
+    async fn pending_alerts(&self, user: Option<&UserId>, limit: usize) -> Result<Vec<Alert>, StoreError>;
+
+    /// Acknowledges an alert: it is no longer pending. Answers whether it was. Idempotent.
+    async fn ack_alert(&self, user: &UserId, alert_id: uuid::Uuid) -> Result<bool, StoreError>;
 
     /// The user's audit trail (of one period, or all of it), oldest first.
     async fn audit_trail(&self, user: &UserId, period: Option<PeriodKey>) -> Result<Vec<AuditEntry>, StoreError>;

@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use crate::domain::{Charge, ChargeKey, CustomerId, EventId, PeriodKey, Plan, PlanId, UsageRecord, UserId};
 use crate::gateway::{GatewayError, PaymentGateway, PaymentOutcome, PaymentRequest, Subscription};
 use crate::store::{
-    Account, AuditEntry, EnsureCharge, GatewayEventRecord, Hold, HoldDecision, HoldRequest, OperationUsage,
+    Account, Alert, AuditEntry, EnsureCharge, GatewayEventRecord, Hold, HoldDecision, HoldRequest, OperationUsage,
     PeriodSummary, RecordUsage, Recorded, Settlement, SpendState, StoreError, TierChargeReport, UsageStore,
 };
 
@@ -376,6 +376,15 @@ impl UsageStore for FaultyStore {
     }
     async fn holds(&self, user: &UserId, period: PeriodKey, now: DateTime<Utc>) -> Result<Vec<Hold>, StoreError> {
         self.inner.holds(user, period, now).await
+    }
+    async fn raise_alert(&self, alert: Alert) -> Result<bool, StoreError> {
+        self.inner.raise_alert(alert).await
+    }
+    async fn pending_alerts(&self, user: Option<&UserId>, limit: usize) -> Result<Vec<Alert>, StoreError> {
+        self.inner.pending_alerts(user, limit).await
+    }
+    async fn ack_alert(&self, user: &UserId, alert_id: uuid::Uuid) -> Result<bool, StoreError> {
+        self.inner.ack_alert(user, alert_id).await
     }
 }
 

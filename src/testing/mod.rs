@@ -124,6 +124,8 @@ macro_rules! usage_store_conformance {
                 reserves_are_idempotent_by_hold_id,
                 recording_frees_the_hold_of_its_id,
                 the_payment_gate_lets_no_hold_start_a_block,
+                each_crossed_threshold_creates_one_alert,
+                alerts_are_pending_until_acknowledged,
             );
         }
     };

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use foldhash::{HashMap, HashSet};
 
+use super::alerts::KeptAlert;
 use super::retention::takes_usage_until;
 use super::{EventRetention, InMemoryUsageStore};
 use crate::domain::{
@@ -35,6 +36,8 @@ pub(super) struct UserBook {
     /// Holds for calls in flight, of any period, oldest first; expired ones are dropped when
     /// the next hold is granted.
     pub(super) holds: Vec<Hold>,
+    /// Threshold alerts, oldest first.
+    pub(super) alerts: Vec<KeptAlert>,
 }
 
 /// A place in a user's audit trail: an entry; or a recorded event or a created charge, whose
@@ -195,7 +198,12 @@ impl InMemoryUsageStore {
         usage: UsageRecord,
         placement: Placement<'_>,
     ) -> Result<Recorded, StoreError> {
-        let Placement { plan, fee, lease_until } = placement;
+        let Placement {
+            plan,
+            fee,
+            lease_until,
+            alerting,
+        } = placement;
         let user = &usage.user_id;
 
         let keep = match self.retention {
@@ -283,6 +291,9 @@ impl InMemoryUsageStore {
         }
         if !book.holds.is_empty() {
             book.free_hold(period, &usage.event_id);
+        }
+        if let Some(alerting) = &alerting {
+            book.raise_crossed(&usage.user_id, period, plan, alerting, (before, after), now);
         }
         if opened {
             if let Some(kept) = self.periods_kept {

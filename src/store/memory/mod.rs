@@ -6,9 +6,11 @@
 //!   collect that the claims walk;
 //! - `book`: a user's book (account, events, periods with their summaries, totals by operation
 //!   and charges, audit trail), recording an event into it and inserting charges;
+//! - `alerts`: threshold alerts, unique per period and kind;
 //! - `holds`: spend control's holds, and the state limits are checked against;
 //! - `retention`: forgetting older periods' events, and the forgotten ids.
 
+mod alerts;
 mod book;
 mod holds;
 mod retention;
@@ -23,9 +25,9 @@ use chrono::{DateTime, Utc};
 use self::book::{PeriodBook, TrailItem, UserBook, apply_to_summary, money_error};
 use self::shards::{Shard, claim_from};
 use super::{
-    Account, AuditEntry, AuditEvent, EnsureCharge, GatewayEventRecord, Hold, HoldDecision, HoldRequest, OperationUsage,
-    PeriodSummary, PlacedUsage, Placement, Placer, RecordUsage, Recorded, Settlement, SpendState, StoreError,
-    TierChargeReport, UsageStore,
+    Account, Alert, AuditEntry, AuditEvent, EnsureCharge, GatewayEventRecord, Hold, HoldDecision, HoldRequest,
+    OperationUsage, PeriodSummary, PlacedUsage, Placement, Placer, RecordUsage, Recorded, Settlement, SpendState,
+    StoreError, TierChargeReport, UsageStore,
 };
 use crate::domain::{Charge, ChargeKey, ChargeStatus, EventId, Money, PeriodKey, UsageRecord, UserId};
 
@@ -204,6 +206,7 @@ impl UsageStore for InMemoryUsageStore {
             plan: request.plan,
             fee: request.fee,
             lease_until: request.lease_until,
+            alerting: request.alerting,
         };
         let mut shard = self.shard(&request.usage.user_id);
         let shard = &mut *shard;
@@ -657,6 +660,50 @@ impl UsageStore for InMemoryUsageStore {
             .unwrap_or_default())
     }
 
+    async fn raise_alert(&self, alert: Alert) -> Result<bool, StoreError> {
+        let mut shard = self.shard(&alert.user_id);
+        let user = alert.user_id.clone();
+        Ok(shard
+            .users
+            .get_or_insert_with(&user, UserBook::default)
+            .raise_alert(alert))
+    }
+
+    async fn pending_alerts(&self, user: Option<&UserId>, limit: usize) -> Result<Vec<Alert>, StoreError> {
+        let mut pending = Vec::new();
+        match user {
+            Some(user) => {
+                if let Some(book) = self.shard(user).users.get(user) {
+                    pending.extend(book.pending_alerts().take(limit).cloned());
+                }
+            }
+            None => {
+                for shard in self.shards.iter() {
+                    let shard = shards::lock(shard);
+                    for book in shard.users.values() {
+                        pending.extend(book.pending_alerts().take(limit - pending.len()).cloned());
+                        if pending.len() >= limit {
+                            break;
+                        }
+                    }
+                    if pending.len() >= limit {
+                        break;
+                    }
+                }
+            }
+        }
+        pending.sort_by_key(|alert| alert.created_at);
+        Ok(pending)
+    }
+
+    async fn ack_alert(&self, user: &UserId, alert_id: uuid::Uuid) -> Result<bool, StoreError> {
+        Ok(self
+            .shard(user)
+            .users
+            .get_mut(user)
+            .is_some_and(|book| book.ack_alert(alert_id)))
+    }
+
     async fn audit_trail(&self, user: &UserId, period: Option<PeriodKey>) -> Result<Vec<AuditEntry>, StoreError> {
         let shard = self.shard(user);
         let Some(book) = shard.users.get(user) else {
@@ -781,6 +828,7 @@ mod tests {
             plan: &plan,
             fee: crate::FeeCollection::Library,
             lease_until: None,
+            alerting: None,
         };
         let at = DateTime::UNIX_EPOCH;
         let event = |tokens| {
@@ -829,6 +877,7 @@ mod tests {
                 plan: &plan,
                 fee: crate::FeeCollection::Library,
                 lease_until: None,
+                alerting: None,
                 account: None,
             })
             .await;

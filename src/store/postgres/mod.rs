@@ -3,6 +3,7 @@
 //! This file holds the store and its one `impl UsageStore`, which hands each operation to the
 //! file that owns it:
 //! - `connection`: connecting, the schema migrations, transactions;
+//! - `alerts`: threshold alerts, written with the events that cross them;
 //! - `accounts`: saving and reading accounts, and the cache new events are placed with;
 //! - `record`: recording one event (one statement, a compare-and-set, or a locking
 //!   transaction) and replaying a recorded one; `record_batch`: recording a batch;
@@ -16,6 +17,7 @@
 //! parts stay beside the code that assembles them.
 
 mod accounts;
+mod alerts;
 mod charges;
 mod connection;
 mod holds;
@@ -34,7 +36,7 @@ use self::accounts::AccountCache;
 use self::charges::{CLAIM_AWAITING, CLAIM_PENDING, CLAIM_RETRIES};
 pub use self::connection::MIGRATIONS;
 use super::{
-    Account, AuditEntry, EnsureCharge, GatewayEventRecord, Hold, HoldDecision, HoldRequest, OperationUsage,
+    Account, Alert, AuditEntry, EnsureCharge, GatewayEventRecord, Hold, HoldDecision, HoldRequest, OperationUsage,
     PeriodSummary, RecordUsage, Recorded, Settlement, SpendState, StoreError, TierChargeReport, UsageStore,
 };
 use crate::domain::{Charge, ChargeKey, EventId, PeriodKey, UsageRecord, UserId};
@@ -210,5 +212,17 @@ impl UsageStore for PostgresUsageStore {
 
     async fn holds(&self, user: &UserId, period: PeriodKey, now: DateTime<Utc>) -> Result<Vec<Hold>, StoreError> {
         self.open_holds(user, period, now).await
+    }
+
+    async fn raise_alert(&self, alert: Alert) -> Result<bool, StoreError> {
+        self.insert_alert(alert).await
+    }
+
+    async fn pending_alerts(&self, user: Option<&UserId>, limit: usize) -> Result<Vec<Alert>, StoreError> {
+        self.read_pending_alerts(user, limit).await
+    }
+
+    async fn ack_alert(&self, user: &UserId, alert_id: uuid::Uuid) -> Result<bool, StoreError> {
+        self.acknowledge_alert(user, alert_id).await
     }
 }

@@ -18,7 +18,7 @@ use crate::domain::{
     Blocks, Charge, ChargeKind, ChargeStatus, ClientId, EventId, FeeCollection, NewCharge, UsageRecord, UserId,
     charges_for_growth,
 };
-use crate::store::{AuditEvent, RecordUsage, Recorded, StoreError, UsageStore};
+use crate::store::{Alert, AuditEvent, RecordUsage, Recorded, StoreError, UsageStore};
 
 /// The charges an event whose interval of the period's total is `(before, after]` creates.
 pub(super) fn charges_between(
@@ -135,6 +135,20 @@ fn write_event_sql(gate: Gate) -> &'static str {
         Gate::Locked => LOCKED.as_str(),
         Gate::CompareAndSet => COMPARE_AND_SET.as_str(),
     }
+}
+
+/// The alerts an event crosses, moving its period from `before` to `after`.
+pub(super) fn crossed_alerts(request: &RecordUsage<'_>, before: u64, after: u64) -> Vec<Alert> {
+    let Some(alerting) = request.alerting else {
+        return Vec::new();
+    };
+    let usage = &request.usage;
+    alerting
+        .policy
+        .crossed(request.plan, &alerting.ceiling, before, after)
+        .into_iter()
+        .map(|kind| Alert::new(usage.user_id.clone(), usage.period, kind, after, usage.recorded_at))
+        .collect()
 }
 
 /// Why a record attempt stopped: a database error (perhaps a concurrent duplicate) or a store
@@ -270,6 +284,7 @@ impl PostgresUsageStore {
         let created = Self::write_event(&mut *tx, request, before, after, Gate::Locked)
             .await?
             .ok_or_else(|| generic("the locked write did not happen"))?;
+        Self::insert_alerts(&mut *tx, &crossed_alerts(request, before, after)).await?;
         tx.commit().await.map_err(RecordFailure::Database)?;
         Ok(Recorded {
             usage: Arc::new(usage.clone()),
@@ -308,7 +323,21 @@ impl PostgresUsageStore {
             .bind(to_i64(crate::MAX_TOKENS)?)
             .bind(request.fee == FeeCollection::Library)
             .bind(request.account.is_some());
-        let result = bind_account(result, request.account).fetch_optional(&self.pool).await;
+        // The totals where an alert starts: an event that reaches one gives up, for the ways that
+        // write its alerts with it (a block's alert comes with its charge, which gives up too).
+        let points: Vec<i64> = match request.alerting {
+            Some(alerting) => alerting
+                .policy
+                .points(request.plan, &alerting.ceiling)
+                .into_iter()
+                .map(|(at, _)| to_i64(at))
+                .collect::<Result<_, _>>()?,
+            None => Vec::new(),
+        };
+        let result = bind_account(result, request.account)
+            .bind(points)
+            .fetch_optional(&self.pool)
+            .await;
         let row = match result {
             Ok(Some(row)) => row,
             Ok(None) => return Ok(None),
@@ -378,6 +407,13 @@ impl PostgresUsageStore {
                     total: before,
                     tokens: usage.tokens,
                 })?;
+            if request
+                .alerting
+                .is_some_and(|a| !a.policy.crossed(request.plan, &a.ceiling, before, after).is_empty())
+            {
+                // Its alerts are written in the locking way's transaction.
+                return Ok(None);
+            }
             if let Some(created) = Self::write_event(&self.pool, request, before, after, Gate::CompareAndSet).await? {
                 return Ok(Some(Recorded {
                     usage: Arc::new(usage.clone()),

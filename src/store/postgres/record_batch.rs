@@ -9,7 +9,7 @@ use sqlx::Row;
 use sqlx::postgres::PgRow;
 
 use super::PostgresUsageStore;
-use super::record::{RecordFailure, charges_between, created_charge_audit};
+use super::record::{RecordFailure, charges_between, created_charge_audit, crossed_alerts};
 use super::rows::{
     CHARGE_COLUMNS, audit_json, charge_from, currency_mismatch, db, generic, is_deadlock, is_duplicate_event, parse,
     to_i64, to_u64,
@@ -439,6 +439,14 @@ impl PostgresUsageStore {
                 created.entry(consumption).or_default().push(charge);
             }
         }
+        // The alerts the batch's events cross, written with them.
+        let mut alerts = Vec::new();
+        for (decision, request) in decisions.iter().zip(requests) {
+            if let Decision::Accepted { before, after, .. } = decision {
+                alerts.extend(crossed_alerts(request, *before, *after));
+            }
+        }
+        Self::insert_alerts(&mut *tx, &alerts).await?;
         // The holds the batch's events settle (their ids are the events') are freed with them.
         sqlx::query(
             "UPDATE token_usage_summary s SET holds = s.holds - f.ids

@@ -45,6 +45,7 @@ pub async fn record_usage_batch_is_record_usage_in_order(store: &dyn UsageStore)
             plan: &plan,
             fee: FeeCollection::Library,
             lease_until: Some(far_future()),
+            alerting: None,
             account: None,
         })
         .collect();
@@ -118,6 +119,7 @@ pub async fn record_usage_batch_is_record_usage_in_order(store: &dyn UsageStore)
             plan: &plan,
             fee: FeeCollection::Library,
             lease_until: None,
+            alerting: None,
             account: None,
         }])
         .await

@@ -266,6 +266,7 @@ pub async fn recording_frees_the_hold_of_its_id(store: &dyn UsageStore) {
             plan: &plan,
             fee: FeeCollection::Library,
             lease_until: Some(far_future()),
+            alerting: None,
             account: None,
         }])
         .await

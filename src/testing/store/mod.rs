@@ -13,6 +13,7 @@
 //! | Charges: claims, renew_lease compare-and-set | `claims.rs` | `claim_pending`, `claim_due_retries`, `claim_awaiting_customer`, `renew_lease` |
 //! | Accounts: replace_account compare-and-set | `accounts.rs` | `put_account`, `replace_account`, `account`, `accounts` |
 //! | Spend control: atomic grant, expiry, replays and conflicts, settle, overflow | `holds.rs` | `reserve`, `release_hold`, `spend_state`, `holds` |
+//! | Alerts: created with the event, outbox | `alerts.rs` | `record_usage`, `record_usage_batch`, `raise_alert`, `pending_alerts`, `ack_alert` |
 //! | Gateway events | `gateway_events.rs` | `record_gateway_event`, `gateway_event_applied` |
 //! | Isolation | `isolation.rs` | every read, with another user's id; `append_audit` |
 //! | Recording: atomic (audit entries); the original product's reports | `reports.rs` | `audit_trail`, `usage_by_operation`, `charges_by_tier` |
@@ -32,6 +33,7 @@
 //! public, for a store's own tests.
 
 mod accounts;
+mod alerts;
 mod batches;
 mod charges;
 mod claims;
@@ -45,6 +47,7 @@ pub use accounts::{
     account_round_trips, accounts_answer_each_user_in_order, concurrent_account_replacements_lose_no_change,
     replace_account_is_a_compare_and_set,
 };
+pub use alerts::{alerts_are_pending_until_acknowledged, each_crossed_threshold_creates_one_alert};
 pub use batches::record_usage_batch_is_record_usage_in_order;
 pub use charges::{
     ensure_charge_is_idempotent, existing_fee_charge_is_not_created_again, settle_is_a_compare_and_set,
@@ -134,6 +137,7 @@ async fn try_record(
             plan,
             fee: FeeCollection::Library,
             lease_until,
+            alerting: None,
             account: None,
         })
         .await

@@ -461,6 +461,7 @@ impl Via {
                         plan,
                         fee: FeeCollection::Library,
                         lease_until: None,
+                        alerting: None,
                         account: None,
                     }])
                     .await
@@ -475,6 +476,7 @@ impl Via {
                             plan,
                             fee: FeeCollection::Library,
                             lease_until: None,
+                            alerting: None,
                         })
                     })
                     .await?;
@@ -544,6 +546,7 @@ pub async fn place_and_record_places_with_the_stored_account(store: &dyn UsageSt
         plan: &plan,
         fee: FeeCollection::Library,
         lease_until,
+        alerting: None,
     };
     // Places every event with `placement` and says which account it was placed with.
     async fn place<'p>(

@@ -1,7 +1,7 @@
 -- One event that starts no block, in one statement ($1 user, $2 period, $3 now, $4 consumption id,
 -- $5 event id, $6 tokens, $7-$11 the event's fields, $12 included tokens, $13 block size, $14
 -- currency, $15 MAX_TOKENS, $16 whether the fee is the library's, $17 whether an account is
--- checked, $18... the account's columns). The account check is filled in once. The hold the event
+-- checked, $18-$22 the account's columns, $23 the totals where an alert starts). The account check is filled in once. The hold the event
 -- settles (its id is the event's) is freed with it.
 WITH moved AS (
     UPDATE token_usage_summary
@@ -31,6 +31,8 @@ WITH moved AS (
 SELECT r.before, r.after,
        CASE WHEN r.owed_after > r.owed_before OR ($16 AND r.before = 0)
                  THEN token_billing_give_up('the event creates charges')
+            WHEN EXISTS (SELECT 1 FROM unnest($23::bigint[]) AS p WHERE p > r.before AND p <= r.after)
+                 THEN token_billing_give_up('the event crosses an alert')
             WHEN NOT EXISTS (SELECT 1 FROM consumption)
                  THEN token_billing_give_up('the event id is recorded')
        END AS gave_up
