@@ -12,32 +12,40 @@ ALTER TABLE token_usage_summary ADD COLUMN IF NOT EXISTS holds jsonb NOT NULL DE
 -- expired at `now_us`, with the new hold when the limits allow it. An open hold of the same id is
 -- kept as it is (a re-sent request, or a conflict the caller tells by its tokens); a settled one
 -- (`settled`) is not held again. The limits are the largest totals the spend cap and the token cap
--- allow (NULL: none), and, with `gate_closed`, the end of the block the usage is in.
+-- allow (NULL: none), and, with `gate_closed`, the end of the block the usage is in. PL/pgSQL, so
+-- that its query's plan is kept per connection.
 CREATE OR REPLACE FUNCTION token_billing_hold(
     total bigint, holds jsonb, hold_id text, tokens bigint, now_us bigint, expires_us bigint,
     spend_cap_tokens bigint, token_cap bigint, gate_closed boolean, included bigint, block bigint,
     max_tokens bigint, settled boolean
 ) RETURNS jsonb
-LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-    WITH open AS (
-        SELECT coalesce(jsonb_object_agg(h.key, h.value), '{}'::jsonb) AS holds,
-               coalesce(sum((h.value->>0)::bigint), 0)::bigint AS held
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
+DECLARE
+    kept jsonb := '{}'::jsonb;
+    held bigint := 0;
+    used bigint;
+    ceiling bigint;
+BEGIN
+    IF holds <> '{}'::jsonb THEN
+        SELECT coalesce(jsonb_object_agg(h.key, h.value), '{}'::jsonb),
+               coalesce(sum((h.value->>0)::bigint), 0)::bigint
+          INTO kept, held
           FROM jsonb_each(holds) AS h
-         WHERE (h.value->>2)::bigint > now_us
-    ), usage AS (
-        SELECT o.holds, total + o.held AS used FROM open o
-    )
-    SELECT CASE
-               WHEN settled OR u.holds ? hold_id THEN u.holds
-               WHEN u.used::numeric + tokens <= least(
-                        coalesce(spend_cap_tokens, max_tokens), coalesce(token_cap, max_tokens), max_tokens,
-                        CASE WHEN NOT gate_closed THEN max_tokens
-                             WHEN u.used <= included THEN included
-                             ELSE included + ((u.used - included - 1) / block + 1) * block END)
-                   THEN u.holds || jsonb_build_object(hold_id, jsonb_build_array(tokens, now_us, expires_us))
-               ELSE u.holds
-           END
-      FROM usage u
+         WHERE (h.value->>2)::bigint > now_us;
+    END IF;
+    IF settled OR kept ? hold_id THEN
+        RETURN kept;
+    END IF;
+    used := total + held;
+    ceiling := least(coalesce(spend_cap_tokens, max_tokens), coalesce(token_cap, max_tokens), max_tokens,
+                     CASE WHEN NOT gate_closed THEN max_tokens
+                          WHEN used <= included THEN included
+                          ELSE included + ((used - included - 1) / block + 1) * block END);
+    IF used::numeric + tokens <= ceiling THEN
+        RETURN kept || jsonb_build_object(hold_id, jsonb_build_array(tokens, now_us, expires_us));
+    END IF;
+    RETURN kept;
+END
 $$;
 
 -- Threshold alerts: an outbox, one row per (user, period, alert), created in the transaction that

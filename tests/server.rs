@@ -49,6 +49,7 @@ async fn start_with(fee: FeeCollection) -> Server {
     let billing = BillingService::builder(Arc::new(InMemoryUsageStore::new()), Arc::new(sandbox.clone()))
         .unregistered_users(UnregisteredUsers::OpenCustomer)
         .fee_collection(fee)
+        .alerts(token_billing::AlertPolicy::standard())
         .build();
     let state = AppState::new(
         billing.clone(),
@@ -1537,8 +1538,15 @@ async fn the_dashboard_shows_what_the_api_reports_in_a_real_browser() {
             .await;
         assert_eq!(reply.status, 200, "{}", reply.body);
     }
+    // A cap (BRL 700.00: the fee and three blocks, 32M tokens), a call in flight.
+    let limits = json!({"userId": "dana", "customerId": "cus_dana", "spendCap": 70_000, "paymentGate": true});
+    data(&server.post("/api/token-billing/accounts", &limits, Some(API_KEY)).await);
+    let hold = json!({"userId": "dana", "estimatedTokens": 2_000_000, "holdId": "stream-1"});
+    data(&server.post("/api/token-billing/reserve", &hold, Some(API_KEY)).await);
     let token = token_for("dana", 600);
     let api = data(&server.get("/api/token-billing/dashboard/dana", Some(&token)).await);
+    assert_eq!(api["spend"]["capTokens"], json!(32_000_000));
+    assert_eq!(api["spend"]["remainingTokens"], json!(12_000_000));
     let summary = &api["summary"];
 
     // This Chromium reports console output where the checks below look for it.
@@ -1611,6 +1619,19 @@ async fn the_dashboard_shows_what_the_api_reports_in_a_real_browser() {
         "one row per charge"
     );
     assert!(dom.contains("id=\"usage-line\""), "the usage line is drawn");
+    assert_eq!(text_of(&dom, "cap"), format!("{} · payment gate", brl(70_000)));
+    assert_eq!(text_of(&dom, "remaining-tokens"), grouped(12_000_000));
+    assert_eq!(
+        text_of(&dom, "held-tokens"),
+        format!("{} in 1 hold", grouped(2_000_000))
+    );
+    // 18M tokens: 80% and 100% of the allowance, blocks 1 and 2.
+    assert_eq!(dom.matches("class=\"alert\"").count(), 4, "one line per alert");
+    assert_eq!(
+        dom.matches("class=\"cap-line\"").count(),
+        0,
+        "the cap (32M) is beyond the chart's top (24M)"
+    );
     assert_eq!(
         dom.matches("class=\"boundary\"").count(),
         3,

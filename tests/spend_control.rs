@@ -4,13 +4,15 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::{Harness, user};
 use proptest::prelude::*;
+use token_billing::testing::faults::{Fault, FaultyStore, StoreOp};
 use token_billing::{
-    AlertKind, AlertPolicy, BillingError, CardBehaviour, Currency, LimitKind, Limits, Money, Plan, Reservation,
-    UsageError, UsageReport,
+    AlertKind, AlertPolicy, BillingError, CardBehaviour, Currency, InMemoryUsageStore, LimitKind, Limits, Money, Plan,
+    Reservation, SandboxGateway, UsageError, UsageReport,
 };
 
 /// A small plan, so that a few hundred tokens cross blocks: 100 included, blocks of 100.
@@ -455,6 +457,72 @@ async fn bad_reservations_are_refused_with_typed_errors() {
         .settle_hold("h-1", UsageReport::new("ana", 10, "chat").event_id("other"))
         .await;
     assert!(matches!(conflict, Err(BillingError::EventConflict { .. })));
+}
+
+#[tokio::test]
+async fn lost_answers_and_crashes_around_holds_lose_nothing_and_double_nothing() {
+    let store = Arc::new(FaultyStore::new(Arc::new(InMemoryUsageStore::new())));
+    let sandbox = SandboxGateway::new();
+    let harness = Harness::over(store.clone(), Arc::new(sandbox.clone()), sandbox, |b| {
+        b.plan(small_plan())
+    });
+    let ana = user("ana");
+    harness
+        .service
+        .set_limits(&ana, Some(Limits::none().with_token_cap(1_000)))
+        .await
+        .expect("set_limits");
+
+    // The grant's answer is lost: the retry with the same hold id answers the same hold, held once.
+    store.inject(StoreOp::Reserve, Fault::FailAfter, 1);
+    assert!(harness.service.reserve(reservation("ana", 300, "h-1")).await.is_err());
+    let again = harness
+        .service
+        .reserve(reservation("ana", 300, "h-1"))
+        .await
+        .expect("the same hold");
+    assert!(again.replayed);
+    assert_eq!(
+        harness.service.check_usage(&ana, 0).await.expect("check").held_tokens,
+        300
+    );
+
+    // The settle's answer is lost after the usage was recorded: the retry replays it.
+    store.inject(StoreOp::RecordUsage, Fault::FailAfter, 1);
+    let settle = || harness.service.settle_hold("h-1", UsageReport::new("ana", 280, "chat"));
+    assert!(settle().await.is_err());
+    assert!(settle().await.expect("replayed").outcome.replayed);
+    let check = harness.service.check_usage(&ana, 0).await.expect("check");
+    assert_eq!(
+        (check.total_tokens, check.held_tokens),
+        (280, 0),
+        "recorded once, the hold freed"
+    );
+
+    // An enforced report whose record fails before it runs: nothing recorded, nothing held.
+    store.inject(StoreOp::RecordUsage, Fault::FailBefore, 1);
+    let enforced = UsageReport::new("ana", 500, "chat").event_id("e-1").enforce_limits();
+    assert!(harness.service.process_token_usage(enforced.clone()).await.is_err());
+    let check = harness.service.check_usage(&ana, 0).await.expect("check");
+    assert_eq!((check.total_tokens, check.held_tokens), (280, 0));
+    // Sent again, it is recorded once.
+    harness
+        .service
+        .process_token_usage(enforced.clone())
+        .await
+        .expect("recorded");
+    assert!(
+        harness
+            .service
+            .process_token_usage(enforced)
+            .await
+            .expect("replayed")
+            .replayed
+    );
+    assert_eq!(
+        harness.service.check_usage(&ana, 0).await.expect("check").total_tokens,
+        780
+    );
 }
 
 /// One step of a random history of one user under a token cap.

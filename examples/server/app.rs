@@ -805,6 +805,14 @@ async fn dashboard_data(State(state): State<AppState>, Reader { user, period }: 
         .map(|c| (c.occurred_at, c.tokens))
         .collect();
     let charges = billing.charges(&user, Some(summary.period)).await?;
+    let check = billing.check_usage(&user, 0).await?;
+    let holds = billing.open_holds(&user).await?;
+    let alerts = billing.pending_alerts(Some(&user), 50).await?;
+    let ceiling = check.limits.ceiling(&plan).unwrap_or_default();
+    let cap_tokens = match (ceiling.spend_cap_tokens, ceiling.token_cap) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
     Ok(success(json!({
         "userId": user,
         "period": {"key": summary.period, "start": period.start(), "end": period.end(), "zone": plan.zone().name()},
@@ -823,6 +831,20 @@ async fn dashboard_data(State(state): State<AppState>, Reader { user, period }: 
         },
         "timeline": timeline(events, &period),
         "charges": charges.iter().map(charge_row).collect::<Vec<_>>(),
+        "spend": {
+            "limits": spend::limits_json(&check.limits),
+            "capTokens": cap_tokens,
+            "remainingTokens": check.remaining_tokens,
+            "limitedBy": check.limited_by,
+            "heldTokens": check.held_tokens,
+            "openHolds": holds.iter().map(spend::hold_json).collect::<Vec<_>>(),
+        },
+        "alerts": alerts.iter().map(|alert| json!({
+            "id": alert.id,
+            "kind": alert.kind.key(),
+            "totalTokens": alert.total_tokens,
+            "createdAt": alert.created_at,
+        })).collect::<Vec<_>>(),
     })))
 }
 

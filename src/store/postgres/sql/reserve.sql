@@ -11,8 +11,16 @@ WITH seen AS (
 ), decided AS (
     INSERT INTO token_usage_summary AS s
         (user_id, period, currency, total_tokens, events, updated_at, included_tokens, block_size, holds)
+    -- A period's first row: nothing recorded or held, so the hold fits when the tokens are
+    -- within every limit (with the gate closed, the allowance). The same rule as
+    -- token_billing_hold's, written out so that the common case (the row exists) does not
+    -- compute it.
     SELECT $1, $2, $3, 0, 0, $4, $5, $6,
-           token_billing_hold(0, '{}'::jsonb, $7, $8, $9, $10, $11, $12, seen.overdue, $5, $6, $15, seen.settled)
+           CASE WHEN NOT seen.settled
+                     AND $8 <= least(coalesce($11, $15), coalesce($12, $15), $15,
+                                     CASE WHEN seen.overdue THEN $5 ELSE $15 END)
+                THEN jsonb_build_object($7::text, jsonb_build_array($8::bigint, $9::bigint, $10::bigint))
+                ELSE '{}'::jsonb END
       FROM seen
     ON CONFLICT (user_id, period) DO UPDATE
        SET holds = token_billing_hold(s.total_tokens, s.holds, $7, $8, $9, $10, $11, $12,
