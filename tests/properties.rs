@@ -8,7 +8,8 @@ use common::{Harness, november, user};
 use proptest::prelude::*;
 use rust_decimal::Decimal;
 use token_billing::{
-    AlertPolicy, Ceiling, ChargeKind, ChargeStatus, Currency, Limits, MAX_TOKENS, Money, Plan, TierLabel, UsageReport,
+    AlertPolicy, Ceiling, ChargeKind, ChargeStatus, Currency, Limits, MAX_BLOCKS_PER_EVENT, MAX_TOKENS, Money, Plan,
+    TierLabel, UsageReport,
 };
 
 fn currency() -> impl Strategy<Value = Currency> {
@@ -409,6 +410,8 @@ proptest! {
         };
         let ceiling = Ceiling { token_cap: cap, ..Ceiling::default() };
         let (b, c) = (a + d1, a + d1 + d2);
+        // An event starting more blocks than that is refused before its alerts.
+        prop_assume!(plan.blocks_owed(c) - plan.blocks_owed(a) <= MAX_BLOCKS_PER_EVENT);
         let mut whole = policy.crossed(&plan, &ceiling, a, c);
         let mut parts = policy.crossed(&plan, &ceiling, a, b);
         parts.extend(policy.crossed(&plan, &ceiling, b, c));

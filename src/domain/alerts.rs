@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::limits::Ceiling;
 use super::plan::Plan;
+use super::rating::MAX_BLOCKS_PER_EVENT;
 
 /// The thresholds that create an alert when a period's usage crosses them. None by default.
 ///
@@ -98,7 +99,7 @@ impl AlertPolicy {
 
     /// The alerts an event crosses when it moves a period rated by `plan` under `ceiling` from
     /// `before` to `after` tokens: each point with `before < point <= after`, and each block
-    /// started.
+    /// started (at most [`MAX_BLOCKS_PER_EVENT`], the most an event may start).
     ///
     /// # Properties
     /// For totals `a <= b <= c`, the alerts crossed from `a` to `c` are those crossed from `a` to
@@ -125,7 +126,12 @@ impl AlertPolicy {
             .collect();
         if self.blocks && after > before {
             let first = plan.blocks_owed(before) + 1;
-            crossed.extend((first..=plan.blocks_owed(after)).map(|block| AlertKind::Block { block }));
+            // An event starting more blocks is refused ([`RatingError::TooManyBlocks`]), so no
+            // more can be crossed: the bound keeps a refused event from costing memory here.
+            let last = plan
+                .blocks_owed(after)
+                .min(first.saturating_add(MAX_BLOCKS_PER_EVENT - 1));
+            crossed.extend((first..=last).map(|block| AlertKind::Block { block }));
         }
         crossed
     }

@@ -480,7 +480,7 @@ impl BillingService {
 
 /// A store that answered against its contract (a batch operation with a different number of
 /// answers than questions): nothing can be matched safely, so nothing is answered.
-fn store_contract(what: String) -> BillingError {
+pub(super) fn store_contract(what: String) -> BillingError {
     BillingError::Store(StoreError::Generic {
         store: "store contract",
         source: what.into(),

@@ -14,8 +14,8 @@ use crate::domain::{AlertKind, Ceiling, EventId, Headroom, LimitKind, Limits, Pe
 use crate::error::{BillingError, UsageError};
 use crate::store::{Account, Alert, Hold, HoldDecision, HoldRequest};
 
-use super::BillingService;
 use super::usage::{UsageOutcome, UsageReport};
+use super::{BillingService, store_contract};
 
 /// A request to hold tokens for a call whose size is known only at its end (a streamed
 /// completion): [`BillingService::reserve`].
@@ -203,11 +203,23 @@ impl BillingService {
     /// ```
     pub async fn check_usage(&self, user: &UserId, tokens: u64) -> Result<UsageCheck, BillingError> {
         let now = self.clock.now();
-        let limits = self.current_limits(user, now).await?;
+        // The limits are found from the account as the store holds it, in the same call that
+        // reads the period's state.
+        let mut located = None;
         let state = self
             .store
-            .spend_state(user, limits.period, now, limits.overdue_before)
+            .locate_spend_state(user, now, &mut |account| {
+                let limits = self.period_at(account, now).and_then(|(period, plan)| {
+                    self.spend_limits(Self::limits_of(account, plan), period.key(), plan, now)
+                });
+                let found = limits.as_ref().ok().map(|l| (l.period, l.overdue_before));
+                located = Some(limits);
+                found
+            })
             .await?;
+        let limits =
+            located.ok_or_else(|| store_contract("locate_spend_state did not call its locator".to_owned()))??;
+        let state = state.ok_or_else(|| store_contract("locate_spend_state read no state".to_owned()))?;
         let room = state.headroom(&limits.ceiling, limits.plan);
         let refused_by = room.refuses(tokens);
         Ok(UsageCheck {

@@ -25,6 +25,7 @@ use crate::domain::{
 
 pub use alerts::{Alert, Alerting};
 pub use holds::{Hold, HoldDecision, HoldRequest, SpendState};
+
 pub use memory::{EventRetention, InMemoryUsageStore, InMemoryUsageStoreBuilder};
 #[cfg(feature = "postgres")]
 pub use postgres::{MIGRATIONS, PostgresUsageStore};
@@ -168,6 +169,11 @@ pub struct Placement<'p> {
 /// answers how to record it, or `None` to refuse it. It is quick and never waits, so a store may
 /// call it while it holds the user's data.
 pub type Placer<'a, 'p> = dyn FnMut(&mut UsageRecord, Option<&Account>) -> Option<Placement<'p>> + Send + 'a;
+
+/// The service's choice, from a user's account (`None` for a user without one), of the period
+/// whose spend state [`UsageStore::locate_spend_state`] reads, with the payment gate's cut-off;
+/// `None` to read nothing. Quick and never waits, as a [`Placer`].
+pub type SpendLocator<'a> = dyn FnMut(Option<&Account>) -> Option<(PeriodKey, Option<DateTime<Utc>>)> + Send + 'a;
 
 /// What [`UsageStore::place_and_record_usage`] did.
 #[derive(Debug)]
@@ -719,6 +725,24 @@ pub trait UsageStore: Send + Sync + Debug {
         now: DateTime<Utc>,
         overdue_before: Option<DateTime<Utc>>,
     ) -> Result<SpendState, StoreError>;
+
+    /// The spend state of the period `locate` picks from the user's account, as
+    /// [`spend_state`](Self::spend_state) reads it: what a check of the user's limits needs, in
+    /// one call. The default reads the account, then the state; a store that keeps a user's
+    /// account beside the rest of the user's data may answer in one look-up (the in-memory
+    /// store does).
+    async fn locate_spend_state(
+        &self,
+        user: &UserId,
+        now: DateTime<Utc>,
+        locate: &mut SpendLocator<'_>,
+    ) -> Result<Option<SpendState>, StoreError> {
+        let account = self.account(user).await?;
+        match locate(account.as_ref()) {
+            Some((period, overdue_before)) => Ok(Some(self.spend_state(user, period, now, overdue_before).await?)),
+            None => Ok(None),
+        }
+    }
 
     /// The period's holds that have not expired at `now`, oldest first.
     async fn holds(&self, user: &UserId, period: PeriodKey, now: DateTime<Utc>) -> Result<Vec<Hold>, StoreError>;

@@ -26,8 +26,8 @@ use self::book::{PeriodBook, TrailItem, UserBook, apply_to_summary, money_error}
 use self::shards::{Shard, claim_from};
 use super::{
     Account, Alert, AuditEntry, AuditEvent, EnsureCharge, GatewayEventRecord, Hold, HoldDecision, HoldRequest,
-    OperationUsage, PeriodSummary, PlacedUsage, Placement, Placer, RecordUsage, Recorded, Settlement, SpendState,
-    StoreError, TierChargeReport, UsageStore,
+    OperationUsage, PeriodSummary, PlacedUsage, Placement, Placer, RecordUsage, Recorded, Settlement, SpendLocator,
+    SpendState, StoreError, TierChargeReport, UsageStore,
 };
 use crate::domain::{Charge, ChargeKey, ChargeStatus, EventId, Money, PeriodKey, UsageRecord, UserId};
 
@@ -649,6 +649,23 @@ impl UsageStore for InMemoryUsageStore {
             .get(user)
             .map(|book| book.spend_state(period, now, overdue_before, None))
             .unwrap_or_default())
+    }
+
+    async fn locate_spend_state(
+        &self,
+        user: &UserId,
+        now: DateTime<Utc>,
+        locate: &mut SpendLocator<'_>,
+    ) -> Result<Option<SpendState>, StoreError> {
+        // One look-up of the user, and no copy of the account.
+        let shard = self.shard(user);
+        let book = shard.users.get(user);
+        Ok(
+            locate(book.and_then(|book| book.account.as_ref())).map(|(period, overdue_before)| {
+                book.map(|book| book.spend_state(period, now, overdue_before, None))
+                    .unwrap_or_default()
+            }),
+        )
     }
 
     async fn holds(&self, user: &UserId, period: PeriodKey, now: DateTime<Utc>) -> Result<Vec<Hold>, StoreError> {
