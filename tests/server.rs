@@ -1629,8 +1629,8 @@ async fn the_dashboard_shows_what_the_api_reports_in_a_real_browser() {
     assert_eq!(dom.matches("class=\"alert\"").count(), 4, "one line per alert");
     assert_eq!(
         dom.matches("class=\"cap-line\"").count(),
-        0,
-        "the cap (32M) is beyond the chart's top (24M)"
+        1,
+        "the cap (32M) is drawn: the chart reaches the end of the next block (32M)"
     );
     assert_eq!(
         dom.matches("class=\"boundary\"").count(),
