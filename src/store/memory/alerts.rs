@@ -4,7 +4,9 @@
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+use super::InMemoryUsageStore;
 use super::book::UserBook;
+use super::shards;
 use crate::domain::{PeriodKey, Plan, UserId};
 use crate::store::{Alert, Alerting};
 
@@ -13,6 +15,34 @@ use crate::store::{Alert, Alerting};
 pub(super) struct KeptAlert {
     pub(super) alert: Alert,
     pub(super) acknowledged: bool,
+}
+
+impl InMemoryUsageStore {
+    /// Up to `limit` alerts not acknowledged, of one user or of all (shard by shard), oldest
+    /// first.
+    pub(super) fn alerts_pending(&self, user: Option<&UserId>, limit: usize) -> Vec<Alert> {
+        let mut pending = Vec::new();
+        match user {
+            Some(user) => {
+                if let Some(book) = self.shard(user).users.get(user) {
+                    pending.extend(book.pending_alerts().take(limit).cloned());
+                }
+            }
+            None => {
+                'shards: for shard in &self.shards {
+                    let shard = shards::lock(shard);
+                    for book in shard.users.values() {
+                        pending.extend(book.pending_alerts().take(limit - pending.len()).cloned());
+                        if pending.len() >= limit {
+                            break 'shards;
+                        }
+                    }
+                }
+            }
+        }
+        pending.sort_by_key(|alert| alert.created_at);
+        pending
+    }
 }
 
 impl UserBook {

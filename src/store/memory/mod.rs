@@ -687,30 +687,7 @@ impl UsageStore for InMemoryUsageStore {
     }
 
     async fn pending_alerts(&self, user: Option<&UserId>, limit: usize) -> Result<Vec<Alert>, StoreError> {
-        let mut pending = Vec::new();
-        match user {
-            Some(user) => {
-                if let Some(book) = self.shard(user).users.get(user) {
-                    pending.extend(book.pending_alerts().take(limit).cloned());
-                }
-            }
-            None => {
-                for shard in self.shards.iter() {
-                    let shard = shards::lock(shard);
-                    for book in shard.users.values() {
-                        pending.extend(book.pending_alerts().take(limit - pending.len()).cloned());
-                        if pending.len() >= limit {
-                            break;
-                        }
-                    }
-                    if pending.len() >= limit {
-                        break;
-                    }
-                }
-            }
-        }
-        pending.sort_by_key(|alert| alert.created_at);
-        Ok(pending)
+        Ok(self.alerts_pending(user, limit))
     }
 
     async fn ack_alert(&self, user: &UserId, alert_id: uuid::Uuid) -> Result<bool, StoreError> {
