@@ -68,3 +68,11 @@ ALTER TABLE token_billing_alerts ENABLE ROW LEVEL SECURITY;
 DROP POLICY IF EXISTS token_billing_own_rows ON token_billing_alerts;
 CREATE POLICY token_billing_own_rows ON token_billing_alerts
     USING (user_id = current_setting('token_billing.user_id', true));
+
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'token_billing_reader') THEN
+        GRANT SELECT ON token_billing_alerts TO token_billing_reader;
+    END IF;
+END
+$$;

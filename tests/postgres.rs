@@ -487,6 +487,7 @@ GROUP BY billing_tier;"
         let store = Arc::new(super::store().await);
         let billing = BillingService::builder(store.clone(), Arc::new(SandboxGateway::new()))
             .unregistered_users(UnregisteredUsers::OpenCustomer)
+            .alerts(token_billing::AlertPolicy::standard())
             .build();
         let (alice, bob) = (fresh("rls-a"), fresh("rls-b"));
         for user in [&alice, &bob] {
@@ -521,6 +522,7 @@ GROUP BY billing_tier;"
             "token_billing_accounts",
             "token_billing_audit",
             "token_billing_gateway_events",
+            "token_billing_alerts",
         ] {
             let mine: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {table} WHERE user_id = $1"))
                 .bind(&alice)
