@@ -255,13 +255,12 @@ async fn a_settle_retried_after_a_lost_answer_or_after_expiry_records_the_usage_
     );
 }
 
-#[tokio::test]
-async fn a_declined_block_closes_the_payment_gate_until_it_is_paid() {
-    let harness = Harness::new();
-    let ana = user("ana");
+/// Registers `user` with a card that declines, behind the payment gate, and records 9M tokens:
+/// the fee and the first block are declined. Answers the customer.
+async fn declined_behind_the_gate(harness: &Harness, user: &token_billing::UserId) -> token_billing::CustomerId {
     let customer = harness
         .register(
-            &ana,
+            user,
             CardBehaviour::Declines {
                 code: "insufficient_funds".to_owned(),
             },
@@ -269,15 +268,23 @@ async fn a_declined_block_closes_the_payment_gate_until_it_is_paid() {
         .await;
     harness
         .service
-        .set_limits(&ana, Some(Limits::none().with_payment_gate()))
+        .set_limits(user, Some(Limits::none().with_payment_gate()))
         .await
         .expect("set_limits");
-    // The fee and the first block are declined.
     harness
         .service
-        .process_token_usage(UsageReport::new("ana", 9_000_000, "chat"))
+        .process_token_usage(UsageReport::new(user.as_str(), 9_000_000, "chat"))
         .await
         .expect("recorded");
+    customer
+}
+
+#[tokio::test]
+async fn a_declined_block_closes_the_payment_gate_until_it_is_paid() {
+    let harness = Harness::new();
+    let ana = user("ana");
+    // The fee and the first block are declined.
+    let customer = declined_behind_the_gate(&harness, &ana).await;
     // The block started may be filled; the next may not start.
     let check = harness.service.check_usage(&ana, 7_000_001).await.expect("check");
     assert_eq!(
@@ -333,24 +340,8 @@ async fn a_declined_block_closes_the_payment_gate_until_it_is_paid() {
 async fn the_payment_gate_closing_raises_one_alert() {
     let harness = Harness::with(|b| b.alerts(AlertPolicy::standard()));
     let ana = user("ana");
-    harness
-        .register(
-            &ana,
-            CardBehaviour::Declines {
-                code: "insufficient_funds".to_owned(),
-            },
-        )
-        .await;
-    harness
-        .service
-        .set_limits(&ana, Some(Limits::none().with_payment_gate()))
-        .await
-        .expect("set_limits");
-    harness
-        .service
-        .process_token_usage(UsageReport::new("ana", 9_000_000, "chat"))
-        .await
-        .expect("recorded");
+    // The fee and the first block are declined.
+    declined_behind_the_gate(&harness, &ana).await;
     for _ in 0..3 {
         let refused = harness.service.reserve(reservation("ana", 8_000_000, "next")).await;
         assert!(matches!(
@@ -376,24 +367,8 @@ async fn the_payment_gate_closing_raises_one_alert() {
 async fn the_payment_gate_waits_for_its_grace() {
     let harness = Harness::with(|b| b.payment_gate_grace(Duration::from_secs(3 * 24 * 3600)));
     let ana = user("ana");
-    harness
-        .register(
-            &ana,
-            CardBehaviour::Declines {
-                code: "card_declined".to_owned(),
-            },
-        )
-        .await;
-    harness
-        .service
-        .set_limits(&ana, Some(Limits::none().with_payment_gate()))
-        .await
-        .expect("set_limits");
-    harness
-        .service
-        .process_token_usage(UsageReport::new("ana", 9_000_000, "chat"))
-        .await
-        .expect("recorded");
+    // The fee and the first block are declined.
+    declined_behind_the_gate(&harness, &ana).await;
     assert!(
         harness
             .service

@@ -808,11 +808,7 @@ async fn dashboard_data(State(state): State<AppState>, Reader { user, period }: 
     let check = billing.check_usage(&user, 0).await?;
     let holds = billing.open_holds(&user).await?;
     let alerts = billing.pending_alerts(Some(&user), 50).await?;
-    let ceiling = check.limits.ceiling(&plan).unwrap_or_default();
-    let cap_tokens = match (ceiling.spend_cap_tokens, ceiling.token_cap) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    };
+    let cap_tokens = check.limits.ceiling(&plan).unwrap_or_default().cap_tokens();
     Ok(success(json!({
         "userId": user,
         "period": {"key": summary.period, "start": period.start(), "end": period.end(), "zone": plan.zone().name()},

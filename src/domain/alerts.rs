@@ -80,11 +80,7 @@ impl AlertPolicy {
                 points.push((share(plan.included_tokens(), percent), AlertKind::Allowance { percent }));
             }
         }
-        let cap = match (ceiling.spend_cap_tokens, ceiling.token_cap) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        if let Some(cap) = cap {
+        if let Some(cap) = ceiling.cap_tokens() {
             for &percent in &self.cap_percent {
                 if (1..100).contains(&percent) {
                     points.push((share(cap, percent), AlertKind::Cap { percent }));

@@ -155,6 +155,24 @@ impl Ceiling {
         self.spend_cap_tokens.is_none() && self.token_cap.is_none() && !self.payment_gate
     }
 
+    /// The cap in tokens: the lower of the spend cap's tokens and the token cap, if either is
+    /// set.
+    ///
+    /// # Example
+    /// ```
+    /// use token_billing::Ceiling;
+    ///
+    /// let ceiling = Ceiling { spend_cap_tokens: Some(24_000_000), token_cap: Some(20_000_000), ..Ceiling::default() };
+    /// assert_eq!(ceiling.cap_tokens(), Some(20_000_000));
+    /// assert_eq!(Ceiling::default().cap_tokens(), None);
+    /// ```
+    pub fn cap_tokens(&self) -> Option<u64> {
+        match (self.spend_cap_tokens, self.token_cap) {
+            (Some(spend), Some(tokens)) => Some(spend.min(tokens)),
+            (spend, tokens) => spend.or(tokens),
+        }
+    }
+
     /// How many more tokens a period rated by `plan` allows when `used` tokens are recorded or
     /// held, `gate_closed` saying whether the user has a charge overdue.
     ///

@@ -157,15 +157,16 @@ impl BillingService {
                 source: format!("the limits of user's period {period} do not fit its plan: {error}").into(),
             })
         })?;
-        let grace = chrono::Duration::from_std(self.settings.payment_gate_grace).unwrap_or(chrono::Duration::MAX);
         Ok(SpendLimits {
             period,
             plan,
             limits,
             ceiling,
-            overdue_before: limits
-                .payment_gate
-                .then(|| now.checked_sub_signed(grace).unwrap_or(DateTime::<Utc>::MIN_UTC)),
+            overdue_before: limits.payment_gate.then(|| {
+                let grace =
+                    chrono::Duration::from_std(self.settings.payment_gate_grace).unwrap_or(chrono::Duration::MAX);
+                now.checked_sub_signed(grace).unwrap_or(DateTime::<Utc>::MIN_UTC)
+            }),
         })
     }
 
