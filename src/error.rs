@@ -46,6 +46,17 @@ pub enum UsageError {
         /// The end of the grace window.
         accepted_until: DateTime<Utc>,
     },
+    /// The report gave both `tokens_used` and token classes, and they disagree.
+    #[error("tokens used ({tokens_used}) is not the sum of the token classes ({classes})")]
+    TokensMismatch {
+        /// The report's `tokens_used`.
+        tokens_used: u64,
+        /// The sum of its classes.
+        classes: u64,
+    },
+    /// A provider's usage object contradicts itself (a part larger than its whole).
+    #[error(transparent)]
+    UsageObject(#[from] crate::domain::UsageObjectError),
     /// A hold's time to live is zero or longer than the service allows.
     #[error("a hold's time to live must be between 1 s and {max:?}, not {ttl:?}")]
     HoldTtl {

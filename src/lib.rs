@@ -88,7 +88,8 @@ pub use service::{
 pub use store::PostgresUsageStore;
 pub use store::{
     Account, Alert, AuditEntry, AuditEvent, EventRetention, GatewayEventRecord, Hold, InMemoryUsageStore,
-    InMemoryUsageStoreBuilder, OperationUsage, PeriodSummary, SpendState, StoreError, TierChargeReport, UsageStore,
+    InMemoryUsageStoreBuilder, ModelUsage, OperationUsage, PeriodSummary, SpendState, StoreError, TierChargeReport,
+    UsageStore,
 };
 
 /// The README's examples, compiled and run as doc tests (they use every feature).

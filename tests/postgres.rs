@@ -648,6 +648,7 @@ mod crashes {
             occurred_at: at,
             occurred_at_reported: false,
             recorded_at: at,
+            detail: None,
         }
     }
 

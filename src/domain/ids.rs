@@ -346,6 +346,23 @@ identifier!(
 );
 
 identifier!(
+    /// The model that served a call, as its provider names it (`gpt-4o-2024-08-06`,
+    /// `claude-sonnet-4-5`, `gemini-2.5-pro`): 1 to 128 bytes of printable ASCII. A
+    /// [`RateCard`](crate::RateCard) prices it by its exact name or a prefix.
+    ///
+    /// # Example
+    /// ```
+    /// let model = token_billing::ModelName::new("claude-sonnet-4-5")?;
+    /// assert_eq!(model.as_str(), "claude-sonnet-4-5");
+    /// # Ok::<(), token_billing::IdError>(())
+    /// ```
+    ModelName,
+    "model",
+    128,
+    38
+);
+
+identifier!(
     /// The name of a plan in the service's catalogue (`default`, `pro-2026`).
     ///
     /// # Example

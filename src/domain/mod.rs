@@ -13,20 +13,31 @@ mod metadata;
 mod money;
 mod period;
 mod plan;
+mod providers;
+mod rate_card;
 mod rating;
+mod tokens;
 mod usage;
 
 pub use alerts::{AlertKind, AlertPolicy};
 pub use charge::{Charge, ChargeStatus, FeeCollection, NewCharge, UnknownChargeStatus, charges_for_growth};
-pub use ids::{ChargeKey, ChargeKind, ClientId, CustomerId, EventId, IdError, OperationType, PlanId, UserId};
+pub use ids::{
+    ChargeKey, ChargeKind, ClientId, CustomerId, EventId, IdError, ModelName, OperationType, PlanId, UserId,
+};
 pub(crate) use ids::{IdBytes, check_identifier, decimal};
 pub use limits::{Ceiling, Headroom, LimitKind, Limits};
 pub use metadata::{Metadata, MetadataIter};
 pub use money::{Currency, Money, MoneyError};
 pub use period::{Period, PeriodError, PeriodKey};
 pub use plan::{Plan, PlanBuilder, PlanError};
+pub use providers::{
+    AnthropicCacheCreation, AnthropicUsage, GeminiUsage, OpenAiCompletionDetails, OpenAiPromptDetails, OpenAiUsage,
+    Provider, ProviderUsage, UsageObjectError,
+};
+pub use rate_card::{ClassWeights, RateCard, RateCardError, Weight};
 pub use rating::{Blocks, MAX_BLOCKS_PER_EVENT, MAX_TOKENS, RatingError, Tier, TierLabel, calculate_billing_tier};
-pub use usage::{MetadataError, UsageRecord, check_metadata, metadata_limits};
+pub use tokens::{BillableTokens, BillableTokensError, BillableTotal, MICROS_PER_TOKEN, TokenClass, TokenCounts};
+pub use usage::{MetadataError, TokenDetail, UsageRecord, check_metadata, metadata_limits};
 
 use std::fmt::{self, Write as _};
 

@@ -1,5 +1,6 @@
 //! The price plan: a monthly fixed fee covering an allowance, then a price per started block.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono_tz::Tz;
@@ -7,6 +8,8 @@ use serde::{Deserialize, Serialize};
 
 use super::limits::Limits;
 use super::money::{Currency, Money};
+use super::period::PeriodKey;
+use super::rate_card::RateCard;
 use super::rating::{Blocks, MAX_TOKENS, RatingError, Tier};
 
 /// Why a plan is invalid.
@@ -90,6 +93,9 @@ pub struct Plan {
     zone: Tz,
     late_usage_grace: Duration,
     limits: Limits,
+    rate_card: Option<Arc<RateCard>>,
+    /// Later cards, each with the first period it rates, in period order.
+    rate_card_changes: Vec<(PeriodKey, Option<Arc<RateCard>>)>,
 }
 
 impl Plan {
@@ -165,6 +171,36 @@ impl Plan {
     /// the plan says otherwise).
     pub fn limits(&self) -> Limits {
         self.limits
+    }
+
+    /// The rate card that weighs the token classes of `period`'s usage, when the plan has one:
+    /// the last change whose period is `period` or earlier, else the card the plan started with.
+    /// A period keeps one card from its first day to its last; a changed card
+    /// ([`PlanBuilder::rate_card_from`]) applies from the period it names.
+    ///
+    /// Without a card every token weighs 1.
+    ///
+    /// # Example
+    /// ```
+    /// use token_billing::{ClassWeights, Plan, RateCard, Weight};
+    ///
+    /// let before = RateCard::new(ClassWeights::default());
+    /// let after = RateCard::new(ClassWeights { cached_input: "0.1".parse()?, ..ClassWeights::default() });
+    /// let plan = Plan::builder()
+    ///     .rate_card(before.clone())
+    ///     .rate_card_from("2027-01".parse()?, Some(after.clone()))
+    ///     .build()?;
+    /// assert_eq!(plan.rate_card("2026-12".parse()?), Some(&before));
+    /// assert_eq!(plan.rate_card("2027-01".parse()?), Some(&after));
+    /// assert_eq!(plan.rate_card("2027-06".parse()?), Some(&after));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn rate_card(&self, period: PeriodKey) -> Option<&RateCard> {
+        let changed = self.rate_card_changes.iter().rev().find(|(from, _)| *from <= period);
+        match changed {
+            Some((_, card)) => card.as_deref(),
+            None => self.rate_card.as_deref(),
+        }
     }
 
     /// Blocks owed for a period total: `ceil(max(0, total - included) / block_size)`.
@@ -250,6 +286,8 @@ impl Default for Plan {
             zone: chrono_tz::America::Sao_Paulo,
             late_usage_grace: Plan::DEFAULT_LATE_USAGE_GRACE,
             limits: Limits::none(),
+            rate_card: None,
+            rate_card_changes: Vec::new(),
         }
     }
 }
@@ -302,10 +340,24 @@ pub struct PlanBuilder {
     late_usage_grace: Duration,
     #[serde(default, skip_serializing_if = "Limits::is_none")]
     limits: Limits,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rate_card: Option<Arc<RateCard>>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    rate_card_changes: Vec<RateCardChange>,
     /// Whether `zone` was named (by [`zone`](Self::zone), a plan, or a serialised form) rather
     /// than taken from the original product's plan.
     #[serde(skip, default = "named")]
     zone_named: bool,
+}
+
+/// A change of a plan's rate card in its serialised form: the first period it rates, and the card
+/// (none: every token weighs 1 again).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RateCardChange {
+    from: PeriodKey,
+    #[serde(default)]
+    card: Option<Arc<RateCard>>,
 }
 
 fn named() -> bool {
@@ -367,6 +419,29 @@ impl PlanBuilder {
         self
     }
 
+    /// The rate card the plan starts with: the weights of each token class, per model.
+    pub fn rate_card(mut self, card: RateCard) -> Self {
+        self.rate_card = Some(Arc::new(card));
+        self
+    }
+
+    /// A change of rate card from `from` on (`None`: every token weighs 1 again). The periods
+    /// before `from` keep the card they had, so a period is never rated by two cards; a change
+    /// for the same period replaces the one given before. Give a period that has not begun:
+    /// the card is read when usage is rated, so a change naming the current period reprices
+    /// its usage from then on.
+    pub fn rate_card_from(mut self, from: PeriodKey, card: Option<RateCard>) -> Self {
+        let change = RateCardChange {
+            from,
+            card: card.map(Arc::new),
+        };
+        match self.rate_card_changes.binary_search_by_key(&from, |c| c.from) {
+            Ok(at) => self.rate_card_changes[at] = change,
+            Err(at) => self.rate_card_changes.insert(at, change),
+        }
+        self
+    }
+
     /// Checks the plan.
     ///
     /// # Errors
@@ -416,6 +491,14 @@ impl PlanBuilder {
             zone: self.zone,
             late_usage_grace: self.late_usage_grace,
             limits: self.limits,
+            rate_card: self.rate_card,
+            rate_card_changes: {
+                // Sorted and unique by period, whatever order a serialised form gave them in.
+                let mut changes = self.rate_card_changes;
+                changes.sort_by_key(|c| c.from);
+                changes.dedup_by_key(|c| c.from);
+                changes.into_iter().map(|c| (c.from, c.card)).collect()
+            },
         })
     }
 }
@@ -430,6 +513,12 @@ impl From<Plan> for PlanBuilder {
             zone: plan.zone,
             late_usage_grace: plan.late_usage_grace,
             limits: plan.limits,
+            rate_card: plan.rate_card,
+            rate_card_changes: plan
+                .rate_card_changes
+                .into_iter()
+                .map(|(from, card)| RateCardChange { from, card })
+                .collect(),
             zone_named: true,
         }
     }

@@ -4,9 +4,10 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::ids::{ClientId, EventId, IdBytes, OperationType, UserId};
+use super::ids::{ClientId, EventId, IdBytes, ModelName, OperationType, UserId};
 use super::metadata::Metadata;
 use super::period::PeriodKey;
+use super::tokens::{BillableTokens, TokenCounts};
 
 /// Stripe's metadata limits, which the library enforces on every event.
 pub mod metadata_limits {
@@ -114,6 +115,36 @@ pub struct UsageRecord {
     pub occurred_at_reported: bool,
     /// When it was recorded (the original product's `created_at`).
     pub recorded_at: DateTime<Utc>,
+    /// The model and the tokens by class, when the report gave them, with the billable tokens
+    /// the period's rate card made of them. `None` for a report of `tokens` alone (the original
+    /// product's API): its tokens are its billable tokens, one for one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<Box<TokenDetail>>,
+}
+
+/// What a usage report said of its tokens beyond their number, and what they bill.
+///
+/// # Example
+/// ```
+/// use token_billing::{BillableTokens, ModelName, TokenCounts, TokenDetail};
+///
+/// let detail = TokenDetail {
+///     model: Some(ModelName::new("gpt-4o")?),
+///     counts: Some(TokenCounts { input: 10, output: 5, ..Default::default() }),
+///     billable: BillableTokens::whole(30),
+/// };
+/// assert_eq!(detail.billable.to_string(), "30");
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenDetail {
+    /// The model that served the call.
+    pub model: Option<ModelName>,
+    /// The tokens by class; `None` when the report gave only their number.
+    pub counts: Option<TokenCounts>,
+    /// The exact billable tokens: the counts weighed by the period's rate card, or the number of
+    /// tokens when there are no counts.
+    pub billable: BillableTokens,
 }
 
 impl UsageRecord {
@@ -128,7 +159,7 @@ impl UsageRecord {
     /// #         consumption_id, event_id: event_id.parse().unwrap(), user_id: "u".parse().unwrap(),
     /// #         period: "2026-11".parse().unwrap(), tokens: 1, operation_type: "chat".parse().unwrap(),
     /// #         client_id: None, metadata: Default::default(), occurred_at: chrono::Utc::now(),
-    /// #         occurred_at_reported: false, recorded_at: chrono::Utc::now(),
+    /// #         occurred_at_reported: false, recorded_at: chrono::Utc::now(), detail: None,
     /// #     }
     /// # };
     /// assert!(record("req-42").has_host_event_id());
@@ -146,12 +177,26 @@ impl UsageRecord {
                     .as_bytes()
     }
 
+    /// The exact billable tokens of the event.
+    pub fn billable(&self) -> BillableTokens {
+        self.detail
+            .as_ref()
+            .map_or_else(|| BillableTokens::whole(self.tokens), |detail| detail.billable)
+    }
+
+    /// The model that served the call, when the report named it.
+    pub fn model(&self) -> Option<&ModelName> {
+        self.detail.as_ref().and_then(|d| d.model.as_ref())
+    }
+
     /// Whether `other`, a re-send under the same event id, reports the same usage: same user,
-    /// tokens, operation type, client id and metadata, and the same `occurred_at` when either one
+    /// tokens, model and token classes, operation type, client id and metadata, and the same `occurred_at` when either one
     /// reported it.
     pub fn same_usage(&self, other: &UsageRecord) -> bool {
+        let reported = |r: &UsageRecord| r.detail.as_ref().map(|d| (d.model.clone(), d.counts));
         self.user_id == other.user_id
             && self.tokens == other.tokens
+            && reported(self) == reported(other)
             && self.operation_type == other.operation_type
             && self.client_id == other.client_id
             && self.metadata == other.metadata

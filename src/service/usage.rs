@@ -10,8 +10,9 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use uuid::Uuid;
 
 use crate::domain::{
-    Charge, ChargeKind, ChargeStatus, ClientId, EventId, LimitKind, Limits, Metadata, OperationType, PeriodKey, Plan,
-    TierLabel, UsageRecord, UserId, check_metadata,
+    BillableTokens, Charge, ChargeKind, ChargeStatus, ClientId, EventId, LimitKind, Limits, Metadata, ModelName,
+    OperationType, PeriodKey, Plan, ProviderUsage, TierLabel, TokenCounts, TokenDetail, UsageRecord, UserId,
+    check_metadata,
 };
 use crate::error::{BillingError, UsageError};
 use crate::store::{Account, Alerting, HoldDecision, PlacedUsage, Placement, RecordUsage, Recorded, StoreError};
@@ -55,6 +56,13 @@ pub struct UsageReport {
     /// Whether the user's limits may refuse this report ([`enforce_limits`](Self::enforce_limits)).
     #[serde(default)]
     pub enforce_limits: bool,
+    /// The model that served the call: a rate card prices its token classes by it.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// The tokens by class. When given, `tokens_used` is their sum (or zero, to be set from
+    /// them) and the period's rate card weighs them; without them every token weighs 1.
+    #[serde(default)]
+    pub token_counts: Option<TokenCounts>,
 }
 
 impl UsageReport {
@@ -66,6 +74,61 @@ impl UsageReport {
             operation_type: operation_type.into(),
             ..UsageReport::default()
         }
+    }
+
+    /// A report of a call's tokens by class, `tokens_used` being their sum.
+    ///
+    /// # Example
+    /// ```
+    /// use token_billing::{TokenCounts, UsageReport};
+    ///
+    /// let counts = TokenCounts { input: 1_200, cached_input: 8_000, output: 350, ..Default::default() };
+    /// let report = UsageReport::with_counts("user-uuid", counts, "chat").model("claude-sonnet-4-5");
+    /// assert_eq!(report.tokens_used, 9_550);
+    /// ```
+    pub fn with_counts(
+        user_id: impl Into<String>,
+        counts: TokenCounts,
+        operation_type: impl Into<String>,
+    ) -> UsageReport {
+        UsageReport {
+            token_counts: Some(counts),
+            // A sum past u64 is refused when the report is read.
+            tokens_used: counts.total().unwrap_or(0),
+            ..UsageReport::new(user_id, 0, operation_type)
+        }
+    }
+
+    /// A report of a call from the usage object its provider returned, normalised into token
+    /// classes by the provider's documented rules ([`ProviderUsage::token_counts`]).
+    ///
+    /// # Errors
+    /// [`UsageError::UsageObject`] when the object contradicts itself.
+    ///
+    /// # Example
+    /// ```
+    /// use token_billing::{AnthropicUsage, ProviderUsage, UsageReport};
+    ///
+    /// let usage: AnthropicUsage = serde_json::from_str(
+    ///     r#"{"input_tokens": 50, "cache_read_input_tokens": 10000, "output_tokens": 400}"#,
+    /// )?;
+    /// let report = UsageReport::from_provider_usage("user-uuid", &ProviderUsage::Anthropic(usage), "chat")?;
+    /// assert_eq!(report.tokens_used, 10_450);
+    /// assert_eq!(report.token_counts.map(|c| c.cached_input), Some(10_000));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn from_provider_usage(
+        user_id: impl Into<String>,
+        usage: &ProviderUsage,
+        operation_type: impl Into<String>,
+    ) -> Result<UsageReport, UsageError> {
+        Ok(UsageReport::with_counts(user_id, usage.token_counts()?, operation_type))
+    }
+
+    /// Names the model that served the call.
+    pub fn model(mut self, model: impl Into<String>) -> Self {
+        self.model = Some(model.into());
+        self
     }
 
     /// Sets the client id.
@@ -157,11 +220,23 @@ pub struct UsageOutcome {
     pub current_tier: TierLabel,
     /// Whether this answers a re-sent event id (nothing changed).
     pub replayed: bool,
+    /// How many tokens the event added to the period's billable total (`total_tokens`): its
+    /// tokens weighed by the period's rate card. The period keeps its total exactly and rounds
+    /// it up to a whole token, so an event with a fraction of a token adds the whole token that
+    /// fraction starts, or nothing when an earlier event's rounding already covered it; the
+    /// events' figures add up to the period's total. Without a rate card, the event's tokens.
+    #[serde(default)]
+    pub billable_tokens: u64,
     /// The limit of the user's period that the total has reached, if any: the next
     /// [`check_usage`](BillingService::check_usage) or [`reserve`](BillingService::reserve)
     /// of any tokens is refused by it.
     #[serde(default)]
     pub limit_exceeded: Option<LimitKind>,
+}
+
+/// An event's billable tokens rounded up to a whole token: what its hold holds.
+fn billable_ceil(usage: &UsageRecord) -> u64 {
+    u64::try_from(usage.billable().ceil_tokens()).unwrap_or(u64::MAX)
 }
 
 /// What the service decided for an event before recording it.
@@ -181,9 +256,34 @@ impl BillingService {
         let user_id = UserId::new(report.user_id)?;
         let operation_type = OperationType::new(report.operation_type)?;
         let client_id = report.client_id.map(ClientId::new).transpose()?;
-        if report.tokens_used == 0 {
+        let model = report.model.map(ModelName::new).transpose()?;
+        let tokens = match &report.token_counts {
+            None => report.tokens_used,
+            Some(counts) => {
+                let classes = counts.total().ok_or(UsageError::TooManyTokens {
+                    tokens: u64::MAX,
+                    max: crate::MAX_TOKENS,
+                })?;
+                if report.tokens_used != 0 && report.tokens_used != classes {
+                    return Err(UsageError::TokensMismatch {
+                        tokens_used: report.tokens_used,
+                        classes,
+                    });
+                }
+                classes
+            }
+        };
+        if tokens == 0 {
             return Err(UsageError::ZeroTokens);
         }
+        // Weighed by the period's rate card once the event is placed (`place`).
+        let detail = (model.is_some() || report.token_counts.is_some()).then(|| {
+            Box::new(TokenDetail {
+                model,
+                counts: report.token_counts,
+                billable: BillableTokens::whole(tokens),
+            })
+        });
         check_metadata(&report.metadata)?;
         let consumption_id = crate::random::uuid_v4();
         let event_id = match report.event_id {
@@ -200,13 +300,14 @@ impl BillingService {
             user_id,
             // Set from the plan's zone by `place_in_period`.
             period: PeriodKey::UNPLACED,
-            tokens: report.tokens_used,
+            tokens,
             operation_type,
             client_id,
             metadata: report.metadata,
             occurred_at,
             occurred_at_reported: report.occurred_at.is_some(),
             recorded_at: now,
+            detail,
         })
     }
 
@@ -426,7 +527,7 @@ impl BillingService {
         self.enforce_on(&placed, placement.plan, account.as_ref(), 0, now).await
     }
 
-    /// Holds `usage.tokens + ahead` tokens under the event's id if the limits of its placed
+    /// Holds the event's billable tokens (rounded up) plus `ahead` under the event's id if the limits of its placed
     /// period allow them (`ahead`: tokens of events recorded before it in the same store call).
     async fn enforce_on(
         &self,
@@ -442,7 +543,7 @@ impl BillingService {
         }
         let limits = self.spend_limits(limits, usage.period, plan, now)?;
         let expires_at = crate::clock::later(now, self.settings.lease);
-        let tokens = usage.tokens.saturating_add(ahead);
+        let tokens = billable_ceil(usage).saturating_add(ahead);
         match self
             .hold_tokens(&usage.user_id, &usage.event_id, tokens, &limits, now, expires_at)
             .await?
@@ -478,6 +579,12 @@ impl BillingService {
             return Ok(Placed::Refused(error));
         }
         let plan = self.period_plan(account, usage.period)?;
+        if let Some(detail) = &mut usage.detail {
+            detail.billable = match (detail.counts, plan.rate_card(usage.period)) {
+                (Some(counts), Some(card)) => card.billable(detail.model.as_ref(), &counts),
+                _ => BillableTokens::whole(usage.tokens),
+            };
+        }
         let collect_now = self.settings.collection == CollectionMode::Immediate
             && (account.is_some_and(|a| a.customer_id.is_some())
                 || self.settings.unregistered == UnregisteredUsers::OpenCustomer);
@@ -521,7 +628,13 @@ impl BillingService {
             // collection's.
             Box::pin(self.collect_created(&mut charges, &recorded.usage.user_id, account)).await;
         }
-        Self::outcome(&recorded.usage, recorded.total_after, &charges, recorded.replayed, plan)
+        Self::outcome(
+            &recorded.usage,
+            (recorded.total_before, recorded.total_after),
+            &charges,
+            recorded.replayed,
+            plan,
+        )
     }
 
     /// Collects the charges an event just created, leased to this caller, replacing each with
@@ -639,7 +752,7 @@ impl BillingService {
                                 }
                             }
                         } else {
-                            *unheld.entry(key).or_default() += usage.tokens;
+                            *unheld.entry(key).or_default() += billable_ceil(&usage);
                         }
                         placed.push((position, placement.plan, placement.lease_until.is_some()));
                         requests.push(RecordUsage {
@@ -787,12 +900,13 @@ impl BillingService {
         }
         let plan = self.period_plan(account, recorded.usage.period)?;
         debug!(event = %usage.event_id, "event replayed: answering the original outcome");
-        Self::outcome(&recorded.usage, recorded.total_after, &recorded.charges, true, plan).map(Some)
+        let totals = (recorded.total_before, recorded.total_after);
+        Self::outcome(&recorded.usage, totals, &recorded.charges, true, plan).map(Some)
     }
 
     fn outcome(
         usage: &UsageRecord,
-        total_after: u64,
+        (total_before, total_after): (u64, u64),
         charges: &[Charge],
         replayed: bool,
         plan: &Plan,
@@ -807,6 +921,7 @@ impl BillingService {
             current_tier: plan.tier_of(total_after)?.label(),
             replayed,
             limit_exceeded: None,
+            billable_tokens: total_after.saturating_sub(total_before),
         })
     }
 }

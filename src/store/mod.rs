@@ -30,7 +30,7 @@ pub use memory::{EventRetention, InMemoryUsageStore, InMemoryUsageStoreBuilder};
 #[cfg(feature = "postgres")]
 pub use postgres::{MIGRATIONS, PostgresUsageStore};
 pub(crate) use records::SummaryDelta;
-pub use records::{Account, AuditEntry, AuditEvent, OperationUsage, PeriodSummary, TierChargeReport};
+pub use records::{Account, AuditEntry, AuditEvent, ModelUsage, OperationUsage, PeriodSummary, TierChargeReport};
 
 /// Which of `shards` shards keeps `user`'s data: a hash of the id's bytes, cheaper than of its
 /// text (which is checked for UTF-8 when read as a `&str`).
@@ -373,6 +373,12 @@ impl<'a> Settlement<'a> {
 ///   [`StoreError::EventForgotten`], changing nothing.
 /// - A total that would exceed [`MAX_TOKENS`](crate::MAX_TOKENS) MUST fail with
 ///   [`StoreError::TotalOverflow`] and change nothing.
+/// - The period total MUST move by the event's billable tokens ([`UsageRecord::billable`]), not
+///   its `tokens`, kept exactly: the summary's `total_tokens` is the exact sum rounded up to a
+///   whole token and `billable_credit_micros` what the rounding added, both moved by
+///   [`BillableTotal::plus`](crate::BillableTotal::plus). The event's detail (model, classes,
+///   billable tokens) MUST read back as recorded, and a replay MUST answer the totals the event
+///   really moved. [`usage_by_model`](Self::usage_by_model) MUST count every event in one row.
 /// - [`place_and_record_usage`](Self::place_and_record_usage) MUST record an event as
 ///   `record_usage` does, placed with the user's account as stored (a kept copy only if the
 ///   record checks it, as [`RecordUsage::account`] says); it MUST record nothing of an event
@@ -703,6 +709,12 @@ pub trait UsageStore: Send + Sync + Debug {
 
     /// Tokens and operations by operation type in a period, ordered by operation type.
     async fn usage_by_operation(&self, user: &UserId, period: PeriodKey) -> Result<Vec<OperationUsage>, StoreError>;
+
+    /// Tokens by class and billable tokens by model in a period, ordered by model name, usage
+    /// reported without a model first (as `None`). Every event counts in exactly one row: the
+    /// rows' `total_tokens` add up to the period's tokens, and their `billable` to its exact
+    /// billable total.
+    async fn usage_by_model(&self, user: &UserId, period: PeriodKey) -> Result<Vec<ModelUsage>, StoreError>;
 
     /// Charge counts and amounts by tier label in a period, ordered by tier.
     async fn charges_by_tier(&self, user: &UserId, period: PeriodKey) -> Result<Vec<TierChargeReport>, StoreError>;

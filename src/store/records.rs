@@ -1,13 +1,13 @@
 //! What a store keeps besides usage and charges: accounts, period summaries (and the deltas that
-//! move them), the rows of the two monitoring reports, and the audit trail.
+//! move them), the rows of the monitoring reports (by operation, by tier, by model), and the audit trail.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::domain::{
-    ChargeKey, ChargeKind, ChargeStatus, Currency, CustomerId, EventId, Limits, Money, OperationType, PeriodKey,
-    PlanId, TierLabel, UserId,
+    BillableTokens, BillableTotal, ChargeKey, ChargeKind, ChargeStatus, Currency, CustomerId, EventId, Limits,
+    ModelName, Money, OperationType, PeriodKey, PlanId, TierLabel, TokenCounts, UsageRecord, UserId,
 };
 
 /// The link between a user, the gateway's customer that pays, and the user's plan.
@@ -87,8 +87,14 @@ pub struct PeriodSummary {
     pub period: PeriodKey,
     /// The currency of the period's charges.
     pub currency: Currency,
-    /// Tokens recorded in the period.
+    /// Billable tokens recorded in the period, rounded up to a whole token (without a rate card,
+    /// the tokens recorded). Blocks, tiers and caps are decided on it.
     pub total_tokens: u64,
+    /// What rounding the billable total up to `total_tokens` added, in millionths of a token
+    /// (zero unless a rate card gives tokens fractional weights): the exact total is
+    /// [`billable_total`](Self::billable_total)`().exact()`.
+    #[serde(default)]
+    pub billable_credit_micros: u32,
     /// Usage events recorded in the period.
     pub events: u64,
     /// The fixed fee really collected (succeeded).
@@ -113,6 +119,7 @@ impl PeriodSummary {
             period,
             currency,
             total_tokens: 0,
+            billable_credit_micros: 0,
             events: 0,
             fixed_fee_charged: Money::zero(currency),
             tier_charges_count: 0,
@@ -120,6 +127,16 @@ impl PeriodSummary {
             outstanding_count: 0,
             outstanding_total: Money::zero(currency),
             updated_at: now,
+        }
+    }
+}
+
+impl PeriodSummary {
+    /// The period's billable total, exact.
+    pub fn billable_total(&self) -> BillableTotal {
+        BillableTotal {
+            tokens: self.total_tokens,
+            credit_micros: self.billable_credit_micros,
         }
     }
 }
@@ -202,6 +219,67 @@ pub struct OperationUsage {
     pub total_tokens: u64,
     /// How many events reported it.
     pub operations: u64,
+}
+
+/// Tokens of one model in a period, by class, and the billable tokens they made: a row of
+/// [`UsageStore::usage_by_model`](crate::UsageStore::usage_by_model).
+///
+/// # Example
+/// ```
+/// use token_billing::{BillableTokens, ModelUsage, TokenCounts};
+///
+/// let row = ModelUsage {
+///     model: Some("gpt-4o".parse()?),
+///     events: 2,
+///     total_tokens: 1_500,
+///     counts: TokenCounts { input: 1_000, output: 500, ..Default::default() },
+///     billable: BillableTokens::whole(3_000),
+/// };
+/// assert_eq!(row.unclassified_tokens(), 0);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelUsage {
+    /// The model; `None` for usage reported without one.
+    pub model: Option<ModelName>,
+    /// How many events reported it.
+    pub events: u64,
+    /// All their tokens (the original product's `tokens_used`), classified or not.
+    pub total_tokens: u64,
+    /// Their tokens by class, from the events that reported classes.
+    pub counts: TokenCounts,
+    /// Their exact billable tokens.
+    pub billable: BillableTokens,
+}
+
+impl ModelUsage {
+    /// An empty row for `model`.
+    pub fn new(model: Option<ModelName>) -> ModelUsage {
+        ModelUsage {
+            model,
+            events: 0,
+            total_tokens: 0,
+            counts: TokenCounts::default(),
+            billable: BillableTokens::ZERO,
+        }
+    }
+
+    /// Tokens of events that reported only their number, not their classes.
+    pub fn unclassified_tokens(&self) -> u64 {
+        self.total_tokens
+            .saturating_sub(self.counts.total().unwrap_or(u64::MAX))
+    }
+
+    /// Counts one more event of the row's model. Saturates rather than overflow: a period's
+    /// totals are bounded far below `u64` by the stores.
+    pub fn add(&mut self, usage: &UsageRecord) {
+        self.events += 1;
+        self.total_tokens = self.total_tokens.saturating_add(usage.tokens);
+        if let Some(counts) = usage.detail.as_ref().and_then(|d| d.counts) {
+            self.counts = self.counts.checked_add(&counts).unwrap_or(self.counts);
+        }
+        self.billable = self.billable.checked_add(usage.billable()).unwrap_or(self.billable);
+    }
 }
 
 /// Charges of one tier in a period (the original product's "cobranças por faixas").

@@ -352,6 +352,9 @@ impl UsageStore for FaultyStore {
     async fn usage_by_operation(&self, user: &UserId, period: PeriodKey) -> Result<Vec<OperationUsage>, StoreError> {
         self.inner.usage_by_operation(user, period).await
     }
+    async fn usage_by_model(&self, user: &UserId, period: PeriodKey) -> Result<Vec<crate::ModelUsage>, StoreError> {
+        self.inner.usage_by_model(user, period).await
+    }
     async fn charges_by_tier(&self, user: &UserId, period: PeriodKey) -> Result<Vec<TierChargeReport>, StoreError> {
         self.inner.charges_by_tier(user, period).await
     }

@@ -126,6 +126,9 @@ macro_rules! usage_store_conformance {
                 the_payment_gate_lets_no_hold_start_a_block,
                 each_crossed_threshold_creates_one_alert,
                 alerts_are_pending_until_acknowledged,
+                billable_totals_are_exact_sums_rounded_up,
+                concurrent_fractions_sum_exactly,
+                usage_by_model_counts_every_event_once,
             );
         }
     };

@@ -9,15 +9,16 @@ use chrono::{DateTime, Utc};
 use foldhash::{HashMap, HashSet};
 
 use super::alerts::KeptAlert;
+use super::models::ModelTotals;
 use super::retention::takes_usage_until;
 use super::{EventRetention, InMemoryUsageStore};
 use crate::domain::{
-    Blocks, Charge, ChargeKey, ChargeKind, ChargeStatus, EventId, MAX_TOKENS, Money, MoneyError, NewCharge,
+    BillableTotal, Blocks, Charge, ChargeKey, ChargeKind, ChargeStatus, EventId, Money, MoneyError, NewCharge,
     OperationType, PeriodKey, UsageRecord, UserId, charges_for_growth,
 };
 use crate::store::id_map::IdMap;
 use crate::store::{
-    Account, AuditEntry, AuditEvent, Hold, PeriodSummary, Placement, Recorded, StoreError, SummaryDelta,
+    Account, AuditEntry, AuditEvent, Hold, OperationUsage, PeriodSummary, Placement, Recorded, StoreError, SummaryDelta,
 };
 
 const STORE: &str = "in-memory store";
@@ -69,6 +70,9 @@ pub(super) struct EventEntry {
     pub(super) period: PeriodKey,
     pub(super) index: usize,
     pub(super) total_before: u64,
+    /// Whether the event's fraction of a token made the period's total round up one more token
+    /// ([`BillableTotal::plus`]): with the event's billable tokens, it gives the total after it.
+    pub(super) rounded_up: bool,
     pub(super) created_fee: bool,
     pub(super) blocks: Blocks,
 }
@@ -78,6 +82,7 @@ pub(super) struct PeriodBook {
     pub(super) summary: PeriodSummary,
     pub(super) consumptions: Vec<Arc<UsageRecord>>,
     pub(super) by_operation: OperationTotals,
+    pub(super) by_model: ModelTotals,
     pub(super) charges: Vec<Charge>,
     /// When the period stops taking late usage, by the plan that rates it: set by its first
     /// kept event (a period opened by a charge alone has no events to forget).
@@ -90,9 +95,25 @@ impl PeriodBook {
             summary,
             consumptions: Vec::new(),
             by_operation: OperationTotals::default(),
+            by_model: ModelTotals::default(),
             charges: Vec::new(),
             takes_usage_until: None,
         }
+    }
+}
+
+impl PeriodBook {
+    /// Tokens and events by operation type, ordered by type.
+    pub(super) fn usage_by_operation(&self) -> Vec<OperationUsage> {
+        self.by_operation
+            .sorted()
+            .into_iter()
+            .map(|(op, tokens, count)| OperationUsage {
+                operation_type: op.clone(),
+                total_tokens: *tokens,
+                operations: *count,
+            })
+            .collect()
     }
 }
 
@@ -229,14 +250,16 @@ impl InMemoryUsageStore {
         }
 
         let period = usage.period;
-        let before = book.periods.get(&period).map_or(0, |p| p.summary.total_tokens);
-        let after = before
-            .checked_add(usage.tokens)
-            .filter(|t| *t <= MAX_TOKENS)
-            .ok_or(StoreError::TotalOverflow {
-                total: before,
-                tokens: usage.tokens,
-            })?;
+        let total = book
+            .periods
+            .get(&period)
+            .map_or_else(BillableTotal::default, |p| p.summary.billable_total());
+        let before = total.tokens;
+        let moved = total.plus(usage.billable()).ok_or(StoreError::TotalOverflow {
+            total: before,
+            tokens: usage.tokens,
+        })?;
+        let after = moved.tokens;
         let new_charges = charges_for_growth(plan, fee, user, period, before, after, Some(usage.consumption_id))?;
         let blocks = plan.blocks_crossed(before, after)?;
 
@@ -263,9 +286,11 @@ impl InMemoryUsageStore {
             key: period.to_string(),
         })?;
         period_book.summary.total_tokens = after;
+        period_book.summary.billable_credit_micros = moved.credit_micros;
         period_book.summary.events += 1;
         period_book.summary.updated_at = now;
         period_book.by_operation.add(&usage.operation_type, usage.tokens);
+        period_book.by_model.add(&usage);
         if keep {
             period_book
                 .takes_usage_until
@@ -278,6 +303,7 @@ impl InMemoryUsageStore {
                     period,
                     index,
                     total_before: before,
+                    rounded_up: rounded_up(before, after, &usage),
                     // Charges that existed already are never in `created`.
                     created_fee: created.iter().any(|c| c.kind == ChargeKind::FixedFee),
                     blocks,
@@ -308,6 +334,19 @@ impl InMemoryUsageStore {
             replayed: false,
         })
     }
+}
+
+/// Whether an event that moved its period's total from `before` to `after` rounded it up one
+/// more token than its whole billable tokens.
+fn rounded_up(before: u64, after: u64, usage: &UsageRecord) -> bool {
+    u128::from(after - before) > usage.billable().whole_tokens()
+}
+
+/// The total after a recorded event, from the total before it and whether it rounded up.
+fn total_after(before: u64, rounded_up: bool, usage: &UsageRecord) -> u64 {
+    // The event was recorded, so its whole tokens fit between the two totals.
+    let whole = u64::try_from(usage.billable().whole_tokens()).unwrap_or(u64::MAX);
+    before.saturating_add(whole).saturating_add(u64::from(rounded_up))
 }
 
 pub(super) fn money_error(source: MoneyError) -> StoreError {
@@ -377,7 +416,7 @@ impl UserBook {
         Ok(Some(Recorded {
             usage: Arc::clone(original),
             total_before: entry.total_before,
-            total_after: entry.total_before + original.tokens,
+            total_after: total_after(entry.total_before, entry.rounded_up, original),
             charges: keys.filter_map(|k| self.charge(&k).cloned()).collect(),
             replayed: true,
         }))

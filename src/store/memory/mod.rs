@@ -13,6 +13,7 @@
 mod alerts;
 mod book;
 mod holds;
+mod models;
 mod retention;
 mod shards;
 
@@ -26,8 +27,8 @@ use self::book::{PeriodBook, TrailItem, UserBook, apply_to_summary, money_error}
 use self::shards::{Shard, claim_from};
 use super::{
     Account, Alert, AuditEntry, AuditEvent, EnsureCharge, GatewayEventRecord, Hold, HoldDecision, HoldRequest,
-    OperationUsage, PeriodSummary, PlacedUsage, Placement, Placer, RecordUsage, Recorded, Settlement, SpendLocator,
-    SpendState, StoreError, TierChargeReport, UsageStore,
+    ModelUsage, OperationUsage, PeriodSummary, PlacedUsage, Placement, Placer, RecordUsage, Recorded, Settlement,
+    SpendLocator, SpendState, StoreError, TierChargeReport, UsageStore,
 };
 use crate::domain::{Charge, ChargeKey, ChargeStatus, EventId, Money, PeriodKey, UsageRecord, UserId};
 
@@ -579,23 +580,15 @@ impl UsageStore for InMemoryUsageStore {
     }
 
     async fn usage_by_operation(&self, user: &UserId, period: PeriodKey) -> Result<Vec<OperationUsage>, StoreError> {
-        Ok(self
-            .shard(user)
-            .users
-            .get(user)
-            .and_then(|b| b.periods.get(&period))
-            .map(|p| {
-                p.by_operation
-                    .sorted()
-                    .into_iter()
-                    .map(|(op, tokens, count)| OperationUsage {
-                        operation_type: op.clone(),
-                        total_tokens: *tokens,
-                        operations: *count,
-                    })
-                    .collect()
-            })
-            .unwrap_or_default())
+        let shard = self.shard(user);
+        let book = shard.users.get(user).and_then(|b| b.periods.get(&period));
+        Ok(book.map_or_else(Vec::new, PeriodBook::usage_by_operation))
+    }
+
+    async fn usage_by_model(&self, user: &UserId, period: PeriodKey) -> Result<Vec<ModelUsage>, StoreError> {
+        let shard = self.shard(user);
+        let book = shard.users.get(user).and_then(|b| b.periods.get(&period));
+        Ok(book.map_or_else(Vec::new, |p| p.by_model.report(&p.summary, &p.usage_by_operation())))
     }
 
     async fn charges_by_tier(&self, user: &UserId, period: PeriodKey) -> Result<Vec<TierChargeReport>, StoreError> {
@@ -839,6 +832,7 @@ mod tests {
                 occurred_at: at,
                 occurred_at_reported: false,
                 recorded_at: at,
+                detail: None,
             }
         };
         let books = || store.shards.iter().map(|shard| lock(shard).users.len()).sum::<usize>();

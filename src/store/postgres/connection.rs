@@ -28,6 +28,7 @@ pub const MIGRATIONS: &[(i32, &str)] = &[
         include_str!("../../../migrations/0007_usage_audit_from_consumption.sql"),
     ),
     (8, include_str!("../../../migrations/0008_spend_control.sql")),
+    (9, include_str!("../../../migrations/0009_token_classes.sql")),
 ];
 
 impl PostgresUsageStore {

@@ -184,6 +184,10 @@ impl UsageStore for PostgresUsageStore {
         self.read_usage_by_operation(user, period).await
     }
 
+    async fn usage_by_model(&self, user: &UserId, period: PeriodKey) -> Result<Vec<crate::ModelUsage>, StoreError> {
+        self.read_usage_by_model(user, period).await
+    }
+
     async fn charges_by_tier(&self, user: &UserId, period: PeriodKey) -> Result<Vec<TierChargeReport>, StoreError> {
         self.read_charges_by_tier(user, period).await
     }

@@ -11,8 +11,8 @@ use sqlx::{Postgres, Row, Transaction};
 use super::PostgresUsageStore;
 use super::accounts::{account_unchanged, bind_account};
 use super::rows::{
-    CHARGE_COLUMNS, PgQuery, charge_from, currency_mismatch, db, gave_up, generic, is_deadlock, is_duplicate_event,
-    is_numeric_overflow, to_i64, to_u64, usage_from,
+    CHARGE_COLUMNS, CONSUMPTION_COLUMNS, DetailColumns, PgQuery, charge_from, currency_mismatch, db, gave_up, generic,
+    is_deadlock, is_duplicate_event, is_numeric_overflow, to_i64, to_u64, usage_from,
 };
 use crate::domain::{
     Blocks, Charge, ChargeKind, ChargeStatus, ClientId, EventId, FeeCollection, NewCharge, UsageRecord, UserId,
@@ -40,17 +40,33 @@ pub(super) fn charges_between(
 
 /// Binds the columns of an event's consumption row that follow its ids, in this order: event
 /// id, tokens, operation type, client, metadata, occurrence, whether the occurrence was
-/// reported, the total before it, and its first and end block.
+/// reported, the total before it, its first and end block, its model, token classes and exact
+/// billable tokens, and the total after it.
 fn bind_consumption<'q>(
     query: PgQuery<'q>,
     usage: &'q UsageRecord,
-    before: u64,
+    (before, after): (u64, u64),
     blocks: &Blocks,
 ) -> Result<PgQuery<'q>, StoreError> {
-    Ok(bind_event(query, usage)?
+    let query = bind_event(query, usage)?
         .bind(to_i64(before)?)
         .bind(to_i64(blocks.first())?)
-        .bind(to_i64(blocks.end())?))
+        .bind(to_i64(blocks.end())?);
+    Ok(DetailColumns::bind_one(usage, query)?.bind(to_i64(after)?))
+}
+
+/// An event's billable tokens as the ways that move a period total by whole tokens take them:
+/// `None` when the event has a fraction of a token, which only the locking way records (it reads
+/// and writes the period's rounding credit), or more whole tokens than a total may hold (which
+/// the locking way refuses).
+fn whole_billable(usage: &UsageRecord) -> Option<u64> {
+    let billable = usage.billable();
+    if billable.fraction_micros() != 0 {
+        return None;
+    }
+    u64::try_from(billable.whole_tokens())
+        .ok()
+        .filter(|whole| *whole <= crate::MAX_TOKENS)
 }
 
 /// Binds what the host reported of an event, in this order: event id, tokens, operation type,
@@ -114,8 +130,8 @@ fn write_event_sql(gate: Gate) -> &'static str {
             Gate::CompareAndSet => (
                 "SELECT 1 FROM token_usage_summary
                       WHERE user_id = $8 AND period = $9 AND total_tokens = $22 FOR UPDATE",
-                "total_tokens = $25, events = events + 1, updated_at = $14,
-                     included_tokens = coalesce(included_tokens, $26), block_size = coalesce(block_size, $27),
+                "total_tokens = $33, events = events + 1, updated_at = $14,
+                     included_tokens = coalesce(included_tokens, $34), block_size = coalesce(block_size, $35),
                      holds = holds - $15,",
             ),
         };
@@ -185,21 +201,25 @@ impl PostgresUsageStore {
         user: &UserId,
         event_id: &EventId,
     ) -> Result<Option<Recorded>, StoreError> {
-        let row = sqlx::query(
-            "SELECT user_id, id, event_id, period, tokens_used, operation_type, client_id, metadata, occurred_at,
-                    occurred_at_reported, created_at, total_before, created_fee, first_block, end_block
-               FROM token_consumption WHERE user_id = $1 AND event_id = $2",
-        )
-        .bind(user.as_str())
-        .bind(event_id.as_str())
-        .fetch_optional(&mut **tx)
-        .await
-        .map_err(db)?;
+        static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+            format!(
+                "SELECT {CONSUMPTION_COLUMNS}, total_before, created_fee, first_block, end_block,
+                        coalesce(total_after, total_before + tokens_used) AS total_after
+                   FROM token_consumption WHERE user_id = $1 AND event_id = $2"
+            )
+        });
+        let row = sqlx::query(SQL.as_str())
+            .bind(user.as_str())
+            .bind(event_id.as_str())
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(db)?;
         let Some(row) = row else {
             return Ok(None);
         };
         let usage = usage_from(&row)?;
         let total_before = to_u64(row.try_get("total_before").map_err(db)?)?;
+        let total_after = to_u64(row.try_get("total_after").map_err(db)?)?;
         let created_fee: bool = row.try_get("created_fee").map_err(db)?;
         let first_block: i64 = row.try_get("first_block").map_err(db)?;
         let end_block: i64 = row.try_get("end_block").map_err(db)?;
@@ -221,7 +241,7 @@ impl PostgresUsageStore {
         .map(charge_from)
         .collect::<Result<Vec<_>, _>>()?;
         Ok(Some(Recorded {
-            total_after: total_before + usage.tokens,
+            total_after,
             usage: Arc::new(usage),
             total_before,
             charges,
@@ -252,7 +272,12 @@ impl PostgresUsageStore {
             }
         }
         let now = usage.recorded_at;
-        let tokens = to_i64(usage.tokens)?;
+        let billable = usage.billable();
+        let whole = u64::try_from(billable.whole_tokens())
+            .ok()
+            .filter(|w| *w <= crate::MAX_TOKENS)
+            .ok_or(RecordFailure::Overflow)?;
+        let fraction = i32::try_from(billable.fraction_micros()).map_err(generic)?;
         // The increment, unless the event was recorded before, in one round trip. It takes the
         // summary row's lock until commit: concurrent events of this user and period see
         // disjoint intervals.
@@ -260,11 +285,12 @@ impl PostgresUsageStore {
             .bind(user.as_str())
             .bind(usage.period.to_string())
             .bind(request.plan.currency().code())
-            .bind(tokens)
+            .bind(to_i64(whole)?)
             .bind(now)
             .bind(to_i64(request.plan.included_tokens())?)
             .bind(to_i64(request.plan.block_size())?)
             .bind(usage.event_id.as_str())
+            .bind(fraction)
             .fetch_one(&mut *tx)
             .await
             .map_err(RecordFailure::from_write)?;
@@ -280,7 +306,16 @@ impl PostgresUsageStore {
             .map_err(db)?
             .ok_or_else(|| currency_mismatch(request.plan.currency()))?;
         let after = to_u64(after)?;
-        let before = after - usage.tokens;
+        let credit = row
+            .try_get::<Option<i32>, _>("credit")
+            .map_err(db)?
+            .ok_or_else(|| generic("the incremented period row has no credit"))?;
+        // The event started one more token exactly when the credit it left and its fraction
+        // reach a whole token (see `BillableTotal::plus`).
+        let rounded_up = i64::from(credit) + i64::from(fraction) >= crate::MICROS_PER_TOKEN as i64;
+        let before = after
+            .checked_sub(whole + u64::from(rounded_up))
+            .ok_or_else(|| generic("the period total moved back"))?;
         let created = Self::write_event(&mut *tx, request, before, after, Gate::Locked)
             .await?
             .ok_or_else(|| generic("the locked write did not happen"))?;
@@ -306,6 +341,9 @@ impl PostgresUsageStore {
     /// up.
     async fn try_record_direct(&self, request: &RecordUsage<'_>) -> Result<Option<Recorded>, RecordFailure> {
         let usage = &request.usage;
+        let Some(whole) = whole_billable(usage) else {
+            return Ok(None);
+        };
         // An account that changed since the event was placed moves nothing here; the next path
         // tells that apart from the other reasons.
         static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
@@ -334,10 +372,8 @@ impl PostgresUsageStore {
                 .collect::<Result<_, _>>()?,
             None => Vec::new(),
         };
-        let result = bind_account(result, request.account)
-            .bind(points)
-            .fetch_optional(&self.pool)
-            .await;
+        let result = bind_account(result, request.account).bind(points).bind(to_i64(whole)?);
+        let result = DetailColumns::bind_one(usage, result)?.fetch_optional(&self.pool).await;
         let row = match result {
             Ok(Some(row)) => row,
             Ok(None) => return Ok(None),
@@ -362,6 +398,9 @@ impl PostgresUsageStore {
     /// moved under every attempt: the caller takes the locking path.
     async fn try_record_fast(&self, request: &RecordUsage<'_>) -> Result<Option<Recorded>, RecordFailure> {
         let usage = &request.usage;
+        let Some(whole) = whole_billable(usage) else {
+            return Ok(None);
+        };
         static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
             format!(
                 "SELECT s.total_tokens, s.currency,
@@ -400,13 +439,14 @@ impl PostgresUsageStore {
                 return Err(currency_mismatch(request.plan.currency()).into());
             }
             let before = to_u64(total)?;
-            let after = before
-                .checked_add(usage.tokens)
-                .filter(|t| *t <= crate::MAX_TOKENS)
-                .ok_or(StoreError::TotalOverflow {
-                    total: before,
-                    tokens: usage.tokens,
-                })?;
+            let after =
+                before
+                    .checked_add(whole)
+                    .filter(|t| *t <= crate::MAX_TOKENS)
+                    .ok_or(StoreError::TotalOverflow {
+                        total: before,
+                        tokens: usage.tokens,
+                    })?;
             if request
                 .alerting
                 .is_some_and(|a| !a.policy.crossed(request.plan, &a.ceiling, before, after).is_empty())
@@ -476,7 +516,7 @@ impl PostgresUsageStore {
             .bind(usage.consumption_id)
             .bind(request.lease_until)
             .bind(usage.recorded_at);
-        query = bind_consumption(query, usage, before, &blocks)?;
+        query = bind_consumption(query, usage, (before, after), &blocks)?;
         if gate == Gate::CompareAndSet {
             query = bind_new_total(query, request, after)?;
         }

@@ -11,10 +11,10 @@ use sqlx::postgres::PgRow;
 use super::PostgresUsageStore;
 use super::record::{RecordFailure, charges_between, created_charge_audit, crossed_alerts};
 use super::rows::{
-    CHARGE_COLUMNS, audit_json, charge_from, currency_mismatch, db, generic, is_deadlock, is_duplicate_event, parse,
-    to_i64, to_u64,
+    CHARGE_COLUMNS, DetailColumns, audit_json, charge_from, currency_mismatch, db, generic, is_deadlock,
+    is_duplicate_event, parse, to_i64, to_u32, to_u64,
 };
-use crate::domain::{Charge, ChargeKind, ClientId, PeriodKey, UserId};
+use crate::domain::{BillableTotal, Charge, ChargeKind, ClientId, PeriodKey, UserId};
 use crate::store::{RecordUsage, Recorded, StoreError, UsageStore};
 
 /// What a batch decided for one of its events.
@@ -72,16 +72,19 @@ impl PostgresUsageStore {
                 .entry((request.usage.user_id.clone(), request.usage.period))
                 .or_insert(request);
         }
-        let mut totals: HashMap<Group, (u64, bool)> = HashMap::default();
+        let mut totals: HashMap<Group, (BillableTotal, bool)> = HashMap::default();
         let mut created_rows: HashSet<Group> = HashSet::default();
         // A period row read: its key, its total, and whether it is in the currency of the
         // batch's events for it.
-        let period_row = |row: &PgRow| -> Result<(Group, u64, bool), StoreError> {
+        let period_row = |row: &PgRow| -> Result<(Group, BillableTotal, bool), StoreError> {
             let group: Group = (
                 parse(row.try_get::<&str, _>("user_id").map_err(db)?)?,
                 parse(row.try_get::<&str, _>("period").map_err(db)?)?,
             );
-            let total = to_u64(row.try_get("total_tokens").map_err(db)?)?;
+            let total = BillableTotal {
+                tokens: to_u64(row.try_get("total_tokens").map_err(db)?)?,
+                credit_micros: to_u32(row.try_get("billable_credit").map_err(db)?)?,
+            };
             let currency: &str = row.try_get("currency").map_err(db)?;
             let same_currency = groups.get(&group).is_some_and(|r| r.plan.currency().code() == currency);
             Ok((group, total, same_currency))
@@ -99,7 +102,7 @@ impl PostgresUsageStore {
             // Optimistically read as they are; carefully locked, in the batch's key order.
             let lock = if optimistic { "" } else { "ORDER BY g.n FOR UPDATE OF s" };
             let mut rows = sqlx::query(&format!(
-                "SELECT s.user_id, s.period, s.total_tokens, s.currency, false AS inserted
+                "SELECT s.user_id, s.period, s.total_tokens, s.billable_credit, s.currency, false AS inserted
                    FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS g(user_id, period, n)
                    JOIN token_usage_summary s ON s.user_id = g.user_id AND s.period = g.period
                  {lock}"
@@ -188,7 +191,7 @@ impl PostgresUsageStore {
         };
 
         // The totals as read: the write moves a period row only from these.
-        let read: HashMap<Group, u64> = totals
+        let read: HashMap<Group, BillableTotal> = totals
             .iter()
             .map(|(group, (total, _))| (group.clone(), *total))
             .collect();
@@ -218,14 +221,14 @@ impl PostgresUsageStore {
                 decisions.push(Decision::Refused(currency_mismatch(request.plan.currency())));
                 continue;
             }
-            let before = *total;
-            let Some(after) = before.checked_add(usage.tokens).filter(|t| *t <= crate::MAX_TOKENS) else {
+            let Some(moved) = total.plus(usage.billable()) else {
                 decisions.push(Decision::Refused(StoreError::TotalOverflow {
-                    total: before,
+                    total: total.tokens,
                     tokens: usage.tokens,
                 }));
                 continue;
             };
+            let (before, after) = (total.tokens, moved.tokens);
             let charges = match charges_between(request, before, after) {
                 Ok(charges) => charges,
                 Err(error) => {
@@ -234,7 +237,7 @@ impl PostgresUsageStore {
                 }
             };
             charges_of[i] = charges;
-            *total = after;
+            *total = moved;
             *events_per_group.entry(group).or_insert(0) += 1;
             seen.insert((&usage.user_id, &usage.event_id), i);
             decisions.push(Decision::Accepted {
@@ -279,6 +282,8 @@ impl PostgresUsageStore {
         let mut x_before = Vec::new();
         let mut x_first = Vec::new();
         let mut x_end = Vec::new();
+        let mut x_after = Vec::new();
+        let mut x_details = DetailColumns::default();
         let mut a_charges = Vec::new();
         let mut a_events = Vec::new();
         // Each audit entry's and each consumption's place in the audit trail: an event's
@@ -333,6 +338,8 @@ impl PostgresUsageStore {
             x_before.push(to_i64(before)?);
             x_first.push(to_i64(blocks.first())?);
             x_end.push(to_i64(blocks.end())?);
+            x_after.push(to_i64(after)?);
+            x_details.push(usage)?;
             places += 1;
             x_places.push(places);
         }
@@ -345,6 +352,8 @@ impl PostgresUsageStore {
         let mut g_amounts = Vec::new();
         let mut g_included = Vec::new();
         let mut g_blocks = Vec::new();
+        let mut g_credits = Vec::new();
+        let mut g_credits_before = Vec::new();
         let mut e_users = Vec::new();
         let mut e_periods = Vec::new();
         for (group, (total, _)) in &totals {
@@ -352,9 +361,12 @@ impl PostgresUsageStore {
                 Some(count) => {
                     g_users.push(group.0.as_str());
                     g_periods.push(group.1.to_string());
-                    g_totals.push(to_i64(*total)?);
+                    g_totals.push(to_i64(total.tokens)?);
+                    g_credits.push(i32::try_from(total.credit_micros).map_err(generic)?);
                     g_events.push(*count);
-                    g_before.push(to_i64(read.get(group).copied().unwrap_or_default())?);
+                    let before = read.get(group).copied().unwrap_or_default();
+                    g_before.push(to_i64(before.tokens)?);
+                    g_credits_before.push(i32::try_from(before.credit_micros).map_err(generic)?);
                     let (charges, amount) = owed.get(group).copied().unwrap_or_default();
                     g_charges.push(charges);
                     g_amounts.push(amount);
@@ -370,7 +382,7 @@ impl PostgresUsageStore {
                 None => {}
             }
         }
-        let rows = sqlx::query(batch_sql(optimistic))
+        let query = sqlx::query(batch_sql(optimistic))
             .bind(&c_users)
             .bind(&c_ids)
             .bind(&c_keys)
@@ -413,6 +425,11 @@ impl PostgresUsageStore {
             .bind(&a_places)
             .bind(&x_places)
             .bind(places)
+            .bind(&g_credits)
+            .bind(&g_credits_before);
+        let rows = x_details
+            .bind_arrays(query)
+            .bind(&x_after)
             .fetch_all(&mut *tx)
             .await
             .map_err(RecordFailure::from_write)?;
@@ -550,13 +567,15 @@ fn batch_sql(optimistic: bool) -> &'static str {
         let (moved, summary) = if optimistic {
             (
                 "UPDATE token_usage_summary s
-                        SET total_tokens = g.total_after, events = s.events + g.events, updated_at = $13,
+                        SET total_tokens = g.total_after, billable_credit = g.credit_after,
+                            events = s.events + g.events, updated_at = $13,
                             included_tokens = coalesce(s.included_tokens, g.included),
                             block_size = coalesce(s.block_size, g.block),
                             outstanding_count = s.outstanding_count + g.charges,
                             outstanding_total = s.outstanding_total + g.amount
                        FROM groups g
                       WHERE s.user_id = g.user_id AND s.period = g.period AND s.total_tokens = g.total_before
+                        AND s.billable_credit = g.credit_before
                      RETURNING s.user_id, s.period",
                 "",
             )
@@ -568,7 +587,8 @@ fn batch_sql(optimistic: bool) -> &'static str {
                            FROM created GROUP BY user_id, period
                      ), summary AS (
                          UPDATE token_usage_summary s
-                            SET total_tokens = g.total_after, events = s.events + g.events, updated_at = $13,
+                            SET total_tokens = g.total_after, billable_credit = g.credit_after,
+                                events = s.events + g.events, updated_at = $13,
                                 included_tokens = coalesce(s.included_tokens, g.included),
                                 block_size = coalesce(s.block_size, g.block),
                                 outstanding_count = s.outstanding_count + coalesce(o.charges, 0),

@@ -5,9 +5,11 @@
 use sqlx::Row;
 
 use super::PostgresUsageStore;
-use super::rows::{db, generic, parse, summary_from, to_u64, usage_from};
-use crate::domain::{Currency, Money, OperationType, PeriodKey, UsageRecord, UserId};
-use crate::store::{AuditEntry, OperationUsage, PeriodSummary, StoreError, TierChargeReport};
+use super::rows::{CONSUMPTION_COLUMNS, db, generic, parse, summary_from, to_u64, usage_from};
+use crate::domain::{
+    BillableTokens, Currency, ModelName, Money, OperationType, PeriodKey, TokenCounts, UsageRecord, UserId,
+};
+use crate::store::{AuditEntry, ModelUsage, OperationUsage, PeriodSummary, StoreError, TierChargeReport};
 
 impl PostgresUsageStore {
     /// [`UsageStore::consumptions`](crate::UsageStore::consumptions).
@@ -16,11 +18,10 @@ impl PostgresUsageStore {
         user: &UserId,
         period: PeriodKey,
     ) -> Result<Vec<UsageRecord>, StoreError> {
-        sqlx::query(
-            "SELECT user_id, id, event_id, period, tokens_used, operation_type, client_id, metadata, occurred_at,
-                    occurred_at_reported, created_at
-               FROM token_consumption WHERE user_id = $1 AND period = $2 ORDER BY total_before",
-        )
+        sqlx::query(&format!(
+            "SELECT {CONSUMPTION_COLUMNS} FROM token_consumption WHERE user_id = $1 AND period = $2
+                  ORDER BY total_before, audit_seq"
+        ))
         .bind(user.as_str())
         .bind(period.to_string())
         .fetch_all(&self.pool)
@@ -38,7 +39,7 @@ impl PostgresUsageStore {
         period: PeriodKey,
     ) -> Result<Option<PeriodSummary>, StoreError> {
         let row = sqlx::query(
-            "SELECT user_id, period, currency, total_tokens, events, fixed_fee_charged, tier_charges_count,
+            "SELECT user_id, period, currency, total_tokens, billable_credit, events, fixed_fee_charged, tier_charges_count,
                     tier_charges_total, outstanding_count, outstanding_total, updated_at
                FROM token_usage_summary WHERE user_id = $1 AND period = $2",
         )
@@ -75,6 +76,53 @@ impl PostgresUsageStore {
             })
         })
         .collect()
+    }
+
+    /// [`UsageStore::usage_by_model`](crate::UsageStore::usage_by_model): events without
+    /// token classes count in `total_tokens` alone, and bill their `tokens_used`.
+    pub(super) async fn read_usage_by_model(
+        &self,
+        user: &UserId,
+        period: PeriodKey,
+    ) -> Result<Vec<ModelUsage>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT model, COUNT(*) AS events, SUM(tokens_used)::bigint AS total_tokens,
+                    coalesce(SUM(input_tokens), 0)::bigint AS input,
+                    coalesce(SUM(cached_input_tokens), 0)::bigint AS cached_input,
+                    coalesce(SUM(cache_write_tokens), 0)::bigint AS cache_write,
+                    coalesce(SUM(output_tokens), 0)::bigint AS output,
+                    coalesce(SUM(reasoning_tokens), 0)::bigint AS reasoning,
+                    SUM(coalesce(billable_tokens, tokens_used))::text AS billable
+               FROM token_consumption WHERE user_id = $1 AND period = $2
+              GROUP BY model ORDER BY model COLLATE \"C\" NULLS FIRST",
+        )
+        .bind(user.as_str())
+        .bind(period.to_string())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        rows.iter()
+            .map(|row| {
+                let count = |column: &str| -> Result<u64, StoreError> { to_u64(row.try_get(column).map_err(db)?) };
+                Ok(ModelUsage {
+                    model: row
+                        .try_get::<Option<&str>, _>("model")
+                        .map_err(db)?
+                        .map(parse::<ModelName>)
+                        .transpose()?,
+                    events: count("events")?,
+                    total_tokens: count("total_tokens")?,
+                    counts: TokenCounts {
+                        input: count("input")?,
+                        cached_input: count("cached_input")?,
+                        cache_write: count("cache_write")?,
+                        output: count("output")?,
+                        reasoning: count("reasoning")?,
+                    },
+                    billable: parse::<BillableTokens>(row.try_get::<&str, _>("billable").map_err(db)?)?,
+                })
+            })
+            .collect()
     }
 
     /// [`UsageStore::charges_by_tier`](crate::UsageStore::charges_by_tier).

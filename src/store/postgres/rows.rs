@@ -7,7 +7,7 @@ use std::str::FromStr;
 use sqlx::postgres::PgRow;
 use sqlx::{Postgres, Row};
 
-use crate::domain::{Charge, UsageRecord};
+use crate::domain::{BillableTokens, Charge, ModelName, TokenClass, TokenCounts, TokenDetail, UsageRecord};
 use crate::domain::{ChargeKey, ClientId, Currency, CustomerId, EventId, Metadata, Money, OperationType, PlanId};
 use crate::store::{Account, AuditEvent, BoxError, PeriodSummary, StoreError};
 
@@ -144,6 +144,93 @@ pub(super) fn charge_from(row: &PgRow) -> Result<Charge, StoreError> {
     })
 }
 
+/// The columns [`usage_from`] reads of a `token_consumption` row.
+pub(super) const CONSUMPTION_COLUMNS: &str = "user_id, id, event_id, period, tokens_used, operation_type, client_id,
+    metadata, occurred_at, occurred_at_reported, created_at, model, input_tokens, cached_input_tokens,
+    cache_write_tokens, output_tokens, reasoning_tokens, billable_tokens::text AS billable_tokens";
+
+/// The columns of events' model, token classes and exact billable tokens (migration 9), as
+/// arrays for a batch or one by one: NULL for an event whose report gave only `tokens_used`.
+#[derive(Default)]
+pub(super) struct DetailColumns<'a> {
+    models: Vec<Option<&'a str>>,
+    counts: [Vec<Option<i64>>; 5],
+    billable: Vec<Option<String>>,
+}
+
+impl<'a> DetailColumns<'a> {
+    /// Adds an event's columns.
+    pub(super) fn push(&mut self, usage: &'a UsageRecord) -> Result<(), StoreError> {
+        let detail = usage.detail.as_deref();
+        self.models.push(usage.model().map(ModelName::as_str));
+        let counts = detail.and_then(|d| d.counts);
+        for (column, class) in self.counts.iter_mut().zip(TokenClass::ALL) {
+            column.push(counts.map(|c| to_i64(c.get(class))).transpose()?);
+        }
+        self.billable.push(detail.map(|d| d.billable.to_string()));
+        Ok(())
+    }
+
+    /// Binds the columns as arrays, in this order: model, the five classes in
+    /// [`TokenClass::ALL`]'s order, billable tokens (text, cast to `numeric` by the statement).
+    pub(super) fn bind_arrays<'q>(&'q self, query: PgQuery<'q>) -> PgQuery<'q> {
+        let query = query.bind(&self.models);
+        self.counts
+            .iter()
+            .fold(query, |query, column| query.bind(column))
+            .bind(&self.billable)
+    }
+
+    /// Binds one event's columns, in the order of [`bind_arrays`](Self::bind_arrays).
+    pub(super) fn bind_one<'q>(usage: &'q UsageRecord, query: PgQuery<'q>) -> Result<PgQuery<'q>, StoreError> {
+        let counts = usage.detail.as_ref().and_then(|d| d.counts);
+        let mut query = query.bind(usage.model().map(ModelName::as_str));
+        for class in TokenClass::ALL {
+            query = query.bind(counts.map(|c| to_i64(c.get(class))).transpose()?);
+        }
+        Ok(query.bind(usage.detail.as_ref().map(|d| d.billable.to_string())))
+    }
+}
+
+/// The model, token classes and billable tokens of a consumption row read with
+/// [`CONSUMPTION_COLUMNS`].
+fn detail_from(row: &PgRow) -> Result<Option<Box<TokenDetail>>, StoreError> {
+    let Some(billable) = row.try_get::<Option<&str>, _>("billable_tokens").map_err(db)? else {
+        return Ok(None);
+    };
+    let class = |column: &str| -> Result<Option<u64>, StoreError> {
+        row.try_get::<Option<i64>, _>(column)
+            .map_err(db)?
+            .map(to_u64)
+            .transpose()
+    };
+    let counts = match (
+        class("input_tokens")?,
+        class("cached_input_tokens")?,
+        class("cache_write_tokens")?,
+        class("output_tokens")?,
+        class("reasoning_tokens")?,
+    ) {
+        (Some(input), Some(cached_input), Some(cache_write), Some(output), Some(reasoning)) => Some(TokenCounts {
+            input,
+            cached_input,
+            cache_write,
+            output,
+            reasoning,
+        }),
+        _ => None,
+    };
+    Ok(Some(Box::new(TokenDetail {
+        model: row
+            .try_get::<Option<&str>, _>("model")
+            .map_err(db)?
+            .map(parse::<ModelName>)
+            .transpose()?,
+        counts,
+        billable: parse::<BillableTokens>(billable)?,
+    })))
+}
+
 pub(super) fn usage_from(row: &PgRow) -> Result<UsageRecord, StoreError> {
     let metadata: serde_json::Value = row.try_get("metadata").map_err(db)?;
     Ok(UsageRecord {
@@ -162,6 +249,7 @@ pub(super) fn usage_from(row: &PgRow) -> Result<UsageRecord, StoreError> {
         occurred_at: row.try_get("occurred_at").map_err(db)?,
         occurred_at_reported: row.try_get("occurred_at_reported").map_err(db)?,
         recorded_at: row.try_get("created_at").map_err(db)?,
+        detail: detail_from(row)?,
     })
 }
 
@@ -199,6 +287,7 @@ pub(super) fn summary_from(row: &PgRow) -> Result<PeriodSummary, StoreError> {
         period: parse(row.try_get::<&str, _>("period").map_err(db)?)?,
         currency,
         total_tokens: to_u64(row.try_get("total_tokens").map_err(db)?)?,
+        billable_credit_micros: to_u32(row.try_get("billable_credit").map_err(db)?)?,
         events: to_u64(row.try_get("events").map_err(db)?)?,
         fixed_fee_charged: money("fixed_fee_charged")?,
         tier_charges_count: to_u64(row.try_get("tier_charges_count").map_err(db)?)?,

@@ -9,6 +9,7 @@
 //! |---|---|---|
 //! | Recording: atomic, disjoint intervals, replays and conflicts, never recorded again, overflow, placing | `recording.rs` | `record_usage`, `recorded_event`, `place_and_record_usage` |
 //! | Recording, every clause, in a batch | `batches.rs` | `record_usage_batch` |
+//! | Recording: billable tokens | `classes.rs` | `record_usage`, `record_usage_batch`, `usage_by_model` |
 //! | Recording: unique charge keys; Charges: settle compare-and-set, summaries agree | `charges.rs` | `ensure_charge`, `settle_charge`, `period_summary` |
 //! | Charges: claims, renew_lease compare-and-set | `claims.rs` | `claim_pending`, `claim_due_retries`, `claim_awaiting_customer`, `renew_lease` |
 //! | Accounts: replace_account compare-and-set | `accounts.rs` | `put_account`, `replace_account`, `account`, `accounts` |
@@ -37,6 +38,7 @@ mod alerts;
 mod batches;
 mod charges;
 mod claims;
+mod classes;
 mod gateway_events;
 mod holds;
 mod isolation;
@@ -56,6 +58,9 @@ pub use charges::{
 pub use claims::{
     claim_awaiting_customer_rechecks_expired_leases, claim_due_retries_starts_a_new_round,
     claim_pending_hands_each_charge_to_one_caller, renew_lease_is_a_compare_and_set,
+};
+pub use classes::{
+    billable_totals_are_exact_sums_rounded_up, concurrent_fractions_sum_exactly, usage_by_model_counts_every_event_once,
 };
 pub use gateway_events::gateway_events_are_recorded_once;
 pub use holds::{
@@ -113,6 +118,7 @@ pub fn usage_event(user: &UserId, tokens: u64, operation: &str, period: PeriodKe
         occurred_at: base_instant(),
         occurred_at_reported: false,
         recorded_at: base_instant(),
+        detail: None,
     }
 }
 

@@ -6,7 +6,8 @@ SELECT at, period, event FROM (
     UNION ALL
     SELECT audit_seq, created_at, period,
            jsonb_build_object('type', 'usage_recorded', 'consumption_id', id, 'event_id', event_id,
-                              'tokens', tokens_used, 'total_after', total_before + tokens_used)
+                              'tokens', tokens_used,
+                              'total_after', coalesce(total_after, total_before + tokens_used))
       FROM token_consumption
      WHERE user_id = $1 AND ($2::text IS NULL OR period = $2) AND audit_seq IS NOT NULL
 ) AS trail ORDER BY seq

@@ -9,4 +9,4 @@ SELECT g.user_id, g.period, g.currency, 0, 0, $6, g.included, g.block
        WITH ORDINALITY AS g(user_id, period, currency, included, block, n)
  ORDER BY g.n
 ON CONFLICT (user_id, period) DO NOTHING
-RETURNING s.user_id, s.period, s.total_tokens, s.currency, true AS inserted
+RETURNING s.user_id, s.period, s.total_tokens, s.billable_credit, s.currency, true AS inserted

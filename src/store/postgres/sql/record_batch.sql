@@ -12,8 +12,10 @@ WITH places AS (
                               currency, consumption_id, attempts, lease_until, n)
 ), groups AS (
     SELECT * FROM unnest($14::text[], $15::text[], $16::bigint[], $17::bigint[], $35::bigint[],
-                         $36::bigint[], $37::bigint[], $38::bigint[], $39::bigint[])
-         AS g(user_id, period, total_after, events, included, block, total_before, charges, amount)
+                         $36::bigint[], $37::bigint[], $38::bigint[], $39::bigint[], $43::int[],
+                         $44::int[])
+         AS g(user_id, period, total_after, events, included, block, total_before, charges, amount,
+              credit_after, credit_before)
 ), moved AS (
     {moved}
 ), created AS (
@@ -34,16 +36,21 @@ WITH places AS (
     INSERT INTO token_consumption
         (user_id, id, event_id, period, tokens_used, operation_type, client_id, metadata, occurred_at,
          occurred_at_reported, created_at, total_before, created_fee, first_block, end_block,
-         audit_seq)
+         audit_seq, model, input_tokens, cached_input_tokens, cache_write_tokens, output_tokens,
+         reasoning_tokens, billable_tokens, total_after)
     SELECT x.user_id, x.id, x.event_id, x.period, x.tokens, x.operation_type, x.client_id, x.metadata,
            x.occurred_at, x.reported, $13, x.before,
            x.id IN (SELECT c.consumption_id FROM created c WHERE c.kind = 'fixed_fee'),
-           x.first_block, x.end_block, (SELECT seqs FROM places)[x.place]
+           x.first_block, x.end_block, (SELECT seqs FROM places)[x.place], x.model, x.input,
+           x.cached_input, x.cache_write, x.output, x.reasoning, x.billable::numeric, x.after
       FROM unnest($20::text[], $21::uuid[], $22::text[], $23::text[], $24::bigint[], $25::text[],
                   $26::text[], $27::jsonb[], $28::timestamptz[], $29::bool[], $30::bigint[],
-                  $31::bigint[], $32::bigint[], $41::bigint[])
+                  $31::bigint[], $32::bigint[], $41::bigint[], $45::text[], $46::bigint[],
+                  $47::bigint[], $48::bigint[], $49::bigint[], $50::bigint[], $51::text[],
+                  $52::bigint[])
            AS x(user_id, id, event_id, period, tokens, operation_type, client_id, metadata, occurred_at,
-                reported, before, first_block, end_block, place)
+                reported, before, first_block, end_block, place, model, input, cached_input,
+                cache_write, output, reasoning, billable, after)
       JOIN moved m ON m.user_id = x.user_id AND m.period = x.period
     RETURNING 1
 ), audited AS (

@@ -27,10 +27,11 @@ WITH locked AS (
     INSERT INTO token_consumption
         (user_id, id, event_id, period, tokens_used, operation_type, client_id, metadata, occurred_at,
          occurred_at_reported, created_at, total_before, created_fee, first_block, end_block,
-         audit_seq)
+         audit_seq, model, input_tokens, cached_input_tokens, cache_write_tokens, output_tokens,
+         reasoning_tokens, billable_tokens, total_after)
     SELECT $8, $12, $15, $9, $16, $17, $18, $19, $20, $21, $14, $22,
            EXISTS (SELECT 1 FROM created WHERE kind = 'fixed_fee'), $23, $24,
-           nextval('token_billing_audit_seq_seq')
+           nextval('token_billing_audit_seq_seq'), $25, $26, $27, $28, $29, $30, $31::numeric, $32
      WHERE EXISTS (SELECT 1 FROM locked)
 ), audited AS (
     INSERT INTO token_billing_audit (user_id, at, period, event)
