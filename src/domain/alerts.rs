@@ -90,6 +90,9 @@ impl AlertPolicy {
                 points.push((cap.max(1), AlertKind::CapReached));
             }
         }
+        // A share named twice is one alert, raised once.
+        points.sort_unstable();
+        points.dedup();
         points
     }
 
@@ -175,5 +178,28 @@ impl fmt::Display for AlertKind {
             AlertKind::CapReached => f.write_str("cap_reached"),
             AlertKind::PaymentGate => f.write_str("payment_gate"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A share named twice in a policy is one threshold: an event crossing it raises one alert.
+    #[test]
+    fn a_share_named_twice_is_crossed_once() {
+        let policy = AlertPolicy {
+            allowance_percent: vec![50, 50],
+            blocks: false,
+            cap_percent: vec![33, 33],
+            cap_reached: false,
+            payment_gate: false,
+        };
+        let ceiling = Ceiling {
+            token_cap: Some(30_000_000),
+            ..Ceiling::default()
+        };
+        let crossed = policy.crossed(&Plan::default(), &ceiling, 0, 12_000_000);
+        assert_eq!(crossed, [AlertKind::Allowance { percent: 50 }, AlertKind::Cap { percent: 33 }]);
     }
 }
