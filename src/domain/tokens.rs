@@ -124,8 +124,10 @@ impl TokenCounts {
 /// assert_eq!(half.to_string(), "0.5");
 /// assert_eq!(BillableTokens::whole(3).checked_add(half).unwrap().to_string(), "3.5");
 /// ```
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(transparent)]
+///
+/// Serialised as its decimal text (`"12.5"`), which no JSON reader rounds; read from that text
+/// or from a whole number.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct BillableTokens {
     micros: u128,
 }
@@ -216,6 +218,31 @@ impl std::str::FromStr for BillableTokens {
         parse_micros(text)
             .map(BillableTokens::from_micros)
             .ok_or_else(|| BillableTokensError { text: text.to_owned() })
+    }
+}
+
+impl Serialize for BillableTokens {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for BillableTokens {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<BillableTokens, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = BillableTokens;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("billable tokens as a decimal string (\"12.5\") or a whole number")
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<BillableTokens, E> {
+                text.parse().map_err(E::custom)
+            }
+            fn visit_u64<E: serde::de::Error>(self, whole: u64) -> Result<BillableTokens, E> {
+                Ok(BillableTokens::whole(whole))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
     }
 }
 
@@ -336,7 +363,18 @@ mod tests {
         for micros in [0, 1, 999_999, 1_000_000, 12_500_000, u128::from(u64::MAX) * 3] {
             let amount = BillableTokens::from_micros(micros);
             assert_eq!(amount.to_string().parse(), Ok(amount));
+            let json = serde_json::to_string(&amount).expect("serialised");
+            assert_eq!(json, format!("\"{amount}\""));
+            assert_eq!(
+                serde_json::from_str::<BillableTokens>(&json).expect("read back"),
+                amount
+            );
         }
+        assert_eq!(
+            serde_json::from_str::<BillableTokens>("7").expect("a whole number"),
+            BillableTokens::whole(7)
+        );
+        assert!(serde_json::from_str::<BillableTokens>("0.5").is_err(), "never a float");
         for text in ["", "-1", "1.", ".5", "1.0000001", "1e3", " 1"] {
             assert!(text.parse::<BillableTokens>().is_err(), "{text:?}");
         }

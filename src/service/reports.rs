@@ -1,11 +1,11 @@
-//! Reports: a user's summary, standing, charges, the original product's two monitoring queries
-//! and the audit trail.
+//! Reports: a user's summary, standing, charges, the original product's two monitoring queries,
+//! usage by model and the audit trail.
 
 use serde::{Deserialize, Serialize};
 
-use crate::domain::{Charge, Currency, Money, Period, PeriodKey, Plan, TierLabel, UserId};
+use crate::domain::{BillableTokens, Charge, Currency, Money, Period, PeriodKey, Plan, TierLabel, UserId};
 use crate::error::BillingError;
-use crate::store::{AuditEntry, OperationUsage, StoreError, TierChargeReport};
+use crate::store::{AuditEntry, ModelUsage, OperationUsage, StoreError, TierChargeReport};
 
 use super::BillingService;
 
@@ -19,8 +19,11 @@ pub struct TokenSummary {
     pub period: PeriodKey,
     /// The currency of every amount.
     pub currency: Currency,
-    /// Tokens used in the period.
+    /// Billable tokens used in the period, rounded up to a whole token: the tokens used, unless
+    /// a rate card weighs their classes. Tiers, blocks and caps are decided on it.
     pub total_tokens: u64,
+    /// The exact billable tokens (`total_tokens` before rounding up).
+    pub billable_tokens: BillableTokens,
     /// The tier of that total (`0-8M`).
     pub current_tier: TierLabel,
     /// The fixed fee collected.
@@ -137,6 +140,9 @@ impl BillingService {
             period,
             currency,
             total_tokens,
+            billable_tokens: summary
+                .as_ref()
+                .map_or(BillableTokens::ZERO, |s| s.billable_total().exact()),
             current_tier: plan.tier_of(total_tokens)?.label(),
             fixed_fee_charged: fixed_fee_charged.minor_units(),
             tier_charges_count: summary.as_ref().map_or(0, |s| s.tier_charges_count),
@@ -176,6 +182,40 @@ impl BillingService {
     ) -> Result<Vec<OperationUsage>, BillingError> {
         let (period, _) = self.period_of(user, period).await?;
         Ok(self.store.usage_by_operation(user, period).await?)
+    }
+
+    /// Tokens by class and billable tokens by model in a period (the current one when `None`),
+    /// ordered by model name, usage reported without a model first. Every event counts in one
+    /// row: the rows' `billable` add up to the period's exact billable total.
+    ///
+    /// # Errors
+    /// Store errors; [`BillingError::AccountPlanMissing`] when the user's account names a plan the catalogue lacks.
+    ///
+    /// # Example
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// use token_billing::{BillingService, TokenCounts, UsageReport, UserId};
+    ///
+    /// let billing = BillingService::embedded();
+    /// let counts = TokenCounts { input: 700, cached_input: 2_000, output: 300, ..Default::default() };
+    /// billing.process_token_usage(UsageReport::with_counts("user-uuid", counts, "chat").model("gpt-4o")).await?;
+    /// billing.process_token_usage(UsageReport::new("user-uuid", 500, "embedding")).await?;
+    /// let rows = billing.usage_by_model(&UserId::new("user-uuid")?, None).await?;
+    /// assert_eq!(rows[0].model, None);
+    /// assert_eq!((rows[0].total_tokens, rows[0].unclassified_tokens()), (500, 500));
+    /// assert_eq!(rows[1].model.as_ref().map(|m| m.as_str()), Some("gpt-4o"));
+    /// assert_eq!((rows[1].counts.cached_input, rows[1].billable.to_string().as_str()), (2_000, "3000"));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
+    #[tracing::instrument(level = "debug", skip_all, fields(user = %user, period = ?period))]
+    pub async fn usage_by_model(
+        &self,
+        user: &UserId,
+        period: Option<PeriodKey>,
+    ) -> Result<Vec<ModelUsage>, BillingError> {
+        let (period, _) = self.period_of(user, period).await?;
+        Ok(self.store.usage_by_model(user, period).await?)
     }
 
     /// Charge counts and amounts by tier in a period (the current one when `None`): the original product's

@@ -111,7 +111,7 @@ impl Harness {
 
 /// Asserts every invariant of a settled period: blocks 1..=blocks_owed(total) exist once each,
 /// every succeeded charge was paid exactly once at the sandbox and no other charge was paid, the
-/// summary agrees with the charges, and the total is the sum of the consumptions.
+/// summary agrees with the charges, and the total is the sum of the consumptions' billable tokens.
 pub async fn assert_period_consistent(
     store: &dyn UsageStore,
     sandbox: &SandboxGateway,
@@ -121,7 +121,10 @@ pub async fn assert_period_consistent(
 ) {
     let summary = store.period_summary(user, period).await.expect("summary");
     let consumptions = store.consumptions(user, period).await.expect("consumptions");
-    let total: u64 = consumptions.iter().map(|c| c.tokens).sum();
+    // The billable total: every event's exact billable tokens (its tokens, without a rate
+    // card), summed and rounded up to a whole token.
+    let exact: u128 = consumptions.iter().map(|c| c.billable().micros()).sum();
+    let total = u64::try_from(exact.div_ceil(1_000_000)).expect("a total");
     assert_eq!(
         summary.as_ref().map_or(0, |s| s.total_tokens),
         total,
