@@ -227,7 +227,8 @@ proptest! {
                 let now = end_of_november - Duration::hours(20) + Duration::hours(hours);
                 h.clock.set(now);
                 let mut report = UsageReport::with_counts(u.as_str(), counts, "chat");
-                if late {
+                // Usage of November reported after December began: rated by November's card.
+                if late && now >= end_of_november {
                     report = report.occurred_at(end_of_november - Duration::hours(1));
                 }
                 let outcome = h.service.process_token_usage(report).await.expect("recorded");
