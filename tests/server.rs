@@ -16,11 +16,17 @@ mod auth;
 mod config;
 #[path = "../examples/server/openapi.rs"]
 mod openapi;
+#[path = "../examples/server/plans.rs"]
+mod plans;
 #[path = "../examples/server/spend.rs"]
 mod spend;
 #[path = "server/spend_control.rs"]
 mod spend_control;
 mod support;
+#[path = "server/token_classes.rs"]
+mod token_classes;
+#[path = "../examples/server/usage.rs"]
+mod usage;
 
 use std::path::Path;
 use std::process::Command;
@@ -164,7 +170,17 @@ async fn the_original_products_flows_answer_its_shapes() {
     // The original product's three fields, and the limit reached (none without limits).
     assert_eq!(
         keys(&first),
-        ["consumptionId", "limitExceeded", "tierCharges", "totalTokens"]
+        [
+            "billableTokens",
+            "consumptionId",
+            "limitExceeded",
+            "tierCharges",
+            "totalTokens"
+        ]
+    );
+    assert_eq!(
+        first["billableTokens"], first["totalTokens"],
+        "without a card, every token bills one"
     );
     assert_eq!(first["limitExceeded"], json!(null));
     assert_eq!(
@@ -206,7 +222,11 @@ async fn the_original_products_flows_answer_its_shapes() {
                 "total_tokens": 10_000_000, "current_tier": "8M-16M", "fixed_fee_charged": 40_000,
                 "tier_charges_count": 1, "tier_charges_total": 10_000, "total_charged": 50_000,
                 "limits": {"spendCap": null, "tokenCap": null, "paymentGate": false},
-                "remainingTokens": null, "heldTokens": 0, "openHolds": []
+                "remainingTokens": null, "heldTokens": 0, "openHolds": [],
+                // Token classes: the exact billable total, and tokens reported without classes.
+                "billableTokens": "10000000",
+                "tokensByClass": {"input": 0, "cachedInput": 0, "cacheWrite": 0, "output": 0, "reasoning": 0,
+                                  "unclassified": 10_000_000}
             })
         );
     }
@@ -488,7 +508,10 @@ async fn on_the_defaults_the_original_products_three_calls_succeed_for_a_new_use
                 "tier_charges_count": 1, "tier_charges_total": 10_000, "total_charged": fee + 10_000,
                 // Spend control's fields: no limit, nothing held.
                 "limits": {"spendCap": null, "tokenCap": null, "paymentGate": false},
-                "remainingTokens": null, "heldTokens": 0, "openHolds": []
+                "remainingTokens": null, "heldTokens": 0, "openHolds": [],
+                "billableTokens": "10000000",
+                "tokensByClass": {"input": 0, "cachedInput": 0, "cacheWrite": 0, "output": 0, "reasoning": 0,
+                                  "unclassified": 10_000_000}
             }),
             "{mode}"
         );

@@ -19,12 +19,12 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use token_billing::{
-    BillingError, BillingService, Charge, Clock, CustomerId, FeeCollection, GatewayError, LimitKind, Limits, Money,
-    Period, PeriodKey, Plan, PlanId, TierCharge, TokenSummary, UsageReport, UserId,
+    BillableTokens, BillingError, BillingService, Charge, Clock, CustomerId, FeeCollection, GatewayError, LimitKind,
+    Limits, Money, Period, PeriodKey, Plan, PlanId, TierCharge, TokenSummary, UserId,
 };
 
 use crate::auth::{Auth, AuthError, Caller};
-use crate::spend;
+use crate::{spend, usage};
 
 /// The largest request body accepted, in bytes.
 pub(crate) const MAX_BODY: usize = 64 * 1024;
@@ -241,7 +241,7 @@ pub(crate) fn success<T: Serialize>(data: T) -> Response {
 fn table() -> Vec<(&'static str, &'static str, MethodRouter<AppState>)> {
     vec![
         ("GET", "/", get(about)),
-        ("POST", "/api/token-billing/process-usage", post(process_usage)),
+        ("POST", "/api/token-billing/process-usage", post(usage::process_usage)),
         ("GET", "/api/token-billing/user-summary/{userId}", get(user_summary)),
         (
             "POST",
@@ -256,6 +256,11 @@ fn table() -> Vec<(&'static str, &'static str, MethodRouter<AppState>)> {
             "GET",
             "/api/token-billing/usage-by-operation/{userId}",
             get(usage_by_operation),
+        ),
+        (
+            "GET",
+            "/api/token-billing/usage-by-model/{userId}",
+            get(usage::usage_by_model),
         ),
         (
             "GET",
@@ -296,9 +301,9 @@ pub(crate) fn app(state: AppState) -> Router {
 ///
 /// The credentials are checked first: a caller without them is answered 401 whatever the
 /// path and the query hold, and learns nothing from how they are read.
-struct Reader {
-    user: UserId,
-    period: Option<PeriodKey>,
+pub(crate) struct Reader {
+    pub(crate) user: UserId,
+    pub(crate) period: Option<PeriodKey>,
 }
 
 impl FromRequestParts<AppState> for Reader {
@@ -423,75 +428,6 @@ where
     checked(field, required_text(body, field)?)
 }
 
-/// The report's fields as another naming would spell them: a host sending `event_id` instead of
-/// `eventId` would lose the retry's dedupe without a word, so these are refused by name.
-const MISSPELLED_FIELDS: [(&str, &str); 7] = [
-    ("user_id", "userId"),
-    ("tokens_used", "tokensUsed"),
-    ("operation_type", "operationType"),
-    ("client_id", "clientId"),
-    ("event_id", "eventId"),
-    ("occurred_at", "occurredAt"),
-    ("idempotencyKey", "eventId"),
-];
-
-/// The usage report of a process-usage body.
-pub(crate) fn usage_report(body: &Map<String, Value>) -> Result<UsageReport, ApiError> {
-    if let Some((field, meant)) = MISSPELLED_FIELDS.iter().find(|(field, _)| body.contains_key(*field)) {
-        return Err(ApiError::bad_request(format!(
-            "unknown field {field}: the API's fields are camelCase ({meant}); nothing was recorded"
-        )));
-    }
-    let tokens = match body.get("tokensUsed") {
-        None | Some(Value::Null) => return Err(ApiError::bad_request("tokensUsed is required")),
-        Some(Value::Number(n)) => n.as_u64().ok_or_else(|| {
-            ApiError::bad_request(format!("tokensUsed must be a positive whole number of tokens, not {n}"))
-        })?,
-        Some(other) => {
-            return Err(ApiError::bad_request(format!(
-                "tokensUsed must be a number, not {}",
-                kind_of(other)
-            )));
-        }
-    };
-    let mut report = UsageReport::new(
-        required_text(body, "userId")?,
-        tokens,
-        required_text(body, "operationType")?,
-    );
-    report.client_id = optional_text(body, "clientId")?;
-    report.event_id = optional_text(body, "eventId")?;
-    report.enforce_limits = optional_bool(body, "enforceLimits")?.unwrap_or(false);
-    if let Some(at) = optional_text(body, "occurredAt")? {
-        report.occurred_at = Some(
-            DateTime::parse_from_rfc3339(&at)
-                .map_err(|e| ApiError::bad_request(format!("occurredAt must be an RFC 3339 instant: {e}")))?
-                .with_timezone(&Utc),
-        );
-    }
-    match body.get("metadata") {
-        None | Some(Value::Null) => {}
-        Some(Value::Object(entries)) => {
-            let mut pairs = Vec::with_capacity(entries.len());
-            for (key, value) in entries {
-                let Value::String(value) = value else {
-                    return Err(ApiError::bad_request(format!("metadata.{key} must be a string")));
-                };
-                pairs.push((key, value));
-            }
-            // Built whole: two allocations, however many keys.
-            report.metadata = pairs.into_iter().collect();
-        }
-        Some(other) => {
-            return Err(ApiError::bad_request(format!(
-                "metadata must be an object of strings, not {}",
-                kind_of(other)
-            )));
-        }
-    }
-    Ok(report)
-}
-
 pub(crate) fn kind_of(value: &Value) -> &'static str {
     match value {
         Value::Null => "null",
@@ -501,40 +437,6 @@ pub(crate) fn kind_of(value: &Value) -> &'static str {
         Value::Array(_) => "an array",
         Value::Object(_) => "an object",
     }
-}
-
-/// The original product's answer to a usage report, in its order.
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-pub(crate) struct Processed {
-    consumption_id: uuid::Uuid,
-    total_tokens: u64,
-    tier_charges: Vec<token_billing::TierCharge>,
-    /// The limit the user's period has reached, or null.
-    limit_exceeded: Option<LimitKind>,
-}
-
-impl From<token_billing::UsageOutcome> for Processed {
-    fn from(outcome: token_billing::UsageOutcome) -> Self {
-        Processed {
-            consumption_id: outcome.consumption_id,
-            total_tokens: outcome.total_tokens,
-            tier_charges: outcome.tier_charges,
-            limit_exceeded: outcome.limit_exceeded,
-        }
-    }
-}
-
-/// `POST /api/token-billing/process-usage`: the original product's `processTokenUsage`.
-async fn process_usage(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    state.backend(&headers)?;
-    let report = usage_report(&json_object(&headers, body)?)?;
-    let outcome = state.billing().process_token_usage(report).await?;
-    Ok(success(Processed::from(outcome)))
 }
 
 /// The original product's summary, in its order.
@@ -573,9 +475,12 @@ async fn user_summary(State(state): State<AppState>, Reader { user, period }: Re
         remaining_tokens: Option<u64>,
         held_tokens: u64,
         open_holds: Vec<Value>,
+        billable_tokens: BillableTokens,
+        tokens_by_class: Value,
     }
     let billing = state.billing();
     let summary = billing.token_summary(&user, period).await?;
+    let by_model = billing.usage_by_model(&user, Some(summary.period)).await?;
     let check = billing.check_usage(&user, 0).await?;
     let holds = billing.open_holds(&user).await?;
     Ok(success(UserSummary {
@@ -584,6 +489,8 @@ async fn user_summary(State(state): State<AppState>, Reader { user, period }: Re
         remaining_tokens: check.remaining_tokens,
         held_tokens: check.held_tokens,
         open_holds: holds.iter().map(spend::hold_json).collect(),
+        billable_tokens: summary.billable_tokens,
+        tokens_by_class: usage::class_split(&by_model),
     }))
 }
 
@@ -761,13 +668,13 @@ fn charge_row(charge: &Charge) -> Value {
 }
 
 /// Cumulative usage over the period, at most one point per bucket of the period's length.
-fn timeline(mut events: Vec<(DateTime<Utc>, u64)>, period: &Period) -> Vec<Value> {
+fn timeline(mut events: Vec<(DateTime<Utc>, BillableTokens)>, period: &Period) -> Vec<Value> {
     let span = (period.end() - period.start()).num_seconds().max(1);
-    let mut points: Vec<(i64, DateTime<Utc>, u64)> = Vec::new();
-    let mut total: u64 = 0;
+    let mut points: Vec<(i64, DateTime<Utc>, BillableTokens)> = Vec::new();
+    let mut total = BillableTokens::ZERO;
     events.sort_unstable_by_key(|(at, _)| *at);
-    for (at, tokens) in events {
-        total = total.saturating_add(tokens);
+    for (at, billable) in events {
+        total = total.checked_add(billable).unwrap_or(total);
         let bucket = (at - period.start()).num_seconds().clamp(0, span - 1) * MAX_TIMELINE_POINTS / span;
         match points.last_mut() {
             Some(last) if last.0 == bucket => {
@@ -777,9 +684,10 @@ fn timeline(mut events: Vec<(DateTime<Utc>, u64)>, period: &Period) -> Vec<Value
             _ => points.push((bucket, at, total)),
         }
     }
+    // Billable totals as the period rounds them: up to a whole token.
     points
         .into_iter()
-        .map(|(_, at, total)| json!({"at": at, "totalTokens": total}))
+        .map(|(_, at, total)| json!({"at": at, "totalTokens": u64::try_from(total.ceil_tokens()).unwrap_or(u64::MAX)}))
         .collect()
 }
 
@@ -802,12 +710,13 @@ async fn dashboard_data(State(state): State<AppState>, Reader { user, period }: 
         .await
         .map_err(BillingError::from)?
         .into_iter()
-        .map(|c| (c.occurred_at, c.tokens))
+        .map(|c| (c.occurred_at, c.billable()))
         .collect();
     let charges = billing.charges(&user, Some(summary.period)).await?;
     let check = billing.check_usage(&user, 0).await?;
     let holds = billing.open_holds(&user).await?;
     let alerts = billing.pending_alerts(Some(&user), 50).await?;
+    let by_model = billing.usage_by_model(&user, Some(summary.period)).await?;
     let cap_tokens = check.limits.ceiling(&plan).unwrap_or_default().cap_tokens();
     Ok(success(json!({
         "userId": user,
@@ -825,6 +734,9 @@ async fn dashboard_data(State(state): State<AppState>, Reader { user, period }: 
             outstanding_count: summary.outstanding_count,
             outstanding_total: summary.outstanding_total,
         },
+        "billableTokens": summary.billable_tokens,
+        "tokensByClass": usage::class_split(&by_model),
+        "byModel": by_model.iter().map(usage::model_row).collect::<Vec<_>>(),
         "timeline": timeline(events, &period),
         "charges": charges.iter().map(charge_row).collect::<Vec<_>>(),
         "spend": {

@@ -195,8 +195,24 @@ pub(crate) async fn configure(env: impl Fn(&str) -> Option<String>) -> Result<Co
         }
     };
 
+    let (plans, plans_name) = match env("TOKEN_BILLING_PLANS") {
+        Some(path) => {
+            let plans = crate::plans::read(std::path::Path::new(&path))?;
+            let ids: Vec<&str> = plans.iter().map(|(id, _)| id.as_str()).collect();
+            let name = format!("{} from {path} (TOKEN_BILLING_PLANS)", ids.join(", "));
+            (plans, name)
+        }
+        None => (
+            Vec::new(),
+            "the original product's (TOKEN_BILLING_PLANS is not set)".to_owned(),
+        ),
+    };
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let billing = BillingService::builder(store, gateway)
+    let billing = plans
+        .into_iter()
+        .fold(BillingService::builder(store, gateway), |builder, (id, plan)| {
+            builder.add_plan(id, plan)
+        })
         .clock(clock.clone())
         .fee_collection(fee)
         .unregistered_users(unregistered)
@@ -206,7 +222,7 @@ pub(crate) async fn configure(env: impl Fn(&str) -> Option<String>) -> Result<Co
     let stripe = None;
     let state = AppState::new(billing.clone(), auth, clock, stripe);
     let description = format!(
-        "store: {store_name}; gateway: {gateway_name}; fixed fee: {}; user tokens: {}; alerts: {}",
+        "store: {store_name}; gateway: {gateway_name}; plans: {plans_name}; fixed fee: {}; user tokens: {}; alerts: {}",
         match fee {
             FeeCollection::Subscription =>
                 "collected by a gateway subscription (TOKEN_BILLING_FEE_COLLECTION=subscription)",

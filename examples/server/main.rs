@@ -31,6 +31,9 @@
 //!   alerts (80% and 100% of the allowance, each block, 90% of the cap, the cap, the payment
 //!   gate) are POSTed, signed with HMAC-SHA256 (`TokenBilling-Signature: t=...,v1=...`), with
 //!   retries; without them alerts are kept for the dashboard only.
+//! - `TOKEN_BILLING_PLANS`: a file of the plan catalogue (TOML, or JSON when it ends in `.json`:
+//!   the library's serialised form of plans, rate cards included, under their ids; `default`
+//!   rates users without an account). `examples/plans.toml` is an example.
 //! - `TOKEN_BILLING_FEE_COLLECTION`: `library` (default: the fee is charged with the first
 //!   usage of the month, or by create-subscription, which opens the month) or `subscription`
 //!   (create-subscription makes a gateway subscription, which collects it). The startup log and
@@ -43,7 +46,9 @@ mod app;
 mod auth;
 mod config;
 mod openapi;
+mod plans;
 mod spend;
+mod usage;
 
 use std::time::Duration;
 

@@ -33,14 +33,15 @@ fn limit_refusal(description: &str) -> Value {
     json!({"description": description, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/LimitRefusal"}}}})
 }
 
-/// process-usage's answer: the original product's, and the limit reached.
+/// process-usage's answer: the original product's, the limit reached and the billable tokens.
 fn processed() -> Value {
     json!({
         "type": "object",
-        "required": ["consumptionId", "totalTokens", "tierCharges", "limitExceeded"],
+        "required": ["consumptionId", "totalTokens", "tierCharges", "limitExceeded", "billableTokens"],
         "properties": {
             "consumptionId": {"type": "string", "format": "uuid"},
-            "totalTokens": {"type": "integer"},
+            "totalTokens": {"type": "integer", "description": "The month's billable tokens, rounded up to a whole token: the tokens used, unless the plan's rate card weighs their classes."},
+            "billableTokens": {"type": "integer", "minimum": 0, "description": "What this event added to totalTokens: its tokens weighed by the month's rate card. The month keeps fractions exactly and rounds its total up, so the events' figures add up to the total."},
             "tierCharges": {"type": "array", "items": {"$ref": "#/components/schemas/TierCharge"}},
             "limitExceeded": {"enum": ["spend_cap", "token_cap", "payment_gate", null], "description": "The limit the month's usage has reached, which refuses the next reservation; null when none."}
         }
@@ -54,6 +55,30 @@ fn settled() -> Value {
     answer["properties"]["overshootTokens"] =
         json!({"type": "integer", "minimum": 0, "description": "Tokens used beyond the hold, recorded and charged."});
     answer
+}
+
+/// The fields of a usage report beyond the original product's: the model, and the tokens by
+/// class or a provider's usage object, from which `tokensUsed` may be left out.
+fn report_fields(properties: &mut Value) {
+    let counts = json!({"type": "integer", "minimum": 0});
+    properties["tokensUsed"]["description"] = json!(
+        "Every token of the call. Required unless tokens or a provider's usage object gives them; must equal their sum when both are given."
+    );
+    properties["model"] = json!({"type": ["string", "null"], "maxLength": 128, "examples": ["claude-sonnet-4-5"], "description": "The model that served the call: the plan's rate card weighs its token classes by it."});
+    properties["tokens"] = json!({
+        "type": ["object", "null"], "additionalProperties": false,
+        "description": "The call's tokens by class, disjoint (cached input is not also input; reasoning is not also output). Classes left out are zero.",
+        "properties": {"input": counts, "cachedInput": counts, "cacheWrite": counts, "output": counts, "reasoning": counts}
+    });
+    properties["provider"] =
+        json!({"enum": ["openai", "anthropic", "gemini", null], "description": "Whose usage object usage is."});
+    properties["usage"] = json!({"type": ["object", "null"], "description": "The provider's usage object as it returned it (OpenAI Chat Completions' or Responses' usage, Anthropic Messages' usage or a stream's final message_delta usage, Gemini's usageMetadata), read by the provider's documented rules. A contradictory object (a part larger than its whole) is refused (400)."});
+}
+
+/// A usage report's body: `schema` with the fields of [`report_fields`].
+fn report_body(mut schema: Value) -> Value {
+    report_fields(&mut schema["properties"]);
+    schema
 }
 
 fn body(schema: Value) -> Value {
@@ -176,7 +201,27 @@ pub(crate) fn document() -> Value {
                         "limits": {"$ref": "#/components/schemas/Limits"},
                         "remainingTokens": {"type": ["integer", "null"], "minimum": 0, "description": "How many more tokens the current month allows under the limits, counting open holds; null when no limit applies."},
                         "heldTokens": {"type": "integer", "minimum": 0},
-                        "openHolds": {"type": "array", "items": {"$ref": "#/components/schemas/Hold"}}
+                        "openHolds": {"type": "array", "items": {"$ref": "#/components/schemas/Hold"}},
+                        "billableTokens": {"type": "string", "pattern": "^[0-9]+(\\.[0-9]{1,6})?$", "description": "The month's exact billable tokens, as a decimal (total_tokens is it rounded up)."},
+                        "tokensByClass": {"$ref": "#/components/schemas/TokensByClass"}
+                    }
+                },
+                "TokensByClass": {
+                    "type": "object",
+                    "description": "Tokens by class, and those reported without classes (tokensUsed alone).",
+                    "properties": {
+                        "input": {"type": "integer"}, "cachedInput": {"type": "integer"}, "cacheWrite": {"type": "integer"},
+                        "output": {"type": "integer"}, "reasoning": {"type": "integer"}, "unclassified": {"type": "integer"}
+                    }
+                },
+                "ModelUsage": {
+                    "type": "object",
+                    "properties": {
+                        "model": {"type": ["string", "null"], "description": "null for usage reported without a model."},
+                        "events": {"type": "integer"}, "totalTokens": {"type": "integer"},
+                        "tokens": {"$ref": "#/components/schemas/TokensByClass"},
+                        "unclassifiedTokens": {"type": "integer"},
+                        "billableTokens": {"type": "string", "description": "Exact, as a decimal."}
                     }
                 }
             }
@@ -201,9 +246,9 @@ pub(crate) fn document() -> Value {
                 "post": {
                     "summary": "Records a user's token usage and charges every block it starts (the original product's processTokenUsage).",
                     "security": [{"apiKey": []}],
-                    "requestBody": body(json!({
+                    "requestBody": body(report_body(json!({
                         "type": "object",
-                        "required": ["userId", "tokensUsed", "operationType"],
+                        "required": ["userId", "operationType"],
                         "properties": {
                             "userId": {"type": "string", "maxLength": 128},
                             "tokensUsed": {"type": "integer", "minimum": 1, "maximum": 1_000_000_000u64},
@@ -214,11 +259,11 @@ pub(crate) fn document() -> Value {
                             "occurredAt": {"type": ["string", "null"], "format": "date-time"},
                             "enforceLimits": {"type": ["boolean", "null"], "description": "Refuse the report (402, nothing recorded) when the user's limits forbid it: for a call of known size reported before it is made. Without it a limit never refuses usage, which was consumed."}
                         }
-                    })),
+                    }))),
                     "responses": write_responses(json!({
                         "200": ok("The usage was recorded (or had been, for a retried eventId).", processed()),
                         "402": limit_refusal("enforceLimits was set and a limit forbids the usage. Nothing was recorded."),
-                        "400": error("Malformed JSON, a missing or mistyped field (or one spelled snake_case, such as event_id), zero or too many tokens, bad ids or metadata. Nothing was recorded."),
+                        "400": error("Malformed JSON, a missing or mistyped field (or one spelled snake_case, such as event_id), zero or too many tokens, bad ids or metadata, tokensUsed unlike the classes' sum, tokens and usage both given, a contradictory usage object. Nothing was recorded."),
                         "409": error("The eventId was used before for different usage. Nothing was recorded."),
                         "500": error("The user's plan is missing from the service's catalogue. Nothing was recorded: retry with the same eventId once it is back."),
                         "502": error("The payment gateway failed."),
@@ -235,6 +280,11 @@ pub(crate) fn document() -> Value {
                     "items": {"type": "object", "properties": {
                         "operation_type": {"type": "string"}, "total_tokens": {"type": "integer"}, "operations": {"type": "integer"}
                     }}
+                }))
+            },
+            "/api/token-billing/usage-by-model/{userId}": {
+                "get": read("Tokens by class and billable tokens by model in a month.", "One row per model, usage without a model first.", json!({
+                    "type": "array", "items": {"$ref": "#/components/schemas/ModelUsage"}
                 }))
             },
             "/api/token-billing/charges-by-tier/{userId}": {
@@ -341,9 +391,9 @@ pub(crate) fn document() -> Value {
                 "post": {
                     "summary": "Records a held call's real usage, exactly once, under the hold's id, and frees the hold; answers as process-usage does. Never refused by a limit (the tokens were consumed), even after the hold expired; usage beyond the hold is recorded, charged and reported as overshootTokens. A retry answers the same.",
                     "security": [{"apiKey": []}],
-                    "requestBody": body(json!({
+                    "requestBody": body(report_body(json!({
                         "type": "object",
-                        "required": ["userId", "holdId", "tokensUsed", "operationType"],
+                        "required": ["userId", "holdId", "operationType"],
                         "properties": {
                             "userId": {"type": "string", "maxLength": 128},
                             "holdId": {"type": "string", "maxLength": 128},
@@ -352,7 +402,7 @@ pub(crate) fn document() -> Value {
                             "clientId": {"type": ["string", "null"], "maxLength": 128},
                             "metadata": {"type": ["object", "null"], "additionalProperties": {"type": "string", "maxLength": 500}, "maxProperties": 50}
                         }
-                    })),
+                    }))),
                     "responses": write_responses(json!({
                         "200": ok("The usage was recorded (or had been, for a retry).", settled()),
                         "400": error("A missing or bad field. Nothing was recorded."),

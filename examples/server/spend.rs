@@ -10,9 +10,8 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use token_billing::{Hold, Limits, Reservation, UserId};
 
-use crate::app::{
-    ApiError, AppState, Processed, json_object, optional_count, required_id, required_text, success, usage_report,
-};
+use crate::app::{ApiError, AppState, json_object, optional_count, required_id, required_text, success};
+use crate::usage::{Processed, usage_report};
 
 /// A user's limits as the API shows them: `spendCap` in minor units, `tokenCap`, `paymentGate`.
 pub(crate) fn limits_json(limits: &Limits) -> Value {

@@ -200,6 +200,9 @@ mod tests {
             ..Ceiling::default()
         };
         let crossed = policy.crossed(&Plan::default(), &ceiling, 0, 12_000_000);
-        assert_eq!(crossed, [AlertKind::Allowance { percent: 50 }, AlertKind::Cap { percent: 33 }]);
+        assert_eq!(
+            crossed,
+            [AlertKind::Allowance { percent: 50 }, AlertKind::Cap { percent: 33 }]
+        );
     }
 }
