@@ -1561,6 +1561,10 @@ async fn the_dashboard_shows_what_the_api_reports_in_a_real_browser() {
             .await;
         assert_eq!(reply.status, 200, "{}", reply.body);
     }
+    // A call reported by class, with its model.
+    let classes = json!({"userId": "dana", "operationType": "chat", "model": "gpt-4o",
+                         "tokens": {"input": 600, "cachedInput": 300, "output": 100}});
+    assert_eq!(server.usage(classes).await.status, 200);
     // A cap (BRL 700.00: the fee and three blocks, 32M tokens), a call in flight.
     let limits = json!({"userId": "dana", "customerId": "cus_dana", "spendCap": 70_000, "paymentGate": true});
     data(&server.post("/api/token-billing/accounts", &limits, Some(API_KEY)).await);
@@ -1569,7 +1573,7 @@ async fn the_dashboard_shows_what_the_api_reports_in_a_real_browser() {
     let token = token_for("dana", 600);
     let api = data(&server.get("/api/token-billing/dashboard/dana", Some(&token)).await);
     assert_eq!(api["spend"]["capTokens"], json!(32_000_000));
-    assert_eq!(api["spend"]["remainingTokens"], json!(12_000_000));
+    assert_eq!(api["spend"]["remainingTokens"], json!(11_999_000));
     let summary = &api["summary"];
 
     // This Chromium reports console output where the checks below look for it.
@@ -1635,15 +1639,29 @@ async fn the_dashboard_shows_what_the_api_reports_in_a_real_browser() {
         text_of(&dom, "tier-charges-count"),
         summary["tier_charges_count"].to_string()
     );
-    let rows = dom.matches("<tr>").count() - 1; // the header row
+    let table_rows = |id: &str| {
+        let start = dom.find(&format!("id=\"{id}\"")).unwrap_or_else(|| panic!("no #{id}"));
+        let body = &dom[start..];
+        body[..body.find("</tbody>").expect("the table's end")]
+            .matches("<tr>")
+            .count()
+    };
     assert_eq!(
-        rows,
+        table_rows("charges"),
         api["charges"].as_array().expect("charges").len(),
         "one row per charge"
     );
+    // Tokens by model and class: the usage without a model, then gpt-4o's classes.
+    assert_eq!(table_rows("by-model"), 2);
+    assert!(dom.contains("<td>(no model)</td>"), "usage reported without a model");
+    assert!(
+        dom.contains("<td>gpt-4o</td><td>600</td><td>300</td><td>0</td><td>100</td><td>0</td><td>0</td><td>1,000</td>"),
+        "the model's classes and billable tokens"
+    );
+    assert_eq!(text_of(&dom, "billable-tokens"), grouped(18_001_000));
     assert!(dom.contains("id=\"usage-line\""), "the usage line is drawn");
     assert_eq!(text_of(&dom, "cap"), format!("{} · payment gate", brl(70_000)));
-    assert_eq!(text_of(&dom, "remaining-tokens"), grouped(12_000_000));
+    assert_eq!(text_of(&dom, "remaining-tokens"), grouped(11_999_000));
     assert_eq!(
         text_of(&dom, "held-tokens"),
         format!("{} in 1 hold", grouped(2_000_000))

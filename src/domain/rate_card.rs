@@ -6,7 +6,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use super::ids::ModelName;
+use super::ids::{IdBytes, ModelName};
 use super::tokens::{BillableTokens, MICROS_PER_TOKEN, TokenClass, TokenCounts, parse_micros};
 
 /// Why a weight or a rate card was refused.
@@ -229,40 +229,61 @@ impl ClassWeights {
     /// Linear in the counts, so splitting a call's counts over several events never changes
     /// the sum.
     pub fn billable(&self, counts: &TokenCounts) -> BillableTokens {
-        // Each product is below 2^64 * 2^40 and there are five: no overflow in u128.
-        let micros = TokenClass::ALL
+        let counts = [
+            counts.input,
+            counts.cached_input,
+            counts.cache_write,
+            counts.output,
+            counts.reasoning,
+        ];
+        let weights = [
+            self.input.micros,
+            self.cached_input.micros,
+            self.cache_write.micros,
+            self.output.micros,
+            self.reasoning.micros,
+        ];
+        // In u64, without a branch per class, while it fits (calls of up to trillions of tokens
+        // at ordinary weights): `cargo bench --bench rating` holds rating with a card to twice
+        // the time of rating without one. Else in u128, where each product is below
+        // 2^64 * 2^40 and five of them cannot overflow.
+        let mut sum = 0u64;
+        let mut overflowed = false;
+        for (count, weight) in counts.iter().zip(weights) {
+            let (product, over_mul) = count.overflowing_mul(weight);
+            let (next, over_add) = sum.overflowing_add(product);
+            sum = next;
+            overflowed |= over_mul | over_add;
+        }
+        if !overflowed {
+            return BillableTokens::from_micros(u128::from(sum));
+        }
+        let micros = counts
             .iter()
-            .map(|class| u128::from(counts.get(*class)) * u128::from(self.get(*class).micros()))
+            .zip(weights)
+            .map(|(count, weight)| u128::from(*count) * u128::from(weight))
             .sum();
         BillableTokens::from_micros(micros)
     }
 }
 
-/// A model pattern of a rate card: an exact name (`gpt-4o-mini`) or a prefix ending in `*`
-/// (`gpt-4o*`).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-struct Pattern {
-    text: String,
-}
-
-impl Pattern {
-    fn new(text: &str) -> Result<Pattern, RateCardError> {
-        let bad = || RateCardError::BadPattern {
-            pattern: text.to_owned(),
-        };
-        let name = text.strip_suffix('*').unwrap_or(text);
-        if name.contains('*') || (name.is_empty() && text.is_empty()) {
-            return Err(bad());
-        }
-        if !name.is_empty() {
-            ModelName::new(name).map_err(|_| bad())?;
-        }
-        Ok(Pattern { text: text.to_owned() })
+/// Checks a model pattern: an exact name (`gpt-4o-mini`) or a prefix ending in `*` (`gpt-4o*`,
+/// or `*` alone); answers the name or the prefix, and whether it is a prefix.
+fn pattern(text: &str) -> Result<(&str, bool), RateCardError> {
+    let bad = || RateCardError::BadPattern {
+        pattern: text.to_owned(),
+    };
+    let (name, prefix) = match text.strip_suffix('*') {
+        Some(prefix) => (prefix, true),
+        None => (text, false),
+    };
+    if name.contains('*') || (name.is_empty() && !prefix) {
+        return Err(bad());
     }
-
-    fn prefix(&self) -> Option<&str> {
-        self.text.strip_suffix('*')
+    if !name.is_empty() {
+        ModelName::new(name).map_err(|_| bad())?;
     }
+    Ok((name, prefix))
 }
 
 /// A rate card: the weights of each token class, per model, with a default row for the models
@@ -301,8 +322,12 @@ impl Pattern {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct RateCard {
     default: ClassWeights,
-    /// Sorted by pattern text, so that cards with the same rows compare equal.
-    models: Vec<(Pattern, ClassWeights)>,
+    /// The rows of exact names, sorted by length, then name: found by a binary search that
+    /// compares the bytes of names of the model's length only.
+    exact: Vec<(Box<str>, ClassWeights)>,
+    /// The rows of prefixes (without their `*`), longest first: the first a model starts
+    /// with is the longest. Both orders are total, so cards with the same rows compare equal.
+    prefixes: Vec<(Box<str>, ClassWeights)>,
 }
 
 impl RateCard {
@@ -310,7 +335,8 @@ impl RateCard {
     pub fn new(default: ClassWeights) -> RateCard {
         RateCard {
             default,
-            models: Vec::new(),
+            exact: Vec::new(),
+            prefixes: Vec::new(),
         }
     }
 
@@ -320,10 +346,15 @@ impl RateCard {
     /// # Errors
     /// [`RateCardError::BadPattern`] when the pattern is not a model name or such a prefix.
     pub fn with_model(mut self, pattern: &str, weights: ClassWeights) -> Result<RateCard, RateCardError> {
-        let pattern = Pattern::new(pattern)?;
-        match self.models.binary_search_by(|(p, _)| p.cmp(&pattern)) {
-            Ok(at) => self.models[at].1 = weights,
-            Err(at) => self.models.insert(at, (pattern, weights)),
+        let (name, prefix) = self::pattern(pattern)?;
+        let (rows, order): (_, fn(&str, &str) -> std::cmp::Ordering) = if prefix {
+            (&mut self.prefixes, |a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)))
+        } else {
+            (&mut self.exact, |a, b| a.len().cmp(&b.len()).then_with(|| a.cmp(b)))
+        };
+        match rows.binary_search_by(|(row, _)| order(row, name)) {
+            Ok(at) => rows[at].1 = weights,
+            Err(at) => rows.insert(at, (name.into(), weights)),
         }
         Ok(self)
     }
@@ -335,20 +366,34 @@ impl RateCard {
 
     /// The row that prices `model` (the default row for `None`).
     pub fn weights_for(&self, model: Option<&ModelName>) -> &ClassWeights {
-        let Some(model) = model.map(ModelName::as_str) else {
+        // The model's bytes: its text without the UTF-8 check reading it as a `&str` costs,
+        // which was most of a card's rating time in `cargo bench --bench rating`.
+        let Some(model) = model.map(IdBytes::id_bytes) else {
             return &self.default;
         };
-        let mut best: Option<(&str, &ClassWeights)> = None;
-        for (pattern, weights) in &self.models {
-            match pattern.prefix() {
-                None if pattern.text == model => return weights,
-                Some(prefix) if model.starts_with(prefix) && best.is_none_or(|(b, _)| prefix.len() > b.len()) => {
-                    best = Some((prefix, weights));
-                }
-                _ => {}
-            }
+        let by_length = |(name, _): &(Box<str>, ClassWeights)| {
+            name.len().cmp(&model.len()).then_with(|| name.as_bytes().cmp(model))
+        };
+        if let Ok(at) = self.exact.binary_search_by(by_length) {
+            return &self.exact[at].1;
         }
-        best.map_or(&self.default, |(_, weights)| weights)
+        // The first byte tells most prefixes apart without calling `memcmp`.
+        let first = model.first();
+        self.prefixes
+            .iter()
+            .find(|(prefix, _)| {
+                let prefix = prefix.as_bytes();
+                (prefix.is_empty() || prefix.first() == first) && model.starts_with(prefix)
+            })
+            .map_or(&self.default, |(_, weights)| weights)
+    }
+
+    /// The rows of the card other than the default, as (pattern, weights), prefixes ending in
+    /// `*`, in pattern order.
+    fn rows(&self) -> std::collections::BTreeMap<String, &ClassWeights> {
+        let exact = self.exact.iter().map(|(name, w)| (name.to_string(), w));
+        let prefixes = self.prefixes.iter().map(|(prefix, w)| (format!("{prefix}*"), w));
+        exact.chain(prefixes).collect()
     }
 
     /// The exact billable tokens of a call of `model` with `counts`.
@@ -362,11 +407,11 @@ impl Serialize for RateCard {
         #[derive(Serialize)]
         struct Form<'a> {
             default: &'a ClassWeights,
-            models: std::collections::BTreeMap<&'a str, &'a ClassWeights>,
+            models: std::collections::BTreeMap<String, &'a ClassWeights>,
         }
         Form {
             default: &self.default,
-            models: self.models.iter().map(|(p, w)| (p.text.as_str(), w)).collect(),
+            models: self.rows(),
         }
         .serialize(serializer)
     }

@@ -155,13 +155,23 @@ impl BillableTokens {
 
     /// The whole tokens, the fraction dropped.
     pub fn whole_tokens(self) -> u128 {
-        self.micros / u128::from(MICROS_PER_TOKEN)
+        // In u64 when it fits (every amount short of 18 trillion tokens): a division by a
+        // constant that compiles to a multiplication, where u128's is a library call. Rating
+        // runs once per event, and `cargo bench --bench rating` holds it to twice the time of
+        // rating without a card.
+        match u64::try_from(self.micros) {
+            Ok(micros) => u128::from(micros / MICROS_PER_TOKEN),
+            Err(_) => self.micros / u128::from(MICROS_PER_TOKEN),
+        }
     }
 
     /// The fraction of a token past the whole ones, in millionths (below 1,000,000).
     pub fn fraction_micros(self) -> u32 {
-        // Below MICROS_PER_TOKEN, which fits u32.
-        (self.micros % u128::from(MICROS_PER_TOKEN)) as u32
+        // Below MICROS_PER_TOKEN, which fits u32; in u64 when it fits, as `whole_tokens`.
+        match u64::try_from(self.micros) {
+            Ok(micros) => (micros % MICROS_PER_TOKEN) as u32,
+            Err(_) => (self.micros % u128::from(MICROS_PER_TOKEN)) as u32,
+        }
     }
 
     /// The amount rounded up to a whole token.
@@ -303,8 +313,11 @@ impl BillableTotal {
         if u64::from(self.credit_micros) >= MICROS_PER_TOKEN || (self.tokens == 0 && self.credit_micros > 0) {
             return None;
         }
-        let whole = u64::try_from(event.whole_tokens()).ok()?;
-        let fraction = event.fraction_micros();
+        // One division of the amount in u64, when it fits (see `whole_tokens`).
+        let (whole, fraction) = match u64::try_from(event.micros) {
+            Ok(micros) => (micros / MICROS_PER_TOKEN, (micros % MICROS_PER_TOKEN) as u32),
+            Err(_) => (u64::try_from(event.whole_tokens()).ok()?, event.fraction_micros()),
+        };
         let (carry, credit) = if fraction > self.credit_micros {
             (1, MICROS_PER_TOKEN as u32 - (fraction - self.credit_micros))
         } else {
