@@ -170,7 +170,8 @@ proptest! {
             state ^= state << 13;
             state ^= state >> 7;
             state ^= state << 17;
-            order.swap(i, (state % (i as u64 + 1)) as usize);
+            let bound = u64::try_from(i + 1).expect("small");
+            order.swap(i, usize::try_from(state % bound).expect("below i + 1"));
         }
         runtime().block_on(async {
             for (counts, model, _) in &calls {
@@ -342,4 +343,32 @@ async fn inconsistent_class_reports_are_refused() {
             .expect("summary")
             .is_none()
     );
+}
+
+/// Holds are in billable tokens: a call reserved by its billable estimate and settled from its
+/// usage object overshoots by what it bills beyond the hold, not by its raw tokens.
+#[tokio::test]
+async fn a_hold_is_settled_in_billable_tokens() {
+    let card: RateCard = serde_json::from_value(serde_json::json!({
+        "models": { "claude-*": { "cached_input": "0.1", "output": 5 } }
+    }))
+    .expect("a card");
+    let h = Harness::with_plan(Plan::builder().rate_card(card).build().expect("a plan"));
+    let hold = h
+        .service
+        .reserve(token_billing::Reservation::new("eva", 5_000).hold_id("call-1"))
+        .await
+        .expect("granted");
+    assert_eq!(hold.granted_tokens, 5_000);
+    // 40,000 tokens, of which 38,000 cache reads: 1,000 + 3,800 + 1,000 × 5 = 9,800 billable.
+    let counts = TokenCounts {
+        input: 1_000,
+        cached_input: 38_000,
+        output: 1_000,
+        ..TokenCounts::default()
+    };
+    let report = UsageReport::with_counts("eva", counts, "chat").model("claude-sonnet-4-5");
+    let settled = h.service.settle_hold("call-1", report).await.expect("settled");
+    assert_eq!(settled.outcome.billable_tokens, 9_800);
+    assert_eq!((settled.held_tokens, settled.overshoot_tokens), (Some(5_000), 4_800));
 }

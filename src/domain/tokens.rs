@@ -11,6 +11,15 @@ use super::rating::MAX_TOKENS;
 /// Millionths in a token: the resolution of weights and of billable amounts.
 pub const MICROS_PER_TOKEN: u64 = 1_000_000;
 
+/// [`MICROS_PER_TOKEN`] as the type of a fraction of a token.
+const MICROS_PER_TOKEN_U32: u32 = 1_000_000;
+const _: () = assert!(MICROS_PER_TOKEN_U32 as u64 == MICROS_PER_TOKEN);
+
+/// A remainder of a division by [`MICROS_PER_TOKEN`], which fits a `u32`.
+fn fraction_of(remainder: u128) -> u32 {
+    u32::try_from(remainder).unwrap_or(MICROS_PER_TOKEN_U32 - 1)
+}
+
 /// The tokens of one call, by class. The classes are disjoint: a cached input token is not also
 /// an input token, and a reasoning token is not also an output token. The providers' usage
 /// objects are turned into this form by [`OpenAiUsage`](crate::OpenAiUsage),
@@ -169,8 +178,8 @@ impl BillableTokens {
     pub fn fraction_micros(self) -> u32 {
         // Below MICROS_PER_TOKEN, which fits u32; in u64 when it fits, as `whole_tokens`.
         match u64::try_from(self.micros) {
-            Ok(micros) => (micros % MICROS_PER_TOKEN) as u32,
-            Err(_) => (self.micros % u128::from(MICROS_PER_TOKEN)) as u32,
+            Ok(micros) => fraction_of(u128::from(micros % MICROS_PER_TOKEN)),
+            Err(_) => fraction_of(self.micros % u128::from(MICROS_PER_TOKEN)),
         }
     }
 
@@ -315,11 +324,14 @@ impl BillableTotal {
         }
         // One division of the amount in u64, when it fits (see `whole_tokens`).
         let (whole, fraction) = match u64::try_from(event.micros) {
-            Ok(micros) => (micros / MICROS_PER_TOKEN, (micros % MICROS_PER_TOKEN) as u32),
+            Ok(micros) => (
+                micros / MICROS_PER_TOKEN,
+                fraction_of(u128::from(micros % MICROS_PER_TOKEN)),
+            ),
             Err(_) => (u64::try_from(event.whole_tokens()).ok()?, event.fraction_micros()),
         };
         let (carry, credit) = if fraction > self.credit_micros {
-            (1, MICROS_PER_TOKEN as u32 - (fraction - self.credit_micros))
+            (1, MICROS_PER_TOKEN_U32 - (fraction - self.credit_micros))
         } else {
             (0, self.credit_micros - fraction)
         };

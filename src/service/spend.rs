@@ -119,8 +119,9 @@ pub struct SettledHold {
     pub outcome: UsageOutcome,
     /// The tokens the hold held, when it was still open (not expired, released or settled).
     pub held_tokens: Option<u64>,
-    /// Tokens used beyond the hold: recorded and charged (they were consumed), and bounded by
-    /// this one call.
+    /// Billable tokens used beyond the hold (holds are in billable tokens: a reservation's
+    /// estimate is what the call will bill): recorded and charged (they were consumed), and
+    /// bounded by this one call.
     pub overshoot_tokens: u64,
 }
 
@@ -393,7 +394,6 @@ impl BillingService {
             .into_iter()
             .find(|hold| hold.hold_id == event_id)
             .map(|hold| hold.tokens);
-        let tokens = report.tokens_used;
         let outcome = self
             .process_token_usage(UsageReport {
                 event_id: Some(hold_id.to_owned()),
@@ -402,7 +402,8 @@ impl BillingService {
             })
             .await?;
         Ok(SettledHold {
-            overshoot_tokens: held.map_or(0, |held| tokens.saturating_sub(held)),
+            // Holds are in billable tokens: the usage is compared with the hold as it bills.
+            overshoot_tokens: held.map_or(0, |held| outcome.billable_tokens.saturating_sub(held)),
             held_tokens: held,
             outcome,
         })

@@ -11,6 +11,10 @@ use crate::domain::{
 };
 use crate::store::{ModelUsage, RecordUsage, UsageStore};
 
+fn whole(tokens: u128) -> u64 {
+    u64::try_from(tokens).expect("a total")
+}
+
 /// A plan whose blocks are a handful of tokens, so that fractions decide them.
 fn small_blocks() -> Plan {
     Plan::builder()
@@ -52,9 +56,9 @@ pub async fn billable_totals_are_exact_sums_rounded_up(store: &dyn UsageStore) {
     let mut exact = 0u128;
     let mut expected = Vec::new();
     for micros in AMOUNTS {
-        let before = exact.div_ceil(1_000_000) as u64;
+        let before = whole(exact.div_ceil(1_000_000));
         exact += micros;
-        expected.push((before, exact.div_ceil(1_000_000) as u64));
+        expected.push((before, whole(exact.div_ceil(1_000_000))));
     }
     let mut events = Vec::new();
     for (micros, (before, after)) in AMOUNTS.into_iter().zip(&expected) {
@@ -72,11 +76,11 @@ pub async fn billable_totals_are_exact_sums_rounded_up(store: &dyn UsageStore) {
         .await
         .expect("period_summary")
         .expect("a summary");
-    let credit = (exact.div_ceil(1_000_000) * 1_000_000 - exact) as u32;
+    let credit = u32::try_from(exact.div_ceil(1_000_000) * 1_000_000 - exact).expect("below a token");
     assert_eq!(
         summary.billable_total(),
         BillableTotal {
-            tokens: exact.div_ceil(1_000_000) as u64,
+            tokens: whole(exact.div_ceil(1_000_000)),
             credit_micros: credit
         },
         "the summary does not keep the exact total"
