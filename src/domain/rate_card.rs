@@ -229,41 +229,18 @@ impl ClassWeights {
     /// Linear in the counts, so splitting a call's counts over several events never changes
     /// the sum.
     pub fn billable(&self, counts: &TokenCounts) -> BillableTokens {
-        let counts = [
-            counts.input,
-            counts.cached_input,
-            counts.cache_write,
-            counts.output,
-            counts.reasoning,
-        ];
-        let weights = [
-            self.input.micros,
-            self.cached_input.micros,
-            self.cache_write.micros,
-            self.output.micros,
-            self.reasoning.micros,
-        ];
-        // In u64, without a branch per class, while it fits (calls of up to trillions of tokens
-        // at ordinary weights): `cargo bench --bench rating` holds rating with a card to twice
-        // the time of rating without one. Else in u128, where each product is below
-        // 2^64 * 2^40 and five of them cannot overflow.
-        let mut sum = 0u64;
-        let mut overflowed = false;
-        for (count, weight) in counts.iter().zip(weights) {
-            let (product, over_mul) = count.overflowing_mul(weight);
-            let (next, over_add) = sum.overflowing_add(product);
-            sum = next;
-            overflowed |= over_mul | over_add;
-        }
-        if !overflowed {
-            return BillableTokens::from_micros(u128::from(sum));
-        }
-        let micros = counts
-            .iter()
-            .zip(weights)
-            .map(|(count, weight)| u128::from(*count) * u128::from(weight))
-            .sum();
-        BillableTokens::from_micros(micros)
+        // Widening multiplications (one instruction each) summed in u128, written out: each
+        // product is below 2^64 * 2^40, so five cannot overflow. A loop over the classes, with
+        // a `match` per class or overflow checks in u64, took three times as long in
+        // `cargo bench --bench rating`.
+        let product = |count: u64, weight: Weight| u128::from(count) * u128::from(weight.micros);
+        BillableTokens::from_micros(
+            product(counts.input, self.input)
+                + product(counts.cached_input, self.cached_input)
+                + product(counts.cache_write, self.cache_write)
+                + product(counts.output, self.output)
+                + product(counts.reasoning, self.reasoning),
+        )
     }
 }
 
