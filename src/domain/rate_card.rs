@@ -293,7 +293,7 @@ fn pattern(text: &str) -> Result<(&str, bool), RateCardError> {
 /// let haiku = ModelName::new("claude-haiku-4-5")?;
 /// assert_eq!(card.billable(Some(&haiku), &counts).to_string(), "8000");
 /// // No model: the default row.
-/// assert_eq!(card.billable(None, &counts).to_string(), "35300");
+/// assert_eq!(card.billable(None, &counts).to_string(), "34800");
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
