@@ -7,7 +7,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::ids::{IdBytes, ModelName};
-use super::tokens::{BillableTokens, MICROS_PER_TOKEN, TokenClass, TokenCounts, parse_micros};
+use super::tokens::{BillableTokens, MICROS_PER_TOKEN, TokenClass, TokenCounts, deserialize_decimal, parse_micros};
 
 /// Why a weight or a rate card was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -115,31 +115,7 @@ impl Serialize for Weight {
 
 impl<'de> Deserialize<'de> for Weight {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Weight, D::Error> {
-        struct Visitor;
-        impl serde::de::Visitor<'_> for Visitor {
-            type Value = Weight;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a weight as a decimal string (\"0.1\") or a non-negative integer")
-            }
-            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Weight, E> {
-                text.parse().map_err(E::custom)
-            }
-            fn visit_u64<E: serde::de::Error>(self, whole: u64) -> Result<Weight, E> {
-                whole.to_string().parse().map_err(E::custom)
-            }
-            fn visit_i64<E: serde::de::Error>(self, whole: i64) -> Result<Weight, E> {
-                u64::try_from(whole)
-                    .map_err(|_| E::custom(format!("weight {whole} is negative")))
-                    .and_then(|w| self.visit_u64(w))
-            }
-            fn visit_f64<E: serde::de::Error>(self, weight: f64) -> Result<Weight, E> {
-                Err(E::custom(format!(
-                    "weight {weight} is a floating-point number, which cannot hold most decimals \
-                     exactly: write it as a string, \"{weight}\""
-                )))
-            }
-        }
-        deserializer.deserialize_any(Visitor)
+        deserialize_decimal(deserializer, "weight")
     }
 }
 

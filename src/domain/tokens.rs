@@ -252,21 +252,50 @@ impl Serialize for BillableTokens {
 
 impl<'de> Deserialize<'de> for BillableTokens {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<BillableTokens, D::Error> {
-        struct Visitor;
-        impl serde::de::Visitor<'_> for Visitor {
-            type Value = BillableTokens;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("billable tokens as a decimal string (\"12.5\") or a whole number")
-            }
-            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<BillableTokens, E> {
-                text.parse().map_err(E::custom)
-            }
-            fn visit_u64<E: serde::de::Error>(self, whole: u64) -> Result<BillableTokens, E> {
-                Ok(BillableTokens::whole(whole))
+        deserialize_decimal(deserializer, "billable tokens")
+    }
+}
+
+/// Reads an exact decimal serialised as text (`"12.5"`) or as a whole number, through its
+/// `FromStr`; refuses a floating-point number, which cannot hold most decimals exactly, with
+/// the text to write instead, and a negative one.
+pub(crate) fn deserialize_decimal<'de, D, T>(deserializer: D, what: &'static str) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: std::str::FromStr,
+    T::Err: fmt::Display,
+{
+    struct Visitor<T>(&'static str, std::marker::PhantomData<T>);
+    impl<T> serde::de::Visitor<'_> for Visitor<T>
+    where
+        T: std::str::FromStr,
+        T::Err: fmt::Display,
+    {
+        type Value = T;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "{} as a decimal string (\"0.1\") or a whole number", self.0)
+        }
+        fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<T, E> {
+            text.parse().map_err(E::custom)
+        }
+        fn visit_u64<E: serde::de::Error>(self, whole: u64) -> Result<T, E> {
+            whole.to_string().parse().map_err(E::custom)
+        }
+        fn visit_i64<E: serde::de::Error>(self, whole: i64) -> Result<T, E> {
+            match u64::try_from(whole) {
+                Ok(whole) => self.visit_u64(whole),
+                Err(_) => Err(E::custom(format!("{} {whole} is negative", self.0))),
             }
         }
-        deserializer.deserialize_any(Visitor)
+        fn visit_f64<E: serde::de::Error>(self, number: f64) -> Result<T, E> {
+            Err(E::custom(format!(
+                "{} {number} is a floating-point number, which cannot hold most decimals exactly: \
+                 write it as a string, \"{number}\"",
+                self.0
+            )))
+        }
     }
+    deserializer.deserialize_any(Visitor(what, std::marker::PhantomData))
 }
 
 /// A period's billable total as stores keep it: `tokens` is the exact total rounded up to a whole

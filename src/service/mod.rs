@@ -30,15 +30,16 @@ mod dunning;
 mod fixed_fee;
 mod fixed_fee_start;
 mod gateway_events;
+mod report;
 mod reports;
 mod spend;
 mod usage;
 
 pub use collection::CollectionReport;
 pub use dunning::DunningSchedule;
+pub use report::{TierCharge, UsageOutcome, UsageReport};
 pub use reports::{AccountStanding, Standing, TokenSummary};
 pub use spend::{HoldGrant, Reservation, SettledHold, UsageCheck};
-pub use usage::{TierCharge, UsageOutcome, UsageReport};
 
 /// When charges are collected.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

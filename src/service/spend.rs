@@ -14,7 +14,7 @@ use crate::domain::{AlertKind, Ceiling, EventId, Headroom, LimitKind, Limits, Pe
 use crate::error::{BillingError, UsageError};
 use crate::store::{Account, Alert, Hold, HoldDecision, HoldRequest};
 
-use super::usage::{UsageOutcome, UsageReport};
+use super::report::{UsageOutcome, UsageReport};
 use super::{BillingService, store_contract};
 
 /// A request to hold tokens for a call whose size is known only at its end (a streamed
