@@ -11,6 +11,8 @@ use crate::error::UsageError;
 
 #[cfg(doc)]
 use super::BillingService;
+#[cfg(doc)]
+use crate::error::BillingError;
 
 /// A usage report, as the host sends it: the original product's `processTokenUsage(userId, tokensUsed,
 /// operationType, clientId, metadata)`, plus an optional event id for safe retries and an
