@@ -72,7 +72,7 @@ fn report_fields(properties: &mut Value) {
     });
     properties["provider"] =
         json!({"enum": ["openai", "anthropic", "gemini", null], "description": "Whose usage object usage is."});
-    properties["usage"] = json!({"type": ["object", "null"], "description": "The provider's usage object as it returned it (OpenAI Chat Completions' or Responses' usage, Anthropic Messages' usage or a stream's final message_delta usage, Gemini's usageMetadata), read by the provider's documented rules. A contradictory object (a part larger than its whole) is refused (400)."});
+    properties["usage"] = json!({"type": ["object", "array", "null"], "description": "The provider's usage object as it returned it (OpenAI Chat Completions' or Responses' usage, Anthropic Messages' usage, Gemini's usageMetadata), read by the provider's documented rules; for anthropic, also a stream's usage reports in order (message_start's, then message_delta's), combined as the stream's cumulative usage. A contradictory or partial object (a part larger than its whole, no input_tokens) is refused (400)."});
 }
 
 /// A usage report's body: `schema` with the fields of [`report_fields`].

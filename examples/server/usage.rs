@@ -11,7 +11,8 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::{Map, Value, json};
 use token_billing::{
-    BillingError, LimitKind, ModelUsage, ProviderUsage, TokenClass, TokenCounts, UsageError, UsageReport,
+    AnthropicUsage, BillingError, LimitKind, ModelUsage, ProviderUsage, TokenClass, TokenCounts, UsageError,
+    UsageReport,
 };
 
 use crate::app::{
@@ -67,16 +68,28 @@ fn provider_counts(provider: &str, usage: &Value) -> Result<TokenCounts, ApiErro
             "provider is openai, anthropic or gemini, not {provider}"
         )));
     }
+    let invalid =
+        |e: token_billing::UsageObjectError| ApiError::from(BillingError::InvalidUsage(UsageError::UsageObject(e)));
+    // An Anthropic stream's reports, oldest first (message_start's usage, then message_delta's):
+    // each later one's counts replace the earlier ones', as the stream's usage is cumulative.
+    if let (Value::Array(reports), "anthropic") = (usage, provider) {
+        let mut whole = AnthropicUsage::default();
+        for report in reports {
+            let report: AnthropicUsage = serde_json::from_value(report.clone())
+                .map_err(|e| ApiError::bad_request(format!("usage is not anthropic's usage objects: {e}")))?;
+            whole = whole.updated_by(&report);
+        }
+        return whole.token_counts().map_err(invalid);
+    }
     if !usage.is_object() {
         return Err(ApiError::bad_request(format!(
-            "usage must be the provider's usage object, not {}",
+            "usage must be the provider's usage object (for anthropic, or its stream's reports in order), not {}",
             kind_of(usage)
         )));
     }
     let read: ProviderUsage = serde_json::from_value(json!({ "provider": provider, "usage": usage }))
         .map_err(|e| ApiError::bad_request(format!("usage is not {provider}'s usage object: {e}")))?;
-    read.token_counts()
-        .map_err(|e| ApiError::from(BillingError::InvalidUsage(UsageError::UsageObject(e))))
+    read.token_counts().map_err(invalid)
 }
 
 /// The usage report of a process-usage body.

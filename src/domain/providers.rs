@@ -119,6 +119,17 @@ pub enum UsageObjectError {
         /// The provider.
         provider: Provider,
     },
+    /// A count the whole call's usage always has is missing: the object is a partial report
+    /// (a stream's `message_delta` without its `message_start`), which would bill too little.
+    #[error(
+        "{provider} usage: {field} is missing, so this is not the whole call's usage (combine a stream's reports first)"
+    )]
+    Missing {
+        /// The provider.
+        provider: Provider,
+        /// The missing field.
+        field: &'static str,
+    },
 }
 
 /// `part` taken out of `whole`, or the error saying the part is larger.
@@ -319,10 +330,20 @@ impl AnthropicUsage {
     /// The disjoint counts: Anthropic's fields are disjoint already.
     ///
     /// # Errors
-    /// [`UsageObjectError`] when the writes by lifetime add up to more than
-    /// `cache_creation_input_tokens`.
+    /// [`UsageObjectError::Missing`] without `input_tokens` or `output_tokens` (an older
+    /// stream's `message_delta` alone gives only the output: combine it with `message_start`'s
+    /// usage by [`updated_by`](Self::updated_by)); [`UsageObjectError::PartLargerThanWhole`]
+    /// when the writes by lifetime add up to more than `cache_creation_input_tokens`.
     pub fn token_counts(&self) -> Result<TokenCounts, UsageObjectError> {
         let provider = Provider::Anthropic;
+        for (field, count) in [
+            ("input_tokens", self.input_tokens),
+            ("output_tokens", self.output_tokens),
+        ] {
+            if count.is_none() {
+                return Err(UsageObjectError::Missing { provider, field });
+            }
+        }
         let cache_write = self.cache_creation_input_tokens.unwrap_or(0);
         if let Some(lifetimes) = &self.cache_creation {
             let by_lifetime = lifetimes

@@ -87,9 +87,17 @@ async fn an_anthropic_usage_object_is_billed_by_the_plans_rate_card() {
     });
     // 1,000 + 0.25 + 16 + 24: the quarter fits in the half left by the last event's rounding.
     assert_eq!(data(&usage(&server, gemini).await)["billableTokens"], json!(1_040));
+    // An Anthropic stream's reports in order: message_start's usage, then message_delta's
+    // (which, in older streams, gives only the output).
+    let stream = json!({
+        "userId": "ana", "operationType": "chat", "model": "claude-sonnet-4-5", "provider": "anthropic",
+        "usage": [{"input_tokens": 10, "cache_read_input_tokens": 100, "output_tokens": 1}, {"output_tokens": 20}]
+    });
+    // 10 input + 100 cache reads at a tenth + 20 output at 5.
+    assert_eq!(data(&usage(&server, stream).await)["billableTokens"], json!(120));
     let last_summary = summary(&server, "ana").await;
-    assert_eq!(last_summary["billableTokens"], json!("21088.75"));
-    assert_eq!(last_summary["total_tokens"], json!(21_089));
+    assert_eq!(last_summary["billableTokens"], json!("21208.75"));
+    assert_eq!(last_summary["total_tokens"], json!(21_209));
 
     let rows = data(&server.get("/api/token-billing/usage-by-model/ana", Some(API_KEY)).await);
     let models: Vec<&str> = rows
