@@ -47,6 +47,12 @@ pub enum PlanError {
         /// The plan's currency.
         currency: Currency,
     },
+    /// Two rate-card changes name the same period (in a serialised plan).
+    #[error("two rate card changes start in {from}: a period has one card")]
+    DuplicateRateCardChange {
+        /// The period named twice.
+        from: PeriodKey,
+    },
     /// The plan's default spend cap is in another currency than its prices.
     #[error("the plan is priced in {plan} but its spend cap is in {spend_cap}")]
     SpendCapCurrency {
@@ -435,10 +441,9 @@ impl PlanBuilder {
             from,
             card: card.map(Arc::new),
         };
-        match self.rate_card_changes.binary_search_by_key(&from, |c| c.from) {
-            Ok(at) => self.rate_card_changes[at] = change,
-            Err(at) => self.rate_card_changes.insert(at, change),
-        }
+        // Kept in order by `build`, whatever order a serialised form gave.
+        self.rate_card_changes.retain(|c| c.from != from);
+        self.rate_card_changes.push(change);
         self
     }
 
@@ -475,6 +480,14 @@ impl PlanBuilder {
                 currency: self.fixed_fee.currency(),
             });
         }
+        // Sorted by period, whatever order a serialised form gave; a period named twice is an
+        // operator's mistake that no order could settle.
+        let mut changes = self.rate_card_changes;
+        changes.sort_by_key(|c| c.from);
+        if let Some(twice) = changes.windows(2).find(|pair| pair[0].from == pair[1].from) {
+            return Err(PlanError::DuplicateRateCardChange { from: twice[0].from });
+        }
+        let rate_card_changes = changes.into_iter().map(|c| (c.from, c.card)).collect();
         if let Some(cap) = self.limits.spend_cap {
             if cap.currency() != self.fixed_fee.currency() {
                 return Err(PlanError::SpendCapCurrency {
@@ -492,13 +505,7 @@ impl PlanBuilder {
             late_usage_grace: self.late_usage_grace,
             limits: self.limits,
             rate_card: self.rate_card,
-            rate_card_changes: {
-                // Sorted and unique by period, whatever order a serialised form gave them in.
-                let mut changes = self.rate_card_changes;
-                changes.sort_by_key(|c| c.from);
-                changes.dedup_by_key(|c| c.from);
-                changes.into_iter().map(|c| (c.from, c.card)).collect()
-            },
+            rate_card_changes,
         })
     }
 }
@@ -610,6 +617,35 @@ mod tests {
         assert_eq!(serde_json::from_str::<Plan>(&json).expect("deserialise"), plan);
         let bad = json.replace("\"block_size\":8000000", "\"block_size\":0");
         assert!(serde_json::from_str::<Plan>(&bad).is_err());
+    }
+
+    /// A change of card given again for the same period replaces the first; a serialised plan
+    /// naming a period twice is refused rather than settled by the order of its entries.
+    #[test]
+    fn rate_card_changes_are_one_per_period() {
+        let card = |weight: &str| RateCard::new(crate::ClassWeights::uniform(weight.parse().expect("a weight")));
+        let january: PeriodKey = "2027-01".parse().expect("a period");
+        let plan = Plan::builder()
+            .rate_card_from("2027-03".parse().expect("a period"), Some(card("3")))
+            .rate_card_from(january, Some(card("1")))
+            .rate_card_from(january, Some(card("2")))
+            .build()
+            .expect("a plan");
+        assert_eq!(plan.rate_card(january), Some(&card("2")));
+        assert_eq!(plan.rate_card("2027-02".parse().expect("a period")), Some(&card("2")));
+        assert_eq!(plan.rate_card("2027-04".parse().expect("a period")), Some(&card("3")));
+        assert_eq!(plan.rate_card("2026-12".parse().expect("a period")), None);
+
+        let mut json = serde_json::to_value(&plan).expect("serialised");
+        let changes = json["rate_card_changes"].as_array_mut().expect("changes");
+        let again = changes[0].clone();
+        changes.push(again);
+        assert!(
+            serde_json::from_value::<Plan>(json)
+                .unwrap_err()
+                .to_string()
+                .contains("two rate card changes start in 2027-01")
+        );
     }
 
     #[test]

@@ -144,7 +144,8 @@ pub struct ClassWeights {
     pub cache_write: Weight,
     /// [`TokenCounts::output`]'s weight.
     pub output: Weight,
-    /// [`TokenCounts::reasoning`]'s weight.
+    /// [`TokenCounts::reasoning`]'s weight. A serialised row without it takes `output`'s; a row
+    /// built in Rust names it, or sets both with [`with_output`](Self::with_output).
     pub reasoning: Weight,
 }
 
@@ -188,6 +189,23 @@ impl ClassWeights {
             output: weight,
             reasoning: weight,
         }
+    }
+
+    /// The row with `weight` for output and for reasoning (which every provider prices as
+    /// output).
+    ///
+    /// # Example
+    /// ```
+    /// use token_billing::{ClassWeights, Weight};
+    ///
+    /// let row = ClassWeights::default().with_output("4".parse()?);
+    /// assert_eq!((row.output, row.reasoning, row.input), (row.output, "4".parse()?, Weight::ONE));
+    /// # Ok::<(), token_billing::RateCardError>(())
+    /// ```
+    pub fn with_output(mut self, weight: Weight) -> ClassWeights {
+        self.output = weight;
+        self.reasoning = weight;
+        self
     }
 
     /// The weight of one class.
