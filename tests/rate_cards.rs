@@ -372,3 +372,47 @@ async fn a_hold_is_settled_in_billable_tokens() {
     assert_eq!(settled.outcome.billable_tokens, 9_800);
     assert_eq!((settled.held_tokens, settled.overshoot_tokens), (Some(5_000), 4_800));
 }
+
+/// A batch holds an enforced event together with the unenforced events before it, summed
+/// exactly: 200 events of a tenth of a token are 20 tokens, not 200, so an enforced event that
+/// fits the cap with them is accepted, and one that does not is refused.
+#[tokio::test]
+async fn a_batch_holds_fractions_summed_exactly() {
+    let card = RateCard::new(ClassWeights::uniform("0.1".parse().expect("a weight")));
+    let h = Harness::with_plan(Plan::builder().rate_card(card).build().expect("a plan"));
+    let fay = user("fay");
+    h.service
+        .set_limits(&fay, Some(token_billing::Limits::none().with_token_cap(100)))
+        .await
+        .expect("limits");
+    let tenth = TokenCounts {
+        input: 1,
+        ..TokenCounts::default()
+    };
+    let batch = |last_input: u64, tag: &str| {
+        let mut reports: Vec<UsageReport> = (0..200)
+            .map(|i| UsageReport::with_counts("fay", tenth, "chat").event_id(format!("{tag}-{i}")))
+            .collect();
+        let last = TokenCounts {
+            input: last_input,
+            ..TokenCounts::default()
+        };
+        reports.push(
+            UsageReport::with_counts("fay", last, "chat")
+                .event_id(format!("{tag}-last"))
+                .enforce_limits(),
+        );
+        reports
+    };
+    // 20 + 80 = 100 billable tokens: exactly the cap.
+    let outcomes = h.service.process_token_usage_batch(batch(800, "a")).await.expect("recorded");
+    let last = outcomes.last().expect("answered").as_ref().expect("within the cap");
+    assert_eq!(last.total_tokens, 100);
+    // Now at the cap: the next enforced event is refused, the unenforced ones recorded.
+    let outcomes = h.service.process_token_usage_batch(batch(10, "b")).await.expect("recorded");
+    assert!(matches!(
+        outcomes.last().expect("answered"),
+        Err(token_billing::BillingError::LimitExceeded { .. })
+    ));
+    assert!(outcomes[..200].iter().all(Result::is_ok));
+}

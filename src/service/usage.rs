@@ -17,9 +17,9 @@ use crate::store::{Account, Alerting, HoldDecision, PlacedUsage, Placement, Reco
 use super::report::{TierCharge, UsageOutcome, UsageReport};
 use super::{BillingService, CollectionMode, UnregisteredUsers, store_contract};
 
-/// An event's billable tokens rounded up to a whole token: what its hold holds.
-fn billable_ceil(usage: &UsageRecord) -> u64 {
-    u64::try_from(usage.billable().ceil_tokens()).unwrap_or(u64::MAX)
+/// Billable tokens rounded up to a whole token: what a hold holds for them.
+fn ceil_tokens(billable: BillableTokens) -> u64 {
+    u64::try_from(billable.ceil_tokens()).unwrap_or(u64::MAX)
 }
 
 /// What the service decided for an event before recording it.
@@ -307,17 +307,19 @@ impl BillingService {
             // Refused on its own merits: recording answers why.
             return Ok(None);
         };
-        self.enforce_on(&placed, placement.plan, account.as_ref(), 0, now).await
+        self.enforce_on(&placed, placement.plan, account.as_ref(), BillableTokens::ZERO, now)
+            .await
     }
 
-    /// Holds the event's billable tokens (rounded up) plus `ahead` under the event's id if the limits of its placed
-    /// period allow them (`ahead`: tokens of events recorded before it in the same store call).
+    /// Holds the event's billable tokens plus `ahead`, rounded up, under the event's id if the
+    /// limits of its placed period allow them (`ahead`: the billable tokens of events recorded
+    /// before it in the same store call).
     async fn enforce_on(
         &self,
         usage: &UsageRecord,
         plan: &Plan,
         account: Option<&Account>,
-        ahead: u64,
+        ahead: BillableTokens,
         now: DateTime<Utc>,
     ) -> Result<Option<Result<UsageOutcome, BillingError>>, BillingError> {
         let limits = Self::limits_of(account, plan);
@@ -326,7 +328,8 @@ impl BillingService {
         }
         let limits = self.spend_limits(limits, usage.period, plan, now)?;
         let expires_at = crate::clock::later(now, self.settings.lease);
-        let tokens = billable_ceil(usage).saturating_add(ahead);
+        let held = usage.billable().checked_add(ahead);
+        let tokens = held.map_or(u64::MAX, ceil_tokens);
         match self
             .hold_tokens(&usage.user_id, &usage.event_id, tokens, &limits, now, expires_at)
             .await?
@@ -340,7 +343,7 @@ impl BillingService {
                     remaining_tokens: state
                         .headroom(&limits.ceiling, limits.plan)
                         .remaining
-                        .saturating_sub(ahead),
+                        .saturating_sub(ceil_tokens(ahead)),
                 }),
             })),
         }
@@ -515,14 +518,14 @@ impl BillingService {
             let mut refused_resends = Vec::new();
             // Tokens of unenforced events placed so far, by user and period: an enforced event
             // after them is held with them, since they are recorded before it.
-            let mut unheld: HashMap<(UserId, PeriodKey), u64> = HashMap::new();
+            let mut unheld: HashMap<(UserId, PeriodKey), BillableTokens> = HashMap::new();
             for (position, mut usage, enforce) in read {
                 let account = accounts.get(&usage.user_id).and_then(Option::as_ref);
                 match self.place(&mut usage, account, now) {
                     Ok(Placed::Record(placement)) => {
                         let key = (usage.user_id.clone(), usage.period);
                         if enforce {
-                            let ahead = unheld.get(&key).copied().unwrap_or(0);
+                            let ahead = unheld.get(&key).copied().unwrap_or_default();
                             match self.enforce_on(&usage, placement.plan, account, ahead, now).await {
                                 Ok(None) => {}
                                 Ok(Some(answer)) => {
@@ -535,7 +538,9 @@ impl BillingService {
                                 }
                             }
                         } else {
-                            *unheld.entry(key).or_default() += billable_ceil(&usage);
+                            // Summed exactly, and rounded up once where the hold is decided.
+                            let sum = unheld.entry(key).or_default();
+                            *sum = sum.checked_add(usage.billable()).unwrap_or(*sum);
                         }
                         placed.push((position, placement.plan, placement.lease_until.is_some()));
                         requests.push(RecordUsage {
