@@ -405,11 +405,19 @@ async fn a_batch_holds_fractions_summed_exactly() {
         reports
     };
     // 20 + 80 = 100 billable tokens: exactly the cap.
-    let outcomes = h.service.process_token_usage_batch(batch(800, "a")).await.expect("recorded");
+    let outcomes = h
+        .service
+        .process_token_usage_batch(batch(800, "a"))
+        .await
+        .expect("recorded");
     let last = outcomes.last().expect("answered").as_ref().expect("within the cap");
     assert_eq!(last.total_tokens, 100);
     // Now at the cap: the next enforced event is refused, the unenforced ones recorded.
-    let outcomes = h.service.process_token_usage_batch(batch(10, "b")).await.expect("recorded");
+    let outcomes = h
+        .service
+        .process_token_usage_batch(batch(10, "b"))
+        .await
+        .expect("recorded");
     assert!(matches!(
         outcomes.last().expect("answered"),
         Err(token_billing::BillingError::LimitExceeded { .. })
