@@ -424,3 +424,32 @@ async fn a_batch_holds_fractions_summed_exactly() {
     ));
     assert!(outcomes[..200].iter().all(Result::is_ok));
 }
+
+/// A call's overshoot is its own billable tokens against its hold, rounded up, whatever the
+/// rounding earlier events left in the period: 100.4 billable tokens against a hold of 100 is
+/// one token over, and the outcome says the call's exact billable tokens.
+#[tokio::test]
+async fn an_overshoot_does_not_depend_on_earlier_rounding() {
+    let card = RateCard::new(ClassWeights::uniform("0.2".parse().expect("a weight")));
+    let h = Harness::with_plan(Plan::builder().rate_card(card).build().expect("a plan"));
+    let counts = |input: u64| TokenCounts {
+        input,
+        ..TokenCounts::default()
+    };
+    for (user, earlier) in [("gus", None), ("hal", Some(3))] {
+        // 0.6 billable tokens before: the period rounds them up to 1, leaving 0.4 of credit.
+        if let Some(input) = earlier {
+            let report = UsageReport::with_counts(user, counts(input), "chat");
+            h.service.process_token_usage(report).await.expect("recorded");
+        }
+        h.service
+            .reserve(token_billing::Reservation::new(user, 100).hold_id("call"))
+            .await
+            .expect("granted");
+        // 502 tokens at 0.2: 100.4 billable.
+        let report = UsageReport::with_counts(user, counts(502), "chat");
+        let settled = h.service.settle_hold("call", report).await.expect("settled");
+        assert_eq!(settled.outcome.billable_exact.to_string(), "100.4", "{user}");
+        assert_eq!(settled.overshoot_tokens, 1, "{user}");
+    }
+}

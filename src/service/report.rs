@@ -6,7 +6,9 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::domain::{Charge, ChargeStatus, LimitKind, Metadata, PeriodKey, ProviderUsage, TierLabel, TokenCounts};
+use crate::domain::{
+    BillableTokens, Charge, ChargeStatus, LimitKind, Metadata, PeriodKey, ProviderUsage, TierLabel, TokenCounts,
+};
 use crate::error::UsageError;
 
 #[cfg(doc)]
@@ -222,6 +224,10 @@ pub struct UsageOutcome {
     /// events' figures add up to the period's total. Without a rate card, the event's tokens.
     #[serde(default)]
     pub billable_tokens: u64,
+    /// The event's own billable tokens, exact: its tokens weighed by the period's rate card,
+    /// whatever the events before it left of the period's rounding.
+    #[serde(default)]
+    pub billable_exact: BillableTokens,
     /// The limit of the user's period that the total has reached, if any: the next
     /// [`check_usage`](BillingService::check_usage) or [`reserve`](BillingService::reserve)
     /// of any tokens is refused by it.

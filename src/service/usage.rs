@@ -710,6 +710,7 @@ impl BillingService {
             replayed,
             limit_exceeded: None,
             billable_tokens: total_after.saturating_sub(total_before),
+            billable_exact: usage.billable(),
         })
     }
 }
