@@ -687,7 +687,7 @@ fn timeline(mut events: Vec<(DateTime<Utc>, BillableTokens)>, period: &Period) -
     // Billable totals as the period rounds them: up to a whole token.
     points
         .into_iter()
-        .map(|(_, at, total)| json!({"at": at, "totalTokens": u64::try_from(total.ceil_tokens()).unwrap_or(u64::MAX)}))
+        .map(|(_, at, total)| json!({"at": at, "totalTokens": total.rounded_up()}))
         .collect()
 }
 

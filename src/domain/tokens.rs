@@ -192,6 +192,21 @@ impl BillableTokens {
         self.micros.div_ceil(u128::from(MICROS_PER_TOKEN))
     }
 
+    /// The amount rounded up to a whole token, as a count of tokens (`u64::MAX` past it): what
+    /// a hold holds for it, and what a period's rounded total shows of it.
+    ///
+    /// # Example
+    /// ```
+    /// use token_billing::BillableTokens;
+    ///
+    /// assert_eq!(BillableTokens::from_micros(100_400_000).rounded_up(), 101);
+    /// assert_eq!(BillableTokens::whole(7).rounded_up(), 7);
+    /// assert_eq!(BillableTokens::from_micros(u128::MAX).rounded_up(), u64::MAX);
+    /// ```
+    pub fn rounded_up(self) -> u64 {
+        u64::try_from(self.ceil_tokens()).unwrap_or(u64::MAX)
+    }
+
     /// The sum; `None` past `u128`.
     pub fn checked_add(self, other: BillableTokens) -> Option<BillableTokens> {
         self.micros.checked_add(other.micros).map(BillableTokens::from_micros)

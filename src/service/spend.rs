@@ -404,11 +404,7 @@ impl BillingService {
         Ok(SettledHold {
             // Holds are in billable tokens: the call's own billable tokens, rounded up, are
             // compared with the hold, whatever the period's rounding before it.
-            overshoot_tokens: held.map_or(0, |held| {
-                u64::try_from(outcome.billable_exact.ceil_tokens())
-                    .unwrap_or(u64::MAX)
-                    .saturating_sub(held)
-            }),
+            overshoot_tokens: held.map_or(0, |held| outcome.billable_exact.rounded_up().saturating_sub(held)),
             held_tokens: held,
             outcome,
         })

@@ -17,11 +17,6 @@ use crate::store::{Account, Alerting, HoldDecision, PlacedUsage, Placement, Reco
 use super::report::{TierCharge, UsageOutcome, UsageReport};
 use super::{BillingService, CollectionMode, UnregisteredUsers, store_contract};
 
-/// Billable tokens rounded up to a whole token: what a hold holds for them.
-fn ceil_tokens(billable: BillableTokens) -> u64 {
-    u64::try_from(billable.ceil_tokens()).unwrap_or(u64::MAX)
-}
-
 /// What the service decided for an event before recording it.
 pub(super) enum Placed<'p> {
     /// Record it so: under this plan, its charges leased to the caller (to collect them at
@@ -329,7 +324,7 @@ impl BillingService {
         let limits = self.spend_limits(limits, usage.period, plan, now)?;
         let expires_at = crate::clock::later(now, self.settings.lease);
         let held = usage.billable().checked_add(ahead);
-        let tokens = held.map_or(u64::MAX, ceil_tokens);
+        let tokens = held.map_or(u64::MAX, BillableTokens::rounded_up);
         match self
             .hold_tokens(&usage.user_id, &usage.event_id, tokens, &limits, now, expires_at)
             .await?
@@ -343,7 +338,7 @@ impl BillingService {
                     remaining_tokens: state
                         .headroom(&limits.ceiling, limits.plan)
                         .remaining
-                        .saturating_sub(ceil_tokens(ahead)),
+                        .saturating_sub(ahead.rounded_up()),
                 }),
             })),
         }

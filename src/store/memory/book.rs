@@ -201,6 +201,12 @@ impl OperationTotals {
         }
     }
 
+    /// The tokens of every operation type together.
+    pub(super) fn total_tokens(&self) -> u64 {
+        let all = self.first.iter().flatten().chain(&self.more);
+        all.fold(0u64, |sum, (_, tokens, _)| sum.saturating_add(*tokens))
+    }
+
     /// Each operation type's tokens and events, in the types' order.
     pub(super) fn sorted(&self) -> Vec<&(OperationType, u64, u64)> {
         let mut all: Vec<_> = self.first.iter().flatten().chain(&self.more).collect();

@@ -588,7 +588,9 @@ impl UsageStore for InMemoryUsageStore {
     async fn usage_by_model(&self, user: &UserId, period: PeriodKey) -> Result<Vec<ModelUsage>, StoreError> {
         let shard = self.shard(user);
         let book = shard.users.get(user).and_then(|b| b.periods.get(&period));
-        Ok(book.map_or_else(Vec::new, |p| p.by_model.report(&p.summary, &p.usage_by_operation())))
+        Ok(book.map_or_else(Vec::new, |p| {
+            p.by_model.report(&p.summary, p.by_operation.total_tokens())
+        }))
     }
 
     async fn charges_by_tier(&self, user: &UserId, period: PeriodKey) -> Result<Vec<TierChargeReport>, StoreError> {

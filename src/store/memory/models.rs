@@ -4,7 +4,7 @@
 //! that recording them costs nothing here.
 
 use crate::domain::{BillableTokens, ModelName, UsageRecord};
-use crate::store::{ModelUsage, OperationUsage, PeriodSummary};
+use crate::store::{ModelUsage, PeriodSummary};
 
 /// The rows of the events that reported a model or token classes, in no order.
 #[derive(Debug, Default)]
@@ -29,11 +29,9 @@ impl ModelTotals {
 
     /// The period's rows, ordered by model (no model first): the events counted here, and the
     /// rest of the period's usage (every token of it billable one for one) under no model.
-    pub(super) fn report(&self, summary: &PeriodSummary, by_operation: &[OperationUsage]) -> Vec<ModelUsage> {
+    /// `all_tokens` are the period's tokens, of every event.
+    pub(super) fn report(&self, summary: &PeriodSummary, all_tokens: u64) -> Vec<ModelUsage> {
         let mut rows = self.0.clone();
-        let all_tokens = by_operation
-            .iter()
-            .fold(0u64, |sum, op| sum.saturating_add(op.total_tokens));
         let counted_tokens = rows.iter().fold(0u64, |sum, row| sum.saturating_add(row.total_tokens));
         let counted_events = rows.iter().fold(0u64, |sum, row| sum.saturating_add(row.events));
         let plain_events = summary.events.saturating_sub(counted_events);
