@@ -86,6 +86,8 @@ pub use service::{
 };
 #[cfg(feature = "postgres")]
 pub use store::PostgresUsageStore;
+#[cfg(feature = "sqlite")]
+pub use store::SqliteUsageStore;
 pub use store::{
     Account, Alert, AuditEntry, AuditEvent, EventRetention, GatewayEventRecord, Hold, InMemoryUsageStore,
     InMemoryUsageStoreBuilder, ModelUsage, OperationUsage, PeriodSummary, SpendState, StoreError, TierChargeReport,

@@ -505,7 +505,7 @@ impl ChargeKey {
     }
 
     /// A key read back from storage, as written by [`ChargeKey::new`].
-    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    #[cfg_attr(not(any(feature = "postgres", feature = "sqlite")), allow(dead_code))]
     pub(crate) fn from_stored(key: String) -> ChargeKey {
         ChargeKey(Arc::from(key))
     }

@@ -10,6 +10,8 @@ mod memory;
 #[cfg(feature = "postgres")]
 mod postgres;
 mod records;
+#[cfg(feature = "sqlite")]
+mod sqlite;
 
 use std::fmt::Debug;
 
@@ -29,8 +31,11 @@ pub use holds::{Hold, HoldDecision, HoldRequest, SpendState};
 pub use memory::{EventRetention, InMemoryUsageStore, InMemoryUsageStoreBuilder};
 #[cfg(feature = "postgres")]
 pub use postgres::{MIGRATIONS, PostgresUsageStore};
+#[cfg(feature = "postgres")]
 pub(crate) use records::SummaryDelta;
 pub use records::{Account, AuditEntry, AuditEvent, ModelUsage, OperationUsage, PeriodSummary, TierChargeReport};
+#[cfg(feature = "sqlite")]
+pub use sqlite::{SQLITE_MIGRATIONS, SqliteUsageStore};
 
 /// Which of `shards` shards keeps `user`'s data: a hash of the id's bytes, cheaper than of its
 /// text (which is checked for UTF-8 when read as a `&str`).

@@ -132,6 +132,24 @@ impl PeriodSummary {
 }
 
 impl PeriodSummary {
+    /// Moves the figures for a charge of `kind` and `amount` entering `to` (from `from`, or
+    /// newly created): the one bookkeeping rule of every store.
+    pub(crate) fn apply_charge(
+        &mut self,
+        kind: ChargeKind,
+        amount: Money,
+        from: Option<ChargeStatus>,
+        to: ChargeStatus,
+    ) -> Result<(), crate::MoneyError> {
+        if amount.currency() != self.currency {
+            return Err(crate::MoneyError::CurrencyMismatch {
+                left: self.currency,
+                right: amount.currency(),
+            });
+        }
+        SummaryDelta::of(kind, amount.minor_units(), from, to).apply(self)
+    }
+
     /// The period's billable total, exact.
     pub fn billable_total(&self) -> BillableTotal {
         BillableTotal {

@@ -18,7 +18,7 @@ use crate::domain::{
 };
 use crate::store::id_map::IdMap;
 use crate::store::{
-    Account, AuditEntry, AuditEvent, Hold, OperationUsage, PeriodSummary, Placement, Recorded, StoreError, SummaryDelta,
+    Account, AuditEntry, AuditEvent, Hold, OperationUsage, PeriodSummary, Placement, Recorded, StoreError,
 };
 
 const STORE: &str = "in-memory store";
@@ -370,13 +370,7 @@ pub(super) fn apply_to_summary(
     from: Option<ChargeStatus>,
     to: ChargeStatus,
 ) -> Result<(), MoneyError> {
-    if amount.currency() != summary.currency {
-        return Err(MoneyError::CurrencyMismatch {
-            left: summary.currency,
-            right: amount.currency(),
-        });
-    }
-    SummaryDelta::of(kind, amount.minor_units(), from, to).apply(summary)
+    summary.apply_charge(kind, amount, from, to)
 }
 
 impl UserBook {
