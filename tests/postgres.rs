@@ -1143,15 +1143,9 @@ async fn every_way_of_recording_lists_each_event_once_in_the_audit_trail() {
 }
 
 mod record_paths {
-    use std::collections::BTreeSet;
-
     use proptest::prelude::*;
-    use token_billing::store::{EnsureCharge, RecordUsage};
-    use token_billing::testing::store::base_instant;
-    use token_billing::testing::store::{fresh_user, usage_event};
-    use token_billing::{
-        ChargeKind, ChargeStatus, FeeCollection, NewCharge, PeriodKey, Plan, UsageStore, charges_for_growth,
-    };
+
+    use crate::common::record_rule::{cases, records_charge_what_the_rule_says};
 
     proptest! {
         #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
@@ -1159,91 +1153,12 @@ mod record_paths {
         /// Whichever way the store takes for an event (one statement when it creates no charge,
         /// a compare-and-set, the locking transaction), each event gets the interval after the
         /// ones before it and exactly the charges the library's rule gives for that interval,
-        /// and a resend is answered as the original. `opened` starts from a period row that
-        /// exists with no tokens and no fee charge (as `ensure_charge` of another charge leaves
-        /// it), so that the first event takes a way that finds the row.
+        /// and a resend is answered as the original. A case whose period row exists before its
+        /// first event (`opened`) makes that event take a way that finds the row.
         #[test]
-        fn every_record_path_charges_what_the_rule_says(
-            included in 0u64..50_000,
-            block in 1_000u64..40_000,
-            library_fee in any::<bool>(),
-            sizes in proptest::collection::vec(1u64..60_000, 1..16),
-            resend in any::<prop::sample::Index>(),
-            opened in any::<bool>(),
-        ) {
+        fn every_record_path_charges_what_the_rule_says(case in cases()) {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-            runtime.block_on(async {
-                let plan = Plan::builder().included_tokens(included).block_size(block).build().expect("valid");
-                let fee = if library_fee { FeeCollection::Library } else { FeeCollection::Subscription };
-                let store = super::store().await;
-                let user = fresh_user("paths");
-                let period = PeriodKey::new(2026, 11).expect("valid");
-                if opened {
-                    store
-                        .ensure_charge(EnsureCharge {
-                            charge: NewCharge::block(&plan, &user, period, 1_000_000, None),
-                            status: ChargeStatus::Pending,
-                            payment_id: None,
-                            now: base_instant(),
-                            lease_until: None,
-                            plan: Some(plan.clone()),
-                        })
-                        .await
-                        .expect("a period row");
-                }
-                let mut total = 0u64;
-                let mut sent = Vec::new();
-                for tokens in &sizes {
-                    let usage = usage_event(&user, *tokens, "chat", period);
-                    sent.push(usage.clone());
-                    let recorded = store
-                        .record_usage(RecordUsage { usage, plan: &plan, fee, lease_until: None, alerting: None, account: None })
-                        .await
-                        .expect("recorded");
-                    prop_assert!(!recorded.replayed);
-                    prop_assert_eq!((recorded.total_before, recorded.total_after), (total, total + tokens));
-                    let expected: BTreeSet<(ChargeKind, u64)> =
-                        charges_for_growth(&plan, fee, &user, period, total, total + tokens, None)
-                            .expect("rated")
-                            .iter()
-                            .map(|c| (c.kind, c.block))
-                            .collect();
-                    let created: BTreeSet<(ChargeKind, u64)> = recorded.charges.iter().map(|c| (c.kind, c.block)).collect();
-                    prop_assert_eq!(created, expected);
-                    total += tokens;
-                }
-                let original = resend.get(&sent).clone();
-                let again = store
-                    .record_usage(RecordUsage { usage: original.clone(), plan: &plan, fee, lease_until: None, alerting: None, account: None })
-                    .await
-                    .expect("answered");
-                prop_assert!(again.replayed);
-                prop_assert_eq!(again.usage.consumption_id, original.consumption_id);
-                let summary = store.period_summary(&user, period).await.expect("summary").expect("a summary");
-                prop_assert_eq!((summary.total_tokens, summary.events), (total, sizes.len() as u64));
-                let consumptions = store.consumptions(&user, period).await.expect("consumptions");
-                prop_assert_eq!(consumptions.len(), sizes.len());
-                // Each event once in the audit trail, in the order recorded, with its total.
-                let trail = store.audit_trail(&user, Some(period)).await.expect("audit");
-                let usage_entries: Vec<_> = trail
-                    .iter()
-                    .filter_map(|e| match &e.event {
-                        token_billing::AuditEvent::UsageRecorded { consumption_id, total_after, .. } => {
-                            Some((*consumption_id, *total_after))
-                        }
-                        _ => None,
-                    })
-                    .collect();
-                let expected: Vec<_> = sent
-                    .iter()
-                    .scan(0, |total, usage| {
-                        *total += usage.tokens;
-                        Some((usage.consumption_id, *total))
-                    })
-                    .collect();
-                prop_assert_eq!(usage_entries, expected);
-                Ok(())
-            })?;
+            runtime.block_on(async { records_charge_what_the_rule_says(&super::store().await, case).await })?;
         }
     }
 }

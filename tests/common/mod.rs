@@ -3,6 +3,8 @@
 
 #[cfg(feature = "postgres")]
 pub mod pg;
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+pub mod record_rule;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 
