@@ -1,6 +1,10 @@
 //! A simulated month of token billing on the embedded defaults: the original product's plan, the in-memory
 //! store and the sandbox gateway. Run it with `cargo run --example quickstart`.
 //!
+//! With `DATABASE_URL=sqlite://billing.db cargo run --features sqlite --example quickstart` the month
+//! is kept in a SQLite file. Run it twice: the second run's events are answered as recorded by
+//! the first (each has its own event id), so nothing is counted or charged again.
+//!
 //! Five users report usage through November 2026. One of them has a card that is declined
 //! until she updates it, so the month also shows dunning and the retry after a card update. A
 //! sixth streams her completions under a spend cap: each call holds its estimate first
@@ -13,7 +17,8 @@ use std::sync::Arc;
 use chrono::{Duration, TimeZone, Utc};
 use token_billing::{
     BillingError, BillingService, CardBehaviour, ChargeStatus, CustomerId, InMemoryUsageStore, Limits, ManualClock,
-    Money, PeriodKey, Reservation, SandboxGateway, Standing, TierCharge, UnregisteredUsers, UsageReport, UserId,
+    Money, PeriodKey, Reservation, SandboxGateway, Standing, TierCharge, UnregisteredUsers, UsageReport, UsageStore,
+    UserId,
 };
 
 /// Who uses how much: tokens per active day, and on how many days out of ten.
@@ -38,12 +43,29 @@ fn describe(charge: &TierCharge) -> String {
     )
 }
 
+/// The store: a SQLite file when `DATABASE_URL` names one, else the in-memory store.
+async fn store() -> Result<(Arc<dyn UsageStore>, String), Box<dyn std::error::Error>> {
+    match std::env::var("DATABASE_URL") {
+        #[cfg(feature = "sqlite")]
+        Ok(url) if url.starts_with("sqlite:") => Ok((
+            Arc::new(token_billing::SqliteUsageStore::connect(&url).await?),
+            format!("the SQLite file {url}"),
+        )),
+        #[cfg(not(feature = "sqlite"))]
+        Ok(url) if url.starts_with("sqlite:") => Err("DATABASE_URL names a SQLite file: add --features sqlite".into()),
+        Ok(url) if !url.is_empty() => Err("the quickstart takes DATABASE_URL=sqlite://<file>, or none".into()),
+        _ => Ok((Arc::new(InMemoryUsageStore::new()), "the in-memory store".to_owned())),
+    }
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // The embedded default (`BillingService::embedded()`), with a clock we can move through the month.
     let clock = ManualClock::new(Utc.with_ymd_and_hms(2026, 11, 1, 12, 0, 0).single().ok_or("bad date")?);
     let sandbox = SandboxGateway::new();
-    let billing = BillingService::builder(Arc::new(InMemoryUsageStore::new()), Arc::new(sandbox.clone()))
+    let (store, store_name) = store().await?;
+    println!("Usage and charges are kept in {store_name}.");
+    let billing = BillingService::builder(store, Arc::new(sandbox.clone()))
         .clock(Arc::new(clock.clone()))
         .unregistered_users(UnregisteredUsers::OpenCustomer)
         .build();
@@ -113,6 +135,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .map(|c| format!("fee {}", describe(c)))
                 .collect();
             charges.extend(outcome.tier_charges.iter().map(describe));
+            if outcome.replayed {
+                charges.push("(recorded by an earlier run)".to_owned());
+            }
             let line = format!(
                 "2026-11-{day:02}  {name:<12} {operation:<9} {tokens:>9} tokens  total {:>10}  tier {:<8} {}",
                 outcome.total_tokens,
@@ -124,12 +149,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Eva's streamed completion: its size is known at its end, so it holds an estimate first.
         if !eva_capped {
             let call = format!("eva-2026-11-{day:02}");
+            // Drawn before the call, so that a second run on the same file draws the same month.
+            let used = 1_000_000 + random(1_200_000);
             match billing
                 .reserve(Reservation::new("eva", 2_000_000).hold_id(call.as_str()))
                 .await
             {
                 Ok(hold) => {
-                    let used = 1_000_000 + random(1_200_000);
                     let settled = billing
                         .settle_hold(&call, UsageReport::new("eva", used, "chat"))
                         .await?;
@@ -147,6 +173,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                         "eva", "stream"
                     );
                     eva_capped = true;
+                }
+                // The call was settled by an earlier run on the same file.
+                Err(BillingError::EventConflict { .. }) => {
+                    println!(
+                        "2026-11-{day:02}  {:<12} {:<9} recorded by an earlier run",
+                        "eva", "stream"
+                    );
                 }
                 Err(error) => return Err(error.into()),
             }

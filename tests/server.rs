@@ -22,6 +22,9 @@ mod plans;
 mod spend;
 #[path = "server/spend_control.rs"]
 mod spend_control;
+#[cfg(feature = "sqlite")]
+#[path = "server/sqlite.rs"]
+mod sqlite;
 mod support;
 #[path = "server/token_classes.rs"]
 mod token_classes;

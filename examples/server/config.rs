@@ -36,13 +36,14 @@ pub(crate) struct Configured {
 /// Why a database with the sandbox gateway is refused, and how to ask for it.
 const SANDBOX_WITH_DATABASE: &str = "DATABASE_URL is set without STRIPE_SECRET_KEY: the sandbox gateway's customers \
      always pay, so charges would be stored as succeeded though no money moved. Set STRIPE_SECRET_KEY, or \
-     TOKEN_BILLING_GATEWAY=sandbox to use the sandbox with PostgreSQL on purpose";
+     TOKEN_BILLING_GATEWAY=sandbox to use the sandbox with a database on purpose";
 
 /// Why a real gateway on the in-memory store is refused, and how to ask for it.
 const GATEWAY_WITHOUT_DATABASE: &str = "STRIPE_SECRET_KEY is set without DATABASE_URL: the in-memory store forgets \
      every total and charge when the service restarts, so later usage would be under-billed and the period's fixed \
      fee charged again (only Stripe's 24-hour idempotency window would keep it from being paid twice). Set \
-     DATABASE_URL, or TOKEN_BILLING_STORE=memory to accept losing that state on purpose";
+     DATABASE_URL (sqlite://billing.db on one machine, postgres://... for several instances), or \
+     TOKEN_BILLING_STORE=memory to accept losing that state on purpose";
 
 /// What a restart costs on the in-memory store with a real gateway, logged at `warn`.
 const MEMORY_WITH_GATEWAY: &str = "TOKEN_BILLING_STORE=memory with a real gateway: a restart forgets every total \
@@ -51,6 +52,33 @@ const MEMORY_WITH_GATEWAY: &str = "TOKEN_BILLING_STORE=memory with a real gatewa
      the gateway (Stripe keeps idempotency keys 24 hours) keeps it from being paid twice";
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
+
+/// Opens the store `DATABASE_URL` names by its scheme: `sqlite:` a SQLite file (feature
+/// `sqlite`), `postgres:` or `postgresql:` a PostgreSQL database (feature `postgres`).
+async fn open_database(url: &str) -> Result<(Arc<dyn UsageStore>, &'static str), Error> {
+    let scheme = url.split_once(':').map_or("", |(scheme, _)| scheme);
+    match scheme {
+        #[cfg(feature = "sqlite")]
+        "sqlite" => Ok((
+            Arc::new(token_billing::SqliteUsageStore::connect(url).await?),
+            "SQLite (DATABASE_URL)",
+        )),
+        #[cfg(not(feature = "sqlite"))]
+        "sqlite" => {
+            Err("DATABASE_URL names a SQLite file but this build has no SQLite store: add --features sqlite".into())
+        }
+        #[cfg(feature = "postgres")]
+        "postgres" | "postgresql" => Ok((
+            Arc::new(token_billing::PostgresUsageStore::connect(url).await?),
+            "PostgreSQL (DATABASE_URL)",
+        )),
+        #[cfg(not(feature = "postgres"))]
+        "postgres" | "postgresql" => {
+            Err("DATABASE_URL names PostgreSQL but this build has no PostgreSQL store: add --features postgres".into())
+        }
+        _ => Err("DATABASE_URL is sqlite://<file> or postgres://<database>".into()),
+    }
+}
 
 /// Reads the configuration through `env` (a variable's value, `None` when unset or empty).
 ///
@@ -115,7 +143,7 @@ pub(crate) async fn configure(env: impl Fn(&str) -> Option<String>) -> Result<Co
         Some("memory") => {}
         Some(other) => {
             return Err(format!(
-                "TOKEN_BILLING_STORE is memory (the only store named; DATABASE_URL chooses PostgreSQL), not {other}"
+                "TOKEN_BILLING_STORE is memory (the only store named; DATABASE_URL chooses SQLite or PostgreSQL), not {other}"
             )
             .into());
         }
@@ -126,15 +154,7 @@ pub(crate) async fn configure(env: impl Fn(&str) -> Option<String>) -> Result<Co
     }
 
     let (store, store_name): (Arc<dyn UsageStore>, &str) = match database_url {
-        #[cfg(feature = "postgres")]
-        Some(url) => (
-            Arc::new(token_billing::PostgresUsageStore::connect(&url).await?),
-            "PostgreSQL (DATABASE_URL)",
-        ),
-        #[cfg(not(feature = "postgres"))]
-        Some(_) => {
-            return Err("DATABASE_URL is set but this build has no PostgreSQL store: add --features postgres".into());
-        }
+        Some(url) => open_database(&url).await?,
         None if chosen_store.is_some() => (
             Arc::new(InMemoryUsageStore::new()),
             "in memory (TOKEN_BILLING_STORE=memory)",

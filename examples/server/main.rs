@@ -13,7 +13,8 @@
 //! - `TOKEN_BILLING_ADDR`: where to listen (`127.0.0.1:3000`).
 //! - `RUST_LOG`: what to log, as `tracing-subscriber`'s `EnvFilter` directives (`info` by
 //!   default; `info,token_billing=debug` adds one line per recorded event).
-//! - `DATABASE_URL`: the PostgreSQL store (feature `postgres`); else the in-memory store.
+//! - `DATABASE_URL`: `sqlite://billing.db`, the SQLite store (feature `sqlite`), or
+//!   `postgres://...`, the PostgreSQL store (feature `postgres`); else the in-memory store.
 //! - `STRIPE_SECRET_KEY`, `STRIPE_API_BASE`, `STRIPE_WEBHOOK_SECRET`: the Stripe gateway
 //!   (feature `stripe`); else the sandbox gateway, which opens a customer for every new user,
 //!   takes any customer id it is named (create-subscription's `customerId`) as a customer, and
