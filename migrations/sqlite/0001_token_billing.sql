@@ -108,6 +108,16 @@ CREATE TABLE IF NOT EXISTS token_billing_audit (
 ) STRICT;
 CREATE INDEX IF NOT EXISTS token_billing_audit_user ON token_billing_audit (user_id, seq);
 
+-- Every consumption is in the audit trail, however it was written: SQLite writes its entry in
+-- the statement that inserts the row.
+CREATE TRIGGER IF NOT EXISTS token_consumption_audit AFTER INSERT ON token_consumption
+BEGIN
+    INSERT INTO token_billing_audit (user_id, at, period, event)
+    VALUES (NEW.user_id, NEW.created_at, NEW.period,
+            json_object('type', 'usage_recorded', 'consumption_id', NEW.id, 'event_id', NEW.event_id,
+                        'tokens', NEW.tokens_used, 'total_after', NEW.total_after));
+END;
+
 CREATE TABLE IF NOT EXISTS token_billing_gateway_events (
     user_id    TEXT NOT NULL,
     event_id   TEXT NOT NULL,

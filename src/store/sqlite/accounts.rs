@@ -5,6 +5,7 @@
 use sqlx::SqliteConnection;
 
 use super::SqliteUsageStore;
+use super::connection::immediate;
 use super::record::append_audit_in;
 use super::rows::{ACCOUNT_COLUMNS, account_from, db, instant, json};
 use crate::domain::UserId;
@@ -13,7 +14,8 @@ use crate::store::{Account, AuditEvent, StoreError};
 impl SqliteUsageStore {
     /// [`UsageStore::put_account`](crate::UsageStore::put_account).
     pub(super) async fn upsert_account(&self, account: Account) -> Result<(), StoreError> {
-        let mut tx = self.write().await?;
+        let mut conn = self.writer().await;
+        let mut tx = immediate(&mut conn).await?;
         save_in(&mut tx, &account).await?;
         tx.commit().await.map_err(db)
     }
@@ -25,7 +27,8 @@ impl SqliteUsageStore {
         expected: Option<&Account>,
         account: Account,
     ) -> Result<bool, StoreError> {
-        let mut tx = self.write().await?;
+        let mut conn = self.writer().await;
+        let mut tx = immediate(&mut conn).await?;
         if account_in(&mut tx, &account.user_id).await?.as_ref() != expected {
             return Ok(false);
         }
@@ -60,7 +63,7 @@ impl SqliteUsageStore {
 }
 
 /// The user's account, read on `conn` (in a transaction when the caller needs it to stay so).
-pub(super) async fn account_in(conn: &mut SqliteConnection, user: &UserId) -> Result<Option<Account>, StoreError> {
+async fn account_in(conn: &mut SqliteConnection, user: &UserId) -> Result<Option<Account>, StoreError> {
     let row = sqlx::query(&format!(
         "SELECT {ACCOUNT_COLUMNS} FROM token_billing_accounts WHERE user_id = ?1"
     ))

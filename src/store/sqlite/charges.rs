@@ -7,9 +7,10 @@ use chrono::{DateTime, Utc};
 use sqlx::SqliteConnection;
 
 use super::SqliteUsageStore;
+use super::connection::immediate;
 use super::record::append_audit_in;
 use super::rows::{CHARGE_COLUMNS, SUMMARY_COLUMNS, charge_from, db, generic, instant, summary_from, to_i64};
-use crate::domain::{Charge, ChargeKey, ChargeStatus, Currency, NewCharge, PeriodKey, Plan, UserId};
+use crate::domain::{Charge, ChargeKey, ChargeStatus, NewCharge, PeriodKey, Plan, UserId};
 use crate::store::{AuditEntry, AuditEvent, EnsureCharge, GatewayEventRecord, PeriodSummary, Settlement, StoreError};
 
 /// Which charges a claim takes, and what it does to each.
@@ -78,7 +79,8 @@ impl SqliteUsageStore {
         lease_until: DateTime<Utc>,
         limit: usize,
     ) -> Result<Vec<Charge>, StoreError> {
-        let mut tx = self.write().await?;
+        let mut conn = self.writer().await;
+        let mut tx = immediate(&mut conn).await?;
         let rows = sqlx::query(&format!(
             "SELECT {CHARGE_COLUMNS} FROM token_billing_charges
               WHERE status = ?1 AND (lease_until IS NULL OR lease_until <= ?2)
@@ -120,20 +122,25 @@ impl SqliteUsageStore {
             plan,
         } = request;
         let (user, key) = (charge.user_id.clone(), charge.key.clone());
-        let mut tx = self.write().await?;
+        let mut conn = self.writer().await;
+        let mut tx = immediate(&mut conn).await?;
         if let Some(existing) = charge_in(&mut tx, &user, &key).await? {
             return Ok((existing, false));
         }
-        let summary = summary_row(
+        let mut summary = read_summary(&mut tx, &user, charge.period)
+            .await?
+            .unwrap_or_else(|| PeriodSummary::empty(user.clone(), charge.period, charge.amount.currency(), now));
+        let created = insert_charges(
             &mut tx,
-            &user,
-            charge.period,
-            charge.amount.currency(),
-            plan.as_ref(),
+            &mut summary,
+            vec![charge],
+            status,
+            payment_id,
             now,
+            lease_until,
         )
         .await?;
-        let created = insert_charges(&mut tx, summary, vec![charge], status, payment_id, now, lease_until).await?;
+        write_summary(&mut tx, &summary, plan.as_ref()).await?;
         tx.commit().await.map_err(db)?;
         let charge = created.into_iter().next().ok_or_else(|| StoreError::NotFound {
             what: "charge",
@@ -150,7 +157,8 @@ impl SqliteUsageStore {
         held_until: Option<DateTime<Utc>>,
         lease_until: DateTime<Utc>,
     ) -> Result<Option<Charge>, StoreError> {
-        let mut tx = self.write().await?;
+        let mut conn = self.writer().await;
+        let mut tx = immediate(&mut conn).await?;
         let Some(mut charge) = charge_in(&mut tx, user, key).await? else {
             return Ok(None);
         };
@@ -165,7 +173,8 @@ impl SqliteUsageStore {
 
     /// [`UsageStore::settle_charge`](crate::UsageStore::settle_charge).
     pub(super) async fn settle(&self, s: Settlement<'_>) -> Result<Charge, StoreError> {
-        let mut tx = self.write().await?;
+        let mut conn = self.writer().await;
+        let mut tx = immediate(&mut conn).await?;
         let mut charge = charge_in(&mut tx, s.user_id, s.key)
             .await?
             .ok_or_else(|| StoreError::NotFound {
@@ -183,12 +192,14 @@ impl SqliteUsageStore {
                 to: s.status,
             });
         }
-        let mut summary = summary_row(&mut tx, s.user_id, charge.period, charge.amount.currency(), None, s.at).await?;
+        let mut summary = read_summary(&mut tx, s.user_id, charge.period)
+            .await?
+            .unwrap_or_else(|| PeriodSummary::empty(s.user_id.clone(), charge.period, charge.amount.currency(), s.at));
         summary
             .apply_charge(charge.kind, charge.amount, Some(charge.status), s.status)
             .map_err(generic)?;
         summary.updated_at = s.at;
-        write_summary_money(&mut tx, &summary).await?;
+        write_summary(&mut tx, &summary, None).await?;
         let from = charge.status;
         charge.status = s.status;
         if s.payment_id.is_some() {
@@ -223,7 +234,8 @@ impl SqliteUsageStore {
 
     /// [`UsageStore::append_audit`](crate::UsageStore::append_audit).
     pub(super) async fn append_audit_entry(&self, entry: AuditEntry) -> Result<(), StoreError> {
-        let mut tx = self.write().await?;
+        let mut conn = self.writer().await;
+        let mut tx = immediate(&mut conn).await?;
         append_audit_in(&mut tx, &entry.user_id, entry.at, entry.period, &entry.event).await?;
         tx.commit().await.map_err(db)
     }
@@ -242,7 +254,8 @@ impl SqliteUsageStore {
 
     /// [`UsageStore::record_gateway_event`](crate::UsageStore::record_gateway_event).
     pub(super) async fn insert_gateway_event(&self, record: GatewayEventRecord) -> Result<bool, StoreError> {
-        let mut tx = self.write().await?;
+        let mut conn = self.writer().await;
+        let mut tx = immediate(&mut conn).await?;
         let inserted = sqlx::query(
             "INSERT INTO token_billing_gateway_events (user_id, event_id, event_type, applied_at)
              VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
@@ -338,17 +351,12 @@ async fn write_charge(conn: &mut SqliteConnection, charge: &Charge) -> Result<()
     Ok(())
 }
 
-/// The period's summary, created empty in `currency` (with `plan`'s allowance and block size,
-/// when given) if the period has none yet: in a write transaction, which keeps it current
-/// until the commit.
-pub(super) async fn summary_row(
+/// The period's summary, if it has one.
+pub(super) async fn read_summary(
     conn: &mut SqliteConnection,
     user: &UserId,
     period: PeriodKey,
-    currency: Currency,
-    plan: Option<&Plan>,
-    now: DateTime<Utc>,
-) -> Result<PeriodSummary, StoreError> {
+) -> Result<Option<PeriodSummary>, StoreError> {
     let row = sqlx::query(&format!(
         "SELECT {SUMMARY_COLUMNS} FROM token_usage_summary WHERE user_id = ?1 AND period = ?2"
     ))
@@ -357,41 +365,44 @@ pub(super) async fn summary_row(
     .fetch_optional(&mut *conn)
     .await
     .map_err(db)?;
-    if let Some(row) = row {
-        return summary_from(&row);
-    }
-    let summary = PeriodSummary::empty(user.clone(), period, currency, now);
-    sqlx::query(
-        "INSERT INTO token_usage_summary (user_id, period, currency, included_tokens, block_size, updated_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-    )
-    .bind(user.as_str())
-    .bind(period.to_string())
-    .bind(currency.to_string())
-    .bind(plan.map(|p| to_i64(p.included_tokens())).transpose()?)
-    .bind(plan.map(|p| to_i64(p.block_size())).transpose()?)
-    .bind(instant(now))
-    .execute(&mut *conn)
-    .await
-    .map_err(db)?;
-    Ok(summary)
+    row.as_ref().map(summary_from).transpose()
 }
 
-/// Writes the summary's charge figures.
-async fn write_summary_money(conn: &mut SqliteConnection, summary: &PeriodSummary) -> Result<(), StoreError> {
+/// Writes the summary, creating its row with `plan`'s allowance and block size (when given) if
+/// the period has none yet: in a write transaction, so that it replaces what the same
+/// transaction read.
+pub(super) async fn write_summary(
+    conn: &mut SqliteConnection,
+    summary: &PeriodSummary,
+    plan: Option<&Plan>,
+) -> Result<(), StoreError> {
     sqlx::query(
-        "UPDATE token_usage_summary
-            SET fixed_fee_charged = ?3, tier_charges_count = ?4, tier_charges_total = ?5, outstanding_count = ?6,
-                outstanding_total = ?7, updated_at = ?8
-          WHERE user_id = ?1 AND period = ?2",
+        "INSERT INTO token_usage_summary (user_id, period, currency, total_tokens, billable_credit, events,
+             fixed_fee_charged, tier_charges_count, tier_charges_total, outstanding_count, outstanding_total,
+             included_tokens, block_size, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+         ON CONFLICT (user_id, period) DO UPDATE SET total_tokens = excluded.total_tokens,
+             billable_credit = excluded.billable_credit, events = excluded.events,
+             fixed_fee_charged = excluded.fixed_fee_charged, tier_charges_count = excluded.tier_charges_count,
+             tier_charges_total = excluded.tier_charges_total, outstanding_count = excluded.outstanding_count,
+             outstanding_total = excluded.outstanding_total,
+             included_tokens = coalesce(token_usage_summary.included_tokens, excluded.included_tokens),
+             block_size = coalesce(token_usage_summary.block_size, excluded.block_size),
+             updated_at = excluded.updated_at",
     )
     .bind(summary.user_id.as_str())
     .bind(summary.period.to_string())
+    .bind(summary.currency.to_string())
+    .bind(to_i64(summary.total_tokens)?)
+    .bind(i64::from(summary.billable_credit_micros))
+    .bind(to_i64(summary.events)?)
     .bind(summary.fixed_fee_charged.minor_units())
     .bind(to_i64(summary.tier_charges_count)?)
     .bind(summary.tier_charges_total.minor_units())
     .bind(to_i64(summary.outstanding_count)?)
     .bind(summary.outstanding_total.minor_units())
+    .bind(plan.map(|p| to_i64(p.included_tokens())).transpose()?)
+    .bind(plan.map(|p| to_i64(p.block_size())).transpose()?)
     .bind(instant(summary.updated_at))
     .execute(&mut *conn)
     .await
@@ -399,12 +410,12 @@ async fn write_summary_money(conn: &mut SqliteConnection, summary: &PeriodSummar
     Ok(())
 }
 
-/// Inserts the charges that do not exist yet, in order, into `summary`'s period, moving its
-/// figures; returns those created. Each is checked against the summary before anything is
-/// written.
+/// Inserts the charges that do not exist yet, in order, and moves `summary`'s figures for them
+/// (the caller writes it); returns those created. A charge that does not fit the summary (its
+/// currency) fails the whole transaction.
 pub(super) async fn insert_charges(
     conn: &mut SqliteConnection,
-    mut summary: PeriodSummary,
+    summary: &mut PeriodSummary,
     charges: Vec<NewCharge>,
     status: ChargeStatus,
     payment_id: Option<String>,
@@ -413,10 +424,8 @@ pub(super) async fn insert_charges(
 ) -> Result<Vec<Charge>, StoreError> {
     let mut created = Vec::with_capacity(charges.len());
     for new in charges {
-        if charge_in(conn, &new.user_id, &new.key).await?.is_some() {
-            continue;
-        }
-        summary
+        let mut moved = summary.clone();
+        moved
             .apply_charge(new.kind, new.amount, None, status)
             .map_err(generic)?;
         let mut charge = new.into_charge(crate::random::uuid_v4(), status, now);
@@ -425,19 +434,12 @@ pub(super) async fn insert_charges(
             charge.lease_until = lease_until;
             charge.attempts = 1;
         }
-        created.push(charge);
-    }
-    if created.is_empty() {
-        return Ok(created);
-    }
-    summary.updated_at = now;
-    write_summary_money(conn, &summary).await?;
-    for charge in &created {
-        sqlx::query(
+        let inserted = sqlx::query(
             "INSERT INTO token_billing_charges (user_id, id, charge_key, period, kind, block, billing_tier,
                  amount_charged, currency, status, round, attempts, consumption_id, payment_id, lease_until,
                  created_at, updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?16)",
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?16)
+             ON CONFLICT (user_id, charge_key) DO NOTHING",
         )
         .bind(charge.user_id.as_str())
         .bind(charge.id.to_string())
@@ -457,7 +459,13 @@ pub(super) async fn insert_charges(
         .bind(instant(now))
         .execute(&mut *conn)
         .await
-        .map_err(db)?;
+        .map_err(db)?
+        .rows_affected()
+            == 1;
+        if !inserted {
+            continue;
+        }
+        *summary = moved;
         let created_event = AuditEvent::ChargeCreated {
             key: charge.key.clone(),
             billing_tier: charge.billing_tier.clone(),
@@ -473,6 +481,8 @@ pub(super) async fn insert_charges(
             };
             append_audit_in(conn, &charge.user_id, now, Some(charge.period), &started).await?;
         }
+        created.push(charge);
     }
+    summary.updated_at = now;
     Ok(created)
 }

@@ -3,13 +3,15 @@
 //! transactions every change runs in.
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Sqlite, Transaction};
+use sqlx::{Connection, Sqlite, SqliteConnection, Transaction};
+use tokio::sync::{Mutex, MutexGuard};
 
 use super::SqliteUsageStore;
-use super::rows::{db, instant, is_busy};
+use super::rows::{db, generic, instant};
 use crate::store::StoreError;
 
 /// The SQLite schema migrations, in order: also shipped as plain SQL under `migrations/sqlite/`
@@ -65,29 +67,30 @@ impl SqliteUsageStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true);
-        // A database in memory exists once per connection: one connection does everything.
-        let in_memory = options.get_filename().as_os_str().is_empty()
-            || options.get_filename().to_string_lossy().contains(":memory:");
-        let writer = SqlitePoolOptions::new()
-            .max_connections(1)
-            .min_connections(u32::from(in_memory))
-            .idle_timeout(None)
-            .max_lifetime(None)
+        // A database in memory exists once per connection, and the store reads on others.
+        let file = options.get_filename().to_string_lossy();
+        if file.is_empty() || file.contains(":memory:") || file.contains("sqlx-in-memory") {
+            return Err(generic(
+                "a SQLite database in memory is not shared between connections: name a file, or use the \
+                 in-memory store",
+            ));
+        }
+        // Hand-written rather than a pool of one: taking a connection from sqlx's pool costs
+        // about 70 µs, a quarter of a durable commit (benches/sqlite.rs), and the writer is
+        // taken for every event.
+        let writer = SqliteConnection::connect_with(&options).await.map_err(db)?;
+        let reader = SqlitePoolOptions::new()
+            .max_connections(READERS)
+            // A SQLite connection is a file handle in this process, not a socket to check.
+            .test_before_acquire(false)
             .acquire_timeout(BUSY_TIMEOUT)
-            .connect_with(options.clone())
+            .connect_with(options)
             .await
             .map_err(db)?;
-        let reader = if in_memory {
-            writer.clone()
-        } else {
-            SqlitePoolOptions::new()
-                .max_connections(READERS)
-                .acquire_timeout(BUSY_TIMEOUT)
-                .connect_with(options)
-                .await
-                .map_err(db)?
+        let store = SqliteUsageStore {
+            writer: Arc::new(Mutex::new(writer)),
+            reader,
         };
-        let store = SqliteUsageStore { writer, reader };
         store.migrate().await?;
         Ok(store)
     }
@@ -103,10 +106,10 @@ impl SqliteUsageStore {
             .busy_timeout(BUSY_TIMEOUT))
     }
 
-    /// The pool the store writes through (one connection: SQLite writes one transaction at a
-    /// time, and callers of one process queue here rather than in SQLite's busy handler).
+    /// The pool of connections the store reads with, for a host's own queries of the file
+    /// (the original product's monitoring queries run on it).
     pub fn pool(&self) -> &SqlitePool {
-        &self.writer
+        &self.reader
     }
 
     /// Applies the migrations not applied yet, in one write transaction, so that processes
@@ -115,7 +118,8 @@ impl SqliteUsageStore {
     /// # Errors
     /// Store errors.
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        let mut tx = self.write().await?;
+        let mut conn = self.writer().await;
+        let mut tx = immediate(&mut conn).await?;
         sqlx::raw_sql(
             "CREATE TABLE IF NOT EXISTS token_billing_migrations (
                  version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL) STRICT",
@@ -143,27 +147,25 @@ impl SqliteUsageStore {
         tx.commit().await.map_err(db)
     }
 
-    /// A write transaction, begun `IMMEDIATE`: it takes the database's write lock at once, so
-    /// that what it reads stays true until it commits, and no later statement of it can fail
-    /// for a lock another process holds. SQLite's busy handler waits for the lock up to the
-    /// busy timeout; a lock still held after a few such waits is answered
-    /// [`StoreError::Unavailable`], nothing written.
-    pub(super) async fn write(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
-        let mut attempts = 0;
-        loop {
-            match self.writer.begin_with("BEGIN IMMEDIATE").await {
-                Ok(tx) => return Ok(tx),
-                Err(error) if is_busy(&error) && attempts < 2 => {
-                    attempts += 1;
-                    tracing::debug!("the SQLite database stayed locked for the busy timeout: waiting again");
-                }
-                Err(error) => return Err(db(error)),
-            }
-        }
+    /// The writing connection, once the writers of this process before the caller are done:
+    /// SQLite writes one transaction at a time, and the process's writers queue here, in
+    /// order, rather than in SQLite's busy handler, which sleeps.
+    pub(super) async fn writer(&self) -> MutexGuard<'_, SqliteConnection> {
+        self.writer.lock().await
     }
 
     /// A read transaction: its reads see one committed state of the database.
     pub(super) async fn read(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
         self.reader.begin().await.map_err(db)
     }
+}
+
+/// A write transaction on the writing connection, begun `IMMEDIATE`: it takes the database's
+/// write lock at once, so that what it reads stays true until it commits, and no later
+/// statement of it can fail for a lock another process holds. SQLite's busy handler waits for
+/// the lock up to the busy timeout; a lock still held then is answered
+/// [`StoreError::Unavailable`], nothing written. A transaction dropped before its commit is
+/// rolled back before the connection's next statement.
+pub(super) async fn immediate(conn: &mut SqliteConnection) -> Result<Transaction<'_, Sqlite>, StoreError> {
+    conn.begin_with("BEGIN IMMEDIATE").await.map_err(db)
 }

@@ -22,9 +22,13 @@ mod reports;
 mod rows;
 mod spend;
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use sqlx::SqliteConnection;
 use sqlx::sqlite::SqlitePool;
+use tokio::sync::Mutex;
 
 use self::charges::{CLAIM_AWAITING, CLAIM_PENDING, CLAIM_RETRIES};
 pub use self::connection::SQLITE_MIGRATIONS;
@@ -67,9 +71,9 @@ use crate::domain::{Charge, ChargeKey, EventId, PeriodKey, UsageRecord, UserId};
 /// ```
 #[derive(Debug, Clone)]
 pub struct SqliteUsageStore {
-    /// One connection: every write transaction goes through it.
-    writer: SqlitePool,
-    /// Connections for reads (the writer's pool for a database in memory).
+    /// The connection every write transaction of the process goes through, one at a time.
+    writer: Arc<Mutex<SqliteConnection>>,
+    /// Connections for reads, which run beside the writes.
     reader: SqlitePool,
 }
 

@@ -12,17 +12,20 @@ use std::sync::Arc;
 use sqlx::{Row, SqliteConnection};
 
 use super::SqliteUsageStore;
-use super::accounts::account_in;
-use super::charges::{insert_charges, summary_row};
+use super::charges::{insert_charges, read_summary, write_summary};
+use super::connection::immediate;
 use super::rows::{
-    CHARGE_COLUMNS, CONSUMPTION_COLUMNS, audit_json, charge_from, db, instant, json, to_i64, usage_from,
+    ACCOUNT_COLUMNS, CHARGE_COLUMNS, CONSUMPTION_COLUMNS, account_from, audit_json, charge_from, db, instant, json,
+    to_i64, usage_from,
 };
 use super::spend::{free_hold, insert_alert};
 use crate::domain::{
     Blocks, ChargeKey, ChargeKind, ChargeStatus, EventId, ModelName, TokenClass, UsageRecord, UserId,
     charges_for_growth,
 };
-use crate::store::{Alert, AuditEvent, PlacedUsage, Placement, Placer, RecordUsage, Recorded, StoreError};
+use crate::store::{
+    Account, Alert, AuditEvent, PeriodSummary, PlacedUsage, Placement, Placer, RecordUsage, Recorded, StoreError,
+};
 
 impl SqliteUsageStore {
     /// [`UsageStore::record_usage`](crate::UsageStore::record_usage). The account is not
@@ -34,8 +37,10 @@ impl SqliteUsageStore {
             lease_until: request.lease_until,
             alerting: request.alerting,
         };
-        let mut tx = self.write().await?;
-        let recorded = record_in(&mut tx, request.usage, placement).await?;
+        let mut conn = self.writer().await;
+        let mut tx = immediate(&mut conn).await?;
+        let seen = seen_in(&mut tx, &request.usage.user_id, &request.usage.event_id).await?;
+        let recorded = record_in(&mut tx, request.usage, placement, &seen).await?;
         tx.commit().await.map_err(db)?;
         Ok(recorded)
     }
@@ -48,15 +53,17 @@ impl SqliteUsageStore {
         mut usage: UsageRecord,
         place: &mut Placer<'_, 'p>,
     ) -> Result<PlacedUsage<'p>, StoreError> {
-        let mut tx = self.write().await?;
-        let account = account_in(&mut tx, &usage.user_id).await?;
+        let mut conn = self.writer().await;
+        let mut tx = immediate(&mut conn).await?;
+        let mut seen = seen_in(&mut tx, &usage.user_id, &usage.event_id).await?;
+        let account = seen.account.take();
         let Some(placement) = place(&mut usage, account.as_ref()) else {
             return Ok(PlacedUsage::Refused {
                 usage: Box::new(usage),
                 account: account.map(Box::new),
             });
         };
-        let recorded = record_in(&mut tx, usage, placement).await?;
+        let recorded = record_in(&mut tx, usage, placement, &seen).await?;
         tx.commit().await.map_err(db)?;
         Ok(PlacedUsage::Recorded {
             account: account.filter(|_| !recorded.charges.is_empty()).map(Box::new),
@@ -72,7 +79,8 @@ impl SqliteUsageStore {
         &self,
         requests: Vec<RecordUsage<'_>>,
     ) -> Result<Vec<Result<Recorded, StoreError>>, StoreError> {
-        let mut tx = self.write().await?;
+        let mut conn = self.writer().await;
+        let mut tx = immediate(&mut conn).await?;
         let mut results = Vec::with_capacity(requests.len());
         for request in requests {
             let placement = Placement {
@@ -85,7 +93,8 @@ impl SqliteUsageStore {
                 .execute(&mut *tx)
                 .await
                 .map_err(db)?;
-            match record_in(&mut tx, request.usage, placement).await {
+            let seen = seen_in(&mut tx, &request.usage.user_id, &request.usage.event_id).await?;
+            match record_in(&mut tx, request.usage, placement, &seen).await {
                 Ok(recorded) => results.push(Ok(recorded)),
                 Err(
                     refused @ (StoreError::EventConflict { .. }
@@ -121,12 +130,42 @@ impl SqliteUsageStore {
     }
 }
 
-/// Records `usage` under `placement` in the write transaction `conn` is in; see the store
-/// contract.
+/// What a write transaction reads of an event's user before it records the event, in one
+/// statement: the account, whether the event id is recorded, and whether a hold has its id.
+struct Seen {
+    account: Option<Account>,
+    recorded: bool,
+    held: bool,
+}
+
+/// Reads [`Seen`] for `event_id` of `user`.
+async fn seen_in(conn: &mut SqliteConnection, user: &UserId, event_id: &EventId) -> Result<Seen, StoreError> {
+    let row = sqlx::query(&format!(
+        "SELECT {ACCOUNT_COLUMNS},
+                EXISTS (SELECT 1 FROM token_consumption WHERE user_id = ?1 AND event_id = ?2) AS recorded,
+                EXISTS (SELECT 1 FROM token_billing_holds WHERE user_id = ?1 AND hold_id = ?2) AS held
+           FROM (SELECT 1) LEFT JOIN token_billing_accounts ON user_id = ?1"
+    ))
+    .bind(user.as_str())
+    .bind(event_id.as_str())
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(db)?;
+    let has_account = row.try_get::<Option<&str>, _>("user_id").map_err(db)?.is_some();
+    Ok(Seen {
+        account: if has_account { Some(account_from(&row)?) } else { None },
+        recorded: row.try_get("recorded").map_err(db)?,
+        held: row.try_get("held").map_err(db)?,
+    })
+}
+
+/// Records `usage` under `placement` in the write transaction `conn` is in, `seen` read in it
+/// before; see the store contract.
 async fn record_in(
     conn: &mut SqliteConnection,
     usage: UsageRecord,
     placement: Placement<'_>,
+    seen: &Seen,
 ) -> Result<Recorded, StoreError> {
     let Placement {
         plan,
@@ -135,15 +174,25 @@ async fn record_in(
         alerting,
     } = placement;
     let user = &usage.user_id;
-    if let Some(original) = replay_in(conn, user, &usage.event_id).await? {
+    if seen.recorded {
+        let original = replay_in(conn, user, &usage.event_id)
+            .await?
+            .ok_or_else(|| StoreError::NotFound {
+                what: "consumption",
+                key: usage.event_id.to_string(),
+            })?;
         let answer = original.answer_resend(&usage)?;
-        free_hold(conn, user, answer.usage.period, &usage.event_id).await?;
+        if seen.held {
+            free_hold(conn, user, answer.usage.period, &usage.event_id).await?;
+        }
         return Ok(answer);
     }
 
     let period = usage.period;
     let now = usage.recorded_at;
-    let summary = summary_row(conn, user, period, plan.currency(), Some(plan), now).await?;
+    let mut summary = read_summary(conn, user, period)
+        .await?
+        .unwrap_or_else(|| PeriodSummary::empty(user.clone(), period, plan.currency(), now));
     let total = summary.billable_total();
     let before = total.tokens;
     let moved = total.plus(usage.billable()).ok_or(StoreError::TotalOverflow {
@@ -155,7 +204,7 @@ async fn record_in(
     let blocks = plan.blocks_crossed(before, after)?;
     let created = insert_charges(
         conn,
-        summary,
+        &mut summary,
         new_charges,
         ChargeStatus::Pending,
         None,
@@ -163,29 +212,16 @@ async fn record_in(
         lease_until,
     )
     .await?;
-
-    sqlx::query(
-        "UPDATE token_usage_summary
-            SET total_tokens = ?3, billable_credit = ?4, events = events + 1, updated_at = ?5
-          WHERE user_id = ?1 AND period = ?2",
-    )
-    .bind(user.as_str())
-    .bind(period.to_string())
-    .bind(to_i64(after)?)
-    .bind(i64::from(moved.credit_micros))
-    .bind(instant(now))
-    .execute(&mut *conn)
-    .await
-    .map_err(db)?;
-    insert_consumption(
-        conn,
-        &usage,
-        (before, after),
-        created.iter().any(|c| c.kind == ChargeKind::FixedFee),
-        blocks,
-    )
-    .await?;
-    free_hold(conn, user, period, &usage.event_id).await?;
+    summary.total_tokens = after;
+    summary.billable_credit_micros = moved.credit_micros;
+    summary.events += 1;
+    summary.updated_at = now;
+    write_summary(conn, &summary, Some(plan)).await?;
+    let created_fee = created.iter().any(|c| c.kind == ChargeKind::FixedFee);
+    insert_consumption(conn, &usage, (before, after), created_fee, blocks).await?;
+    if seen.held {
+        free_hold(conn, user, period, &usage.event_id).await?;
+    }
     if let Some(alerting) = &alerting {
         for kind in alerting.policy.crossed(plan, &alerting.ceiling, before, after) {
             insert_alert(conn, &Alert::new(user.clone(), period, kind, after, now)).await?;
@@ -200,7 +236,8 @@ async fn record_in(
     })
 }
 
-/// Appends the consumption row and its audit entry.
+/// Appends the consumption row. Its audit entry is written by the schema's trigger, in the
+/// same statement.
 async fn insert_consumption(
     conn: &mut SqliteConnection,
     usage: &UsageRecord,
@@ -243,13 +280,7 @@ async fn insert_consumption(
         .execute(&mut *conn)
         .await
         .map_err(db)?;
-    let entry = AuditEvent::UsageRecorded {
-        consumption_id: usage.consumption_id,
-        event_id: usage.event_id.clone(),
-        tokens: usage.tokens,
-        total_after: after,
-    };
-    append_audit_in(conn, &usage.user_id, usage.recorded_at, Some(usage.period), &entry).await
+    Ok(())
 }
 
 /// Appends an audit entry in the transaction `conn` is in.
