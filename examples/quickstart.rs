@@ -43,7 +43,8 @@ fn describe(charge: &TierCharge) -> String {
     )
 }
 
-/// The store: a SQLite file when `DATABASE_URL` names one, else the in-memory store.
+/// The store: a SQLite file when `DATABASE_URL` names one (`sqlite://billing.db`), else the
+/// in-memory store.
 async fn store() -> Result<(Arc<dyn UsageStore>, String), Box<dyn std::error::Error>> {
     match std::env::var("DATABASE_URL") {
         #[cfg(feature = "sqlite")]
@@ -53,7 +54,11 @@ async fn store() -> Result<(Arc<dyn UsageStore>, String), Box<dyn std::error::Er
         )),
         #[cfg(not(feature = "sqlite"))]
         Ok(url) if url.starts_with("sqlite:") => Err("DATABASE_URL names a SQLite file: add --features sqlite".into()),
-        Ok(url) if !url.is_empty() => Err("the quickstart takes DATABASE_URL=sqlite://<file>, or none".into()),
+        // A PostgreSQL URL, say, is another program's: the quickstart stays in memory.
+        Ok(url) if !url.is_empty() => Ok((
+            Arc::new(InMemoryUsageStore::new()),
+            "the in-memory store (DATABASE_URL does not name a SQLite file)".to_owned(),
+        )),
         _ => Ok((Arc::new(InMemoryUsageStore::new()), "the in-memory store".to_owned())),
     }
 }

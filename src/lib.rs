@@ -37,8 +37,8 @@
 //! - [`domain`]: pure and synchronous: [`Money`], [`Currency`], [`Plan`], [`Tier`], [`Period`],
 //!   the rating rule and [`ChargeKey`]s. No I/O, no clock, no randomness.
 //! - [`BillingService`]: the only place that sequences the store and the gateway.
-//! - [`store`]: the [`UsageStore`] trait, [`InMemoryUsageStore`], and `PostgresUsageStore`
-//!   (feature `postgres`).
+//! - [`store`]: the [`UsageStore`] trait, [`InMemoryUsageStore`], `SqliteUsageStore` (feature
+//!   `sqlite`) and `PostgresUsageStore` (feature `postgres`).
 //! - [`gateway`]: the [`PaymentGateway`] trait, [`SandboxGateway`], and `StripeGateway`
 //!   (feature `stripe`); [`GatewayEvent`]s for what gateways report later (webhooks).
 //! - [`clock`]: [`Clock`], [`SystemClock`] and [`ManualClock`].
@@ -54,6 +54,7 @@
 //! for it, so that nothing is paid twice.
 //!
 //! # Features
+//! - `sqlite`: `SqliteUsageStore`, durable in one file, with the PostgreSQL store's tables.
 //! - `postgres`: `PostgresUsageStore`, with the original product's tables and SQL functions.
 //! - `stripe`: `StripeGateway` (PaymentIntents, subscriptions, signed webhooks), on hyper and
 //!   rustls.
@@ -95,6 +96,6 @@ pub use store::{
 };
 
 /// The README's examples, compiled and run as doc tests (they use every feature).
-#[cfg(all(doctest, feature = "postgres", feature = "stripe"))]
+#[cfg(all(doctest, feature = "postgres", feature = "sqlite", feature = "stripe"))]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
