@@ -5,7 +5,8 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::domain::{Ceiling, EventId, Headroom, LimitKind, PeriodKey, Plan, UserId};
+use super::StoreError;
+use crate::domain::{Ceiling, EventId, Headroom, LimitKind, MAX_TOKENS, PeriodKey, Plan, UserId};
 
 /// Tokens reserved for a call whose size is known only at its end. It counts against the
 /// period's limits until it is settled (recorded as usage under its id), released, or expires.
@@ -74,6 +75,40 @@ pub struct HoldRequest<'a> {
     /// With the payment gate: charges unpaid (failed, or awaiting the customer) that were
     /// created at or before this instant close it.
     pub overdue_before: Option<DateTime<Utc>>,
+}
+
+impl HoldRequest<'_> {
+    /// The decision on a new hold for a period in `state` (no hold of the request's id open,
+    /// the request's id not recorded): the rule every store applies in its atomic step. A
+    /// store keeps the hold of a [`HoldDecision::Granted`] it answers.
+    pub(crate) fn decide(&self, state: SpendState) -> Result<HoldDecision, StoreError> {
+        if let Some(limit) = state.headroom(&self.ceiling, self.plan).refuses(self.tokens) {
+            return Ok(HoldDecision::Refused { limit, state });
+        }
+        let used = state.used();
+        if used.checked_add(self.tokens).is_none_or(|t| t > MAX_TOKENS) {
+            return Err(StoreError::TotalOverflow {
+                total: used,
+                tokens: self.tokens,
+            });
+        }
+        Ok(HoldDecision::Granted {
+            hold: Hold {
+                user_id: self.user_id.clone(),
+                hold_id: self.hold_id.clone(),
+                period: self.period,
+                tokens: self.tokens,
+                created_at: self.now,
+                expires_at: self.expires_at,
+            },
+            state: SpendState {
+                held_tokens: state.held_tokens + self.tokens,
+                open_holds: state.open_holds + 1,
+                ..state
+            },
+            replayed: false,
+        })
+    }
 }
 
 /// What [`UsageStore::reserve`](super::UsageStore::reserve) decided.

@@ -350,6 +350,31 @@ impl<'a> Settlement<'a> {
             at,
         }
     }
+
+    /// Moves the settlement into `charge` (whose status and round the caller has checked): the
+    /// status, the payment reference (kept when `None`), the failure (cleared on success,
+    /// kept when the settlement names none), the retry time of a failure, the lease and the
+    /// time.
+    pub(crate) fn apply_to(self, charge: &mut Charge) {
+        charge.status = self.status;
+        if self.payment_id.is_some() {
+            charge.payment_id = self.payment_id;
+        }
+        if self.status == ChargeStatus::Succeeded {
+            charge.failure_code = None;
+            charge.failure_message = None;
+        } else if self.failure_code.is_some() || self.failure_message.is_some() {
+            charge.failure_code = self.failure_code;
+            charge.failure_message = self.failure_message;
+        }
+        charge.next_retry_at = if self.status == ChargeStatus::Failed {
+            self.next_retry_at
+        } else {
+            None
+        };
+        charge.lease_until = self.lease_until;
+        charge.updated_at = self.at;
+    }
 }
 
 /// Stores usage, charges, summaries, accounts and the audit trail.

@@ -6,7 +6,7 @@
 use chrono::{DateTime, Utc};
 
 use super::book::UserBook;
-use crate::domain::{EventId, MAX_TOKENS, PeriodKey};
+use crate::domain::{EventId, PeriodKey};
 use crate::store::{Hold, HoldDecision, HoldRequest, SpendState, StoreError};
 
 impl UserBook {
@@ -80,32 +80,10 @@ impl UserBook {
             });
         }
         let state = self.spend_state(request.period, now, request.overdue_before, None);
-        if let Some(limit) = state.headroom(&request.ceiling, request.plan).refuses(request.tokens) {
-            return Ok(HoldDecision::Refused { limit, state });
+        let decision = request.decide(state)?;
+        if let HoldDecision::Granted { hold, .. } = &decision {
+            self.holds.push(hold.clone());
         }
-        if state.used().checked_add(request.tokens).is_none_or(|t| t > MAX_TOKENS) {
-            return Err(StoreError::TotalOverflow {
-                total: state.used(),
-                tokens: request.tokens,
-            });
-        }
-        let hold = Hold {
-            user_id: request.user_id.clone(),
-            hold_id: request.hold_id.clone(),
-            period: request.period,
-            tokens: request.tokens,
-            created_at: now,
-            expires_at: request.expires_at,
-        };
-        self.holds.push(hold.clone());
-        Ok(HoldDecision::Granted {
-            hold,
-            state: SpendState {
-                held_tokens: state.held_tokens + request.tokens,
-                open_holds: state.open_holds + 1,
-                ..state
-            },
-            replayed: false,
-        })
+        Ok(decision)
     }
 }

@@ -496,34 +496,18 @@ impl UsageStore for InMemoryUsageStore {
         period_book.summary = summary;
         let previous = (charge.status, charge.next_retry_at);
         let from = charge.status;
-        charge.status = s.status;
+        let (user, to, at) = (s.user_id, s.status, s.at);
         // The settlement is this call's: its texts move into the charge.
-        if s.payment_id.is_some() {
-            charge.payment_id = s.payment_id;
-        }
-        if s.status == ChargeStatus::Succeeded {
-            charge.failure_code = None;
-            charge.failure_message = None;
-        } else if s.failure_code.is_some() || s.failure_message.is_some() {
-            charge.failure_code = s.failure_code;
-            charge.failure_message = s.failure_message;
-        }
-        charge.next_retry_at = if s.status == ChargeStatus::Failed {
-            s.next_retry_at
-        } else {
-            None
-        };
-        charge.lease_until = s.lease_until;
-        charge.updated_at = s.at;
+        s.apply_to(charge);
         let charge = charge.clone();
         book.audit.push(TrailItem::Entry(Box::new(AuditEntry {
-            at: s.at,
-            user_id: s.user_id.clone(),
+            at,
+            user_id: user.clone(),
             period: Some(period),
             event: AuditEvent::ChargeStatusChanged {
                 key: charge.key.clone(),
                 from,
-                to: s.status,
+                to,
                 payment_id: charge.payment_id.clone(),
                 failure_code: charge.failure_code.clone(),
             },

@@ -201,33 +201,17 @@ impl SqliteUsageStore {
         summary.updated_at = s.at;
         write_summary(&mut tx, &summary, None).await?;
         let from = charge.status;
-        charge.status = s.status;
-        if s.payment_id.is_some() {
-            charge.payment_id = s.payment_id;
-        }
-        if s.status == ChargeStatus::Succeeded {
-            charge.failure_code = None;
-            charge.failure_message = None;
-        } else if s.failure_code.is_some() || s.failure_message.is_some() {
-            charge.failure_code = s.failure_code;
-            charge.failure_message = s.failure_message;
-        }
-        charge.next_retry_at = if s.status == ChargeStatus::Failed {
-            s.next_retry_at
-        } else {
-            None
-        };
-        charge.lease_until = s.lease_until;
-        charge.updated_at = s.at;
+        let (user, to, at) = (s.user_id, s.status, s.at);
+        s.apply_to(&mut charge);
         write_charge(&mut tx, &charge).await?;
         let event = AuditEvent::ChargeStatusChanged {
             key: charge.key.clone(),
             from,
-            to: s.status,
+            to,
             payment_id: charge.payment_id.clone(),
             failure_code: charge.failure_code.clone(),
         };
-        append_audit_in(&mut tx, s.user_id, s.at, Some(charge.period), &event).await?;
+        append_audit_in(&mut tx, user, at, Some(charge.period), &event).await?;
         tx.commit().await.map_err(db)?;
         Ok(charge)
     }

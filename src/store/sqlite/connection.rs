@@ -59,6 +59,23 @@ impl SqliteUsageStore {
     /// and foreign keys are on. The busy timeout is left as given when the options set one
     /// (sqlx's default is 5 seconds; [`connect`](Self::connect) sets 30).
     ///
+    /// # Example
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// use std::time::Duration;
+    /// use token_billing::SqliteUsageStore;
+    ///
+    /// # let dir = std::env::temp_dir().join(format!("token-billing-doc-with-{}", std::process::id()));
+    /// # std::fs::create_dir_all(&dir)?;
+    /// # let url = format!("sqlite://{}", dir.join("billing.db").display());
+    /// // Writers of other processes are waited for up to two minutes.
+    /// let options = SqliteUsageStore::options(&url)?.busy_timeout(Duration::from_secs(120));
+    /// let store = SqliteUsageStore::connect_with(options).await?;
+    /// # drop(store); std::fs::remove_dir_all(&dir)?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// # }).unwrap();
+    /// ```
+    ///
     /// # Errors
     /// As [`connect`](Self::connect).
     pub async fn connect_with(options: SqliteConnectOptions) -> Result<SqliteUsageStore, StoreError> {

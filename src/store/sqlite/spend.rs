@@ -10,7 +10,7 @@ use sqlx::{Row, SqliteConnection};
 use super::SqliteUsageStore;
 use super::connection::immediate;
 use super::rows::{at, count, db, from_json, instant, json, text, to_i64};
-use crate::domain::{EventId, MAX_TOKENS, PeriodKey, UserId};
+use crate::domain::{EventId, PeriodKey, UserId};
 use crate::store::{Alert, Hold, HoldDecision, HoldRequest, SpendState, StoreError};
 
 const HOLD_COLUMNS: &str = "user_id, period, hold_id, tokens, created_at, expires_at";
@@ -192,45 +192,23 @@ async fn reserve_in(conn: &mut SqliteConnection, request: &HoldRequest<'_>) -> R
             replayed: true,
         });
     }
-    if let Some(limit) = state.headroom(&request.ceiling, request.plan).refuses(request.tokens) {
-        return Ok(HoldDecision::Refused { limit, state });
+    let decision = request.decide(state)?;
+    if let HoldDecision::Granted { hold, .. } = &decision {
+        sqlx::query(
+            "INSERT INTO token_billing_holds (user_id, period, hold_id, tokens, created_at, expires_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )
+        .bind(user)
+        .bind(hold.period.to_string())
+        .bind(hold.hold_id.as_str())
+        .bind(to_i64(hold.tokens)?)
+        .bind(instant(hold.created_at))
+        .bind(instant(hold.expires_at))
+        .execute(&mut *conn)
+        .await
+        .map_err(db)?;
     }
-    if state.used().checked_add(request.tokens).is_none_or(|t| t > MAX_TOKENS) {
-        return Err(StoreError::TotalOverflow {
-            total: state.used(),
-            tokens: request.tokens,
-        });
-    }
-    let hold = Hold {
-        user_id: request.user_id.clone(),
-        hold_id: request.hold_id.clone(),
-        period: request.period,
-        tokens: request.tokens,
-        created_at: now,
-        expires_at: request.expires_at,
-    };
-    sqlx::query(
-        "INSERT INTO token_billing_holds (user_id, period, hold_id, tokens, created_at, expires_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-    )
-    .bind(user)
-    .bind(hold.period.to_string())
-    .bind(hold.hold_id.as_str())
-    .bind(to_i64(hold.tokens)?)
-    .bind(instant(hold.created_at))
-    .bind(instant(hold.expires_at))
-    .execute(&mut *conn)
-    .await
-    .map_err(db)?;
-    Ok(HoldDecision::Granted {
-        hold,
-        state: SpendState {
-            held_tokens: state.held_tokens + request.tokens,
-            open_holds: state.open_holds + 1,
-            ..state
-        },
-        replayed: false,
-    })
+    Ok(decision)
 }
 
 /// The period's usage recorded and held at `now`, and whether a charge unpaid since
