@@ -4,6 +4,7 @@
 //! `token_billing::testing::store` (feature `testing`), which turns the contract below into tests.
 
 mod alerts;
+mod claims;
 mod holds;
 mod id_map;
 mod memory;

@@ -25,6 +25,7 @@ use chrono::{DateTime, Utc};
 
 use self::book::{PeriodBook, TrailItem, UserBook, apply_to_summary, money_error};
 use self::shards::{Shard, claim_from};
+use super::claims::{CLAIM_AWAITING, CLAIM_PENDING, CLAIM_RETRIES};
 use super::{
     Account, Alert, AuditEntry, AuditEvent, EnsureCharge, GatewayEventRecord, Hold, HoldDecision, HoldRequest,
     ModelUsage, OperationUsage, PeriodSummary, PlacedUsage, Placement, Placer, RecordUsage, Recorded, Settlement,
@@ -335,17 +336,9 @@ impl UsageStore for InMemoryUsageStore {
                 .collect()
         };
         Ok(claim_from(shards, limit, candidates, |charge| {
-            if !charge.is_claimable(now) {
-                return None;
-            }
-            charge.lease_until = Some(lease_until);
-            charge.attempts = charge.attempts.saturating_add(1);
-            charge.updated_at = now;
-            Some(vec![AuditEvent::CollectionStarted {
-                key: charge.key.clone(),
-                round: charge.round,
-                attempt: charge.attempts,
-            }])
+            CLAIM_PENDING
+                .may_take(charge, now)
+                .then(|| CLAIM_PENDING.take(charge, now, lease_until))
         }))
     }
 
@@ -364,29 +357,9 @@ impl UsageStore for InMemoryUsageStore {
                 .collect()
         };
         Ok(claim_from(self.shards.iter(), limit, candidates, |charge| {
-            if charge.status != ChargeStatus::Failed || charge.lease_until.is_some_and(|until| until > now) {
-                return None;
-            }
-            charge.status = ChargeStatus::Pending;
-            charge.round = charge.round.saturating_add(1);
-            charge.attempts = charge.attempts.saturating_add(1);
-            charge.next_retry_at = None;
-            charge.lease_until = Some(lease_until);
-            charge.updated_at = now;
-            Some(vec![
-                AuditEvent::ChargeStatusChanged {
-                    key: charge.key.clone(),
-                    from: ChargeStatus::Failed,
-                    to: ChargeStatus::Pending,
-                    payment_id: None,
-                    failure_code: None,
-                },
-                AuditEvent::CollectionStarted {
-                    key: charge.key.clone(),
-                    round: charge.round,
-                    attempt: charge.attempts,
-                },
-            ])
+            CLAIM_RETRIES
+                .may_take(charge, now)
+                .then(|| CLAIM_RETRIES.take(charge, now, lease_until))
         }))
     }
 
@@ -400,12 +373,9 @@ impl UsageStore for InMemoryUsageStore {
             shard.awaiting.iter().map(|(_, u, k)| (u.clone(), k.clone())).collect()
         };
         Ok(claim_from(self.shards.iter(), limit, candidates, |charge| {
-            if charge.status != ChargeStatus::RequiresAction || charge.lease_until.is_some_and(|until| until > now) {
-                return None;
-            }
-            charge.lease_until = Some(lease_until);
-            charge.updated_at = now;
-            Some(Vec::new())
+            CLAIM_AWAITING
+                .may_take(charge, now)
+                .then(|| CLAIM_AWAITING.take(charge, now, lease_until))
         }))
     }
 

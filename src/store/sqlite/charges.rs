@@ -11,61 +11,8 @@ use super::connection::immediate;
 use super::record::append_audit_in;
 use super::rows::{CHARGE_COLUMNS, SUMMARY_COLUMNS, charge_from, db, generic, instant, summary_from, to_i64};
 use crate::domain::{Charge, ChargeKey, ChargeStatus, NewCharge, PeriodKey, Plan, UserId};
+use crate::store::claims::ClaimKind;
 use crate::store::{AuditEntry, AuditEvent, EnsureCharge, GatewayEventRecord, PeriodSummary, Settlement, StoreError};
-
-/// Which charges a claim takes, and what it does to each.
-pub(super) struct ClaimKind {
-    /// The status of the charges it takes.
-    status: ChargeStatus,
-    /// Whether it takes only failed charges whose retry is due.
-    due_retry: bool,
-    /// Changes a charge taken at `now`, and answers the audit entries of the change.
-    take: fn(&mut Charge, DateTime<Utc>) -> Vec<AuditEvent>,
-}
-
-pub(super) const CLAIM_PENDING: ClaimKind = ClaimKind {
-    status: ChargeStatus::Pending,
-    due_retry: false,
-    take: |charge, _| {
-        charge.attempts = charge.attempts.saturating_add(1);
-        vec![AuditEvent::CollectionStarted {
-            key: charge.key.clone(),
-            round: charge.round,
-            attempt: charge.attempts,
-        }]
-    },
-};
-
-pub(super) const CLAIM_RETRIES: ClaimKind = ClaimKind {
-    status: ChargeStatus::Failed,
-    due_retry: true,
-    take: |charge, _| {
-        charge.status = ChargeStatus::Pending;
-        charge.round = charge.round.saturating_add(1);
-        charge.attempts = charge.attempts.saturating_add(1);
-        charge.next_retry_at = None;
-        vec![
-            AuditEvent::ChargeStatusChanged {
-                key: charge.key.clone(),
-                from: ChargeStatus::Failed,
-                to: ChargeStatus::Pending,
-                payment_id: None,
-                failure_code: None,
-            },
-            AuditEvent::CollectionStarted {
-                key: charge.key.clone(),
-                round: charge.round,
-                attempt: charge.attempts,
-            },
-        ]
-    },
-};
-
-pub(super) const CLAIM_AWAITING: ClaimKind = ClaimKind {
-    status: ChargeStatus::RequiresAction,
-    due_retry: false,
-    take: |_, _| Vec::new(),
-};
 
 impl SqliteUsageStore {
     /// The claims of [`UsageStore`](crate::UsageStore): up to `limit` charges of `kind` whose
@@ -98,9 +45,7 @@ impl SqliteUsageStore {
         let mut claimed = Vec::with_capacity(rows.len());
         for row in &rows {
             let mut charge = charge_from(row)?;
-            let events = (kind.take)(&mut charge, now);
-            charge.lease_until = Some(lease_until);
-            charge.updated_at = now;
+            let events = kind.take(&mut charge, now, lease_until);
             write_charge(&mut tx, &charge).await?;
             for event in &events {
                 append_audit_in(&mut tx, &charge.user_id, now, Some(charge.period), event).await?;

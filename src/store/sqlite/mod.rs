@@ -30,8 +30,8 @@ use sqlx::SqliteConnection;
 use sqlx::sqlite::SqlitePool;
 use tokio::sync::Mutex;
 
-use self::charges::{CLAIM_AWAITING, CLAIM_PENDING, CLAIM_RETRIES};
 pub use self::connection::SQLITE_MIGRATIONS;
+use super::claims::{CLAIM_AWAITING, CLAIM_PENDING, CLAIM_RETRIES};
 use super::{
     Account, Alert, AuditEntry, EnsureCharge, GatewayEventRecord, Hold, HoldDecision, HoldRequest, ModelUsage,
     OperationUsage, PeriodSummary, PlacedUsage, Placer, RecordUsage, Recorded, Settlement, SpendState, StoreError,
