@@ -265,3 +265,63 @@ async fn bad_locations_are_typed_errors() {
     let missing_dir = fresh_path("missing").join("no-such-dir").join("billing.db");
     assert!(SqliteUsageStore::connect(&url(&missing_dir)).await.is_err());
 }
+
+/// Callers dropped at any point of their write (a client that disconnects, a host's timeout)
+/// leave the store able to write, in this process and in another on the same file: no write
+/// lock is left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_cancelled_at_any_point_leave_the_store_writable() {
+    let path = fresh_path("cancelled");
+    let store = SqliteUsageStore::connect(&url(&path)).await.expect("opened");
+    let plan = Plan::default();
+    for attempt in 0..3_000u64 {
+        let usage = token_billing::testing::store::usage_event(
+            &user(&format!("cancelled-{}", attempt % 7)),
+            1_000,
+            "chat",
+            common::november(),
+        );
+        let record = store.record_usage(token_billing::store::RecordUsage {
+            usage,
+            plan: &plan,
+            fee: token_billing::FeeCollection::Library,
+            lease_until: None,
+            alerting: None,
+            account: None,
+        });
+        // Dropped after a few microseconds, somewhere in the write.
+        let _ = tokio::time::timeout(std::time::Duration::from_micros(attempt % 400), record).await;
+    }
+    let after = token_billing::testing::store::usage_event(&user("after"), 1_000, "chat", common::november());
+    store
+        .record_usage(token_billing::store::RecordUsage {
+            usage: after,
+            plan: &plan,
+            fee: token_billing::FeeCollection::Library,
+            lease_until: None,
+            alerting: None,
+            account: None,
+        })
+        .await
+        .expect("the store still writes");
+    // Another process's view: a second store on the file writes without waiting for a lock.
+    let other = SqliteUsageStore::connect_with(
+        SqliteUsageStore::options(&url(&path))
+            .expect("options")
+            .busy_timeout(std::time::Duration::from_secs(2)),
+    )
+    .await
+    .expect("opened again");
+    let usage = token_billing::testing::store::usage_event(&user("other"), 1_000, "chat", common::november());
+    other
+        .record_usage(token_billing::store::RecordUsage {
+            usage,
+            plan: &plan,
+            fee: token_billing::FeeCollection::Library,
+            lease_until: None,
+            alerting: None,
+            account: None,
+        })
+        .await
+        .expect("no lock left behind");
+}

@@ -5,7 +5,6 @@
 use sqlx::SqliteConnection;
 
 use super::SqliteUsageStore;
-use super::connection::immediate;
 use super::record::append_audit_in;
 use super::rows::{ACCOUNT_COLUMNS, account_from, db, instant, json};
 use crate::domain::UserId;
@@ -14,8 +13,8 @@ use crate::store::{Account, AuditEvent, StoreError};
 impl SqliteUsageStore {
     /// [`UsageStore::put_account`](crate::UsageStore::put_account).
     pub(super) async fn upsert_account(&self, account: Account) -> Result<(), StoreError> {
-        let mut conn = self.writer().await;
-        let mut tx = immediate(&mut conn).await?;
+        let mut writer = self.writer().await?;
+        let mut tx = writer.begin().await?;
         save_in(&mut tx, &account).await?;
         tx.commit().await.map_err(db)
     }
@@ -27,8 +26,8 @@ impl SqliteUsageStore {
         expected: Option<&Account>,
         account: Account,
     ) -> Result<bool, StoreError> {
-        let mut conn = self.writer().await;
-        let mut tx = immediate(&mut conn).await?;
+        let mut writer = self.writer().await?;
+        let mut tx = writer.begin().await?;
         if account_in(&mut tx, &account.user_id).await?.as_ref() != expected {
             return Ok(false);
         }

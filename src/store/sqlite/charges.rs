@@ -7,7 +7,6 @@ use chrono::{DateTime, Utc};
 use sqlx::SqliteConnection;
 
 use super::SqliteUsageStore;
-use super::connection::immediate;
 use super::record::append_audit_in;
 use super::rows::{CHARGE_COLUMNS, SUMMARY_COLUMNS, charge_from, db, generic, instant, summary_from, to_i64};
 use crate::domain::{Charge, ChargeKey, ChargeStatus, NewCharge, PeriodKey, Plan, UserId};
@@ -26,8 +25,8 @@ impl SqliteUsageStore {
         lease_until: DateTime<Utc>,
         limit: usize,
     ) -> Result<Vec<Charge>, StoreError> {
-        let mut conn = self.writer().await;
-        let mut tx = immediate(&mut conn).await?;
+        let mut writer = self.writer().await?;
+        let mut tx = writer.begin().await?;
         let rows = sqlx::query(&format!(
             "SELECT {CHARGE_COLUMNS} FROM token_billing_charges
               WHERE status = ?1 AND (lease_until IS NULL OR lease_until <= ?2)
@@ -67,8 +66,8 @@ impl SqliteUsageStore {
             plan,
         } = request;
         let (user, key) = (charge.user_id.clone(), charge.key.clone());
-        let mut conn = self.writer().await;
-        let mut tx = immediate(&mut conn).await?;
+        let mut writer = self.writer().await?;
+        let mut tx = writer.begin().await?;
         if let Some(existing) = charge_in(&mut tx, &user, &key).await? {
             return Ok((existing, false));
         }
@@ -102,8 +101,8 @@ impl SqliteUsageStore {
         held_until: Option<DateTime<Utc>>,
         lease_until: DateTime<Utc>,
     ) -> Result<Option<Charge>, StoreError> {
-        let mut conn = self.writer().await;
-        let mut tx = immediate(&mut conn).await?;
+        let mut writer = self.writer().await?;
+        let mut tx = writer.begin().await?;
         let Some(mut charge) = charge_in(&mut tx, user, key).await? else {
             return Ok(None);
         };
@@ -118,8 +117,8 @@ impl SqliteUsageStore {
 
     /// [`UsageStore::settle_charge`](crate::UsageStore::settle_charge).
     pub(super) async fn settle(&self, s: Settlement<'_>) -> Result<Charge, StoreError> {
-        let mut conn = self.writer().await;
-        let mut tx = immediate(&mut conn).await?;
+        let mut writer = self.writer().await?;
+        let mut tx = writer.begin().await?;
         let mut charge = charge_in(&mut tx, s.user_id, s.key)
             .await?
             .ok_or_else(|| StoreError::NotFound {
@@ -163,8 +162,8 @@ impl SqliteUsageStore {
 
     /// [`UsageStore::append_audit`](crate::UsageStore::append_audit).
     pub(super) async fn append_audit_entry(&self, entry: AuditEntry) -> Result<(), StoreError> {
-        let mut conn = self.writer().await;
-        let mut tx = immediate(&mut conn).await?;
+        let mut writer = self.writer().await?;
+        let mut tx = writer.begin().await?;
         append_audit_in(&mut tx, &entry.user_id, entry.at, entry.period, &entry.event).await?;
         tx.commit().await.map_err(db)
     }
@@ -183,8 +182,8 @@ impl SqliteUsageStore {
 
     /// [`UsageStore::record_gateway_event`](crate::UsageStore::record_gateway_event).
     pub(super) async fn insert_gateway_event(&self, record: GatewayEventRecord) -> Result<bool, StoreError> {
-        let mut conn = self.writer().await;
-        let mut tx = immediate(&mut conn).await?;
+        let mut writer = self.writer().await?;
+        let mut tx = writer.begin().await?;
         let inserted = sqlx::query(
             "INSERT INTO token_billing_gateway_events (user_id, event_id, event_type, applied_at)
              VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",

@@ -11,7 +11,7 @@ use sqlx::{Connection, Sqlite, SqliteConnection, Transaction};
 use tokio::sync::{Mutex, MutexGuard};
 
 use super::SqliteUsageStore;
-use super::rows::{db, generic, instant};
+use super::rows::{db, generic, instant, is_busy};
 use crate::store::StoreError;
 
 /// The SQLite schema migrations, in order: also shipped as plain SQL under `migrations/sqlite/`
@@ -95,7 +95,11 @@ impl SqliteUsageStore {
         // Hand-written rather than a pool of one: taking a connection from sqlx's pool costs
         // about 70 µs, a quarter of a durable commit (benches/sqlite.rs), and the writer is
         // taken for every event.
-        let writer = SqliteConnection::connect_with(&options).await.map_err(db)?;
+        let writer = Writer {
+            conn: SqliteConnection::connect_with(&options).await.map_err(db)?,
+            options: options.clone(),
+            suspect: false,
+        };
         let reader = SqlitePoolOptions::new()
             .max_connections(READERS)
             // A SQLite connection is a file handle in this process, not a socket to check.
@@ -135,8 +139,8 @@ impl SqliteUsageStore {
     /// # Errors
     /// Store errors.
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        let mut conn = self.writer().await;
-        let mut tx = immediate(&mut conn).await?;
+        let mut writer = self.writer().await?;
+        let mut tx = writer.begin().await?;
         sqlx::raw_sql(
             "CREATE TABLE IF NOT EXISTS token_billing_migrations (
                  version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL) STRICT",
@@ -167,8 +171,16 @@ impl SqliteUsageStore {
     /// The writing connection, once the writers of this process before the caller are done:
     /// SQLite writes one transaction at a time, and the process's writers queue here, in
     /// order, rather than in SQLite's busy handler, which sleeps.
-    pub(super) async fn writer(&self) -> MutexGuard<'_, SqliteConnection> {
-        self.writer.lock().await
+    pub(super) async fn writer(&self) -> Result<MutexGuard<'_, Writer>, StoreError> {
+        let mut writer = self.writer.lock().await;
+        if writer.suspect {
+            // A transaction may be open that nobody will end, holding the file's write lock:
+            // closing the connection ends it (SQLite rolls it back).
+            tracing::warn!("the SQLite writing connection was left mid-begin or failed: opening it again");
+            writer.conn = SqliteConnection::connect_with(&writer.options).await.map_err(db)?;
+            writer.suspect = false;
+        }
+        Ok(writer)
     }
 
     /// A read transaction: its reads see one committed state of the database.
@@ -177,12 +189,29 @@ impl SqliteUsageStore {
     }
 }
 
-/// A write transaction on the writing connection, begun `IMMEDIATE`: it takes the database's
-/// write lock at once, so that what it reads stays true until it commits, and no later
-/// statement of it can fail for a lock another process holds. SQLite's busy handler waits for
-/// the lock up to the busy timeout; a lock still held then is answered
-/// [`StoreError::Unavailable`], nothing written. A transaction dropped before its commit is
-/// rolled back before the connection's next statement.
-pub(super) async fn immediate(conn: &mut SqliteConnection) -> Result<Transaction<'_, Sqlite>, StoreError> {
-    conn.begin_with("BEGIN IMMEDIATE").await.map_err(db)
+/// The connection every write of a [`SqliteUsageStore`] goes through, with what it needs to
+/// open it again.
+#[derive(Debug)]
+pub(super) struct Writer {
+    conn: SqliteConnection,
+    options: SqliteConnectOptions,
+    /// Set while a `BEGIN` runs, and after one failed for another reason than a lock: a caller
+    /// dropped in between (a client gone, a timeout) leaves a transaction open that sqlx has
+    /// not handed to anyone, so the next writer opens the connection again.
+    suspect: bool,
+}
+
+impl Writer {
+    /// A write transaction, begun `IMMEDIATE`: it takes the database's write lock at once, so
+    /// that what it reads stays true until it commits, and no later statement of it can fail
+    /// for a lock another process holds. SQLite's busy handler waits for the lock up to the
+    /// busy timeout; a lock still held then is answered [`StoreError::Unavailable`], nothing
+    /// written. A transaction dropped before its commit is rolled back before the connection's
+    /// next statement.
+    pub(super) async fn begin(&mut self) -> Result<Transaction<'_, Sqlite>, StoreError> {
+        self.suspect = true;
+        let begun = self.conn.begin_with("BEGIN IMMEDIATE").await;
+        self.suspect = begun.as_ref().is_err_and(|error| !is_busy(error));
+        begun.map_err(db)
+    }
 }

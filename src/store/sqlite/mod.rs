@@ -26,11 +26,11 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sqlx::SqliteConnection;
 use sqlx::sqlite::SqlitePool;
 use tokio::sync::Mutex;
 
 pub use self::connection::SQLITE_MIGRATIONS;
+use self::connection::Writer;
 use super::claims::{CLAIM_AWAITING, CLAIM_PENDING, CLAIM_RETRIES};
 use super::{
     Account, Alert, AuditEntry, EnsureCharge, GatewayEventRecord, Hold, HoldDecision, HoldRequest, ModelUsage,
@@ -72,7 +72,7 @@ use crate::domain::{Charge, ChargeKey, EventId, PeriodKey, UsageRecord, UserId};
 #[derive(Debug, Clone)]
 pub struct SqliteUsageStore {
     /// The connection every write transaction of the process goes through, one at a time.
-    writer: Arc<Mutex<SqliteConnection>>,
+    writer: Arc<Mutex<Writer>>,
     /// Connections for reads, which run beside the writes.
     reader: SqlitePool,
 }

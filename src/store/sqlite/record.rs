@@ -13,7 +13,6 @@ use sqlx::{Row, SqliteConnection};
 
 use super::SqliteUsageStore;
 use super::charges::{insert_charges, read_summary, write_summary};
-use super::connection::immediate;
 use super::rows::{
     ACCOUNT_COLUMNS, CHARGE_COLUMNS, CONSUMPTION_COLUMNS, account_from, audit_json, charge_from, db, instant, json,
     to_i64, usage_from,
@@ -37,8 +36,8 @@ impl SqliteUsageStore {
             lease_until: request.lease_until,
             alerting: request.alerting,
         };
-        let mut conn = self.writer().await;
-        let mut tx = immediate(&mut conn).await?;
+        let mut writer = self.writer().await?;
+        let mut tx = writer.begin().await?;
         let seen = seen_in(&mut tx, &request.usage.user_id, &request.usage.event_id).await?;
         let recorded = record_in(&mut tx, request.usage, placement, &seen).await?;
         tx.commit().await.map_err(db)?;
@@ -53,8 +52,8 @@ impl SqliteUsageStore {
         mut usage: UsageRecord,
         place: &mut Placer<'_, 'p>,
     ) -> Result<PlacedUsage<'p>, StoreError> {
-        let mut conn = self.writer().await;
-        let mut tx = immediate(&mut conn).await?;
+        let mut writer = self.writer().await?;
+        let mut tx = writer.begin().await?;
         let mut seen = seen_in(&mut tx, &usage.user_id, &usage.event_id).await?;
         let account = seen.account.take();
         let Some(placement) = place(&mut usage, account.as_ref()) else {
@@ -79,8 +78,8 @@ impl SqliteUsageStore {
         &self,
         requests: Vec<RecordUsage<'_>>,
     ) -> Result<Vec<Result<Recorded, StoreError>>, StoreError> {
-        let mut conn = self.writer().await;
-        let mut tx = immediate(&mut conn).await?;
+        let mut writer = self.writer().await?;
+        let mut tx = writer.begin().await?;
         let mut results = Vec::with_capacity(requests.len());
         for request in requests {
             let placement = Placement {

@@ -8,7 +8,6 @@ use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, SqliteConnection};
 
 use super::SqliteUsageStore;
-use super::connection::immediate;
 use super::rows::{at, count, db, from_json, instant, json, text, to_i64};
 use crate::domain::{EventId, PeriodKey, UserId};
 use crate::store::{Alert, Hold, HoldDecision, HoldRequest, SpendState, StoreError};
@@ -41,8 +40,8 @@ fn alert_from(row: &SqliteRow) -> Result<Alert, StoreError> {
 impl SqliteUsageStore {
     /// [`UsageStore::reserve`](crate::UsageStore::reserve).
     pub(super) async fn reserve_hold(&self, request: HoldRequest<'_>) -> Result<HoldDecision, StoreError> {
-        let mut conn = self.writer().await;
-        let mut tx = immediate(&mut conn).await?;
+        let mut writer = self.writer().await?;
+        let mut tx = writer.begin().await?;
         let decision = reserve_in(&mut tx, &request).await?;
         tx.commit().await.map_err(db)?;
         Ok(decision)
@@ -55,8 +54,8 @@ impl SqliteUsageStore {
         period: PeriodKey,
         hold_id: &EventId,
     ) -> Result<bool, StoreError> {
-        let mut conn = self.writer().await;
-        let mut tx = immediate(&mut conn).await?;
+        let mut writer = self.writer().await?;
+        let mut tx = writer.begin().await?;
         let freed = free_hold(&mut tx, user, period, hold_id).await?;
         tx.commit().await.map_err(db)?;
         Ok(freed)
@@ -98,8 +97,8 @@ impl SqliteUsageStore {
 
     /// [`UsageStore::raise_alert`](crate::UsageStore::raise_alert).
     pub(super) async fn raise(&self, alert: Alert) -> Result<bool, StoreError> {
-        let mut conn = self.writer().await;
-        let mut tx = immediate(&mut conn).await?;
+        let mut writer = self.writer().await?;
+        let mut tx = writer.begin().await?;
         let created = insert_alert(&mut tx, &alert).await?;
         tx.commit().await.map_err(db)?;
         Ok(created)
@@ -128,8 +127,8 @@ impl SqliteUsageStore {
 
     /// [`UsageStore::ack_alert`](crate::UsageStore::ack_alert).
     pub(super) async fn acknowledge(&self, user: &UserId, id: uuid::Uuid) -> Result<bool, StoreError> {
-        let mut conn = self.writer().await;
-        let mut tx = immediate(&mut conn).await?;
+        let mut writer = self.writer().await?;
+        let mut tx = writer.begin().await?;
         let acked = sqlx::query(
             "UPDATE token_billing_alerts SET acknowledged_at = ?3
               WHERE user_id = ?1 AND id = ?2 AND acknowledged_at IS NULL",
