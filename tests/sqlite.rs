@@ -258,10 +258,10 @@ async fn the_file_is_opened_with_the_write_ahead_log_and_full_sync() {
 /// A malformed URL and a file that cannot be created are typed errors, not panics.
 #[tokio::test]
 async fn bad_locations_are_typed_errors() {
-    assert!(matches!(
-        SqliteUsageStore::connect("postgres://not-sqlite").await,
-        Err(StoreError::Generic { .. })
-    ));
+    let Err(StoreError::Generic { source, .. }) = SqliteUsageStore::connect("postgres://not-sqlite").await else {
+        panic!("a PostgreSQL URL is refused");
+    };
+    assert!(source.to_string().contains("not a SQLite URL"), "{source}");
     let missing_dir = fresh_path("missing").join("no-such-dir").join("billing.db");
     assert!(SqliteUsageStore::connect(&url(&missing_dir)).await.is_err());
 }
@@ -324,4 +324,48 @@ async fn writes_cancelled_at_any_point_leave_the_store_writable() {
         })
         .await
         .expect("no lock left behind");
+}
+
+/// A charge that exists is skipped before anything is checked of it, as in memory: a period
+/// whose fee was charged in reais records an event rated by a plan in dollars that starts no
+/// block (its fee exists), on both stores.
+#[tokio::test]
+async fn an_existing_charge_is_skipped_before_its_currency_is_checked() {
+    let reais = Plan::default();
+    let usd = |minor| token_billing::Money::from_minor(minor, token_billing::Currency::USD);
+    let dollars = Plan::builder()
+        .fixed_fee(usd(4_000))
+        .block_price(usd(1_000))
+        .zone(chrono_tz::America::Sao_Paulo)
+        .build()
+        .expect("valid");
+    let memory = token_billing::InMemoryUsageStore::new();
+    let sqlite = store().await;
+    for store in [&memory as &dyn UsageStore, &sqlite] {
+        let user = token_billing::testing::store::fresh_user("currency");
+        let period = common::november();
+        store
+            .ensure_charge(token_billing::store::EnsureCharge {
+                charge: token_billing::NewCharge::fixed_fee(&reais, &user, period, None),
+                status: ChargeStatus::Pending,
+                payment_id: None,
+                now: common::nov15(),
+                lease_until: None,
+                plan: Some(reais.clone()),
+            })
+            .await
+            .expect("the fee, in reais");
+        let recorded = store
+            .record_usage(token_billing::store::RecordUsage {
+                usage: token_billing::testing::store::usage_event(&user, 1_000, "chat", period),
+                plan: &dollars,
+                fee: token_billing::FeeCollection::Library,
+                lease_until: None,
+                alerting: None,
+                account: None,
+            })
+            .await
+            .expect("recorded: the fee exists");
+        assert!(recorded.charges.is_empty(), "{store:?}");
+    }
 }

@@ -126,8 +126,9 @@ CREATE TABLE IF NOT EXISTS token_billing_gateway_events (
     PRIMARY KEY (user_id, event_id)
 ) STRICT, WITHOUT ROWID;
 
--- Holds for calls in flight: granted in the same write transaction that every record of the
--- user takes, so that grants and records always see each other.
+-- Holds for calls in flight, in the order granted (rowid): granted in the same write
+-- transaction that every record of the user takes, so that grants and records always see each
+-- other.
 CREATE TABLE IF NOT EXISTS token_billing_holds (
     user_id    TEXT    NOT NULL,
     period     TEXT    NOT NULL,
@@ -136,7 +137,7 @@ CREATE TABLE IF NOT EXISTS token_billing_holds (
     created_at TEXT    NOT NULL,
     expires_at TEXT    NOT NULL,
     PRIMARY KEY (user_id, period, hold_id)
-) STRICT, WITHOUT ROWID;
+) STRICT;
 
 -- Threshold alerts: an outbox, one row per (user, period, alert), created in the transaction that
 -- records the event crossing its threshold.

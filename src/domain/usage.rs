@@ -1,6 +1,6 @@
 //! Usage events: what the host reports, checked, and what is stored of it.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -191,7 +191,7 @@ impl UsageRecord {
 
     /// Whether `other`, a re-send under the same event id, reports the same usage: same user,
     /// tokens, model and token classes, operation type, client id and metadata, and the same `occurred_at` when either one
-    /// reported it.
+    /// reported it, to the microsecond (what the durable stores keep of an instant).
     pub fn same_usage(&self, other: &UsageRecord) -> bool {
         let reported = |r: &UsageRecord| r.detail.as_ref().map(|d| (d.model.clone(), d.counts));
         self.user_id == other.user_id
@@ -200,6 +200,7 @@ impl UsageRecord {
             && self.operation_type == other.operation_type
             && self.client_id == other.client_id
             && self.metadata == other.metadata
-            && (!(self.occurred_at_reported || other.occurred_at_reported) || self.occurred_at == other.occurred_at)
+            && (!(self.occurred_at_reported || other.occurred_at_reported)
+                || self.occurred_at.trunc_subsecs(6) == other.occurred_at.trunc_subsecs(6))
     }
 }

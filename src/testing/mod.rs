@@ -111,6 +111,7 @@ macro_rules! usage_store_conformance {
                 claim_due_retries_starts_a_new_round,
                 claim_awaiting_customer_rechecks_expired_leases,
                 renew_lease_is_a_compare_and_set,
+                instants_finer_than_a_microsecond_compare_as_sent,
                 recorded_events_are_found_by_id,
                 concurrent_resends_record_once,
                 resends_in_later_periods_are_not_recorded_again,

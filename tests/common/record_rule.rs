@@ -82,6 +82,7 @@ pub async fn records_charge_what_the_rule_says(store: &dyn UsageStore, case: Cas
     };
     let mut total = 0u64;
     let mut sent = Vec::new();
+    let mut answers = Vec::new();
     for tokens in &case.sizes {
         let usage = usage_event(&user, *tokens, "chat", period);
         sent.push(usage.clone());
@@ -96,12 +97,22 @@ pub async fn records_charge_what_the_rule_says(store: &dyn UsageStore, case: Cas
                 .collect();
         let created: BTreeSet<(ChargeKind, u64)> = recorded.charges.iter().map(|c| (c.kind, c.block)).collect();
         prop_assert_eq!(created, expected);
+        answers.push(recorded);
         total += tokens;
     }
-    let original = case.resend.get(&sent).clone();
+    let resent = case.resend.index(sent.len());
+    let original = sent[resent].clone();
     let again = store.record_usage(record(original.clone())).await.expect("answered");
     prop_assert!(again.replayed);
+    // The original's answer: its event, its interval and its charges.
+    let first = &answers[resent];
     prop_assert_eq!(again.usage.consumption_id, original.consumption_id);
+    prop_assert_eq!(
+        (again.total_before, again.total_after),
+        (first.total_before, first.total_after)
+    );
+    let keys = |r: &token_billing::store::Recorded| r.charges.iter().map(|c| c.key.clone()).collect::<Vec<_>>();
+    prop_assert_eq!(keys(&again), keys(first));
     let summary = store
         .period_summary(&user, period)
         .await

@@ -6,7 +6,7 @@ use sqlx::SqliteConnection;
 
 use super::SqliteUsageStore;
 use super::record::append_audit_in;
-use super::rows::{ACCOUNT_COLUMNS, account_from, db, instant, json};
+use super::rows::{ACCOUNT_COLUMNS, account_as_stored, account_from, db, instant, json};
 use crate::domain::UserId;
 use crate::store::{Account, AuditEvent, StoreError};
 
@@ -28,7 +28,7 @@ impl SqliteUsageStore {
     ) -> Result<bool, StoreError> {
         let mut writer = self.writer().await?;
         let mut tx = writer.begin().await?;
-        if account_in(&mut tx, &account.user_id).await?.as_ref() != expected {
+        if account_in(&mut tx, &account.user_id).await? != expected.cloned().map(account_as_stored) {
             return Ok(false);
         }
         save_in(&mut tx, &account).await?;

@@ -8,7 +8,9 @@ use sqlx::SqliteConnection;
 
 use super::SqliteUsageStore;
 use super::record::append_audit_in;
-use super::rows::{CHARGE_COLUMNS, SUMMARY_COLUMNS, charge_from, db, generic, instant, summary_from, to_i64};
+use super::rows::{
+    CHARGE_COLUMNS, SUMMARY_COLUMNS, charge_as_stored, charge_from, db, generic, instant, micros, summary_from, to_i64,
+};
 use crate::domain::{Charge, ChargeKey, ChargeStatus, NewCharge, PeriodKey, Plan, UserId};
 use crate::store::claims::ClaimKind;
 use crate::store::{AuditEntry, AuditEvent, EnsureCharge, GatewayEventRecord, PeriodSummary, Settlement, StoreError};
@@ -45,6 +47,7 @@ impl SqliteUsageStore {
         for row in &rows {
             let mut charge = charge_from(row)?;
             let events = kind.take(&mut charge, now, lease_until);
+            charge_as_stored(&mut charge);
             write_charge(&mut tx, &charge).await?;
             for event in &events {
                 append_audit_in(&mut tx, &charge.user_id, now, Some(charge.period), event).await?;
@@ -106,10 +109,10 @@ impl SqliteUsageStore {
         let Some(mut charge) = charge_in(&mut tx, user, key).await? else {
             return Ok(None);
         };
-        if charge.status != ChargeStatus::Pending || charge.lease_until != held_until {
+        if charge.status != ChargeStatus::Pending || charge.lease_until != held_until.map(micros) {
             return Ok(None);
         }
-        charge.lease_until = Some(lease_until);
+        charge.lease_until = Some(micros(lease_until));
         write_charge(&mut tx, &charge).await?;
         tx.commit().await.map_err(db)?;
         Ok(Some(charge))
@@ -147,6 +150,7 @@ impl SqliteUsageStore {
         let from = charge.status;
         let (user, to, at) = (s.user_id, s.status, s.at);
         s.apply_to(&mut charge);
+        charge_as_stored(&mut charge);
         write_charge(&mut tx, &charge).await?;
         let event = AuditEvent::ChargeStatusChanged {
             key: charge.key.clone(),
@@ -339,8 +343,8 @@ pub(super) async fn write_summary(
 }
 
 /// Inserts the charges that do not exist yet, in order, and moves `summary`'s figures for them
-/// (the caller writes it); returns those created. A charge that does not fit the summary (its
-/// currency) fails the whole transaction.
+/// (the caller writes it); returns those created. A new charge that does not fit the summary
+/// (its currency) fails the whole transaction; one that exists is skipped, as in memory.
 pub(super) async fn insert_charges(
     conn: &mut SqliteConnection,
     summary: &mut PeriodSummary,
@@ -352,16 +356,13 @@ pub(super) async fn insert_charges(
 ) -> Result<Vec<Charge>, StoreError> {
     let mut created = Vec::with_capacity(charges.len());
     for new in charges {
-        let mut moved = summary.clone();
-        moved
-            .apply_charge(new.kind, new.amount, None, status)
-            .map_err(generic)?;
         let mut charge = new.into_charge(crate::random::uuid_v4(), status, now);
         charge.payment_id.clone_from(&payment_id);
         if status == ChargeStatus::Pending && lease_until.is_some() {
             charge.lease_until = lease_until;
             charge.attempts = 1;
         }
+        charge_as_stored(&mut charge);
         let inserted = sqlx::query(
             "INSERT INTO token_billing_charges (user_id, id, charge_key, period, kind, block, billing_tier,
                  amount_charged, currency, status, round, attempts, consumption_id, payment_id, lease_until,
@@ -393,7 +394,11 @@ pub(super) async fn insert_charges(
         if !inserted {
             continue;
         }
-        *summary = moved;
+        // A charge of another currency than the period's fails the transaction, which is then
+        // rolled back.
+        summary
+            .apply_charge(charge.kind, charge.amount, None, status)
+            .map_err(generic)?;
         let created_event = AuditEvent::ChargeCreated {
             key: charge.key.clone(),
             billing_tier: charge.billing_tier.clone(),

@@ -120,8 +120,15 @@ impl SqliteUsageStore {
     /// setting and pass them to [`connect_with`](Self::connect_with).
     ///
     /// # Errors
-    /// A malformed URL.
+    /// A malformed URL, or a URL of another scheme than `sqlite:`.
     pub fn options(url: &str) -> Result<SqliteConnectOptions, StoreError> {
+        // sqlx reads any other URL as a relative path (`postgres:` a directory).
+        if url.contains("://") && !url.starts_with("sqlite:") {
+            return Err(generic(format!(
+                "{} is not a SQLite URL: sqlite://<file>",
+                url.split("://").next().unwrap_or_default()
+            )));
+        }
         Ok(SqliteConnectOptions::from_str(url)
             .map_err(db)?
             .busy_timeout(BUSY_TIMEOUT))

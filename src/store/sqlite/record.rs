@@ -15,7 +15,7 @@ use super::SqliteUsageStore;
 use super::charges::{insert_charges, read_summary, write_summary};
 use super::rows::{
     ACCOUNT_COLUMNS, CHARGE_COLUMNS, CONSUMPTION_COLUMNS, account_from, audit_json, charge_from, db, instant, json,
-    to_i64, usage_from,
+    micros, to_i64, usage_from,
 };
 use super::spend::{free_hold, insert_alert};
 use crate::domain::{
@@ -172,6 +172,10 @@ async fn record_in(
         lease_until,
         alerting,
     } = placement;
+    // As stored, so that a re-send compares with the original as it was sent.
+    let mut usage = usage;
+    usage.occurred_at = micros(usage.occurred_at);
+    usage.recorded_at = micros(usage.recorded_at);
     let user = &usage.user_id;
     if seen.recorded {
         let original = replay_in(conn, user, &usage.event_id)

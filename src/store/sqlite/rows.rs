@@ -4,7 +4,7 @@
 
 use std::str::FromStr;
 
-use chrono::{DateTime, NaiveDateTime, Utc};
+use chrono::{DateTime, NaiveDateTime, SubsecRound, Utc};
 use sqlx::Row;
 use sqlx::sqlite::SqliteRow;
 
@@ -50,6 +50,27 @@ pub(super) fn db(error: sqlx::Error) -> StoreError {
         },
         other => generic(other),
     }
+}
+
+/// `at` as the store keeps it, to the microsecond: what a write answers, and what a
+/// compare-and-set compares, so that a caller's finer instant names what was stored.
+pub(super) fn micros(at: DateTime<Utc>) -> DateTime<Utc> {
+    at.trunc_subsecs(6)
+}
+
+/// A charge's instants as the store keeps them.
+pub(super) fn charge_as_stored(charge: &mut Charge) {
+    charge.next_retry_at = charge.next_retry_at.map(micros);
+    charge.lease_until = charge.lease_until.map(micros);
+    charge.created_at = micros(charge.created_at);
+    charge.updated_at = micros(charge.updated_at);
+}
+
+/// An account's instants as the store keeps them.
+pub(super) fn account_as_stored(mut account: Account) -> Account {
+    account.created_at = micros(account.created_at);
+    account.updated_at = micros(account.updated_at);
+    account
 }
 
 pub(super) fn instant(at: DateTime<Utc>) -> String {

@@ -8,7 +8,7 @@ use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, SqliteConnection};
 
 use super::SqliteUsageStore;
-use super::rows::{at, count, db, from_json, instant, json, text, to_i64};
+use super::rows::{at, count, db, from_json, instant, json, micros, text, to_i64};
 use crate::domain::{EventId, PeriodKey, UserId};
 use crate::store::{Alert, Hold, HoldDecision, HoldRequest, SpendState, StoreError};
 
@@ -82,7 +82,7 @@ impl SqliteUsageStore {
     ) -> Result<Vec<Hold>, StoreError> {
         sqlx::query(&format!(
             "SELECT {HOLD_COLUMNS} FROM token_billing_holds
-              WHERE user_id = ?1 AND period = ?2 AND expires_at > ?3 ORDER BY created_at, hold_id"
+              WHERE user_id = ?1 AND period = ?2 AND expires_at > ?3 ORDER BY rowid"
         ))
         .bind(user.as_str())
         .bind(period.to_string())
@@ -149,6 +149,12 @@ impl SqliteUsageStore {
 /// Grants the hold `request` asks for, or refuses it, in the write transaction `conn` is in;
 /// see the store contract.
 async fn reserve_in(conn: &mut SqliteConnection, request: &HoldRequest<'_>) -> Result<HoldDecision, StoreError> {
+    // The hold's instants as stored.
+    let request = &HoldRequest {
+        now: micros(request.now),
+        expires_at: micros(request.expires_at),
+        ..*request
+    };
     let user = request.user_id.as_str();
     let recorded: Option<i64> =
         sqlx::query_scalar("SELECT 1 FROM token_consumption WHERE user_id = ?1 AND event_id = ?2")

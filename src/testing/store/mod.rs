@@ -16,6 +16,7 @@
 //! | Spend control: atomic grant, expiry, replays and conflicts, settle, overflow | `holds.rs` | `reserve`, `release_hold`, `spend_state`, `holds` |
 //! | Alerts: created with the event, outbox | `alerts.rs` | `record_usage`, `record_usage_batch`, `raise_alert`, `pending_alerts`, `ack_alert` |
 //! | Gateway events | `gateway_events.rs` | `record_gateway_event`, `gateway_event_applied` |
+//! | Compare-and-sets and replays with instants finer than a microsecond | `instants.rs` | `record_usage`, `claim_pending`, `renew_lease`, `replace_account` |
 //! | Isolation | `isolation.rs` | every read, with another user's id; `append_audit` |
 //! | Recording: atomic (audit entries); the original product's reports | `reports.rs` | `audit_trail`, `usage_by_operation`, `charges_by_tier` |
 //!
@@ -41,6 +42,7 @@ mod claims;
 mod classes;
 mod gateway_events;
 mod holds;
+mod instants;
 mod isolation;
 mod recording;
 mod reports;
@@ -67,6 +69,7 @@ pub use holds::{
     concurrent_holds_never_pass_the_ceiling, expired_holds_stop_counting, recording_frees_the_hold_of_its_id,
     reserves_are_idempotent_by_hold_id, the_payment_gate_lets_no_hold_start_a_block,
 };
+pub use instants::instants_finer_than_a_microsecond_compare_as_sent;
 pub use isolation::{audit_entries_can_be_appended, event_ids_are_scoped_per_user, reads_are_isolated_per_user};
 pub use recording::{
     concurrent_records_cross_disjoint_blocks, concurrent_resends_record_once, event_id_conflict_changes_nothing,
