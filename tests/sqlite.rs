@@ -255,13 +255,19 @@ async fn the_file_is_opened_with_the_write_ahead_log_and_full_sync() {
     assert_eq!((journal.as_str(), synchronous), ("wal", 2));
 }
 
-/// A malformed URL and a file that cannot be created are typed errors, not panics.
+/// A URL of another kind, a database in memory and a file that cannot be created are typed
+/// errors, not panics.
 #[tokio::test]
 async fn bad_locations_are_typed_errors() {
     let Err(StoreError::Generic { source, .. }) = SqliteUsageStore::connect("postgres://not-sqlite").await else {
         panic!("a PostgreSQL URL is refused");
     };
     assert!(source.to_string().contains("not a SQLite URL"), "{source}");
+    // A database in memory is one per connection: the store's reads would not see its writes.
+    let Err(StoreError::Generic { source, .. }) = SqliteUsageStore::connect("sqlite::memory:").await else {
+        panic!("a database in memory is refused");
+    };
+    assert!(source.to_string().contains("in memory"), "{source}");
     let missing_dir = fresh_path("missing").join("no-such-dir").join("billing.db");
     assert!(SqliteUsageStore::connect(&url(&missing_dir)).await.is_err());
 }
