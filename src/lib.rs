@@ -83,7 +83,7 @@ pub use gateway::{
 pub use service::{
     AccountStanding, BillingService, BillingServiceBuilder, CollectionMode, CollectionReport, DunningSchedule,
     HoldGrant, Reservation, SettledHold, Standing, TierCharge, TokenSummary, UnregisteredUsers, UsageCheck,
-    UsageOutcome, UsageReport,
+    UsageOutcome, UsageReport, describe_metrics,
 };
 #[cfg(feature = "postgres")]
 pub use store::PostgresUsageStore;

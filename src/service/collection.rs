@@ -13,7 +13,7 @@ use crate::error::BillingError;
 use crate::gateway::{GatewayError, PaymentOutcome, PaymentRequest, PaymentStatus};
 use crate::store::{Settlement, StoreError};
 
-use super::BillingService;
+use super::{BillingService, metrics};
 
 /// What a run of [`BillingService::resume_pending`] or [`BillingService::retry_failed`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,6 +47,16 @@ impl BillingService {
     /// logged. `false` when the lease on the charge was lost: `charge` is left as it was, and
     /// the charge to whoever holds it now.
     pub(super) async fn collect_charge(&self, charge: &mut Charge, customer: &CustomerId) -> bool {
+        let started = std::time::Instant::now();
+        let collected = self.collect_held_charge(charge, customer).await;
+        if collected {
+            metrics::collected(charge.status, started.elapsed());
+        }
+        collected
+    }
+
+    /// [`collect_charge`](Self::collect_charge), without its metrics.
+    async fn collect_held_charge(&self, charge: &mut Charge, customer: &CustomerId) -> bool {
         let span = info_span!("collect_charge", user = %charge.user_id, period = %charge.period, charge = %charge.key, round = charge.round);
         async {
             // Hold the charge for the whole call: a lease taken for a batch may be running out.
@@ -252,6 +262,7 @@ impl BillingService {
         let mut report = CollectionReport::default();
         let started = self.clock.now();
         let mut waiting = Vec::new();
+        let mut resumed = 0;
         loop {
             let now = self.clock.now().max(started);
             let claimed = self
@@ -265,9 +276,14 @@ impl BillingService {
                 .await?;
             if claimed.is_empty() {
                 self.give_up_leases(waiting, started).await;
+                if user.is_none() {
+                    metrics::resumed_past_lease(resumed);
+                }
                 return Ok(report);
             }
             report.claimed += claimed.len();
+            // Claimed before: by a collector whose lease expired, or one that left them waiting.
+            resumed += claimed.iter().filter(|charge| charge.attempts > 1).count();
             self.collect_all(claimed, &mut report, &mut waiting).await;
         }
     }

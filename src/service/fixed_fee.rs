@@ -8,7 +8,7 @@ use crate::error::BillingError;
 use crate::gateway::{GatewayError, PaymentOutcome, PaymentStatus, PaymentUpdate, Subscription};
 use crate::store::{Account, EnsureCharge};
 
-use super::{ACCOUNT_ATTEMPTS, BillingService, CollectionMode, account_kept_changing};
+use super::{ACCOUNT_ATTEMPTS, BillingService, CollectionMode, account_kept_changing, metrics};
 
 impl BillingService {
     /// Opens a period for a user ahead of usage (a monthly job): with [`FeeCollection::Library`],
@@ -58,6 +58,9 @@ impl BillingService {
                     plan: Some(plan.clone()),
                 })
                 .await?;
+            if created {
+                metrics::charges_created(std::slice::from_ref(&charge));
+            }
             match customer {
                 Some(customer) if created && collect => {
                     let mut charge = charge;

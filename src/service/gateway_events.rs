@@ -9,7 +9,7 @@ use crate::error::BillingError;
 use crate::gateway::{GatewayChange, GatewayEvent, PaymentOutcome, PaymentStatus, PaymentUpdate};
 use crate::store::{GatewayEventRecord, StoreError};
 
-use super::BillingService;
+use super::{BillingService, metrics};
 
 impl BillingService {
     /// Applies a payment's new state reported by the gateway (a webhook) to its charge,
@@ -230,6 +230,7 @@ impl BillingService {
             })
             .await?;
         if new {
+            metrics::duplicate_payment();
             tracing::error!(
                 charge = %charge.key,
                 kept = ?charge.payment_id,

@@ -30,6 +30,7 @@ mod dunning;
 mod fixed_fee;
 mod fixed_fee_start;
 mod gateway_events;
+mod metrics;
 mod report;
 mod reports;
 mod spend;
@@ -37,6 +38,7 @@ mod usage;
 
 pub use collection::CollectionReport;
 pub use dunning::DunningSchedule;
+pub use metrics::describe_metrics;
 pub use report::{TierCharge, UsageOutcome, UsageReport};
 pub use reports::{AccountStanding, Standing, TokenSummary};
 pub use spend::{HoldGrant, Reservation, SettledHold, UsageCheck};

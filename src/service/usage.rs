@@ -15,7 +15,7 @@ use crate::error::{BillingError, UsageError};
 use crate::store::{Account, Alerting, HoldDecision, PlacedUsage, Placement, RecordUsage, Recorded, StoreError};
 
 use super::report::{TierCharge, UsageOutcome, UsageReport};
-use super::{BillingService, CollectionMode, UnregisteredUsers, store_contract};
+use super::{BillingService, CollectionMode, UnregisteredUsers, metrics, store_contract};
 
 /// What the service decided for an event before recording it.
 pub(super) enum Placed<'p> {
@@ -184,6 +184,7 @@ impl BillingService {
         );
         async {
             let result = self.record_report(report).await;
+            metrics::event_answered(&result, |outcome| outcome.replayed);
             if let Err(error) = &result {
                 if error.is_client_error() {
                     info!(error = %error, "usage refused");
@@ -225,7 +226,10 @@ impl BillingService {
         };
         // An enforced event's hold is given back when recording fails: its retry holds again.
         let held = enforce.then(|| (usage.user_id.clone(), usage.event_id.clone()));
-        let placed = match self.store.place_and_record_usage(usage, &mut place).await {
+        let started = std::time::Instant::now();
+        let placed = self.store.place_and_record_usage(usage, &mut place).await;
+        metrics::recorded_in("event", started.elapsed());
+        let placed = match placed {
             Ok(placed) => placed,
             Err(error) => {
                 if let (Some((user, event)), Some(period)) = (held, placed_in) {
@@ -404,6 +408,9 @@ impl BillingService {
             );
         }
         let mut charges = recorded.charges;
+        if !recorded.replayed {
+            metrics::charges_created(&charges);
+        }
         if collect_now && !recorded.replayed && !charges.is_empty() {
             // Boxed: most events create no charge, and their futures need not make room for a
             // collection's.
@@ -564,7 +571,10 @@ impl BillingService {
                 }
             }
             let sent = requests.len();
-            let recorded = self.store.record_usage_batch(requests).await?;
+            let started = std::time::Instant::now();
+            let recorded = self.store.record_usage_batch(requests).await;
+            metrics::recorded_in("batch", started.elapsed());
+            let recorded = recorded?;
             if recorded.len() != sent {
                 return Err(store_contract(format!(
                     "record_usage_batch answered {} results for {sent} events",
@@ -654,10 +664,14 @@ impl BillingService {
                 };
                 outcomes[position] = Some(answer);
             }
-            Ok(outcomes
+            let outcomes: Vec<_> = outcomes
                 .into_iter()
                 .map(|o| o.unwrap_or_else(|| unreachable!("every report is answered")))
-                .collect())
+                .collect();
+            for outcome in &outcomes {
+                metrics::event_answered(outcome, |outcome| outcome.replayed);
+            }
+            Ok(outcomes)
         }
         .instrument(span)
         .await
