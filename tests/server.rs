@@ -14,10 +14,14 @@ mod app;
 mod auth;
 #[path = "../examples/server/config.rs"]
 mod config;
+#[path = "server/metrics.rs"]
+mod metrics;
 #[path = "../examples/server/openapi.rs"]
 mod openapi;
 #[path = "../examples/server/plans.rs"]
 mod plans;
+#[path = "../examples/server/prometheus.rs"]
+mod prometheus;
 #[path = "../examples/server/spend.rs"]
 mod spend;
 #[path = "server/spend_control.rs"]

@@ -274,6 +274,7 @@ fn table() -> Vec<(&'static str, &'static str, MethodRouter<AppState>)> {
             post(stripe_webhook).layer(DefaultBodyLimit::max(MAX_WEBHOOK_BODY)),
         ),
         ("GET", "/api/token-billing/openapi.json", get(openapi)),
+        ("GET", "/metrics", get(crate::prometheus::scrape)),
         ("GET", "/dashboard/{userId}", get(dashboard_page)),
     ]
 }

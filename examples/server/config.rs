@@ -87,6 +87,8 @@ async fn open_database(url: &str) -> Result<(Arc<dyn UsageStore>, &'static str),
 /// without `DATABASE_URL` is refused unless `TOKEN_BILLING_STORE` is `memory`: a restart would
 /// forget what was charged.
 pub(crate) async fn configure(env: impl Fn(&str) -> Option<String>) -> Result<Configured, Error> {
+    // The library's metrics are recorded from the start, for `/metrics`.
+    crate::prometheus::recorder();
     let env = |name: &str| env(name).filter(|v| !v.trim().is_empty());
     // Clients' credentials are read without surrounding whitespace: a secret kept with it (the
     // newline of a file it was read from) would refuse every request.

@@ -48,6 +48,7 @@ mod auth;
 mod config;
 mod openapi;
 mod plans;
+mod prometheus;
 mod spend;
 mod usage;
 

@@ -487,6 +487,17 @@ pub(crate) fn document() -> Value {
                     "responses": {"200": {"description": "The OpenAPI document.", "content": {"application/json": {"schema": {"type": "object"}}}}}
                 }
             },
+            "/metrics": {
+                "get": {
+                    "summary": "The library's metrics (events, charges, collections, latencies) in Prometheus's text format; the names and labels are documented in the crate's README.",
+                    "security": [{"apiKey": []}],
+                    "responses": {
+                        "200": {"description": "The metrics.", "content": {"text/plain": {"schema": {"type": "string"}}}},
+                        "401": error("Missing or invalid API key."),
+                        "403": error("A user token: the metrics take the API key.")
+                    }
+                }
+            },
             "/dashboard/{userId}": {
                 "get": {
                     "summary": "The user's dashboard page for the current month. Open it as /dashboard/{userId}#token=<the user's token>: the fragment never reaches the server, and the page removes it from the address at once.",

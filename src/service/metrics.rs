@@ -4,25 +4,7 @@
 //! the recorder it likes (`metrics-exporter-prometheus`, say). Without one, each emission is a
 //! relaxed atomic load.
 //!
-//! | name | kind | labels | what |
-//! |---|---|---|---|
-//! | `token_billing_events_recorded_total` | counter | | usage events recorded (a re-send aside) |
-//! | `token_billing_events_resent_total` | counter | | events sent again, answered with their original outcome |
-//! | `token_billing_events_refused_total` | counter | `reason` | events refused on their own merits, nothing recorded (reasons below) |
-//! | `token_billing_events_failed_total` | counter | `cause`: `store`, `gateway`, `configuration` | events that failed for the system, not the event |
-//! | `token_billing_record_duration_seconds` | histogram | `call`: `event`, `batch` | the store's atomic step recording an event or a batch |
-//! | `token_billing_charges_created_total` | counter | `kind`: `fixed_fee`, `block` | charges created (by events, or opening a period) |
-//! | `token_billing_collections_total` | counter | `outcome`: `succeeded`, `failed`, `requires_action`, `pending` | collection attempts by how they left the charge (`pending`: outcome unknown, to resume) |
-//! | `token_billing_collection_duration_seconds` | histogram | | one collection attempt, the gateway calls and the settlement |
-//! | `token_billing_charges_resumed_total` | counter | | pending charges `resume_pending` took that an earlier collector had claimed: its lease expired (it stopped, or its outcome was unknown), or it left them waiting for a customer |
-//! | `token_billing_charges_past_lease` | gauge | | such charges taken by the latest `resume_pending` |
-//! | `token_billing_duplicate_payments_total` | counter | | second successful payments reported for a charge already paid (refund them) |
-//!
-//! Refusal reasons: `invalid` (the report: tokens, ids, times, metadata), `conflict` (the event
-//! id with other usage), `forgotten` (an id whose details were forgotten), `overflow`,
-//! `limit` (a spend cap, token cap or the payment gate), `plan` (a plan the service does not
-//! have, or a change the period refuses), `account` (a customer or account the call needs),
-//! `rating`.
+//! The names, kinds and labels are in the README's "Metrics" table, which this file keeps to.
 
 use std::time::Duration;
 
