@@ -1507,3 +1507,95 @@ async fn concurrent_registrations_of_one_account_lose_neither_change() {
         );
     }
 }
+
+/// Group commit: single events recorded at the same time by many tasks are gathered into
+/// rounds, one transaction each; a round that fails, before it writes or after its commit (its
+/// answer lost), loses and doubles no caller's event: each is recorded again on its own, and a
+/// committed one is answered as a re-send.
+mod group_commit {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    use token_billing::store::RecordUsage;
+    use token_billing::testing::store::{fresh_user, usage_event};
+    use token_billing::{ChargeKind, FeeCollection, PeriodKey, Plan, UsageStore, UserId};
+
+    fn small_blocks() -> Plan {
+        Plan::builder()
+            .included_tokens(10_000)
+            .block_size(10_000)
+            .build()
+            .expect("valid")
+    }
+
+    /// 64 events of 4 users, sent at once by 64 tasks, with the round that forms failing as
+    /// `after_commit` says; then every caller has its answer and every event is recorded once.
+    async fn a_failed_round_loses_and_doubles_nothing(after_commit: bool) {
+        let store = Arc::new(super::store().await);
+        let plan = Arc::new(small_blocks());
+        let period = PeriodKey::new(2026, 11).expect("a period");
+        let users: Vec<UserId> = (0..4).map(|_| fresh_user("round")).collect();
+        store.fail_next_round(after_commit);
+        let mut sent: BTreeMap<UserId, u64> = BTreeMap::new();
+        let mut tasks = Vec::new();
+        for i in 0..64u64 {
+            let user = users[usize::try_from(i % 4).expect("small")].clone();
+            let tokens = 1_000 + i * 37;
+            *sent.entry(user.clone()).or_default() += tokens;
+            let (store, plan) = (Arc::clone(&store), Arc::clone(&plan));
+            tasks.push(tokio::spawn(async move {
+                store
+                    .record_usage(RecordUsage {
+                        usage: usage_event(&user, tokens, "chat", period),
+                        plan: &plan,
+                        fee: FeeCollection::Library,
+                        lease_until: None,
+                        alerting: None,
+                        account: None,
+                    })
+                    .await
+            }));
+        }
+        for task in tasks {
+            let recorded = task.await.expect("joined").expect("every caller is answered its event");
+            assert!(
+                !recorded.replayed || after_commit,
+                "a re-send only where a commit's answer was lost"
+            );
+        }
+        assert!(
+            !store.round_failure_pending(),
+            "a round of several events formed, and failed"
+        );
+        for (user, tokens) in &sent {
+            let consumptions = store.consumptions(user, period).await.expect("consumptions");
+            assert_eq!(consumptions.len(), 16, "{user}: each event once");
+            let summary = store
+                .period_summary(user, period)
+                .await
+                .expect("read")
+                .expect("a summary");
+            assert_eq!((summary.total_tokens, summary.events), (*tokens, 16), "{user}");
+            let mut blocks: Vec<u64> = store
+                .charges(user, period)
+                .await
+                .expect("charges")
+                .iter()
+                .filter(|c| c.kind == ChargeKind::Block)
+                .map(|c| c.block)
+                .collect();
+            blocks.sort_unstable();
+            assert_eq!(blocks, (1..=plan.blocks_owed(*tokens)).collect::<Vec<_>>(), "{user}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_round_failing_before_it_writes_loses_and_doubles_nothing() {
+        a_failed_round_loses_and_doubles_nothing(false).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_round_whose_commit_answer_is_lost_loses_and_doubles_nothing() {
+        a_failed_round_loses_and_doubles_nothing(true).await;
+    }
+}

@@ -57,7 +57,30 @@ impl PostgresUsageStore {
         PostgresUsageStore {
             pool,
             accounts: Arc::new(AccountCache::new(ACCOUNT_CACHE)),
+            group: Arc::default(),
+            grouping: true,
         }
+    }
+
+    /// Whether single events recorded at the same time by this process's callers are gathered
+    /// into shared transactions (on unless turned off): each round of events is one batch, one
+    /// commit, and each caller still gets its own event's answer. A caller alone is recorded as
+    /// without it. Turn it off to keep one transaction per event, for instance when another
+    /// tool reads `pg_stat_statements` or the WAL by transaction, or to compare.
+    ///
+    /// # Example
+    /// ```no_run
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// use token_billing::PostgresUsageStore;
+    ///
+    /// let store = PostgresUsageStore::connect("postgres://postgres@127.0.0.1/test")
+    ///     .await?
+    ///     .with_group_commit(false);
+    /// # let _ = store; Ok(()) }
+    /// ```
+    #[must_use]
+    pub fn with_group_commit(self, on: bool) -> PostgresUsageStore {
+        PostgresUsageStore { grouping: on, ..self }
     }
 
     /// The pool.

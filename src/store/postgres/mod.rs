@@ -7,6 +7,7 @@
 //! - `accounts`: saving and reading accounts, and the cache new events are placed with;
 //! - `record`: recording one event (one statement, a compare-and-set, or a locking
 //!   transaction) and replaying a recorded one; `record_batch`: recording a batch;
+//!   `group_commit`: gathering the single events of concurrent callers into batches;
 //! - `charges`: creating, claiming, leasing and settling charges, the summary figures they
 //!   move, gateway events, and the audit entries of these writes;
 //! - `holds`: spend control's holds, granted in one statement, and a period's spend state;
@@ -20,6 +21,7 @@ mod accounts;
 mod alerts;
 mod charges;
 mod connection;
+mod group_commit;
 mod holds;
 mod record;
 mod record_batch;
@@ -35,6 +37,7 @@ use sqlx::postgres::PgPool;
 use self::accounts::AccountCache;
 use self::charges::{CLAIM_AWAITING, CLAIM_PENDING, CLAIM_RETRIES};
 pub use self::connection::MIGRATIONS;
+use self::group_commit::GroupCommit;
 use super::{
     Account, Alert, AuditEntry, EnsureCharge, GatewayEventRecord, Hold, HoldDecision, HoldRequest, OperationUsage,
     PeriodSummary, RecordUsage, Recorded, Settlement, SpendState, StoreError, TierChargeReport, UsageStore,
@@ -63,6 +66,9 @@ use crate::domain::{Charge, ChargeKey, EventId, PeriodKey, UsageRecord, UserId};
 pub struct PostgresUsageStore {
     pool: PgPool,
     accounts: Arc<AccountCache>,
+    group: Arc<GroupCommit>,
+    /// Whether single events go through the group commit.
+    grouping: bool,
 }
 
 #[async_trait]
@@ -95,7 +101,11 @@ impl UsageStore for PostgresUsageStore {
     }
 
     async fn record_usage(&self, request: RecordUsage<'_>) -> Result<Recorded, StoreError> {
-        self.record_event(request).await
+        if self.grouping {
+            self.record_in_round(request).await
+        } else {
+            self.record_event(request).await
+        }
     }
 
     async fn ensure_charge(&self, request: EnsureCharge) -> Result<(Charge, bool), StoreError> {

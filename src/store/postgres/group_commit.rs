@@ -1,0 +1,293 @@
+//! Group commit in [`PostgresUsageStore`]: the single events that callers of one process record
+//! at the same time are gathered into rounds, each recorded as one batch (one transaction, one
+//! commit), and each caller is answered its own event's outcome.
+//!
+//! A caller that finds no round running starts one with whatever is waiting, itself included;
+//! callers arriving while a round runs wait for the next, which starts the moment a round ends:
+//! no delay is added, and a caller alone is recorded by the one-statement way of a single event
+//! (a round of one). Rounds run on tasks of their own, so a caller that stops waiting (a client
+//! gone, a timeout) never stops a round that others wait on.
+//!
+//! A round checks the accounts its events were placed with first, as a single record does
+//! (`AccountChanged` refuses only the events whose account moved), then records the rest with
+//! `record_batch`, where an event refused on its own merits refuses only itself. When the
+//! round's transaction fails (or its commit's answer is lost) nothing of it is taken as done:
+//! each of its events is recorded again on its own, where a committed one is answered as a
+//! re-send, so no event is lost or recorded twice.
+
+use std::sync::Mutex;
+
+use chrono::{DateTime, SubsecRound, Utc};
+use tokio::sync::oneshot;
+
+use super::PostgresUsageStore;
+use crate::domain::{AlertPolicy, Ceiling, FeeCollection, Plan, UsageRecord};
+use crate::store::{Account, Alerting, RecordUsage, Recorded, StoreError};
+
+/// The metric of the rounds' sizes (the README's table).
+const ROUND_SIZE: &str = "token_billing_group_commit_round_events";
+
+/// The most events a round takes; more wait for the next.
+const MAX_ROUND: usize = 1_000;
+
+/// Rounds that may run at once: while one commits, the next records.
+const MAX_ROUNDS_RUNNING: usize = 2;
+
+/// The group commit of one store (shared by its clones).
+#[derive(Debug, Default)]
+pub(super) struct GroupCommit {
+    state: Mutex<State>,
+    /// Rounds to fail on purpose, for the tests of what a failed round does.
+    #[cfg(feature = "testing")]
+    faults: std::sync::atomic::AtomicUsize,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    waiting: Vec<Waiting>,
+    running: usize,
+}
+
+/// An event waiting for its round, with what recording it needs, owned, and where its answer
+/// goes.
+#[derive(Debug)]
+struct Waiting {
+    usage: UsageRecord,
+    placed: Placed,
+    answer: oneshot::Sender<Result<Recorded, StoreError>>,
+}
+
+/// What a [`RecordUsage`] borrows, owned, so that the event can wait on another task.
+#[derive(Debug)]
+struct Placed {
+    plan: Plan,
+    fee: FeeCollection,
+    lease_until: Option<DateTime<Utc>>,
+    alerting: Option<(AlertPolicy, Ceiling)>,
+    account: Option<Account>,
+}
+
+impl Placed {
+    fn of(request: &RecordUsage<'_>) -> Placed {
+        Placed {
+            plan: request.plan.clone(),
+            fee: request.fee,
+            lease_until: request.lease_until,
+            alerting: request.alerting.map(|a| (a.policy.clone(), a.ceiling)),
+            account: request.account.cloned(),
+        }
+    }
+
+    fn request(&self, usage: UsageRecord) -> RecordUsage<'_> {
+        RecordUsage {
+            usage,
+            plan: &self.plan,
+            fee: self.fee,
+            lease_until: self.lease_until,
+            alerting: self.alerting.as_ref().map(|(policy, ceiling)| Alerting {
+                policy,
+                ceiling: *ceiling,
+            }),
+            account: self.account.as_ref(),
+        }
+    }
+}
+
+impl PostgresUsageStore {
+    /// [`UsageStore::record_usage`](crate::UsageStore::record_usage) through the group commit.
+    pub(super) async fn record_in_round(&self, request: RecordUsage<'_>) -> Result<Recorded, StoreError> {
+        let (answer, answered) = oneshot::channel();
+        let waiting = Waiting {
+            placed: Placed::of(&request),
+            usage: request.usage,
+            answer,
+        };
+        let round = {
+            let mut state = lock(&self.group.state);
+            state.waiting.push(waiting);
+            if state.running < MAX_ROUNDS_RUNNING {
+                state.running += 1;
+                Some(take_round(&mut state))
+            } else {
+                None
+            }
+        };
+        if let Some(round) = round {
+            let store = self.clone();
+            tokio::spawn(async move { store.run_rounds(round).await });
+        }
+        answered.await.map_err(|_| StoreError::Unavailable {
+            store: "PostgreSQL store",
+            source: "the task recording the event's round stopped before it answered".into(),
+        })?
+    }
+
+    /// Runs `round`, then the rounds that formed meanwhile, until none waits.
+    async fn run_rounds(self, mut round: Vec<Waiting>) {
+        loop {
+            #[allow(clippy::cast_precision_loss, reason = "a count of events, at most MAX_ROUND")]
+            metrics::histogram!(ROUND_SIZE).record(round.len() as f64);
+            self.run_round(round).await;
+            let mut state = lock(&self.group.state);
+            if state.waiting.is_empty() {
+                state.running -= 1;
+                return;
+            }
+            round = take_round(&mut state);
+        }
+    }
+
+    /// Records one round and answers each of its callers.
+    async fn run_round(&self, round: Vec<Waiting>) {
+        if round.len() == 1 {
+            let Waiting { usage, placed, answer } = round.into_iter().next().expect("one event");
+            let _ = answer.send(self.record_event(placed.request(usage)).await);
+            return;
+        }
+        let (placed, rest): (Vec<Placed>, Vec<(UsageRecord, oneshot::Sender<_>)>) =
+            round.into_iter().map(|w| (w.placed, (w.usage, w.answer))).unzip();
+        let (usages, answers): (Vec<UsageRecord>, Vec<_>) = rest.into_iter().unzip();
+        // Kept to record each event again on its own, should the round fail.
+        let copies = usages.clone();
+        match self.record_round(&placed, usages).await {
+            Ok(results) => {
+                for (answer, result) in answers.into_iter().zip(results) {
+                    let _ = answer.send(result);
+                }
+            }
+            Err(error) => {
+                tracing::warn!(error = %error, events = copies.len(), "a round failed: recording its events one by one");
+                for ((usage, placed), answer) in copies.into_iter().zip(&placed).zip(answers) {
+                    let _ = answer.send(self.record_event(placed.request(usage)).await);
+                }
+            }
+        }
+    }
+
+    /// The answers of one round of several events: those whose account moved since they were
+    /// placed are refused, the others recorded in one batch. `Err` when the round's
+    /// transaction failed: nothing of it may be taken as done.
+    async fn record_round(
+        &self,
+        placed: &[Placed],
+        usages: Vec<UsageRecord>,
+    ) -> Result<Vec<Result<Recorded, StoreError>>, StoreError> {
+        #[cfg(feature = "testing")]
+        let fault = self.group.take_fault();
+        #[cfg(feature = "testing")]
+        if fault == Some(Fault::Before) {
+            return Err(StoreError::Unavailable {
+                store: "PostgreSQL store",
+                source: "a round failed on purpose before its transaction".into(),
+            });
+        }
+        let users: Vec<_> = usages.iter().map(|u| u.user_id.clone()).collect();
+        let stored = self.read_accounts(&users).await?;
+        let mut results: Vec<Option<Result<Recorded, StoreError>>> = Vec::with_capacity(usages.len());
+        let mut requests = Vec::with_capacity(usages.len());
+        let mut positions = Vec::with_capacity(usages.len());
+        for (position, ((usage, placed), stored)) in usages.into_iter().zip(placed).zip(stored).enumerate() {
+            match &placed.account {
+                Some(account) if !same_account(account, stored.as_ref()) => {
+                    self.accounts.forget(&usage.user_id);
+                    results.push(Some(Err(StoreError::AccountChanged { usage: Box::new(usage) })));
+                }
+                _ => {
+                    results.push(None);
+                    positions.push(position);
+                    requests.push(placed.request(usage));
+                }
+            }
+        }
+        let recorded = self.record_batch(requests).await?;
+        #[cfg(feature = "testing")]
+        if fault == Some(Fault::AfterCommit) {
+            return Err(StoreError::Unavailable {
+                store: "PostgreSQL store",
+                source: "a round's commit answer was lost on purpose".into(),
+            });
+        }
+        for (position, result) in positions.into_iter().zip(recorded) {
+            results[position] = Some(result);
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| {
+                    Err(StoreError::Generic {
+                        store: "PostgreSQL store",
+                        source: "a round answered fewer events than it took".into(),
+                    })
+                })
+            })
+            .collect())
+    }
+}
+
+/// Whether the stored account is the one an event was placed with, by what a single record
+/// compares (`account_unchanged`): customer, plan, earlier plans, subscription, last change.
+fn same_account(placed: &Account, stored: Option<&Account>) -> bool {
+    stored.is_some_and(|stored| {
+        stored.customer_id == placed.customer_id
+            && stored.plan_id == placed.plan_id
+            && stored.earlier_plans == placed.earlier_plans
+            && stored.subscription_id == placed.subscription_id
+            // As PostgreSQL keeps it, to the microsecond.
+            && stored.updated_at.trunc_subsecs(6) == placed.updated_at.trunc_subsecs(6)
+    })
+}
+
+/// The next round: up to [`MAX_ROUND`] of the events waiting, oldest first.
+fn take_round(state: &mut State) -> Vec<Waiting> {
+    if state.waiting.len() <= MAX_ROUND {
+        std::mem::take(&mut state.waiting)
+    } else {
+        state.waiting.drain(..MAX_ROUND).collect()
+    }
+}
+
+/// The state's lock; held for a push or a take, never across an `.await`.
+fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A failure a test makes a round meet.
+#[cfg(feature = "testing")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    /// The round fails before it writes anything.
+    Before,
+    /// The round's transaction commits, and its answer is lost.
+    AfterCommit,
+}
+
+#[cfg(feature = "testing")]
+impl GroupCommit {
+    /// The fault the next round of several events meets, taken once.
+    fn take_fault(&self) -> Option<Fault> {
+        match self.faults.swap(0, std::sync::atomic::Ordering::AcqRel) {
+            0 => None,
+            1 => Some(Fault::Before),
+            _ => Some(Fault::AfterCommit),
+        }
+    }
+}
+
+#[cfg(feature = "testing")]
+impl PostgresUsageStore {
+    /// Makes the next round of several events fail (feature `testing`): before it writes
+    /// anything, or (`after_commit`) once its transaction committed, as when the commit's
+    /// answer is lost. Every caller of that round must still be answered its event's outcome,
+    /// each event recorded once.
+    pub fn fail_next_round(&self, after_commit: bool) {
+        self.group
+            .faults
+            .store(if after_commit { 2 } else { 1 }, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether the failure [`fail_next_round`](Self::fail_next_round) asked for is still to
+    /// come (feature `testing`): no round of several events has run since.
+    pub fn round_failure_pending(&self) -> bool {
+        self.group.faults.load(std::sync::atomic::Ordering::Acquire) != 0
+    }
+}
