@@ -66,11 +66,13 @@ async fn service() -> (BillingService, String) {
         .expect("a valid DATABASE_URL")
         .options([("search_path", schema.as_str())]);
     let pool = PgPoolOptions::new()
-        .max_connections(20)
+        .max_connections(70)
         .connect_with(options)
         .await
         .expect("connect");
-    let store = PostgresUsageStore::from_pool(pool);
+    // `GROUP_COMMIT=off` records each single event in a transaction of its own, to compare.
+    let grouping = std::env::var("GROUP_COMMIT").map_or(true, |v| v != "off");
+    let store = PostgresUsageStore::from_pool(pool).with_group_commit(grouping);
     store.migrate().await.expect("migrate");
     let billing = BillingService::builder(Arc::new(store), Arc::new(SandboxGateway::new()))
         .unregistered_users(UnregisteredUsers::OpenCustomer)
@@ -99,6 +101,57 @@ fn report(user: u64) -> UsageReport {
     UsageReport::new(format!("bench-user-{user}"), 1_000, "chat")
         .metadata(metadata())
         .event_id(format!("bench-{n}"))
+}
+
+/// The group commit's rounds and events, by benchmark, read from its round-size metric with a
+/// recorder installed for the benchmark: each round is one transaction, so rounds per event
+/// is commits per event. Events recorded with the group commit off are not counted.
+static ROUNDS: std::sync::OnceLock<metrics_util::debugging::Snapshotter> = std::sync::OnceLock::new();
+static COMMITS: Mutex<Vec<(&str, u64, u64)>> = Mutex::new(Vec::new());
+
+/// Runs `measure`, and keeps the rounds and events the group commit recorded meanwhile.
+fn counted_commits(name: &'static str, measure: impl FnOnce() -> Duration) -> Duration {
+    let snapshotter = ROUNDS.get_or_init(|| {
+        let recorder = metrics_util::debugging::DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        recorder.install().expect("the benchmark's recorder");
+        snapshotter
+    });
+    // Taking a snapshot empties the histograms: what is read after `measure` is its own.
+    drop(snapshotter.snapshot());
+    let elapsed = measure();
+    let (mut rounds, mut events) = (0u64, 0u64);
+    for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+        if let metrics_util::debugging::DebugValue::Histogram(sizes) = value {
+            if key.key().name() == "token_billing_group_commit_round_events" {
+                rounds += sizes.len() as u64;
+                // Round sizes are whole counts of events, recorded as floats by the facade.
+                #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+                let sum = sizes.iter().map(|s| s.into_inner() as u64).sum::<u64>();
+                events += sum;
+            }
+        }
+    }
+    COMMITS.lock().expect("commits").push((name, rounds, events));
+    elapsed
+}
+
+/// Prints the commits per event of each benchmark (rounds per event of the group commit).
+fn print_commits() {
+    let mut by_name: std::collections::BTreeMap<&str, (u64, u64)> = std::collections::BTreeMap::new();
+    for (name, rounds, events) in std::mem::take(&mut *COMMITS.lock().expect("commits")) {
+        let entry = by_name.entry(name).or_default();
+        entry.0 += rounds;
+        entry.1 += events;
+    }
+    for (name, (rounds, events)) in by_name {
+        if events > 0 {
+            println!(
+                "postgres_one_event/{name} commits per event: {:.3} ({rounds} rounds, {events} events)",
+                rounds as f64 / events as f64
+            );
+        }
+    }
 }
 
 /// How long each event took with one caller, for its median: pgbench reports latencies per
@@ -243,9 +296,13 @@ fn postgres(c: &mut Criterion) {
         b.iter_custom(|iters| one_at_a_time(&runtime, &billing, iters, 1))
     });
     group.bench_function("sixteen_callers", |b| {
-        b.iter_custom(|iters| one_at_a_time(&runtime, &billing, iters, 16))
+        b.iter_custom(|iters| counted_commits("sixteen_callers", || one_at_a_time(&runtime, &billing, iters, 16)))
+    });
+    group.bench_function("sixty_four_callers", |b| {
+        b.iter_custom(|iters| counted_commits("sixty_four_callers", || one_at_a_time(&runtime, &billing, iters, 64)))
     });
     group.finish();
+    print_commits();
     print_latencies(
         "postgres_one_event/one_caller",
         std::mem::take(&mut *LATENCIES.lock().expect("latencies")),
