@@ -1589,6 +1589,50 @@ mod group_commit {
         }
     }
 
+    /// A round whose task stops midway (here its runtime shuts down) answers its callers that
+    /// the store is unavailable, and leaves the store recording: the next caller starts a round.
+    #[test]
+    fn a_round_task_stopped_midway_leaves_the_store_recording() {
+        let runtime = || {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .expect("a runtime")
+        };
+        let main = runtime();
+        let store = Arc::new(main.block_on(super::store()));
+        let plan = Arc::new(small_blocks());
+        let period = PeriodKey::new(2026, 11).expect("a period");
+        let user = fresh_user("stopped");
+        let record = |store: Arc<token_billing::PostgresUsageStore>, plan: Arc<Plan>, user: UserId| async move {
+            store
+                .record_usage(RecordUsage {
+                    usage: usage_event(&user, 1_000, "chat", period),
+                    plan: &plan,
+                    fee: FeeCollection::Library,
+                    lease_until: None,
+                    alerting: None,
+                    account: None,
+                })
+                .await
+        };
+        // The first caller's round runs on a runtime of its own, which is shut down under it.
+        let doomed = runtime();
+        store.hang_next_round();
+        let caller = doomed.spawn(record(Arc::clone(&store), Arc::clone(&plan), user.clone()));
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        doomed.shutdown_timeout(std::time::Duration::from_secs(1));
+        assert!(
+            main.block_on(caller).is_err(),
+            "the caller's task stopped with its runtime"
+        );
+        let next = main.block_on(async {
+            tokio::time::timeout(std::time::Duration::from_secs(10), record(store, plan, user)).await
+        });
+        assert!(next.expect("a round started for the next caller").is_ok(), "recorded");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_round_failing_before_it_writes_loses_and_doubles_nothing() {
         a_failed_round_loses_and_doubles_nothing(false).await;

@@ -42,6 +42,9 @@ pub(super) struct GroupCommit {
     /// Rounds to fail on purpose, for the tests of what a failed round does.
     #[cfg(feature = "testing")]
     faults: std::sync::atomic::AtomicUsize,
+    /// Whether the next round never ends, for the test of a round task stopped midway.
+    #[cfg(feature = "testing")]
+    hang: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -126,9 +129,19 @@ impl PostgresUsageStore {
 
     /// Runs `round`, then the rounds that formed meanwhile, until none waits.
     async fn run_rounds(self, mut round: Vec<Waiting>) {
+        // Should this task stop midway (its runtime shutting down, a panic), the next caller
+        // must still find no round running, and those waiting must not wait for ever.
+        let mut running = Running {
+            group: &self.group,
+            done: false,
+        };
         loop {
             #[allow(clippy::cast_precision_loss, reason = "a count of events, at most MAX_ROUND")]
             metrics::histogram!(ROUND_SIZE).record(round.len() as f64);
+            #[cfg(feature = "testing")]
+            if self.group.hang.swap(false, std::sync::atomic::Ordering::AcqRel) {
+                std::future::pending::<()>().await;
+            }
             self.run_round(round).await;
             // The callers just answered are ready to run: letting them (one turn of the
             // scheduler, no delay) puts those that record again at once in the next round.
@@ -136,6 +149,7 @@ impl PostgresUsageStore {
             let mut state = lock(&self.group.state);
             if state.waiting.is_empty() {
                 state.running -= 1;
+                running.done = true;
                 return;
             }
             round = take_round(&mut state);
@@ -242,6 +256,24 @@ fn same_account(placed: &Account, stored: Option<&Account>) -> bool {
     })
 }
 
+/// A round task's claim on the group: given back if the task stops before it ends its loop,
+/// the events waiting then answered [`StoreError::Unavailable`] (their senders dropped), so
+/// that they are sent again.
+struct Running<'a> {
+    group: &'a GroupCommit,
+    done: bool,
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            let mut state = lock(&self.group.state);
+            state.running -= 1;
+            state.waiting.clear();
+        }
+    }
+}
+
 /// The next round: up to [`MAX_ROUND`] of the events waiting, oldest first.
 fn take_round(state: &mut State) -> Vec<Waiting> {
     if state.waiting.len() <= MAX_ROUND {
@@ -288,6 +320,12 @@ impl PostgresUsageStore {
         self.group
             .faults
             .store(if after_commit { 2 } else { 1 }, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Makes the next round never end (feature `testing`), as a round whose task stops
+    /// midway: its runtime shuts down, or it panics.
+    pub fn hang_next_round(&self) {
+        self.group.hang.store(true, std::sync::atomic::Ordering::Release);
     }
 
     /// Whether the failure [`fail_next_round`](Self::fail_next_round) asked for is still to
