@@ -174,3 +174,22 @@ fn collections_declines_resumes_and_duplicates_are_counted() {
     assert_eq!(gauges.get("token_billing_charges_past_lease"), Some(&1.0));
     assert_eq!(counters.get("token_billing_duplicate_payments_total"), Some(&1));
 }
+
+#[test]
+fn a_batch_the_store_cannot_record_counts_each_of_its_events_failed() {
+    let (counters, _, _) = recorded(|| async {
+        let inner = Arc::new(token_billing::InMemoryUsageStore::new());
+        let faulty = Arc::new(token_billing::testing::faults::FaultyStore::new(inner));
+        let sandbox = SandboxGateway::new();
+        let h = Harness::over(faulty.clone(), Arc::new(sandbox.clone()), sandbox, |b| b);
+        faulty.inject(
+            token_billing::testing::faults::StoreOp::RecordUsage,
+            Fault::FailBefore,
+            1,
+        );
+        let batch = (0..3).map(|i| UsageReport::new("batched", 1_000 + i, "chat")).collect();
+        assert!(h.service.process_token_usage_batch(batch).await.is_err());
+    });
+    assert_eq!(counters.get("token_billing_events_failed_total{cause=store}"), Some(&3));
+    assert!(!counters.contains_key("token_billing_events_recorded_total"));
+}

@@ -10,6 +10,9 @@ use common::pg::{schema, store, store_in};
 use token_billing::PostgresUsageStore;
 
 token_billing::usage_store_conformance!(postgres_conformance, async { super::store().await });
+token_billing::usage_store_conformance!(postgres_group_commit_conformance, async {
+    super::store().await.with_group_commit(true)
+});
 
 mod service {
     use std::sync::Arc;
@@ -1531,7 +1534,7 @@ mod group_commit {
     /// 64 events of 4 users, sent at once by 64 tasks, with the round that forms failing as
     /// `after_commit` says; then every caller has its answer and every event is recorded once.
     async fn a_failed_round_loses_and_doubles_nothing(after_commit: bool) {
-        let store = Arc::new(super::store().await);
+        let store = Arc::new(super::store().await.with_group_commit(true));
         let plan = Arc::new(small_blocks());
         let period = PeriodKey::new(2026, 11).expect("a period");
         let users: Vec<UserId> = (0..4).map(|_| fresh_user("round")).collect();
@@ -1543,10 +1546,16 @@ mod group_commit {
             let tokens = 1_000 + i * 37;
             *sent.entry(user.clone()).or_default() += tokens;
             let (store, plan) = (Arc::clone(&store), Arc::clone(&plan));
+            let mut usage = usage_event(&user, tokens, "chat", period);
+            if i % 2 == 1 {
+                // An event sent without the host's id: its consumption id stands in.
+                usage.event_id = token_billing::EventId::new(usage.consumption_id.to_string()).expect("an id");
+                assert!(!usage.has_host_event_id());
+            }
             tasks.push(tokio::spawn(async move {
                 store
                     .record_usage(RecordUsage {
-                        usage: usage_event(&user, tokens, "chat", period),
+                        usage,
                         plan: &plan,
                         fee: FeeCollection::Library,
                         lease_until: None,
@@ -1559,8 +1568,8 @@ mod group_commit {
         for task in tasks {
             let recorded = task.await.expect("joined").expect("every caller is answered its event");
             assert!(
-                !recorded.replayed || after_commit,
-                "a re-send only where a commit's answer was lost"
+                !recorded.replayed,
+                "each caller's own event, even where the round's commit answer was lost"
             );
         }
         assert!(
@@ -1601,7 +1610,7 @@ mod group_commit {
                 .expect("a runtime")
         };
         let main = runtime();
-        let store = Arc::new(main.block_on(super::store()));
+        let store = Arc::new(main.block_on(super::store()).with_group_commit(true));
         let plan = Arc::new(small_blocks());
         let period = PeriodKey::new(2026, 11).expect("a period");
         let user = fresh_user("stopped");
@@ -1621,7 +1630,15 @@ mod group_commit {
         let doomed = runtime();
         store.hang_next_round();
         let caller = doomed.spawn(record(Arc::clone(&store), Arc::clone(&plan), user.clone()));
-        std::thread::sleep(std::time::Duration::from_millis(200));
+        // Once its round has started (and hangs), the runtime goes.
+        let started = std::time::Instant::now();
+        while store.round_hang_pending() {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(10),
+                "the round started"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         doomed.shutdown_timeout(std::time::Duration::from_secs(1));
         assert!(
             main.block_on(caller).is_err(),

@@ -23,6 +23,20 @@ pub(crate) fn recorder() -> &'static PrometheusHandle {
             Ok(()) => token_billing::describe_metrics(),
             Err(_) => tracing::warn!("another metrics recorder is installed: /metrics reports nothing"),
         }
+        // The recorder keeps histogram samples until its upkeep folds them: run it whether or
+        // not anybody scrapes, so that memory stays bounded.
+        let upkeep = handle.clone();
+        let spawned = std::thread::Builder::new()
+            .name("metrics-upkeep".to_owned())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(std::time::Duration::from_secs(5));
+                    upkeep.run_upkeep();
+                }
+            });
+        if let Err(error) = spawned {
+            tracing::warn!(error = %error, "no upkeep thread for the metrics: each scrape folds them");
+        }
         handle
     })
 }

@@ -86,6 +86,15 @@ pub(super) fn event_answered<T>(result: &Result<T, BillingError>, replayed: impl
     }
 }
 
+/// `events` events failed together (a batch the store could not record), for `error`.
+pub(super) fn events_failed(error: &BillingError, events: usize) {
+    let events = u64::try_from(events).unwrap_or(u64::MAX);
+    match refusal_reason(error) {
+        Some(reason) => counter!(EVENTS_REFUSED, "reason" => reason).increment(events),
+        None => counter!(EVENTS_FAILED, "cause" => failure_cause(error)).increment(events),
+    }
+}
+
 /// Why an event was refused on its own merits; `None` for a failure of the system.
 fn refusal_reason(error: &BillingError) -> Option<&'static str> {
     Some(match error {

@@ -484,8 +484,9 @@ impl BillingService {
         &self,
         reports: Vec<UsageReport>,
     ) -> Result<Vec<Result<UsageOutcome, BillingError>>, BillingError> {
-        let span = info_span!("process_token_usage_batch", events = reports.len());
-        async {
+        let events = reports.len();
+        let span = info_span!("process_token_usage_batch", events);
+        let answered = async {
             let now = self.clock.now();
             let mut outcomes: Vec<Option<Result<UsageOutcome, BillingError>>> = Vec::with_capacity(reports.len());
             let mut read = Vec::with_capacity(reports.len());
@@ -674,7 +675,12 @@ impl BillingService {
             Ok(outcomes)
         }
         .instrument(span)
-        .await
+        .await;
+        if let Err(error) = &answered {
+            // Not one event of the batch was answered: each failed.
+            metrics::events_failed(error, events);
+        }
+        answered
     }
 
     /// The original outcome of an event that was already recorded with the same usage; `None`

@@ -58,15 +58,23 @@ impl PostgresUsageStore {
             pool,
             accounts: Arc::new(AccountCache::new(ACCOUNT_CACHE)),
             group: Arc::default(),
-            grouping: true,
+            grouping: false,
         }
     }
 
     /// Whether single events recorded at the same time by this process's callers are gathered
-    /// into shared transactions (on unless turned off): each round of events is one batch, one
-    /// commit, and each caller still gets its own event's answer. A caller alone is recorded as
-    /// without it. Turn it off to keep one transaction per event, for instance when another
-    /// tool reads `pg_stat_statements` or the WAL by transaction, or to compare.
+    /// into shared transactions (group commit; off unless turned on): each round of events is
+    /// one batch and one commit, and each caller still gets its own event's answer; a caller
+    /// alone is recorded as without it. With 64 callers it records about 3.5 times as many
+    /// events a second (BENCHMARKS.md).
+    ///
+    /// What it costs, and why it is not the default yet: one round runs at a time, so a round
+    /// that waits for a row lock another session holds delays the process's other single
+    /// events; a round checks its events' accounts just before its transaction, where a single
+    /// record checks in its own statement; a failed round is recorded again one event at a time;
+    /// the events of a round share its first event's time as their `created_at`; and rounds run
+    /// on tasks of the runtime of the caller that starts them, so use the store from one
+    /// runtime that keeps running (a service's).
     ///
     /// # Example
     /// ```no_run
@@ -75,7 +83,7 @@ impl PostgresUsageStore {
     ///
     /// let store = PostgresUsageStore::connect("postgres://postgres@127.0.0.1/test")
     ///     .await?
-    ///     .with_group_commit(false);
+    ///     .with_group_commit(true);
     /// # let _ = store; Ok(()) }
     /// ```
     #[must_use]

@@ -1,5 +1,5 @@
-//! Group commit in [`PostgresUsageStore`]: the single events that callers of one process record
-//! at the same time are gathered into rounds, each recorded as one batch (one transaction, one
+//! Group commit in [`PostgresUsageStore`] (off unless `with_group_commit(true)`): the single
+//! events that callers of one process record at the same time are gathered into rounds, each recorded as one batch (one transaction, one
 //! commit), and each caller is answered its own event's outcome.
 //!
 //! A caller that finds no round running starts one with whatever is waiting, itself included;
@@ -118,8 +118,14 @@ impl PostgresUsageStore {
             }
         };
         if let Some(round) = round {
+            // Made before the task, so that a task dropped before it first runs gives the claim
+            // back too.
+            let running = Running {
+                group: std::sync::Arc::clone(&self.group),
+                done: false,
+            };
             let store = self.clone();
-            tokio::spawn(async move { store.run_rounds(round).await });
+            tokio::spawn(async move { store.run_rounds(round, running).await });
         }
         answered.await.map_err(|_| StoreError::Unavailable {
             store: "PostgreSQL store",
@@ -128,13 +134,9 @@ impl PostgresUsageStore {
     }
 
     /// Runs `round`, then the rounds that formed meanwhile, until none waits.
-    async fn run_rounds(self, mut round: Vec<Waiting>) {
-        // Should this task stop midway (its runtime shutting down, a panic), the next caller
-        // must still find no round running, and those waiting must not wait for ever.
-        let mut running = Running {
-            group: &self.group,
-            done: false,
-        };
+    async fn run_rounds(self, mut round: Vec<Waiting>, mut running: Running) {
+        // Should this task stop midway (its runtime shutting down, a panic), `running` gives
+        // the claim back: the next caller starts a round, and those waiting do not wait for ever.
         loop {
             #[allow(clippy::cast_precision_loss, reason = "a count of events, at most MAX_ROUND")]
             metrics::histogram!(ROUND_SIZE).record(round.len() as f64);
@@ -177,7 +179,19 @@ impl PostgresUsageStore {
             Err(error) => {
                 tracing::warn!(error = %error, events = copies.len(), "a round failed: recording its events one by one");
                 for ((usage, placed), answer) in copies.into_iter().zip(&placed).zip(answers) {
-                    let _ = answer.send(self.record_event(placed.request(usage)).await);
+                    if answer.is_closed() {
+                        continue;
+                    }
+                    let consumption = usage.consumption_id;
+                    let result = self.record_event(placed.request(usage)).await.map(|mut recorded| {
+                        // Found recorded with this very call's consumption: the failed round
+                        // committed it, so it is this call's record, not a re-send.
+                        if recorded.usage.consumption_id == consumption {
+                            recorded.replayed = false;
+                        }
+                        recorded
+                    });
+                    let _ = answer.send(result);
                 }
             }
         }
@@ -259,12 +273,12 @@ fn same_account(placed: &Account, stored: Option<&Account>) -> bool {
 /// A round task's claim on the group: given back if the task stops before it ends its loop,
 /// the events waiting then answered [`StoreError::Unavailable`] (their senders dropped), so
 /// that they are sent again.
-struct Running<'a> {
-    group: &'a GroupCommit,
+struct Running {
+    group: std::sync::Arc<GroupCommit>,
     done: bool,
 }
 
-impl Drop for Running<'_> {
+impl Drop for Running {
     fn drop(&mut self) {
         if !self.done {
             let mut state = lock(&self.group.state);
@@ -274,8 +288,11 @@ impl Drop for Running<'_> {
     }
 }
 
-/// The next round: up to [`MAX_ROUND`] of the events waiting, oldest first.
+/// The next round: up to [`MAX_ROUND`] of the events waiting, oldest first. An event whose
+/// caller stopped waiting (a client gone, a timeout) is dropped unrecorded, as a single record
+/// dropped before its statement records nothing.
 fn take_round(state: &mut State) -> Vec<Waiting> {
+    state.waiting.retain(|waiting| !waiting.answer.is_closed());
     if state.waiting.len() <= MAX_ROUND {
         std::mem::take(&mut state.waiting)
     } else {
@@ -326,6 +343,12 @@ impl PostgresUsageStore {
     /// midway: its runtime shuts down, or it panics.
     pub fn hang_next_round(&self) {
         self.group.hang.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether the hang [`hang_next_round`](Self::hang_next_round) asked for is still to come
+    /// (feature `testing`).
+    pub fn round_hang_pending(&self) -> bool {
+        self.group.hang.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Whether the failure [`fail_next_round`](Self::fail_next_round) asked for is still to
