@@ -95,6 +95,20 @@ impl fmt::Display for TokenClass {
 }
 
 impl TokenCounts {
+    /// The counts kept as one column per class (in [`TokenClass::ALL`]'s order), when every
+    /// column has one: a stored event reported its classes, or none of them.
+    #[cfg_attr(not(any(feature = "postgres", feature = "sqlite")), allow(dead_code))]
+    pub(crate) fn from_columns(columns: [Option<u64>; 5]) -> Option<TokenCounts> {
+        let [input, cached_input, cache_write, output, reasoning] = columns;
+        Some(TokenCounts {
+            input: input?,
+            cached_input: cached_input?,
+            cache_write: cache_write?,
+            output: output?,
+            reasoning: reasoning?,
+        })
+    }
+
     /// The count of one class.
     pub fn get(&self, class: TokenClass) -> u64 {
         match class {

@@ -32,6 +32,8 @@ pub use holds::{Hold, HoldDecision, HoldRequest, SpendState};
 pub use memory::{EventRetention, InMemoryUsageStore, InMemoryUsageStoreBuilder};
 #[cfg(feature = "postgres")]
 pub use postgres::{MIGRATIONS, PostgresUsageStore};
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+pub(crate) use records::CLASS_COLUMNS;
 #[cfg(feature = "postgres")]
 pub(crate) use records::SummaryDelta;
 pub use records::{Account, AuditEntry, AuditEvent, ModelUsage, OperationUsage, PeriodSummary, TierChargeReport};

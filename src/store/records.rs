@@ -403,3 +403,13 @@ pub enum AuditEvent {
         plan_id: PlanId,
     },
 }
+
+/// The columns of a consumption's token classes in the SQL stores, in [`TokenClass::ALL`](crate::TokenClass::ALL)'s order.
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+pub(crate) const CLASS_COLUMNS: [&str; 5] = [
+    "input_tokens",
+    "cached_input_tokens",
+    "cache_write_tokens",
+    "output_tokens",
+    "reasoning_tokens",
+];

@@ -9,7 +9,7 @@ use sqlx::{Postgres, Row};
 
 use crate::domain::{BillableTokens, Charge, ModelName, TokenClass, TokenCounts, TokenDetail, UsageRecord};
 use crate::domain::{ChargeKey, ClientId, Currency, CustomerId, EventId, Metadata, Money, OperationType, PlanId};
-use crate::store::{Account, AuditEvent, BoxError, PeriodSummary, StoreError};
+use crate::store::{Account, AuditEvent, BoxError, CLASS_COLUMNS, PeriodSummary, StoreError};
 
 const STORE: &str = "PostgreSQL store";
 
@@ -204,22 +204,11 @@ fn detail_from(row: &PgRow) -> Result<Option<Box<TokenDetail>>, StoreError> {
             .map(to_u64)
             .transpose()
     };
-    let counts = match (
-        class("input_tokens")?,
-        class("cached_input_tokens")?,
-        class("cache_write_tokens")?,
-        class("output_tokens")?,
-        class("reasoning_tokens")?,
-    ) {
-        (Some(input), Some(cached_input), Some(cache_write), Some(output), Some(reasoning)) => Some(TokenCounts {
-            input,
-            cached_input,
-            cache_write,
-            output,
-            reasoning,
-        }),
-        _ => None,
-    };
+    let mut columns = [None; 5];
+    for (value, column) in columns.iter_mut().zip(CLASS_COLUMNS) {
+        *value = class(column)?;
+    }
+    let counts = TokenCounts::from_columns(columns);
     Ok(Some(Box::new(TokenDetail {
         model: row
             .try_get::<Option<&str>, _>("model")

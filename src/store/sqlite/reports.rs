@@ -8,11 +8,10 @@ use sqlx::Row;
 
 use super::SqliteUsageStore;
 use super::rows::{
-    CONSUMPTION_COLUMNS, SUMMARY_COLUMNS, at, count, db, from_json, maybe_text, summary_from, text, usage_from,
+    CONSUMPTION_COLUMNS, SUMMARY_COLUMNS, at, count, counts_from, db, from_json, maybe_text, summary_from, text,
+    usage_from,
 };
-use crate::domain::{
-    BillableTokens, Currency, ModelName, Money, OperationType, PeriodKey, TokenCounts, UsageRecord, UserId,
-};
+use crate::domain::{BillableTokens, Currency, ModelName, Money, OperationType, PeriodKey, UsageRecord, UserId};
 use crate::store::{AuditEntry, ModelUsage, OperationUsage, PeriodSummary, StoreError, TierChargeReport};
 
 impl SqliteUsageStore {
@@ -103,23 +102,7 @@ impl SqliteUsageStore {
         for row in &rows {
             let model = maybe_text::<ModelName>(row, "model")?;
             let tokens = count(row, "tokens_used")?;
-            let class = |column: &str| -> Result<Option<i64>, StoreError> { row.try_get(column).map_err(db) };
-            let counts = match (
-                class("input_tokens")?,
-                class("cached_input_tokens")?,
-                class("cache_write_tokens")?,
-                class("output_tokens")?,
-                class("reasoning_tokens")?,
-            ) {
-                (Some(_), Some(_), Some(_), Some(_), Some(_)) => Some(TokenCounts {
-                    input: count(row, "input_tokens")?,
-                    cached_input: count(row, "cached_input_tokens")?,
-                    cache_write: count(row, "cache_write_tokens")?,
-                    output: count(row, "output_tokens")?,
-                    reasoning: count(row, "reasoning_tokens")?,
-                }),
-                _ => None,
-            };
+            let counts = counts_from(row)?;
             let billable =
                 maybe_text::<BillableTokens>(row, "billable_tokens")?.unwrap_or_else(|| BillableTokens::whole(tokens));
             let entry = by_model

@@ -12,7 +12,7 @@ use crate::domain::{
     BillableTokens, Charge, ChargeKey, ClientId, Currency, CustomerId, EventId, Metadata, ModelName, Money,
     OperationType, PlanId, TokenCounts, TokenDetail, UsageRecord,
 };
-use crate::store::{Account, AuditEvent, BoxError, PeriodSummary, StoreError};
+use crate::store::{Account, AuditEvent, BoxError, CLASS_COLUMNS, PeriodSummary, StoreError};
 
 const STORE: &str = "SQLite store";
 
@@ -205,34 +205,26 @@ pub(super) const CONSUMPTION_COLUMNS: &str = "user_id, id, event_id, period, tok
     metadata, occurred_at, occurred_at_reported, created_at, model, input_tokens, cached_input_tokens,
     cache_write_tokens, output_tokens, reasoning_tokens, billable_tokens";
 
+/// The token classes of a consumption row: `None` for an event that reported none.
+pub(super) fn counts_from(row: &SqliteRow) -> Result<Option<TokenCounts>, StoreError> {
+    let mut columns = [None; 5];
+    for (value, column) in columns.iter_mut().zip(CLASS_COLUMNS) {
+        *value = row
+            .try_get::<Option<i64>, _>(column)
+            .map_err(db)?
+            .map(to_u64)
+            .transpose()?;
+    }
+    Ok(TokenCounts::from_columns(columns))
+}
+
 /// The model, token classes and billable tokens of a consumption row: `None` for an event
 /// reported with `tokens_used` alone.
 fn detail_from(row: &SqliteRow) -> Result<Option<Box<TokenDetail>>, StoreError> {
     let Some(billable) = maybe_text::<BillableTokens>(row, "billable_tokens")? else {
         return Ok(None);
     };
-    let class = |column: &str| -> Result<Option<u64>, StoreError> {
-        row.try_get::<Option<i64>, _>(column)
-            .map_err(db)?
-            .map(to_u64)
-            .transpose()
-    };
-    let counts = match (
-        class("input_tokens")?,
-        class("cached_input_tokens")?,
-        class("cache_write_tokens")?,
-        class("output_tokens")?,
-        class("reasoning_tokens")?,
-    ) {
-        (Some(input), Some(cached_input), Some(cache_write), Some(output), Some(reasoning)) => Some(TokenCounts {
-            input,
-            cached_input,
-            cache_write,
-            output,
-            reasoning,
-        }),
-        _ => None,
-    };
+    let counts = counts_from(row)?;
     Ok(Some(Box::new(TokenDetail {
         model: maybe_text::<ModelName>(row, "model")?,
         counts,
