@@ -10,8 +10,8 @@ use common::pg::{schema, store, store_in};
 use token_billing::PostgresUsageStore;
 
 token_billing::usage_store_conformance!(postgres_conformance, async { super::store().await });
-token_billing::usage_store_conformance!(postgres_group_commit_conformance, async {
-    super::store().await.with_group_commit(true)
+token_billing::usage_store_conformance!(postgres_without_group_commit_conformance, async {
+    super::store().await.with_group_commit(false)
 });
 
 mod service {
@@ -1658,5 +1658,213 @@ mod group_commit {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_round_whose_commit_answer_is_lost_loses_and_doubles_nothing() {
         a_failed_round_loses_and_doubles_nothing(true).await;
+    }
+
+    /// Sends `usages` at once, each on its own task placed with `account_of`'s account, until
+    /// one sending formed a round of several events; answers each event's outcome, in order.
+    async fn sent_at_once(
+        store: &Arc<token_billing::PostgresUsageStore>,
+        plan: &Arc<Plan>,
+        usages: Vec<(token_billing::UsageRecord, Option<token_billing::store::Account>)>,
+    ) -> Vec<Result<token_billing::store::Recorded, token_billing::StoreError>> {
+        let before = store.rounds_of_several_events();
+        let tasks: Vec<_> = usages
+            .into_iter()
+            .map(|(usage, account)| {
+                let (store, plan) = (Arc::clone(store), Arc::clone(plan));
+                tokio::spawn(async move {
+                    store
+                        .record_usage(RecordUsage {
+                            usage,
+                            plan: &plan,
+                            fee: FeeCollection::Library,
+                            lease_until: None,
+                            alerting: None,
+                            account: account.as_ref(),
+                        })
+                        .await
+                })
+            })
+            .collect();
+        let mut outcomes = Vec::new();
+        for task in tasks {
+            outcomes.push(task.await.expect("joined"));
+        }
+        assert!(
+            store.rounds_of_several_events() > before,
+            "the events were recorded in a round of several"
+        );
+        outcomes
+    }
+
+    /// In a round, an event placed with an account that changed since is refused on its own
+    /// (`AccountChanged`, as a single record refuses it), and the round's other events are
+    /// recorded.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_round_refuses_only_the_events_placed_with_an_account_that_changed() {
+        use token_billing::store::Account;
+        use token_billing::testing::store::base_instant;
+
+        let store = Arc::new(super::store().await.with_group_commit(true));
+        let plan = Arc::new(small_blocks());
+        let period = PeriodKey::new(2026, 11).expect("a period");
+        let users: Vec<UserId> = (0..8).map(|_| fresh_user("placed")).collect();
+        let mut placed = Vec::new();
+        for user in &users {
+            let account = Account {
+                user_id: user.clone(),
+                customer_id: None,
+                plan_id: token_billing::PlanId::new("default").expect("a plan id"),
+                earlier_plans: Vec::new(),
+                subscription_id: None,
+                limits: None,
+                created_at: base_instant(),
+                updated_at: base_instant(),
+            };
+            store.put_account(account.clone()).await.expect("saved");
+            placed.push(account);
+        }
+        // Every user's period is open, so that the events below take the rounds' common way.
+        let opening = users
+            .iter()
+            .zip(&placed)
+            .map(|(user, account)| (usage_event(user, 1_000, "chat", period), Some(account.clone())));
+        for outcome in sent_at_once(&store, &plan, opening.collect()).await {
+            outcome.expect("recorded with the accounts as stored");
+        }
+        // Half the users' accounts change after the events were placed with them.
+        for account in &placed[..4] {
+            let changed = Account {
+                subscription_id: Some("sub_new".to_owned()),
+                updated_at: base_instant() + chrono::Duration::seconds(1),
+                ..account.clone()
+            };
+            store.put_account(changed).await.expect("changed");
+        }
+        let mut usages = Vec::new();
+        for _ in 0..4 {
+            for (user, account) in users.iter().zip(&placed) {
+                usages.push((usage_event(user, 1_000, "chat", period), Some(account.clone())));
+            }
+        }
+        let sent: Vec<_> = usages.iter().map(|(usage, _)| usage.clone()).collect();
+        let outcomes = sent_at_once(&store, &plan, usages).await;
+        for (usage, outcome) in sent.iter().zip(outcomes) {
+            let stale = users[..4].contains(&usage.user_id);
+            match outcome {
+                Err(token_billing::StoreError::AccountChanged { usage: back }) if stale => assert_eq!(*back, *usage),
+                Ok(recorded) if !stale => assert_eq!(recorded.usage.event_id, usage.event_id),
+                other => panic!("{} (account changed: {stale}): {other:?}", usage.user_id),
+            }
+        }
+        for (n, user) in users.iter().enumerate() {
+            let events = store.consumptions(user, period).await.expect("consumptions").len();
+            assert_eq!(events, if n < 4 { 1 } else { 5 }, "{user}");
+        }
+    }
+
+    /// Each event of a round is stamped with its own instant (`recorded_at`), not its round's.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn each_event_of_a_round_keeps_its_own_instant() {
+        let store = Arc::new(super::store().await.with_group_commit(true));
+        let plan = Arc::new(small_blocks());
+        let period = PeriodKey::new(2026, 11).expect("a period");
+        let user = fresh_user("instants");
+        let mut usages = Vec::new();
+        for n in 0..32i64 {
+            let mut usage = usage_event(&user, 1_000, "chat", period);
+            usage.recorded_at =
+                token_billing::testing::store::base_instant() + chrono::Duration::milliseconds(n * 1_001);
+            usages.push((usage, None));
+        }
+        let sent: BTreeMap<_, _> = usages
+            .iter()
+            .map(|(usage, _)| (usage.event_id.clone(), usage.recorded_at))
+            .collect();
+        for outcome in sent_at_once(&store, &Arc::clone(&plan), usages).await {
+            outcome.expect("recorded");
+        }
+        let kept = store.consumptions(&user, period).await.expect("consumptions");
+        assert_eq!(kept.len(), sent.len());
+        for usage in kept {
+            assert_eq!(
+                Some(&usage.recorded_at),
+                sent.get(&usage.event_id),
+                "{}",
+                usage.event_id
+            );
+        }
+    }
+
+    /// A process starts its batches from the period totals it last wrote: when another
+    /// process moved them since, the batch is written against the stored totals all the same.
+    /// Two stores on one database take turns: each event gets the interval after the ones
+    /// before it, and each block is charged once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn totals_another_process_moved_are_read_again() {
+        let schema = super::schema().await;
+        let (a, b) = (super::store_in(&schema).await, super::store_in(&schema).await);
+        let plan = small_blocks();
+        let period = PeriodKey::new(2026, 11).expect("a period");
+        let users: Vec<UserId> = (0..3).map(|_| fresh_user("turns")).collect();
+        let request = |usage| RecordUsage {
+            usage,
+            plan: &plan,
+            fee: FeeCollection::Library,
+            lease_until: None,
+            alerting: None,
+            account: None,
+        };
+        let mut sent: BTreeMap<UserId, u64> = BTreeMap::new();
+        let mut events = Vec::new();
+        for turn in 0..12u64 {
+            let (here, there) = if turn % 2 == 0 { (&a, &b) } else { (&b, &a) };
+            // A batch of every user's events, from the totals this store last wrote ...
+            let batch: Vec<_> = users
+                .iter()
+                .map(|user| {
+                    let tokens = 3_000 + turn * 101;
+                    *sent.entry(user.clone()).or_default() += tokens;
+                    let usage = usage_event(user, tokens, "chat", period);
+                    events.push((user.clone(), usage.event_id.clone()));
+                    request(usage)
+                })
+                .collect();
+            for outcome in here.record_usage_batch(batch).await.expect("a batch") {
+                outcome.expect("recorded");
+            }
+            // ... and the other store moves one user's total on its own.
+            let user = &users[usize::try_from(turn % 3).expect("small")];
+            *sent.entry(user.clone()).or_default() += 4_321;
+            let usage = usage_event(user, 4_321, "chat", period);
+            events.push((user.clone(), usage.event_id.clone()));
+            there.record_usage(request(usage)).await.expect("recorded");
+        }
+        for (user, total) in &sent {
+            let mut intervals = Vec::new();
+            for (_, event) in events.iter().filter(|(u, _)| u == user) {
+                let recorded = a.recorded_event(user, event).await.expect("read").expect("recorded");
+                intervals.push((recorded.total_before, recorded.total_after));
+            }
+            intervals.sort_unstable();
+            let mut expected_before = 0;
+            for (before, after) in &intervals {
+                assert_eq!(*before, expected_before, "{user}: each interval follows the one before");
+                expected_before = *after;
+            }
+            assert_eq!(expected_before, *total, "{user}");
+            let summary = b.period_summary(user, period).await.expect("read").expect("a summary");
+            assert_eq!(summary.total_tokens, *total, "{user}");
+            let mut blocks: Vec<u64> = a
+                .charges(user, period)
+                .await
+                .expect("charges")
+                .iter()
+                .filter(|c| c.kind == ChargeKind::Block)
+                .map(|c| c.block)
+                .collect();
+            blocks.sort_unstable();
+            assert_eq!(blocks, (1..=plan.blocks_owed(*total)).collect::<Vec<_>>(), "{user}");
+        }
     }
 }

@@ -1,14 +1,13 @@
 //! Threshold alerts on PostgreSQL: `token_billing_alerts`, one row per (user, period, alert),
 //! inserted in the transaction that records the event crossing the threshold (events that cross
-//! one take the locking way of recording, or their batch's transaction), read until
-//! acknowledged.
+//! one take the locking way of recording, or their batch's statement), read until acknowledged.
 
 use chrono::{DateTime, Utc};
 use sqlx::Row;
 use sqlx::postgres::PgRow;
 
 use super::PostgresUsageStore;
-use super::rows::{db, generic, parse, to_i64, to_u64};
+use super::rows::{PgQuery, db, generic, parse, to_i64, to_u64};
 use crate::domain::UserId;
 use crate::store::{Alert, StoreError};
 
@@ -26,6 +25,46 @@ fn alert_from(row: &PgRow) -> Result<Alert, StoreError> {
     })
 }
 
+/// Alerts as the columns of `token_billing_alerts`, each an array, bound in the table's order:
+/// user, period, key, id, kind, total, instant. Shared by the insert below and the batch's
+/// statement, which writes a batch's alerts with its events.
+#[derive(Debug, Default)]
+pub(super) struct AlertColumns<'a> {
+    users: Vec<&'a str>,
+    periods: Vec<String>,
+    keys: Vec<String>,
+    ids: Vec<uuid::Uuid>,
+    kinds: Vec<serde_json::Value>,
+    totals: Vec<i64>,
+    ats: Vec<DateTime<Utc>>,
+}
+
+impl<'a> AlertColumns<'a> {
+    /// Adds one alert's row.
+    pub(super) fn push(&mut self, alert: &'a Alert) -> Result<(), StoreError> {
+        self.users.push(alert.user_id.as_str());
+        self.periods.push(alert.period.to_string());
+        self.keys.push(alert.kind.key());
+        self.ids.push(alert.id);
+        self.kinds.push(serde_json::to_value(alert.kind).map_err(generic)?);
+        self.totals.push(to_i64(alert.total_tokens)?);
+        self.ats.push(alert.created_at);
+        Ok(())
+    }
+
+    /// Binds the seven arrays, in the table's column order.
+    pub(super) fn bind_arrays<'q>(&'q self, query: PgQuery<'q>) -> PgQuery<'q> {
+        query
+            .bind(&self.users)
+            .bind(&self.periods)
+            .bind(&self.keys)
+            .bind(&self.ids)
+            .bind(&self.kinds)
+            .bind(&self.totals)
+            .bind(&self.ats)
+    }
+}
+
 impl PostgresUsageStore {
     /// Inserts `alerts` unless their (user, period, kind) exists; answers how many were new.
     pub(super) async fn insert_alerts<'e>(
@@ -35,38 +74,17 @@ impl PostgresUsageStore {
         if alerts.is_empty() {
             return Ok(0);
         }
-        let mut users = Vec::with_capacity(alerts.len());
-        let mut periods = Vec::with_capacity(alerts.len());
-        let mut keys = Vec::with_capacity(alerts.len());
-        let mut ids = Vec::with_capacity(alerts.len());
-        let mut kinds = Vec::with_capacity(alerts.len());
-        let mut totals = Vec::with_capacity(alerts.len());
-        let mut ats = Vec::with_capacity(alerts.len());
+        let mut columns = AlertColumns::default();
         for alert in alerts {
-            users.push(alert.user_id.as_str());
-            periods.push(alert.period.to_string());
-            keys.push(alert.kind.key());
-            ids.push(alert.id);
-            kinds.push(serde_json::to_value(alert.kind).map_err(generic)?);
-            totals.push(to_i64(alert.total_tokens)?);
-            ats.push(alert.created_at);
+            columns.push(alert)?;
         }
-        let inserted = sqlx::query(
+        let query = sqlx::query(
             "INSERT INTO token_billing_alerts (user_id, period, alert_key, id, kind, total_tokens, created_at)
              SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::uuid[], $5::jsonb[], $6::bigint[],
                                   $7::timestamptz[])
              ON CONFLICT DO NOTHING",
-        )
-        .bind(&users)
-        .bind(&periods)
-        .bind(&keys)
-        .bind(&ids)
-        .bind(&kinds)
-        .bind(&totals)
-        .bind(&ats)
-        .execute(executor)
-        .await
-        .map_err(db)?;
+        );
+        let inserted = columns.bind_arrays(query).execute(executor).await.map_err(db)?;
         Ok(inserted.rows_affected())
     }
 

@@ -58,23 +58,23 @@ impl PostgresUsageStore {
             pool,
             accounts: Arc::new(AccountCache::new(ACCOUNT_CACHE)),
             group: Arc::default(),
-            grouping: false,
+            totals: Arc::default(),
+            grouping: true,
         }
     }
 
     /// Whether single events recorded at the same time by this process's callers are gathered
-    /// into shared transactions (group commit; off unless turned on): each round of events is
-    /// one batch and one commit, and each caller still gets its own event's answer; a caller
-    /// alone is recorded as without it. With 64 callers it records about 3.5 times as many
-    /// events a second (BENCHMARKS.md).
+    /// into shared writes (group commit; on unless turned off): each round of events is one
+    /// statement and one commit, and each caller still gets its own event's answer, exactly as
+    /// without it; a caller alone is recorded as without it. With 16 callers it records about
+    /// 2.4 times, with 64 about 5.8 times as many events a second as `pgbench -N` commits
+    /// transactions (BENCHMARKS.md); off, about 0.9 times.
     ///
-    /// What it costs, and why it is not the default yet: one round runs at a time, so a round
-    /// that waits for a row lock another session holds delays the process's other single
-    /// events; a round checks its events' accounts just before its transaction, where a single
-    /// record checks in its own statement; a failed round is recorded again one event at a time;
-    /// the events of a round share its first event's time as their `created_at`; and rounds run
-    /// on tasks of the runtime of the caller that starts them, so use the store from one
-    /// runtime that keeps running (a service's).
+    /// Turn it off when the store is used from several Tokio runtimes that stop while others
+    /// still record (rounds run on tasks of the runtime of the caller that starts them, and a
+    /// round cut short answers its callers [`StoreError::Unavailable`](crate::StoreError), to be
+    /// sent again), or when other sessions hold locks on the summary rows for long (a round that
+    /// waits for one delays every event in it).
     ///
     /// # Example
     /// ```no_run
@@ -83,7 +83,7 @@ impl PostgresUsageStore {
     ///
     /// let store = PostgresUsageStore::connect("postgres://postgres@127.0.0.1/test")
     ///     .await?
-    ///     .with_group_commit(true);
+    ///     .with_group_commit(false);
     /// # let _ = store; Ok(()) }
     /// ```
     #[must_use]

@@ -1,19 +1,22 @@
-//! Group commit in [`PostgresUsageStore`] (off unless `with_group_commit(true)`): the single
-//! events that callers of one process record at the same time are gathered into rounds, each recorded as one batch (one transaction, one
-//! commit), and each caller is answered its own event's outcome.
+//! Group commit in [`PostgresUsageStore`] (on unless `with_group_commit(false)`): the single
+//! events that callers of one process record at the same time are gathered into rounds, each
+//! recorded as one batch (one statement, one commit), and each caller is answered its own
+//! event's outcome.
 //!
 //! A caller that finds no round running starts one with whatever is waiting, itself included;
-//! callers arriving while a round runs wait for the next, which starts the moment a round ends:
-//! no delay is added, and a caller alone is recorded by the one-statement way of a single event
-//! (a round of one). Rounds run on tasks of their own, so a caller that stops waiting (a client
-//! gone, a timeout) never stops a round that others wait on.
+//! callers arriving while a round runs wait for the next, which starts the moment a round ends,
+//! or beside it once [`SECOND_ROUND_AT`] events wait: no delay is added, and a caller alone is
+//! recorded by the one-statement way of a single event (a round of one). Rounds run on tasks of
+//! their own, so a caller that stops waiting (a client gone, a timeout) never stops a round
+//! that others wait on.
 //!
-//! A round checks the accounts its events were placed with first, as a single record does
-//! (`AccountChanged` refuses only the events whose account moved), then records the rest with
-//! `record_batch`, where an event refused on its own merits refuses only itself. When the
-//! round's transaction fails (or its commit's answer is lost) nothing of it is taken as done:
-//! each of its events is recorded again on its own, where a committed one is answered as a
-//! re-send, so no event is lost or recorded twice.
+//! A round is recorded by `decide_batch`, whose statement checks the accounts the events were
+//! placed with as a single record's does: when one moved, nothing is written, the events placed
+//! with a stale account are refused (`AccountChanged`, each on its own) and the others recorded
+//! again. An event refused on its own merits refuses only itself. When the round's write fails
+//! (or its commit's answer is lost) nothing of it is taken as done: each of its events is
+//! recorded again on its own, concurrently, where a committed one is answered as this call's
+//! record, so no event is lost or recorded twice.
 
 use std::sync::Mutex;
 
@@ -21,6 +24,8 @@ use chrono::{DateTime, SubsecRound, Utc};
 use tokio::sync::oneshot;
 
 use super::PostgresUsageStore;
+use super::record::RecordFailure;
+use super::record_batch::batch_error;
 use crate::domain::{AlertPolicy, Ceiling, FeeCollection, Plan, UsageRecord};
 use crate::store::{Account, Alerting, RecordUsage, Recorded, StoreError};
 
@@ -30,10 +35,14 @@ const ROUND_SIZE: &str = "token_billing_group_commit_round_events";
 /// The most events a round takes; more wait for the next.
 const MAX_ROUND: usize = 1_000;
 
-/// Rounds that may run at once: one, the next forming while it commits. Measured with 16 and
-/// 64 callers (`benches/postgres.rs`), two or four at once were slower: more, smaller rounds,
-/// each paying a batch's round trips and a commit.
-const MAX_ROUNDS_RUNNING: usize = 1;
+/// Rounds that may run at once: two, so that one is written while the other is prepared and
+/// answered, the next forming meanwhile. Three at once were slower (`benches/postgres.rs`).
+const MAX_ROUNDS_RUNNING: usize = 2;
+
+/// The events that must be waiting for a round to start beside one that runs: a round's
+/// statement costs PostgreSQL about as much as a dozen of its events, so a second round of
+/// fewer events makes both slower than one round of them all.
+const SECOND_ROUND_AT: usize = 12;
 
 /// The group commit of one store (shared by its clones).
 #[derive(Debug, Default)]
@@ -45,6 +54,9 @@ pub(super) struct GroupCommit {
     /// Whether the next round never ends, for the test of a round task stopped midway.
     #[cfg(feature = "testing")]
     hang: std::sync::atomic::AtomicBool,
+    /// The rounds of several events run, for the tests that need one.
+    #[cfg(feature = "testing")]
+    several: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -110,7 +122,7 @@ impl PostgresUsageStore {
         let round = {
             let mut state = lock(&self.group.state);
             state.waiting.push(waiting);
-            if state.running < MAX_ROUNDS_RUNNING {
+            if state.running == 0 || (state.running < MAX_ROUNDS_RUNNING && state.waiting.len() >= SECOND_ROUND_AT) {
                 state.running += 1;
                 Some(take_round(&mut state))
             } else {
@@ -149,7 +161,8 @@ impl PostgresUsageStore {
             // scheduler, no delay) puts those that record again at once in the next round.
             tokio::task::yield_now().await;
             let mut state = lock(&self.group.state);
-            if state.waiting.is_empty() {
+            // Those waiting are left to the other round running, unless they are many.
+            if state.waiting.is_empty() || (state.running > 1 && state.waiting.len() < SECOND_ROUND_AT) {
                 state.running -= 1;
                 running.done = true;
                 return;
@@ -165,6 +178,8 @@ impl PostgresUsageStore {
             let _ = answer.send(self.record_event(placed.request(usage)).await);
             return;
         }
+        #[cfg(feature = "testing")]
+        self.group.several.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         let (placed, rest): (Vec<Placed>, Vec<(UsageRecord, oneshot::Sender<_>)>) =
             round.into_iter().map(|w| (w.placed, (w.usage, w.answer))).unzip();
         let (usages, answers): (Vec<UsageRecord>, Vec<_>) = rest.into_iter().unzip();
@@ -178,28 +193,35 @@ impl PostgresUsageStore {
             }
             Err(error) => {
                 tracing::warn!(error = %error, events = copies.len(), "a round failed: recording its events one by one");
-                for ((usage, placed), answer) in copies.into_iter().zip(&placed).zip(answers) {
+                // Each on its own task, as concurrent callers would be: the events of different
+                // users do not wait for one another.
+                let mut tasks = tokio::task::JoinSet::new();
+                for ((usage, placed), answer) in copies.into_iter().zip(placed).zip(answers) {
                     if answer.is_closed() {
                         continue;
                     }
-                    let consumption = usage.consumption_id;
-                    let result = self.record_event(placed.request(usage)).await.map(|mut recorded| {
-                        // Found recorded with this very call's consumption: the failed round
-                        // committed it, so it is this call's record, not a re-send.
-                        if recorded.usage.consumption_id == consumption {
-                            recorded.replayed = false;
-                        }
-                        recorded
+                    let store = self.clone();
+                    tasks.spawn(async move {
+                        let consumption = usage.consumption_id;
+                        let result = store.record_event(placed.request(usage)).await.map(|mut recorded| {
+                            // Found recorded with this very call's consumption: the failed round
+                            // committed it, so it is this call's record, not a re-send.
+                            if recorded.usage.consumption_id == consumption {
+                                recorded.replayed = false;
+                            }
+                            recorded
+                        });
+                        let _ = answer.send(result);
                     });
-                    let _ = answer.send(result);
                 }
+                while tasks.join_next().await.is_some() {}
             }
         }
     }
 
     /// The answers of one round of several events: those whose account moved since they were
-    /// placed are refused, the others recorded in one batch. `Err` when the round's
-    /// transaction failed: nothing of it may be taken as done.
+    /// placed are refused, the others recorded in one batch. `Err` when the round's write
+    /// failed: nothing of it may be taken as done.
     async fn record_round(
         &self,
         placed: &[Placed],
@@ -214,25 +236,40 @@ impl PostgresUsageStore {
                 source: "a round failed on purpose before its transaction".into(),
             });
         }
-        let users: Vec<_> = usages.iter().map(|u| u.user_id.clone()).collect();
-        let stored = self.read_accounts(&users).await?;
-        let mut results: Vec<Option<Result<Recorded, StoreError>>> = Vec::with_capacity(usages.len());
-        let mut requests = Vec::with_capacity(usages.len());
-        let mut positions = Vec::with_capacity(usages.len());
-        for (position, ((usage, placed), stored)) in usages.into_iter().zip(placed).zip(stored).enumerate() {
-            match &placed.account {
-                Some(account) if !same_account(account, stored.as_ref()) => {
-                    self.accounts.forget(&usage.user_id);
-                    results.push(Some(Err(StoreError::AccountChanged { usage: Box::new(usage) })));
+        let mut positions: Vec<usize> = (0..usages.len()).collect();
+        let mut requests: Vec<RecordUsage<'_>> = usages.into_iter().zip(placed).map(|(u, p)| p.request(u)).collect();
+        let mut refused = Vec::new();
+        let mut checks = 0;
+        let decisions = loop {
+            match self.decide_batch(&requests).await {
+                Ok(decisions) => break decisions,
+                // The batch's statement found an account moved, and wrote nothing: the events
+                // placed with a stale account are refused (as a single record refuses its own),
+                // the others recorded again.
+                Err(RecordFailure::AccountChanged) if checks < 3 => {
+                    checks += 1;
+                    let users: Vec<_> = requests.iter().map(|r| r.usage.user_id.clone()).collect();
+                    let stored = self.read_accounts(&users).await?;
+                    let (mut kept_positions, mut kept) = (Vec::new(), Vec::new());
+                    for ((position, request), stored) in positions.into_iter().zip(requests).zip(stored) {
+                        match request.account {
+                            Some(account) if !same_account(account, stored.as_ref()) => {
+                                self.accounts.forget(&request.usage.user_id);
+                                let usage = Box::new(request.usage);
+                                refused.push((position, StoreError::AccountChanged { usage }));
+                            }
+                            _ => {
+                                kept_positions.push(position);
+                                kept.push(request);
+                            }
+                        }
+                    }
+                    (positions, requests) = (kept_positions, kept);
                 }
-                _ => {
-                    results.push(None);
-                    positions.push(position);
-                    requests.push(placed.request(usage));
-                }
+                Err(failure) => return Err(batch_error(failure)),
             }
-        }
-        let recorded = self.record_batch(requests).await?;
+        };
+        let recorded = self.batch_answers(requests, decisions).await;
         #[cfg(feature = "testing")]
         if fault == Some(Fault::AfterCommit) {
             return Err(StoreError::Unavailable {
@@ -240,8 +277,12 @@ impl PostgresUsageStore {
                 source: "a round's commit answer was lost on purpose".into(),
             });
         }
+        let mut results: Vec<Option<Result<Recorded, StoreError>>> = (0..placed.len()).map(|_| None).collect();
         for (position, result) in positions.into_iter().zip(recorded) {
             results[position] = Some(result);
+        }
+        for (position, error) in refused {
+            results[position] = Some(Err(error));
         }
         Ok(results
             .into_iter()
@@ -349,6 +390,12 @@ impl PostgresUsageStore {
     /// (feature `testing`).
     pub fn round_hang_pending(&self) -> bool {
         self.group.hang.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// How many rounds of several events this store has run (feature `testing`): a test that
+    /// sends events at once reads it to know they met in a round.
+    pub fn rounds_of_several_events(&self) -> u64 {
+        self.group.several.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Whether the failure [`fail_next_round`](Self::fail_next_round) asked for is still to

@@ -8,6 +8,7 @@
 //! - `record`: recording one event (one statement, a compare-and-set, or a locking
 //!   transaction) and replaying a recorded one; `record_batch`: recording a batch;
 //!   `group_commit`: gathering the single events of concurrent callers into batches;
+//!   `totals`: the period totals this process last wrote, which batches start from;
 //! - `charges`: creating, claiming, leasing and settling charges, the summary figures they
 //!   move, gateway events, and the audit entries of these writes;
 //! - `holds`: spend control's holds, granted in one statement, and a period's spend state;
@@ -27,6 +28,7 @@ mod record;
 mod record_batch;
 mod reports;
 mod rows;
+mod totals;
 
 use std::sync::Arc;
 
@@ -67,6 +69,7 @@ pub struct PostgresUsageStore {
     pool: PgPool,
     accounts: Arc<AccountCache>,
     group: Arc<GroupCommit>,
+    totals: Arc<totals::TotalsSeen>,
     /// Whether single events go through the group commit.
     grouping: bool,
 }

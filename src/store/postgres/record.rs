@@ -538,8 +538,26 @@ impl PostgresUsageStore {
         Ok(Some(created))
     }
 
-    /// [`UsageStore::record_usage`].
+    /// [`UsageStore::record_usage`], one event on its own; the period total it moved is kept
+    /// for the batches that follow (`totals`).
     pub(super) async fn record_event(&self, request: RecordUsage<'_>) -> Result<Recorded, StoreError> {
+        let recorded = self.record_one(request).await;
+        if let Ok(recorded) = &recorded
+            && !recorded.replayed
+        {
+            let usage = &recorded.usage;
+            let whole = usage.billable().fraction_micros() == 0;
+            self.totals.moved(
+                (usage.user_id.clone(), usage.period),
+                recorded.total_before,
+                recorded.total_after,
+                whole,
+            );
+        }
+        recorded
+    }
+
+    async fn record_one(&self, request: RecordUsage<'_>) -> Result<Recorded, StoreError> {
         // One statement when the event creates no charge; else a compare-and-set; else the
         // locking transaction. A concurrent record of the same event makes the locking one fail
         // on the event's unique index, and the next attempt answers it as a replay: two attempts

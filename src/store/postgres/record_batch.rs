@@ -9,16 +9,18 @@ use sqlx::Row;
 use sqlx::postgres::PgRow;
 
 use super::PostgresUsageStore;
+use super::alerts::AlertColumns;
 use super::record::{RecordFailure, charges_between, created_charge_audit, crossed_alerts};
 use super::rows::{
-    CHARGE_COLUMNS, DetailColumns, audit_json, charge_from, currency_mismatch, db, generic, is_deadlock,
+    CHARGE_COLUMNS, DetailColumns, audit_json, charge_from, currency_mismatch, db, gave_up, generic, is_deadlock,
     is_duplicate_event, parse, to_i64, to_u32, to_u64,
 };
+use super::totals::SeenTotal;
 use crate::domain::{BillableTotal, Charge, ChargeKind, ClientId, PeriodKey, UserId};
 use crate::store::{RecordUsage, Recorded, StoreError, UsageStore};
 
 /// What a batch decided for one of its events.
-enum Decision {
+pub(super) enum Decision {
     /// Recorded before the batch: answered as a re-send.
     Existing,
     /// The same id as the batch's event at this index: answered as its re-send.
@@ -34,34 +36,43 @@ enum Decision {
 }
 
 impl PostgresUsageStore {
-    /// Records a batch in one transaction and a fixed number of round trips: the period rows'
-    /// totals, then every charge, consumption, summary change and audit entry in one statement.
-    /// Events are decided in Rust, in order, by the same rule as one event at a time.
+    /// Records a batch atomically in a fixed number of round trips: the period rows' totals,
+    /// then every charge, consumption, summary change, freed hold, audit entry and alert in one
+    /// statement. Events are decided in Rust, in order, by the same rule as one event at a time.
     ///
     /// `optimistic` reads the totals without locks and trusts that no event of the batch was
-    /// recorded before; the write then moves each period row only if its total is still the one
-    /// read, and fails on the event id's unique index if an id is taken (no speculative insert
-    /// per row). Either way nothing stays: a moved total rolls the transaction back and answers
-    /// `None`, a taken id is a unique violation that `record_usage_batch` retries, and the
-    /// careful way, which looks up the events recorded before and locks the period rows in a
-    /// fixed order (so that concurrent batches never deadlock), does it again. The careful way
+    /// recorded before; the write, one statement and so one transaction of its own, then moves
+    /// each period row only if its total is still the one read, and fails on the event id's
+    /// unique index if an id is taken (no speculative insert per row): two round trips, one
+    /// commit. Either way nothing stays: a moved total makes the statement give itself up
+    /// (`None`), a taken id is a unique violation that `decide_batch` retries, and the careful
+    /// way, a transaction that looks up the events recorded before and locks the period rows in
+    /// a fixed order (so that concurrent batches never deadlock), does it again. The careful way
     /// meets a taken id only when a writer outside those locks (the same event id in another
-    /// period) took it meanwhile.
+    /// period) took it meanwhile. An account an event carries (a round of single events placed
+    /// with cached accounts) is checked by the write itself, as one event's write checks it:
+    /// [`RecordFailure::AccountChanged`] when one moved, nothing written.
     async fn try_record_batch(
         &self,
         requests: &[RecordUsage<'_>],
-        optimistic: bool,
-    ) -> Result<Option<Vec<Decision>>, RecordFailure> {
+        way: Way,
+    ) -> Result<Result<Vec<Decision>, Way>, RecordFailure> {
+        let optimistic = way != Way::Careful;
         use foldhash::{HashMap, HashSet};
         use std::collections::BTreeMap;
 
         type Group = (UserId, PeriodKey);
 
         let Some(first) = requests.first() else {
-            return Ok(Some(Vec::new()));
+            return Ok(Ok(Vec::new()));
         };
         let now = first.usage.recorded_at;
-        let mut tx = self.begin().await?;
+        // Optimistically no transaction: the read takes no lock, and the write is one statement.
+        let mut session = if optimistic {
+            Session::Alone(self.pool.acquire().await.map_err(RecordFailure::Database)?)
+        } else {
+            Session::Transaction(self.begin().await?)
+        };
 
         // The period rows of the batch's events, locked in the batch's key order: those that
         // exist are locked (not rewritten), the missing ones created in the same order, and a
@@ -91,6 +102,21 @@ impl PostgresUsageStore {
         };
         let mut missing: Vec<(&Group, &RecordUsage<'_>)> =
             groups.iter().map(|(group, request)| (group, *request)).collect();
+        // The totals this process last wrote, unless they turned out out of date.
+        let mut used_seen = false;
+        if way == Way::Seen {
+            missing.retain(|(group, request)| match self.totals.get(group) {
+                Some(seen) => {
+                    totals.insert(
+                        (*group).clone(),
+                        (seen.total, seen.currency == request.plan.currency().code()),
+                    );
+                    used_seen = true;
+                    false
+                }
+                None => true,
+            });
+        }
         for round in 0..3 {
             if missing.is_empty() {
                 break;
@@ -109,7 +135,7 @@ impl PostgresUsageStore {
             ))
             .bind(&users)
             .bind(&periods)
-            .fetch_all(&mut *tx)
+            .fetch_all(&mut *session)
             .await
             .map_err(RecordFailure::Database)?;
             let found: HashSet<(&str, &str)> = rows
@@ -121,8 +147,7 @@ impl PostgresUsageStore {
                 .collect();
             if optimistic && !absent.is_empty() {
                 // A period opens: the careful way creates its row.
-                tx.rollback().await.map_err(RecordFailure::Database)?;
-                return Ok(None);
+                return Ok(Err(Way::Careful));
             }
             if !absent.is_empty() && round < 2 {
                 let mut currencies = Vec::with_capacity(absent.len());
@@ -144,7 +169,7 @@ impl PostgresUsageStore {
                         .bind(&included)
                         .bind(&blocks)
                         .bind(now)
-                        .fetch_all(&mut *tx)
+                        .fetch_all(&mut *session)
                         .await
                         .map_err(RecordFailure::Database)?,
                 );
@@ -179,7 +204,7 @@ impl PostgresUsageStore {
             )
             .bind(&users)
             .bind(&events)
-            .fetch_all(&mut *tx)
+            .fetch_all(&mut *session)
             .await
             .map_err(RecordFailure::Database)?;
             for row in rows {
@@ -284,6 +309,18 @@ impl PostgresUsageStore {
         let mut x_end = Vec::new();
         let mut x_after = Vec::new();
         let mut x_details = DetailColumns::default();
+        let mut c_at = Vec::new();
+        let mut x_at = Vec::new();
+        let mut a_at = Vec::new();
+        // The latest instant of each period's events, the summary's last change.
+        let mut latest_of: HashMap<Group, chrono::DateTime<chrono::Utc>> = HashMap::default();
+        // The accounts the events were placed with, checked by the write as one event's is.
+        let mut p_users = Vec::new();
+        let mut p_customers: Vec<Option<&str>> = Vec::new();
+        let mut p_plans = Vec::new();
+        let mut p_earlier = Vec::new();
+        let mut p_subscriptions: Vec<Option<&str>> = Vec::new();
+        let mut p_updated = Vec::new();
         let mut a_charges = Vec::new();
         let mut a_events = Vec::new();
         // Each audit entry's and each consumption's place in the audit trail: an event's
@@ -317,11 +354,13 @@ impl PostgresUsageStore {
                 c_consumptions.push(usage.consumption_id);
                 c_attempts.push(i32::from(leased));
                 c_leases.push(request.lease_until);
+                c_at.push(usage.recorded_at);
                 for event in &created_charge_audit(charge, leased) {
                     a_charges.push(id);
                     a_events.push(audit_json(event)?);
                     places += 1;
                     a_places.push(places);
+                    a_at.push(usage.recorded_at);
                 }
             }
             let blocks = request.plan.blocks_crossed(before, after).map_err(StoreError::from)?;
@@ -335,6 +374,19 @@ impl PostgresUsageStore {
             x_metadata.push(sqlx::types::Json(&usage.metadata));
             x_occurred.push(usage.occurred_at);
             x_reported.push(usage.occurred_at_reported);
+            x_at.push(usage.recorded_at);
+            let latest = latest_of
+                .entry((usage.user_id.clone(), usage.period))
+                .or_insert(usage.recorded_at);
+            *latest = (*latest).max(usage.recorded_at);
+            if let Some(account) = request.account {
+                p_users.push(usage.user_id.as_str());
+                p_customers.push(account.customer_id.as_ref().map(crate::domain::CustomerId::as_str));
+                p_plans.push(account.plan_id.as_str());
+                p_earlier.push(sqlx::types::Json(&account.earlier_plans));
+                p_subscriptions.push(account.subscription_id.as_deref());
+                p_updated.push(account.updated_at);
+            }
             x_before.push(to_i64(before)?);
             x_first.push(to_i64(blocks.first())?);
             x_end.push(to_i64(blocks.end())?);
@@ -354,6 +406,7 @@ impl PostgresUsageStore {
         let mut g_blocks = Vec::new();
         let mut g_credits = Vec::new();
         let mut g_credits_before = Vec::new();
+        let mut g_at = Vec::new();
         let mut e_users = Vec::new();
         let mut e_periods = Vec::new();
         for (group, (total, _)) in &totals {
@@ -367,6 +420,7 @@ impl PostgresUsageStore {
                     let before = read.get(group).copied().unwrap_or_default();
                     g_before.push(to_i64(before.tokens)?);
                     g_credits_before.push(i32::try_from(before.credit_micros).map_err(generic)?);
+                    g_at.push(latest_of.get(group).copied().unwrap_or(now));
                     let (charges, amount) = owed.get(group).copied().unwrap_or_default();
                     g_charges.push(charges);
                     g_amounts.push(amount);
@@ -382,6 +436,17 @@ impl PostgresUsageStore {
                 None => {}
             }
         }
+        // The alerts the batch's events cross, written with them.
+        let mut alerts = Vec::new();
+        for (decision, request) in decisions.iter().zip(requests) {
+            if let Decision::Accepted { before, after, .. } = decision {
+                alerts.extend(crossed_alerts(request, *before, *after));
+            }
+        }
+        let mut alert_columns = AlertColumns::default();
+        for alert in &alerts {
+            alert_columns.push(alert)?;
+        }
         let query = sqlx::query(batch_sql(optimistic))
             .bind(&c_users)
             .bind(&c_ids)
@@ -395,7 +460,7 @@ impl PostgresUsageStore {
             .bind(&c_consumptions)
             .bind(&c_attempts)
             .bind(&c_leases)
-            .bind(now)
+            .bind(&c_at)
             .bind(&g_users)
             .bind(&g_periods)
             .bind(&g_totals)
@@ -427,25 +492,35 @@ impl PostgresUsageStore {
             .bind(places)
             .bind(&g_credits)
             .bind(&g_credits_before);
-        let rows = x_details
+        let query = x_details
             .bind_arrays(query)
             .bind(&x_after)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(RecordFailure::from_write)?;
-        let counts = |column: &str| -> Result<usize, StoreError> {
-            let count: i64 = rows.first().map_or(Ok(0), |row| row.try_get(column)).map_err(db)?;
-            usize::try_from(count).map_err(generic)
-        };
-        let lost = counts("moved")? != g_users.len()
-            || counts("inserted")? != x_users.len()
-            || (optimistic && counts("charged")? != c_users.len());
-        if lost {
+            .bind(&g_at)
+            .bind(&x_at)
+            .bind(&a_at);
+        let query = alert_columns
+            .bind_arrays(query)
+            .bind(&p_users)
+            .bind(&p_customers)
+            .bind(&p_plans)
+            .bind(&p_earlier)
+            .bind(&p_subscriptions)
+            .bind(&p_updated);
+        let rows = match query.fetch_all(&mut *session).await {
+            Ok(rows) => rows,
+            // An account moved: the caller reads the accounts again and places its events anew.
+            Err(error) if gave_up(&error) && error.to_string().contains("account") => {
+                return Err(RecordFailure::AccountChanged);
+            }
             // A total moved since it was read, an event id or a charge was taken: nothing of
-            // this stays.
-            tx.rollback().await.map_err(RecordFailure::Database)?;
-            return Ok(None);
-        }
+            // this stayed, and the next attempt is careful.
+            Err(error) if gave_up(&error) && used_seen => {
+                self.totals.forget(groups.keys());
+                return Ok(Err(Way::Optimistic));
+            }
+            Err(error) if gave_up(&error) => return Ok(Err(Way::Careful)),
+            Err(error) => return Err(RecordFailure::from_write(error)),
+        };
         let mut created: HashMap<uuid::Uuid, Vec<Charge>> = HashMap::default();
         for row in &rows {
             if row.try_get::<Option<uuid::Uuid>, _>("id").map_err(db)?.is_none() {
@@ -456,42 +531,37 @@ impl PostgresUsageStore {
                 created.entry(consumption).or_default().push(charge);
             }
         }
-        // The alerts the batch's events cross, written with them.
-        let mut alerts = Vec::new();
-        for (decision, request) in decisions.iter().zip(requests) {
-            if let Decision::Accepted { before, after, .. } = decision {
-                alerts.extend(crossed_alerts(request, *before, *after));
-            }
+        if let Session::Transaction(tx) = session {
+            tx.commit().await.map_err(RecordFailure::Database)?;
         }
-        Self::insert_alerts(&mut *tx, &alerts).await?;
-        // The holds the batch's events settle (their ids are the events') are freed with them.
-        sqlx::query(
-            "UPDATE token_usage_summary s SET holds = s.holds - f.ids
-               FROM (SELECT user_id, period, array_agg(event_id) AS ids
-                       FROM unnest($1::text[], $2::text[], $3::text[]) AS x(user_id, period, event_id)
-                      GROUP BY user_id, period) AS f
-              WHERE s.user_id = f.user_id AND s.period = f.period AND s.holds <> '{}'::jsonb",
-        )
-        .bind(&x_users)
-        .bind(&x_periods)
-        .bind(&x_events)
-        .execute(&mut *tx)
-        .await
-        .map_err(RecordFailure::from_write)?;
-        tx.commit().await.map_err(RecordFailure::Database)?;
         for (decision, request) in decisions.iter_mut().zip(requests) {
             if let Decision::Accepted { charges, .. } = decision {
                 *charges = created.remove(&request.usage.consumption_id).unwrap_or_default();
                 charges.sort_by_key(|c| (c.kind != ChargeKind::FixedFee, c.block));
             }
         }
-        Ok(Some(decisions))
+        self.totals.written(
+            totals
+                .iter()
+                .filter(|(group, _)| events_per_group.contains_key(*group))
+                .map(|(group, (total, _))| {
+                    let currency = groups.get(group).map_or("", |r| r.plan.currency().code());
+                    (
+                        group.clone(),
+                        SeenTotal {
+                            total: *total,
+                            currency,
+                        },
+                    )
+                }),
+        );
+        Ok(Ok(decisions))
     }
 
     /// The answers to a batch whose decisions are committed, each event moved into its answer.
     /// The batch is written: a failure here (reading an event recorded before it) is that
     /// event's answer, never the batch's, so that nothing makes the host send the batch again.
-    async fn batch_answers(
+    pub(super) async fn batch_answers(
         &self,
         requests: Vec<RecordUsage<'_>>,
         decisions: Vec<Decision>,
@@ -531,27 +601,84 @@ impl PostgresUsageStore {
         &self,
         requests: Vec<RecordUsage<'_>>,
     ) -> Result<Vec<Result<Recorded, StoreError>>, StoreError> {
-        // The first attempt is optimistic; the next ones are careful (see `try_record_batch`). A
-        // concurrent record of an event of the batch makes an attempt give up, and the next one
-        // answers that event as a replay.
+        match self.decide_batch(&requests).await {
+            Ok(decisions) => Ok(self.batch_answers(requests, decisions).await),
+            Err(failure) => Err(batch_error(failure)),
+        }
+    }
+
+    /// Records a batch and answers what it decided for each event: the first attempt is
+    /// optimistic, the next ones careful (see `try_record_batch`). A concurrent record of an
+    /// event of the batch makes an attempt give up, and the next one answers that event as a
+    /// replay. [`RecordFailure::AccountChanged`] when an account an event carries to check is no
+    /// longer the stored one: nothing of the batch is recorded.
+    pub(super) async fn decide_batch(&self, requests: &[RecordUsage<'_>]) -> Result<Vec<Decision>, RecordFailure> {
         let mut attempts = 0;
+        let mut way = Way::Seen;
         loop {
             attempts += 1;
-            match self.try_record_batch(&requests, attempts == 1).await {
-                Ok(Some(decisions)) => return Ok(self.batch_answers(requests, decisions).await),
-                Ok(None) if attempts < 4 => continue,
-                Ok(None) => return Err(generic("the batch kept meeting concurrent records of its events")),
-                Err(RecordFailure::Store(error)) => return Err(error),
-                Err(RecordFailure::Database(error)) if is_duplicate_event(&error) && attempts < 4 => continue,
+            match self.try_record_batch(requests, way).await {
+                Ok(Ok(decisions)) => return Ok(decisions),
+                Ok(Err(next)) if attempts < 5 => way = next,
+                Ok(Err(_)) => {
+                    return Err(generic("the batch kept meeting concurrent records of its events").into());
+                }
+                Err(RecordFailure::Database(error)) if is_duplicate_event(&error) && attempts < 5 => way = Way::Careful,
                 // An optimistic write updates its period rows in no fixed order, and a careful one
                 // locks rows created by another batch after its own: the rare lock cycle that
                 // makes is broken by PostgreSQL, and the batch runs again, carefully.
-                Err(RecordFailure::Database(error)) if is_deadlock(&error) && attempts < 4 => continue,
-                Err(RecordFailure::Overflow) => return Err(generic("a period total passed BIGINT")),
-                // Batches are placed with accounts read afresh, and carry none to check.
-                Err(RecordFailure::AccountChanged) => return Err(generic("a batch checked an account")),
-                Err(RecordFailure::Database(error)) => return Err(db(error)),
+                Err(RecordFailure::Database(error)) if is_deadlock(&error) && attempts < 5 => way = Way::Careful,
+                Err(failure) => return Err(failure),
             }
+        }
+    }
+}
+
+/// How a batch is attempted (see `try_record_batch`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Way {
+    /// Optimistically, with the totals this process last wrote where it knows them.
+    Seen,
+    /// Optimistically, every total read.
+    Optimistic,
+    /// Carefully, the period rows locked.
+    Careful,
+}
+
+/// The error a batch that could not be recorded answers.
+pub(super) fn batch_error(failure: RecordFailure) -> StoreError {
+    match failure {
+        RecordFailure::Store(error) => error,
+        RecordFailure::Overflow => generic("a period total passed BIGINT"),
+        // A host's batches are placed with accounts read afresh, and carry none to check.
+        RecordFailure::AccountChanged => generic("an account a batch was placed with changed"),
+        RecordFailure::Database(error) => db(error),
+    }
+}
+
+/// The connection a batch attempt runs on: alone for the optimistic way, whose write is one
+/// statement, or in the careful way's transaction.
+enum Session {
+    Alone(sqlx::pool::PoolConnection<sqlx::Postgres>),
+    Transaction(sqlx::Transaction<'static, sqlx::Postgres>),
+}
+
+impl std::ops::Deref for Session {
+    type Target = sqlx::PgConnection;
+
+    fn deref(&self) -> &sqlx::PgConnection {
+        match self {
+            Session::Alone(connection) => connection,
+            Session::Transaction(tx) => tx,
+        }
+    }
+}
+
+impl std::ops::DerefMut for Session {
+    fn deref_mut(&mut self) -> &mut sqlx::PgConnection {
+        match self {
+            Session::Alone(connection) => connection,
+            Session::Transaction(tx) => tx,
         }
     }
 }
@@ -568,7 +695,7 @@ fn batch_sql(optimistic: bool) -> &'static str {
             (
                 "UPDATE token_usage_summary s
                         SET total_tokens = g.total_after, billable_credit = g.credit_after,
-                            events = s.events + g.events, updated_at = $13,
+                            events = s.events + g.events, updated_at = g.at, holds = {holds},
                             included_tokens = coalesce(s.included_tokens, g.included),
                             block_size = coalesce(s.block_size, g.block),
                             outstanding_count = s.outstanding_count + g.charges,
@@ -588,7 +715,7 @@ fn batch_sql(optimistic: bool) -> &'static str {
                      ), summary AS (
                          UPDATE token_usage_summary s
                             SET total_tokens = g.total_after, billable_credit = g.credit_after,
-                                events = s.events + g.events, updated_at = $13,
+                                events = s.events + g.events, updated_at = g.at, holds = {holds},
                                 included_tokens = coalesce(s.included_tokens, g.included),
                                 block_size = coalesce(s.block_size, g.block),
                                 outstanding_count = s.outstanding_count + coalesce(o.charges, 0),
@@ -598,9 +725,28 @@ fn batch_sql(optimistic: bool) -> &'static str {
                      ),",
             )
         };
+        // Optimistically, any period row not moved, event not inserted or charge not created
+        // means another writer came first; carefully, the rows are locked and only an event id
+        // taken by a writer outside those locks can be.
+        let lost = if optimistic {
+            "(SELECT count(*) FROM moved) <> cardinality($14::text[])
+                 OR (SELECT count(*) FROM consumption) <> cardinality($20::text[])
+                 OR (SELECT count(*) FROM created) <> cardinality($1::text[])"
+        } else {
+            "(SELECT count(*) FROM moved) <> cardinality($14::text[])
+                 OR (SELECT count(*) FROM consumption) <> cardinality($20::text[])"
+        };
+        // The holds of the period's events freed: read only when the period holds any.
+        let holds = "CASE WHEN s.holds = '{}'::jsonb THEN s.holds
+                          ELSE s.holds - ARRAY(SELECT h.event_id
+                                                 FROM unnest($20::text[], $23::text[], $22::text[])
+                                                      AS h(user_id, period, event_id)
+                                                WHERE h.user_id = s.user_id AND h.period = s.period) END";
         include_str!("sql/record_batch.sql")
             .replace("{moved}", moved)
             .replace("{summary}", summary)
+            .replace("{holds}", holds)
+            .replace("{lost}", lost)
             .replace("{CHARGE_COLUMNS}", CHARGE_COLUMNS)
     }
     static OPTIMISTIC: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| fill(true));
