@@ -1660,14 +1660,15 @@ mod group_commit {
         a_failed_round_loses_and_doubles_nothing(true).await;
     }
 
-    /// Sends `usages` at once, each on its own task placed with `account_of`'s account, until
-    /// one sending formed a round of several events; answers each event's outcome, in order.
+    /// Sends `usages` at once, each on its own task placed with the account beside it, and
+    /// answers each event's outcome, in order; asserts that a round of several events formed
+    /// and that no round failed (so that no event was recorded by the one-by-one fallback).
     async fn sent_at_once(
         store: &Arc<token_billing::PostgresUsageStore>,
         plan: &Arc<Plan>,
         usages: Vec<(token_billing::UsageRecord, Option<token_billing::store::Account>)>,
     ) -> Vec<Result<token_billing::store::Recorded, token_billing::StoreError>> {
-        let before = store.rounds_of_several_events();
+        let (before, failed) = (store.rounds_of_several_events(), store.failed_rounds());
         let tasks: Vec<_> = usages
             .into_iter()
             .map(|(usage, account)| {
@@ -1694,6 +1695,7 @@ mod group_commit {
             store.rounds_of_several_events() > before,
             "the events were recorded in a round of several"
         );
+        assert_eq!(store.failed_rounds(), failed, "no round failed");
         outcomes
     }
 
@@ -1786,6 +1788,7 @@ mod group_commit {
         }
         let kept = store.consumptions(&user, period).await.expect("consumptions");
         assert_eq!(kept.len(), sent.len());
+        let mut instant_of = BTreeMap::new();
         for usage in kept {
             assert_eq!(
                 Some(&usage.recorded_at),
@@ -1793,7 +1796,116 @@ mod group_commit {
                 "{}",
                 usage.event_id
             );
+            instant_of.insert(usage.consumption_id, usage.recorded_at);
         }
+        // The fee and the blocks of 10,000 tokens the events started: each charge stamped
+        // with the instant of the event that created it.
+        let charges = store.charges(&user, period).await.expect("charges");
+        assert_eq!(charges.len(), 4, "{charges:?}");
+        for charge in charges {
+            let event = charge.consumption_id.expect("created by an event");
+            assert_eq!(Some(&charge.created_at), instant_of.get(&event), "{}", charge.key);
+        }
+    }
+
+    /// Events of one period placed with different plans (callers holding different copies of
+    /// an account) may meet in one round: each is decided against its own plan, and one placed
+    /// with an account that changed since is answered `AccountChanged`, whatever else it would
+    /// be refused for.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn events_of_a_round_placed_with_different_accounts_are_each_decided_on_their_own() {
+        use token_billing::store::Account;
+        use token_billing::testing::store::base_instant;
+        use token_billing::{Currency, Money};
+
+        let store = Arc::new(super::store().await.with_group_commit(true));
+        let period = PeriodKey::new(2026, 11).expect("a period");
+        let user = fresh_user("moved-plan");
+        let old = Account {
+            user_id: user.clone(),
+            customer_id: None,
+            plan_id: token_billing::PlanId::new("old-usd").expect("a plan id"),
+            earlier_plans: Vec::new(),
+            subscription_id: None,
+            limits: None,
+            created_at: base_instant(),
+            updated_at: base_instant(),
+        };
+        let current = Account {
+            plan_id: token_billing::PlanId::new("default").expect("a plan id"),
+            updated_at: base_instant() + chrono::Duration::seconds(1),
+            ..old.clone()
+        };
+        store.put_account(current.clone()).await.expect("saved");
+        let usd = Arc::new(
+            Plan::builder()
+                .fixed_fee(Money::from_minor(40_000, Currency::USD))
+                .block_price(Money::from_minor(10_000, Currency::USD))
+                .zone(chrono_tz::America::New_York)
+                .build()
+                .expect("a plan"),
+        );
+        let brl = Arc::new(small_blocks());
+        // The period opens in the current plan's currency.
+        store
+            .record_usage(RecordUsage {
+                usage: usage_event(&user, 1_000, "chat", period),
+                plan: &brl,
+                fee: FeeCollection::Library,
+                lease_until: None,
+                alerting: None,
+                account: Some(&current),
+            })
+            .await
+            .expect("opened");
+        let others: Vec<UserId> = (0..16).map(|_| fresh_user("filler")).collect();
+        for _ in 0..3 {
+            let (before, failed) = (store.rounds_of_several_events(), store.failed_rounds());
+            // Other users' events first, so that the two events below wait in a round of
+            // several; then one placed with the old account and its plan, one with the current.
+            let mut sends: Vec<(token_billing::UsageRecord, Arc<Plan>, Option<Account>)> = others
+                .iter()
+                .map(|other| (usage_event(other, 1_000, "chat", period), Arc::clone(&brl), None))
+                .collect();
+            let stale = usage_event(&user, 1_000, "chat", period);
+            let fresh = usage_event(&user, 1_000, "chat", period);
+            sends.push((stale.clone(), Arc::clone(&usd), Some(old.clone())));
+            sends.push((fresh.clone(), Arc::clone(&brl), Some(current.clone())));
+            let mut tasks = Vec::new();
+            for (usage, plan, account) in sends {
+                let store = Arc::clone(&store);
+                tasks.push(tokio::spawn(async move {
+                    store
+                        .record_usage(RecordUsage {
+                            usage,
+                            plan: &plan,
+                            fee: FeeCollection::Library,
+                            lease_until: None,
+                            alerting: None,
+                            account: account.as_ref(),
+                        })
+                        .await
+                }));
+            }
+            let mut outcomes = Vec::new();
+            for task in tasks {
+                outcomes.push(task.await.expect("joined"));
+            }
+            assert!(store.rounds_of_several_events() > before, "a round of several formed");
+            assert_eq!(store.failed_rounds(), failed, "no round failed");
+            let fresh_outcome = outcomes.pop().expect("the fresh event");
+            let stale_outcome = outcomes.pop().expect("the stale event");
+            match stale_outcome {
+                Err(token_billing::StoreError::AccountChanged { usage }) => assert_eq!(*usage, stale),
+                other => panic!("the event placed with the old account: {other:?}"),
+            }
+            let recorded = fresh_outcome.expect("the event placed with the current account is recorded");
+            assert_eq!(recorded.usage.event_id, fresh.event_id);
+            for outcome in outcomes {
+                outcome.expect("the other users' events are recorded");
+            }
+        }
+        assert_eq!(store.consumptions(&user, period).await.expect("read").len(), 4);
     }
 
     /// A process starts its batches from the period totals it last wrote: when another
@@ -1866,5 +1978,42 @@ mod group_commit {
             blocks.sort_unstable();
             assert_eq!(blocks, (1..=plan.blocks_owed(*total)).collect::<Vec<_>>(), "{user}");
         }
+    }
+
+    /// A refusal is never answered from a total this process kept: when the stored total is not
+    /// the kept one (here a period restored to an earlier state behind the store's back), the
+    /// batch reads it and decides again.
+    #[tokio::test]
+    async fn a_refusal_is_decided_on_the_stored_total_not_a_kept_one() {
+        let store = super::store().await;
+        // Blocks so large that a total near the most it holds owes a few.
+        let plan = Plan::builder().block_size(1 << 60).build().expect("a plan");
+        let period = PeriodKey::new(2026, 11).expect("a period");
+        let user = fresh_user("restored");
+        let request = |usage| RecordUsage {
+            usage,
+            plan: &plan,
+            fee: FeeCollection::Library,
+            lease_until: None,
+            alerting: None,
+            account: None,
+        };
+        let batch = |tokens| vec![request(usage_event(&user, tokens, "chat", period))];
+        // Two batches: the period opens, then its total comes close to the most a total holds,
+        // which the store keeps as the period's total.
+        for tokens in [1_000, token_billing::MAX_TOKENS - 2_000] {
+            for outcome in store.record_usage_batch(batch(tokens)).await.expect("a batch") {
+                outcome.expect("recorded");
+            }
+        }
+        sqlx::query("UPDATE token_usage_summary SET total_tokens = 1000 WHERE user_id = $1")
+            .bind(user.as_str())
+            .execute(store.pool())
+            .await
+            .expect("restored");
+        // From the kept total, 5,000 more tokens would pass the most a total holds.
+        let outcomes = store.record_usage_batch(batch(5_000)).await.expect("a batch");
+        let recorded = outcomes.into_iter().next().expect("one answer").expect("recorded");
+        assert_eq!((recorded.total_before, recorded.total_after), (1_000, 6_000));
     }
 }

@@ -44,6 +44,9 @@ const MAX_ROUNDS_RUNNING: usize = 2;
 /// fewer events makes both slower than one round of them all.
 const SECOND_ROUND_AT: usize = 12;
 
+/// The events of a failed round recorded again at once, each on its own.
+const FALLBACK_TASKS: usize = 8;
+
 /// The group commit of one store (shared by its clones).
 #[derive(Debug, Default)]
 pub(super) struct GroupCommit {
@@ -57,6 +60,9 @@ pub(super) struct GroupCommit {
     /// The rounds of several events run, for the tests that need one.
     #[cfg(feature = "testing")]
     several: std::sync::atomic::AtomicU64,
+    /// The rounds whose write failed, their events recorded again one by one.
+    #[cfg(feature = "testing")]
+    failed: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -193,12 +199,18 @@ impl PostgresUsageStore {
             }
             Err(error) => {
                 tracing::warn!(error = %error, events = copies.len(), "a round failed: recording its events one by one");
-                // Each on its own task, as concurrent callers would be: the events of different
-                // users do not wait for one another.
+                #[cfg(feature = "testing")]
+                self.group.failed.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                // Each on its own task, as concurrent callers would be, so that the events of
+                // different users do not wait for one another; at most FALLBACK_TASKS at once,
+                // so that they do not queue for the pool's connections past its timeout.
                 let mut tasks = tokio::task::JoinSet::new();
                 for ((usage, placed), answer) in copies.into_iter().zip(placed).zip(answers) {
                     if answer.is_closed() {
                         continue;
+                    }
+                    if tasks.len() >= FALLBACK_TASKS {
+                        tasks.join_next().await;
                     }
                     let store = self.clone();
                     tasks.spawn(async move {
@@ -396,6 +408,12 @@ impl PostgresUsageStore {
     /// sends events at once reads it to know they met in a round.
     pub fn rounds_of_several_events(&self) -> u64 {
         self.group.several.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// How many rounds of several events failed, their events then recorded one by one
+    /// (feature `testing`).
+    pub fn failed_rounds(&self) -> u64 {
+        self.group.failed.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Whether the failure [`fail_next_round`](Self::fail_next_round) asked for is still to

@@ -16,7 +16,7 @@ use super::rows::{
     is_duplicate_event, parse, to_i64, to_u32, to_u64,
 };
 use super::totals::SeenTotal;
-use crate::domain::{BillableTotal, Charge, ChargeKind, ClientId, PeriodKey, UserId};
+use crate::domain::{BillableTotal, Charge, ChargeKind, ClientId, Currency, PeriodKey, UserId};
 use crate::store::{RecordUsage, Recorded, StoreError, UsageStore};
 
 /// What a batch decided for one of its events.
@@ -27,6 +27,9 @@ pub(super) enum Decision {
     Earlier(usize),
     /// Refused, nothing written.
     Refused(StoreError),
+    /// Recorded by this batch, whose answer could not be read from its statement: answered by
+    /// reading the event back.
+    Written,
     /// Recorded: the period's total before and after it, and the charges it created.
     Accepted {
         before: u64,
@@ -83,11 +86,11 @@ impl PostgresUsageStore {
                 .entry((request.usage.user_id.clone(), request.usage.period))
                 .or_insert(request);
         }
-        let mut totals: HashMap<Group, (BillableTotal, bool)> = HashMap::default();
+        // Each period row's total and currency (`None`: one the crate does not know).
+        let mut totals: HashMap<Group, (BillableTotal, Option<Currency>)> = HashMap::default();
         let mut created_rows: HashSet<Group> = HashSet::default();
-        // A period row read: its key, its total, and whether it is in the currency of the
-        // batch's events for it.
-        let period_row = |row: &PgRow| -> Result<(Group, BillableTotal, bool), StoreError> {
+        // A period row read: its key, its total and its currency.
+        let period_row = |row: &PgRow| -> Result<(Group, BillableTotal, Option<Currency>), StoreError> {
             let group: Group = (
                 parse(row.try_get::<&str, _>("user_id").map_err(db)?)?,
                 parse(row.try_get::<&str, _>("period").map_err(db)?)?,
@@ -96,22 +99,18 @@ impl PostgresUsageStore {
                 tokens: to_u64(row.try_get("total_tokens").map_err(db)?)?,
                 credit_micros: to_u32(row.try_get("billable_credit").map_err(db)?)?,
             };
-            let currency: &str = row.try_get("currency").map_err(db)?;
-            let same_currency = groups.get(&group).is_some_and(|r| r.plan.currency().code() == currency);
-            Ok((group, total, same_currency))
+            let currency = row.try_get::<&str, _>("currency").map_err(db)?.parse().ok();
+            Ok((group, total, currency))
         };
         let mut missing: Vec<(&Group, &RecordUsage<'_>)> =
             groups.iter().map(|(group, request)| (group, *request)).collect();
         // The totals this process last wrote, unless they turned out out of date.
-        let mut used_seen = false;
+        let mut from_seen: HashSet<Group> = HashSet::default();
         if way == Way::Seen {
-            missing.retain(|(group, request)| match self.totals.get(group) {
+            missing.retain(|(group, _)| match self.totals.get(group) {
                 Some(seen) => {
-                    totals.insert(
-                        (*group).clone(),
-                        (seen.total, seen.currency == request.plan.currency().code()),
-                    );
-                    used_seen = true;
+                    totals.insert((*group).clone(), (seen.total, Some(seen.currency)));
+                    from_seen.insert((*group).clone());
                     false
                 }
                 None => true,
@@ -175,11 +174,11 @@ impl PostgresUsageStore {
                 );
             }
             for row in &rows {
-                let (group, total, same_currency) = period_row(row)?;
+                let (group, total, currency) = period_row(row)?;
                 if row.try_get::<bool, _>("inserted").map_err(db)? {
                     created_rows.insert(group.clone());
                 }
-                totals.insert(group, (total, same_currency));
+                totals.insert(group, (total, currency));
             }
             // Rows another writer created between the lock and the insert: locked next round.
             missing.retain(|(group, _)| !totals.contains_key(*group));
@@ -238,11 +237,13 @@ impl PostgresUsageStore {
                 continue;
             }
             let group = (usage.user_id.clone(), usage.period);
-            let Some((total, same_currency)) = totals.get_mut(&group) else {
+            let Some((total, currency)) = totals.get_mut(&group) else {
                 decisions.push(Decision::Refused(generic("a period row of the batch is missing")));
                 continue;
             };
-            if !*same_currency {
+            // Each event against its own plan: the events of one period may have been placed
+            // with different accounts (a round gathers independent callers).
+            if *currency != Some(request.plan.currency()) {
                 decisions.push(Decision::Refused(currency_mismatch(request.plan.currency())));
                 continue;
             }
@@ -270,6 +271,16 @@ impl PostgresUsageStore {
                 after,
                 charges: Vec::new(),
             });
+        }
+
+        // A refusal decided from a kept total is answered only once the total is read.
+        let refused_from_seen = requests.iter().zip(&decisions).any(|(request, decision)| {
+            matches!(decision, Decision::Refused(_))
+                && from_seen.contains(&(request.usage.user_id.clone(), request.usage.period))
+        });
+        if refused_from_seen {
+            self.totals.forget(from_seen.iter());
+            return Ok(Err(Way::Optimistic));
         }
 
         // Everything written in one statement.
@@ -331,6 +342,18 @@ impl PostgresUsageStore {
         // The charges each period row will owe, when all of them are created.
         let mut owed: HashMap<Group, (i64, i64)> = HashMap::default();
         for (i, request) in requests.iter().enumerate() {
+            // The account of every event decided here, refused ones included: an event placed
+            // with an account that changed is answered `AccountChanged` (and placed again),
+            // whatever it would have been refused for.
+            if let (Some(account), Decision::Accepted { .. } | Decision::Refused(_)) = (request.account, &decisions[i])
+            {
+                p_users.push(request.usage.user_id.as_str());
+                p_customers.push(account.customer_id.as_ref().map(crate::domain::CustomerId::as_str));
+                p_plans.push(account.plan_id.as_str());
+                p_earlier.push(sqlx::types::Json(&account.earlier_plans));
+                p_subscriptions.push(account.subscription_id.as_deref());
+                p_updated.push(account.updated_at);
+            }
             let Decision::Accepted { before, after, .. } = decisions[i] else {
                 continue;
             };
@@ -379,14 +402,6 @@ impl PostgresUsageStore {
                 .entry((usage.user_id.clone(), usage.period))
                 .or_insert(usage.recorded_at);
             *latest = (*latest).max(usage.recorded_at);
-            if let Some(account) = request.account {
-                p_users.push(usage.user_id.as_str());
-                p_customers.push(account.customer_id.as_ref().map(crate::domain::CustomerId::as_str));
-                p_plans.push(account.plan_id.as_str());
-                p_earlier.push(sqlx::types::Json(&account.earlier_plans));
-                p_subscriptions.push(account.subscription_id.as_deref());
-                p_updated.push(account.updated_at);
-            }
             x_before.push(to_i64(before)?);
             x_first.push(to_i64(blocks.first())?);
             x_end.push(to_i64(blocks.end())?);
@@ -509,50 +524,51 @@ impl PostgresUsageStore {
         let rows = match query.fetch_all(&mut *session).await {
             Ok(rows) => rows,
             // An account moved: the caller reads the accounts again and places its events anew.
-            Err(error) if gave_up(&error) && error.to_string().contains("account") => {
+            Err(error) if gave_up(&error) && account_moved(&error) => {
                 return Err(RecordFailure::AccountChanged);
             }
             // A total moved since it was read, an event id or a charge was taken: nothing of
-            // this stayed, and the next attempt is careful.
-            Err(error) if gave_up(&error) && used_seen => {
-                self.totals.forget(groups.keys());
+            // this stayed. The next attempt reads the totals this one took as kept, or else is
+            // careful.
+            Err(error) if gave_up(&error) && !from_seen.is_empty() => {
+                self.totals.forget(from_seen.iter());
                 return Ok(Err(Way::Optimistic));
             }
             Err(error) if gave_up(&error) => return Ok(Err(Way::Careful)),
             Err(error) => return Err(RecordFailure::from_write(error)),
         };
-        let mut created: HashMap<uuid::Uuid, Vec<Charge>> = HashMap::default();
-        for row in &rows {
-            if row.try_get::<Option<uuid::Uuid>, _>("id").map_err(db)?.is_none() {
-                continue;
-            }
-            let charge = charge_from(row)?;
-            if let Some(consumption) = charge.consumption_id {
-                created.entry(consumption).or_default().push(charge);
-            }
-        }
+        let mut created = match created_charges(&rows) {
+            Ok(created) => Some(created),
+            // The optimistic statement committed itself: the batch is written, and its events
+            // are answered by reading them back, never as a failed batch.
+            Err(_) if matches!(session, Session::Alone(_)) => None,
+            Err(error) => return Err(error.into()),
+        };
         if let Session::Transaction(tx) = session {
             tx.commit().await.map_err(RecordFailure::Database)?;
         }
         for (decision, request) in decisions.iter_mut().zip(requests) {
-            if let Decision::Accepted { charges, .. } = decision {
-                *charges = created.remove(&request.usage.consumption_id).unwrap_or_default();
-                charges.sort_by_key(|c| (c.kind != ChargeKind::FixedFee, c.block));
+            match (decision, created.as_mut()) {
+                (Decision::Accepted { charges, .. }, Some(created)) => {
+                    *charges = created.remove(&request.usage.consumption_id).unwrap_or_default();
+                    charges.sort_by_key(|c| (c.kind != ChargeKind::FixedFee, c.block));
+                }
+                (decision @ Decision::Accepted { .. }, None) => *decision = Decision::Written,
+                _ => {}
             }
         }
         self.totals.written(
             totals
                 .iter()
                 .filter(|(group, _)| events_per_group.contains_key(*group))
-                .map(|(group, (total, _))| {
-                    let currency = groups.get(group).map_or("", |r| r.plan.currency().code());
-                    (
+                .filter_map(|(group, (total, currency))| {
+                    Some((
                         group.clone(),
                         SeenTotal {
                             total: *total,
-                            currency,
+                            currency: (*currency)?,
                         },
-                    )
+                    ))
                 }),
         );
         Ok(Ok(decisions))
@@ -591,6 +607,14 @@ impl PostgresUsageStore {
                     Err(error) => Err(error),
                 },
                 Decision::Refused(error) => Err(error),
+                Decision::Written => match self.recorded_event(&usage.user_id, &usage.event_id).await {
+                    Ok(Some(recorded)) => Ok(Recorded {
+                        replayed: false,
+                        ..recorded
+                    }),
+                    Ok(None) => Err(generic("an event the batch recorded is gone")),
+                    Err(error) => Err(error),
+                },
             });
         }
         results
@@ -643,6 +667,31 @@ enum Way {
     Optimistic,
     /// Carefully, the period rows locked.
     Careful,
+}
+
+/// Why a batch's statement gives itself up when an account moved (`sql/record_batch.sql`).
+const ACCOUNT_MOVED: &str = "an account the batch was placed with changed";
+
+/// Whether a batch's statement gave itself up because an account moved.
+fn account_moved(error: &sqlx::Error) -> bool {
+    error
+        .as_database_error()
+        .is_some_and(|e| e.message().ends_with(ACCOUNT_MOVED))
+}
+
+/// The charges a batch's statement created, by the consumption that created them.
+fn created_charges(rows: &[PgRow]) -> Result<foldhash::HashMap<uuid::Uuid, Vec<Charge>>, StoreError> {
+    let mut created: foldhash::HashMap<uuid::Uuid, Vec<Charge>> = foldhash::HashMap::default();
+    for row in rows {
+        if row.try_get::<Option<uuid::Uuid>, _>("id").map_err(db)?.is_none() {
+            continue;
+        }
+        let charge = charge_from(row)?;
+        if let Some(consumption) = charge.consumption_id {
+            created.entry(consumption).or_default().push(charge);
+        }
+    }
+    Ok(created)
 }
 
 /// The error a batch that could not be recorded answers.

@@ -6,7 +6,7 @@
 
 use std::sync::Mutex;
 
-use crate::domain::{BillableTotal, PeriodKey, UserId};
+use crate::domain::{BillableTotal, Currency, PeriodKey, UserId};
 
 /// The most periods kept; when full, all are forgotten (the next batches read them again).
 const CAPACITY: usize = 65_536;
@@ -15,7 +15,7 @@ const CAPACITY: usize = 65_536;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct SeenTotal {
     pub(super) total: BillableTotal,
-    pub(super) currency: &'static str,
+    pub(super) currency: Currency,
 }
 
 /// The period totals last written, by user and period (shared by a store's clones).
@@ -84,7 +84,7 @@ mod tests {
                 tokens,
                 credit_micros: 0,
             },
-            currency: "BRL",
+            currency: Currency::BRL,
         }
     }
 
