@@ -70,8 +70,8 @@ async fn service() -> (BillingService, String) {
         .connect_with(options)
         .await
         .expect("connect");
-    // With the group commit, unless `GROUP_COMMIT=off` (each single event in a transaction of
-    // its own, to compare).
+    // With the group commit (the store's default), unless `GROUP_COMMIT=off` (each single event
+    // in a transaction of its own, to compare).
     let grouping = std::env::var("GROUP_COMMIT").map_or(true, |v| v != "off");
     let store = PostgresUsageStore::from_pool(pool).with_group_commit(grouping);
     store.migrate().await.expect("migrate");
