@@ -66,9 +66,9 @@ impl PostgresUsageStore {
     /// Whether single events recorded at the same time by this process's callers are gathered
     /// into shared writes (group commit; on unless turned off): each round of events is one
     /// statement and one commit, and each caller still gets its own event's answer, exactly as
-    /// without it; a caller alone is recorded as without it. With 16 callers it records about
-    /// 2.4 times, with 64 about 5.8 times as many events a second as `pgbench -N` commits
-    /// transactions (BENCHMARKS.md); off, about 0.9 times.
+    /// without it; a caller alone is recorded as without it. With 16 callers it records more
+    /// than twice, with 64 more than five times as many events a second as `pgbench -N` commits
+    /// transactions (BENCHMARKS.md); off, about as many.
     ///
     /// Turn it off when the store is used from several Tokio runtimes that stop while others
     /// still record (rounds run on tasks of the runtime of the caller that starts them, and a
