@@ -43,17 +43,19 @@ impl PostgresUsageStore {
     /// then every charge, consumption, summary change, freed hold, audit entry and alert in one
     /// statement. Events are decided in Rust, in order, by the same rule as one event at a time.
     ///
-    /// `optimistic` reads the totals without locks and trusts that no event of the batch was
-    /// recorded before; the write, one statement and so one transaction of its own, then moves
-    /// each period row only if its total is still the one read, and fails on the event id's
-    /// unique index if an id is taken (no speculative insert per row): two round trips, one
-    /// commit. Either way nothing stays: a moved total makes the statement give itself up
-    /// (`None`), a taken id is a unique violation that `decide_batch` retries, and the careful
-    /// way, a transaction that looks up the events recorded before and locks the period rows in
-    /// a fixed order (so that concurrent batches never deadlock), does it again. The careful way
-    /// meets a taken id only when a writer outside those locks (the same event id in another
-    /// period) took it meanwhile. An account an event carries (a round of single events placed
-    /// with cached accounts) is checked by the write itself, as one event's write checks it:
+    /// The optimistic ways (`Way::Seen`, which starts from the totals this process last wrote
+    /// where it knows them, and `Way::Optimistic`, which reads them) take no lock and trust that
+    /// no event of the batch was recorded before; the write, one statement and so one
+    /// transaction of its own, moves each period row only if its total is still the one
+    /// started from, and fails on the event id's unique index if an id is taken (no speculative
+    /// insert per row): one or two round trips, one commit. Nothing stays either way: a moved
+    /// total makes the statement give itself up, and the answer names the way to try next; a
+    /// taken id is a unique violation that `decide_batch` retries carefully. The careful way, a
+    /// transaction that looks up the events recorded before and locks the period rows in a
+    /// fixed order (so that concurrent batches never deadlock), meets a taken id only when a
+    /// writer outside those locks (the same event id in another period) took it meanwhile. An
+    /// account an event carries (a round of single events placed with cached accounts) is
+    /// checked by the write itself, as one event's write checks it:
     /// [`RecordFailure::AccountChanged`] when one moved, nothing written.
     async fn try_record_batch(
         &self,
