@@ -1858,54 +1858,85 @@ mod group_commit {
             })
             .await
             .expect("opened");
-        let others: Vec<UserId> = (0..16).map(|_| fresh_user("filler")).collect();
-        for _ in 0..3 {
-            let (before, failed) = (store.rounds_of_several_events(), store.failed_rounds());
-            // Other users' events first, so that the two events below wait in a round of
-            // several; then one placed with the old account and its plan, one with the current.
-            let mut sends: Vec<(token_billing::UsageRecord, Arc<Plan>, Option<Account>)> = others
-                .iter()
-                .map(|other| (usage_event(other, 1_000, "chat", period), Arc::clone(&brl), None))
-                .collect();
-            let stale = usage_event(&user, 1_000, "chat", period);
-            let fresh = usage_event(&user, 1_000, "chat", period);
-            sends.push((stale.clone(), Arc::clone(&usd), Some(old.clone())));
-            sends.push((fresh.clone(), Arc::clone(&brl), Some(current.clone())));
-            let mut tasks = Vec::new();
-            for (usage, plan, account) in sends {
-                let store = Arc::clone(&store);
-                tasks.push(tokio::spawn(async move {
-                    store
-                        .record_usage(RecordUsage {
-                            usage,
-                            plan: &plan,
-                            fee: FeeCollection::Library,
-                            lease_until: None,
-                            alerting: None,
-                            account: account.as_ref(),
-                        })
-                        .await
-                }));
+        let send = |usage: token_billing::UsageRecord, plan: Arc<Plan>, account: Option<Account>| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move {
+                store
+                    .record_usage(RecordUsage {
+                        usage,
+                        plan: &plan,
+                        fee: FeeCollection::Library,
+                        lease_until: None,
+                        alerting: None,
+                        account: account.as_ref(),
+                    })
+                    .await
+            })
+        };
+        let until = |done: &dyn Fn() -> bool| {
+            let started = std::time::Instant::now();
+            while !done() {
+                assert!(started.elapsed() < std::time::Duration::from_secs(10), "timed out");
+                std::thread::sleep(std::time::Duration::from_millis(1));
             }
-            let mut outcomes = Vec::new();
-            for task in tasks {
-                outcomes.push(task.await.expect("joined"));
-            }
-            assert!(store.rounds_of_several_events() > before, "a round of several formed");
-            assert_eq!(store.failed_rounds(), failed, "no round failed");
-            let fresh_outcome = outcomes.pop().expect("the fresh event");
-            let stale_outcome = outcomes.pop().expect("the stale event");
-            match stale_outcome {
-                Err(token_billing::StoreError::AccountChanged { usage }) => assert_eq!(*usage, stale),
-                other => panic!("the event placed with the old account: {other:?}"),
-            }
-            let recorded = fresh_outcome.expect("the event placed with the current account is recorded");
-            assert_eq!(recorded.usage.event_id, fresh.event_id);
-            for outcome in outcomes {
-                outcome.expect("the other users' events are recorded");
-            }
+        };
+        // Another user's round is held while three events of this user wait, in this order, for
+        // the next round: one placed with the old account and its plan, one with the current
+        // account, and one with the current account but a plan in another currency.
+        store.hold_next_round();
+        let holder = send(
+            usage_event(&fresh_user("holder"), 1_000, "chat", period),
+            Arc::clone(&brl),
+            None,
+        );
+        until(&|| !store.round_hold_pending());
+        let stale = usage_event(&user, 1_000, "chat", period);
+        let fresh = usage_event(&user, 1_000, "chat", period);
+        let other_currency = usage_event(&user, 1_000, "chat", period);
+        let sends = [
+            (stale.clone(), Arc::clone(&usd), Some(old.clone())),
+            (fresh.clone(), Arc::clone(&brl), Some(current.clone())),
+            (other_currency.clone(), Arc::clone(&usd), Some(current.clone())),
+        ];
+        let mut tasks = Vec::new();
+        for (n, (usage, plan, account)) in sends.into_iter().enumerate() {
+            tasks.push(send(usage, plan, account));
+            until(&|| store.waiting_events() == n + 1);
         }
-        assert_eq!(store.consumptions(&user, period).await.expect("read").len(), 4);
+        let (before, failed) = (store.rounds_of_several_events(), store.failed_rounds());
+        store.release_held_round();
+        holder
+            .await
+            .expect("joined")
+            .expect("the held round's event is recorded");
+        let mut outcomes = Vec::new();
+        for task in tasks {
+            outcomes.push(task.await.expect("joined"));
+        }
+        assert_eq!(
+            store.rounds_of_several_events(),
+            before + 1,
+            "the three met in one round"
+        );
+        assert_eq!(store.failed_rounds(), failed, "no round failed");
+        let mut outcomes = outcomes.into_iter();
+        match outcomes.next().expect("the stale event's answer") {
+            Err(token_billing::StoreError::AccountChanged { usage }) => assert_eq!(*usage, stale),
+            other => panic!("the event placed with the old account: {other:?}"),
+        }
+        let recorded = outcomes
+            .next()
+            .expect("the fresh event's answer")
+            .expect("the event placed with the current account is recorded");
+        assert_eq!(recorded.usage.event_id, fresh.event_id);
+        match outcomes.next().expect("the other currency's answer") {
+            // Its account is the stored one: its own refusal stands.
+            Err(error @ token_billing::StoreError::Generic { .. }) => {
+                assert!(format!("{error:?}").contains("not in USD"), "{error:?}");
+            }
+            other => panic!("the event in another currency: {other:?}"),
+        }
+        assert_eq!(store.consumptions(&user, period).await.expect("read").len(), 2);
     }
 
     /// A process starts its batches from the period totals it last wrote: when another

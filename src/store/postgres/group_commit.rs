@@ -57,6 +57,12 @@ pub(super) struct GroupCommit {
     /// Whether the next round never ends, for the test of a round task stopped midway.
     #[cfg(feature = "testing")]
     hang: std::sync::atomic::AtomicBool,
+    /// Whether the next round waits for `release` before it writes, for the tests that line
+    /// events up in a round.
+    #[cfg(feature = "testing")]
+    held: std::sync::atomic::AtomicBool,
+    #[cfg(feature = "testing")]
+    release: tokio::sync::Notify,
     /// The rounds of several events run, for the tests that need one.
     #[cfg(feature = "testing")]
     several: std::sync::atomic::AtomicU64,
@@ -162,6 +168,10 @@ impl PostgresUsageStore {
             if self.group.hang.swap(false, std::sync::atomic::Ordering::AcqRel) {
                 std::future::pending::<()>().await;
             }
+            #[cfg(feature = "testing")]
+            if self.group.held.swap(false, std::sync::atomic::Ordering::AcqRel) {
+                self.group.release.notified().await;
+            }
             self.run_round(round).await;
             // The callers just answered are ready to run: letting them (one turn of the
             // scheduler, no delay) puts those that record again at once in the next round.
@@ -206,11 +216,15 @@ impl PostgresUsageStore {
                 // so that they do not queue for the pool's connections past its timeout.
                 let mut tasks = tokio::task::JoinSet::new();
                 for ((usage, placed), answer) in copies.into_iter().zip(placed).zip(answers) {
+                    if tasks.len() >= FALLBACK_TASKS
+                        && let Some(Err(error)) = tasks.join_next().await
+                    {
+                        tracing::error!(error = %error, "recording an event of a failed round stopped");
+                    }
+                    // Checked once a task is free: a caller that stopped waiting meanwhile has
+                    // its event left unrecorded, as a single record dropped before its statement.
                     if answer.is_closed() {
                         continue;
-                    }
-                    if tasks.len() >= FALLBACK_TASKS {
-                        tasks.join_next().await;
                     }
                     let store = self.clone();
                     tasks.spawn(async move {
@@ -226,7 +240,11 @@ impl PostgresUsageStore {
                         let _ = answer.send(result);
                     });
                 }
-                while tasks.join_next().await.is_some() {}
+                while let Some(joined) = tasks.join_next().await {
+                    if let Err(error) = joined {
+                        tracing::error!(error = %error, "recording an event of a failed round stopped");
+                    }
+                }
             }
         }
     }
@@ -402,6 +420,30 @@ impl PostgresUsageStore {
     /// (feature `testing`).
     pub fn round_hang_pending(&self) -> bool {
         self.group.hang.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Makes the next round wait, before it writes, until
+    /// [`release_held_round`](Self::release_held_round) (feature `testing`): the events sent
+    /// meanwhile wait for the round after it, in the order they arrive
+    /// ([`waiting_events`](Self::waiting_events) counts them).
+    pub fn hold_next_round(&self) {
+        self.group.held.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether the hold [`hold_next_round`](Self::hold_next_round) asked for is still to come
+    /// (feature `testing`): no round has started since.
+    pub fn round_hold_pending(&self) -> bool {
+        self.group.held.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Lets the held round write (feature `testing`).
+    pub fn release_held_round(&self) {
+        self.group.release.notify_one();
+    }
+
+    /// The events waiting for a round (feature `testing`).
+    pub fn waiting_events(&self) -> usize {
+        lock(&self.group.state).waiting.len()
     }
 
     /// How many rounds of several events this store has run (feature `testing`): a test that

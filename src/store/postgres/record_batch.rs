@@ -601,7 +601,7 @@ impl PostgresUsageStore {
                         ..original.clone()
                     }
                     .answer_resend(&usage),
-                    Err(_) => Err(generic("an earlier event of the batch with the same id was refused")),
+                    Err(_) => Err(generic("an earlier event of the batch with the same id has no answer")),
                 },
                 Decision::Existing => match self.recorded_event(&usage.user_id, &usage.event_id).await {
                     Ok(Some(original)) => original.answer_resend(&usage),
