@@ -1531,6 +1531,29 @@ mod group_commit {
             .expect("valid")
     }
 
+    /// Records `usage` on a task of its own, placed with `plan` and `account`, as one caller of
+    /// a host would.
+    fn spawn_record(
+        store: &Arc<token_billing::PostgresUsageStore>,
+        usage: token_billing::UsageRecord,
+        plan: Arc<Plan>,
+        account: Option<token_billing::store::Account>,
+    ) -> tokio::task::JoinHandle<Result<token_billing::store::Recorded, token_billing::StoreError>> {
+        let store = Arc::clone(store);
+        tokio::spawn(async move {
+            store
+                .record_usage(RecordUsage {
+                    usage,
+                    plan: &plan,
+                    fee: FeeCollection::Library,
+                    lease_until: None,
+                    alerting: None,
+                    account: account.as_ref(),
+                })
+                .await
+        })
+    }
+
     /// 64 events of 4 users, sent at once by 64 tasks, with the round that forms failing as
     /// `after_commit` says; then every caller has its answer and every event is recorded once.
     async fn a_failed_round_loses_and_doubles_nothing(after_commit: bool) {
@@ -1545,25 +1568,13 @@ mod group_commit {
             let user = users[usize::try_from(i % 4).expect("small")].clone();
             let tokens = 1_000 + i * 37;
             *sent.entry(user.clone()).or_default() += tokens;
-            let (store, plan) = (Arc::clone(&store), Arc::clone(&plan));
             let mut usage = usage_event(&user, tokens, "chat", period);
             if i % 2 == 1 {
                 // An event sent without the host's id: its consumption id stands in.
                 usage.event_id = token_billing::EventId::new(usage.consumption_id.to_string()).expect("an id");
                 assert!(!usage.has_host_event_id());
             }
-            tasks.push(tokio::spawn(async move {
-                store
-                    .record_usage(RecordUsage {
-                        usage,
-                        plan: &plan,
-                        fee: FeeCollection::Library,
-                        lease_until: None,
-                        alerting: None,
-                        account: None,
-                    })
-                    .await
-            }));
+            tasks.push(spawn_record(&store, usage, Arc::clone(&plan), None));
         }
         for task in tasks {
             let recorded = task.await.expect("joined").expect("every caller is answered its event");
@@ -1671,21 +1682,7 @@ mod group_commit {
         let (before, failed) = (store.rounds_of_several_events(), store.failed_rounds());
         let tasks: Vec<_> = usages
             .into_iter()
-            .map(|(usage, account)| {
-                let (store, plan) = (Arc::clone(store), Arc::clone(plan));
-                tokio::spawn(async move {
-                    store
-                        .record_usage(RecordUsage {
-                            usage,
-                            plan: &plan,
-                            fee: FeeCollection::Library,
-                            lease_until: None,
-                            alerting: None,
-                            account: account.as_ref(),
-                        })
-                        .await
-                })
-            })
+            .map(|(usage, account)| spawn_record(store, usage, Arc::clone(plan), account))
             .collect();
         let mut outcomes = Vec::new();
         for task in tasks {
@@ -1858,21 +1855,7 @@ mod group_commit {
             })
             .await
             .expect("opened");
-        let send = |usage: token_billing::UsageRecord, plan: Arc<Plan>, account: Option<Account>| {
-            let store = Arc::clone(&store);
-            tokio::spawn(async move {
-                store
-                    .record_usage(RecordUsage {
-                        usage,
-                        plan: &plan,
-                        fee: FeeCollection::Library,
-                        lease_until: None,
-                        alerting: None,
-                        account: account.as_ref(),
-                    })
-                    .await
-            })
-        };
+        let send = |usage, plan, account| spawn_record(&store, usage, plan, account);
         let until = |done: &dyn Fn() -> bool| {
             let started = std::time::Instant::now();
             while !done() {
