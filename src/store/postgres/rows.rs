@@ -29,6 +29,18 @@ pub(super) fn db(error: sqlx::Error) -> StoreError {
                 source: Box::new(error),
             }
         }
+        // The connection was lost (class 08), or the server ended the session: shut down,
+        // restarting, the backend terminated (57P01 - 57P03), or idle too long (57P05).
+        sqlx::Error::Database(ref e)
+            if e.code().is_some_and(|code| {
+                code.starts_with("08") || matches!(code.as_ref(), "57P01" | "57P02" | "57P03" | "57P05")
+            }) =>
+        {
+            StoreError::Unavailable {
+                store: STORE,
+                source: Box::new(error),
+            }
+        }
         other => generic(other),
     }
 }
