@@ -1696,6 +1696,230 @@ mod group_commit {
         outcomes
     }
 
+    /// A group-commit store in a schema of its own, on a pool made by `pool`, its connections
+    /// named `application_name` on the server.
+    async fn store_on(
+        pool: sqlx::postgres::PgPoolOptions,
+        application_name: &str,
+    ) -> Arc<token_billing::PostgresUsageStore> {
+        use std::str::FromStr;
+
+        let schema = super::schema().await;
+        let options = sqlx::postgres::PgConnectOptions::from_str(&super::common::pg::database_url())
+            .expect("a valid DATABASE_URL")
+            .options([("search_path", schema.as_str())])
+            .application_name(application_name);
+        let store = token_billing::PostgresUsageStore::from_pool(pool.connect_with(options).await.expect("connect"));
+        store.migrate().await.expect("migrate");
+        Arc::new(store.with_group_commit(true))
+    }
+
+    /// Waits, by polling, until `done`.
+    fn until(done: &dyn Fn() -> bool) {
+        let started = std::time::Instant::now();
+        while !done() {
+            assert!(started.elapsed() < std::time::Duration::from_secs(10), "timed out");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    /// A round task keeps one connection from round to round, and gives it back before anything
+    /// of the round takes one from the pool (a round of one event, the originals of re-sent
+    /// events): on a pool of a single connection, every caller is answered, none waiting for a
+    /// connection the task holds.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_round_task_never_holds_two_of_the_pools_connections() {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(std::time::Duration::from_secs(2));
+        let store = store_on(pool, "tb-one-connection").await;
+        let plan = Arc::new(small_blocks());
+        let period = PeriodKey::new(2026, 11).expect("a period");
+        let event = || usage_event(&fresh_user("one-connection"), 1_000, "chat", period);
+        let send = |usage| spawn_record(&store, usage, Arc::clone(&plan), None);
+        let original = event();
+        send(original.clone()).await.expect("joined").expect("recorded");
+        // One task runs the rounds below, each held until the next waits behind it: one event,
+        // two events (on the connection the task then keeps), one event alone (on the pool's
+        // connection), and a re-send beside a new event (its original read from the pool).
+        store.hold_next_round();
+        let mut tasks = vec![send(event())];
+        until(&|| !store.round_hold_pending());
+        let waiting = |tasks: &mut Vec<_>, usages: Vec<token_billing::UsageRecord>| {
+            for (n, usage) in usages.into_iter().enumerate() {
+                tasks.push(send(usage));
+                until(&|| store.waiting_events() == n + 1);
+            }
+        };
+        waiting(&mut tasks, vec![event(), event()]);
+        store.hold_next_round();
+        store.release_held_round();
+        until(&|| !store.round_hold_pending());
+        waiting(&mut tasks, vec![event()]);
+        store.hold_next_round();
+        store.release_held_round();
+        until(&|| !store.round_hold_pending());
+        let mut resent = original.clone();
+        resent.consumption_id = uuid::Uuid::new_v4();
+        waiting(&mut tasks, vec![resent, event()]);
+        let rounds = store.rounds_of_several_events();
+        store.release_held_round();
+        let mut answers = Vec::new();
+        for task in tasks {
+            answers.push(task.await.expect("joined").expect("every caller is answered"));
+        }
+        assert_eq!(
+            store.rounds_of_several_events(),
+            rounds + 1,
+            "the re-send met a new event"
+        );
+        let replayed: Vec<bool> = answers.iter().map(|a| a.replayed).collect();
+        assert_eq!(replayed, [false, false, false, false, true, false]);
+        assert_eq!(
+            answers[4].usage.consumption_id, original.consumption_id,
+            "the original's answer"
+        );
+    }
+
+    /// A lone caller's events are recorded one after another by one task, on the connection it
+    /// keeps. When the server closes that connection between two events, the next is recorded
+    /// on one of the pool's all the same: answered as its own record, recorded once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lone_event_on_a_connection_the_server_closed_is_recorded_on_another() {
+        use sqlx::postgres::PgPoolOptions;
+
+        let name = format!("tb-closed-one-{}", uuid::Uuid::new_v4().simple());
+        let store = store_on(PgPoolOptions::new().max_connections(4), &name).await;
+        let plan = Arc::new(small_blocks());
+        let period = PeriodKey::new(2026, 11).expect("a period");
+        let user = fresh_user("closed-one");
+        // The period is open (its fee charged): the events below are recorded in one statement.
+        let usage = || usage_event(&user, 100, "chat", period);
+        spawn_record(&store, usage(), Arc::clone(&plan), None)
+            .await
+            .expect("joined")
+            .expect("opened");
+        // One task records the two events below, held before each: the first on a connection it
+        // then keeps, the second once the server closed that connection.
+        store.hold_next_round();
+        let (first, second) = (usage(), usage());
+        let mut tasks = vec![spawn_record(&store, first.clone(), Arc::clone(&plan), None)];
+        until(&|| !store.round_hold_pending());
+        tasks.push(spawn_record(&store, second.clone(), Arc::clone(&plan), None));
+        until(&|| store.waiting_events() == 1);
+        store.hold_next_round();
+        store.release_held_round();
+        until(&|| !store.round_hold_pending());
+        let admin = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&super::common::pg::database_url())
+            .await
+            .expect("connect");
+        sqlx::query("SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE application_name = $1")
+            .bind(&name)
+            .execute(&admin)
+            .await
+            .expect("closed");
+        store.release_held_round();
+        for (task, sent) in tasks.into_iter().zip([&first, &second]) {
+            let recorded = task.await.expect("joined").expect("recorded");
+            assert!(!recorded.replayed, "its own record");
+            assert_eq!(recorded.usage.consumption_id, sent.consumption_id);
+        }
+        let consumptions = store.consumptions(&user, period).await.expect("read");
+        assert_eq!(consumptions.len(), 3, "each event once");
+        admin.close().await;
+    }
+
+    /// The task that stays for a lone caller's next event gives its connection back to the
+    /// pool soon after the last one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lone_callers_connection_goes_back_to_the_pool_after_its_last_event() {
+        let store = store_on(sqlx::postgres::PgPoolOptions::new().max_connections(4), "tb-lone").await;
+        let plan = Arc::new(small_blocks());
+        let period = PeriodKey::new(2026, 11).expect("a period");
+        let user = fresh_user("lone");
+        for _ in 0..20 {
+            spawn_record(&store, usage_event(&user, 100, "chat", period), Arc::clone(&plan), None)
+                .await
+                .expect("joined")
+                .expect("recorded");
+        }
+        let pool = store.pool();
+        until(&|| pool.num_idle() == usize::try_from(pool.size()).expect("small"));
+    }
+
+    /// A round task records its rounds on one connection, kept from round to round. When the
+    /// server closes it between two rounds, the round that meets it fails, its events are each
+    /// recorded on their own (none lost, none twice), and the round after it takes another
+    /// connection from the pool instead of failing too.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_round_on_a_connection_the_server_closed_loses_nothing_and_the_next_takes_another() {
+        use sqlx::postgres::PgPoolOptions;
+
+        // Named, so that its connections can be told apart on the server.
+        let name = format!("tb-closed-{}", uuid::Uuid::new_v4().simple());
+        let store = store_on(PgPoolOptions::new().max_connections(4), &name).await;
+        let plan = Arc::new(small_blocks());
+        let period = PeriodKey::new(2026, 11).expect("a period");
+        let first = usage_event(&fresh_user("closed"), 1_000, "chat", period);
+        let mut events = vec![first.clone()];
+        let mut tasks = Vec::new();
+        // Sends two events, which wait for the held round to end.
+        let mut two_waiting = |tasks: &mut Vec<_>| {
+            for n in 1..=2 {
+                let usage = usage_event(&fresh_user("closed"), 1_000, "chat", period);
+                events.push(usage.clone());
+                tasks.push(spawn_record(&store, usage, Arc::clone(&plan), None));
+                until(&|| store.waiting_events() == n);
+            }
+        };
+        // One task runs every round below: the first (one event) is held while two events wait.
+        store.hold_next_round();
+        tasks.push(spawn_record(&store, first, Arc::clone(&plan), None));
+        until(&|| !store.round_hold_pending());
+        two_waiting(&mut tasks);
+        store.hold_next_round();
+        store.release_held_round();
+        until(&|| !store.round_hold_pending());
+        // The second round (two events) is held, then recorded on a connection the task keeps;
+        // the third is held while the server closes every connection of the store.
+        two_waiting(&mut tasks);
+        store.hold_next_round();
+        let failed = store.failed_rounds();
+        store.release_held_round();
+        until(&|| !store.round_hold_pending());
+        assert_eq!(store.failed_rounds(), failed, "the second round was recorded");
+        let admin = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&super::common::pg::database_url())
+            .await
+            .expect("connect");
+        sqlx::query("SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE application_name = $1")
+            .bind(&name)
+            .execute(&admin)
+            .await
+            .expect("closed");
+        // A fourth round waits behind the third.
+        two_waiting(&mut tasks);
+        store.release_held_round();
+        for task in tasks {
+            let recorded = task.await.expect("joined").expect("every caller is answered its event");
+            assert!(!recorded.replayed, "each caller's own event");
+        }
+        assert_eq!(
+            store.failed_rounds(),
+            failed + 1,
+            "only the round on the closed connection failed"
+        );
+        for usage in &events {
+            let consumptions = store.consumptions(&usage.user_id, period).await.expect("read");
+            assert_eq!(consumptions.len(), 1, "{}: recorded once", usage.user_id);
+            assert_eq!(consumptions[0].event_id, usage.event_id);
+        }
+        admin.close().await;
+    }
+
     /// In a round, an event placed with an account that changed since is refused on its own
     /// (`AccountChanged`, as a single record refuses it), and the round's other events are
     /// recorded.
@@ -1856,13 +2080,6 @@ mod group_commit {
             .await
             .expect("opened");
         let send = |usage, plan, account| spawn_record(&store, usage, plan, account);
-        let until = |done: &dyn Fn() -> bool| {
-            let started = std::time::Instant::now();
-            while !done() {
-                assert!(started.elapsed() < std::time::Duration::from_secs(10), "timed out");
-                std::thread::sleep(std::time::Duration::from_millis(1));
-            }
-        };
         // Another user's round is held while three events of this user wait, in this order, for
         // the next round: one placed with the old account and its plan, one with the current
         // account, and one with the current account but a plan in another currency.

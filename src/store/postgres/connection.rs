@@ -1,5 +1,5 @@
 //! Connecting [`PostgresUsageStore`] to a database: the pool, the schema migrations and applying
-//! them, and the transactions every write runs in.
+//! them, the transactions every write runs in, and the connection a caller keeps between writes.
 
 use std::sync::Arc;
 
@@ -66,9 +66,11 @@ impl PostgresUsageStore {
     /// Whether single events recorded at the same time by this process's callers are gathered
     /// into shared writes (group commit; on unless turned off): each round of events is one
     /// statement and one commit, and each caller still gets its own event's answer, exactly as
-    /// without it; a caller alone is recorded as without it. With 16 callers it records more
-    /// than twice, with 64 more than five times as many events a second as `pgbench -N` commits
-    /// transactions (BENCHMARKS.md); off, about as many.
+    /// without it. Each round task (two at most) keeps one of the pool's connections from round
+    /// to round, and gives it back when the pool has none to spare, after a second, or 10 ms
+    /// after its last event. With 16 callers it records more than twice, with 64 more than four
+    /// times as many events a second as `pgbench -N` commits transactions (BENCHMARKS.md); off,
+    /// about as many.
     ///
     /// Turn it off when the store is used from several Tokio runtimes that stop while others
     /// still record (rounds run on tasks of the runtime of the caller that starts them, and a
@@ -139,3 +141,9 @@ impl PostgresUsageStore {
         self.pool.begin().await.map_err(db)
     }
 }
+
+/// A connection of the pool that a caller recording one write after another keeps between
+/// them (the group commit's task: `decide_batch`, `record_event_on`), instead of taking one
+/// from the pool, and by default testing it with a round trip, for each. `None` until the
+/// first write takes one; set back to `None` to give it back.
+pub(super) type Lent = Option<sqlx::pool::PoolConnection<Postgres>>;

@@ -8,7 +8,11 @@
 //! or beside it once [`SECOND_ROUND_AT`] events wait: no delay is added, and a caller alone is
 //! recorded by the one-statement way of a single event (a round of one). Rounds run on tasks of
 //! their own, so a caller that stops waiting (a client gone, a timeout) never stops a round
-//! that others wait on.
+//! that others wait on. A task keeps one pooled connection from round to round, and the only
+//! task stays [`LINGER`] for the next event before it ends: a steady caller, alone or not, is
+//! recorded without a pool hand-out (and its test round trip) per round. A task holds at most
+//! that one connection: it gives it back before a round takes one of the pool's, when the pool
+//! has none to spare, and after [`KEEP_AT_MOST`].
 //!
 //! A round is recorded by `decide_batch`, whose statement checks the accounts the events were
 //! placed with as a single record's does: when one moved, nothing is written, the events placed
@@ -24,8 +28,9 @@ use chrono::{DateTime, SubsecRound, Utc};
 use tokio::sync::oneshot;
 
 use super::PostgresUsageStore;
+use super::connection::Lent;
 use super::record::RecordFailure;
-use super::record_batch::batch_error;
+use super::record_batch::{Decision, batch_error};
 use crate::domain::{AlertPolicy, Ceiling, FeeCollection, Plan, UsageRecord};
 use crate::store::{Account, Alerting, RecordUsage, Recorded, StoreError};
 
@@ -40,17 +45,31 @@ const MAX_ROUND: usize = 1_000;
 const MAX_ROUNDS_RUNNING: usize = 2;
 
 /// The events that must be waiting for a round to start beside one that runs: a round's
-/// statement costs PostgreSQL about as much as a dozen of its events, so a second round of
-/// fewer events makes both slower than one round of them all.
-const SECOND_ROUND_AT: usize = 12;
+/// statement costs PostgreSQL about as much as a handful of its events, so a second round of
+/// fewer makes both slower than one round of them all. Measured with 16 callers, 8 was faster
+/// than 4, 6 and 12 (`benches/postgres.rs`).
+const SECOND_ROUND_AT: usize = 8;
 
 /// The events of a failed round recorded again at once, each on its own.
 const FALLBACK_TASKS: usize = 8;
+
+/// How long a round task with no event waiting stays for the next, keeping its connection: a
+/// caller recording one event after another is then recorded on that connection by the task
+/// it wakes, instead of by a new task on a connection the pool hands out and tests with a round
+/// trip. No caller waits for it; the pool has the connection back at most this long after the
+/// last round.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// How long a round task keeps one connection before it gives it back to the pool (and takes
+/// another for its next round), so that the pool's limits on a connection's life still apply.
+const KEEP_AT_MOST: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The group commit of one store (shared by its clones).
 #[derive(Debug, Default)]
 pub(super) struct GroupCommit {
     state: Mutex<State>,
+    /// Wakes the task that stays for the next event (`State::lingering`).
+    wake: tokio::sync::Notify,
     /// Rounds to fail on purpose, for the tests of what a failed round does.
     #[cfg(feature = "testing")]
     faults: std::sync::atomic::AtomicUsize,
@@ -74,7 +93,10 @@ pub(super) struct GroupCommit {
 #[derive(Debug, Default)]
 struct State {
     waiting: Vec<Waiting>,
+    /// Round tasks, one staying for the next event ([`LINGER`]) included.
     running: usize,
+    /// Whether the only round task stays for the next event, to be woken by it.
+    lingering: bool,
 }
 
 /// An event waiting for its round, with what recording it needs, owned, and where its answer
@@ -131,16 +153,19 @@ impl PostgresUsageStore {
             usage: request.usage,
             answer,
         };
-        let round = {
+        let (round, wake) = {
             let mut state = lock(&self.group.state);
             state.waiting.push(waiting);
             if state.running == 0 || (state.running < MAX_ROUNDS_RUNNING && state.waiting.len() >= SECOND_ROUND_AT) {
                 state.running += 1;
-                Some(take_round(&mut state))
+                (Some(take_round(&mut state)), false)
             } else {
-                None
+                (None, state.lingering)
             }
         };
+        if wake {
+            self.group.wake.notify_one();
+        }
         if let Some(round) = round {
             // Made before the task, so that a task dropped before it first runs gives the claim
             // back too.
@@ -157,10 +182,14 @@ impl PostgresUsageStore {
         })?
     }
 
-    /// Runs `round`, then the rounds that formed meanwhile, until none waits.
+    /// Runs `round`, then the rounds that formed meanwhile, until none waits or comes within
+    /// [`LINGER`].
     async fn run_rounds(self, mut round: Vec<Waiting>, mut running: Running) {
         // Should this task stop midway (its runtime shutting down, a panic), `running` gives
         // the claim back: the next caller starts a round, and those waiting do not wait for ever.
+        // Its rounds run on one pooled connection, given back when it ends.
+        let mut connection: Lent = None;
+        let mut kept_since = None;
         loop {
             #[allow(clippy::cast_precision_loss, reason = "a count of events, at most MAX_ROUND")]
             metrics::histogram!(ROUND_SIZE).record(round.len() as f64);
@@ -172,26 +201,84 @@ impl PostgresUsageStore {
             if self.group.held.swap(false, std::sync::atomic::Ordering::AcqRel) {
                 self.group.release.notified().await;
             }
-            self.run_round(round).await;
+            self.run_round(round, &mut connection).await;
+            self.give_back_if_needed(&mut connection, &mut kept_since);
             // The callers just answered are ready to run: letting them (one turn of the
             // scheduler, no delay) puts those that record again at once in the next round.
             tokio::task::yield_now().await;
-            let mut state = lock(&self.group.state);
-            // Those waiting are left to the other round running, unless they are many.
-            if state.waiting.is_empty() || (state.running > 1 && state.waiting.len() < SECOND_ROUND_AT) {
-                state.running -= 1;
-                running.done = true;
-                return;
+            match self.next_round(&mut running).await {
+                Some(next) => round = next,
+                None => return,
             }
-            round = take_round(&mut state);
         }
     }
 
-    /// Records one round and answers each of its callers.
-    async fn run_round(&self, round: Vec<Waiting>) {
+    /// Gives the task's connection back to the pool when another may need it (the pool has
+    /// none idle and may open no more) or once it was kept [`KEEP_AT_MOST`]; `since` is when
+    /// the task took it.
+    fn give_back_if_needed(&self, connection: &mut Lent, since: &mut Option<std::time::Instant>) {
+        if connection.is_none() {
+            *since = None;
+            return;
+        }
+        let taken = *since.get_or_insert_with(std::time::Instant::now);
+        let full = self.pool.num_idle() == 0 && self.pool.size() >= self.pool.options().get_max_connections();
+        if full || taken.elapsed() >= KEEP_AT_MOST {
+            *connection = None;
+            *since = None;
+        }
+    }
+
+    /// The round after one that ended: the events waiting, else the first to arrive within
+    /// [`LINGER`] when this is the only round task. `None` when this task ends: nothing came,
+    /// or the few waiting are left to the other round running.
+    async fn next_round(&self, running: &mut Running) -> Option<Vec<Waiting>> {
+        let deadline = tokio::time::Instant::now() + LINGER;
+        // Whether this task set `State::lingering`: only it clears the flag.
+        let mut lingering = false;
+        loop {
+            {
+                let mut state = lock(&self.group.state);
+                if std::mem::take(&mut lingering) {
+                    state.lingering = false;
+                }
+                let alone = state.running == 1;
+                let leave = if state.waiting.is_empty() {
+                    !alone || tokio::time::Instant::now() >= deadline
+                } else {
+                    !alone && state.waiting.len() < SECOND_ROUND_AT
+                };
+                if leave {
+                    state.running -= 1;
+                    running.done = true;
+                    return None;
+                }
+                if !state.waiting.is_empty() {
+                    return Some(take_round(&mut state));
+                }
+                state.lingering = true;
+                lingering = true;
+            }
+            // Woken by the next event (a wake sent before this waits is kept), or at the deadline.
+            let _ = tokio::time::timeout_at(deadline, self.group.wake.notified()).await;
+        }
+    }
+
+    /// Records one round on `connection` (see `decide_batch`) and answers each of its callers.
+    async fn run_round(&self, round: Vec<Waiting>, connection: &mut Lent) {
         if round.len() == 1 {
+            // The one-statement way of a single event, on the task's connection.
             let Waiting { usage, placed, answer } = round.into_iter().next().expect("one event");
-            let _ = answer.send(self.record_event(placed.request(usage)).await);
+            let kept = connection.as_ref().map(|_| usage.clone());
+            let mut result = self.record_event_on(placed.request(usage), connection).await;
+            if let (Some(usage), Err(StoreError::Unavailable { .. })) = (kept, &result)
+                && !answer.is_closed()
+            {
+                // The connection kept since the last round may have broken meanwhile (the
+                // server restarted, the network failed): once more, on one of the pool's.
+                result = self.record_again(&placed, usage).await;
+            }
+            let _ = answer.send(result);
             return;
         }
         #[cfg(feature = "testing")]
@@ -201,13 +288,16 @@ impl PostgresUsageStore {
         let (usages, answers): (Vec<UsageRecord>, Vec<_>) = rest.into_iter().unzip();
         // Kept to record each event again on its own, should the round fail.
         let copies = usages.clone();
-        match self.record_round(&placed, usages).await {
+        match self.record_round(&placed, usages, connection).await {
             Ok(results) => {
                 for (answer, result) in answers.into_iter().zip(results) {
                     let _ = answer.send(result);
                 }
             }
             Err(error) => {
+                // It may be broken (the server restarted, the network failed): the next round
+                // takes another from the pool, which tests it.
+                *connection = None;
                 tracing::warn!(error = %error, events = copies.len(), "a round failed: recording its events one by one");
                 #[cfg(feature = "testing")]
                 self.group.failed.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
@@ -228,16 +318,7 @@ impl PostgresUsageStore {
                     }
                     let store = self.clone();
                     tasks.spawn(async move {
-                        let consumption = usage.consumption_id;
-                        let result = store.record_event(placed.request(usage)).await.map(|mut recorded| {
-                            // Found recorded with this very call's consumption: the failed round
-                            // committed it, so it is this call's record, not a re-send.
-                            if recorded.usage.consumption_id == consumption {
-                                recorded.replayed = false;
-                            }
-                            recorded
-                        });
-                        let _ = answer.send(result);
+                        let _ = answer.send(store.record_again(&placed, usage).await);
                     });
                 }
                 while let Some(joined) = tasks.join_next().await {
@@ -249,6 +330,19 @@ impl PostgresUsageStore {
         }
     }
 
+    /// Records on its own, on a connection of the pool, an event whose round failed: found
+    /// recorded with this very call's consumption, the round committed it before it failed, and
+    /// it is this call's record, not a re-send.
+    async fn record_again(&self, placed: &Placed, usage: UsageRecord) -> Result<Recorded, StoreError> {
+        let consumption = usage.consumption_id;
+        self.record_event(placed.request(usage)).await.map(|mut recorded| {
+            if recorded.usage.consumption_id == consumption {
+                recorded.replayed = false;
+            }
+            recorded
+        })
+    }
+
     /// The answers of one round of several events: those whose account moved since they were
     /// placed are refused, the others recorded in one batch. `Err` when the round's write
     /// failed: nothing of it may be taken as done.
@@ -256,6 +350,7 @@ impl PostgresUsageStore {
         &self,
         placed: &[Placed],
         usages: Vec<UsageRecord>,
+        connection: &mut Lent,
     ) -> Result<Vec<Result<Recorded, StoreError>>, StoreError> {
         #[cfg(feature = "testing")]
         let fault = self.group.take_fault();
@@ -271,13 +366,16 @@ impl PostgresUsageStore {
         let mut refused = Vec::new();
         let mut checks = 0;
         let decisions = loop {
-            match self.decide_batch(&requests).await {
+            match self.decide_batch(&requests, connection).await {
                 Ok(decisions) => break decisions,
                 // The batch's statement found an account moved, and wrote nothing: the events
                 // placed with a stale account are refused (as a single record refuses its own),
                 // the others recorded again.
                 Err(RecordFailure::AccountChanged) if checks < 3 => {
                     checks += 1;
+                    // Given back before the pool's is taken: a task never holds two, so that
+                    // rounds never wait on one another for the pool's connections.
+                    *connection = None;
                     let users: Vec<_> = requests.iter().map(|r| r.usage.user_id.clone()).collect();
                     let stored = self.read_accounts(&users).await?;
                     let (mut kept_positions, mut kept) = (Vec::new(), Vec::new());
@@ -299,6 +397,13 @@ impl PostgresUsageStore {
                 Err(failure) => return Err(batch_error(failure)),
             }
         };
+        // Answering a re-send reads its original from the pool: given back first, as above.
+        if decisions
+            .iter()
+            .any(|d| matches!(d, Decision::Existing | Decision::Written))
+        {
+            *connection = None;
+        }
         let recorded = self.batch_answers(requests, decisions).await;
         #[cfg(feature = "testing")]
         if fault == Some(Fault::AfterCommit) {
@@ -354,6 +459,10 @@ impl Drop for Running {
         if !self.done {
             let mut state = lock(&self.group.state);
             state.running -= 1;
+            // A task stopped while it stayed for the next event: none stays now.
+            if state.running == 0 {
+                state.lingering = false;
+            }
             state.waiting.clear();
         }
     }

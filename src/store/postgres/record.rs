@@ -10,6 +10,7 @@ use sqlx::{Postgres, Row, Transaction};
 
 use super::PostgresUsageStore;
 use super::accounts::{account_unchanged, bind_account};
+use super::connection::Lent;
 use super::rows::{
     CHARGE_COLUMNS, CONSUMPTION_COLUMNS, DetailColumns, PgQuery, charge_from, currency_mismatch, db, gave_up, generic,
     is_deadlock, is_duplicate_event, is_numeric_overflow, to_i64, to_u64, usage_from,
@@ -339,7 +340,11 @@ impl PostgresUsageStore {
     /// [`charges_for_growth`] applies, in SQL. `None` when nothing was written: no period row
     /// in this currency, a total that would pass [`crate::MAX_TOKENS`], or the statement gave
     /// up.
-    async fn try_record_direct(&self, request: &RecordUsage<'_>) -> Result<Option<Recorded>, RecordFailure> {
+    async fn try_record_direct(
+        &self,
+        request: &RecordUsage<'_>,
+        connection: &mut Lent,
+    ) -> Result<Option<Recorded>, RecordFailure> {
         let usage = &request.usage;
         let Some(whole) = whole_billable(usage) else {
             return Ok(None);
@@ -373,7 +378,11 @@ impl PostgresUsageStore {
             None => Vec::new(),
         };
         let result = bind_account(result, request.account).bind(points).bind(to_i64(whole)?);
-        let result = DetailColumns::bind_one(usage, result)?.fetch_optional(&self.pool).await;
+        let connection: &mut sqlx::PgConnection = match connection {
+            Some(connection) => connection,
+            None => connection.insert(self.pool.acquire().await.map_err(RecordFailure::Database)?),
+        };
+        let result = DetailColumns::bind_one(usage, result)?.fetch_optional(connection).await;
         let row = match result {
             Ok(Some(row)) => row,
             Ok(None) => return Ok(None),
@@ -541,7 +550,20 @@ impl PostgresUsageStore {
     /// [`UsageStore::record_usage`], one event on its own; the period total it moved is kept
     /// for the batches that follow (`totals`).
     pub(super) async fn record_event(&self, request: RecordUsage<'_>) -> Result<Recorded, StoreError> {
-        let recorded = self.record_one(request).await;
+        self.record_event_on(request, &mut None).await
+    }
+
+    /// [`record_event`](Self::record_event), its one-statement way on `connection` (taken from
+    /// the pool when it holds none, and left in it once that way recorded the event), as the
+    /// group commit's task records a round of one event on the connection it keeps. Every
+    /// other way gives `connection` back first: they take the pool's, and after a failed
+    /// statement it may be broken.
+    pub(super) async fn record_event_on(
+        &self,
+        request: RecordUsage<'_>,
+        connection: &mut Lent,
+    ) -> Result<Recorded, StoreError> {
+        let recorded = self.record_one(request, connection).await;
         if let Ok(recorded) = &recorded
             && !recorded.replayed
         {
@@ -557,7 +579,7 @@ impl PostgresUsageStore {
         recorded
     }
 
-    async fn record_one(&self, request: RecordUsage<'_>) -> Result<Recorded, StoreError> {
+    async fn record_one(&self, request: RecordUsage<'_>, connection: &mut Lent) -> Result<Recorded, StoreError> {
         // One statement when the event creates no charge; else a compare-and-set; else the
         // locking transaction. A concurrent record of the same event makes the locking one fail
         // on the event's unique index, and the next attempt answers it as a replay: two attempts
@@ -568,7 +590,11 @@ impl PostgresUsageStore {
                 usage: Box::new(request.usage),
             })
         };
-        match self.try_record_direct(&request).await {
+        let direct = self.try_record_direct(&request, connection).await;
+        if !matches!(direct, Ok(Some(_))) {
+            *connection = None;
+        }
+        match direct {
             Ok(Some(recorded)) => return Ok(recorded),
             // A new period, charges to create, a resend, a changed account: the ways below.
             Ok(None) => {}

@@ -10,6 +10,7 @@ use sqlx::postgres::PgRow;
 
 use super::PostgresUsageStore;
 use super::alerts::AlertColumns;
+use super::connection::Lent;
 use super::record::{RecordFailure, charges_between, created_charge_audit, crossed_alerts};
 use super::rows::{
     CHARGE_COLUMNS, DetailColumns, audit_json, charge_from, currency_mismatch, db, gave_up, generic, is_deadlock,
@@ -61,6 +62,7 @@ impl PostgresUsageStore {
         &self,
         requests: &[RecordUsage<'_>],
         way: Way,
+        connection: &mut Lent,
     ) -> Result<Result<Vec<Decision>, Way>, RecordFailure> {
         let optimistic = way != Way::Careful;
         use foldhash::{HashMap, HashSet};
@@ -73,10 +75,18 @@ impl PostgresUsageStore {
         };
         let now = first.usage.recorded_at;
         // Optimistically no transaction: the read takes no lock, and the write is one statement.
+        let connection: &mut sqlx::PgConnection = match connection {
+            Some(connection) => connection,
+            None => connection.insert(self.pool.acquire().await.map_err(RecordFailure::Database)?),
+        };
         let mut session = if optimistic {
-            Session::Alone(self.pool.acquire().await.map_err(RecordFailure::Database)?)
+            Session::Alone(connection)
         } else {
-            Session::Transaction(self.begin().await?)
+            Session::Transaction(
+                sqlx::Connection::begin(connection)
+                    .await
+                    .map_err(RecordFailure::Database)?,
+            )
         };
 
         // The period rows of the batch's events, locked in the batch's key order: those that
@@ -627,7 +637,9 @@ impl PostgresUsageStore {
         &self,
         requests: Vec<RecordUsage<'_>>,
     ) -> Result<Vec<Result<Recorded, StoreError>>, StoreError> {
-        match self.decide_batch(&requests).await {
+        // Its connection back in the pool before the answers read any event.
+        let decided = self.decide_batch(&requests, &mut None).await;
+        match decided {
             Ok(decisions) => Ok(self.batch_answers(requests, decisions).await),
             Err(failure) => Err(batch_error(failure)),
         }
@@ -638,12 +650,21 @@ impl PostgresUsageStore {
     /// event of the batch makes an attempt give up, and the next one answers that event as a
     /// replay. [`RecordFailure::AccountChanged`] when an account an event carries to check is no
     /// longer the stored one: nothing of the batch is recorded.
-    pub(super) async fn decide_batch(&self, requests: &[RecordUsage<'_>]) -> Result<Vec<Decision>, RecordFailure> {
+    ///
+    /// Every attempt runs on `connection`, taken from the pool when it holds none and left in
+    /// it for the caller's next batch: a group-commit task records round after round on one
+    /// connection instead of taking one from the pool (and, by default, testing it with a
+    /// round trip) for each. The caller drops it once a batch failed, as it may be broken.
+    pub(super) async fn decide_batch(
+        &self,
+        requests: &[RecordUsage<'_>],
+        connection: &mut Lent,
+    ) -> Result<Vec<Decision>, RecordFailure> {
         let mut attempts = 0;
         let mut way = Way::Seen;
         loop {
             attempts += 1;
-            match self.try_record_batch(requests, way).await {
+            match self.try_record_batch(requests, way, connection).await {
                 Ok(Ok(decisions)) => return Ok(decisions),
                 Ok(Err(next)) if attempts < 5 => way = next,
                 Ok(Err(_)) => {
@@ -709,12 +730,12 @@ pub(super) fn batch_error(failure: RecordFailure) -> StoreError {
 
 /// The connection a batch attempt runs on: alone for the optimistic way, whose write is one
 /// statement, or in the careful way's transaction.
-enum Session {
-    Alone(sqlx::pool::PoolConnection<sqlx::Postgres>),
-    Transaction(sqlx::Transaction<'static, sqlx::Postgres>),
+enum Session<'c> {
+    Alone(&'c mut sqlx::PgConnection),
+    Transaction(sqlx::Transaction<'c, sqlx::Postgres>),
 }
 
-impl std::ops::Deref for Session {
+impl std::ops::Deref for Session<'_> {
     type Target = sqlx::PgConnection;
 
     fn deref(&self) -> &sqlx::PgConnection {
@@ -725,7 +746,7 @@ impl std::ops::Deref for Session {
     }
 }
 
-impl std::ops::DerefMut for Session {
+impl std::ops::DerefMut for Session<'_> {
     fn deref_mut(&mut self) -> &mut sqlx::PgConnection {
         match self {
             Session::Alone(connection) => connection,
