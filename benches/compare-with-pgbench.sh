@@ -3,7 +3,9 @@
 # run, and prints the ratios the performance targets are stated in:
 #
 #   - pgbench -N (simple update) with 16 clients against process_token_usage with 16 callers,
-#     and with 64 against 64, each round with the group commit's commits per event;
+#     and with 64 against 64, each round with the group commit's commits per event, and the
+#     ceiling of any group commit of n one-event callers: plain SQL writing what two rounds of
+#     n/2 events write, back to back from two clients, with no callers at all;
 #   - pgbench -N with one client (median latency per transaction) against one caller (median
 #     latency per event);
 #   - reserve (a hold for a call in flight) with one caller (median) and with 16 callers, against
@@ -39,6 +41,47 @@ psql -qAt -d postgres -c "CREATE DATABASE $bench_db" >/dev/null
 pgbench -q -i -s 10 "$bench_db" >/dev/null 2>&1
 
 checkpoint() { psql -qAt -d "$bench_db" -c CHECKPOINT >/dev/null; }
+
+# The store's schema, in a schema of its own, with the users' periods open: the plain SQL below
+# writes the rows the store writes.
+PGOPTIONS="-c client_min_messages=warning" psql -qAt -d "$bench_db" -c "DROP SCHEMA IF EXISTS token_billing_floor CASCADE; CREATE SCHEMA token_billing_floor" >/dev/null
+for migration in migrations/*.sql; do
+    PGOPTIONS="-c search_path=token_billing_floor -c client_min_messages=warning" psql -qAt -v ON_ERROR_STOP=1 -d "$bench_db" -f "$migration" >/dev/null
+done
+PGOPTIONS="-c search_path=token_billing_floor" psql -qAt -d "$bench_db" -c "
+    INSERT INTO token_usage_summary (user_id, period, currency, total_tokens, events, updated_at)
+    SELECT 'user-' || u, '2026-11', 'BRL', 8000000, 1, now() FROM generate_series(0, $((batch_users - 1))) AS u" >/dev/null
+
+# The ceiling of any group commit of n callers, each with one event in flight: PostgreSQL
+# writing, with no callers at all, what two rounds of n/2 events write (as many period totals
+# moved and consumptions inserted, in one statement and one commit), from two clients on users
+# of their own, back to back.
+cat >"$work/round.sql" <<'SQL'
+\set base :client_id * 800 + random(0, 800 - :size)
+WITH u AS (SELECT 'user-' || (:base + g) AS user_id FROM generate_series(0, :size - 1) AS g),
+moved AS (
+    UPDATE token_usage_summary s SET total_tokens = total_tokens + 1000, events = events + 1, updated_at = now()
+      FROM u WHERE s.user_id = u.user_id AND s.period = '2026-11'
+    RETURNING s.user_id
+), inserted AS (
+    INSERT INTO token_consumption (user_id, id, event_id, period, tokens_used, operation_type, metadata, occurred_at,
+                                   occurred_at_reported, created_at, total_before, created_fee, first_block, end_block,
+                                   audit_seq)
+    SELECT m.user_id, gen_random_uuid(), gen_random_uuid()::text, '2026-11', 1000, 'chat',
+           '{"agentId": "agent-456", "conversationId": "conv-123", "model": "gpt-large"}', now(), false, now(),
+           8000000, false, 1, 1, nextval('token_billing_audit_seq_seq')
+      FROM moved m
+    RETURNING 1
+)
+SELECT count(*) FROM inserted;
+SQL
+# Events a second of two such clients writing rounds of $1 events for $seconds seconds.
+ceiling() {
+    local tps
+    tps=$(PGOPTIONS="-c search_path=token_billing_floor" pgbench -n -M prepared -c 2 -j 2 -D size="$1" -T "$seconds" \
+        -f "$work/round.sql" "$bench_db" 2>/dev/null | sed -n 's/^tps = \([0-9.]*\).*/\1/p')
+    python3 -c "print($tps * $1)"
+}
 criterion_median_ns() {
     python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['median']['point_estimate'])" \
         "target/criterion/$1/new/estimates.json"
@@ -47,28 +90,32 @@ store_bench() { cargo bench --features postgres --bench postgres -- "$1" >"$work
 
 # Throughput moves by a quarter between runs minutes apart on a shared machine: alternate the
 # two, each after a checkpoint, and compare round by round.
-echo "== 16 clients against 16 callers, ${rounds} rounds of pgbench -N (${seconds}s) then the store"
-pg16s=() ours16s=()
+echo "== 16 clients against 16 callers, ${rounds} rounds of pgbench -N (${seconds}s), the ceiling, then the store"
+pg16s=() ours16s=() ceilings=()
 for round in $(seq 1 "$rounds"); do
     checkpoint
     pg16s+=("$(pgbench -N -c 16 -j 2 -T "$seconds" "$bench_db" 2>/dev/null | sed -n 's/^tps = \([0-9.]*\).*/\1/p')")
     checkpoint
+    ceilings+=("$(ceiling 8)")
+    checkpoint
     store_bench 'postgres_one_event/sixteen_callers$'
     ours16s+=("$(python3 -c "print(1e9 / $(criterion_median_ns postgres_one_event/sixteen_callers))")")
-    printf '   round %d: pgbench %8.0f tps, store %8.0f events/s; %s\n' "$round" "${pg16s[-1]}" "${ours16s[-1]}" \
-        "$(sed -n 's/.*sixteen_callers commits per event: \([0-9.]*\).*/\1 commits per event/p' "$work/store.txt" | tail -1)"
+    printf '   round %d: pgbench %8.0f tps, ceiling %8.0f events/s, store %8.0f events/s; %s\n' "$round" "${pg16s[-1]}" \
+        "${ceilings[-1]}" "${ours16s[-1]}" "$(sed -n 's/.*sixteen_callers commits per event: \([0-9.]*\).*/\1 commits per event/p' "$work/store.txt" | tail -1)"
 done
 
-echo "== 64 clients against 64 callers, ${rounds} rounds of pgbench -N (${seconds}s) then the store"
-pg64s=() ours64s=()
+echo "== 64 clients against 64 callers, ${rounds} rounds of pgbench -N (${seconds}s), the ceiling, then the store"
+pg64s=() ours64s=() ceilings64=()
 for round in $(seq 1 "$rounds"); do
     checkpoint
     pg64s+=("$(pgbench -N -c 64 -j 2 -T "$seconds" "$bench_db" 2>/dev/null | sed -n 's/^tps = \([0-9.]*\).*/\1/p')")
     checkpoint
+    ceilings64+=("$(ceiling 32)")
+    checkpoint
     store_bench 'postgres_one_event/sixty_four_callers$'
     ours64s+=("$(python3 -c "print(1e9 / $(criterion_median_ns postgres_one_event/sixty_four_callers))")")
-    printf '   round %d: pgbench %8.0f tps, store %8.0f events/s; %s\n' "$round" "${pg64s[-1]}" "${ours64s[-1]}" \
-        "$(sed -n 's/.*sixty_four_callers commits per event: \([0-9.]*\).*/\1 commits per event/p' "$work/store.txt" | tail -1)"
+    printf '   round %d: pgbench %8.0f tps, ceiling %8.0f events/s, store %8.0f events/s; %s\n' "$round" "${pg64s[-1]}" \
+        "${ceilings64[-1]}" "${ours64s[-1]}" "$(sed -n 's/.*sixty_four_callers commits per event: \([0-9.]*\).*/\1 commits per event/p' "$work/store.txt" | tail -1)"
 done
 
 echo "== one client against one caller"
@@ -92,15 +139,7 @@ reserve16=$(python3 -c "print(1e9 / $(criterion_median_ns postgres_reserve/sixte
 printf '   one caller median %s us; 16 callers %.0f reserves/s against pgbench %.0f tps\n' "$reserve1" "$reserve16" "$pg16r"
 
 echo "== plain SQL writing what a batch of 1,000 events writes, $BATCH_CALLERS clients, ${seconds}s"
-# The store's schema, in a schema of its own, with the users' periods open.
 checkpoint
-PGOPTIONS="-c client_min_messages=warning" psql -qAt -d "$bench_db" -c "DROP SCHEMA IF EXISTS token_billing_floor CASCADE; CREATE SCHEMA token_billing_floor" >/dev/null
-for migration in migrations/*.sql; do
-    PGOPTIONS="-c search_path=token_billing_floor -c client_min_messages=warning" psql -qAt -v ON_ERROR_STOP=1 -d "$bench_db" -f "$migration" >/dev/null
-done
-PGOPTIONS="-c search_path=token_billing_floor" psql -qAt -d "$bench_db" -c "
-    INSERT INTO token_usage_summary (user_id, period, currency, total_tokens, events, updated_at)
-    SELECT 'user-' || u, '2026-11', 'BRL', 8000000, 1, now() FROM generate_series(0, $((batch_users - 1))) AS u" >/dev/null
 # Each client writes its own 800 users, as each of the store benchmark's callers does:
 # 1,000 consumptions (with the same metadata, each given its place in the audit trail) and the
 # totals of the 800 periods they belong to, in one transaction.
@@ -131,7 +170,7 @@ if [ "$BATCH_CALLERS" = 2 ]; then batch_name=batches_of_1000_two_callers; else b
 batch=$(python3 -c "print(1000 * 1e9 / $(criterion_median_ns "postgres_batch/$batch_name"))")
 psql -qAt -d postgres -c "DROP DATABASE $bench_db" >/dev/null
 
-python3 - "$pg1" "$ours1" "$floor" "$batch" "${pg16s[*]}" "${ours16s[*]}" "$reserve1" "$reserve16" "$pg16r" "${pg64s[*]}" "${ours64s[*]}" <<'PY'
+python3 - "$pg1" "$ours1" "$floor" "$batch" "${pg16s[*]}" "${ours16s[*]}" "$reserve1" "$reserve16" "$pg16r" "${pg64s[*]}" "${ours64s[*]}" "${ceilings[*]}" "${ceilings64[*]}" <<'PY'
 import statistics, sys
 pg1, ours1, floor, batch = (float(v) for v in sys.argv[1:5])
 pg16 = [float(v) for v in sys.argv[5].split()]
@@ -139,11 +178,17 @@ ours16 = [float(v) for v in sys.argv[6].split()]
 reserve1, reserve16, pg16r = (float(v) for v in sys.argv[7:10])
 pg64 = [float(v) for v in sys.argv[10].split()]
 ours64 = [float(v) for v in sys.argv[11].split()]
+ceilings = [float(v) for v in sys.argv[12].split()]
+ceilings64 = [float(v) for v in sys.argv[13].split()]
 print()
 for callers, ours, pg, target in ((16, ours16, pg16, 3.0), (64, ours64, pg64, 5.0)):
     ratios = [o / p for o, p in zip(ours, pg)]
     print(f"{callers} callers:  ratios by round " + ", ".join(f"{r:.2f}" for r in ratios)
           + f"; median {statistics.median(ratios):.2f} (target >= {target:.2f})")
+for callers, ours, pg, tops in ((16, ours16, pg16, ceilings), (64, ours64, pg64, ceilings64)):
+    print(f"{callers} callers:  the ceiling (plain SQL, two rounds of {callers // 2} at once, no callers) by round "
+          + ", ".join(f"{c / p:.2f}" for c, p in zip(tops, pg)) + " x pgbench; the store reached "
+          + ", ".join(f"{o / c:.0%}" for o, c in zip(ours, tops)) + " of it")
 print(f"1 caller:    {ours1:8.0f} us median vs pgbench -N 1 client {pg1:8.0f} us: ratio {ours1 / pg1:.2f} (target <= 0.60)")
 print(f"reserve, 1:  {reserve1:8.0f} us median vs pgbench -N 1 client {pg1:8.0f} us: ratio {reserve1 / pg1:.2f} (target <= 1.00)")
 print(f"reserve, 16: {reserve16:8.0f} reserves/s vs pgbench -N 16 clients {pg16r:8.0f} tps: ratio {reserve16 / pg16r:.2f} (target >= 1.00)")
