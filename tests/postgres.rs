@@ -1531,6 +1531,20 @@ mod group_commit {
             .expect("valid")
     }
 
+    /// The blocks charged to `user` in `period`, in order.
+    async fn blocks_charged(store: &token_billing::PostgresUsageStore, user: &UserId, period: PeriodKey) -> Vec<u64> {
+        let mut blocks: Vec<u64> = store
+            .charges(user, period)
+            .await
+            .expect("charges")
+            .iter()
+            .filter(|c| c.kind == ChargeKind::Block)
+            .map(|c| c.block)
+            .collect();
+        blocks.sort_unstable();
+        blocks
+    }
+
     /// Records `usage` on a task of its own, placed with `plan` and `account`, as one caller of
     /// a host would.
     fn spawn_record(
@@ -1596,16 +1610,11 @@ mod group_commit {
                 .expect("read")
                 .expect("a summary");
             assert_eq!((summary.total_tokens, summary.events), (*tokens, 16), "{user}");
-            let mut blocks: Vec<u64> = store
-                .charges(user, period)
-                .await
-                .expect("charges")
-                .iter()
-                .filter(|c| c.kind == ChargeKind::Block)
-                .map(|c| c.block)
-                .collect();
-            blocks.sort_unstable();
-            assert_eq!(blocks, (1..=plan.blocks_owed(*tokens)).collect::<Vec<_>>(), "{user}");
+            assert_eq!(
+                blocks_charged(&store, user, period).await,
+                (1..=plan.blocks_owed(*tokens)).collect::<Vec<_>>(),
+                "{user}"
+            );
         }
     }
 
@@ -2198,16 +2207,11 @@ mod group_commit {
             assert_eq!(expected_before, *total, "{user}");
             let summary = b.period_summary(user, period).await.expect("read").expect("a summary");
             assert_eq!(summary.total_tokens, *total, "{user}");
-            let mut blocks: Vec<u64> = a
-                .charges(user, period)
-                .await
-                .expect("charges")
-                .iter()
-                .filter(|c| c.kind == ChargeKind::Block)
-                .map(|c| c.block)
-                .collect();
-            blocks.sort_unstable();
-            assert_eq!(blocks, (1..=plan.blocks_owed(*total)).collect::<Vec<_>>(), "{user}");
+            assert_eq!(
+                blocks_charged(&a, user, period).await,
+                (1..=plan.blocks_owed(*total)).collect::<Vec<_>>(),
+                "{user}"
+            );
         }
     }
 
