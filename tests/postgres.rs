@@ -1723,6 +1723,21 @@ mod group_commit {
         Arc::new(store.with_group_commit(true))
     }
 
+    /// Has the server end every session named `application_name`, and waits until they ended.
+    async fn close_connections_named(application_name: &str) {
+        let admin = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&super::common::pg::database_url())
+            .await
+            .expect("connect");
+        sqlx::query("SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE application_name = $1")
+            .bind(application_name)
+            .execute(&admin)
+            .await
+            .expect("closed");
+        admin.close().await;
+    }
+
     /// Waits, by polling, until `done`.
     fn until(done: &dyn Fn() -> bool) {
         let started = std::time::Instant::now();
@@ -1819,16 +1834,7 @@ mod group_commit {
         store.hold_next_round();
         store.release_held_round();
         until(&|| !store.round_hold_pending());
-        let admin = PgPoolOptions::new()
-            .max_connections(1)
-            .connect(&super::common::pg::database_url())
-            .await
-            .expect("connect");
-        sqlx::query("SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE application_name = $1")
-            .bind(&name)
-            .execute(&admin)
-            .await
-            .expect("closed");
+        close_connections_named(&name).await;
         store.release_held_round();
         for (task, sent) in tasks.into_iter().zip([&first, &second]) {
             let recorded = task.await.expect("joined").expect("recorded");
@@ -1837,7 +1843,6 @@ mod group_commit {
         }
         let consumptions = store.consumptions(&user, period).await.expect("read");
         assert_eq!(consumptions.len(), 3, "each event once");
-        admin.close().await;
     }
 
     /// The task that stays for a lone caller's next event gives its connection back to the
@@ -1899,16 +1904,7 @@ mod group_commit {
         store.release_held_round();
         until(&|| !store.round_hold_pending());
         assert_eq!(store.failed_rounds(), failed, "the second round was recorded");
-        let admin = PgPoolOptions::new()
-            .max_connections(1)
-            .connect(&super::common::pg::database_url())
-            .await
-            .expect("connect");
-        sqlx::query("SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE application_name = $1")
-            .bind(&name)
-            .execute(&admin)
-            .await
-            .expect("closed");
+        close_connections_named(&name).await;
         // A fourth round waits behind the third.
         two_waiting(&mut tasks);
         store.release_held_round();
@@ -1926,7 +1922,6 @@ mod group_commit {
             assert_eq!(consumptions.len(), 1, "{}: recorded once", usage.user_id);
             assert_eq!(consumptions[0].event_id, usage.event_id);
         }
-        admin.close().await;
     }
 
     /// In a round, an event placed with an account that changed since is refused on its own
