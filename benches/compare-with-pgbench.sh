@@ -88,35 +88,31 @@ criterion_median_ns() {
 }
 store_bench() { cargo bench --features postgres --bench postgres -- "$1" >"$work/store.txt" 2>&1; }
 
-# Throughput moves by a quarter between runs minutes apart on a shared machine: alternate the
-# two, each after a checkpoint, and compare round by round.
-echo "== 16 clients against 16 callers, ${rounds} rounds of pgbench -N (${seconds}s), the ceiling, then the store"
-pg16s=() ours16s=() ceilings=()
-for round in $(seq 1 "$rounds"); do
-    checkpoint
-    pg16s+=("$(pgbench -N -c 16 -j 2 -T "$seconds" "$bench_db" 2>/dev/null | sed -n 's/^tps = \([0-9.]*\).*/\1/p')")
-    checkpoint
-    ceilings+=("$(ceiling 8)")
-    checkpoint
-    store_bench 'postgres_one_event/sixteen_callers$'
-    ours16s+=("$(python3 -c "print(1e9 / $(criterion_median_ns postgres_one_event/sixteen_callers))")")
-    printf '   round %d: pgbench %8.0f tps, ceiling %8.0f events/s, store %8.0f events/s; %s\n' "$round" "${pg16s[-1]}" \
-        "${ceilings[-1]}" "${ours16s[-1]}" "$(sed -n 's/.*sixteen_callers commits per event: \([0-9.]*\).*/\1 commits per event/p' "$work/store.txt" | tail -1)"
-done
+pgbench_tps() { pgbench -N -c "$1" -j 2 -T "$seconds" "$bench_db" 2>/dev/null | sed -n 's/^tps = \([0-9.]*\).*/\1/p'; }
 
-echo "== 64 clients against 64 callers, ${rounds} rounds of pgbench -N (${seconds}s), the ceiling, then the store"
-pg64s=() ours64s=() ceilings64=()
-for round in $(seq 1 "$rounds"); do
-    checkpoint
-    pg64s+=("$(pgbench -N -c 64 -j 2 -T "$seconds" "$bench_db" 2>/dev/null | sed -n 's/^tps = \([0-9.]*\).*/\1/p')")
-    checkpoint
-    ceilings64+=("$(ceiling 32)")
-    checkpoint
-    store_bench 'postgres_one_event/sixty_four_callers$'
-    ours64s+=("$(python3 -c "print(1e9 / $(criterion_median_ns postgres_one_event/sixty_four_callers))")")
-    printf '   round %d: pgbench %8.0f tps, ceiling %8.0f events/s, store %8.0f events/s; %s\n' "$round" "${pg64s[-1]}" \
-        "${ceilings64[-1]}" "${ours64s[-1]}" "$(sed -n 's/.*sixty_four_callers commits per event: \([0-9.]*\).*/\1 commits per event/p' "$work/store.txt" | tail -1)"
-done
+# Throughput moves by a quarter between runs minutes apart on a shared machine: alternate the
+# three, each after a checkpoint, and compare round by round.
+# alternate N NAME PGBENCH STORE CEILING: ROUNDS times pgbench -N with N clients, the ceiling of
+# N one-event callers and the store's postgres_one_event/NAME; appends to the arrays named.
+alternate() {
+    local callers=$1 name=$2
+    local -n pgs=$3 ours=$4 tops=$5
+    echo "== $callers clients against $callers callers, ${rounds} rounds of pgbench -N (${seconds}s), the ceiling, then the store"
+    for round in $(seq 1 "$rounds"); do
+        checkpoint
+        pgs+=("$(pgbench_tps "$callers")")
+        checkpoint
+        tops+=("$(ceiling $((callers / 2)))")
+        checkpoint
+        store_bench "postgres_one_event/$name\$"
+        ours+=("$(python3 -c "print(1e9 / $(criterion_median_ns "postgres_one_event/$name"))")")
+        printf '   round %d: pgbench %8.0f tps, ceiling %8.0f events/s, store %8.0f events/s; %s\n' "$round" "${pgs[-1]}" \
+            "${tops[-1]}" "${ours[-1]}" "$(sed -n "s/.*$name commits per event: \([0-9.]*\).*/\1 commits per event/p" "$work/store.txt" | tail -1)"
+    done
+}
+pg16s=() ours16s=() ceilings=() pg64s=() ours64s=() ceilings64=()
+alternate 16 sixteen_callers pg16s ours16s ceilings
+alternate 64 sixty_four_callers pg64s ours64s ceilings64
 
 echo "== one client against one caller"
 checkpoint
@@ -132,7 +128,7 @@ checkpoint
 store_bench 'postgres_reserve/one_caller$'
 reserve1=$(sed -n 's/.*postgres_reserve\/one_caller latency per event: median \([0-9]*\) us.*/\1/p' "$work/store.txt" | tail -1)
 checkpoint
-pg16r=$(pgbench -N -c 16 -j 2 -T "$seconds" "$bench_db" 2>/dev/null | sed -n 's/^tps = \([0-9.]*\).*/\1/p')
+pg16r=$(pgbench_tps 16)
 checkpoint
 store_bench 'postgres_reserve/sixteen_callers$'
 reserve16=$(python3 -c "print(1e9 / $(criterion_median_ns postgres_reserve/sixteen_callers))")
